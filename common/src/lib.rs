@@ -1,0 +1,5 @@
+//! Code both Quarry binaries need beyond the wire types. Kept small on purpose.
+
+pub mod names;
+pub mod npy;
+pub mod storage;

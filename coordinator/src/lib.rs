@@ -1,0 +1,6 @@
+//! Quarry's coordinator: plans each object's quota into seed-deterministic rounds, leases them
+//! to workers over gRPC, commits each round exactly once, merges committed rounds into the
+//! final per object, writes the manifest and cleans up.
+
+pub mod spec;
+pub mod state;

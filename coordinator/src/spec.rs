@@ -1,0 +1,466 @@
+//! The job spec: what a user asks for, as a job file (TOML), scale_runner-style flags or JSON
+//! on the wire. Validated once, before anything runs, with errors that name the field and the fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use quarry_common::names;
+use serde::{Deserialize, Serialize};
+
+/// Seeds of object `i` start at `seed_base + i * seed_stride` (the legacy tool's 100000).
+pub const DEFAULT_SEED_STRIDE: u64 = 100_000;
+
+/// Where the seed-tagged and plain finals go (scale_runner's `--final_dir_mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum FinalDirMode {
+    /// Only `final_seed_<min>-<max>/<object>/<object>.npy`.
+    #[default]
+    #[value(name = "seed_only")]
+    SeedOnly,
+    /// Both the seed-tagged and the plain `final/<object>/<object>.npy`.
+    #[value(name = "both")]
+    Both,
+    /// Only `final/<object>/<object>.npy`.
+    #[value(name = "plain_only")]
+    PlainOnly,
+}
+
+impl fmt::Display for FinalDirMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            FinalDirMode::SeedOnly => "seed_only",
+            FinalDirMode::Both => "both",
+            FinalDirMode::PlainOnly => "plain_only",
+        })
+    }
+}
+
+/// How to run the generator for one round. Every string may hold the placeholders
+/// `{name} {seed} {object} {batch_size} {num_iterations} {round} {exp}`; argv also `{gpu}`
+/// (filled in by the worker with its GPU id).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorSpec {
+    /// Program and arguments; run directly, never through a shell.
+    pub argv: Vec<String>,
+    /// Working directory, relative to the job root (or absolute).
+    #[serde(default)]
+    pub cwd: String,
+    /// Extra environment for the generator.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// The round's sample file, relative to the job root.
+    pub output: String,
+    /// Directory the generator creates for the round, removed after upload unless
+    /// `keep_intermediate`; relative to the job root.
+    #[serde(default)]
+    pub round_dir: Option<String>,
+    /// Per-attempt time limit in seconds; none by default.
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+    /// Set `CUDA_VISIBLE_DEVICES` to the worker's GPU (default true).
+    #[serde(default = "default_true")]
+    pub bind_gpu: bool,
+    /// Arguments appended after the rendered argv (scale_runner's `-- <args>`).
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_batch() -> u64 {
+    512
+}
+fn default_iterations() -> u64 {
+    10_000
+}
+fn default_seed_base() -> i64 {
+    12_345
+}
+fn default_stride() -> u64 {
+    DEFAULT_SEED_STRIDE
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_backoff_ms() -> u64 {
+    1_000
+}
+
+/// A job. Field names follow scale_runner's flags where one exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The experiment name (`--exp_name`); also the job id.
+    pub exp_name: String,
+    /// Object codes in order; an object's index fixes its seeds.
+    pub objects: Vec<String>,
+    pub target_count_per_object: u64,
+    #[serde(default = "default_batch")]
+    pub round_batch_size: u64,
+    #[serde(default = "default_iterations")]
+    pub num_iterations: u64,
+    #[serde(default = "default_seed_base")]
+    pub seed_base: i64,
+    #[serde(default = "default_stride")]
+    pub seed_stride: u64,
+    /// Cap on rounds per object; at most (and by default) the seed stride.
+    #[serde(default)]
+    pub max_rounds: Option<u64>,
+    #[serde(default)]
+    pub final_dir_mode: FinalDirMode,
+    #[serde(default)]
+    pub keep_intermediate: bool,
+    /// Failed attempts retried per round before it is quarantined.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First retry delay; doubles per failure, capped at 60 s.
+    #[serde(default = "default_backoff_ms")]
+    pub retry_backoff_ms: u64,
+    /// Absolute directory on the workers that generator paths are relative to.
+    pub root: PathBuf,
+    pub generator: GeneratorSpec,
+}
+
+/// A spec refused before anything runs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}; {fix}")]
+pub struct SpecError {
+    pub field: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+fn spec_err(field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> SpecError {
+    SpecError { field: field.into(), problem: problem.into(), fix: fix.into() }
+}
+
+const PLACEHOLDERS: &[&str] =
+    &["name", "seed", "object", "batch_size", "num_iterations", "round", "exp", "gpu"];
+
+impl JobSpec {
+    /// The legacy generator: `python3 main.py ...` in `<root>/BimanGrasp-Optimization`,
+    /// output read from `<root>/data/experiments/<name>/results/<object>.npy`.
+    pub fn legacy_generator() -> GeneratorSpec {
+        let argv = [
+            "python3",
+            "main.py",
+            "--name",
+            "{name}",
+            "--object_code",
+            "{object}",
+            "--batch_size",
+            "{batch_size}",
+            "--num_iterations",
+            "{num_iterations}",
+            "--seed",
+            "{seed}",
+            "--gpu",
+            "0",
+        ];
+        GeneratorSpec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            cwd: "BimanGrasp-Optimization".into(),
+            env: BTreeMap::new(),
+            output: "data/experiments/{name}/results/{object}.npy".into(),
+            round_dir: Some("data/experiments/{name}".into()),
+            timeout_secs: None,
+            bind_gpu: true,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// The effective round cap: `max_rounds` or, when unset, the seed stride.
+    pub fn round_cap(&self) -> u64 {
+        self.max_rounds.unwrap_or(self.seed_stride)
+    }
+
+    /// Checks everything that can be checked before a round runs.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        names::validate("exp_name", &self.exp_name)
+            .map_err(|e| spec_err("exp_name", e.to_string(), "use letters, digits, '.', '_' and '-' only"))?;
+        if self.objects.is_empty() {
+            return Err(spec_err(
+                "object_code_list",
+                "no objects given",
+                "list at least one object code",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, o) in self.objects.iter().enumerate() {
+            names::validate("object code", o).map_err(|e| {
+                spec_err(
+                    format!("object_code_list[{i}]"),
+                    e.to_string(),
+                    "object codes may hold letters, digits, '.', '_' and '-' only",
+                )
+            })?;
+            if !seen.insert(o.as_str()) {
+                return Err(spec_err(
+                    format!("object_code_list[{i}]"),
+                    format!("object code {o:?} appears twice"),
+                    "list each object once (its index fixes its seeds)",
+                ));
+            }
+        }
+        if self.target_count_per_object == 0 {
+            return Err(spec_err(
+                "target_count_per_object",
+                "must be positive",
+                "give the number of samples wanted per object, e.g. 10000",
+            ));
+        }
+        if self.round_batch_size == 0 {
+            return Err(spec_err(
+                "round_batch_size",
+                "must be positive",
+                "give the generator's batch size, e.g. 512",
+            ));
+        }
+        if self.seed_stride == 0 {
+            return Err(spec_err("seed_stride", "must be positive", "leave it at 100000"));
+        }
+        let cap = self.round_cap();
+        if cap == 0 {
+            return Err(spec_err("max_rounds", "must be positive", "omit it to allow up to the seed stride"));
+        }
+        if cap > self.seed_stride {
+            return Err(spec_err(
+                "max_rounds",
+                format!(
+                    "{cap} rounds would reach the seed stride {} and reuse the next object's seeds",
+                    self.seed_stride
+                ),
+                format!("use at most {} (or omit --max_rounds)", self.seed_stride),
+            ));
+        }
+        if cap > u64::from(u32::MAX) {
+            return Err(spec_err("max_rounds", "too large", "use at most 4294967295"));
+        }
+        // The largest seed must fit: base + (n-1)*stride + (cap-1).
+        let last = (self.objects.len() as i128 - 1) * self.seed_stride as i128 + cap as i128 - 1;
+        if i128::from(self.seed_base) + last > i128::from(i64::MAX) || i128::from(self.seed_base) < i128::from(i64::MIN) / 2 {
+            return Err(spec_err("seed_base", "seeds would overflow a 64-bit integer", "use a smaller seed_base"));
+        }
+        if !self.root.is_absolute() {
+            return Err(spec_err("root", format!("{:?} is not absolute", self.root), "give an absolute path"));
+        }
+        let g = &self.generator;
+        if g.argv.is_empty() || g.argv[0].is_empty() {
+            return Err(spec_err("generator.argv", "is empty", "give the program and its arguments"));
+        }
+        for (field, s) in g
+            .argv
+            .iter()
+            .map(|a| ("generator.argv", a))
+            .chain(std::iter::once(("generator.output", &g.output)))
+            .chain(std::iter::once(("generator.cwd", &g.cwd)))
+            .chain(g.round_dir.iter().map(|d| ("generator.round_dir", d)))
+            .chain(g.env.values().map(|v| ("generator.env", v)))
+        {
+            check_placeholders(field, s)?;
+        }
+        for (field, p) in std::iter::once(("generator.output", &g.output))
+            .chain(g.round_dir.iter().map(|d| ("generator.round_dir", d)))
+        {
+            if p.trim().is_empty() {
+                return Err(spec_err(field, "is empty", "give a path relative to the job root"));
+            }
+            if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+                return Err(spec_err(
+                    field,
+                    format!("{p:?} leaves the job root"),
+                    "give a path relative to the job root without '..'",
+                ));
+            }
+            if p.contains("{gpu}") {
+                return Err(spec_err(field, "may not use {gpu}", "paths must not depend on the GPU"));
+            }
+        }
+        if !g.output.ends_with(".npy") {
+            return Err(spec_err(
+                "generator.output",
+                format!("{:?} is not a .npy file", g.output),
+                "Quarry merges .npy outputs (numeric or object arrays); name the generator's .npy file",
+            ));
+        }
+        for k in g.env.keys() {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err(spec_err("generator.env", format!("bad variable name {k:?}"), "use NAME = \"value\""));
+            }
+        }
+        if g.timeout_secs == Some(0) {
+            return Err(spec_err("generator.timeout_secs", "must be positive", "omit it for no timeout"));
+        }
+        Ok(())
+    }
+
+    /// Seed of object `index`, round `round`.
+    pub fn seed(&self, index: usize, round: u32) -> i64 {
+        self.seed_base + (index as i64) * (self.seed_stride as i64) + i64::from(round)
+    }
+
+    /// `<exp>__<object>__r<round>_s<seed>`.
+    pub fn round_name(&self, object: &str, round: u32, seed: i64) -> String {
+        format!("{}__{}__r{}_s{}", self.exp_name, object, round, seed)
+    }
+
+    /// Differences in fields that change the plan or the bytes of the finals; empty when a
+    /// stored job may be resumed with this spec.
+    pub fn plan_differences(&self, stored: &JobSpec) -> Vec<String> {
+        let mut d = Vec::new();
+        macro_rules! cmp {
+            ($label:expr, $a:expr, $b:expr) => {
+                if $a != $b {
+                    d.push(format!("{}: was {:?}, now {:?}", $label, $b, $a));
+                }
+            };
+        }
+        cmp!("object_code_list", &self.objects, &stored.objects);
+        cmp!("target_count_per_object", self.target_count_per_object, stored.target_count_per_object);
+        cmp!("round_batch_size", self.round_batch_size, stored.round_batch_size);
+        cmp!("num_iterations", self.num_iterations, stored.num_iterations);
+        cmp!("seed_base", self.seed_base, stored.seed_base);
+        cmp!("seed_stride", self.seed_stride, stored.seed_stride);
+        cmp!("max_rounds", self.round_cap(), stored.round_cap());
+        cmp!("root", &self.root, &stored.root);
+        cmp!("generator.argv", &self.generator.argv, &stored.generator.argv);
+        cmp!("generator.extra_args (after --)", &self.generator.extra_args, &stored.generator.extra_args);
+        cmp!("generator.cwd", &self.generator.cwd, &stored.generator.cwd);
+        cmp!("generator.env", &self.generator.env, &stored.generator.env);
+        cmp!("generator.output", &self.generator.output, &stored.generator.output);
+        d
+    }
+}
+
+fn check_placeholders(field: &str, s: &str) -> Result<(), SpecError> {
+    let mut rest = s;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('}') else {
+            return Err(spec_err(field, format!("unclosed '{{' in {s:?}"), "close the placeholder"));
+        };
+        let name = &after[..close];
+        if !PLACEHOLDERS.contains(&name) {
+            return Err(spec_err(
+                field,
+                format!("unknown placeholder {{{name}}} in {s:?}"),
+                format!("use one of {}", PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(" ")),
+            ));
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
+}
+
+/// Values for the placeholders of one round.
+#[derive(Debug, Clone)]
+pub struct RoundVars<'a> {
+    pub exp: &'a str,
+    pub name: &'a str,
+    pub object: &'a str,
+    pub seed: i64,
+    pub round: u32,
+    pub batch_size: u64,
+    pub num_iterations: u64,
+}
+
+/// Renders every placeholder but `{gpu}`, which stays for the worker.
+pub fn render(template: &str, v: &RoundVars<'_>) -> String {
+    template
+        .replace("{name}", v.name)
+        .replace("{object}", v.object)
+        .replace("{exp}", v.exp)
+        .replace("{seed}", &v.seed.to_string())
+        .replace("{round}", &v.round.to_string())
+        .replace("{batch_size}", &v.batch_size.to_string())
+        .replace("{num_iterations}", &v.num_iterations.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn spec() -> JobSpec {
+        JobSpec {
+            exp_name: "exp".into(),
+            objects: vec!["a".into(), "b".into()],
+            target_count_per_object: 100,
+            round_batch_size: 32,
+            num_iterations: 10,
+            seed_base: 12345,
+            seed_stride: DEFAULT_SEED_STRIDE,
+            max_rounds: None,
+            final_dir_mode: FinalDirMode::SeedOnly,
+            keep_intermediate: false,
+            retries: 2,
+            retry_backoff_ms: 10,
+            root: "/tmp/root".into(),
+            generator: JobSpec::legacy_generator(),
+        }
+    }
+
+    #[test]
+    fn seeds_and_names_match_the_legacy_tool() {
+        let s = spec();
+        assert_eq!(s.seed(0, 0), 12345);
+        assert_eq!(s.seed(1, 3), 12345 + 100_000 + 3);
+        assert_eq!(s.round_name("b", 3, s.seed(1, 3)), "exp__b__r3_s112348");
+    }
+
+    #[test]
+    fn max_rounds_reaching_the_stride_is_refused() {
+        let mut s = spec();
+        s.max_rounds = Some(1_000_000);
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "max_rounds");
+        assert!(e.to_string().contains("100000"), "{e}");
+        s.max_rounds = Some(100_000);
+        s.validate().unwrap();
+        s.max_rounds = None;
+        assert_eq!(s.round_cap(), 100_000);
+    }
+
+    #[test]
+    fn bad_names_and_sizes_are_refused_naming_the_field() {
+        for bad in ["../x", "a b", "$(id)", "", "..", "-rf"] {
+            let mut s = spec();
+            s.objects = vec!["ok".into(), bad.into()];
+            let e = s.validate().unwrap_err();
+            assert_eq!(e.field, "object_code_list[1]", "{bad}: {e}");
+        }
+        let mut s = spec();
+        s.objects = vec!["a".into(), "a".into()];
+        assert!(s.validate().unwrap_err().problem.contains("twice"));
+        let mut s = spec();
+        s.target_count_per_object = 0;
+        assert_eq!(s.validate().unwrap_err().field, "target_count_per_object");
+        let mut s = spec();
+        s.round_batch_size = 0;
+        assert_eq!(s.validate().unwrap_err().field, "round_batch_size");
+        let mut s = spec();
+        s.generator.argv.push("{oops}".into());
+        assert!(s.validate().unwrap_err().problem.contains("{oops}"));
+    }
+
+    #[test]
+    fn plan_differences_name_what_changed() {
+        let a = spec();
+        let mut b = spec();
+        assert!(a.plan_differences(&b).is_empty());
+        b.round_batch_size = 64;
+        b.keep_intermediate = true;
+        let d = b.plan_differences(&a);
+        assert_eq!(d, vec!["round_batch_size: was 32, now 64".to_string()]);
+    }
+
+    #[test]
+    fn render_fills_everything_but_gpu() {
+        let v = RoundVars { exp: "e", name: "e__o__r1_s2", object: "o", seed: 2, round: 1, batch_size: 8, num_iterations: 9 };
+        assert_eq!(render("--name={name} {seed} {gpu}", &v), "--name=e__o__r1_s2 2 {gpu}");
+    }
+}

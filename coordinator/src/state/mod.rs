@@ -1,0 +1,207 @@
+//! Durable coordinator state behind one domain trait.
+//!
+//! The store holds what must survive a crash: job specs and their end state, round commits,
+//! failed attempts, quarantines, merge records and the coordinator epoch. Leases and
+//! heartbeats are deliberately NOT here: they are soft state in the coordinator's memory.
+//!
+//! Two implementations share one contract, checked by one conformance suite
+//! (`state::conformance`): the embedded redb file (default on one machine) and etcd (cluster).
+
+pub mod embedded;
+
+/// The suite every implementation must pass; public so backend tests elsewhere can run it.
+pub mod conformance;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::JobSpec;
+
+/// Job lifecycle as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Running,
+    Done,
+    Incomplete,
+    Cancelled,
+}
+
+/// A job: its spec and where it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    pub spec: JobSpec,
+    pub created_unix_ms: u64,
+    pub state: JobState,
+}
+
+/// One file of a committed attempt, as uploaded by the worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    pub name: String,
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+    pub count: u64,
+    pub schema: String,
+}
+
+/// The winning attempt of a round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommitRecord {
+    pub round: u32,
+    pub seed: i64,
+    pub attempt: String,
+    /// Samples in the round (first axis of its sample file).
+    pub count: u64,
+    pub files: Vec<FileRecord>,
+    pub worker: String,
+    pub generator_ms: u64,
+    pub committed_unix_ms: u64,
+}
+
+/// A failed attempt of a round.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    pub attempt: String,
+    /// Short machine-readable kind: `exit`, `timeout`, `output_missing`, `output_invalid`,
+    /// `schema_mismatch`, `upload`, `spawn`, `lease_expired`.
+    pub kind: String,
+    pub message: String,
+    pub log_tail: String,
+    pub worker: String,
+    pub unix_ms: u64,
+}
+
+/// A round given up on after its attempts ran out; skipped by the merge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineRecord {
+    pub round: u32,
+    pub seed: i64,
+    pub reason: String,
+    pub log_tail: String,
+    pub attempts: u32,
+    pub unix_ms: u64,
+}
+
+/// The final of an object, written completely before intermediates are deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeRecord {
+    /// Object-store keys of the final file(s) (seed-tagged and/or plain).
+    pub finals: Vec<String>,
+    pub count: u64,
+    /// Committed rounds whose samples the final holds, in order.
+    pub rounds: Vec<u32>,
+    pub seed_min: i64,
+    pub seed_max: i64,
+    pub sha256: String,
+    pub bytes: u64,
+    /// Set once the object's intermediates are deleted (or kept by policy).
+    pub cleaned: bool,
+    /// True when the quota was reached; false when the object ran out of rounds.
+    pub complete: bool,
+    pub unix_ms: u64,
+}
+
+/// Everything stored about one object of a job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectRecord {
+    pub commits: BTreeMap<u32, CommitRecord>,
+    pub failures: BTreeMap<u32, Vec<FailureRecord>>,
+    pub quarantined: BTreeMap<u32, QuarantineRecord>,
+    pub merge: Option<MergeRecord>,
+}
+
+/// Result of [`StateStore::create_job`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum CreateJob {
+    Created,
+    /// A job of that id exists; it is returned unchanged.
+    Exists(JobRecord),
+}
+
+/// Result of [`StateStore::commit_round`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommitOutcome {
+    Committed,
+    /// Another attempt committed the round first; its record is returned.
+    AlreadyCommitted(CommitRecord),
+    /// The round was quarantined before this commit arrived; nothing was written.
+    Quarantined,
+}
+
+/// Result of [`StateStore::quarantine_round`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum QuarantineOutcome {
+    Quarantined,
+    /// A commit won the race; the round is not quarantined.
+    AlreadyCommitted(CommitRecord),
+    /// Already quarantined (idempotent).
+    AlreadyQuarantined,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("job {0:?} not found")]
+    JobNotFound(String),
+    /// The backend failed; the operation may or may not have been applied and can be retried.
+    #[error("state store: {0}")]
+    Backend(String),
+    #[error("state store holds a record it cannot decode ({what}): {detail}")]
+    Corrupt { what: String, detail: String },
+}
+
+/// The coordinator's durable state.
+///
+/// Contract, for every implementation:
+/// - Every method is atomic and linearizable: once it returns `Ok`, every later call (from
+///   any coordinator process sharing the store) sees its effect.
+/// - `commit_round` is a create-if-absent on `(job, object, round)`: of concurrent commits of
+///   one round exactly one gets `Committed`; a round that is quarantined is never committed.
+/// - `quarantine_round` is the mirror: it never overwrites a commit.
+/// - Writes to a job that does not exist fail with [`StateError::JobNotFound`], except
+///   `create_job`.
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Creates the job unless one with the same id exists (then returns it unchanged).
+    async fn create_job(&self, job: &JobRecord) -> Result<CreateJob, StateError>;
+    async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StateError>;
+    /// All jobs, ordered by id.
+    async fn list_jobs(&self) -> Result<Vec<JobRecord>, StateError>;
+    /// Replaces a job's record (spec fields that do not change the plan, or its state).
+    async fn update_job(&self, job: &JobRecord) -> Result<(), StateError>;
+    async fn load_object(&self, job: &str, object: &str) -> Result<ObjectRecord, StateError>;
+    async fn commit_round(
+        &self,
+        job: &str,
+        object: &str,
+        commit: &CommitRecord,
+    ) -> Result<CommitOutcome, StateError>;
+    /// Appends a failed attempt; returns how many failures the round now has.
+    async fn record_failure(
+        &self,
+        job: &str,
+        object: &str,
+        round: u32,
+        failure: &FailureRecord,
+    ) -> Result<u32, StateError>;
+    async fn quarantine_round(
+        &self,
+        job: &str,
+        object: &str,
+        quarantine: &QuarantineRecord,
+    ) -> Result<QuarantineOutcome, StateError>;
+    /// Stores (or replaces) the object's merge record.
+    async fn record_merge(
+        &self,
+        job: &str,
+        object: &str,
+        merge: &MergeRecord,
+    ) -> Result<(), StateError>;
+    /// Increments and returns the coordinator epoch (1 on a fresh store). Attempt ids carry
+    /// the epoch so that they stay unique across coordinator restarts.
+    async fn bump_epoch(&self) -> Result<u64, StateError>;
+}
