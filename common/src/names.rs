@@ -11,7 +11,11 @@ pub enum NameError {
     #[error("{what} {name:?} is longer than {MAX_NAME_LEN} bytes")]
     TooLong { what: String, name: String },
     #[error("{what} {name:?} contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed")]
-    BadChar { what: String, name: String, bad: char },
+    BadChar {
+        what: String,
+        name: String,
+        bad: char,
+    },
     #[error("{what} {name:?} may not be '.', contain '..' or start with '-'")]
     Reserved { what: String, name: String },
 }
@@ -23,13 +27,26 @@ pub fn validate(what: &str, name: &str) -> Result<(), NameError> {
         return Err(NameError::Empty { what: what.into() });
     }
     if name.len() > MAX_NAME_LEN {
-        return Err(NameError::TooLong { what: what.into(), name: name.into() });
+        return Err(NameError::TooLong {
+            what: what.into(),
+            name: name.into(),
+        });
     }
-    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(NameError::BadChar { what: what.into(), name: name.into(), bad });
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(NameError::BadChar {
+            what: what.into(),
+            name: name.into(),
+            bad,
+        });
     }
     if name == "." || name.contains("..") || name.starts_with('-') {
-        return Err(NameError::Reserved { what: what.into(), name: name.into() });
+        return Err(NameError::Reserved {
+            what: what.into(),
+            name: name.into(),
+        });
     }
     Ok(())
 }
@@ -40,19 +57,41 @@ mod tests {
 
     #[test]
     fn accepts_legacy_object_codes() {
-        for ok in ["Curver_Storage_Bin_Black_Small", "merged_collision_300k_wt", "a.b-c_1"] {
+        for ok in [
+            "Curver_Storage_Bin_Black_Small",
+            "merged_collision_300k_wt",
+            "a.b-c_1",
+        ] {
             validate("object", ok).unwrap();
         }
     }
 
     #[test]
     fn refuses_paths_shell_and_flags() {
-        assert!(matches!(validate("o", "../x"), Err(NameError::BadChar { bad: '/', .. })));
-        assert!(matches!(validate("o", "a b"), Err(NameError::BadChar { bad: ' ', .. })));
-        assert!(matches!(validate("o", "$(id)"), Err(NameError::BadChar { bad: '$', .. })));
-        assert!(matches!(validate("o", ".."), Err(NameError::Reserved { .. })));
-        assert!(matches!(validate("o", "-rf"), Err(NameError::Reserved { .. })));
+        assert!(matches!(
+            validate("o", "../x"),
+            Err(NameError::BadChar { bad: '/', .. })
+        ));
+        assert!(matches!(
+            validate("o", "a b"),
+            Err(NameError::BadChar { bad: ' ', .. })
+        ));
+        assert!(matches!(
+            validate("o", "$(id)"),
+            Err(NameError::BadChar { bad: '$', .. })
+        ));
+        assert!(matches!(
+            validate("o", ".."),
+            Err(NameError::Reserved { .. })
+        ));
+        assert!(matches!(
+            validate("o", "-rf"),
+            Err(NameError::Reserved { .. })
+        ));
         assert!(matches!(validate("o", ""), Err(NameError::Empty { .. })));
-        assert!(matches!(validate("o", &"x".repeat(201)), Err(NameError::TooLong { .. })));
+        assert!(matches!(
+            validate("o", &"x".repeat(201)),
+            Err(NameError::TooLong { .. })
+        ));
     }
 }

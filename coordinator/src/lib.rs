@@ -2,5 +2,12 @@
 //! to workers over gRPC, commits each round exactly once, merges committed rounds into the
 //! final per object, writes the manifest and cleans up.
 
+pub mod cli;
+pub mod coordinator;
+pub mod job;
+pub mod manifest;
+pub mod merge;
+pub mod progress;
+pub mod service;
 pub mod spec;
 pub mod state;

@@ -135,12 +135,28 @@ pub struct SpecError {
     pub fix: String,
 }
 
-fn spec_err(field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) -> SpecError {
-    SpecError { field: field.into(), problem: problem.into(), fix: fix.into() }
+fn spec_err(
+    field: impl Into<String>,
+    problem: impl Into<String>,
+    fix: impl Into<String>,
+) -> SpecError {
+    SpecError {
+        field: field.into(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
 }
 
-const PLACEHOLDERS: &[&str] =
-    &["name", "seed", "object", "batch_size", "num_iterations", "round", "exp", "gpu"];
+const PLACEHOLDERS: &[&str] = &[
+    "name",
+    "seed",
+    "object",
+    "batch_size",
+    "num_iterations",
+    "round",
+    "exp",
+    "gpu",
+];
 
 impl JobSpec {
     /// The legacy generator: `python3 main.py ...` in `<root>/BimanGrasp-Optimization`,
@@ -181,8 +197,13 @@ impl JobSpec {
 
     /// Checks everything that can be checked before a round runs.
     pub fn validate(&self) -> Result<(), SpecError> {
-        names::validate("exp_name", &self.exp_name)
-            .map_err(|e| spec_err("exp_name", e.to_string(), "use letters, digits, '.', '_' and '-' only"))?;
+        names::validate("exp_name", &self.exp_name).map_err(|e| {
+            spec_err(
+                "exp_name",
+                e.to_string(),
+                "use letters, digits, '.', '_' and '-' only",
+            )
+        })?;
         if self.objects.is_empty() {
             return Err(spec_err(
                 "object_code_list",
@@ -222,11 +243,19 @@ impl JobSpec {
             ));
         }
         if self.seed_stride == 0 {
-            return Err(spec_err("seed_stride", "must be positive", "leave it at 100000"));
+            return Err(spec_err(
+                "seed_stride",
+                "must be positive",
+                "leave it at 100000",
+            ));
         }
         let cap = self.round_cap();
         if cap == 0 {
-            return Err(spec_err("max_rounds", "must be positive", "omit it to allow up to the seed stride"));
+            return Err(spec_err(
+                "max_rounds",
+                "must be positive",
+                "omit it to allow up to the seed stride",
+            ));
         }
         if cap > self.seed_stride {
             return Err(spec_err(
@@ -239,19 +268,37 @@ impl JobSpec {
             ));
         }
         if cap > u64::from(u32::MAX) {
-            return Err(spec_err("max_rounds", "too large", "use at most 4294967295"));
+            return Err(spec_err(
+                "max_rounds",
+                "too large",
+                "use at most 4294967295",
+            ));
         }
         // The largest seed must fit: base + (n-1)*stride + (cap-1).
         let last = (self.objects.len() as i128 - 1) * self.seed_stride as i128 + cap as i128 - 1;
-        if i128::from(self.seed_base) + last > i128::from(i64::MAX) || i128::from(self.seed_base) < i128::from(i64::MIN) / 2 {
-            return Err(spec_err("seed_base", "seeds would overflow a 64-bit integer", "use a smaller seed_base"));
+        if i128::from(self.seed_base) + last > i128::from(i64::MAX)
+            || i128::from(self.seed_base) < i128::from(i64::MIN) / 2
+        {
+            return Err(spec_err(
+                "seed_base",
+                "seeds would overflow a 64-bit integer",
+                "use a smaller seed_base",
+            ));
         }
         if !self.root.is_absolute() {
-            return Err(spec_err("root", format!("{:?} is not absolute", self.root), "give an absolute path"));
+            return Err(spec_err(
+                "root",
+                format!("{:?} is not absolute", self.root),
+                "give an absolute path",
+            ));
         }
         let g = &self.generator;
         if g.argv.is_empty() || g.argv[0].is_empty() {
-            return Err(spec_err("generator.argv", "is empty", "give the program and its arguments"));
+            return Err(spec_err(
+                "generator.argv",
+                "is empty",
+                "give the program and its arguments",
+            ));
         }
         for (field, s) in g
             .argv
@@ -268,7 +315,11 @@ impl JobSpec {
             .chain(g.round_dir.iter().map(|d| ("generator.round_dir", d)))
         {
             if p.trim().is_empty() {
-                return Err(spec_err(field, "is empty", "give a path relative to the job root"));
+                return Err(spec_err(
+                    field,
+                    "is empty",
+                    "give a path relative to the job root",
+                ));
             }
             if p.starts_with('/') || p.split('/').any(|c| c == "..") {
                 return Err(spec_err(
@@ -278,7 +329,22 @@ impl JobSpec {
                 ));
             }
             if p.contains("{gpu}") {
-                return Err(spec_err(field, "may not use {gpu}", "paths must not depend on the GPU"));
+                return Err(spec_err(
+                    field,
+                    "may not use {gpu}",
+                    "paths must not depend on the GPU",
+                ));
+            }
+            // Two rounds running at once on one machine must not share a path.
+            if !["{name}", "{seed}", "{round}"]
+                .iter()
+                .any(|ph| p.contains(ph))
+            {
+                return Err(spec_err(
+                    field,
+                    format!("{p:?} is the same for every round"),
+                    "include {name} (or {seed}) in the path so rounds do not overwrite each other",
+                ));
             }
         }
         if !g.output.ends_with(".npy") {
@@ -290,11 +356,19 @@ impl JobSpec {
         }
         for k in g.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(spec_err("generator.env", format!("bad variable name {k:?}"), "use NAME = \"value\""));
+                return Err(spec_err(
+                    "generator.env",
+                    format!("bad variable name {k:?}"),
+                    "use NAME = \"value\"",
+                ));
             }
         }
         if g.timeout_secs == Some(0) {
-            return Err(spec_err("generator.timeout_secs", "must be positive", "omit it for no timeout"));
+            return Err(spec_err(
+                "generator.timeout_secs",
+                "must be positive",
+                "omit it for no timeout",
+            ));
         }
         Ok(())
     }
@@ -321,18 +395,38 @@ impl JobSpec {
             };
         }
         cmp!("object_code_list", &self.objects, &stored.objects);
-        cmp!("target_count_per_object", self.target_count_per_object, stored.target_count_per_object);
-        cmp!("round_batch_size", self.round_batch_size, stored.round_batch_size);
+        cmp!(
+            "target_count_per_object",
+            self.target_count_per_object,
+            stored.target_count_per_object
+        );
+        cmp!(
+            "round_batch_size",
+            self.round_batch_size,
+            stored.round_batch_size
+        );
         cmp!("num_iterations", self.num_iterations, stored.num_iterations);
         cmp!("seed_base", self.seed_base, stored.seed_base);
         cmp!("seed_stride", self.seed_stride, stored.seed_stride);
         cmp!("max_rounds", self.round_cap(), stored.round_cap());
         cmp!("root", &self.root, &stored.root);
-        cmp!("generator.argv", &self.generator.argv, &stored.generator.argv);
-        cmp!("generator.extra_args (after --)", &self.generator.extra_args, &stored.generator.extra_args);
+        cmp!(
+            "generator.argv",
+            &self.generator.argv,
+            &stored.generator.argv
+        );
+        cmp!(
+            "generator.extra_args (after --)",
+            &self.generator.extra_args,
+            &stored.generator.extra_args
+        );
         cmp!("generator.cwd", &self.generator.cwd, &stored.generator.cwd);
         cmp!("generator.env", &self.generator.env, &stored.generator.env);
-        cmp!("generator.output", &self.generator.output, &stored.generator.output);
+        cmp!(
+            "generator.output",
+            &self.generator.output,
+            &stored.generator.output
+        );
         d
     }
 }
@@ -342,14 +436,25 @@ fn check_placeholders(field: &str, s: &str) -> Result<(), SpecError> {
     while let Some(open) = rest.find('{') {
         let after = &rest[open + 1..];
         let Some(close) = after.find('}') else {
-            return Err(spec_err(field, format!("unclosed '{{' in {s:?}"), "close the placeholder"));
+            return Err(spec_err(
+                field,
+                format!("unclosed '{{' in {s:?}"),
+                "close the placeholder",
+            ));
         };
         let name = &after[..close];
         if !PLACEHOLDERS.contains(&name) {
             return Err(spec_err(
                 field,
                 format!("unknown placeholder {{{name}}} in {s:?}"),
-                format!("use one of {}", PLACEHOLDERS.iter().map(|p| format!("{{{p}}}")).collect::<Vec<_>>().join(" ")),
+                format!(
+                    "use one of {}",
+                    PLACEHOLDERS
+                        .iter()
+                        .map(|p| format!("{{{p}}}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                ),
             ));
         }
         rest = &after[close + 1..];
@@ -445,6 +550,11 @@ mod tests {
         let mut s = spec();
         s.generator.argv.push("{oops}".into());
         assert!(s.validate().unwrap_err().problem.contains("{oops}"));
+        let mut s = spec();
+        s.generator.output = "out/result.npy".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.output");
+        assert!(e.fix.contains("{name}"), "{e}");
     }
 
     #[test]
@@ -460,7 +570,18 @@ mod tests {
 
     #[test]
     fn render_fills_everything_but_gpu() {
-        let v = RoundVars { exp: "e", name: "e__o__r1_s2", object: "o", seed: 2, round: 1, batch_size: 8, num_iterations: 9 };
-        assert_eq!(render("--name={name} {seed} {gpu}", &v), "--name=e__o__r1_s2 2 {gpu}");
+        let v = RoundVars {
+            exp: "e",
+            name: "e__o__r1_s2",
+            object: "o",
+            seed: 2,
+            round: 1,
+            batch_size: 8,
+            num_iterations: 9,
+        };
+        assert_eq!(
+            render("--name={name} {seed} {gpu}", &v),
+            "--name=e__o__r1_s2 2 {gpu}"
+        );
     }
 }

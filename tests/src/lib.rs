@@ -1,1 +1,155 @@
-//! Harness shared by the end-to-end tests.
+//! Harness shared by Quarry's end-to-end tests: a legacy-layout root with the example
+//! generator as `main.py`, runs of `coordinator run` in-process or as a real process, and
+//! readers for finals and the manifest.
+//!
+//! Everything here starts real components: real generator processes, real gRPC on loopback.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use quarry_coordinator::cli::{Cli, Command as Cmd, RunOutcome};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The example generator shipped in deploy/examples.
+pub fn example_generator() -> PathBuf {
+    repo_root().join("deploy/examples/grasp_gen.py")
+}
+
+/// A built binary of the workspace (`coordinator`, `worker`), next to the test executable's
+/// directory. Cargo builds them for the crates' own integration tests in the same run.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is not built; run the tests with `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// A fresh root laid out as the legacy tool expects: `BimanGrasp-Optimization/main.py` is the
+/// example generator.
+pub fn legacy_root() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gen_dir = dir.path().join("BimanGrasp-Optimization");
+    std::fs::create_dir_all(&gen_dir).expect("mkdir");
+    std::fs::copy(example_generator(), gen_dir.join("main.py")).expect("copy generator");
+    dir
+}
+
+/// Parses `coordinator run` arguments as the binary would.
+pub fn run_args(args: &[&str]) -> quarry_coordinator::cli::RunArgs {
+    let mut argv = vec!["coordinator", "run"];
+    argv.extend_from_slice(args);
+    match <Cli as clap::Parser>::try_parse_from(argv) {
+        Ok(Cli {
+            command: Cmd::Run(a),
+        }) => a,
+        Ok(_) => panic!("not a run command"),
+        Err(e) => panic!("bad test arguments: {e}"),
+    }
+}
+
+/// Runs `coordinator run` in this process (real gRPC on loopback, real generator processes).
+pub async fn run(args: &[&str]) -> anyhow::Result<RunOutcome> {
+    quarry_coordinator::cli::run(run_args(args), CancellationToken::new(), false).await
+}
+
+/// `<root>/data/experiments`.
+pub fn experiments(root: &Path) -> PathBuf {
+    root.join("data/experiments")
+}
+
+pub fn manifest(root: &Path, exp: &str) -> serde_json::Value {
+    let p = experiments(root).join(exp).join("manifest.json");
+    let text =
+        std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    serde_json::from_str(&text).expect("manifest is JSON")
+}
+
+/// Paths of the finals of `object` as the manifest names them.
+pub fn finals(root: &Path, exp: &str, object: &str) -> Vec<PathBuf> {
+    let m = manifest(root, exp);
+    m["objects"][object]["final"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no finals for {object} in {m}"))
+        .iter()
+        .map(|k| experiments(root).join(k.as_str().expect("key")))
+        .collect()
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    quarry_common::storage::hex(&Sha256::digest(&bytes))
+}
+
+/// sha256 of every object's final, in object order.
+pub fn final_hashes(root: &Path, exp: &str, objects: &[&str]) -> Vec<String> {
+    objects
+        .iter()
+        .map(|o| sha256_file(&finals(root, exp, o)[0]))
+        .collect()
+}
+
+/// Files (not directories) under `dir`, relative, sorted.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    fn walk(base: &Path, d: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(d) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else if let Ok(rel) = p.strip_prefix(base) {
+                out.push(rel.display().to_string());
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// The Python interpreter with numpy for cross-checks (`QUARRY_TEST_PYTHON`, default python3).
+/// Tests that need it fail loudly when numpy is missing: `.ci/run` installs it.
+pub fn python() -> String {
+    std::env::var("QUARRY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Every interpreter to cross-check with (`QUARRY_TEST_PYTHONS`, colon separated).
+pub fn pythons() -> Vec<String> {
+    match std::env::var("QUARRY_TEST_PYTHONS") {
+        Ok(v) if !v.is_empty() => v.split(':').map(str::to_string).collect(),
+        _ => vec![python()],
+    }
+}
+
+/// Runs a Python snippet with `args`; panics with its output when it fails.
+pub fn run_python(py: &str, code: &str, args: &[&str]) -> String {
+    let out = Command::new(py)
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot start {py}: {e} (numpy checks need Python; .ci/run installs it)")
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{py} failed:\nstdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -116,6 +116,7 @@ pub struct ObjectRecord {
 }
 
 /// Result of [`StateStore::create_job`].
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum CreateJob {
     Created,

@@ -1,0 +1,745 @@
+//! Merging object arrays (`np.save(path, list_of_dicts, allow_pickle=True)`) without Python.
+//!
+//! numpy pickles such an array as
+//! `_reconstruct(ndarray, (0,), b'b')` BUILT with the state `(1, (n,), dtype('O8'), False, [..])`.
+//! Everything before the data list (the prologue) and after it (the epilogue) is evaluated by
+//! [`Decoder`]; the opcodes that append elements to the list are copied verbatim into one
+//! output list, with three rewrites that keep them meaningful in the new stream:
+//! - memo writes get fresh output indices (explicit `BINPUT`/`LONG_BINPUT`, never `MEMOIZE`,
+//!   whose index depends on everything written before) and memo reads follow a per-input table;
+//! - reads of memo entries the input's prologue made (numpy 2 reuses its module-name string,
+//!   numpy 1 its `numpy dtype` global) are replaced by a fresh copy of that value;
+//! - `FRAME` and `PROTO` are dropped, since frame lengths no longer hold.
+//!
+//! Cutting an input short needs element boundaries. Inside one `MARK ... APPENDS` batch the
+//! elements are the stack entries above the mark; counting marks and items alike, no opcode
+//! raises the depth by more than one, so the last point at which the depth was `1 + k` is
+//! exactly where element `k` begins. Only the input that gets cut is buffered, one batch at a
+//! time (pickle batches 1000 elements).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::rc::Rc;
+
+use super::header::{Descr, Header, write_header};
+use super::pickle::{Depth, Op, OpReader, emit, op};
+use super::value::{Call, Decoder, KeySet, Kind, Memo, Obj, Step, Value, memo_index};
+use super::{ArrayKind, FormatError, Inspection, MergeSummary};
+
+const READ_BUF: usize = 1 << 16;
+const WRITE_BUF: usize = 1 << 16;
+
+/// numpy 1.x writes `numpy.core.multiarray`; numpy 2 writes `numpy._core.multiarray`, which
+/// numpy 1.26 also provides (as a stub for loading numpy 2 pickles).
+const CORE_MODULE_V1: &str = "numpy.core.multiarray";
+const CORE_MODULE_V2: &str = "numpy._core.multiarray";
+
+/// One object-array input, positioned just after its data list was pushed.
+struct Input<R> {
+    rd: OpReader<R>,
+    dec: Decoder,
+    /// Module of the input's `_reconstruct` global.
+    module: String,
+}
+
+fn open_input<R: BufRead>(r: R, h: &Header) -> Result<Input<R>, FormatError> {
+    let mut rd = OpReader::with_base(r, h.data_offset);
+    let mut dec = Decoder::default();
+    loop {
+        let Some(op) = rd.next_op()? else {
+            return Err(ended_early(&rd));
+        };
+        match dec.apply(&op, &mut rd)? {
+            Step::DataList => break,
+            Step::Stop(_) => return Err(not_numpy_layout()),
+            Step::Continue | Step::Elements => {}
+        }
+    }
+    let (shape, module) = dec.array_layout().ok_or_else(not_numpy_layout)?;
+    if shape != h.shape {
+        return Err(FormatError::CountMismatch {
+            what: format!(
+                "pickled array shape {:?} vs npy header shape {:?}",
+                shape, h.shape
+            ),
+            expected: h.shape.first().copied().unwrap_or(0),
+            actual: shape.first().copied().unwrap_or(0),
+        });
+    }
+    if dec.proto < 3 {
+        return Err(FormatError::Unsupported {
+            reason: format!(
+                "pickle protocol {} (Python 2 era; names may need Python 2 mapping)",
+                dec.proto
+            ),
+        });
+    }
+    Ok(Input { rd, dec, module })
+}
+
+fn ended_early<R: BufRead>(rd: &OpReader<R>) -> FormatError {
+    FormatError::Truncated {
+        what: "pickle stream (ends before STOP)".into(),
+        expected: rd.position() + 1,
+        actual: rd.position(),
+    }
+}
+
+fn not_numpy_layout() -> FormatError {
+    FormatError::Unsupported {
+        reason: "object array pickle is not laid out the way numpy's ndarray.__reduce__ writes it"
+            .into(),
+    }
+}
+
+/// Checks the pickle's result is the array `_reconstruct` made, built from the data list.
+fn check_final(v: &Value, dec: &Decoder) -> Result<(), FormatError> {
+    let ok = match (v, &dec.array) {
+        (Value::Object(o), Some(arr)) if Rc::ptr_eq(o, arr) => matches!(
+            &o.borrow().state,
+            Some(Value::Tuple(t)) if t.items.len() == 5 && matches!(t.items[4], Value::DataList)
+        ),
+        _ => false,
+    };
+    if ok { Ok(()) } else { Err(not_numpy_layout()) }
+}
+
+/// Evaluates the epilogue (the opcode that ended the data list onwards), checks it builds the
+/// array as numpy's does and that nothing follows it.
+fn finish_input<R: BufRead>(inp: &mut Input<R>, first: Op) -> Result<(), FormatError> {
+    let mut next = Some(first);
+    loop {
+        let Some(op) = next else {
+            return Err(ended_early(&inp.rd));
+        };
+        if let Step::Stop(v) = inp.dec.apply(&op, &mut inp.rd)? {
+            check_final(&v, &inp.dec)?;
+            if !inp.rd.at_eof()? {
+                return Err(FormatError::TrailingData {
+                    what: "object array (bytes after the pickle's STOP)".into(),
+                    expected: inp.rd.position(),
+                    actual: inp.rd.position() + 1,
+                });
+            }
+            return Ok(());
+        }
+        next = inp.rd.next_op()?;
+    }
+}
+
+/// What a memo index of the current input stands for in the output.
+#[derive(Debug, Clone, Copy)]
+enum Slot {
+    Out(u32),
+    /// The input's data list, which has no counterpart an element could sensibly refer to.
+    DataList,
+}
+
+/// Rewrites one input's data-list opcodes for the output stream.
+struct Translator {
+    /// Next free output memo index; shared by all inputs.
+    next_out: u64,
+    map: Memo<Slot>,
+    /// The input's own `len(memo)`, which is what its `MEMOIZE`s write to.
+    in_len: u32,
+    scratch: Vec<u8>,
+}
+
+impl Translator {
+    fn new() -> Self {
+        Translator {
+            next_out: 0,
+            map: Memo::default(),
+            in_len: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn start_input(&mut self, dec: &Decoder) {
+        self.map = Memo::default();
+        self.in_len = dec.memo.len();
+    }
+
+    fn fresh(&mut self) -> Result<u32, FormatError> {
+        let idx = u32::try_from(self.next_out).map_err(|_| FormatError::Unsupported {
+            reason: "merged pickle needs more than 2^32 memo entries".into(),
+        })?;
+        self.next_out += 1;
+        Ok(idx)
+    }
+
+    fn define(&mut self, dec: &Decoder, idx: u32, slot: Slot) {
+        if self.map.get(idx).is_none() && dec.memo.get(idx).is_none() {
+            self.in_len += 1;
+        }
+        self.map.insert(idx, slot);
+    }
+
+    /// A memo write at the data list's own level memoizes the list itself.
+    fn memoize_list<R: BufRead>(
+        &mut self,
+        op: &Op,
+        rd: &OpReader<R>,
+        dec: &Decoder,
+    ) -> Result<(), FormatError> {
+        let idx = if op.code == op::MEMOIZE {
+            self.in_len
+        } else {
+            memo_index(op, rd)?
+        };
+        self.define(dec, idx, Slot::DataList);
+        Ok(())
+    }
+
+    fn copy_op<R: BufRead, W: Write>(
+        &mut self,
+        op: &Op,
+        rd: &mut OpReader<R>,
+        dec: &Decoder,
+        out: &mut W,
+    ) -> Result<(), FormatError> {
+        match op.code {
+            op::FRAME | op::PROTO => Ok(()),
+            op::PUT | op::BINPUT | op::LONG_BINPUT | op::MEMOIZE => {
+                let idx = if op.code == op::MEMOIZE {
+                    self.in_len
+                } else {
+                    memo_index(op, rd)?
+                };
+                let o = self.fresh()?;
+                self.define(dec, idx, Slot::Out(o));
+                self.scratch.clear();
+                emit::put(&mut self.scratch, o);
+                out.write_all(&self.scratch)?;
+                Ok(())
+            }
+            op::GET | op::BINGET | op::LONG_BINGET => {
+                let idx = memo_index(op, rd)?;
+                self.scratch.clear();
+                match self.map.get(idx) {
+                    Some(Slot::Out(o)) => emit::get(&mut self.scratch, *o),
+                    Some(Slot::DataList) => {
+                        return Err(FormatError::Unsupported {
+                            reason: format!(
+                                "element at byte {} refers to the array's own data list",
+                                op.offset
+                            ),
+                        });
+                    }
+                    None => {
+                        let v = dec.memo.get(idx).ok_or_else(|| FormatError::BadPickle {
+                            offset: op.offset,
+                            reason: format!("memo entry {idx} read before it is written"),
+                        })?;
+                        emit_value(&mut self.scratch, v, dec.array.as_ref(), 0).map_err(
+                            |what| FormatError::Unsupported {
+                                reason: format!(
+                                    "element at byte {} reuses memo entry {idx} from the pickle's \
+                                     prologue, {what}, which cannot be copied",
+                                    op.offset
+                                ),
+                            },
+                        )?;
+                        // Later reads of the same entry in this input share the copy.
+                        let o = self.fresh()?;
+                        emit::put(&mut self.scratch, o);
+                        self.map.insert(idx, Slot::Out(o));
+                    }
+                }
+                out.write_all(&self.scratch)?;
+                Ok(())
+            }
+            _ => {
+                out.write_all(rd.head())?;
+                rd.copy_payload(out)
+            }
+        }
+    }
+}
+
+/// Writes opcodes that rebuild `v`, a value the prologue made. Only immutable values (and
+/// calls on them) qualify: a copy of anything mutable would break sharing.
+fn emit_value(
+    out: &mut Vec<u8>,
+    v: &Value,
+    array: Option<&Rc<RefCell<Obj>>>,
+    depth: u32,
+) -> Result<(), String> {
+    if depth > 32 {
+        return Err("a value nested too deeply".into());
+    }
+    match v {
+        Value::None => out.push(op::NONE),
+        Value::Bool(true) => out.push(op::NEWTRUE),
+        Value::Bool(false) => out.push(op::NEWFALSE),
+        Value::Int(n) => emit::int(out, *n),
+        Value::BigInt(b) => emit::long(out, b),
+        Value::Float(f) => {
+            out.push(op::BINFLOAT);
+            out.extend_from_slice(&f.to_be_bytes());
+        }
+        Value::Str(s) => emit::unicode(out, s),
+        Value::Bytes(b) => emit::bytes(out, b),
+        Value::Global(g) => emit::global(out, &g.0, &g.1),
+        Value::Tuple(t) => {
+            let n = t.items.len();
+            if n == 0 {
+                out.push(op::EMPTY_TUPLE);
+                return Ok(());
+            }
+            if n > 3 {
+                out.push(op::MARK);
+            }
+            for it in &t.items {
+                emit_value(out, it, array, depth + 1)?;
+            }
+            out.push(match n {
+                1 => op::TUPLE1,
+                2 => op::TUPLE2,
+                3 => op::TUPLE3,
+                _ => op::TUPLE,
+            });
+        }
+        Value::FrozenSet(s) => {
+            out.push(op::MARK);
+            for it in &s.items {
+                emit_value(out, it, array, depth + 1)?;
+            }
+            out.push(op::FROZENSET);
+        }
+        Value::Object(o) => {
+            if array.is_some_and(|a| Rc::ptr_eq(a, o)) {
+                return Err("the array being unpickled".into());
+            }
+            let o = o.borrow();
+            let code = match o.call {
+                Call::Reduce => op::REDUCE,
+                Call::NewObj => op::NEWOBJ,
+                Call::Other => return Err("an object built by INST/OBJ/NEWOBJ_EX".into()),
+            };
+            emit_value(out, &o.callable, array, depth + 1)?;
+            emit_value(out, &o.args, array, depth + 1)?;
+            out.push(code);
+            if let Some(state) = &o.state {
+                emit_value(out, state, array, depth + 1)?;
+                out.push(op::BUILD);
+            }
+        }
+        other => return Err(format!("a {}", other.type_name())),
+    }
+    Ok(())
+}
+
+/// Counts bytes on their way to the output.
+struct Counting<W> {
+    inner: W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The opening of the merged pickle, as numpy writes it for a fresh `(total,)` object array:
+/// `_reconstruct(ndarray, (0,), b'b')`, then the state tuple up to its empty data list.
+fn prologue(proto: u8, module: &str, total: u64) -> Vec<u8> {
+    let mut p = vec![op::PROTO, proto];
+    emit::global(&mut p, module, "_reconstruct");
+    emit::global(&mut p, "numpy", "ndarray");
+    emit::int(&mut p, 0);
+    p.push(op::TUPLE1);
+    emit::bytes(&mut p, b"b");
+    p.extend_from_slice(&[op::TUPLE3, op::REDUCE, op::MARK]);
+    emit::int(&mut p, 1);
+    match i64::try_from(total) {
+        Ok(t) => emit::int(&mut p, t),
+        Err(_) => {
+            let mut le = total.to_le_bytes().to_vec();
+            le.push(0);
+            emit::long(&mut p, &le);
+        }
+    }
+    p.push(op::TUPLE1);
+    emit::global(&mut p, "numpy", "dtype");
+    emit::unicode(&mut p, "O8");
+    p.extend_from_slice(&[op::NEWFALSE, op::NEWTRUE, op::TUPLE3, op::REDUCE, op::MARK]);
+    // dtype('O').__reduce__()[2]: (version, byteorder, subarray, names, fields, elsize,
+    // alignment, flags).
+    emit::int(&mut p, 3);
+    emit::unicode(&mut p, "|");
+    p.extend_from_slice(&[op::NONE, op::NONE, op::NONE]);
+    emit::int(&mut p, -1);
+    emit::int(&mut p, -1);
+    emit::int(&mut p, 63);
+    p.extend_from_slice(&[op::TUPLE, op::BUILD, op::NEWFALSE, op::EMPTY_LIST]);
+    p
+}
+
+/// Closes the state tuple, builds the array, ends the pickle.
+const EPILOGUE: [u8; 3] = [op::TUPLE, op::BUILD, op::STOP];
+
+/// Which entry of the body's stack an `APPEND`/`APPENDS` closes a unit of the data list with,
+/// and how many elements it appends.
+fn unit_end(code: u8, d: &Depth) -> Option<u64> {
+    match code {
+        op::APPENDS if d.marks.last() == Some(&0) => Some(d.depth as u64 - 1),
+        op::APPEND if d.depth == 1 && d.marks.is_empty() => Some(1),
+        _ => None,
+    }
+}
+
+fn stack_error(op: &Op, reason: String) -> FormatError {
+    FormatError::BadPickle {
+        offset: op.offset,
+        reason,
+    }
+}
+
+/// Copies a whole data list, checking it holds `expected` elements; returns the opcode that
+/// ended it (the first of the epilogue).
+fn copy_whole<R: BufRead, W: Write>(
+    inp: &mut Input<R>,
+    tr: &mut Translator,
+    expected: u64,
+    out: &mut W,
+) -> Result<Op, FormatError> {
+    let mut d = Depth::default();
+    let mut count = 0u64;
+    loop {
+        let Some(op) = inp.rd.next_op()? else {
+            return Err(ended_early(&inp.rd));
+        };
+        if d.depth == 0 {
+            match op.code {
+                op::FRAME => continue,
+                op::PUT | op::BINPUT | op::LONG_BINPUT | op::MEMOIZE => {
+                    tr.memoize_list(&op, &inp.rd, &inp.dec)?;
+                    continue;
+                }
+                _ => {}
+            }
+        }
+        let end = unit_end(op.code, &d);
+        if !d.apply(op.code).map_err(|r| stack_error(&op, r))? {
+            if count != expected {
+                return Err(element_count(expected, count));
+            }
+            return Ok(op);
+        }
+        tr.copy_op(&op, &mut inp.rd, &inp.dec, out)?;
+        count += end.unwrap_or(0);
+    }
+}
+
+fn element_count(expected: u64, actual: u64) -> FormatError {
+    FormatError::CountMismatch {
+        what: "elements in the pickled data list vs npy header shape".into(),
+        expected,
+        actual,
+    }
+}
+
+/// Copies the first `take` elements of a data list, one buffered unit at a time, and stops
+/// reading there.
+fn copy_prefix<R: BufRead, W: Write>(
+    inp: &mut Input<R>,
+    tr: &mut Translator,
+    take: u64,
+    out: &mut W,
+) -> Result<(), FormatError> {
+    let mut d = Depth::default();
+    let mut taken = 0u64;
+    let mut buf: Vec<u8> = Vec::new();
+    // last_at[l]: offset in `buf` after the last opcode that left the depth at l.
+    let mut last_at: Vec<usize> = Vec::new();
+    while taken < take {
+        let Some(op) = inp.rd.next_op()? else {
+            return Err(ended_early(&inp.rd));
+        };
+        if d.depth == 0 {
+            match op.code {
+                op::FRAME => continue,
+                op::PUT | op::BINPUT | op::LONG_BINPUT | op::MEMOIZE => {
+                    tr.memoize_list(&op, &inp.rd, &inp.dec)?;
+                    continue;
+                }
+                _ => {
+                    buf.clear();
+                    last_at.clear();
+                    last_at.push(0);
+                }
+            }
+        }
+        let end = unit_end(op.code, &d);
+        if !d.apply(op.code).map_err(|r| stack_error(&op, r))? {
+            return Err(element_count(take, taken));
+        }
+        buf.extend_from_slice(inp.rd.head());
+        inp.rd.copy_payload(&mut buf)?;
+        if last_at.len() <= d.depth {
+            last_at.resize(d.depth + 1, 0);
+        }
+        last_at[d.depth] = buf.len();
+        let Some(n) = end else { continue };
+        let k = n.min(take - taken);
+        let cut = if k == n {
+            buf.len()
+        } else {
+            // k < n only happens for a MARK batch, where the depth passed every 1 + k.
+            last_at
+                .get(1 + k as usize)
+                .copied()
+                .ok_or_else(|| stack_error(&op, "bad batch".into()))?
+        };
+        let mut rd = OpReader::with_base(&buf[..cut], 0);
+        while let Some(bop) = rd.next_op()? {
+            tr.copy_op(&bop, &mut rd, &inp.dec, out)?;
+        }
+        if k < n {
+            out.write_all(&[op::APPENDS])?;
+        }
+        taken += k;
+    }
+    Ok(())
+}
+
+fn kind_name(h: &Header) -> String {
+    match &h.descr {
+        Descr::Object => "an object array".into(),
+        d => format!("a numeric array of {}", d.display()),
+    }
+}
+
+/// Merges object-array inputs; `first` is input 0, already opened and its header read.
+pub(crate) fn merge<R: Read, W: Write>(
+    counts: &[u64],
+    total: u64,
+    mut open: impl FnMut(usize) -> std::io::Result<R>,
+    first: (R, Header),
+    out: W,
+) -> Result<MergeSummary, FormatError> {
+    let mut out = std::io::BufWriter::with_capacity(WRITE_BUF, Counting { inner: out, n: 0 });
+    let mut used = vec![0u64; counts.len()];
+    let mut written = 0u64;
+    let mut tr = Translator::new();
+    let mut first = Some(first);
+    for (i, &count) in counts.iter().enumerate() {
+        if i > 0 && written == total {
+            break;
+        }
+        let in_input = |e: FormatError| FormatError::in_input(i, e);
+        let (r, h) = match first.take() {
+            Some(f) => f,
+            None => {
+                let mut r = open(i).map_err(|e| in_input(e.into()))?;
+                let h = super::header::read_header(&mut r).map_err(in_input)?;
+                (r, h)
+            }
+        };
+        if h.descr != Descr::Object {
+            return Err(FormatError::Mismatch {
+                input: i,
+                what: format!("input 0 is an object array, this one is {}", kind_name(&h)),
+            });
+        }
+        if h.shape.len() != 1 {
+            return Err(in_input(FormatError::Unsupported {
+                reason: format!("object array of shape {:?} (only 1-D merges)", h.shape),
+            }));
+        }
+        if h.shape[0] != count {
+            return Err(in_input(FormatError::CountMismatch {
+                what: "committed sample count vs npy header shape".into(),
+                expected: count,
+                actual: h.shape[0],
+            }));
+        }
+        let mut inp = open_input(BufReader::with_capacity(READ_BUF, r), &h).map_err(in_input)?;
+        if i == 0 {
+            let module = if inp.module == CORE_MODULE_V1 {
+                CORE_MODULE_V1
+            } else {
+                CORE_MODULE_V2
+            };
+            out.write_all(&write_header(&Descr::Object, &[total])?)?;
+            out.write_all(&prologue(inp.dec.proto, module, total))?;
+        }
+        tr.start_input(&inp.dec);
+        let take = count.min(total - written);
+        if take == count {
+            let end = copy_whole(&mut inp, &mut tr, count, &mut out).map_err(in_input)?;
+            finish_input(&mut inp, end).map_err(in_input)?;
+        } else {
+            copy_prefix(&mut inp, &mut tr, take, &mut out).map_err(in_input)?;
+        }
+        used[i] = take;
+        written += take;
+    }
+    out.write_all(&EPILOGUE)?;
+    out.flush()?;
+    let bytes_written = out.get_ref().n;
+    Ok(MergeSummary {
+        samples: written,
+        bytes_written,
+        used_per_input: used,
+    })
+}
+
+/// Drops what later elements cannot need from a finished element's memo entries: dicts keep
+/// their key sets (a later element may be the same dict again), and strings, bytes and tuples
+/// survive only if they are among element 0's keys (later dicts may reuse them as keys).
+struct Compactor {
+    reference: Option<KeySet>,
+    interned: HashMap<KeySet, Rc<KeySet>>,
+}
+
+impl Compactor {
+    fn compact(&mut self, v: &Value) -> Value {
+        let is_key = |v: &Value| {
+            self.reference
+                .as_ref()
+                .is_some_and(|r| r.contains(&v.key_repr()))
+        };
+        match v {
+            Value::None
+            | Value::Bool(_)
+            | Value::Int(_)
+            | Value::Float(_)
+            | Value::Global(_)
+            | Value::Opaque(_)
+            | Value::Keys(_)
+            | Value::DataList => v.clone(),
+            Value::Str(s) if s.len() <= 256 && is_key(v) => v.clone(),
+            Value::Bytes(b) if b.len() <= 256 && is_key(v) => v.clone(),
+            Value::Tuple(_) if is_key(v) => v.clone(),
+            Value::BigInt(_) => Value::Opaque(Kind::Int),
+            Value::Str(_) => Value::Opaque(Kind::Str),
+            Value::Bytes(_) => Value::Opaque(Kind::Bytes),
+            Value::Tuple(_) => Value::Opaque(Kind::Tuple),
+            Value::Dict(_) => {
+                let keys = v.dict_keys().unwrap_or_default();
+                let rc = self
+                    .interned
+                    .entry(keys.clone())
+                    .or_insert_with(|| Rc::new(keys));
+                Value::Keys(rc.clone())
+            }
+            Value::List(_) => Value::Opaque(Kind::List),
+            Value::Set(_) => Value::Opaque(Kind::Set),
+            Value::FrozenSet(_) => Value::Opaque(Kind::FrozenSet),
+            Value::Object(_) => Value::Opaque(Kind::Object),
+        }
+    }
+}
+
+fn keys_display(k: &KeySet) -> String {
+    let v: Vec<&str> = k.iter().map(String::as_str).collect();
+    format!("[{}]", v.join(", "))
+}
+
+/// Scans a whole object-array pickle: checks its structure and element count and that all
+/// elements are dicts with one key set (or none is a dict), and derives the schema.
+pub(crate) fn inspect<R: BufRead>(
+    r: R,
+    h: &Header,
+    file_len: u64,
+) -> Result<Inspection, FormatError> {
+    if h.shape.len() != 1 {
+        return Err(FormatError::Unsupported {
+            reason: format!(
+                "object array of shape {:?} (only 1-D is supported)",
+                h.shape
+            ),
+        });
+    }
+    let mut inp = open_input(r, h)?;
+    let mut comp = Compactor {
+        reference: None,
+        interned: HashMap::new(),
+    };
+    let mut count = 0u64;
+    let mut first_kind = String::new();
+    loop {
+        let Some(op) = inp.rd.next_op()? else {
+            return Err(ended_early(&inp.rd));
+        };
+        match inp.dec.apply(&op, &mut inp.rd)? {
+            Step::Elements => {
+                for el in inp.dec.take_elements() {
+                    let keys = el.dict_keys();
+                    if count == 0 {
+                        first_kind = el.type_name();
+                        comp.reference = keys;
+                    } else {
+                        check_element(count, &el, keys, &comp.reference, &first_kind)?;
+                    }
+                    count += 1;
+                }
+                inp.dec.compact_memo(|v| comp.compact(v));
+            }
+            Step::Stop(v) => {
+                check_final(&v, &inp.dec)?;
+                break;
+            }
+            Step::DataList | Step::Continue => {}
+        }
+    }
+    let expected = h.shape[0];
+    if count != expected {
+        return Err(element_count(expected, count));
+    }
+    let end = inp.rd.position();
+    if end != file_len {
+        return Err(FormatError::TrailingData {
+            what: "object array (bytes after the pickle's STOP)".into(),
+            expected: end,
+            actual: file_len,
+        });
+    }
+    let schema = match (&comp.reference, count) {
+        (_, 0) => "npy object empty".to_string(),
+        (Some(k), _) => format!("npy object dict keys {}", keys_display(k)),
+        (None, _) => "npy object values".to_string(),
+    };
+    Ok(Inspection {
+        count,
+        schema,
+        kind: ArrayKind::Object,
+        data_offset: h.data_offset,
+    })
+}
+
+fn check_element(
+    index: u64,
+    el: &Value,
+    keys: Option<KeySet>,
+    reference: &Option<KeySet>,
+    first_kind: &str,
+) -> Result<(), FormatError> {
+    let reason = match (reference, keys) {
+        (Some(r), Some(k)) if *r != k => {
+            let missing: Vec<&str> = r.difference(&k).map(String::as_str).collect();
+            let extra: Vec<&str> = k.difference(r).map(String::as_str).collect();
+            format!(
+                "keys {} differ from element 0's {} (missing [{}], extra [{}])",
+                keys_display(&k),
+                keys_display(r),
+                missing.join(", "),
+                extra.join(", ")
+            )
+        }
+        (Some(_), None) => format!("it is a {}, element 0 is a dict", el.type_name()),
+        (None, Some(_)) => format!("it is a dict, element 0 is a {first_kind}"),
+        _ => return Ok(()),
+    };
+    Err(FormatError::InconsistentElements { index, reason })
+}

@@ -1,0 +1,1080 @@
+//! The coordinator's core: jobs in memory, leases, commits, and the tasks that merge, write
+//! the manifest and reap expired leases. The gRPC services are thin shells over this.
+//!
+//! Locking: one `std::sync::Mutex` over the in-memory picture, held only for short, non-async
+//! sections. Durable changes go to the state store first (outside the lock); the memory is
+//! updated after the store said yes, so a crash at any point leaves the store authoritative.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use quarry_common::storage::{Store, keys};
+use quarry_proto::v1 as pb;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::job::{JobRt, ObjectRt, Phase, backoff};
+use crate::spec::{JobSpec, RoundVars, SpecError, render};
+use crate::state::{
+    CommitOutcome, CommitRecord, CreateJob, FailureRecord, FileRecord, JobRecord, JobState,
+    QuarantineOutcome, QuarantineRecord, StateError, StateStore,
+};
+use crate::{manifest, merge};
+
+/// Tunables of a coordinator process.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// A lease not renewed by a heartbeat within this time is re-issued as a new attempt.
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    /// Shortest interval between two manifest writes of one job while it runs.
+    pub manifest_interval: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(5),
+            manifest_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Errors a caller branches on; mapped to gRPC codes in `service`.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("invalid job spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("job {job:?} exists with a different spec; changed: {}. Use a new --exp_name, or run the original command to resume", changes.join("; "))]
+    SpecChanged { job: String, changes: Vec<String> },
+    #[error("job {0:?} not found")]
+    JobNotFound(String),
+    #[error("unknown worker {0:?}: register again")]
+    UnknownWorker(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    job: String,
+    object: usize,
+    round: u32,
+    seed: i64,
+    attempt: String,
+    worker: String,
+    deadline: Instant,
+    staging_prefix: String,
+}
+
+#[derive(Debug)]
+struct WorkerInfo {
+    host: String,
+    gpu: String,
+    last_seen: Instant,
+    /// Leases the worker must stop, reported on its next heartbeat.
+    cancel: Vec<u64>,
+}
+
+#[derive(Default)]
+struct Inner {
+    jobs: BTreeMap<String, JobRt>,
+    /// Jobs in submission order: rounds are handed out job-major, then object-major.
+    order: Vec<String>,
+    leases: HashMap<u64, Lease>,
+    next_lease: u64,
+    workers: HashMap<String, WorkerInfo>,
+    next_worker: u64,
+}
+
+/// The coordinator service state shared by every RPC and background task.
+pub struct Coordinator {
+    state: Arc<dyn StateStore>,
+    store: Store,
+    cfg: CoordinatorConfig,
+    epoch: u64,
+    inner: Mutex<Inner>,
+    /// Bumped on every change a status watcher may care about.
+    changed: watch::Sender<u64>,
+    /// Woken when a round may have become available.
+    work: Notify,
+    /// Woken when a job's manifest should be rewritten.
+    manifest_dirty: Notify,
+    manifest_lock: tokio::sync::Mutex<()>,
+    shutdown: CancellationToken,
+    /// Every background task (reaper, manifest writer, merges, status streams), so that
+    /// `close` can wait for them and release the state store.
+    tasks: TaskTracker,
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a worker is told to run.
+pub struct Grant {
+    pub lease: pb::Lease,
+}
+
+impl Coordinator {
+    /// Opens the coordinator over its state and store, resumes every running job found in the
+    /// state, and starts the background tasks (lease reaper, manifest writer). They stop when
+    /// `shutdown` is cancelled.
+    pub async fn start(
+        cfg: CoordinatorConfig,
+        state: Arc<dyn StateStore>,
+        store: Store,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Coordinator>, CoordError> {
+        let epoch = state.bump_epoch().await?;
+        let (changed, _) = watch::channel(0);
+        let c = Arc::new(Coordinator {
+            state,
+            store,
+            cfg,
+            epoch,
+            inner: Mutex::new(Inner {
+                next_lease: 1,
+                next_worker: 1,
+                ..Default::default()
+            }),
+            changed,
+            work: Notify::new(),
+            manifest_dirty: Notify::new(),
+            manifest_lock: tokio::sync::Mutex::new(()),
+            shutdown,
+            tasks: TaskTracker::new(),
+        });
+        for job in c.state.list_jobs().await? {
+            if job.state == JobState::Running {
+                c.load_job(job).await?;
+            }
+        }
+        c.tasks.spawn(Arc::clone(&c).reaper());
+        c.tasks.spawn(Arc::clone(&c).manifest_writer());
+        info!(epoch, store = c.store.url(), "coordinator started");
+        Ok(c)
+    }
+
+    /// Stops the background tasks and waits for them (a merge in progress finishes first), so
+    /// that the state store is released when the last handle is dropped.
+    pub async fn close(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Runs `fut` as a tracked background task that `close` waits for.
+    pub fn spawn<F>(&self, fut: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(fut);
+    }
+
+    /// Cancelled when the coordinator shuts down.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.shutdown
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.cfg
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug; keep serving with the data as it is.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Creates the job, or resumes the stored job of that name if its plan is unchanged.
+    pub async fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<(String, bool), CoordError> {
+        spec.validate()?;
+        let id = spec.exp_name.clone();
+        let record = JobRecord {
+            id: id.clone(),
+            spec: spec.clone(),
+            created_unix_ms: unix_ms(),
+            state: JobState::Running,
+        };
+        let (record, created) = match self.state.create_job(&record).await? {
+            CreateJob::Created => (record, true),
+            CreateJob::Exists(stored) => {
+                let changes = spec.plan_differences(&stored.spec);
+                if !changes.is_empty() {
+                    return Err(CoordError::SpecChanged { job: id, changes });
+                }
+                let mut updated = stored.clone();
+                // Fields that do not change the plan follow the newest submission.
+                updated.spec = spec;
+                if updated.state == JobState::Cancelled {
+                    updated.state = JobState::Running;
+                }
+                if updated != stored {
+                    self.state.update_job(&updated).await?;
+                }
+                (updated, false)
+            }
+        };
+        let loaded = self.lock().jobs.contains_key(&id);
+        if loaded {
+            let mut inner = self.lock();
+            if let Some(job) = inner.jobs.get_mut(&id) {
+                job.spec = record.spec.clone();
+                if job.state == JobState::Cancelled {
+                    job.state = JobState::Running;
+                }
+            }
+        } else {
+            self.load_job(record).await?;
+        }
+        self.work.notify_waiters();
+        self.bump();
+        Ok((id, created))
+    }
+
+    async fn load_job(self: &Arc<Self>, record: JobRecord) -> Result<(), CoordError> {
+        let now = Instant::now();
+        let mut objects = Vec::with_capacity(record.spec.objects.len());
+        for (i, name) in record.spec.objects.iter().enumerate() {
+            let rec = self.state.load_object(&record.id, name).await?;
+            objects.push(ObjectRt::from_record(i, name, rec, now));
+        }
+        let mut job = JobRt {
+            spec: record.spec,
+            objects,
+            state: record.state,
+            created_unix_ms: record.created_unix_ms,
+            started: now,
+            generator_ms: 0,
+            samples_this_session: 0,
+        };
+        let id = record.id;
+        let mut to_merge = Vec::new();
+        for o in &mut job.objects {
+            // Objects whose final was written but not cleaned up, or whose rounds already
+            // cover the quota, go straight to merging.
+            if o.phase == Phase::Running && o.merge_plan(&job.spec).is_some() {
+                to_merge.push(o.index);
+            }
+        }
+        let finished = job.state == JobState::Running && job.finished();
+        {
+            let mut inner = self.lock();
+            if !inner.order.contains(&id) {
+                inner.order.push(id.clone());
+            }
+            inner.jobs.insert(id.clone(), job);
+        }
+        info!(job = %id, "job loaded");
+        for idx in to_merge {
+            self.start_merge(&id, idx);
+        }
+        if finished {
+            self.finish_job(&id).await;
+        }
+        self.manifest_dirty.notify_one();
+        Ok(())
+    }
+
+    pub fn register(&self, host: &str, gpu: &str, name: &str) -> String {
+        let mut inner = self.lock();
+        let n = inner.next_worker;
+        inner.next_worker += 1;
+        let base = if name.is_empty() {
+            format!("{host}-gpu{gpu}")
+        } else {
+            name.to_string()
+        };
+        let id = format!("{base}-{}.{n}", self.epoch);
+        inner.workers.insert(
+            id.clone(),
+            WorkerInfo {
+                host: host.into(),
+                gpu: gpu.into(),
+                last_seen: Instant::now(),
+                cancel: Vec::new(),
+            },
+        );
+        info!(worker = %id, gpu, "worker registered");
+        drop(inner);
+        self.bump();
+        id
+    }
+
+    /// Renews the worker's listed leases; returns leases it must stop, or `None` when the
+    /// worker is unknown (it must register again).
+    pub fn heartbeat(&self, worker: &str, running: &[u64]) -> Option<Vec<u64>> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let w = inner.workers.get_mut(worker)?;
+        w.last_seen = now;
+        let mut cancel = std::mem::take(&mut w.cancel);
+        let deadline = now + self.cfg.lease_ttl;
+        for id in running {
+            match inner.leases.get_mut(id) {
+                Some(l) if l.worker == worker => l.deadline = deadline,
+                _ => {
+                    if !cancel.contains(id) {
+                        cancel.push(*id);
+                    }
+                }
+            }
+        }
+        Some(cancel)
+    }
+
+    /// Hands out the next round, waiting up to `wait` for one.
+    pub async fn acquire(&self, worker: &str, wait: Duration) -> Result<Option<Grant>, CoordError> {
+        let until = Instant::now() + wait;
+        loop {
+            let notified = self.work.notified();
+            if let Some(g) = self.try_acquire(worker)? {
+                return Ok(Some(g));
+            }
+            let now = Instant::now();
+            if now >= until || self.shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            // Retries become ready by time, not by an event: re-check at least every 100 ms.
+            let slice = (until - now).min(Duration::from_millis(100));
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep(slice) => {}
+                _ = self.shutdown.cancelled() => return Ok(None),
+            }
+        }
+    }
+
+    fn try_acquire(&self, worker: &str) -> Result<Option<Grant>, CoordError> {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let w = inner
+            .workers
+            .get_mut(worker)
+            .ok_or_else(|| CoordError::UnknownWorker(worker.into()))?;
+        w.last_seen = now;
+        for id in &inner.order {
+            let Some(job) = inner.jobs.get_mut(id) else {
+                continue;
+            };
+            if job.state != JobState::Running {
+                continue;
+            }
+            let spec = &job.spec;
+            let Some((idx, round)) = job
+                .objects
+                .iter()
+                .find_map(|o| o.next_to_issue(spec, now).map(|r| (o.index, r)))
+            else {
+                continue;
+            };
+            let o = &mut job.objects[idx];
+            let seq = o.issue(round);
+            let attempt = format!("e{}a{}", self.epoch, seq);
+            let seed = spec.seed(idx, round);
+            let name = spec.round_name(&o.name, round, seed);
+            let staging_prefix = keys::staging(&spec.exp_name, &o.name, round, seed, &attempt);
+            let lease_id = inner.next_lease;
+            inner.next_lease += 1;
+            let task = task_for(spec, &o.name, round, seed, &name, &staging_prefix);
+            let lease = pb::Lease {
+                lease_id,
+                job_id: id.clone(),
+                object: o.name.clone(),
+                object_index: idx as u32,
+                round,
+                seed,
+                attempt: attempt.clone(),
+                round_name: name,
+                task: Some(task),
+            };
+            debug!(job = %id, object = %o.name, round, seed, %attempt, worker, "round leased");
+            inner.leases.insert(
+                lease_id,
+                Lease {
+                    job: id.clone(),
+                    object: idx,
+                    round,
+                    seed,
+                    attempt,
+                    worker: worker.to_string(),
+                    deadline: now + self.cfg.lease_ttl,
+                    staging_prefix,
+                },
+            );
+            drop(guard);
+            self.bump();
+            return Ok(Some(Grant { lease }));
+        }
+        Ok(None)
+    }
+
+    fn take_lease(&self, worker: &str, lease_id: u64) -> Option<Lease> {
+        let mut inner = self.lock();
+        match inner.leases.get(&lease_id) {
+            Some(l) if l.worker == worker => {}
+            _ => return None,
+        }
+        let lease = inner.leases.remove(&lease_id)?;
+        if let Some(job) = inner.jobs.get_mut(&lease.job) {
+            job.objects[lease.object].lease_ended(lease.round);
+        }
+        Some(lease)
+    }
+
+    /// Commits a finished attempt: the first commit of a round wins; a loser's files are
+    /// deleted. Outputs whose schema disagrees with the object's earlier rounds count as a
+    /// failed attempt.
+    pub async fn complete(
+        self: &Arc<Self>,
+        worker: &str,
+        lease_id: u64,
+        files: Vec<pb::UploadedFile>,
+        generator_ms: u64,
+    ) -> Result<(pb::CommitOutcome, String), CoordError> {
+        let Some(lease) = self.take_lease(worker, lease_id) else {
+            // Expired (and re-issued) or from a previous coordinator: it cannot commit.
+            self.delete_files(None, &files).await;
+            return Ok((
+                pb::CommitOutcome::Duplicate,
+                "lease expired or unknown; files deleted".into(),
+            ));
+        };
+        if files.is_empty() {
+            self.fail_lease(
+                lease,
+                "output_missing",
+                "worker reported no files".into(),
+                String::new(),
+            )
+            .await;
+            return Ok((pb::CommitOutcome::Rejected, "no files".into()));
+        }
+        let (object_name, schema) = {
+            let inner = self.lock();
+            let Some(job) = inner.jobs.get(&lease.job) else {
+                return Ok((pb::CommitOutcome::Duplicate, "job gone".into()));
+            };
+            let o = &job.objects[lease.object];
+            (o.name.clone(), o.schema().map(str::to_string))
+        };
+        for f in &files {
+            if !f.key.starts_with(&format!("{}/", lease.staging_prefix)) {
+                self.fail_lease(
+                    lease.clone(),
+                    "output_invalid",
+                    format!(
+                        "file key {:?} is outside the attempt's staging prefix",
+                        f.key
+                    ),
+                    String::new(),
+                )
+                .await;
+                return Ok((pb::CommitOutcome::Rejected, "bad key".into()));
+            }
+        }
+        if let Some(expected) = schema {
+            if files[0].schema != expected {
+                let msg = format!(
+                    "output schema `{}` disagrees with the object's earlier rounds (`{expected}`)",
+                    files[0].schema
+                );
+                self.delete_files(Some(&lease), &files).await;
+                self.fail_lease(lease, "schema_mismatch", msg.clone(), String::new())
+                    .await;
+                return Ok((pb::CommitOutcome::Rejected, msg));
+            }
+        }
+        let record = CommitRecord {
+            round: lease.round,
+            seed: lease.seed,
+            attempt: lease.attempt.clone(),
+            count: files[0].count,
+            files: files
+                .iter()
+                .map(|f| FileRecord {
+                    name: f.name.clone(),
+                    key: f.key.clone(),
+                    size: f.size,
+                    sha256: f.sha256.clone(),
+                    count: f.count,
+                    schema: f.schema.clone(),
+                })
+                .collect(),
+            worker: worker.to_string(),
+            generator_ms,
+            committed_unix_ms: unix_ms(),
+        };
+        match self
+            .state
+            .commit_round(&lease.job, &object_name, &record)
+            .await
+        {
+            Ok(CommitOutcome::Committed) => {}
+            Ok(CommitOutcome::AlreadyCommitted(_)) | Ok(CommitOutcome::Quarantined) => {
+                self.delete_files(Some(&lease), &files).await;
+                return Ok((
+                    pb::CommitOutcome::Duplicate,
+                    "round already resolved; files deleted".into(),
+                ));
+            }
+            Err(e) => {
+                // Unknown whether it was applied: put the round back so it is retried; if
+                // the commit did land, the retry's commit will be refused as a duplicate.
+                warn!(job = %lease.job, round = lease.round, error = %e, "commit failed");
+                self.requeue(&lease);
+                return Err(e.into());
+            }
+        }
+        debug!(job = %lease.job, object = %object_name, round = lease.round, count = record.count, "round committed");
+        let merge_now = {
+            let mut inner = self.lock();
+            let Inner {
+                jobs,
+                leases,
+                workers,
+                ..
+            } = &mut *inner;
+            let Some(job) = jobs.get_mut(&lease.job) else {
+                return Ok((pb::CommitOutcome::Committed, String::new()));
+            };
+            job.generator_ms += generator_ms;
+            job.samples_this_session += record.count;
+            let o = &mut job.objects[lease.object];
+            o.apply_commit(record);
+            // Other attempts of this round are now pointless: tell their workers to stop.
+            for (id, l) in leases.iter() {
+                if l.job == lease.job && l.object == lease.object && l.round == lease.round {
+                    if let Some(w) = workers.get_mut(&l.worker) {
+                        w.cancel.push(*id);
+                    }
+                }
+            }
+            o.merge_plan(&job.spec).is_some()
+        };
+        if merge_now {
+            self.start_merge(&lease.job, lease.object);
+        }
+        self.work.notify_waiters();
+        self.manifest_dirty.notify_one();
+        self.bump();
+        Ok((pb::CommitOutcome::Committed, String::new()))
+    }
+
+    /// A failed attempt reported by its worker.
+    pub async fn fail(
+        self: &Arc<Self>,
+        worker: &str,
+        lease_id: u64,
+        kind: &str,
+        message: String,
+        log_tail: String,
+    ) {
+        if let Some(lease) = self.take_lease(worker, lease_id) {
+            self.fail_lease(lease, kind, message, log_tail).await;
+        }
+    }
+
+    /// A lease given back without failing (drain or shutdown): re-issued at once.
+    pub fn release(&self, worker: &str, lease_id: u64) {
+        if let Some(lease) = self.take_lease(worker, lease_id) {
+            self.requeue(&lease);
+        }
+    }
+
+    fn requeue(&self, lease: &Lease) {
+        let mut inner = self.lock();
+        if let Some(job) = inner.jobs.get_mut(&lease.job) {
+            job.objects[lease.object].requeue(lease.round, Instant::now());
+        }
+        drop(inner);
+        self.work.notify_waiters();
+    }
+
+    async fn fail_lease(
+        self: &Arc<Self>,
+        lease: Lease,
+        kind: &str,
+        message: String,
+        log_tail: String,
+    ) {
+        let (object, retries, backoff_ms) = {
+            let inner = self.lock();
+            let Some(job) = inner.jobs.get(&lease.job) else {
+                return;
+            };
+            (
+                job.objects[lease.object].name.clone(),
+                job.spec.retries,
+                job.spec.retry_backoff_ms,
+            )
+        };
+        warn!(job = %lease.job, %object, round = lease.round, attempt = %lease.attempt, kind, %message, "attempt failed");
+        let failure = FailureRecord {
+            attempt: lease.attempt.clone(),
+            kind: kind.to_string(),
+            message: message.clone(),
+            log_tail: log_tail.clone(),
+            worker: lease.worker.clone(),
+            unix_ms: unix_ms(),
+        };
+        let failures = match self
+            .state
+            .record_failure(&lease.job, &object, lease.round, &failure)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "could not record a failure; retrying the round");
+                self.requeue(&lease);
+                return;
+            }
+        };
+        if failures > retries {
+            let q = QuarantineRecord {
+                round: lease.round,
+                seed: lease.seed,
+                reason: format!("{kind}: {message}"),
+                log_tail,
+                attempts: failures,
+                unix_ms: unix_ms(),
+            };
+            match self.state.quarantine_round(&lease.job, &object, &q).await {
+                Ok(QuarantineOutcome::Quarantined) | Ok(QuarantineOutcome::AlreadyQuarantined) => {
+                    warn!(job = %lease.job, %object, round = lease.round, failures, "round quarantined");
+                    let merge_now = {
+                        let mut inner = self.lock();
+                        let Some(job) = inner.jobs.get_mut(&lease.job) else {
+                            return;
+                        };
+                        let o = &mut job.objects[lease.object];
+                        o.apply_failure(lease.round, failures);
+                        o.apply_quarantine(q);
+                        o.merge_plan(&job.spec).is_some()
+                    };
+                    if merge_now {
+                        self.start_merge(&lease.job, lease.object);
+                    }
+                }
+                Ok(QuarantineOutcome::AlreadyCommitted(_)) => {}
+                Err(e) => {
+                    warn!(error = %e, "could not quarantine; retrying the round");
+                    self.requeue(&lease);
+                }
+            }
+        } else {
+            let mut inner = self.lock();
+            if let Some(job) = inner.jobs.get_mut(&lease.job) {
+                let o = &mut job.objects[lease.object];
+                o.apply_failure(lease.round, failures);
+                o.schedule_retry(lease.round, Instant::now() + backoff(backoff_ms, failures));
+            }
+        }
+        self.work.notify_waiters();
+        self.manifest_dirty.notify_one();
+        self.bump();
+    }
+
+    /// Deletes an attempt's uploaded files, refusing keys outside its staging prefix.
+    async fn delete_files(&self, lease: Option<&Lease>, files: &[pb::UploadedFile]) {
+        for f in files {
+            let inside = match lease {
+                Some(l) => f.key.starts_with(&format!("{}/", l.staging_prefix)),
+                // Without a lease only staging-shaped keys are touched.
+                None => f.key.split('/').nth(1) == Some("rounds"),
+            };
+            if inside {
+                if let Err(e) = self.store.delete(&f.key).await {
+                    warn!(key = %f.key, error = %e, "could not delete a losing attempt's file");
+                }
+            }
+        }
+    }
+
+    fn start_merge(self: &Arc<Self>, job_id: &str, object: usize) {
+        let (spec, plan, name) = {
+            let mut inner = self.lock();
+            let Some(job) = inner.jobs.get_mut(job_id) else {
+                return;
+            };
+            let o = &mut job.objects[object];
+            let Some(plan) = o.merge_plan(&job.spec) else {
+                return;
+            };
+            o.phase = Phase::Merging;
+            (job.spec.clone(), plan, o.name.clone())
+        };
+        let c = Arc::clone(self);
+        let job_id = job_id.to_string();
+        self.tasks.spawn(async move {
+            let mut delay = Duration::from_millis(500);
+            loop {
+                match merge::merge_object(&c.store, c.state.as_ref(), &spec, &name, &plan).await {
+                    Ok(record) => {
+                        {
+                            let mut inner = c.lock();
+                            if let Some(job) = inner.jobs.get_mut(&job_id) {
+                                job.objects[object].phase = Phase::Done { complete: record.complete };
+                            }
+                        }
+                        info!(job = %job_id, object = %name, samples = record.count, "final written");
+                        c.manifest_dirty.notify_one();
+                        c.bump();
+                        let finished = {
+                            let inner = c.lock();
+                            inner.jobs.get(&job_id).is_some_and(|j| j.state == JobState::Running && j.finished())
+                        };
+                        if finished {
+                            c.finish_job(&job_id).await;
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        // A merge failure is an infrastructure problem (disk full, store down):
+                        // retry with backoff rather than lose the object.
+                        warn!(job = %job_id, object = %name, error = %e, "merge failed; will retry");
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = c.shutdown.cancelled() => return,
+                        }
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+    }
+
+    async fn finish_job(self: &Arc<Self>, job_id: &str) {
+        let record = {
+            let mut inner = self.lock();
+            let Some(job) = inner.jobs.get_mut(job_id) else {
+                return;
+            };
+            job.state = job.end_state();
+            JobRecord {
+                id: job_id.to_string(),
+                spec: job.spec.clone(),
+                created_unix_ms: job.created_unix_ms,
+                state: job.state,
+            }
+        };
+        if let Err(e) = self.state.update_job(&record).await {
+            warn!(job = %job_id, error = %e, "could not store the job's end state");
+        }
+        if !record.spec.keep_intermediate {
+            let prefix = format!("{job_id}/rounds");
+            if let Err(e) = self.store.delete_prefix(&prefix).await {
+                warn!(job = %job_id, error = %e, "could not remove leftover staging");
+            }
+        }
+        self.write_manifest(job_id).await;
+        info!(job = %job_id, state = ?record.state, "job finished");
+        self.bump();
+    }
+
+    /// Stops a job: no more rounds are handed out and running attempts are told to stop.
+    pub async fn cancel(&self, job_id: &str) -> Result<(), CoordError> {
+        let record = {
+            let mut guard = self.lock();
+            let inner = &mut *guard;
+            let job = inner
+                .jobs
+                .get_mut(job_id)
+                .ok_or_else(|| CoordError::JobNotFound(job_id.into()))?;
+            if job.state != JobState::Running {
+                return Ok(());
+            }
+            job.state = JobState::Cancelled;
+            for (id, l) in inner.leases.iter() {
+                if l.job == job_id {
+                    if let Some(w) = inner.workers.get_mut(&l.worker) {
+                        w.cancel.push(*id);
+                    }
+                }
+            }
+            JobRecord {
+                id: job_id.into(),
+                spec: job.spec.clone(),
+                created_unix_ms: job.created_unix_ms,
+                state: JobState::Cancelled,
+            }
+        };
+        self.state.update_job(&record).await?;
+        self.write_manifest(job_id).await;
+        self.bump();
+        Ok(())
+    }
+
+    /// Re-issues leases whose worker stopped renewing them.
+    async fn reaper(self: Arc<Self>) {
+        let tick =
+            (self.cfg.lease_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let now = Instant::now();
+            let expired: Vec<Lease> = {
+                let mut inner = self.lock();
+                let ids: Vec<u64> = inner
+                    .leases
+                    .iter()
+                    .filter(|(_, l)| l.deadline <= now)
+                    .map(|(id, _)| *id)
+                    .collect();
+                let mut out = Vec::new();
+                for id in ids {
+                    if let Some(l) = inner.leases.remove(&id) {
+                        if let Some(job) = inner.jobs.get_mut(&l.job) {
+                            job.objects[l.object].lease_ended(l.round);
+                        }
+                        out.push(l);
+                    }
+                }
+                out
+            };
+            for l in expired {
+                let msg = format!(
+                    "lease not renewed by worker {} within {:?}",
+                    l.worker, self.cfg.lease_ttl
+                );
+                self.fail_lease(l, "lease_expired", msg, String::new())
+                    .await;
+            }
+        }
+    }
+
+    async fn manifest_writer(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                _ = self.manifest_dirty.notified() => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let ids: Vec<String> = self.lock().order.clone();
+            for id in ids {
+                self.write_manifest(&id).await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.manifest_interval) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// Writes `<exp>/manifest.json` from the current picture (atomic replace).
+    pub async fn write_manifest(&self, job_id: &str) {
+        let _guard = self.manifest_lock.lock().await;
+        let doc = {
+            let inner = self.lock();
+            let Some(job) = inner.jobs.get(job_id) else {
+                return;
+            };
+            manifest::build(job)
+        };
+        let doc = match self.with_merges(job_id, doc).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(job = %job_id, error = %e, "could not read merge records for the manifest");
+                return;
+            }
+        };
+        match serde_json::to_vec_pretty(&doc) {
+            Ok(bytes) => {
+                if let Err(e) = self.store.put_bytes(&keys::manifest(job_id), bytes).await {
+                    warn!(job = %job_id, error = %e, "could not write the manifest");
+                }
+            }
+            Err(e) => warn!(job = %job_id, error = %e, "could not encode the manifest"),
+        }
+    }
+
+    async fn with_merges(
+        &self,
+        job_id: &str,
+        mut doc: manifest::Manifest,
+    ) -> Result<manifest::Manifest, StateError> {
+        for (name, o) in doc.objects.iter_mut() {
+            if o.done || o.final_files.is_empty() {
+                let rec = self.state.load_object(job_id, name).await?;
+                if let Some(m) = rec.merge {
+                    manifest::apply_merge(o, &m);
+                }
+            }
+        }
+        Ok(doc)
+    }
+
+    /// A status snapshot of one job.
+    pub fn status(&self, job_id: &str) -> Result<pb::JobStatus, CoordError> {
+        let inner = self.lock();
+        let job = inner
+            .jobs
+            .get(job_id)
+            .ok_or_else(|| CoordError::JobNotFound(job_id.into()))?;
+        Ok(self.status_of(&inner, job_id, job))
+    }
+
+    pub fn list(&self) -> Vec<pb::JobStatus> {
+        let inner = self.lock();
+        inner
+            .order
+            .iter()
+            .filter_map(|id| inner.jobs.get(id).map(|j| self.status_of(&inner, id, j)))
+            .collect()
+    }
+
+    /// Whether the job has ended (done, incomplete or cancelled).
+    pub fn job_ended(&self, job_id: &str) -> bool {
+        self.lock()
+            .jobs
+            .get(job_id)
+            .is_none_or(|j| j.state != JobState::Running)
+    }
+
+    fn status_of(&self, inner: &Inner, job_id: &str, job: &JobRt) -> pb::JobStatus {
+        let quota = job.spec.target_count_per_object;
+        let objects: Vec<pb::ObjectStatus> = job
+            .objects
+            .iter()
+            .map(|o| pb::ObjectStatus {
+                name: o.name.clone(),
+                state: match o.phase {
+                    Phase::Running if o.commits.is_empty() && o.in_flight.is_empty() => {
+                        pb::ObjectState::Pending
+                    }
+                    Phase::Running => pb::ObjectState::Running,
+                    Phase::Merging => pb::ObjectState::Merging,
+                    Phase::Done { complete: true } => pb::ObjectState::Done,
+                    Phase::Done { complete: false } => pb::ObjectState::Exhausted,
+                } as i32,
+                collected: o.collected(quota),
+                target: quota,
+                rounds_committed: o.commits.len() as u32,
+                rounds_in_flight: o.in_flight.len() as u32,
+                rounds_quarantined: o.quarantined.len() as u32,
+                failed_attempts: o.failed_attempts,
+            })
+            .collect();
+        let now = Instant::now();
+        let mut workers: Vec<pb::WorkerStatus> = inner
+            .workers
+            .iter()
+            .map(|(id, w)| {
+                let running = inner
+                    .leases
+                    .values()
+                    .filter(|l| &l.worker == id && l.job == job_id)
+                    .map(|l| format!("{} r{}", job.objects[l.object].name, l.round))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                pb::WorkerStatus {
+                    worker_id: id.clone(),
+                    host: w.host.clone(),
+                    gpu: w.gpu.clone(),
+                    running,
+                    last_seen_ms_ago: now.duration_since(w.last_seen).as_millis() as u64,
+                }
+            })
+            .collect();
+        workers.sort_by(|a, b| a.worker_id.cmp(&b.worker_id));
+        pb::JobStatus {
+            job_id: job_id.to_string(),
+            state: match job.state {
+                JobState::Running => pb::JobState::Running,
+                JobState::Done => pb::JobState::Done,
+                JobState::Incomplete => pb::JobState::Incomplete,
+                JobState::Cancelled => pb::JobState::Cancelled,
+            } as i32,
+            samples_collected: objects.iter().map(|o| o.collected).sum(),
+            samples_target: quota * job.objects.len() as u64,
+            rounds_committed: objects.iter().map(|o| o.rounds_committed).sum(),
+            failed_attempts: objects.iter().map(|o| o.failed_attempts).sum(),
+            rounds_quarantined: objects.iter().map(|o| o.rounds_quarantined).sum(),
+            rounds_in_flight: objects.iter().map(|o| o.rounds_in_flight).sum(),
+            objects,
+            elapsed_ms: job.started.elapsed().as_millis() as u64,
+            generator_ms: job.generator_ms,
+            workers,
+            message: String::new(),
+            samples_this_session: job.samples_this_session,
+        }
+    }
+}
+
+/// Renders the generator task of one round.
+fn task_for(
+    spec: &JobSpec,
+    object: &str,
+    round: u32,
+    seed: i64,
+    name: &str,
+    staging_prefix: &str,
+) -> pb::Task {
+    let g = &spec.generator;
+    let vars = RoundVars {
+        exp: &spec.exp_name,
+        name,
+        object,
+        seed,
+        round,
+        batch_size: spec.round_batch_size,
+        num_iterations: spec.num_iterations,
+    };
+    let output = render(&g.output, &vars);
+    let file_name = output.rsplit('/').next().unwrap_or(&output).to_string();
+    pb::Task {
+        // Pass-through arguments go verbatim, as scale_runner forwarded them.
+        argv: g
+            .argv
+            .iter()
+            .map(|a| render(a, &vars))
+            .chain(g.extra_args.iter().cloned())
+            .collect(),
+        root: spec.root.display().to_string(),
+        cwd: render(&g.cwd, &vars),
+        env: g
+            .env
+            .iter()
+            .map(|(k, v)| pb::EnvVar {
+                name: k.clone(),
+                value: render(v, &vars),
+            })
+            .collect(),
+        outputs: vec![pb::OutputFile {
+            path: output,
+            name: file_name,
+            format: "npy".into(),
+        }],
+        round_dir: g
+            .round_dir
+            .as_deref()
+            .map(|d| render(d, &vars))
+            .unwrap_or_default(),
+        timeout_ms: g.timeout_secs.map_or(0, |s| s.saturating_mul(1000)),
+        staging_prefix: staging_prefix.to_string(),
+        keep_intermediate: spec.keep_intermediate,
+        bind_gpu: g.bind_gpu,
+    }
+}

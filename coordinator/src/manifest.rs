@@ -1,0 +1,127 @@
+//! `<exp>/manifest.json`: a superset of scale_runner's manifest. `objects.<obj>.{collected,
+//! rounds, seeds, done}` keep their meaning (samples merged or committed so far, the rounds and
+//! seeds they came from, whether the quota is met); Quarry adds the final's keys, per-round
+//! commit records and quarantines, from which a wiped state store could be rebuilt.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::job::{JobRt, Phase};
+use crate::state::{JobState, MergeRecord, QuarantineRecord};
+
+#[derive(Debug, Serialize)]
+pub struct Manifest {
+    pub exp_name: String,
+    pub object_code_list: Vec<String>,
+    pub target_count_per_object: u64,
+    pub round_batch_size: u64,
+    pub num_iterations: u64,
+    pub seed_base: i64,
+    pub seed_stride: u64,
+    pub final_dir_mode: String,
+    /// `running`, `done`, `incomplete` or `cancelled`.
+    pub state: JobState,
+    pub objects: BTreeMap<String, ObjectEntry>,
+    pub updated_unix_ms: u64,
+    pub writer: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ObjectEntry {
+    pub collected: u64,
+    /// Committed rounds (once merged: the rounds the final holds), in order.
+    pub rounds: Vec<u32>,
+    pub seeds: Vec<i64>,
+    pub done: bool,
+    /// Keys of the final file(s), relative to the experiments directory.
+    #[serde(rename = "final")]
+    pub final_files: Vec<String>,
+    pub commits: Vec<CommitEntry>,
+    pub quarantined: Vec<QuarantineRecord>,
+    pub failed_attempts: u32,
+    /// True when the object ran out of rounds below its quota.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub exhausted: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CommitEntry {
+    pub round: u32,
+    pub seed: i64,
+    pub attempt: String,
+    pub count: u64,
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+pub fn build(job: &JobRt) -> Manifest {
+    let quota = job.spec.target_count_per_object;
+    let objects = job
+        .objects
+        .iter()
+        .map(|o| {
+            let commits: Vec<CommitEntry> = o
+                .commits
+                .values()
+                .map(|c| {
+                    let f = c.files.first();
+                    CommitEntry {
+                        round: c.round,
+                        seed: c.seed,
+                        attempt: c.attempt.clone(),
+                        count: c.count,
+                        key: f.map(|f| f.key.clone()).unwrap_or_default(),
+                        size: f.map_or(0, |f| f.size),
+                        sha256: f.map(|f| f.sha256.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect();
+            let entry = ObjectEntry {
+                collected: o.collected(quota),
+                rounds: o.commits.keys().copied().collect(),
+                seeds: o.commits.values().map(|c| c.seed).collect(),
+                done: matches!(o.phase, Phase::Done { complete: true }),
+                final_files: vec![],
+                commits,
+                quarantined: o.quarantined.values().cloned().collect(),
+                failed_attempts: o.failed_attempts,
+                exhausted: matches!(o.phase, Phase::Done { complete: false }),
+            };
+            (o.name.clone(), entry)
+        })
+        .collect();
+    Manifest {
+        exp_name: job.spec.exp_name.clone(),
+        object_code_list: job.spec.objects.clone(),
+        target_count_per_object: quota,
+        round_batch_size: job.spec.round_batch_size,
+        num_iterations: job.spec.num_iterations,
+        seed_base: job.spec.seed_base,
+        seed_stride: job.spec.seed_stride,
+        final_dir_mode: job.spec.final_dir_mode.to_string(),
+        state: job.state,
+        objects,
+        updated_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        writer: format!("quarry {}", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+/// Fills in what the final holds once the object is merged.
+pub fn apply_merge(entry: &mut ObjectEntry, m: &MergeRecord) {
+    entry.final_files = m.finals.clone();
+    entry.collected = m.count;
+    entry.rounds = m.rounds.clone();
+    let used: std::collections::BTreeSet<u32> = m.rounds.iter().copied().collect();
+    entry.seeds = entry
+        .commits
+        .iter()
+        .filter(|c| used.contains(&c.round))
+        .map(|c| c.seed)
+        .collect();
+    entry.done = m.complete;
+}

@@ -1,0 +1,1 @@
+../../grasp_gen.py

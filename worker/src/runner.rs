@@ -1,0 +1,329 @@
+//! Runs one generator process to completion, timeout or cancellation, and leaves nothing
+//! behind.
+//!
+//! The generator is started directly from its argv (never through a shell) as the leader of a
+//! new process group, so that everything it starts (a Python wrapper's CUDA workers, a
+//! background logger) can be signalled at once. Whatever the way a run ends (normal exit,
+//! timeout, cancel, or the future being dropped), the whole group is killed and the leader is
+//! reaped.
+//!
+//! Stopping a run: SIGTERM to the group, up to `kill_grace` for it to exit, then SIGKILL.
+//! After the leader is gone, leftover members are SIGKILLed and the runner waits, bounded,
+//! until the group is empty.
+
+mod group;
+mod log;
+
+use std::io;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::time::{Instant, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use self::group::ProcessGroup;
+pub use self::log::BoundedLog;
+
+/// How long to wait for SIGKILLed processes to disappear before giving up on them. SIGKILL is
+/// only delayed by uninterruptible sleep (a wedged driver, a dead NFS mount); such a process
+/// is reported and left to the kernel rather than blocking the worker forever.
+const KILL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long to keep reading output after the process group is gone. The pipes normally hit
+/// EOF at once; only a process that escaped the group (`setsid`) can keep them open.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+/// Read buffer per output stream.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// What to run and how long to let it run.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    /// Program and arguments; `argv[0]` is looked up in `PATH` when it has no slash.
+    pub argv: Vec<String>,
+    /// Working directory of the child; must exist.
+    pub cwd: PathBuf,
+    /// Variables set on top of the worker's own environment.
+    pub env: Vec<(String, String)>,
+    /// Wall-clock limit from spawn; `None` runs until exit or cancel.
+    pub timeout: Option<Duration>,
+    /// Time between SIGTERM and SIGKILL when a run is stopped.
+    pub kill_grace: Duration,
+    /// Bytes of combined stdout/stderr kept in the report (see [`BoundedLog`]).
+    pub log_limit: usize,
+}
+
+/// How a run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// The process exited with this code.
+    Exited(i32),
+    /// The process was killed by this signal, not by the runner.
+    Signaled(i32),
+    /// The run exceeded [`RunSpec::timeout`] and was killed.
+    TimedOut,
+    /// The cancellation token fired and the run was killed.
+    Cancelled,
+}
+
+/// The result of a run that was started (or cancelled before it started).
+#[derive(Debug)]
+pub struct RunReport {
+    pub outcome: RunOutcome,
+    /// From spawn until the process group was gone and its output read.
+    pub duration: Duration,
+    /// Interleaved stdout and stderr.
+    pub log: BoundedLog,
+}
+
+impl RunReport {
+    /// True only for exit code 0.
+    pub fn success(&self) -> bool {
+        self.outcome == RunOutcome::Exited(0)
+    }
+}
+
+/// Why a run could not be started or watched.
+#[derive(thiserror::Error, Debug)]
+pub enum RunError {
+    #[error("empty argv: no program to run")]
+    EmptyArgv,
+    #[error("working directory {cwd} is unusable: {source}")]
+    BadCwd { cwd: PathBuf, source: io::Error },
+    #[error("failed to start `{program}` (cwd {cwd}): {source}")]
+    Spawn {
+        program: String,
+        cwd: PathBuf,
+        source: io::Error,
+    },
+    #[error("failed to wait for `{program}`: {source}")]
+    Wait { program: String, source: io::Error },
+}
+
+/// Runs `spec` until it exits, times out or `cancel` fires, and returns how it ended with its
+/// bounded output. When this returns, the child is reaped and its process group has been
+/// killed. Dropping the returned future SIGKILLs the group.
+pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport, RunError> {
+    let program = spec.argv.first().ok_or(RunError::EmptyArgv)?;
+    check_cwd(spec).await?;
+    if cancel.is_cancelled() {
+        return Ok(RunReport {
+            outcome: RunOutcome::Cancelled,
+            duration: Duration::ZERO,
+            log: BoundedLog::new(spec.log_limit),
+        });
+    }
+
+    let mut cmd = Command::new(program);
+    cmd.args(&spec.argv[1..])
+        .current_dir(&spec.cwd)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        // Backstop for the leader; the group guard below covers the rest. Tokio also reaps a
+        // dropped child in the background, so dropping never leaves a zombie leader.
+        .kill_on_drop(true);
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|source| RunError::Spawn {
+        program: program.clone(),
+        cwd: spec.cwd.clone(),
+        source,
+    })?;
+    let Some(mut group) = child.id().and_then(ProcessGroup::new) else {
+        // Unreachable for a freshly spawned child; refuse rather than signal a bogus group.
+        return Err(RunError::Spawn {
+            program: program.clone(),
+            cwd: spec.cwd.clone(),
+            source: io::Error::other("spawned child has no usable pid"),
+        });
+    };
+    debug!(program = %program, pgid = group.id(), "generator started");
+
+    let mut log = BoundedLog::new(spec.log_limit);
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let deadline = spec.timeout.map(|t| start + t);
+
+    let result = {
+        let mut drain = std::pin::pin!(drain(stdout, stderr, &mut log));
+        let mut supervise = std::pin::pin!(supervise(
+            &mut child,
+            &group,
+            deadline,
+            spec.kill_grace,
+            &cancel
+        ));
+        // Output is read while the child runs: a child blocked on a full pipe would never exit.
+        let mut drained = false;
+        let result = loop {
+            tokio::select! {
+                result = &mut supervise => break result,
+                () = &mut drain, if !drained => drained = true,
+            }
+        };
+        if !drained && timeout(DRAIN_AFTER_EXIT, &mut drain).await.is_err() {
+            warn!(
+                program = %program,
+                "output pipes still open after the process group exited; log may be incomplete"
+            );
+        }
+        result
+    };
+    // The leader is reaped and the group was SIGKILLed and waited for: from here the group id
+    // may be reused, so the guard must not fire.
+    group.disarm();
+
+    let outcome = result.map_err(|source| RunError::Wait {
+        program: program.clone(),
+        source,
+    })?;
+    Ok(RunReport {
+        outcome,
+        duration: start.elapsed(),
+        log,
+    })
+}
+
+async fn check_cwd(spec: &RunSpec) -> Result<(), RunError> {
+    let bad = |source| RunError::BadCwd {
+        cwd: spec.cwd.clone(),
+        source,
+    };
+    let meta = tokio::fs::metadata(&spec.cwd).await.map_err(bad)?;
+    if !meta.is_dir() {
+        return Err(bad(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "not a directory",
+        )));
+    }
+    Ok(())
+}
+
+/// Waits for the leader to exit, or stops the group on timeout or cancel; then makes sure no
+/// member of the group survives.
+async fn supervise(
+    child: &mut Child,
+    group: &ProcessGroup,
+    deadline: Option<Instant>,
+    kill_grace: Duration,
+    cancel: &CancellationToken,
+) -> io::Result<RunOutcome> {
+    let expired = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let stopped = tokio::select! {
+        // An exit that races the deadline counts as an exit.
+        biased;
+        status = child.wait() => Ok(status),
+        () = cancel.cancelled() => Err(RunOutcome::Cancelled),
+        () = expired => Err(RunOutcome::TimedOut),
+    };
+    let outcome = match stopped {
+        Ok(status) => {
+            // The leader is done (or can no longer be waited for): anything it left running in
+            // the background goes too.
+            signal_group(group, libc::SIGKILL);
+            status.map(outcome_of)
+        }
+        Err(outcome) => {
+            debug!(pgid = group.id(), ?outcome, "stopping generator");
+            stop(child, group, kill_grace).await;
+            Ok(outcome)
+        }
+    };
+    if !group
+        .wait_empty(Instant::now() + KILL_CONFIRM_TIMEOUT)
+        .await
+    {
+        warn!(
+            pgid = group.id(),
+            "process group still has live members after SIGKILL"
+        );
+    }
+    outcome
+}
+
+/// SIGTERM, up to `grace` for the whole group to exit, then SIGKILL. Reaps the leader unless
+/// it ignores SIGKILL for longer than [`KILL_CONFIRM_TIMEOUT`].
+async fn stop(child: &mut Child, group: &ProcessGroup, grace: Duration) {
+    signal_group(group, libc::SIGTERM);
+    // Grace covers the whole group, not just the leader: a wrapper script that exits on
+    // SIGTERM at once must not cut short its worker's own cleanup.
+    let grace_end = Instant::now() + grace;
+    let mut reaped = timeout_at(grace_end, child.wait()).await.is_ok();
+    if reaped {
+        group.wait_empty(grace_end).await;
+    }
+    signal_group(group, libc::SIGKILL);
+    if !reaped {
+        // `Child::wait` is cancel safe, so a wait cut short by the grace deadline can be
+        // resumed here.
+        reaped = timeout(KILL_CONFIRM_TIMEOUT, child.wait()).await.is_ok();
+    }
+    if !reaped {
+        warn!(
+            pgid = group.id(),
+            "generator did not exit after SIGKILL; leaving it to be reaped in the background"
+        );
+    }
+}
+
+fn signal_group(group: &ProcessGroup, sig: libc::c_int) {
+    if let Err(e) = group.signal(sig) {
+        warn!(pgid = group.id(), sig, error = %e, "failed to signal process group");
+    }
+}
+
+fn outcome_of(status: ExitStatus) -> RunOutcome {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => RunOutcome::Exited(code),
+        (None, Some(sig)) => RunOutcome::Signaled(sig),
+        // Stopped/continued statuses are never returned by wait(); treat as abnormal.
+        (None, None) => RunOutcome::Signaled(0),
+    }
+}
+
+/// Reads both pipes into `log` as data arrives until both reach EOF.
+async fn drain(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>, log: &mut BoundedLog) {
+    let mut stdout = stdout;
+    let mut stderr = stderr;
+    let mut out_buf = vec![0u8; READ_CHUNK];
+    let mut err_buf = vec![0u8; READ_CHUNK];
+    loop {
+        // `read` is cancel safe: the branch that loses a select has consumed nothing.
+        tokio::select! {
+            r = read_some(&mut stdout, &mut out_buf), if stdout.is_some() => match r {
+                Some(n) => log.push(&out_buf[..n]),
+                None => stdout = None,
+            },
+            r = read_some(&mut stderr, &mut err_buf), if stderr.is_some() => match r {
+                Some(n) => log.push(&err_buf[..n]),
+                None => stderr = None,
+            },
+            else => break,
+        }
+    }
+}
+
+/// One read from `pipe`; `None` at EOF, on error, or when the pipe is already closed.
+async fn read_some<R: AsyncReadExt + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]) -> Option<usize> {
+    let r = pipe.as_mut()?;
+    match r.read(buf).await {
+        Ok(0) => None,
+        Ok(n) => Some(n),
+        Err(e) => {
+            warn!(error = %e, "reading generator output failed");
+            None
+        }
+    }
+}
