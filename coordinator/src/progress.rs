@@ -217,7 +217,7 @@ pub fn summary(s: &pb::JobStatus, wall: Duration, agents: usize) -> String {
         "n/a".into()
     };
     let mut out = format!(
-        "job {}: {state}\n  samples   {} of {} ({} objects)\n  rounds    {} committed, {} failed attempts, {} quarantined\n  time      wall {}, generator {} over {agents} agent(s) ({busy:.0}% busy), overhead {overhead}",
+        "job {}: {state}\n  samples   {} of {} ({} objects)\n  rounds    {} committed, {} failed attempts, {} quarantined\n  time      wall {}, generator {} over {agents} agent(s) ({busy:.0}% busy), agent time outside the generator {overhead}",
         s.job_id,
         s.samples_collected,
         s.samples_target,
