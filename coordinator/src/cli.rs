@@ -31,6 +31,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Run a job on this machine: coordinator plus one worker agent per GPU, in one process.
     /// Accepts scale_runner.py's flags as they are spelled.

@@ -494,8 +494,8 @@ impl Coordinator {
                 return Ok((pb::CommitOutcome::Rejected, "bad key".into()));
             }
         }
-        if let Some(expected) = schema {
-            if files[0].schema != expected {
+        if let Some(expected) = schema
+            && files[0].schema != expected {
                 let msg = format!(
                     "output schema `{}` disagrees with the object's earlier rounds (`{expected}`)",
                     files[0].schema
@@ -505,7 +505,6 @@ impl Coordinator {
                     .await;
                 return Ok((pb::CommitOutcome::Rejected, msg));
             }
-        }
         let record = CommitRecord {
             round: lease.round,
             seed: lease.seed,
@@ -565,11 +564,10 @@ impl Coordinator {
             o.apply_commit(record);
             // Other attempts of this round are now pointless: tell their workers to stop.
             for (id, l) in leases.iter() {
-                if l.job == lease.job && l.object == lease.object && l.round == lease.round {
-                    if let Some(w) = workers.get_mut(&l.worker) {
+                if l.job == lease.job && l.object == lease.object && l.round == lease.round
+                    && let Some(w) = workers.get_mut(&l.worker) {
                         w.cancel.push(*id);
                     }
-                }
             }
             o.merge_plan(&job.spec).is_some()
         };
@@ -704,11 +702,10 @@ impl Coordinator {
                 // Without a lease only staging-shaped keys are touched.
                 None => f.key.split('/').nth(1) == Some("rounds"),
             };
-            if inside {
-                if let Err(e) = self.store.delete(&f.key).await {
+            if inside
+                && let Err(e) = self.store.delete(&f.key).await {
                     warn!(key = %f.key, error = %e, "could not delete a losing attempt's file");
                 }
-            }
         }
     }
 
@@ -807,11 +804,10 @@ impl Coordinator {
             }
             job.state = JobState::Cancelled;
             for (id, l) in inner.leases.iter() {
-                if l.job == job_id {
-                    if let Some(w) = inner.workers.get_mut(&l.worker) {
+                if l.job == job_id
+                    && let Some(w) = inner.workers.get_mut(&l.worker) {
                         w.cancel.push(*id);
                     }
-                }
             }
             JobRecord {
                 id: job_id.into(),

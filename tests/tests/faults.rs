@@ -32,7 +32,7 @@ timeout_secs = 2
         gen = gen_path.display()
     );
     let p = root.join("job.toml");
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(&p, text).expect("write job file");
     p
 }
 

@@ -36,7 +36,7 @@ round_dir = "data/experiments/{{name}}"
         root = root.display()
     );
     let p = dir.join("job.toml");
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(&p, text).expect("write job file");
     p
 }
 
@@ -47,26 +47,7 @@ async fn serve_worker_submit_status_as_processes() {
     let store = home.path().join("store");
     let job = job_file(home.path(), root.path());
 
-    let mut serve = Command::new(bin("coordinator"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--lease-ttl", "5"])
-        .arg("--state")
-        .arg(format!("file://{}", home.path().join("state.redb").display()))
-        .arg("--store")
-        .arg(format!("file://{}", store.display()))
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = serve.stderr.take().unwrap();
-    let serve = Killed(serve);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("coordinator listening on ") {
-                let _ = tx.send(rest.split_whitespace().next().unwrap_or_default().to_string());
-            }
-        }
-    });
-    let addr = rx.recv_timeout(Duration::from_secs(20)).expect("coordinator printed its address");
+    let (serve, addr) = start_serve(home.path(), &store, "5");
 
     let _worker = Killed(
         Command::new(bin("worker"))
@@ -76,7 +57,13 @@ async fn serve_worker_submit_status_as_processes() {
             .unwrap(),
     );
     let submit = Command::new(bin("coordinator"))
-        .args(["submit", job.to_str().unwrap(), "--coordinator", &addr, "--watch"])
+        .args([
+            "submit",
+            job.to_str().unwrap(),
+            "--coordinator",
+            &addr,
+            "--watch",
+        ])
         .output()
         .unwrap();
     let submit_err = String::from_utf8_lossy(&submit.stderr);
@@ -97,13 +84,24 @@ async fn serve_worker_submit_status_as_processes() {
     // The same job through `coordinator run` gives the same bytes.
     let reference = legacy_root();
     let reference_job = job_file(reference.path(), reference.path());
-    let out = run(&["--job", reference_job.to_str().unwrap(), "--progress", "off"]).await.unwrap();
+    let out = run(&[
+        "--job",
+        reference_job.to_str().unwrap(),
+        "--progress",
+        "off",
+    ])
+    .await
+    .unwrap();
     assert_eq!(out.exit_code(), 0);
     let served_manifest: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(store.join("served/manifest.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(store.join("served/manifest.json")).unwrap())
+            .unwrap();
     for o in ["obj_a", "obj_b"] {
         let key = served_manifest["objects"][o]["final"][0].as_str().unwrap();
-        assert_eq!(sha256_file(&store.join(key)), sha256_file(&finals(reference.path(), "served", o)[0]));
+        assert_eq!(
+            sha256_file(&store.join(key)),
+            sha256_file(&finals(reference.path(), "served", o)[0])
+        );
     }
 
     // SIGTERM stops the coordinator cleanly.
@@ -117,7 +115,149 @@ async fn serve_worker_submit_status_as_processes() {
             assert!(st.success(), "{st}");
             break;
         }
-        assert!(Instant::now() < deadline, "coordinator did not stop on SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "coordinator did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+fn status_json(addr: &str, job: &str) -> Option<serde_json::Value> {
+    let out = Command::new(bin("coordinator"))
+        .args(["status", job, "--json", "--coordinator", addr])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .map(|v| v[0].clone())
+}
+
+fn start_serve(home: &std::path::Path, store: &std::path::Path, ttl: &str) -> (Killed, String) {
+    let mut serve = Command::new(bin("coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--lease-ttl", ttl])
+        .arg("--state")
+        .arg(format!("file://{}", home.join("state.redb").display()))
+        .arg("--store")
+        .arg(format!("file://{}", store.display()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator");
+    let stderr = serve.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("coordinator listening on ") {
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("coordinator printed its address");
+    (Killed(serve), addr)
+}
+
+/// A worker killed with SIGKILL mid-round stops heartbeating; after the lease TTL its round is
+/// re-issued as a new attempt to another worker, and the finals are the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_round_is_reissued_after_the_lease_ttl() {
+    let root = legacy_root();
+    let home = tempfile::tempdir().unwrap();
+    let store = home.path().join("store");
+    let text = std::fs::read_to_string(job_file(home.path(), root.path())).unwrap();
+    // Slow rounds so the kill lands mid-round.
+    let text = text.replace("\"uneven\"]", "\"uneven\", \"--sleep_ms\", \"700\"]");
+    let job = home.path().join("slow.toml");
+    std::fs::write(&job, text).unwrap();
+    let (_serve, addr) = start_serve(home.path(), &store, "2");
+
+    let mut doomed = Killed(
+        Command::new(bin("worker"))
+            .args(["--gpu", "0", "--coordinator", &addr])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let submit = Command::new(bin("coordinator"))
+        .args(["submit", job.to_str().unwrap(), "--coordinator", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        submit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submit.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status_json(&addr, "served");
+        if s.as_ref()
+            .is_some_and(|s| s["rounds_in_flight"].as_u64().unwrap_or(0) > 0)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no round started: {s:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    doomed.0.kill().unwrap(); // SIGKILL, mid-round
+    doomed.0.wait().unwrap();
+
+    let _rescuer = Killed(
+        Command::new(bin("worker"))
+            .args(["--gpu", "1", "--coordinator", &addr])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let watch = Command::new(bin("coordinator"))
+        .args(["status", "served", "--watch", "--coordinator", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        watch.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watch.stderr)
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("served/manifest.json")).unwrap())
+            .unwrap();
+    let failed: u64 = ["obj_a", "obj_b"]
+        .iter()
+        .map(|o| manifest["objects"][o]["failed_attempts"].as_u64().unwrap())
+        .sum();
+    assert!(
+        failed >= 1,
+        "the killed worker's lease expired as a failed attempt: {manifest}"
+    );
+
+    let reference = legacy_root();
+    let reference_job = job_file(reference.path(), reference.path());
+    assert_eq!(
+        run(&[
+            "--job",
+            reference_job.to_str().unwrap(),
+            "--progress",
+            "off"
+        ])
+        .await
+        .unwrap()
+        .exit_code(),
+        0
+    );
+    for o in ["obj_a", "obj_b"] {
+        let key = manifest["objects"][o]["final"][0].as_str().unwrap();
+        assert_eq!(
+            sha256_file(&store.join(key)),
+            sha256_file(&finals(reference.path(), "served", o)[0])
+        );
+    }
+    assert!(!store.join("served/rounds").exists(), "staging left behind");
 }

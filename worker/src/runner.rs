@@ -129,6 +129,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
         // Backstop for the leader; the group guard below covers the rest. Tokio also reaps a
         // dropped child in the background, so dropping never leaves a zombie leader.
         .kill_on_drop(true);
+    die_with_parent(&mut cmd);
     let start = Instant::now();
     let mut child = cmd.spawn().map_err(|source| RunError::Spawn {
         program: program.clone(),
@@ -327,3 +328,29 @@ async fn read_some<R: AsyncReadExt + Unpin>(pipe: &mut Option<R>, buf: &mut [u8]
         }
     }
 }
+
+/// Makes the generator receive SIGKILL if the agent process dies (kill -9, OOM), so that a
+/// dead agent's run cannot keep writing outputs nobody will collect. Linux only; the process
+/// group handling covers every other way an agent stops.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: getpid() is async-signal-safe and read before the fork.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec and only calls
+    // async-signal-safe functions (prctl, getppid, _exit); it touches no shared state.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then nobody would signal us.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
