@@ -495,16 +495,17 @@ impl Coordinator {
             }
         }
         if let Some(expected) = schema
-            && files[0].schema != expected {
-                let msg = format!(
-                    "output schema `{}` disagrees with the object's earlier rounds (`{expected}`)",
-                    files[0].schema
-                );
-                self.delete_files(Some(&lease), &files).await;
-                self.fail_lease(lease, "schema_mismatch", msg.clone(), String::new())
-                    .await;
-                return Ok((pb::CommitOutcome::Rejected, msg));
-            }
+            && !crate::job::schema_compatible(&expected, &files[0].schema)
+        {
+            let msg = format!(
+                "output schema `{}` disagrees with the object's earlier rounds (`{expected}`)",
+                files[0].schema
+            );
+            self.delete_files(Some(&lease), &files).await;
+            self.fail_lease(lease, "schema_mismatch", msg.clone(), String::new())
+                .await;
+            return Ok((pb::CommitOutcome::Rejected, msg));
+        }
         let record = CommitRecord {
             round: lease.round,
             seed: lease.seed,
@@ -564,10 +565,13 @@ impl Coordinator {
             o.apply_commit(record);
             // Other attempts of this round are now pointless: tell their workers to stop.
             for (id, l) in leases.iter() {
-                if l.job == lease.job && l.object == lease.object && l.round == lease.round
-                    && let Some(w) = workers.get_mut(&l.worker) {
-                        w.cancel.push(*id);
-                    }
+                if l.job == lease.job
+                    && l.object == lease.object
+                    && l.round == lease.round
+                    && let Some(w) = workers.get_mut(&l.worker)
+                {
+                    w.cancel.push(*id);
+                }
             }
             o.merge_plan(&job.spec).is_some()
         };
@@ -702,10 +706,9 @@ impl Coordinator {
                 // Without a lease only staging-shaped keys are touched.
                 None => f.key.split('/').nth(1) == Some("rounds"),
             };
-            if inside
-                && let Err(e) = self.store.delete(&f.key).await {
-                    warn!(key = %f.key, error = %e, "could not delete a losing attempt's file");
-                }
+            if inside && let Err(e) = self.store.delete(&f.key).await {
+                warn!(key = %f.key, error = %e, "could not delete a losing attempt's file");
+            }
         }
     }
 
@@ -805,9 +808,10 @@ impl Coordinator {
             job.state = JobState::Cancelled;
             for (id, l) in inner.leases.iter() {
                 if l.job == job_id
-                    && let Some(w) = inner.workers.get_mut(&l.worker) {
-                        w.cancel.push(*id);
-                    }
+                    && let Some(w) = inner.workers.get_mut(&l.worker)
+                {
+                    w.cancel.push(*id);
+                }
             }
             JobRecord {
                 id: job_id.into(),

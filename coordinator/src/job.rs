@@ -10,6 +10,14 @@ use std::time::{Duration, Instant};
 use crate::spec::JobSpec;
 use crate::state::{CommitRecord, JobState, ObjectRecord, QuarantineRecord};
 
+/// Schema `npy::inspect` gives an object array with no elements; compatible with any object array.
+pub const EMPTY_OBJECT_SCHEMA: &str = "npy object empty";
+
+/// Whether a round's schema may join an object whose earlier rounds have `expected`.
+pub fn schema_compatible(expected: &str, got: &str) -> bool {
+    expected == got || (got == EMPTY_OBJECT_SCHEMA && expected.starts_with("npy object"))
+}
+
 /// Where an object stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -202,13 +210,14 @@ impl ObjectRt {
         self.quarantined.insert(q.round, q);
     }
 
-    /// The schema of the object's sample files, fixed by its first committed round.
+    /// The schema of the object's sample files, fixed by its first committed round that has
+    /// samples (an empty object array says nothing about its keys).
     pub fn schema(&self) -> Option<&str> {
         self.commits
             .values()
-            .next()
-            .and_then(|c| c.files.first())
+            .filter_map(|c| c.files.first())
             .map(|f| f.schema.as_str())
+            .find(|s| *s != EMPTY_OBJECT_SCHEMA)
     }
 
     /// When the object is ready to merge: the resolved prefix 0..=k covers the quota, or every
@@ -381,8 +390,11 @@ mod tests {
         let s = spec(100, 50, Some(2));
         let now = Instant::now();
         let mut o = ObjectRt::from_record(0, "o", ObjectRecord::default(), now);
+        assert_eq!((o.issue(0), o.issue(1)), (0, 0));
+        o.lease_ended(0);
         o.apply_commit(commit(0, 30));
         assert_eq!(o.merge_plan(&s), None);
+        o.lease_ended(1);
         o.apply_quarantine(quarantine(1));
         let p = o.merge_plan(&s).unwrap();
         assert_eq!((p.limit, p.complete), (30, false));
@@ -400,6 +412,19 @@ mod tests {
         assert_eq!(o.next_round, 5);
         assert_eq!(o.retry.keys().copied().collect::<Vec<_>>(), vec![0, 1, 3]);
         assert_eq!(o.next_to_issue(&s, now), Some(0));
+    }
+
+    #[test]
+    fn an_empty_object_round_fits_any_object_schema() {
+        assert!(schema_compatible(
+            "npy object dict keys [a]",
+            EMPTY_OBJECT_SCHEMA
+        ));
+        assert!(!schema_compatible("npy <f4 (*, 3)", EMPTY_OBJECT_SCHEMA));
+        assert!(!schema_compatible(
+            "npy object dict keys [a]",
+            "npy object dict keys [b]"
+        ));
     }
 
     #[test]

@@ -30,8 +30,8 @@ pub(crate) struct Header {
 pub(crate) enum Descr {
     /// `|O`: the data is a pickle.
     Object,
-    /// Fixed-size elements stored raw. `repr` is the canonical Python repr of the descr
-    /// (`'<f4'`, `[('a', '<f4'), ('b', '<i8', (2,))]`), which is what numpy writes back.
+    /// Fixed-size elements stored raw. `lit` is the descr as parsed (`'<f4'`,
+    /// `[('a', '<f4'), ('b', '<i8', (2,))]`); its repr is what numpy writes back.
     Numeric { lit: PyLit, itemsize: u64 },
 }
 

@@ -12,6 +12,7 @@
 //! equals `np.concatenate([np.load(f, allow_pickle=True) for f in inputs])[:limit]`.
 
 mod header;
+mod memo;
 mod numeric;
 mod object;
 mod pickle;
@@ -127,6 +128,7 @@ pub struct Inspection {
     /// elements are not dicts, `npy object empty` for an empty object array (whose element
     /// shape is unknown; callers comparing rounds should let it match any object schema).
     pub schema: String,
+    /// Numeric (with its descr and shape past the first axis) or object.
     pub kind: ArrayKind,
     /// Where the array data (raw rows, or the pickle) starts.
     pub data_offset: u64,

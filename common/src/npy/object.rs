@@ -23,8 +23,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::rc::Rc;
 
 use super::header::{Descr, Header, write_header};
+use super::memo::IndexMap32;
 use super::pickle::{Depth, Op, OpReader, emit, op};
-use super::value::{Call, Decoder, KeySet, Kind, Memo, Obj, Step, Value, memo_index};
+use super::value::{Call, Decoder, KeySet, Kind, Obj, Step, Value, is_bare, memo_index};
 use super::{ArrayKind, FormatError, Inspection, MergeSummary};
 
 const READ_BUF: usize = 1 << 16;
@@ -128,19 +129,16 @@ fn finish_input<R: BufRead>(inp: &mut Input<R>, first: Op) -> Result<(), FormatE
     }
 }
 
-/// What a memo index of the current input stands for in the output.
-#[derive(Debug, Clone, Copy)]
-enum Slot {
-    Out(u32),
-    /// The input's data list, which has no counterpart an element could sensibly refer to.
-    DataList,
-}
+/// Marks, in [`Translator::map`], an input memo index that holds the input's data list, which
+/// has no counterpart an element could sensibly refer to. Output indices stay below it.
+const DATA_LIST: u32 = u32::MAX - 1;
 
 /// Rewrites one input's data-list opcodes for the output stream.
 struct Translator {
     /// Next free output memo index; shared by all inputs.
     next_out: u64,
-    map: Memo<Slot>,
+    /// Input memo index -> output memo index (or [`DATA_LIST`]).
+    map: IndexMap32,
     /// The input's own `len(memo)`, which is what its `MEMOIZE`s write to.
     in_len: u32,
     scratch: Vec<u8>,
@@ -150,27 +148,30 @@ impl Translator {
     fn new() -> Self {
         Translator {
             next_out: 0,
-            map: Memo::default(),
+            map: IndexMap32::default(),
             in_len: 0,
             scratch: Vec::new(),
         }
     }
 
     fn start_input(&mut self, dec: &Decoder) {
-        self.map = Memo::default();
+        self.map = IndexMap32::default();
         self.in_len = dec.memo.len();
     }
 
     fn fresh(&mut self) -> Result<u32, FormatError> {
-        let idx = u32::try_from(self.next_out).map_err(|_| FormatError::Unsupported {
-            reason: "merged pickle needs more than 2^32 memo entries".into(),
-        })?;
+        let idx = u32::try_from(self.next_out)
+            .ok()
+            .filter(|&i| i < DATA_LIST)
+            .ok_or_else(|| FormatError::Unsupported {
+                reason: "merged pickle needs more than 2^32 - 2 memo entries".into(),
+            })?;
         self.next_out += 1;
         Ok(idx)
     }
 
-    fn define(&mut self, dec: &Decoder, idx: u32, slot: Slot) {
-        if self.map.get(idx).is_none() && dec.memo.get(idx).is_none() {
+    fn define(&mut self, dec: &Decoder, idx: u32, slot: u32) {
+        if self.map.get(idx).is_none() && !dec.memo.contains(idx) {
             self.in_len += 1;
         }
         self.map.insert(idx, slot);
@@ -188,7 +189,7 @@ impl Translator {
         } else {
             memo_index(op, rd)?
         };
-        self.define(dec, idx, Slot::DataList);
+        self.define(dec, idx, DATA_LIST);
         Ok(())
     }
 
@@ -208,7 +209,7 @@ impl Translator {
                     memo_index(op, rd)?
                 };
                 let o = self.fresh()?;
-                self.define(dec, idx, Slot::Out(o));
+                self.define(dec, idx, o);
                 self.scratch.clear();
                 emit::put(&mut self.scratch, o);
                 out.write_all(&self.scratch)?;
@@ -218,8 +219,7 @@ impl Translator {
                 let idx = memo_index(op, rd)?;
                 self.scratch.clear();
                 match self.map.get(idx) {
-                    Some(Slot::Out(o)) => emit::get(&mut self.scratch, *o),
-                    Some(Slot::DataList) => {
+                    Some(DATA_LIST) => {
                         return Err(FormatError::Unsupported {
                             reason: format!(
                                 "element at byte {} refers to the array's own data list",
@@ -232,7 +232,7 @@ impl Translator {
                             offset: op.offset,
                             reason: format!("memo entry {idx} read before it is written"),
                         })?;
-                        emit_value(&mut self.scratch, v, dec.array.as_ref(), 0).map_err(
+                        emit_value(&mut self.scratch, &v, dec.array.as_ref(), 0).map_err(
                             |what| FormatError::Unsupported {
                                 reason: format!(
                                     "element at byte {} reuses memo entry {idx} from the pickle's \
@@ -244,8 +244,9 @@ impl Translator {
                         // Later reads of the same entry in this input share the copy.
                         let o = self.fresh()?;
                         emit::put(&mut self.scratch, o);
-                        self.map.insert(idx, Slot::Out(o));
+                        self.map.insert(idx, o);
                     }
+                    Some(o) => emit::get(&mut self.scratch, o),
                 }
                 out.write_all(&self.scratch)?;
                 Ok(())
@@ -565,6 +566,13 @@ pub(crate) fn merge<R: Read, W: Write>(
         }
         let mut inp = open_input(BufReader::with_capacity(READ_BUF, r), &h).map_err(in_input)?;
         if i == 0 {
+            // The output must start before later inputs are read, so input 0 decides:
+            // - the `_reconstruct` module: numpy 1's path when input 0 came from numpy 1 (then
+            //   the file loads wherever input 0 did, numpy < 1.26 included; numpy 2 imports
+            //   `numpy.core.multiarray._reconstruct` without a warning for old pickles), else
+            //   numpy 2's, which numpy 1.26 also loads without a warning;
+            // - the declared protocol. Unpicklers accept any opcode whatever PROTO says; the
+            //   number only switches Python 2 name mapping (below 3), refused above.
             let module = if inp.module == CORE_MODULE_V1 {
                 CORE_MODULE_V1
             } else {
@@ -598,16 +606,44 @@ pub(crate) fn merge<R: Read, W: Write>(
 /// their key sets (a later element may be the same dict again), and strings, bytes and tuples
 /// survive only if they are among element 0's keys (later dicts may reuse them as keys).
 struct Compactor {
-    reference: Option<KeySet>,
+    reference: Option<Rc<KeySet>>,
     interned: HashMap<KeySet, Rc<KeySet>>,
+    /// Whether any reference key is shown quoted, as bytes, as a tuple: when not, no value of
+    /// that sort can be a key, and its repr need not be built to find out.
+    quoted_keys: bool,
+    bytes_keys: bool,
+    tuple_keys: bool,
 }
 
 impl Compactor {
+    fn new() -> Self {
+        Compactor {
+            reference: None,
+            interned: HashMap::new(),
+            quoted_keys: false,
+            bytes_keys: false,
+            tuple_keys: false,
+        }
+    }
+
+    fn set_reference(&mut self, keys: Option<KeySet>) {
+        let starts = |p: &[&str]| {
+            keys.as_ref()
+                .is_some_and(|k| k.iter().any(|key| p.iter().any(|p| key.starts_with(p))))
+        };
+        self.quoted_keys = starts(&["'", "\""]);
+        self.bytes_keys = starts(&["b'", "b\""]);
+        self.tuple_keys = starts(&["("]);
+        self.reference = keys.map(Rc::new);
+    }
+
     fn compact(&mut self, v: &Value) -> Value {
-        let is_key = |v: &Value| {
-            self.reference
-                .as_ref()
-                .is_some_and(|r| r.contains(&v.key_repr()))
+        let is_key = |v: &Value| self.reference.as_ref().is_some_and(|r| v.key_in(r));
+        let maybe_key = match v {
+            Value::Str(s) => s.len() <= 256 && (self.quoted_keys || is_bare(s)),
+            Value::Bytes(b) => b.len() <= 256 && self.bytes_keys,
+            Value::Tuple(_) => self.tuple_keys,
+            _ => false,
         };
         match v {
             Value::None
@@ -618,14 +654,19 @@ impl Compactor {
             | Value::Opaque(_)
             | Value::Keys(_)
             | Value::DataList => v.clone(),
-            Value::Str(s) if s.len() <= 256 && is_key(v) => v.clone(),
-            Value::Bytes(b) if b.len() <= 256 && is_key(v) => v.clone(),
-            Value::Tuple(_) if is_key(v) => v.clone(),
+            Value::Str(_) | Value::Bytes(_) | Value::Tuple(_) if maybe_key && is_key(v) => {
+                v.clone()
+            }
             Value::BigInt(_) => Value::Opaque(Kind::Int),
             Value::Str(_) => Value::Opaque(Kind::Str),
             Value::Bytes(_) => Value::Opaque(Kind::Bytes),
             Value::Tuple(_) => Value::Opaque(Kind::Tuple),
             Value::Dict(_) => {
+                if let Some(r) = &self.reference
+                    && v.has_keys(r) == Some(true)
+                {
+                    return Value::Keys(r.clone());
+                }
                 let keys = v.dict_keys().unwrap_or_default();
                 let rc = self
                     .interned
@@ -662,10 +703,7 @@ pub(crate) fn inspect<R: BufRead>(
         });
     }
     let mut inp = open_input(r, h)?;
-    let mut comp = Compactor {
-        reference: None,
-        interned: HashMap::new(),
-    };
+    let mut comp = Compactor::new();
     let mut count = 0u64;
     let mut first_kind = String::new();
     loop {
@@ -675,12 +713,16 @@ pub(crate) fn inspect<R: BufRead>(
         match inp.dec.apply(&op, &mut inp.rd)? {
             Step::Elements => {
                 for el in inp.dec.take_elements() {
-                    let keys = el.dict_keys();
                     if count == 0 {
                         first_kind = el.type_name();
-                        comp.reference = keys;
+                        comp.set_reference(el.dict_keys());
                     } else {
-                        check_element(count, &el, keys, &comp.reference, &first_kind)?;
+                        // The cheap test passes for every well-formed element; only a
+                        // mismatch pays for building the key set.
+                        let reference = comp.reference.as_deref();
+                        if reference.and_then(|r| el.has_keys(r)) != Some(true) {
+                            check_element(count, &el, el.dict_keys(), reference, &first_kind)?;
+                        }
                     }
                     count += 1;
                 }
@@ -705,7 +747,7 @@ pub(crate) fn inspect<R: BufRead>(
             actual: file_len,
         });
     }
-    let schema = match (&comp.reference, count) {
+    let schema = match (comp.reference.as_deref(), count) {
         (_, 0) => "npy object empty".to_string(),
         (Some(k), _) => format!("npy object dict keys {}", keys_display(k)),
         (None, _) => "npy object values".to_string(),
@@ -722,7 +764,7 @@ fn check_element(
     index: u64,
     el: &Value,
     keys: Option<KeySet>,
-    reference: &Option<KeySet>,
+    reference: Option<&KeySet>,
     first_kind: &str,
 ) -> Result<(), FormatError> {
     let reason = match (reference, keys) {

@@ -7,12 +7,13 @@
 //! entries once the element that made them is done.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io::BufRead;
 use std::rc::Rc;
 
 use super::FormatError;
 use super::header::py_str_repr;
+use super::memo::ValueMemo;
 use super::pickle::{ArgKind, Op, OpReader, op};
 
 /// Longest string or bytes value kept whole; longer ones keep only their length.
@@ -24,7 +25,7 @@ const MAX_NEST: u16 = 200;
 const MAX_KEY_REPR: usize = 200;
 
 /// Kinds of value whose content was not kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Kind {
     Int,
     Str,
@@ -217,6 +218,77 @@ impl Value {
         }
     }
 
+    /// A string identifying a summary value, for interning memo entries; `None` for whole
+    /// containers and objects, which are never interned.
+    pub fn intern_key(&self) -> Option<String> {
+        Some(match self {
+            Value::None => "N".into(),
+            Value::Bool(b) => format!("B{b}"),
+            Value::Int(n) => format!("i{n}"),
+            Value::BigInt(b) => format!("I{b:?}"),
+            Value::Float(f) => format!("f{}", f.to_bits()),
+            Value::Str(s) => format!("s{s}"),
+            Value::Bytes(b) => format!("b{b:?}"),
+            Value::Opaque(k) => format!("o{k:?}"),
+            Value::Global(g) => format!("g{}\n{}", g.0, g.1),
+            Value::Keys(k) => {
+                let mut s = String::from("k");
+                for key in k.iter() {
+                    s.push_str(key);
+                    s.push('\0');
+                }
+                s
+            }
+            Value::Tuple(_) => format!("t{}", self.key_repr()),
+            Value::DataList => "L".into(),
+            Value::List(_)
+            | Value::Dict(_)
+            | Value::Set(_)
+            | Value::FrozenSet(_)
+            | Value::Object(_) => {
+                return None;
+            }
+        })
+    }
+
+    /// Whether this value's key repr is in `set`, without building the repr for plain names.
+    pub fn key_in(&self, set: &KeySet) -> bool {
+        match self {
+            Value::Str(s) if is_bare(s) => set.contains(s.as_str()),
+            _ => set.contains(&self.key_repr()),
+        }
+    }
+
+    /// For a dict, whether its key set is exactly `set` (cheaply in the common case of a match);
+    /// `None` for anything else.
+    pub fn has_keys(&self, set: &KeySet) -> Option<bool> {
+        match self {
+            Value::Dict(m) => {
+                let items = &m.borrow().items;
+                if items.len() != set.len() || items.len() > 64 {
+                    return Some(self.dict_keys().as_ref() == Some(set));
+                }
+                if !items.iter().all(|(k, _)| k.key_in(set)) {
+                    return Some(false);
+                }
+                // Same length, all keys known: equal unless a key repeats, which pickled dicts
+                // never do but a hand-made stream could.
+                let repeats = (1..items.len())
+                    .any(|i| items[..i].iter().any(|(k, _)| k.same_key(&items[i].0)));
+                Some(!repeats)
+            }
+            Value::Keys(k) => Some(**k == *set),
+            _ => None,
+        }
+    }
+
+    fn same_key(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::Str(a), Value::Str(b)) => a == b,
+            _ => self.key_repr() == other.key_repr(),
+        }
+    }
+
     /// The key set if this is a dict (whole or compacted).
     pub fn dict_keys(&self) -> Option<KeySet> {
         match self {
@@ -227,72 +299,11 @@ impl Value {
     }
 }
 
-/// Pickle memo: dense for the sequential indices picklers write, sparse for anything else.
-#[derive(Debug)]
-pub(crate) struct Memo<T> {
-    dense: Vec<Option<T>>,
-    sparse: HashMap<u32, T>,
-    len: u32,
-}
-
-impl<T> Default for Memo<T> {
-    fn default() -> Self {
-        Memo {
-            dense: Vec::new(),
-            sparse: HashMap::new(),
-            len: 0,
-        }
-    }
-}
-
-impl<T> Memo<T> {
-    pub fn get(&self, idx: u32) -> Option<&T> {
-        match self.dense.get(idx as usize) {
-            Some(slot) => slot.as_ref(),
-            None => self.sparse.get(&idx),
-        }
-    }
-
-    /// Sets an entry; counts it towards `len` (what `MEMOIZE` uses) if it is new.
-    pub fn insert(&mut self, idx: u32, v: T) {
-        let i = idx as usize;
-        if i >= self.dense.len() && i <= self.dense.len() * 2 + 4096 {
-            self.dense.resize_with(i + 1, || None);
-            // Entries stored sparse until now fall inside the dense part: move them there.
-            if !self.sparse.is_empty() {
-                let n = self.dense.len();
-                let inside: Vec<u32> = self
-                    .sparse
-                    .keys()
-                    .filter(|&&k| (k as usize) < n)
-                    .copied()
-                    .collect();
-                for k in inside {
-                    self.dense[k as usize] = self.sparse.remove(&k);
-                }
-            }
-        }
-        let fresh = if i < self.dense.len() {
-            self.dense[i].replace(v).is_none()
-        } else {
-            self.sparse.insert(idx, v).is_none()
-        };
-        if fresh {
-            self.len += 1;
-        }
-    }
-
-    /// Number of distinct indices set: the index `MEMOIZE` writes next.
-    pub fn len(&self) -> u32 {
-        self.len
-    }
-
-    fn get_mut(&mut self, idx: u32) -> Option<&mut T> {
-        match self.dense.get_mut(idx as usize) {
-            Some(slot) => slot.as_mut(),
-            None => self.sparse.get_mut(&idx),
-        }
-    }
+/// Keys shown without quotes in a schema: non-empty, letters, digits and `_-./`.
+pub(crate) fn is_bare(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-./".contains(&b))
 }
 
 /// What the caller should do after an opcode.
@@ -312,7 +323,7 @@ pub(crate) enum Step {
 pub(crate) struct Decoder {
     stack: Vec<Value>,
     marks: Vec<usize>,
-    pub memo: Memo<Value>,
+    pub memo: ValueMemo,
     pub proto: u8,
     /// The array `_reconstruct` made, once the data list is found: the one object GETs from the
     /// data list must never copy, since the final array only exists after the data list.
@@ -430,9 +441,7 @@ impl Decoder {
     /// content of finished elements while later GETs of them still resolve.
     pub fn compact_memo(&mut self, mut f: impl FnMut(&Value) -> Value) {
         for idx in std::mem::take(&mut self.recent) {
-            if let Some(slot) = self.memo.get_mut(idx) {
-                *slot = f(slot);
-            }
+            self.memo.compact(idx, &mut f);
         }
     }
 
@@ -657,7 +666,6 @@ impl Decoder {
                 let idx = memo_index(op, rd)?;
                 self.memo
                     .get(idx)
-                    .cloned()
                     .ok_or_else(|| bad(op, format!("memo entry {idx} read before it is written")))?
             }
             op::PUT | op::BINPUT | op::LONG_BINPUT => {
@@ -865,24 +873,5 @@ mod tests {
         assert_eq!(Value::Int(3).key_repr(), "3");
         let t = Value::Tuple(Rc::new(Decoder::seq(vec![s("x"), Value::None])));
         assert_eq!(t.key_repr(), "('x', None)");
-    }
-
-    #[test]
-    fn memo_len_counts_distinct_indices() {
-        let mut m = Memo::default();
-        m.insert(0, 'a');
-        m.insert(0, 'b');
-        m.insert(1_000_000, 'c');
-        m.insert(1, 'd');
-        assert_eq!(m.len(), 3);
-        for i in 2..600_000 {
-            m.insert(i, 'e');
-        }
-        assert_eq!(m.len(), 600_001);
-        m.insert(1_000_000, 'f');
-        assert_eq!(m.len(), 600_001);
-        assert_eq!(m.get(1_000_000), Some(&'f'));
-        assert_eq!(m.get(0), Some(&'b'));
-        assert_eq!(m.get(600_000), None);
     }
 }
