@@ -232,6 +232,21 @@ impl Store {
         for key in &keys {
             self.delete(key).await?;
         }
+        // A local directory may also hold what listing does not show: the part files of an
+        // upload a killed worker never finished. Remove the whole directory.
+        if let Some(dir) = self.local_path(prefix) {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(StoreError::Io {
+                        op: "remove",
+                        path: dir.display().to_string(),
+                        source,
+                    });
+                }
+            }
+        }
         Ok(keys.len())
     }
 

@@ -735,7 +735,9 @@ impl Coordinator {
                         {
                             let mut inner = c.lock();
                             if let Some(job) = inner.jobs.get_mut(&job_id) {
-                                job.objects[object].phase = Phase::Done { complete: record.complete };
+                                let o = &mut job.objects[object];
+                                o.phase = Phase::Done { complete: record.complete };
+                                o.merge = Some(record.clone());
                             }
                         }
                         info!(job = %job_id, object = %name, samples = record.count, "final written");
@@ -893,13 +895,6 @@ impl Coordinator {
             };
             manifest::build(job)
         };
-        let doc = match self.with_merges(job_id, doc).await {
-            Ok(d) => d,
-            Err(e) => {
-                warn!(job = %job_id, error = %e, "could not read merge records for the manifest");
-                return;
-            }
-        };
         match serde_json::to_vec_pretty(&doc) {
             Ok(bytes) => {
                 if let Err(e) = self.store.put_bytes(&keys::manifest(job_id), bytes).await {
@@ -908,22 +903,6 @@ impl Coordinator {
             }
             Err(e) => warn!(job = %job_id, error = %e, "could not encode the manifest"),
         }
-    }
-
-    async fn with_merges(
-        &self,
-        job_id: &str,
-        mut doc: manifest::Manifest,
-    ) -> Result<manifest::Manifest, StateError> {
-        for (name, o) in doc.objects.iter_mut() {
-            if o.done || o.final_files.is_empty() {
-                let rec = self.state.load_object(job_id, name).await?;
-                if let Some(m) = rec.merge {
-                    manifest::apply_merge(o, &m);
-                }
-            }
-        }
-        Ok(doc)
     }
 
     /// A status snapshot of one job.

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::spec::JobSpec;
-use crate::state::{CommitRecord, JobState, ObjectRecord, QuarantineRecord};
+use crate::state::{CommitRecord, JobState, MergeRecord, ObjectRecord, QuarantineRecord};
 
 /// Schema `npy::inspect` gives an object array with no elements; compatible with any object array.
 pub const EMPTY_OBJECT_SCHEMA: &str = "npy object empty";
@@ -49,6 +49,8 @@ pub struct ObjectRt {
     /// Attempts issued per round in this coordinator epoch.
     pub attempt_seq: HashMap<u32, u32>,
     pub phase: Phase,
+    /// The final's record once written (kept here so the manifest needs no state reads).
+    pub merge: Option<MergeRecord>,
 }
 
 /// What the merge of an object must do.
@@ -105,6 +107,7 @@ impl ObjectRt {
             next_round,
             attempt_seq: HashMap::new(),
             phase,
+            merge: rec.merge,
         }
     }
 

@@ -79,7 +79,7 @@ pub fn build(job: &JobRt) -> Manifest {
                     }
                 })
                 .collect();
-            let entry = ObjectEntry {
+            let mut entry = ObjectEntry {
                 collected: o.collected(quota),
                 rounds: o.commits.keys().copied().collect(),
                 seeds: o.commits.values().map(|c| c.seed).collect(),
@@ -90,6 +90,9 @@ pub fn build(job: &JobRt) -> Manifest {
                 failed_attempts: o.failed_attempts,
                 exhausted: matches!(o.phase, Phase::Done { complete: false }),
             };
+            if let Some(m) = &o.merge {
+                apply_merge(&mut entry, m);
+            }
             (o.name.clone(), entry)
         })
         .collect();
