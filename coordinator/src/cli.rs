@@ -361,6 +361,7 @@ pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::
     for g in &gpus {
         quarry_common::names::validate("--gpu", g).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
+    preflight(&spec)?;
     let experiments = spec.root.join("data").join("experiments");
     let state_path = experiments
         .join(&spec.exp_name)
@@ -474,6 +475,26 @@ async fn drive(
         status,
         interrupted,
     })
+}
+
+/// Checks, before anything runs, what would make every round fail on this machine.
+fn preflight(spec: &JobSpec) -> anyhow::Result<()> {
+    let cwd = spec.root.join(&spec.generator.cwd);
+    if !cwd.is_dir() {
+        bail!(
+            "generator directory {} does not exist; run from the directory that holds it, or pass --root (or set `cwd` in the job file)",
+            cwd.display()
+        );
+    }
+    // The legacy generator is `python3 main.py`: its script must be there.
+    if spec.generator.argv.get(1).is_some_and(|a| a == "main.py") && !cwd.join("main.py").is_file()
+    {
+        bail!(
+            "{} not found; run from the directory that holds BimanGrasp-Optimization/, or pass --root",
+            cwd.join("main.py").display()
+        );
+    }
+    Ok(())
 }
 
 /// `coordinator serve`: the coordinator for remote workers, until `shutdown`.

@@ -267,6 +267,7 @@ impl Coordinator {
             started: now,
             generator_ms: 0,
             samples_this_session: 0,
+            message: String::new(),
         };
         let id = record.id;
         let mut to_merge = Vec::new();
@@ -665,17 +666,30 @@ impl Coordinator {
             match self.state.quarantine_round(&lease.job, &object, &q).await {
                 Ok(QuarantineOutcome::Quarantined) | Ok(QuarantineOutcome::AlreadyQuarantined) => {
                     warn!(job = %lease.job, %object, round = lease.round, failures, "round quarantined");
-                    let merge_now = {
+                    let (merge_now, broken) = {
                         let mut inner = self.lock();
                         let Some(job) = inner.jobs.get_mut(&lease.job) else {
                             return;
                         };
                         let o = &mut job.objects[lease.object];
                         o.apply_failure(lease.round, failures);
-                        o.apply_quarantine(q);
-                        o.merge_plan(&job.spec).is_some()
+                        o.apply_quarantine(q.clone());
+                        let merge_now = o.merge_plan(&job.spec).is_some();
+                        (
+                            merge_now,
+                            job.state == JobState::Running && job.generator_broken(),
+                        )
                     };
-                    if merge_now {
+                    if broken {
+                        let why = format!(
+                            "stopped: the first {} rounds to finish all failed and none succeeded; the generator looks broken. Last failure ({} r{}): {}",
+                            crate::job::FAILING_JOB_QUARANTINES,
+                            object,
+                            lease.round,
+                            q.reason
+                        );
+                        self.stop_job(&lease.job, why).await;
+                    } else if merge_now {
                         self.start_merge(&lease.job, lease.object);
                     }
                 }
@@ -793,6 +807,17 @@ impl Coordinator {
         self.write_manifest(job_id).await;
         info!(job = %job_id, state = ?record.state, "job finished");
         self.bump();
+    }
+
+    /// Stops a job on the coordinator's own decision, saying why in its status.
+    async fn stop_job(&self, job_id: &str, why: String) {
+        warn!(job = %job_id, "{why}");
+        if let Some(job) = self.lock().jobs.get_mut(job_id) {
+            job.message = why;
+        }
+        if let Err(e) = self.cancel(job_id).await {
+            warn!(job = %job_id, error = %e, "could not stop the job");
+        }
     }
 
     /// Stops a job: no more rounds are handed out and running attempts are told to stop.
@@ -996,7 +1021,7 @@ impl Coordinator {
             elapsed_ms: job.started.elapsed().as_millis() as u64,
             generator_ms: job.generator_ms,
             workers,
-            message: String::new(),
+            message: job.message.clone(),
             samples_this_session: job.samples_this_session,
         }
     }

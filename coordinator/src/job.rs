@@ -271,9 +271,23 @@ pub struct JobRt {
     /// Sum of generator time of rounds committed in this coordinator's life.
     pub generator_ms: u64,
     pub samples_this_session: u64,
+    /// Why the job stopped on its own, when it did.
+    pub message: String,
 }
 
+/// A job whose first rounds are all quarantined is stopped: the generator is failing on
+/// everything (wrong directory, missing interpreter, a bug) and more rounds only burn seeds.
+pub const FAILING_JOB_QUARANTINES: usize = 3;
+
 impl JobRt {
+    /// True when no round ever committed and enough rounds were quarantined to call the
+    /// generator broken.
+    pub fn generator_broken(&self) -> bool {
+        let committed: usize = self.objects.iter().map(|o| o.commits.len()).sum();
+        let quarantined: usize = self.objects.iter().map(|o| o.quarantined.len()).sum();
+        committed == 0 && quarantined >= FAILING_JOB_QUARANTINES
+    }
+
     pub fn finished(&self) -> bool {
         self.objects
             .iter()

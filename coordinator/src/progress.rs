@@ -228,6 +228,9 @@ pub fn summary(s: &pb::JobStatus, wall: Duration, agents: usize) -> String {
         format_duration(wall),
         format_duration(Duration::from_secs_f64(gen_secs)),
     );
+    if !s.message.is_empty() {
+        out.push_str(&format!("\n  {}", s.message));
+    }
     for o in s
         .objects
         .iter()

@@ -106,3 +106,27 @@ fn unknown_final_dir_mode_lists_the_choices() {
         "{err}"
     );
 }
+
+#[test]
+fn running_outside_the_legacy_layout_says_where_main_py_should_be() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = coordinator()
+        .current_dir(dir.path())
+        .args([
+            "run",
+            "--exp_name",
+            "e",
+            "--object_code_list",
+            "a",
+            "--target_count_per_object",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("BimanGrasp-Optimization") && err.contains("--root"),
+        "{err}"
+    );
+}

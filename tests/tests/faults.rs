@@ -141,3 +141,62 @@ print("ok")
             .any(|f| f.starts_with("r1_s1001/"))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generator_that_fails_everything_stops_the_job_with_its_reason() {
+    let root = tempfile::tempdir().unwrap();
+    let text = r#"
+exp_name = "broken"
+objects = ["obj_a", "obj_b"]
+target_count_per_object = 10
+round_batch_size = 5
+retries = 0
+retry_backoff_ms = 10
+[generator]
+argv = ["python3", "-c", "import sys; print('cannot import torch', file=sys.stderr); sys.exit(7)", "{seed}"]
+output = "out/{name}.npy"
+"#;
+    let job = root.path().join("job.toml");
+    std::fs::write(&job, text).unwrap();
+    let out = run(&[
+        "--job",
+        job.to_str().unwrap(),
+        "--gpus",
+        "0,1",
+        "--progress",
+        "off",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.state,
+        pb::JobState::Cancelled as i32,
+        "{:?}",
+        out.status
+    );
+    assert_eq!(out.exit_code(), 2);
+    assert!(
+        out.status.message.contains("generator looks broken"),
+        "{}",
+        out.status.message
+    );
+    assert!(
+        out.status.message.contains("exited with status 7"),
+        "{}",
+        out.status.message
+    );
+    // It stopped early instead of burning rounds up to the cap.
+    assert!(out.status.rounds_quarantined <= 5, "{:?}", out.status);
+    let m = manifest(root.path(), "broken");
+    assert_eq!(m["state"], "cancelled");
+    let tails: Vec<String> = m["objects"]["obj_a"]["quarantined"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["log_tail"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        tails.iter().all(|t| t.contains("cannot import torch")),
+        "{tails:?}"
+    );
+}
