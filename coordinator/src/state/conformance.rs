@@ -3,7 +3,7 @@
 //! Every implementation runs it from its tests with a factory of fresh, empty stores (a new
 //! file for the embedded store; a fresh key prefix on a shared server for etcd):
 //!
-//! ```ignore
+//! ```text
 //! #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 //! async fn conformance_suite() {
 //!     quarry_coordinator::state::conformance::run_all(|| async { make_fresh_store().await }).await;
