@@ -217,6 +217,7 @@ async fn connect(addr: &str) -> anyhow::Result<JobServiceClient<Channel>> {
     let ch = Channel::from_shared(url.clone())
         .with_context(|| format!("coordinator address {addr:?}"))?
         .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
         .connect()
         .await
         .with_context(|| {

@@ -10,7 +10,6 @@ use quarry_proto::v1 as pb;
 use quarry_proto::v1::job_service_server::{JobService, JobServiceServer};
 use quarry_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -48,7 +47,12 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(workers)
         .add_service(jobs)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            // Nagle would hold the second small write of each response for the peer's
+            // delayed ACK (~40 ms per round): small RPCs need TCP_NODELAY.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled_owned(),
+        )
         .await
 }
 
