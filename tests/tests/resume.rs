@@ -91,3 +91,59 @@ async fn kill_9_and_resume_at_several_points_gives_the_same_bytes() {
         "staging left behind"
     );
 }
+
+/// Ctrl-C stops the run cleanly (generators stopped, leases released, exit 130); the same
+/// command then finishes the job with the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_cleanly_and_the_same_command_resumes() {
+    let root = legacy_root();
+    let a = argv(root.path().to_str().unwrap());
+    let mut child = Command::new(bin("coordinator"))
+        .arg("run")
+        .args(&a)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: kill(2) with the pid of our own live child; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        err.contains("run the same command again to resume"),
+        "{err}"
+    );
+    // No generator of this root is left running (its cwd is under the root).
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .chars()
+                .all(|c| c.is_ascii_digit())
+        })
+        .filter(|e| {
+            std::fs::read_link(e.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(root.path()))
+        })
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "processes left running in the root: {left:?}"
+    );
+
+    let aa: Vec<&str> = a.iter().map(String::as_str).collect();
+    let out = run(&aa).await.unwrap();
+    assert_eq!(out.exit_code(), 0, "{:?}", out.status);
+    let reference = legacy_root();
+    let ra = argv(reference.path().to_str().unwrap());
+    let ra: Vec<&str> = ra.iter().map(String::as_str).collect();
+    assert_eq!(run(&ra).await.unwrap().exit_code(), 0);
+    assert_eq!(
+        final_hashes(root.path(), "rs", &OBJECTS),
+        final_hashes(reference.path(), "rs", &OBJECTS)
+    );
+}
