@@ -98,7 +98,7 @@ async fn kill_9_and_resume_at_several_points_gives_the_same_bytes() {
 async fn ctrl_c_stops_cleanly_and_the_same_command_resumes() {
     let root = legacy_root();
     let a = argv(root.path().to_str().unwrap());
-    let mut child = Command::new(bin("coordinator"))
+    let child = Command::new(bin("coordinator"))
         .arg("run")
         .args(&a)
         .stdout(Stdio::null())
