@@ -17,7 +17,9 @@ use tonic::transport::Channel;
 use crate::coordinator::{Coordinator, CoordinatorConfig};
 use crate::progress::{self, Progress, ProgressMode};
 use crate::spec::{FinalDirMode, JobSpec};
+use crate::state::StateStore;
 use crate::state::embedded::EmbeddedStore;
+use crate::state::etcd::EtcdStore;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -121,7 +123,7 @@ pub struct ServeArgs {
     /// Address to listen on for workers and the CLI.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
-    /// State store: file://<path to the embedded state file>.
+    /// State store: file://<path> (embedded file) or etcd://host:2379[,host2:2379]/<prefix>.
     #[arg(long, default_value = "file://./quarry-state.redb")]
     pub state: String,
     /// Object store for staging, finals and manifests: file://<directory>.
@@ -498,15 +500,31 @@ fn preflight(spec: &JobSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens `--state`: `file://<path>` (the embedded store) or
+/// `etcd://host:port[,host:port...]/<prefix>` (etcd; the prefix keeps deployments apart).
+pub async fn open_state(url: &str) -> anyhow::Result<Arc<dyn StateStore>> {
+    if let Some(path) = url.strip_prefix("file://") {
+        return Ok(Arc::new(EmbeddedStore::open(&std::path::absolute(path)?)?));
+    }
+    if let Some(rest) = url.strip_prefix("etcd://") {
+        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, "quarry"));
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("http://{h}"))
+            .collect();
+        if endpoints.is_empty() {
+            bail!("--state {url:?}: no etcd endpoints; use etcd://host:2379[,host2:2379]/prefix");
+        }
+        let prefix = format!("/{}", prefix.trim_matches('/'));
+        return Ok(Arc::new(EtcdStore::connect(&endpoints, &prefix).await?));
+    }
+    bail!("--state {url:?}: use file://<path> or etcd://host:2379[,host2:2379]/prefix")
+}
+
 /// `coordinator serve`: the coordinator for remote workers, until `shutdown`.
 pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let state_path = a.state.strip_prefix("file://").with_context(|| {
-        format!(
-            "--state {:?}: use file://<path> (etcd comes with cluster mode)",
-            a.state
-        )
-    })?;
-    let state = EmbeddedStore::open(&std::path::absolute(state_path)?)?;
+    let state = open_state(&a.state).await?;
     let store_dir = a.store.strip_prefix("file://").unwrap_or(&a.store);
     let store = Store::open_dir(&std::path::absolute(store_dir)?)?;
     let cfg = CoordinatorConfig {
@@ -516,7 +534,7 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
     let listener = TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("--listen {}", a.listen))?;
-    let coord = Coordinator::start(cfg, Arc::new(state), store, shutdown.clone()).await?;
+    let coord = Coordinator::start(cfg, state, store, shutdown.clone()).await?;
     eprintln!(
         "coordinator listening on {} (store {})",
         listener.local_addr()?,

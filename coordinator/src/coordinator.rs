@@ -533,6 +533,9 @@ impl Coordinator {
             .await
         {
             Ok(CommitOutcome::Committed) => {}
+            // Our own commit, applied by an earlier try whose answer was lost.
+            Ok(CommitOutcome::AlreadyCommitted(existing)) if existing.attempt == record.attempt => {
+            }
             Ok(CommitOutcome::AlreadyCommitted(_)) | Ok(CommitOutcome::Quarantined) => {
                 self.delete_files(Some(&lease), &files).await;
                 return Ok((

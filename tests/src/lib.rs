@@ -9,6 +9,8 @@ use std::process::Command;
 
 use quarry_coordinator::cli::{Cli, Command as Cmd, RunOutcome};
 use sha2::{Digest, Sha256};
+
+pub mod etcd;
 use tokio_util::sync::CancellationToken;
 
 /// The repository root.

@@ -137,10 +137,18 @@ fn status_json(addr: &str, job: &str) -> Option<serde_json::Value> {
 }
 
 fn start_serve(home: &std::path::Path, store: &std::path::Path, ttl: &str) -> (Killed, String) {
+    start_serve_with_state(
+        &format!("file://{}", home.join("state.redb").display()),
+        store,
+        ttl,
+    )
+}
+
+fn start_serve_with_state(state: &str, store: &std::path::Path, ttl: &str) -> (Killed, String) {
     let mut serve = Command::new(bin("coordinator"))
         .args(["serve", "--listen", "127.0.0.1:0", "--lease-ttl", ttl])
         .arg("--state")
-        .arg(format!("file://{}", home.join("state.redb").display()))
+        .arg(state)
         .arg("--store")
         .arg(format!("file://{}", store.display()))
         .stderr(Stdio::piped())
@@ -260,4 +268,82 @@ async fn a_killed_workers_round_is_reissued_after_the_lease_ttl() {
         );
     }
     assert!(!store.join("served/rounds").exists(), "staging left behind");
+}
+
+/// The same job with its state in a real etcd (`--state etcd://...`): same bytes as `run`,
+/// and the commits are in etcd under the given prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_with_etcd_state_gives_the_same_finals() {
+    let etcd = quarry_tests::etcd::Etcd::start().await;
+    let root = legacy_root();
+    let home = tempfile::tempdir().unwrap();
+    let store = home.path().join("store");
+    let job = job_file(home.path(), root.path());
+    let hostport = etcd.endpoints()[0]
+        .trim_start_matches("http://")
+        .to_string();
+    let (_serve, addr) =
+        start_serve_with_state(&format!("etcd://{hostport}/quarry-e2e"), &store, "5");
+    let _worker = Killed(
+        Command::new(bin("worker"))
+            .args(["--gpu", "0,1", "--coordinator", &addr])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let submit = Command::new(bin("coordinator"))
+        .args([
+            "submit",
+            job.to_str().unwrap(),
+            "--coordinator",
+            &addr,
+            "--watch",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        submit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submit.stderr)
+    );
+
+    let state =
+        quarry_coordinator::state::etcd::EtcdStore::connect(&etcd.endpoints(), "/quarry-e2e")
+            .await
+            .unwrap();
+    let job_rec = quarry_coordinator::state::StateStore::get_job(&state, "served")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job_rec.state, quarry_coordinator::state::JobState::Done);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("served/manifest.json")).unwrap())
+            .unwrap();
+    let reference = legacy_root();
+    let reference_job = job_file(reference.path(), reference.path());
+    assert_eq!(
+        run(&[
+            "--job",
+            reference_job.to_str().unwrap(),
+            "--progress",
+            "off"
+        ])
+        .await
+        .unwrap()
+        .exit_code(),
+        0
+    );
+    for o in ["obj_a", "obj_b"] {
+        let rec = quarry_coordinator::state::StateStore::load_object(&state, "served", o)
+            .await
+            .unwrap();
+        let merge = rec.merge.expect("merge record in etcd");
+        assert!(merge.cleaned && merge.complete);
+        let key = manifest["objects"][o]["final"][0].as_str().unwrap();
+        assert_eq!(merge.finals[0], key);
+        assert_eq!(
+            sha256_file(&store.join(key)),
+            sha256_file(&finals(reference.path(), "served", o)[0])
+        );
+    }
 }

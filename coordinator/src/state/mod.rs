@@ -8,6 +8,7 @@
 //! (`state::conformance`): the embedded redb file (default on one machine) and etcd (cluster).
 
 pub mod embedded;
+pub mod etcd;
 
 /// The suite every implementation must pass; public so backend tests elsewhere can run it.
 pub mod conformance;

@@ -1,0 +1,715 @@
+//! The etcd state store: coordinator state in an etcd cluster (v3 API), for coordinators that
+//! fail over between machines.
+//!
+//! Every write method is ONE etcd transaction whose compares carry the precondition, so the
+//! create-if-absent of `create_job`, `commit_round` and `quarantine_round` is decided by etcd
+//! itself (linearizable, durable once acknowledged: etcd fsyncs its log before answering).
+//! When a compare fails, the same transaction reads the keys that made it fail, so the outcome
+//! (`AlreadyCommitted` with the winner's record, `Quarantined`, `JobNotFound`) comes from the
+//! same revision as the decision. `record_failure` and `bump_epoch` read, then write with a
+//! compare that nothing changed in between, and retry (bounded) when something did.
+//!
+//! Layout under the store's prefix `P` (names are `[A-Za-z0-9._-]` and never hold `/`;
+//! rounds and sequence numbers are zero-padded to 10 digits so that key order is numeric
+//! order and range reads come back sorted); values are JSON like the embedded store's:
+//!
+//! | key                                      | value                     |
+//! |------------------------------------------|---------------------------|
+//! | `P/jobs/<job>`                           | [`JobRecord`]             |
+//! | `P/commits/<job>/<object>/<round>`       | [`CommitRecord`]          |
+//! | `P/failures/<job>/<object>/<round>/<seq>`| [`FailureRecord`]         |
+//! | `P/quarantines/<job>/<object>/<round>`   | [`QuarantineRecord`]      |
+//! | `P/merges/<job>/<object>`                | [`MergeRecord`]           |
+//! | `P/meta/epoch`                           | `u64`                     |
+//!
+//! Different prefixes are independent stores on one etcd (tests use one per property).
+//! Every request is bounded by a timeout: an unreachable etcd is an error, never a hang.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{
+    CommitOutcome, CommitRecord, CreateJob, FailureRecord, JobRecord, MergeRecord, ObjectRecord,
+    QuarantineOutcome, QuarantineRecord, StateError, StateStore,
+};
+
+/// How long one etcd request may take before the operation fails with
+/// [`StateError::Backend`] (see [`EtcdStore::connect_with_timeout`]).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Width of the zero-padded rounds and sequence numbers in keys (`u32::MAX` has 10 digits).
+const NUM_WIDTH: usize = 10;
+
+/// Keys per page of a range read; with etcd's 1.5 MiB value limit a page stays far below
+/// [`MAX_RESPONSE_BYTES`].
+const PAGE: i64 = 128;
+
+/// Largest etcd response accepted (tonic's default of 4 MiB is too small for a page of
+/// records with long log tails).
+const MAX_RESPONSE_BYTES: usize = 256 << 20;
+
+/// Read-then-write loops (`record_failure`, `bump_epoch`) give up after this many lost races.
+/// Every lost race means another writer succeeded, so N concurrent writers need at most N.
+const MAX_CONFLICTS: u32 = 256;
+
+/// Coordinator state in etcd, under one key prefix.
+#[derive(Clone)]
+pub struct EtcdStore {
+    kv: KvClient,
+    prefix: String,
+    endpoints: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EtcdStore {
+    /// Connects to the etcd cluster at `endpoints` (`http://host:port` or `host:port`) and
+    /// keeps the state under `prefix` (e.g. `/quarry`; a trailing `/` is ignored). Fails with
+    /// [`StateError::Backend`] if no endpoint answers within [`DEFAULT_TIMEOUT`].
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<EtcdStore, StateError> {
+        EtcdStore::connect_with_timeout(endpoints, prefix, DEFAULT_TIMEOUT).await
+    }
+
+    /// [`EtcdStore::connect`] with another bound on every etcd request (connecting included).
+    pub async fn connect_with_timeout(
+        endpoints: &[String],
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<EtcdStore, StateError> {
+        let shown = endpoints.join(",");
+        if endpoints.is_empty() {
+            return Err(StateError::Backend(
+                "no etcd endpoints given for the state store".into(),
+            ));
+        }
+        let options = ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(10), timeout)
+            // Without a leader a request fails at once instead of waiting for one.
+            .with_require_leader(true);
+        let client =
+            match tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await {
+                Ok(Ok(client)) => client,
+                Ok(Err(e)) => {
+                    return Err(StateError::Backend(format!(
+                        "connecting to etcd at {shown}: {e}"
+                    )));
+                }
+                Err(_) => {
+                    return Err(StateError::Backend(format!(
+                        "connecting to etcd at {shown}: no answer within {timeout:?}"
+                    )));
+                }
+            };
+        let store = EtcdStore {
+            kv: client
+                .kv_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            prefix: prefix.trim_end_matches('/').to_string(),
+            endpoints: shown,
+            timeout,
+        };
+        // The client connects lazily: one read proves that etcd answers (and that this prefix
+        // may be read) before the coordinator relies on it.
+        store
+            .get(
+                "connect",
+                store.epoch_key(),
+                GetOptions::new().with_keys_only(),
+            )
+            .await?;
+        Ok(store)
+    }
+
+    /// The key prefix this store keeps its state under (without a trailing `/`).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    // ----- keys -----
+
+    fn job_key(&self, id: &str) -> String {
+        format!("{}/jobs/{id}", self.prefix)
+    }
+
+    /// `P/<kind>/<job>/<object>/`: the directory of one object's records of one kind.
+    fn object_dir(&self, kind: &str, job: &str, object: &str) -> String {
+        format!("{}/{kind}/{job}/{object}/", self.prefix)
+    }
+
+    fn round_key(&self, kind: &str, job: &str, object: &str, round: u32) -> String {
+        format!("{}{round:0NUM_WIDTH$}", self.object_dir(kind, job, object))
+    }
+
+    fn failure_dir(&self, job: &str, object: &str, round: u32) -> String {
+        format!("{}/", self.round_key("failures", job, object, round))
+    }
+
+    fn merge_key(&self, job: &str, object: &str) -> String {
+        format!("{}/merges/{job}/{object}", self.prefix)
+    }
+
+    fn epoch_key(&self) -> String {
+        format!("{}/meta/epoch", self.prefix)
+    }
+
+    // ----- requests, each bounded by the timeout -----
+
+    async fn call<T>(
+        &self,
+        op: &str,
+        request: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StateError> {
+        match tokio::time::timeout(self.timeout, request).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StateError::Backend(format!(
+                "{op}: etcd at {}: {e}",
+                self.endpoints
+            ))),
+            Err(_) => Err(StateError::Backend(format!(
+                "{op}: etcd at {} did not answer within {:?}",
+                self.endpoints, self.timeout
+            ))),
+        }
+    }
+
+    async fn get(
+        &self,
+        op: &str,
+        key: String,
+        options: GetOptions,
+    ) -> Result<etcd_client::GetResponse, StateError> {
+        let mut kv = self.kv.clone();
+        self.call(op, kv.get(key, Some(options))).await
+    }
+
+    async fn txn(&self, op: &str, txn: Txn) -> Result<TxnResponse, StateError> {
+        let mut kv = self.kv.clone();
+        self.call(op, kv.txn(txn)).await
+    }
+
+    /// Every key-value under `dir` (which ends with `/`), in key order, read in pages at one
+    /// revision: `revision` if positive, else the newest, which is returned for later reads.
+    async fn range(
+        &self,
+        op: &str,
+        dir: &str,
+        mut revision: i64,
+    ) -> Result<(Vec<KeyValue>, i64), StateError> {
+        let end = prefix_end(dir);
+        let mut start = dir.as_bytes().to_vec();
+        let mut out = Vec::new();
+        loop {
+            let mut options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(PAGE)
+                .with_sort(SortTarget::Key, SortOrder::Ascend);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut kv = self.kv.clone();
+            let mut page = self.call(op, kv.get(start.clone(), Some(options))).await?;
+            if revision <= 0 {
+                revision = page.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let kvs = page.take_kvs();
+            let more = page.more();
+            let Some(last) = kvs.last() else { break };
+            // The next page starts right after the last key read.
+            start = last.key().to_vec();
+            start.push(0);
+            out.extend(kvs);
+            if !more {
+                break;
+            }
+        }
+        Ok((out, revision))
+    }
+
+    /// Reads a job's records; `None` when absent.
+    async fn read_job(&self, id: &str) -> Result<Option<JobRecord>, StateError> {
+        let k = self.job_key(id);
+        let resp = self.get("get_job", k.clone(), GetOptions::new()).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode(|| format!("job {k:?}"), kv.value()))
+            .transpose()
+    }
+
+    /// Everything stored about an object, at one revision.
+    async fn load_at_one_revision(
+        &self,
+        job: &str,
+        object: &str,
+    ) -> Result<ObjectRecord, StateError> {
+        let op = "load_object";
+        let mut record = ObjectRecord::default();
+
+        let dir = self.object_dir("commits", job, object);
+        let (kvs, rev) = self.range(op, &dir, 0).await?;
+        for kv in &kvs {
+            let (k, rest) = key_under(&dir, kv, "commit")?;
+            let round = parse_num("commit", k, rest)?;
+            record
+                .commits
+                .insert(round, decode(|| format!("commit {k:?}"), kv.value())?);
+        }
+
+        let dir = self.object_dir("failures", job, object);
+        let (kvs, _) = self.range(op, &dir, rev).await?;
+        for kv in &kvs {
+            let (k, rest) = key_under(&dir, kv, "failure")?;
+            let Some((round, seq)) = rest.split_once('/') else {
+                return Err(StateError::Corrupt {
+                    what: "failure".into(),
+                    detail: format!("key {k:?} has no sequence number"),
+                });
+            };
+            let round = parse_num("failure", k, round)?;
+            parse_num("failure", k, seq)?;
+            // Keys sort by zero-padded sequence number: pushes keep the order of arrival.
+            record
+                .failures
+                .entry(round)
+                .or_default()
+                .push(decode(|| format!("failure {k:?}"), kv.value())?);
+        }
+
+        let dir = self.object_dir("quarantines", job, object);
+        let (kvs, _) = self.range(op, &dir, rev).await?;
+        for kv in &kvs {
+            let (k, rest) = key_under(&dir, kv, "quarantine")?;
+            let round = parse_num("quarantine", k, rest)?;
+            record
+                .quarantined
+                .insert(round, decode(|| format!("quarantine {k:?}"), kv.value())?);
+        }
+
+        let k = self.merge_key(job, object);
+        let resp = self
+            .get(op, k.clone(), GetOptions::new().with_revision(rev))
+            .await?;
+        if let Some(kv) = resp.kvs().first() {
+            record.merge = Some(decode(|| format!("merge {k:?}"), kv.value())?);
+        }
+        Ok(record)
+    }
+}
+
+#[async_trait]
+impl StateStore for EtcdStore {
+    async fn create_job(&self, job: &JobRecord) -> Result<CreateJob, StateError> {
+        check_name("job", &job.id)?;
+        let op = "create_job";
+        let k = self.job_key(&job.id);
+        let bytes = encode("job", job)?;
+        let txn = Txn::new()
+            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(k.clone(), bytes, None)])
+            .or_else([TxnOp::get(k.clone(), None)]);
+        let resp = self.txn(op, txn).await?;
+        if resp.succeeded() {
+            return Ok(CreateJob::Created);
+        }
+        let ops = resp.op_responses();
+        match txn_get(&ops, 0, op)? {
+            Some(kv) => Ok(CreateJob::Exists(decode(
+                || format!("job {k:?}"),
+                kv.value(),
+            )?)),
+            None => Err(StateError::Backend(format!(
+                "{op}: etcd refused to create {k:?} but holds no such key"
+            ))),
+        }
+    }
+
+    async fn get_job(&self, id: &str) -> Result<Option<JobRecord>, StateError> {
+        self.read_job(id).await
+    }
+
+    async fn list_jobs(&self) -> Result<Vec<JobRecord>, StateError> {
+        let dir = format!("{}/jobs/", self.prefix);
+        let (kvs, _) = self.range("list_jobs", &dir, 0).await?;
+        kvs.iter()
+            .map(|kv| {
+                let (k, _) = key_under(&dir, kv, "job")?;
+                decode(|| format!("job {k:?}"), kv.value())
+            })
+            .collect()
+    }
+
+    async fn update_job(&self, job: &JobRecord) -> Result<(), StateError> {
+        let k = self.job_key(&job.id);
+        let bytes = encode("job", job)?;
+        let txn = Txn::new()
+            .when([Compare::version(k.clone(), CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(k, bytes, None)]);
+        if self.txn("update_job", txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(StateError::JobNotFound(job.id.clone()))
+        }
+    }
+
+    async fn load_object(&self, job: &str, object: &str) -> Result<ObjectRecord, StateError> {
+        check_names(job, object)?;
+        // The reads are pinned to one revision; if etcd compacts it away between two of
+        // them (a long read racing an auto-compaction), read again at a newer one.
+        let mut tries = 0;
+        loop {
+            match self.load_at_one_revision(job, object).await {
+                Err(StateError::Backend(e)) if e.contains("compacted") && tries < 3 => {
+                    tries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn commit_round(
+        &self,
+        job: &str,
+        object: &str,
+        commit: &CommitRecord,
+    ) -> Result<CommitOutcome, StateError> {
+        check_names(job, object)?;
+        let op = "commit_round";
+        let jk = self.job_key(job);
+        let ck = self.round_key("commits", job, object, commit.round);
+        let qk = self.round_key("quarantines", job, object, commit.round);
+        let bytes = encode("commit", commit)?;
+        let txn = Txn::new()
+            .when([
+                Compare::version(jk.clone(), CompareOp::Greater, 0),
+                Compare::create_revision(ck.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(qk.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(ck.clone(), bytes, None)])
+            .or_else([
+                TxnOp::get(jk, Some(GetOptions::new().with_keys_only())),
+                TxnOp::get(qk, Some(GetOptions::new().with_keys_only())),
+                TxnOp::get(ck.clone(), None),
+            ]);
+        let resp = self.txn(op, txn).await?;
+        if resp.succeeded() {
+            return Ok(CommitOutcome::Committed);
+        }
+        // Same precedence as the embedded store: job, then quarantine, then commit.
+        let ops = resp.op_responses();
+        if !job_in(&ops, 0, op)? {
+            return Err(StateError::JobNotFound(job.to_string()));
+        }
+        if txn_get(&ops, 1, op)?.is_some() {
+            return Ok(CommitOutcome::Quarantined);
+        }
+        match txn_get(&ops, 2, op)? {
+            Some(kv) => Ok(CommitOutcome::AlreadyCommitted(decode(
+                || format!("commit {ck:?}"),
+                kv.value(),
+            )?)),
+            None => Err(StateError::Backend(format!(
+                "{op}: etcd refused to create {ck:?} but no precondition failed"
+            ))),
+        }
+    }
+
+    async fn record_failure(
+        &self,
+        job: &str,
+        object: &str,
+        round: u32,
+        failure: &FailureRecord,
+    ) -> Result<u32, StateError> {
+        check_names(job, object)?;
+        let op = "record_failure";
+        let jk = self.job_key(job);
+        let dir = self.failure_dir(job, object, round);
+        let bytes = encode("failure", failure)?;
+        for _ in 0..MAX_CONFLICTS {
+            // The next sequence number follows the last one stored. Failure keys are never
+            // deleted, so the sequence numbers are 0..n and the count is the next one plus one.
+            let last = self
+                .get(
+                    op,
+                    dir.clone(),
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_sort(SortTarget::Key, SortOrder::Descend)
+                        .with_limit(1)
+                        .with_keys_only(),
+                )
+                .await?;
+            let seq = match last.kvs().first() {
+                None => Some(0),
+                Some(kv) => {
+                    let (k, rest) = key_under(&dir, kv, "failure")?;
+                    parse_num("failure", k, rest)?.checked_add(1)
+                }
+            };
+            let (seq, count) = seq
+                .and_then(|s| Some((s, s.checked_add(1)?)))
+                .ok_or_else(|| StateError::Corrupt {
+                    what: "failure".into(),
+                    detail: format!("round {dir:?} holds too many failures to count"),
+                })?;
+            let fk = format!("{dir}{seq:0NUM_WIDTH$}");
+            let txn = Txn::new()
+                .when([
+                    Compare::version(jk.clone(), CompareOp::Greater, 0),
+                    Compare::create_revision(fk.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([TxnOp::put(fk, bytes.clone(), None)])
+                .or_else([TxnOp::get(
+                    jk.clone(),
+                    Some(GetOptions::new().with_keys_only()),
+                )]);
+            let resp = self.txn(op, txn).await?;
+            if resp.succeeded() {
+                return Ok(count);
+            }
+            if !job_in(&resp.op_responses(), 0, op)? {
+                return Err(StateError::JobNotFound(job.to_string()));
+            }
+            // Another failure of this round took the sequence number: read again.
+        }
+        Err(StateError::Backend(format!(
+            "{op}: gave up after {MAX_CONFLICTS} conflicting writers to {dir:?}"
+        )))
+    }
+
+    async fn quarantine_round(
+        &self,
+        job: &str,
+        object: &str,
+        quarantine: &QuarantineRecord,
+    ) -> Result<QuarantineOutcome, StateError> {
+        check_names(job, object)?;
+        let op = "quarantine_round";
+        let jk = self.job_key(job);
+        let ck = self.round_key("commits", job, object, quarantine.round);
+        let qk = self.round_key("quarantines", job, object, quarantine.round);
+        let bytes = encode("quarantine", quarantine)?;
+        let txn = Txn::new()
+            .when([
+                Compare::version(jk.clone(), CompareOp::Greater, 0),
+                Compare::create_revision(ck.clone(), CompareOp::Equal, 0),
+                Compare::create_revision(qk.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(qk.clone(), bytes, None)])
+            .or_else([
+                TxnOp::get(jk, Some(GetOptions::new().with_keys_only())),
+                TxnOp::get(ck.clone(), None),
+                TxnOp::get(qk.clone(), Some(GetOptions::new().with_keys_only())),
+            ]);
+        let resp = self.txn(op, txn).await?;
+        if resp.succeeded() {
+            return Ok(QuarantineOutcome::Quarantined);
+        }
+        // Same precedence as the embedded store: job, then commit, then quarantine.
+        let ops = resp.op_responses();
+        if !job_in(&ops, 0, op)? {
+            return Err(StateError::JobNotFound(job.to_string()));
+        }
+        if let Some(kv) = txn_get(&ops, 1, op)? {
+            return Ok(QuarantineOutcome::AlreadyCommitted(decode(
+                || format!("commit {ck:?}"),
+                kv.value(),
+            )?));
+        }
+        if txn_get(&ops, 2, op)?.is_some() {
+            return Ok(QuarantineOutcome::AlreadyQuarantined);
+        }
+        Err(StateError::Backend(format!(
+            "{op}: etcd refused to create {qk:?} but no precondition failed"
+        )))
+    }
+
+    async fn record_merge(
+        &self,
+        job: &str,
+        object: &str,
+        merge: &MergeRecord,
+    ) -> Result<(), StateError> {
+        check_names(job, object)?;
+        let jk = self.job_key(job);
+        let bytes = encode("merge", merge)?;
+        let txn = Txn::new()
+            .when([Compare::version(jk, CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(self.merge_key(job, object), bytes, None)]);
+        if self.txn("record_merge", txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(StateError::JobNotFound(job.to_string()))
+        }
+    }
+
+    async fn bump_epoch(&self) -> Result<u64, StateError> {
+        let op = "bump_epoch";
+        let k = self.epoch_key();
+        for _ in 0..MAX_CONFLICTS {
+            let resp = self.get(op, k.clone(), GetOptions::new()).await?;
+            // An absent key compares as mod_revision 0, so the first bump is a create.
+            let (current, mod_revision) = match resp.kvs().first() {
+                None => (0u64, 0),
+                Some(kv) => (
+                    decode::<u64>(|| format!("epoch {k:?}"), kv.value())?,
+                    kv.mod_revision(),
+                ),
+            };
+            let next = current.checked_add(1).ok_or_else(|| StateError::Corrupt {
+                what: "epoch".into(),
+                detail: format!("{current} cannot be incremented"),
+            })?;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    k.clone(),
+                    CompareOp::Equal,
+                    mod_revision,
+                )])
+                .and_then([TxnOp::put(k.clone(), encode("epoch", &next)?, None)]);
+            if self.txn(op, txn).await?.succeeded() {
+                return Ok(next);
+            }
+            // Another coordinator bumped it in between: read again.
+        }
+        Err(StateError::Backend(format!(
+            "{op}: gave up after {MAX_CONFLICTS} conflicting writers to {k:?}"
+        )))
+    }
+}
+
+/// The first key-value of the `get` at position `at` of a failed transaction's else branch.
+fn txn_get(ops: &[TxnOpResponse], at: usize, op: &str) -> Result<Option<KeyValue>, StateError> {
+    match ops.get(at) {
+        Some(TxnOpResponse::Get(get)) => Ok(get.kvs().first().cloned()),
+        other => Err(StateError::Backend(format!(
+            "{op}: unexpected etcd transaction response at {at}: {other:?}"
+        ))),
+    }
+}
+
+/// Whether the job exists, from the `get` of its key that a failed transaction ran in its
+/// else branch at position `at`.
+fn job_in(ops: &[TxnOpResponse], at: usize, op: &str) -> Result<bool, StateError> {
+    Ok(txn_get(ops, at, op)?.is_some())
+}
+
+/// The end of the range of every key starting with `prefix`: the prefix with its last byte
+/// that can be incremented incremented (etcd's own `with_prefix` rule).
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    // Only reached for an empty or all-0xff prefix: `\0` means "to the end of the keyspace".
+    vec![0]
+}
+
+/// The key of `kv` as text and the part of it after `dir`.
+fn key_under<'a>(
+    dir: &str,
+    kv: &'a KeyValue,
+    what: &str,
+) -> Result<(&'a str, &'a str), StateError> {
+    let k = std::str::from_utf8(kv.key()).map_err(|e| StateError::Corrupt {
+        what: what.to_string(),
+        detail: format!(
+            "key {:?} is not UTF-8: {e}",
+            String::from_utf8_lossy(kv.key())
+        ),
+    })?;
+    match k.strip_prefix(dir) {
+        Some(rest) => Ok((k, rest)),
+        None => Err(StateError::Corrupt {
+            what: what.to_string(),
+            detail: format!("key {k:?} is outside {dir:?}"),
+        }),
+    }
+}
+
+/// Refuses names that would break the key layout. Callers validate names long before they
+/// reach the store; this keeps a bug elsewhere from mixing up two jobs' keys.
+fn check_name(what: &str, name: &str) -> Result<(), StateError> {
+    if name.is_empty() || name.contains('/') {
+        return Err(StateError::Backend(format!(
+            "invalid {what} name {name:?} for the state store"
+        )));
+    }
+    Ok(())
+}
+
+fn check_names(job: &str, object: &str) -> Result<(), StateError> {
+    check_name("job", job)?;
+    check_name("object", object)
+}
+
+fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec(value).map_err(|e| StateError::Backend(format!("encoding {what}: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(
+    what: impl FnOnce() -> String,
+    bytes: &[u8],
+) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        what: what(),
+        detail: e.to_string(),
+    })
+}
+
+/// A zero-padded number of a key.
+fn parse_num(what: &str, k: &str, part: &str) -> Result<u32, StateError> {
+    part.parse::<u32>().map_err(|e| StateError::Corrupt {
+        what: what.to_string(),
+        detail: format!("key {k:?}: bad number {part:?}: {e}"),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_covers_exactly_the_prefix() {
+        assert_eq!(prefix_end("p/commits/j/o/"), b"p/commits/j/o0".to_vec());
+        assert_eq!(prefix_end(""), vec![0]);
+        let end = prefix_end("p/commits/j/o/");
+        for inside in [
+            "p/commits/j/o/0000000000",
+            "p/commits/j/o/4294967295/0000000001",
+        ] {
+            assert!(inside.as_bytes() < end.as_slice(), "{inside}");
+        }
+        for outside in [
+            "p/commits/j/o-1/0000000000",
+            "p/commits/j/o.b/0",
+            "p/commits/j/o0",
+        ] {
+            let inside = outside.as_bytes() >= b"p/commits/j/o/".as_slice()
+                && outside.as_bytes() < end.as_slice();
+            assert!(!inside, "{outside}");
+        }
+    }
+}

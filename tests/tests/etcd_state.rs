@@ -1,0 +1,267 @@
+//! The etcd state store against a real etcd, started by each test on free loopback ports with
+//! its own data directory (Debian package `etcd-server`; the tests fail, never skip, without
+//! it). The conformance suite gives every property a fresh key prefix on one shared server.
+//! Each test owns its etcd through an [`Etcd`] guard that kills it when the test ends, passed
+//! or panicked.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use quarry_coordinator::state::conformance;
+use quarry_coordinator::state::etcd::EtcdStore;
+use quarry_coordinator::state::{
+    CommitOutcome, CreateJob, QuarantineOutcome, StateError, StateStore,
+};
+use quarry_tests::etcd::Etcd;
+
+async fn connect(etcd: &Etcd, prefix: &str) -> EtcdStore {
+    EtcdStore::connect(&etcd.endpoints(), prefix)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to etcd with prefix {prefix:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_suite() {
+    let etcd = Etcd::start().await;
+    let n = AtomicUsize::new(0);
+    let started = Instant::now();
+    conformance::run_all(|| {
+        let prefix = format!(
+            "/quarry-test/conformance-{}",
+            n.fetch_add(1, Ordering::Relaxed)
+        );
+        let etcd = &etcd;
+        async move { connect(etcd, &prefix).await }
+    })
+    .await;
+    eprintln!(
+        "etcd state conformance: {} properties passed in {:?}",
+        n.load(Ordering::Relaxed),
+        started.elapsed()
+    );
+}
+
+/// Everything acknowledged survives kill -9 and a restart of etcd; a fresh client sees it,
+/// and so does the client that was connected before the restart once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_survives_a_restart_of_etcd() {
+    let mut etcd = Etcd::start().await;
+    let job = conformance::job("job-1");
+    let commit = conformance::commit(3, "e1-a");
+    let failure = conformance::failure("e1-b");
+    let quarantine = conformance::quarantine(4);
+    let merge = conformance::merge(true);
+    let before = connect(&etcd, "/quarry").await;
+    assert_eq!(before.bump_epoch().await.unwrap(), 1);
+    assert_eq!(before.create_job(&job).await.unwrap(), CreateJob::Created);
+    assert_eq!(
+        before.commit_round("job-1", "obj", &commit).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    for want in 1..=2 {
+        assert_eq!(
+            before
+                .record_failure("job-1", "obj", 4, &failure)
+                .await
+                .unwrap(),
+            want
+        );
+    }
+    assert_eq!(
+        before
+            .quarantine_round("job-1", "obj", &quarantine)
+            .await
+            .unwrap(),
+        QuarantineOutcome::Quarantined
+    );
+    before.record_merge("job-1", "obj", &merge).await.unwrap();
+
+    etcd.restart().await;
+
+    let store = connect(&etcd, "/quarry").await;
+    assert_eq!(store.list_jobs().await.unwrap(), vec![job.clone()]);
+    assert_eq!(store.get_job("job-1").await.unwrap(), Some(job.clone()));
+    let object = store.load_object("job-1", "obj").await.unwrap();
+    assert_eq!(object.commits, BTreeMap::from([(3, commit.clone())]));
+    assert_eq!(
+        object.failures,
+        BTreeMap::from([(4, vec![failure.clone(), failure.clone()])])
+    );
+    assert_eq!(object.quarantined, BTreeMap::from([(4, quarantine)]));
+    assert_eq!(object.merge, Some(merge));
+    // The epoch and the failure sequence continue where they were; the commit still wins.
+    assert_eq!(store.bump_epoch().await.unwrap(), 2);
+    assert_eq!(
+        store
+            .record_failure("job-1", "obj", 4, &failure)
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        store
+            .commit_round("job-1", "obj", &conformance::commit(3, "e2-a"))
+            .await
+            .unwrap(),
+        CommitOutcome::AlreadyCommitted(commit)
+    );
+
+    // The client from before the restart reconnects by itself (bounded wait).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let seen = loop {
+        match before.get_job("job-1").await {
+            Ok(seen) => break seen,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("old client not back yet: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the client connected before the restart never recovered: {e}"),
+        }
+    };
+    assert_eq!(seen, Some(job));
+    assert_eq!(before.bump_epoch().await.unwrap(), 3);
+}
+
+/// A commit under a job that does not exist under this store's prefix is `JobNotFound`,
+/// even when a job of that name exists under another prefix or a similar name exists here;
+/// nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_under_a_wrong_job_is_job_not_found() {
+    let etcd = Etcd::start().await;
+    let a = connect(&etcd, "/quarry/a").await;
+    // Same prefix spelled with a trailing slash, and a prefix extending it.
+    let a_again = connect(&etcd, "/quarry/a/").await;
+    let ab = connect(&etcd, "/quarry/ab").await;
+    assert_eq!(
+        a.create_job(&conformance::job("j")).await.unwrap(),
+        CreateJob::Created
+    );
+    let record = conformance::commit(0, "e1-a");
+    for (store, job) in [(&ab, "j"), (&a, "j2"), (&a, "J"), (&a, "jj"), (&a, "i")] {
+        match store.commit_round(job, "obj", &record).await {
+            Err(StateError::JobNotFound(id)) => assert_eq!(id, job),
+            other => panic!("commit under {job:?} in {store:?}: want JobNotFound, got {other:?}"),
+        }
+    }
+    assert_eq!(ab.list_jobs().await.unwrap(), Vec::new());
+    assert_eq!(
+        a.commit_round("j", "obj", &record).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    assert_eq!(
+        a_again.commit_round("j", "obj", &record).await.unwrap(),
+        CommitOutcome::AlreadyCommitted(record.clone())
+    );
+    // Once `j` exists under the other prefix its round is still free there.
+    assert_eq!(
+        ab.create_job(&conformance::job("j")).await.unwrap(),
+        CreateJob::Created
+    );
+    assert!(ab.load_object("j", "obj").await.unwrap().commits.is_empty());
+    assert_eq!(
+        ab.commit_round("j", "obj", &conformance::commit(0, "e1-b"))
+            .await
+            .unwrap(),
+        CommitOutcome::Committed
+    );
+    assert_eq!(
+        a.load_object("j", "obj").await.unwrap().commits,
+        BTreeMap::from([(0, record)])
+    );
+}
+
+/// With etcd gone, operations fail with `Backend` within the timeout instead of hanging,
+/// and connecting to a dead endpoint fails the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_etcd_is_an_error_not_a_hang() {
+    let mut etcd = Etcd::start().await;
+    let timeout = Duration::from_secs(2);
+    let store = EtcdStore::connect_with_timeout(&etcd.endpoints(), "/quarry", timeout)
+        .await
+        .unwrap();
+    store.create_job(&conformance::job("j")).await.unwrap();
+    etcd.kill();
+
+    let started = Instant::now();
+    let err = store
+        .commit_round("j", "obj", &conformance::commit(0, "e1-a"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::Backend(_)), "{err:?}");
+    assert!(err.to_string().contains("commit_round"), "{err}");
+    let err = store.load_object("j", "obj").await.unwrap_err();
+    assert!(matches!(err, StateError::Backend(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    let err = EtcdStore::connect_with_timeout(&etcd.endpoints(), "/quarry", timeout)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::Backend(_)), "{err:?}");
+    assert!(
+        err.to_string().contains(&etcd.endpoints()[0]),
+        "the error names the endpoint: {err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+/// Records etcd holds but that do not decode are `Corrupt`, naming the key; other rounds
+/// are unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undecodable_records_are_corrupt() {
+    let etcd = Etcd::start().await;
+    let store = connect(&etcd, "/quarry").await;
+    store.create_job(&conformance::job("j")).await.unwrap();
+    let mut raw = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    raw.put("/quarry/commits/j/o/0000000001", "{not json", None)
+        .await
+        .unwrap();
+    raw.put("/quarry/jobs/k", "[]", None).await.unwrap();
+    raw.put("/quarry/meta/epoch", "-1", None).await.unwrap();
+
+    let err = store.load_object("j", "o").await.unwrap_err();
+    assert!(
+        matches!(&err, StateError::Corrupt { what, .. } if what.contains("j/o/0000000001")),
+        "{err:?}"
+    );
+    let err = store
+        .commit_round("j", "o", &conformance::commit(1, "e1-a"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::Corrupt { .. }), "{err:?}");
+    let err = store.list_jobs().await.unwrap_err();
+    assert!(
+        matches!(&err, StateError::Corrupt { what, .. } if what.contains("jobs/k")),
+        "{err:?}"
+    );
+    let err = store.bump_epoch().await.unwrap_err();
+    assert!(matches!(err, StateError::Corrupt { .. }), "{err:?}");
+    assert_eq!(
+        store
+            .commit_round("j", "o", &conformance::commit(2, "e1-a"))
+            .await
+            .unwrap(),
+        CommitOutcome::Committed
+    );
+    // Names that would break the key layout are refused before reaching etcd.
+    assert!(matches!(
+        store
+            .commit_round("j", "a/b", &conformance::commit(0, "e1-a"))
+            .await,
+        Err(StateError::Backend(_))
+    ));
+    assert!(store.create_job(&conformance::job("x/y")).await.is_err());
+}
