@@ -30,7 +30,7 @@ impl Etcd {
     pub async fn start() -> Etcd {
         let mut etcd = Etcd {
             bin: find_etcd(),
-            dir: tempfile::tempdir().unwrap(),
+            dir: tempfile::tempdir().expect("temp dir for etcd"),
             client_port: 0,
             peer_port: 0,
             child: None,
@@ -73,7 +73,7 @@ impl Etcd {
             .create(true)
             .append(true)
             .open(self.log_path())
-            .unwrap();
+            .expect("etcd log file");
         let child = Command::new(&self.bin)
             .arg("--name=quarry-test")
             .arg(format!("--data-dir={}", self.data_dir().display()))
@@ -84,7 +84,7 @@ impl Etcd {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=quarry-test={peer}"))
             .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
+            .stdout(log.try_clone().expect("etcd log file"))
             .stderr(log)
             .spawn()
             .map_err(|e| format!("starting {}: {e}", self.bin.display()))?;
@@ -92,7 +92,11 @@ impl Etcd {
 
         let deadline = Instant::now() + HEALTHY_WITHIN;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().unwrap()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().expect("etcd process status"))
+            {
                 return Err(format!(
                     "etcd exited with {status} (ports {}/{}); its log:\n{}",
                     self.client_port,
@@ -170,9 +174,9 @@ fn find_etcd() -> PathBuf {
 /// A port that was free a moment ago (etcd binds its own listeners; a clash is retried).
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
-        .unwrap()
+        .expect("loopback bind")
         .local_addr()
-        .unwrap()
+        .expect("bound address")
         .port()
 }
 
