@@ -1,6 +1,7 @@
 //! Object storage: where workers stage round outputs and the coordinator writes finals and the
-//! manifest. A local directory (object_store's local filesystem) on one machine; the same
-//! `ObjectStore` trait carries S3 in a cluster.
+//! manifest. A local directory (object_store's local filesystem) on one machine, or an
+//! S3-compatible bucket (`s3://bucket/prefix`, configured from the standard `AWS_*` variables)
+//! shared by a cluster. Keys below are relative to the directory or to the bucket prefix.
 //!
 //! Key layout under the store root (see docs/architecture.md):
 //! ```text
@@ -17,18 +18,36 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::TryStreamExt;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::prefix::PrefixStore;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
 
 /// Upload chunk: large enough for S3's 5 MiB part minimum, small enough to bound memory.
 const CHUNK: usize = 8 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("store URL {url:?}: {problem}; use file:///absolute/dir or an absolute directory path")]
+    #[error(
+        "store URL {url:?}: {problem}; use file:///absolute/dir, an absolute directory path or \
+         s3://bucket/prefix"
+    )]
     BadUrl { url: String, problem: String },
+    #[error(
+        "{key} already exists with different bytes ({existing_size} bytes, sha256 \
+         {existing_sha256}; this upload: {size} bytes, sha256 {sha256}); remove it or use a new \
+         experiment name"
+    )]
+    Conflict {
+        key: String,
+        existing_size: u64,
+        existing_sha256: String,
+        size: u64,
+        sha256: String,
+    },
     #[error("object store {op} {key}: {source}")]
     Store {
         op: &'static str,
@@ -72,8 +91,31 @@ pub struct Uploaded {
 }
 
 impl Store {
-    /// Opens `file:///abs/dir` or `/abs/dir` (created if missing).
+    /// Opens `file:///abs/dir` or `/abs/dir` (created if missing), or `s3://bucket/prefix`
+    /// (see [`Store::open_s3`]).
     pub fn open(url: &str) -> Result<Store, StoreError> {
+        Self::open_with_options(url, std::iter::empty::<(&str, &str)>())
+    }
+
+    /// [`Store::open`] with S3 settings given here rather than in the environment (they win over
+    /// it): object_store's `AmazonS3ConfigKey` names such as `aws_endpoint`, `aws_region`,
+    /// `aws_access_key_id`. Ignored for directory stores. Lets one process (a test) use several
+    /// servers without touching its environment.
+    pub fn open_with_options<'a>(
+        url: &str,
+        options: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Store, StoreError> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let mut parsed = Vec::new();
+            for (k, v) in options {
+                let key: AmazonS3ConfigKey = k.parse().map_err(|e| StoreError::BadUrl {
+                    url: url.into(),
+                    problem: format!("S3 option {k:?}: {e}"),
+                })?;
+                parsed.push((key, v.to_string()));
+            }
+            return Self::open_s3(url, rest, parsed);
+        }
         let dir = if let Some(rest) = url.strip_prefix("file://") {
             PathBuf::from(rest)
         } else if url.contains("://") {
@@ -91,6 +133,62 @@ impl Store {
             });
         }
         Self::open_dir(&dir)
+    }
+
+    /// An S3-compatible bucket, configured from the environment like the AWS tools:
+    /// `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`/`AWS_DEFAULT_REGION`,
+    /// `AWS_ENDPOINT_URL` for a non-AWS server (plain `http://` endpoints are allowed),
+    /// `AWS_VIRTUAL_HOSTED_STYLE_REQUEST` (default: path-style requests). Every key is stored
+    /// under `prefix`. Nothing is contacted until the first request.
+    fn open_s3(
+        url: &str,
+        rest: &str,
+        options: Vec<(AmazonS3ConfigKey, String)>,
+    ) -> Result<Store, StoreError> {
+        let bad = |problem: &str| StoreError::BadUrl {
+            url: url.into(),
+            problem: problem.into(),
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("no bucket name"));
+        }
+        let prefix = prefix.trim_matches('/');
+        let mut builder = AmazonS3Builder::from_env();
+        let allow_http_given = std::env::var_os("AWS_ALLOW_HTTP").is_some()
+            || options.iter().any(|(k, _)| {
+                matches!(
+                    k,
+                    AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp)
+                )
+            });
+        for (k, v) in options {
+            builder = builder.with_config(k, v);
+        }
+        builder = builder.with_bucket_name(bucket);
+        let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+        if endpoint.is_some_and(|e| e.starts_with("http://")) && !allow_http_given {
+            // The operator asked for this endpoint by name; refusing it would only push them to
+            // set a second variable.
+            builder = builder.with_allow_http(true);
+        }
+        let s3 = builder.build().map_err(|e| bad(&e.to_string()))?;
+        let inner: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            Arc::new(s3)
+        } else {
+            let p = Key::parse(prefix).map_err(|e| bad(&e.to_string()))?;
+            Arc::new(PrefixStore::new(s3, p))
+        };
+        let url = if prefix.is_empty() {
+            format!("s3://{bucket}")
+        } else {
+            format!("s3://{bucket}/{prefix}")
+        };
+        Ok(Store {
+            inner,
+            url,
+            local_root: None,
+        })
     }
 
     /// A local directory store rooted at `dir`.
@@ -193,6 +291,128 @@ impl Store {
         })
     }
 
+    /// Uploads a local file to `key` unless `key` already exists, for finals: an object appears
+    /// whole or not at all, and an existing object is never replaced by different bytes.
+    ///
+    /// An existing object with the same size and sha256 counts as this upload (a merge redone
+    /// after a crash between upload and record writes the same deterministic bytes); different
+    /// bytes are [`StoreError::Conflict`].
+    ///
+    /// A file up to one chunk is one conditional PUT (`PutMode::Create`, atomic on every
+    /// backend). A larger one is a multipart upload straight to `key`, after checking that `key`
+    /// is absent: object_store 0.14 offers no conditional mode for multipart uploads
+    /// (`PutMultipartOptions` has none), and the alternative, an upload to a temporary key then
+    /// `copy_if_not_exists`, doubles the bytes written, is capped at 5 GiB by S3's copy
+    /// operations and needs per-provider configuration (`AWS_COPY_IF_NOT_EXISTS`). The window
+    /// between check and completion only matters for two coordinators merging the same plan,
+    /// and those write identical bytes; the state store's merge record is the commit point.
+    pub async fn put_file_create(&self, key: &str, file: &Path) -> Result<Uploaded, StoreError> {
+        let io = |source| StoreError::Io {
+            op: "read",
+            path: file.display().to_string(),
+            source,
+        };
+        let len = std::fs::metadata(file).map_err(io)?.len();
+        if len > CHUNK as u64 {
+            if let Some(existing) = self.hash_object(key).await? {
+                let local = hash_file(file).map_err(io)?;
+                return same_or_conflict(key, existing, local);
+            }
+            return self.put_file(key, file).await;
+        }
+        let data = std::fs::read(file).map_err(io)?;
+        let local = Uploaded {
+            size: data.len() as u64,
+            sha256: hex(&Sha256::digest(&data)),
+        };
+        let k = Self::key(key)?;
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .inner
+            .put_opts(&k, PutPayload::from_bytes(Bytes::from(data)), opts)
+            .await
+        {
+            Ok(_) => Ok(local),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                match self.hash_object(key).await? {
+                    Some(existing) => same_or_conflict(key, existing, local),
+                    // Deleted in between: whoever did that owns the key now.
+                    None => Err(StoreError::Conflict {
+                        key: key.into(),
+                        existing_size: 0,
+                        existing_sha256: "(deleted during the upload)".into(),
+                        size: local.size,
+                        sha256: local.sha256,
+                    }),
+                }
+            }
+            Err(e) => Err(StoreError::store("put", key, e)),
+        }
+    }
+
+    /// Size and sha256 of the object at `key`, streamed; `None` when it does not exist.
+    pub async fn hash_object(&self, key: &str) -> Result<Option<Uploaded>, StoreError> {
+        let k = Self::key(key)?;
+        let mut stream = match self.inner.get(&k).await {
+            Ok(r) => r.into_stream(),
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(StoreError::store("get", key, e)),
+        };
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(|e| StoreError::store("get", key, e))?
+        {
+            hasher.update(&chunk);
+            size += chunk.len() as u64;
+        }
+        Ok(Some(Uploaded {
+            size,
+            sha256: hex(&hasher.finalize()),
+        }))
+    }
+
+    /// Streams the object at `key` into the local file `dest` (created or truncated, parent
+    /// directories created); memory stays at one network chunk. Returns the bytes written.
+    pub async fn download_to(&self, key: &str, dest: &Path) -> Result<u64, StoreError> {
+        let k = Self::key(key)?;
+        let io = |op| {
+            move |source| StoreError::Io {
+                op,
+                path: dest.display().to_string(),
+                source,
+            }
+        };
+        if let Some(dir) = dest.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(io("create directory for"))?;
+        }
+        let mut stream = self
+            .inner
+            .get(&k)
+            .await
+            .map_err(|e| StoreError::store("get", key, e))?
+            .into_stream();
+        let mut out = tokio::fs::File::create(dest).await.map_err(io("create"))?;
+        let mut size = 0u64;
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(|e| StoreError::store("get", key, e))?
+        {
+            out.write_all(&chunk).await.map_err(io("write"))?;
+            size += chunk.len() as u64;
+        }
+        out.flush().await.map_err(io("write"))?;
+        Ok(size)
+    }
+
     /// Writes a small object in one request (atomic: readers see the old or the new bytes).
     pub async fn put_bytes(&self, key: &str, bytes: impl Into<Bytes>) -> Result<(), StoreError> {
         let k = Self::key(key)?;
@@ -261,6 +481,49 @@ impl Store {
             Err(e) => Err(StoreError::store("delete", key, e)),
         }
     }
+}
+
+/// `Ok(local)` when `existing` holds the same bytes, else the conflict.
+fn same_or_conflict(
+    key: &str,
+    existing: Uploaded,
+    local: Uploaded,
+) -> Result<Uploaded, StoreError> {
+    if existing == local {
+        Ok(local)
+    } else {
+        Err(StoreError::Conflict {
+            key: key.into(),
+            existing_size: existing.size,
+            existing_sha256: existing.sha256,
+            size: local.size,
+            sha256: local.sha256,
+        })
+    }
+}
+
+/// Size and sha256 of a local file, read a chunk at a time.
+fn hash_file(file: &Path) -> std::io::Result<Uploaded> {
+    let mut f = std::fs::File::open(file)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = match f.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Uploaded {
+        size,
+        sha256: hex(&hasher.finalize()),
+    })
 }
 
 /// Lower-case hex of a digest.
@@ -335,14 +598,49 @@ mod tests {
     }
 
     #[test]
-    fn relative_or_remote_urls_are_refused() {
+    fn relative_or_unknown_urls_are_refused() {
         assert!(matches!(
             Store::open("data/x"),
             Err(StoreError::BadUrl { .. })
         ));
         assert!(matches!(
-            Store::open("s3://b/p"),
+            Store::open("gs://b/p"),
             Err(StoreError::BadUrl { .. })
         ));
+        assert!(matches!(
+            Store::open("s3:///p"),
+            Err(StoreError::BadUrl { .. })
+        ));
+    }
+
+    #[test]
+    fn s3_urls_open_without_contacting_the_server() {
+        let s = Store::open("s3://bucket/some/prefix/").unwrap();
+        assert_eq!(s.url(), "s3://bucket/some/prefix");
+        assert!(s.local_path("e/manifest.json").is_none());
+        assert_eq!(Store::open("s3://bucket").unwrap().url(), "s3://bucket");
+    }
+
+    #[tokio::test]
+    async fn put_file_create_is_idempotent_and_refuses_other_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(&dir.path().join("store")).unwrap();
+        for len in [1000, CHUNK + 10] {
+            let a = dir.path().join("a.bin");
+            let b = dir.path().join("b.bin");
+            std::fs::write(&a, vec![1u8; len]).unwrap();
+            std::fs::write(&b, vec![2u8; len]).unwrap();
+            let key = format!("e/final/o{len}/o.npy");
+            let first = store.put_file_create(&key, &a).await.unwrap();
+            assert_eq!(first.size, len as u64);
+            assert_eq!(store.put_file_create(&key, &a).await.unwrap(), first);
+            assert!(matches!(
+                store.put_file_create(&key, &b).await,
+                Err(StoreError::Conflict { .. })
+            ));
+            let back = dir.path().join("back/x.bin");
+            assert_eq!(store.download_to(&key, &back).await.unwrap(), len as u64);
+            assert_eq!(std::fs::read(&back).unwrap(), vec![1u8; len]);
+        }
     }
 }

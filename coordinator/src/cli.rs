@@ -126,7 +126,8 @@ pub struct ServeArgs {
     /// State store: file://<path> (embedded file) or etcd://host:2379[,host2:2379]/<prefix>.
     #[arg(long, default_value = "file://./quarry-state.redb")]
     pub state: String,
-    /// Object store for staging, finals and manifests: file://<directory>.
+    /// Object store for staging, finals and manifests: file://<directory> or s3://bucket/prefix
+    /// (S3 settings from the standard AWS_* variables, e.g. AWS_ENDPOINT_URL).
     #[arg(long, default_value = "file://./data/experiments")]
     pub store: String,
     /// Seconds a worker may go without a heartbeat before its round is re-issued.
@@ -525,8 +526,12 @@ pub async fn open_state(url: &str) -> anyhow::Result<Arc<dyn StateStore>> {
 /// `coordinator serve`: the coordinator for remote workers, until `shutdown`.
 pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let state = open_state(&a.state).await?;
-    let store_dir = a.store.strip_prefix("file://").unwrap_or(&a.store);
-    let store = Store::open_dir(&std::path::absolute(store_dir)?)?;
+    let store = if a.store.starts_with("s3://") {
+        Store::open(&a.store)?
+    } else {
+        let store_dir = a.store.strip_prefix("file://").unwrap_or(&a.store);
+        Store::open_dir(&std::path::absolute(store_dir)?)?
+    };
     let cfg = CoordinatorConfig {
         lease_ttl: Duration::from_secs(a.lease_ttl.max(1)),
         ..Default::default()

@@ -2,6 +2,12 @@
 //! streamed through the format-aware merge with bounded memory. The final is complete and
 //! durable (fsync, then rename) before any intermediate is deleted; a crash at any point leaves
 //! either no final (and every round still staged) or the whole final.
+//!
+//! On a local directory store the merge reads the staged rounds and writes the finals in place.
+//! On a remote store (S3) it downloads the rounds into a scratch directory, merges the same way
+//! into a local file, and uploads that under each final key (an object appears whole or not at
+//! all); the scratch directory is removed afterwards, and its disk use peaks at the rounds plus
+//! the final.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -33,8 +39,6 @@ pub enum MergeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the merge needs a local directory store in this build (store: {0})")]
-    NotLocal(String),
     #[error("{object}: committed round {round} records no files")]
     NoFiles { object: String, round: u32 },
     #[error("merge task stopped: {0}")]
@@ -118,7 +122,7 @@ async fn write_final(
     let seed_min = plan.rounds.iter().map(|c| c.seed).min().unwrap_or_default();
     let seed_max = plan.rounds.iter().map(|c| c.seed).max().unwrap_or_default();
     let finals = final_keys(spec, object, seed_min, seed_max);
-    let mut inputs = Vec::with_capacity(plan.rounds.len());
+    let mut input_keys = Vec::with_capacity(plan.rounds.len());
     for c in &plan.rounds {
         let Some(f) = c.files.first() else {
             return Err(MergeError::NoFiles {
@@ -126,28 +130,13 @@ async fn write_final(
                 round: c.round,
             });
         };
-        inputs.push(
-            store
-                .local_path(&f.key)
-                .ok_or_else(|| MergeError::NotLocal(store.url().into()))?,
-        );
+        input_keys.push(f.key.as_str());
     }
     let counts: Vec<u64> = plan.rounds.iter().map(|c| c.count).collect();
-    let outs: Vec<PathBuf> = finals
-        .iter()
-        .map(|k| {
-            store
-                .local_path(k)
-                .ok_or_else(|| MergeError::NotLocal(store.url().into()))
-        })
-        .collect::<Result<_, _>>()?;
-    let limit = plan.limit;
-    let object_name = object.to_string();
-    let (samples, bytes) = tokio::task::spawn_blocking(move || {
-        merge_files(&object_name, &inputs, &counts, limit, &outs)
-    })
-    .await
-    .map_err(|e| MergeError::Join(e.to_string()))??;
+    let (samples, bytes) = match local_paths(store, &input_keys, &finals) {
+        Some((inputs, outs)) => run_merge(object, inputs, counts, plan.limit, outs).await?,
+        None => merge_remote(store, object, &input_keys, counts, plan.limit, &finals).await?,
+    };
     Ok(MergeRecord {
         finals,
         count: samples,
@@ -160,6 +149,69 @@ async fn write_final(
         complete: plan.complete,
         unix_ms,
     })
+}
+
+/// The local files behind the inputs and the finals, when the store is a local directory.
+fn local_paths(
+    store: &Store,
+    inputs: &[&str],
+    finals: &[String],
+) -> Option<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let inputs = inputs
+        .iter()
+        .map(|k| store.local_path(k))
+        .collect::<Option<_>>()?;
+    let outs = finals
+        .iter()
+        .map(|k| store.local_path(k))
+        .collect::<Option<_>>()?;
+    Some((inputs, outs))
+}
+
+/// [`merge_files`] off the async runtime.
+async fn run_merge(
+    object: &str,
+    inputs: Vec<PathBuf>,
+    counts: Vec<u64>,
+    limit: u64,
+    outs: Vec<PathBuf>,
+) -> Result<(u64, u64), MergeError> {
+    let object = object.to_string();
+    tokio::task::spawn_blocking(move || merge_files(&object, &inputs, &counts, limit, &outs))
+        .await
+        .map_err(|e| MergeError::Join(e.to_string()))?
+}
+
+/// The merge for a remote store: download the rounds into a scratch directory, merge them into
+/// one local file, upload it under every final key with create-only semantics
+/// ([`Store::put_file_create`]: a merge redone after a crash finds the same bytes and succeeds).
+async fn merge_remote(
+    store: &Store,
+    object: &str,
+    input_keys: &[&str],
+    counts: Vec<u64>,
+    limit: u64,
+    finals: &[String],
+) -> Result<(u64, u64), MergeError> {
+    let scratch = tempfile::Builder::new()
+        .prefix("quarry-merge-")
+        .tempdir()
+        .map_err(io_err("create scratch directory in", &std::env::temp_dir()))?;
+    let mut inputs = Vec::with_capacity(input_keys.len());
+    for (i, key) in input_keys.iter().enumerate() {
+        let local = scratch.path().join(format!("rounds/{i}.npy"));
+        store.download_to(key, &local).await?;
+        inputs.push(local);
+    }
+    let merged = scratch.path().join("final").join(format!("{object}.npy"));
+    let (samples, bytes) = run_merge(object, inputs, counts, limit, vec![merged.clone()]).await?;
+    for key in finals {
+        store.put_file_create(key, &merged).await?;
+    }
+    // Dropping `scratch` removes it; close() reports a failure instead of ignoring it.
+    let path = scratch.path().to_path_buf();
+    scratch.close().map_err(io_err("remove", &path))?;
+    Ok((samples, bytes))
 }
 
 /// Merges into a temporary file beside the first final, makes it durable, then publishes it

@@ -11,6 +11,7 @@ use quarry_coordinator::cli::{Cli, Command as Cmd, RunOutcome};
 use sha2::{Digest, Sha256};
 
 pub mod etcd;
+pub mod s3;
 use tokio_util::sync::CancellationToken;
 
 /// The repository root.

@@ -1,0 +1,255 @@
+//! The object store on an S3-compatible server (moto): the storage operations the coordinator
+//! and workers use, and `coordinator serve --store s3://bucket/prefix` with a worker process
+//! giving finals byte-identical to `coordinator run` on a local directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use quarry_common::storage::{StoreError, hex};
+use quarry_tests::s3::Moto;
+use quarry_tests::*;
+use sha2::{Digest, Sha256};
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_list_download_and_delete_on_s3() {
+    let moto = Moto::start("quarry-store");
+    let store = moto.store("team/runs");
+    assert_eq!(store.url(), "s3://quarry-store/team/runs");
+    assert!(store.local_path("x").is_none());
+    let dir = tempfile::tempdir().unwrap();
+
+    // More than one 8 MiB chunk: a multipart upload with three parts.
+    let src = dir.path().join("big.bin");
+    let data: Vec<u8> = (0..(20 << 20) + 123).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&src, &data).unwrap();
+    let key = "e/rounds/o/r0_s1/e1a0/o.npy";
+    let up = store.put_file(key, &src).await.unwrap();
+    assert_eq!(up.size, data.len() as u64);
+    assert_eq!(up.sha256, hex(&Sha256::digest(&data)));
+    store
+        .put_bytes("e/manifest.json", &b"{}"[..])
+        .await
+        .unwrap();
+
+    assert_eq!(store.list("e/rounds").await.unwrap(), vec![key.to_string()]);
+    // Keys are relative to the prefix: the bucket holds them under it.
+    let whole_bucket = moto.store("");
+    let mut all = whole_bucket.list("team").await.unwrap();
+    all.sort();
+    assert_eq!(
+        all,
+        vec![
+            "team/runs/e/manifest.json".to_string(),
+            format!("team/runs/{key}")
+        ]
+    );
+
+    let back = dir.path().join("down/o.npy");
+    assert_eq!(
+        store.download_to(key, &back).await.unwrap(),
+        data.len() as u64
+    );
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "downloaded bytes differ"
+    );
+
+    // Finals: create-only, idempotent for the same bytes, refused for other bytes; both the
+    // single-request path (small) and the multipart path (large).
+    let small = dir.path().join("small.bin");
+    std::fs::write(&small, b"final bytes").unwrap();
+    let other = dir.path().join("other.bin");
+    std::fs::write(&other, b"other bytes").unwrap();
+    for (final_key, file) in [("e/final/s/s.npy", &small), ("e/final/b/b.npy", &src)] {
+        let first = store.put_file_create(final_key, file).await.unwrap();
+        assert_eq!(store.put_file_create(final_key, file).await.unwrap(), first);
+        assert!(
+            matches!(
+                store.put_file_create(final_key, &other).await,
+                Err(StoreError::Conflict { .. })
+            ),
+            "{final_key} was replaced by other bytes"
+        );
+        assert_eq!(store.hash_object(final_key).await.unwrap(), Some(first));
+    }
+
+    assert_eq!(store.delete_prefix("e/rounds/o").await.unwrap(), 1);
+    assert!(store.list("e/rounds").await.unwrap().is_empty());
+    assert_eq!(
+        store.get_bytes("e/manifest.json").await.unwrap().unwrap(),
+        &b"{}"[..]
+    );
+    assert!(store.get_bytes("e/nothing").await.unwrap().is_none());
+    assert!(
+        moto.open_multipart_uploads().is_empty(),
+        "multipart uploads left open: {:?}",
+        moto.open_multipart_uploads()
+    );
+}
+
+fn job_file(dir: &Path, root: &Path) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+exp_name = "served"
+objects = ["obj_a", "obj_b"]
+target_count_per_object = 90
+round_batch_size = 25
+num_iterations = 2
+seed_base = 5
+final_dir_mode = "both"
+root = "{root}"
+[generator]
+argv = ["python3", "main.py", "--name", "{{name}}", "--object_code", "{{object}}", "--batch_size", "{{batch_size}}",
+        "--num_iterations", "{{num_iterations}}", "--seed", "{{seed}}", "--gpu", "0", "--yield_mode", "uneven"]
+cwd = "BimanGrasp-Optimization"
+output = "data/experiments/{{name}}/results/{{object}}.npy"
+round_dir = "data/experiments/{{name}}"
+"#,
+        root = root.display()
+    );
+    let p = dir.join("job.toml");
+    std::fs::write(&p, text).expect("write job file");
+    p
+}
+
+/// `coordinator serve` on `store_url` with `env`; its address once it listens.
+fn start_serve(home: &Path, store_url: &str, env: &[(&str, String)]) -> (Killed, String) {
+    let mut serve = Command::new(bin("coordinator"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--lease-ttl", "5"])
+        .arg("--state")
+        .arg(format!("file://{}", home.join("state.redb").display()))
+        .arg("--store")
+        .arg(store_url)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator");
+    let stderr = serve.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = home.join("coordinator.log");
+    std::thread::spawn(move || {
+        let mut out = std::fs::File::create(log).expect("coordinator log");
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            use std::io::Write;
+            let _ = writeln!(out, "{line}");
+            if let Some(rest) = line.strip_prefix("coordinator listening on ") {
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("coordinator printed its address");
+    (Killed(serve), addr)
+}
+
+fn logs(home: &Path) -> String {
+    ["coordinator.log", "worker.log"]
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(home.join(f)).unwrap_or_default();
+            let start = text.len().saturating_sub(3000);
+            format!("--- {f}:\n{}", text.get(start..).unwrap_or(&text))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_and_worker_on_s3_give_the_same_finals_as_a_local_run() {
+    let moto = Moto::start("quarry-e2e");
+    let env = moto.env();
+    let root = legacy_root();
+    let home = tempfile::tempdir().unwrap();
+    let job = job_file(home.path(), root.path());
+    let store_url = format!("s3://{}/team/runs", moto.bucket());
+
+    let (_serve, addr) = start_serve(home.path(), &store_url, &env);
+    let worker_log = std::fs::File::create(home.path().join("worker.log")).unwrap();
+    let _worker = Killed(
+        Command::new(bin("worker"))
+            .args(["--gpu", "0,1", "--coordinator", &addr])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stderr(worker_log)
+            .spawn()
+            .unwrap(),
+    );
+    let submit = Command::new(bin("coordinator"))
+        .args([
+            "submit",
+            job.to_str().unwrap(),
+            "--coordinator",
+            &addr,
+            "--watch",
+        ])
+        .output()
+        .unwrap();
+    let submit_err = String::from_utf8_lossy(&submit.stderr);
+    assert!(
+        submit.status.success() && submit_err.contains("job served: done"),
+        "{submit_err}\n{}",
+        logs(home.path())
+    );
+
+    // The same job through `coordinator run` on a local directory.
+    let reference = legacy_root();
+    let reference_job = job_file(reference.path(), reference.path());
+    let out = run(&[
+        "--job",
+        reference_job.to_str().unwrap(),
+        "--progress",
+        "off",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.exit_code(), 0);
+
+    let store = moto.store("team/runs");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &store
+            .get_bytes("served/manifest.json")
+            .await
+            .unwrap()
+            .expect("the manifest is in the bucket"),
+    )
+    .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    for o in ["obj_a", "obj_b"] {
+        let keys = manifest["objects"][o]["final"].as_array().unwrap();
+        let reference_finals = finals(reference.path(), "served", o);
+        assert_eq!(keys.len(), 2, "final_dir_mode both: {manifest}");
+        assert_eq!(reference_finals.len(), 2);
+        for (key, reference_final) in keys.iter().zip(&reference_finals) {
+            let key = key.as_str().unwrap();
+            let local = scratch.path().join(key);
+            store.download_to(key, &local).await.unwrap();
+            assert_eq!(
+                sha256_file(&local),
+                sha256_file(reference_final),
+                "{key} differs from {}",
+                reference_final.display()
+            );
+        }
+        assert_eq!(manifest["objects"][o]["collected"], 90, "{manifest}");
+    }
+
+    // Intermediates are gone from the bucket, and no upload was left open.
+    let left = store.list("served/rounds").await.unwrap();
+    assert!(left.is_empty(), "round files left: {left:?}");
+    let open = moto.open_multipart_uploads();
+    assert!(open.is_empty(), "multipart uploads left open: {open:?}");
+}
