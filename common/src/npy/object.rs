@@ -24,12 +24,12 @@ use std::rc::Rc;
 
 use super::header::{Descr, Header, write_header};
 use super::memo::IndexMap32;
-use super::pickle::{Depth, Op, OpReader, emit, op};
+use super::pickle::{Depth, Op, OpReader, complete_len, emit, op};
 use super::value::{Call, Decoder, KeySet, Kind, Obj, Step, Value, is_bare, memo_index};
 use super::{ArrayKind, FormatError, Inspection, MergeSummary};
 
 const READ_BUF: usize = 1 << 16;
-const WRITE_BUF: usize = 1 << 16;
+const WRITE_BUF: usize = 1 << 18;
 
 /// numpy 1.x writes `numpy.core.multiarray`; numpy 2 writes `numpy._core.multiarray`, which
 /// numpy 1.26 also provides (as a stub for loading numpy 2 pickles).
@@ -141,6 +141,9 @@ struct Translator {
     map: IndexMap32,
     /// The input's own `len(memo)`, which is what its `MEMOIZE`s write to.
     in_len: u32,
+    /// Write memo entries with `MEMOIZE` rather than `BINPUT`/`LONG_BINPUT`; see
+    /// [`Translator::put`].
+    memoize: bool,
     scratch: Vec<u8>,
 }
 
@@ -150,7 +153,51 @@ impl Translator {
             next_out: 0,
             map: IndexMap32::default(),
             in_len: 0,
+            memoize: false,
             scratch: Vec::new(),
+        }
+    }
+
+    /// [`Translator::copy_op`] for what is common in a data list: a memo write, a memo read of
+    /// an entry this input's elements made (or the prologue entry already copied), a `FRAME`.
+    /// `bytes` is the whole op; whatever replaces it goes to `out`. Returns false, having
+    /// changed nothing, for a read `copy_op` must handle (an entry of the prologue, the data
+    /// list itself, one never written) or a `FRAME` whose length is out of range.
+    #[inline]
+    fn rewrite_fast(
+        &mut self,
+        bytes: &[u8],
+        dec: &Decoder,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, FormatError> {
+        let arg = |b: &[u8]| match *b {
+            [_, i] => u32::from(i),
+            [_, a, b, c, d, ..] => u32::from_le_bytes([a, b, c, d]),
+            _ => 0,
+        };
+        match bytes[0] {
+            op::BINGET | op::LONG_BINGET => match self.map.get(arg(bytes)) {
+                Some(o) if o != DATA_LIST => {
+                    emit::get(out, o);
+                    Ok(true)
+                }
+                _ => Ok(false),
+            },
+            code @ (op::BINPUT | op::LONG_BINPUT | op::MEMOIZE) => {
+                let idx = if code == op::MEMOIZE {
+                    self.in_len
+                } else {
+                    arg(bytes)
+                };
+                let o = self.fresh()?;
+                self.define(dec, idx, o);
+                put(out, o, self.memoize);
+                Ok(true)
+            }
+            // Dropped: frame lengths no longer hold. One past i64::MAX is an error `next_op`
+            // reports.
+            op::FRAME => Ok(bytes.get(8).is_some_and(|&b| b < 0x80)),
+            _ => Ok(false),
         }
     }
 
@@ -211,7 +258,7 @@ impl Translator {
                 let o = self.fresh()?;
                 self.define(dec, idx, o);
                 self.scratch.clear();
-                emit::put(&mut self.scratch, o);
+                put(&mut self.scratch, o, self.memoize);
                 out.write_all(&self.scratch)?;
                 Ok(())
             }
@@ -243,7 +290,7 @@ impl Translator {
                         )?;
                         // Later reads of the same entry in this input share the copy.
                         let o = self.fresh()?;
-                        emit::put(&mut self.scratch, o);
+                        put(&mut self.scratch, o, self.memoize);
                         self.map.insert(idx, o);
                     }
                     Some(o) => emit::get(&mut self.scratch, o),
@@ -256,6 +303,19 @@ impl Translator {
                 rd.copy_payload(out)
             }
         }
+    }
+}
+
+/// Writes output memo entry `o`, just taken from [`Translator::fresh`]. Output indices are
+/// handed out 0, 1, 2, ... in the order their writes appear in the output, and the prologue
+/// writes none, so `o` is always the output's `len(memo)`: exactly the entry `MEMOIZE` writes.
+/// With `memoize` (the output declares protocol 4 or later) that takes 1 byte where
+/// `LONG_BINPUT` takes 5; older protocols predate `MEMOIZE`, so they get the explicit index.
+fn put(out: &mut Vec<u8>, o: u32, memoize: bool) {
+    if memoize {
+        out.push(op::MEMOIZE);
+    } else {
+        emit::put(out, o);
     }
 }
 
@@ -332,20 +392,51 @@ fn emit_value(
     Ok(())
 }
 
-/// Counts bytes on their way to the output.
-struct Counting<W> {
+/// The merged file on its way out. Bytes gather in `buf`, which the fast paths append to
+/// directly (a `BufWriter` would cost a call per op), and go to `inner` in large writes; `n`
+/// counts the bytes written.
+struct Output<W> {
     inner: W,
+    buf: Vec<u8>,
     n: u64,
 }
 
-impl<W: Write> Write for Counting<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let k = self.inner.write(buf)?;
-        self.n += k as u64;
-        Ok(k)
+impl<W: Write> Output<W> {
+    fn new(inner: W) -> Self {
+        Output {
+            inner,
+            buf: Vec::with_capacity(2 * WRITE_BUF),
+            n: 0,
+        }
+    }
+
+    /// Writes `buf` out once it holds enough for one large write.
+    fn spill(&mut self) -> std::io::Result<()> {
+        if self.buf.len() >= WRITE_BUF {
+            self.drain()?;
+        }
+        Ok(())
+    }
+
+    fn drain(&mut self) -> std::io::Result<()> {
+        self.inner.write_all(&self.buf)?;
+        self.n += self.buf.len() as u64;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+/// For the general path ([`Translator::copy_op`], payloads streamed by `io::copy`): what it
+/// writes lands in order with what the fast paths append.
+impl<W: Write> Write for Output<W> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        self.spill()?;
+        Ok(b.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
+        self.drain()?;
         self.inner.flush()
     }
 }
@@ -405,17 +496,34 @@ fn stack_error(op: &Op, reason: String) -> FormatError {
     }
 }
 
+/// Whether the fast paths hand `code` to [`Translator::rewrite_fast`] rather than copy it.
+fn rewritten(code: u8) -> bool {
+    matches!(
+        code,
+        op::BINGET | op::LONG_BINGET | op::BINPUT | op::LONG_BINPUT | op::MEMOIZE | op::FRAME
+    )
+}
+
 /// Copies a whole data list, checking it holds `expected` elements; returns the opcode that
 /// ended it (the first of the epilogue).
+///
+/// [`copy_run`] takes ops straight out of the read buffer for as long as it can; the op it
+/// stops at (cut by the buffer's end, or not a plain element op) goes the general way, one
+/// [`OpReader::next_op`] at a time, and then the fast path resumes.
 fn copy_whole<R: BufRead, W: Write>(
     inp: &mut Input<R>,
     tr: &mut Translator,
     expected: u64,
-    out: &mut W,
+    out: &mut Output<W>,
 ) -> Result<Op, FormatError> {
     let mut d = Depth::default();
     let mut count = 0u64;
     loop {
+        let buf = inp.rd.buffered()?;
+        let done = copy_run(buf, &mut d, &mut count, tr, &inp.dec, &mut out.buf)?;
+        inp.rd.consume(done);
+        out.spill()?;
+
         let Some(op) = inp.rd.next_op()? else {
             return Err(ended_early(&inp.rd));
         };
@@ -441,6 +549,51 @@ fn copy_whole<R: BufRead, W: Write>(
     }
 }
 
+/// The fast path of [`copy_whole`]: copies the ops at the start of `s` (the read buffer) to
+/// `out`, each unchanged stretch as one slice, and returns how many bytes it used. It stops
+/// before, and changes nothing for, the first op it cannot take on its own: one cut by the
+/// end of `s` or that [`complete_len`] leaves to `next_op`, a read [`Translator::rewrite_fast`]
+/// leaves to `copy_op`, a memo write or `FRAME` at the list's own level (which the caller
+/// drops), and one [`Depth::apply_fast`] refuses (the end of the list, or a stack error).
+fn copy_run(
+    s: &[u8],
+    d: &mut Depth,
+    count: &mut u64,
+    tr: &mut Translator,
+    dec: &Decoder,
+    out: &mut Vec<u8>,
+) -> Result<usize, FormatError> {
+    // `s[run..i]` is copied but not yet written.
+    let (mut i, mut run) = (0, 0);
+    while let Some(len) = complete_len(&s[i..]) {
+        let code = s[i];
+        if rewritten(code) {
+            if d.depth == 0 && !matches!(code, op::BINGET | op::LONG_BINGET) {
+                break;
+            }
+            out.extend_from_slice(&s[run..i]);
+            run = i;
+            if !tr.rewrite_fast(&s[i..i + len], dec, out)? {
+                break;
+            }
+            run = i + len;
+            // What `apply` would do: reads push an item; writes and frames leave the stack be.
+            if matches!(code, op::BINGET | op::LONG_BINGET) {
+                d.depth += 1;
+            }
+        } else {
+            let end = unit_end(code, d);
+            if !d.apply_fast(code) {
+                break;
+            }
+            *count += end.unwrap_or(0);
+        }
+        i += len;
+    }
+    out.extend_from_slice(&s[run..i]);
+    Ok(i)
+}
+
 fn element_count(expected: u64, actual: u64) -> FormatError {
     FormatError::CountMismatch {
         what: "elements in the pickled data list vs npy header shape".into(),
@@ -449,67 +602,169 @@ fn element_count(expected: u64, actual: u64) -> FormatError {
     }
 }
 
+/// The unit of the data list (one `MARK ... APPENDS` batch, or one item and its `APPEND`)
+/// that [`copy_prefix`] is reading, with its ops' bytes.
+#[derive(Default)]
+struct Unit {
+    d: Depth,
+    bytes: Vec<u8>,
+    /// last_at[l]: offset in `bytes` after the last opcode that left the depth at l.
+    last_at: Vec<usize>,
+}
+
+impl Unit {
+    /// Starts a unit: called on each op at the list's own level that is not dropped.
+    fn begin(&mut self) {
+        self.bytes.clear();
+        self.last_at.clear();
+        self.last_at.push(0);
+    }
+
+    /// Records the op just appended to `bytes` and applied to `d`.
+    fn op_done(&mut self) {
+        if self.last_at.len() <= self.d.depth {
+            self.last_at.resize(self.d.depth + 1, 0);
+        }
+        self.last_at[self.d.depth] = self.bytes.len();
+    }
+
+    /// Copies the unit just closed, which appends `n` elements, or only its first `room` when
+    /// fewer, cutting the batch there and closing it with `APPENDS`. Returns the number copied.
+    /// `at` is the offset of the closing op, for errors.
+    fn emit<W: Write>(
+        &self,
+        n: u64,
+        room: u64,
+        at: u64,
+        tr: &mut Translator,
+        dec: &Decoder,
+        out: &mut Output<W>,
+    ) -> Result<u64, FormatError> {
+        let k = n.min(room);
+        let cut = if k == n {
+            self.bytes.len()
+        } else {
+            // k < n only happens for a MARK batch, where the depth passed every 1 + k.
+            self.last_at
+                .get(1 + k as usize)
+                .copied()
+                .ok_or_else(|| FormatError::BadPickle {
+                    offset: at,
+                    reason: "bad batch".into(),
+                })?
+        };
+        translate(&self.bytes[..cut], tr, dec, out)?;
+        if k < n {
+            out.buf.push(op::APPENDS);
+        }
+        Ok(k)
+    }
+}
+
 /// Copies the first `take` elements of a data list, one buffered unit at a time, and stops
-/// reading there.
+/// reading there. Like [`copy_whole`], it takes complete common ops straight out of the read
+/// buffer and leaves the rest to `next_op`.
 fn copy_prefix<R: BufRead, W: Write>(
     inp: &mut Input<R>,
     tr: &mut Translator,
     take: u64,
-    out: &mut W,
+    out: &mut Output<W>,
 ) -> Result<(), FormatError> {
-    let mut d = Depth::default();
+    let mut u = Unit::default();
     let mut taken = 0u64;
-    let mut buf: Vec<u8> = Vec::new();
-    // last_at[l]: offset in `buf` after the last opcode that left the depth at l.
-    let mut last_at: Vec<usize> = Vec::new();
     while taken < take {
+        // No payload is left unread here, so this is where `buffered` starts.
+        let base = inp.rd.position();
+        let s = inp.rd.buffered()?;
+        let mut i = 0;
+        while taken < take
+            && let Some(len) = complete_len(&s[i..])
+        {
+            let code = s[i];
+            if u.d.depth == 0 {
+                if matches!(code, op::FRAME | op::BINPUT | op::LONG_BINPUT | op::MEMOIZE) {
+                    break;
+                }
+                u.begin();
+            }
+            let end = unit_end(code, &u.d);
+            if !u.d.apply_fast(code) {
+                break;
+            }
+            u.bytes.extend_from_slice(&s[i..i + len]);
+            u.op_done();
+            if let Some(n) = end {
+                taken += u.emit(n, take - taken, base + i as u64, tr, &inp.dec, out)?;
+            }
+            i += len;
+        }
+        inp.rd.consume(i);
+        if taken == take {
+            break;
+        }
+
         let Some(op) = inp.rd.next_op()? else {
             return Err(ended_early(&inp.rd));
         };
-        if d.depth == 0 {
+        if u.d.depth == 0 {
             match op.code {
                 op::FRAME => continue,
                 op::PUT | op::BINPUT | op::LONG_BINPUT | op::MEMOIZE => {
                     tr.memoize_list(&op, &inp.rd, &inp.dec)?;
                     continue;
                 }
-                _ => {
-                    buf.clear();
-                    last_at.clear();
-                    last_at.push(0);
-                }
+                _ => u.begin(),
             }
         }
-        let end = unit_end(op.code, &d);
-        if !d.apply(op.code).map_err(|r| stack_error(&op, r))? {
+        let end = unit_end(op.code, &u.d);
+        if !u.d.apply(op.code).map_err(|r| stack_error(&op, r))? {
             return Err(element_count(take, taken));
         }
-        buf.extend_from_slice(inp.rd.head());
-        inp.rd.copy_payload(&mut buf)?;
-        if last_at.len() <= d.depth {
-            last_at.resize(d.depth + 1, 0);
+        u.bytes.extend_from_slice(inp.rd.head());
+        inp.rd.copy_payload(&mut u.bytes)?;
+        u.op_done();
+        if let Some(n) = end {
+            taken += u.emit(n, take - taken, op.offset, tr, &inp.dec, out)?;
         }
-        last_at[d.depth] = buf.len();
-        let Some(n) = end else { continue };
-        let k = n.min(take - taken);
-        let cut = if k == n {
-            buf.len()
-        } else {
-            // k < n only happens for a MARK batch, where the depth passed every 1 + k.
-            last_at
-                .get(1 + k as usize)
-                .copied()
-                .ok_or_else(|| stack_error(&op, "bad batch".into()))?
-        };
-        let mut rd = OpReader::with_base(&buf[..cut], 0);
-        while let Some(bop) = rd.next_op()? {
-            tr.copy_op(&bop, &mut rd, &inp.dec, out)?;
-        }
-        if k < n {
-            out.write_all(&[op::APPENDS])?;
-        }
-        taken += k;
     }
+    Ok(())
+}
+
+/// Copies whole buffered ops (payloads included) to `out`, rewritten as
+/// [`Translator::copy_op`] would, unchanged stretches as one slice each.
+fn translate<W: Write>(
+    s: &[u8],
+    tr: &mut Translator,
+    dec: &Decoder,
+    out: &mut Output<W>,
+) -> Result<(), FormatError> {
+    // `s[run..i]` is copied but not yet written.
+    let (mut i, mut run) = (0, 0);
+    while i < s.len() {
+        if let Some(len) = complete_len(&s[i..]) {
+            if !rewritten(s[i]) {
+                i += len;
+                continue;
+            }
+            out.buf.extend_from_slice(&s[run..i]);
+            run = i;
+            if tr.rewrite_fast(&s[i..i + len], dec, &mut out.buf)? {
+                i += len;
+                run = i;
+                out.spill()?;
+                continue;
+            }
+        }
+        out.buf.extend_from_slice(&s[run..i]);
+        let mut rd = OpReader::with_base(&s[i..], i as u64);
+        let Some(op) = rd.next_op()? else { break };
+        tr.copy_op(&op, &mut rd, dec, out)?;
+        i = rd.position() as usize;
+        run = i;
+        out.spill()?;
+    }
+    out.buf.extend_from_slice(&s[run..]);
+    out.spill()?;
     Ok(())
 }
 
@@ -528,7 +783,7 @@ pub(crate) fn merge<R: Read, W: Write>(
     first: (R, Header),
     out: W,
 ) -> Result<MergeSummary, FormatError> {
-    let mut out = std::io::BufWriter::with_capacity(WRITE_BUF, Counting { inner: out, n: 0 });
+    let mut out = Output::new(out);
     let mut used = vec![0u64; counts.len()];
     let mut written = 0u64;
     let mut tr = Translator::new();
@@ -580,6 +835,7 @@ pub(crate) fn merge<R: Read, W: Write>(
             };
             out.write_all(&write_header(&Descr::Object, &[total])?)?;
             out.write_all(&prologue(inp.dec.proto, module, total))?;
+            tr.memoize = inp.dec.proto >= 4;
         }
         tr.start_input(&inp.dec);
         let take = count.min(total - written);
@@ -594,7 +850,7 @@ pub(crate) fn merge<R: Read, W: Write>(
     }
     out.write_all(&EPILOGUE)?;
     out.flush()?;
-    let bytes_written = out.get_ref().n;
+    let bytes_written = out.n;
     Ok(MergeSummary {
         samples: written,
         bytes_written,

@@ -174,7 +174,7 @@ pub(crate) fn name(code: u8) -> &'static str {
 }
 
 /// The argument layout of `code`, or `None` for a byte that is no opcode.
-pub(crate) fn arg_kind(code: u8) -> Option<ArgKind> {
+pub(crate) const fn arg_kind(code: u8) -> Option<ArgKind> {
     use op::*;
     Some(match code {
         MARK | STOP | POP | POP_MARK | DUP | NONE | BINPERSID | REDUCE | APPEND | BUILD | DICT
@@ -212,8 +212,14 @@ pub(crate) enum Effect {
 }
 
 pub(crate) fn effect(code: u8) -> Effect {
+    EFFECTS[code as usize]
+}
+
+const fn effect_of(code: u8) -> Effect {
     use op::*;
-    let items = |pop, push| Effect::Items { pop, push };
+    const fn items(pop: u8, push: u8) -> Effect {
+        Effect::Items { pop, push }
+    }
     match code {
         MARK => Effect::Mark,
         POP => Effect::Pop,
@@ -230,6 +236,67 @@ pub(crate) fn effect(code: u8) -> Effect {
     }
 }
 
+/// [`effect`] of every byte, so the per-opcode cost is one load.
+const EFFECTS: [Effect; 256] = {
+    let mut t = [Effect::Mark; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = effect_of(i as u8);
+        i += 1;
+    }
+    t
+};
+
+/// In [`LAYOUT`]: the opcode's argument is a length of `entry & !COUNTED` bytes, then that many
+/// bytes.
+const COUNTED: u8 = 0x80;
+
+/// For [`complete_len`], by opcode: the whole op's length when it is fixed, `COUNTED | width`
+/// for a counted payload with an unsigned length, or 0 for what the fast path leaves to
+/// [`OpReader::next_op`]: text-line arguments (rare from protocol 3 on), signed lengths
+/// (`BINSTRING`, `LONG4`: they need a sign check), `PROTO`, and bytes that are no opcode.
+const LAYOUT: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = match arg_kind(i as u8) {
+            _ if i as u8 == op::PROTO => 0,
+            Some(ArgKind::None) => 1,
+            Some(ArgKind::Uint(n)) => 1 + n,
+            Some(ArgKind::Int4) => 5,
+            Some(ArgKind::Float8) => 9,
+            Some(ArgKind::Counted(w)) => COUNTED | w,
+            _ => 0,
+        };
+        i += 1;
+    }
+    t
+};
+
+/// Length of the op at the start of `s` (opcode, argument and payload) when all of it is in
+/// `s` and it is of a common form; `None` leaves it to [`OpReader::next_op`], which reads
+/// across buffer ends, streams large payloads and reports malformed ops.
+///
+/// This is what lets the merge work straight out of the read buffer: almost every op of a
+/// numpy pickle is a few bytes long, so almost every op is complete in a 64 KiB buffer.
+#[inline]
+pub(crate) fn complete_len(s: &[u8]) -> Option<usize> {
+    let layout = LAYOUT[*s.first()? as usize];
+    if layout & COUNTED == 0 {
+        let n = layout as usize;
+        return (n != 0 && s.len() >= n).then_some(n);
+    }
+    let w = (layout & !COUNTED) as usize;
+    let len = match s.get(1..1 + w)? {
+        &[b] => b as u64,
+        &[a, b, c, d] => u32::from_le_bytes([a, b, c, d]) as u64,
+        b => u64::from_le_bytes(b.try_into().ok()?),
+    };
+    // Compared as u64, so a huge (or malformed) length cannot overflow: it is just not here.
+    let have = (s.len() - 1 - w) as u64;
+    (len <= have).then_some(1 + w + len as usize)
+}
+
 /// The stack shape of a pickle stream, tracked without values: `depth` counts items and
 /// marks alike, so no opcode raises it by more than one.
 #[derive(Debug, Default, Clone)]
@@ -240,6 +307,34 @@ pub(crate) struct Depth {
 }
 
 impl Depth {
+    /// Applies `code` if it keeps to the stack it belongs to and returns true; otherwise
+    /// changes nothing and returns false, leaving [`Depth::apply`] to say what happened (the
+    /// end of the stack, or a malformed pickle). `POP` always goes to `apply`, being rare.
+    #[inline]
+    pub fn apply_fast(&mut self, code: u8) -> bool {
+        match effect(code) {
+            Effect::Mark => {
+                self.marks.push(self.depth);
+                self.depth += 1;
+            }
+            Effect::Items { pop, push } => {
+                // `apply` fails exactly when fewer than `pop` items sit above the topmost mark
+                // (or above the floor, without one).
+                let floor = self.marks.last().map_or(0, |m| m + 1);
+                if self.depth < floor + pop as usize {
+                    return false;
+                }
+                self.depth = self.depth - pop as usize + push as usize;
+            }
+            Effect::ToMark { push } => match self.marks.pop() {
+                Some(m) => self.depth = m + push as usize,
+                None => return false,
+            },
+            Effect::Pop => return false,
+        }
+        true
+    }
+
     /// Applies `code`, or says it would reach below `floor` (entries this tracker does not own).
     /// `Ok(false)` means the opcode would pop below the floor and nothing was changed.
     pub fn apply(&mut self, code: u8) -> Result<bool, String> {
@@ -343,6 +438,32 @@ impl<R: BufRead> OpReader<R> {
         }
     }
 
+    /// The bytes buffered from the next op on (any unread payload of the last op skipped),
+    /// for callers that take complete ops straight out of the buffer ([`complete_len`]) and
+    /// then [`OpReader::consume`] them; empty only at the end of the stream. Invalidates
+    /// [`OpReader::head`].
+    pub fn buffered(&mut self) -> Result<&[u8], FormatError> {
+        self.skip_payload()?;
+        self.head.clear();
+        // Retry interrupted reads first: returning the buffer from inside the retry loop
+        // would keep `self.r` borrowed across iterations.
+        loop {
+            match self.r.fill_buf() {
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        // Filled just now, so this returns the same bytes without reading.
+        Ok(self.r.fill_buf()?)
+    }
+
+    /// Marks the first `n` bytes of [`OpReader::buffered`] as read.
+    pub fn consume(&mut self, n: usize) {
+        self.r.consume(n);
+        self.pos += n as u64;
+    }
+
     /// The opcode byte and argument bytes of the last op (not its counted payload).
     pub fn head(&self) -> &[u8] {
         &self.head
@@ -427,48 +548,65 @@ impl<R: BufRead> OpReader<R> {
         self.skip_payload()?;
         self.head.clear();
         let offset = self.pos;
-        let mut b = [0u8; 1];
-        loop {
-            match self.r.read(&mut b) {
-                Ok(0) => return Ok(None),
-                Ok(_) => break,
+        let buf = loop {
+            match self.r.fill_buf() {
+                Ok(b) => break b,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
-        }
-        self.pos += 1;
-        let code = b[0];
-        self.head.push(code);
+        };
+        let Some(&code) = buf.first() else {
+            return Ok(None);
+        };
         let Some(kind) = arg_kind(code) else {
             return Err(FormatError::BadPickle {
                 offset,
                 reason: format!("unknown opcode 0x{code:02x}"),
             });
         };
+        // Bytes of fixed-width argument after the opcode (a length, for counted payloads).
+        let width = match kind {
+            ArgKind::None => Some(0),
+            ArgKind::Uint(n) | ArgKind::Counted(n) => Some(n as usize),
+            ArgKind::Int4 | ArgKind::CountedSigned4 => Some(4),
+            ArgKind::Float8 => Some(8),
+            ArgKind::Line | ArgKind::TwoLines => None,
+        };
+        match width {
+            // The usual case: the whole head is buffered; take it in one go.
+            Some(n) if buf.len() > n => {
+                self.head.extend_from_slice(&buf[..=n]);
+                self.r.consume(n + 1);
+                self.pos += n as u64 + 1;
+            }
+            _ => {
+                self.head.push(code);
+                self.r.consume(1);
+                self.pos += 1;
+                if let Some(n) = width {
+                    self.fill(n, code)?;
+                }
+            }
+        }
         let le = |b: &[u8]| b.iter().rev().fold(0u64, |acc, &x| (acc << 8) | x as u64);
         let mut int = 0i64;
         match kind {
             ArgKind::None => {}
-            ArgKind::Uint(n) => {
-                self.fill(n as usize, code)?;
+            ArgKind::Uint(_) => {
                 let v = le(&self.head[1..]);
                 int = i64::try_from(v).map_err(|_| FormatError::BadPickle {
                     offset,
                     reason: format!("{} argument {v} out of range", name(code)),
                 })?;
             }
-            ArgKind::Int4 => {
-                self.fill(4, code)?;
-                int = le(&self.head[1..]) as u32 as i32 as i64;
-            }
-            ArgKind::Float8 => self.fill(8, code)?,
+            ArgKind::Int4 => int = le(&self.head[1..]) as u32 as i32 as i64,
+            ArgKind::Float8 => {}
             ArgKind::Line => self.read_line(code)?,
             ArgKind::TwoLines => {
                 self.read_line(code)?;
                 self.read_line(code)?;
             }
-            ArgKind::Counted(n) => {
-                self.fill(n as usize, code)?;
+            ArgKind::Counted(_) => {
                 let len = le(&self.head[1..]);
                 int = i64::try_from(len).map_err(|_| FormatError::BadPickle {
                     offset,
@@ -477,7 +615,6 @@ impl<R: BufRead> OpReader<R> {
                 self.pending = len;
             }
             ArgKind::CountedSigned4 => {
-                self.fill(4, code)?;
                 let len = le(&self.head[1..]) as u32 as i32;
                 if len < 0 {
                     return Err(FormatError::BadPickle {
@@ -551,6 +688,7 @@ impl<R: BufRead> OpReader<R> {
 pub(crate) mod emit {
     use super::op;
 
+    #[inline]
     pub fn put(out: &mut Vec<u8>, idx: u32) {
         if let Ok(b) = u8::try_from(idx) {
             out.extend_from_slice(&[op::BINPUT, b]);
@@ -560,6 +698,7 @@ pub(crate) mod emit {
         }
     }
 
+    #[inline]
     pub fn get(out: &mut Vec<u8>, idx: u32) {
         if let Ok(b) = u8::try_from(idx) {
             out.extend_from_slice(&[op::BINGET, b]);

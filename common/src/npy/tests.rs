@@ -502,20 +502,131 @@ fn shared_objects_survive_renumbering_and_cuts() {
 }
 
 #[test]
-fn output_memo_is_explicit_and_fresh() {
-    let a = Pickler::npy(Style::Np2, &samples(0..300), 1000);
-    let (out, _) = merge_bytes(&[a.clone(), a], 600).unwrap();
-    let h = header::read_header(&mut &out[..]).unwrap();
-    let mut rd = OpReader::new(&out[h.data_offset as usize..]);
-    let mut next = 0;
-    while let Some(o) = rd.next_op().unwrap() {
-        assert!(o.code != op::MEMOIZE && o.code != op::FRAME, "{}", o.code);
-        if o.code == op::BINPUT || o.code == op::LONG_BINPUT {
-            assert_eq!(o.int, next);
-            next += 1;
+fn output_memo_is_sequential_and_memoize_from_protocol_4() {
+    // Output memo entries are written 0, 1, 2, ... in order: as `MEMOIZE` when the output
+    // declares protocol 4 (input 0 is numpy 2 style), else as explicit `BINPUT`s.
+    for (style, proto) in [(Style::Np1, 3), (Style::Np2, 4)] {
+        let a = Pickler::npy(style, &samples(0..300), 1000);
+        let b = Pickler::npy(Style::Np1, &samples(0..300), 1000);
+        let (out, _) = merge_bytes(&[a, b], 600).unwrap();
+        let h = header::read_header(&mut &out[..]).unwrap();
+        let mut rd = OpReader::new(&out[h.data_offset as usize..]);
+        let mut writes = 0;
+        let mut longest_read = 0;
+        while let Some(o) = rd.next_op().unwrap() {
+            match o.code {
+                op::PROTO => assert_eq!(o.int, proto),
+                op::FRAME => panic!("FRAME in the output"),
+                op::MEMOIZE => {
+                    assert_eq!(proto, 4, "MEMOIZE under protocol {proto}");
+                    writes += 1;
+                }
+                op::BINPUT | op::LONG_BINPUT => {
+                    assert_eq!(proto, 3, "explicit memo index under protocol {proto}");
+                    assert_eq!(o.int, writes);
+                    writes += 1;
+                }
+                op::BINGET | op::LONG_BINGET => {
+                    assert!(
+                        o.int < writes,
+                        "read of entry {} before it is written",
+                        o.int
+                    );
+                    longest_read = longest_read.max(o.int);
+                }
+                _ => {}
+            }
+        }
+        assert!(longest_read > 256, "LONG_BINGET exercised");
+    }
+}
+
+/// Serves a file a few bytes per `read`, so a `BufReader` on it never holds more than a few
+/// ops: every op boundary lands at a buffer's end somewhere.
+struct Trickle {
+    data: Vec<u8>,
+    pos: usize,
+    step: usize,
+}
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.step = self.step % 11 + 1;
+        let n = self.step.min(buf.len()).min(self.data.len() - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn fast_and_general_paths_agree() {
+    // Ops the fast path leaves to the general one: text-line arguments, signed lengths,
+    // POP, a FRAME inside an element, a payload larger than the read buffer, reads of the
+    // prologue's memo entries (np.float32 reuses its dtype global).
+    let big = {
+        let mut b = vec![op::BINBYTES];
+        b.extend_from_slice(&(200_000u32).to_le_bytes());
+        b.extend((0..200_000u32).map(|i| i as u8));
+        b
+    };
+    // Every element has the same keys; elements 1, 7, 8, 30 encode them the unusual way.
+    let element = |i: usize| {
+        let odd = [1, 7, 8, 30].contains(&i);
+        let pick = |raw: Vec<u8>, plain: T| if odd { T::Raw(raw) } else { plain };
+        T::D(vec![
+            ("line".into(), pick(b"I42\n".to_vec(), T::I(i as i64))),
+            (
+                "signed".into(),
+                pick(b"T\x02\x00\x00\x00ab".to_vec(), T::S("ab".into())),
+            ),
+            (
+                "pop".into(),
+                pick(vec![op::NONE, op::POP, op::NEWTRUE], T::B(false)),
+            ),
+            (
+                "frame".into(),
+                pick([&[op::FRAME][..], &[0; 8], &[op::NONE]].concat(), T::N),
+            ),
+            (
+                "big".into(),
+                if i == 1 { T::Raw(big.clone()) } else { T::N },
+            ),
+            ("f".into(), T::F32(i as f32)),
+        ])
+    };
+    for style in [Style::Np1, Style::Np2] {
+        let mut items: Vec<T> = (0..40).map(element).collect();
+        items[33] = T::Again(7);
+        let files = [
+            Pickler::npy(style, &items, 16),
+            Pickler::npy(style, &items[..13], 4),
+        ];
+        let counts = [40, 13];
+        for limit in [53, 40, 45, 48, 49, 20, 8, 2] {
+            let trickled = {
+                let mut out = Vec::new();
+                let s = merge(
+                    &counts,
+                    limit,
+                    |i| {
+                        Ok(Trickle {
+                            data: files[i].clone(),
+                            pos: 0,
+                            step: 0,
+                        })
+                    },
+                    &mut out,
+                )
+                .unwrap();
+                assert_eq!(s.bytes_written, out.len() as u64);
+                out
+            };
+            // Read through a 64 KiB buffer, nearly all ops take the fast path.
+            let whole = check_merge(&files, limit);
+            assert_eq!(trickled, whole, "limit {limit}");
         }
     }
-    assert!(next > 256, "LONG_BINPUT exercised");
 }
 
 #[test]
