@@ -31,9 +31,8 @@ use redb::{
     Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
     WriteTransaction,
 };
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
+use super::codec::{check_name, check_names, decode, encode, parse_num};
 use super::{
     CommitOutcome, CommitRecord, CreateJob, FailureRecord, JobRecord, MergeRecord, ObjectRecord,
     QuarantineOutcome, QuarantineRecord, StateError, StateStore,
@@ -192,44 +191,6 @@ fn key(job: &str, object: Option<&str>, nums: &[u32]) -> String {
 /// Range bounds covering every key that starts with `prefix/` (`'0'` follows `'/'`).
 fn children(prefix: &str) -> (String, String) {
     (format!("{prefix}/"), format!("{prefix}0"))
-}
-
-/// Refuses names that would break the key layout. Callers validate names long before they
-/// reach the store; this keeps a bug elsewhere from mixing up two jobs' keys.
-fn check_name(what: &str, name: &str) -> Result<(), StateError> {
-    if name.is_empty() || name.contains('/') {
-        return Err(StateError::Backend(format!(
-            "invalid {what} name {name:?} for the state store"
-        )));
-    }
-    Ok(())
-}
-
-fn check_names(job: &str, object: &str) -> Result<(), StateError> {
-    check_name("job", job)?;
-    check_name("object", object)
-}
-
-fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StateError> {
-    serde_json::to_vec(value).map_err(|e| StateError::Backend(format!("encoding {what}: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(
-    what: impl FnOnce() -> String,
-    bytes: &[u8],
-) -> Result<T, StateError> {
-    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
-        what: what(),
-        detail: e.to_string(),
-    })
-}
-
-/// The number after the last `/` of a key.
-fn parse_num(what: &str, k: &str, part: &str) -> Result<u32, StateError> {
-    part.parse::<u32>().map_err(|e| StateError::Corrupt {
-        what: what.to_string(),
-        detail: format!("key {k:?}: bad number {part:?}: {e}"),
-    })
 }
 
 fn require_job(txn: &WriteTransaction, job: &str) -> Result<(), StateError> {

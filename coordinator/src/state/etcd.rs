@@ -33,9 +33,8 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, SortOrder,
     SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
+use super::codec::{check_name, check_names, decode, encode, parse_num};
 use super::{
     CommitOutcome, CommitRecord, CreateJob, FailureRecord, JobRecord, MergeRecord, ObjectRecord,
     QuarantineOutcome, QuarantineRecord, StateError, StateStore,
@@ -646,44 +645,6 @@ fn key_under<'a>(
             detail: format!("key {k:?} is outside {dir:?}"),
         }),
     }
-}
-
-/// Refuses names that would break the key layout. Callers validate names long before they
-/// reach the store; this keeps a bug elsewhere from mixing up two jobs' keys.
-fn check_name(what: &str, name: &str) -> Result<(), StateError> {
-    if name.is_empty() || name.contains('/') {
-        return Err(StateError::Backend(format!(
-            "invalid {what} name {name:?} for the state store"
-        )));
-    }
-    Ok(())
-}
-
-fn check_names(job: &str, object: &str) -> Result<(), StateError> {
-    check_name("job", job)?;
-    check_name("object", object)
-}
-
-fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StateError> {
-    serde_json::to_vec(value).map_err(|e| StateError::Backend(format!("encoding {what}: {e}")))
-}
-
-fn decode<T: DeserializeOwned>(
-    what: impl FnOnce() -> String,
-    bytes: &[u8],
-) -> Result<T, StateError> {
-    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
-        what: what(),
-        detail: e.to_string(),
-    })
-}
-
-/// A zero-padded number of a key.
-fn parse_num(what: &str, k: &str, part: &str) -> Result<u32, StateError> {
-    part.parse::<u32>().map_err(|e| StateError::Corrupt {
-        what: what.to_string(),
-        detail: format!("key {k:?}: bad number {part:?}: {e}"),
-    })
 }
 
 #[cfg(test)]

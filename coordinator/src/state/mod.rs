@@ -7,6 +7,7 @@
 //! Two implementations share one contract, checked by one conformance suite
 //! (`state::conformance`): the embedded redb file (default on one machine) and etcd (cluster).
 
+mod codec;
 pub mod embedded;
 pub mod etcd;
 
