@@ -5,11 +5,19 @@
 //! Everything before the data list (the prologue) and after it (the epilogue) is evaluated by
 //! [`Decoder`]; the opcodes that append elements to the list are copied verbatim into one
 //! output list, with three rewrites that keep them meaningful in the new stream:
-//! - memo writes get fresh output indices (explicit `BINPUT`/`LONG_BINPUT`, never `MEMOIZE`,
-//!   whose index depends on everything written before) and memo reads follow a per-input table;
+//! - memo writes get fresh output indices 0, 1, 2, ... in output order (explicit
+//!   `BINPUT`/`LONG_BINPUT`, or `MEMOIZE` when the output declares protocol 4: the output memo
+//!   is dense, so its length is the next index) and memo reads follow a per-input table;
 //! - reads of memo entries the input's prologue made (numpy 2 reuses its module-name string,
 //!   numpy 1 its `numpy dtype` global) are replaced by a fresh copy of that value;
 //! - `FRAME` and `PROTO` are dropped, since frame lengths no longer hold.
+//!
+//! Almost every op of a numpy pickle is a few bytes and needs no rewriting, so the copy works
+//! straight out of the read buffer: complete ops of a common form are scanned there (argument
+//! lengths and stack effects are table lookups) and unchanged stretches are copied as one
+//! slice; anything else (an op cut by the buffer's end, a large payload, a read of the
+//! prologue's memo, a malformed op) goes one at a time through [`OpReader::next_op`], which
+//! also gives the errors. Both paths write the same bytes.
 //!
 //! Cutting an input short needs element boundaries. Inside one `MARK ... APPENDS` batch the
 //! elements are the stack entries above the mark; counting marks and items alike, no opcode
@@ -142,7 +150,7 @@ struct Translator {
     /// The input's own `len(memo)`, which is what its `MEMOIZE`s write to.
     in_len: u32,
     /// Write memo entries with `MEMOIZE` rather than `BINPUT`/`LONG_BINPUT`; see
-    /// [`Translator::put`].
+    /// [`put`].
     memoize: bool,
     scratch: Vec<u8>,
 }
@@ -608,7 +616,7 @@ fn element_count(expected: u64, actual: u64) -> FormatError {
 struct Unit {
     d: Depth,
     bytes: Vec<u8>,
-    /// last_at[l]: offset in `bytes` after the last opcode that left the depth at l.
+    /// `last_at[l]`: offset in `bytes` after the last opcode that left the depth at `l`.
     last_at: Vec<usize>,
 }
 
