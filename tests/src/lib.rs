@@ -10,6 +10,7 @@ use std::process::Command;
 use quarry_coordinator::cli::{Cli, Command as Cmd, RunOutcome};
 use sha2::{Digest, Sha256};
 
+pub mod cluster;
 pub mod etcd;
 pub mod s3;
 use tokio_util::sync::CancellationToken;

@@ -2,23 +2,13 @@
 //! and workers use, and `coordinator serve --store s3://bucket/prefix` with a worker process
 //! giving finals byte-identical to `coordinator run` on a local directory.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use quarry_common::storage::{StoreError, hex};
+use quarry_tests::cluster::{Killed, served_job_file, spawn_worker, submit};
 use quarry_tests::s3::Moto;
 use quarry_tests::*;
 use sha2::{Digest, Sha256};
-
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_list_download_and_delete_on_s3() {
@@ -98,64 +88,13 @@ async fn put_list_download_and_delete_on_s3() {
 }
 
 fn job_file(dir: &Path, root: &Path) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-exp_name = "served"
-objects = ["obj_a", "obj_b"]
-target_count_per_object = 90
-round_batch_size = 25
-num_iterations = 2
-seed_base = 5
-final_dir_mode = "both"
-root = "{root}"
-[generator]
-argv = ["python3", "main.py", "--name", "{{name}}", "--object_code", "{{object}}", "--batch_size", "{{batch_size}}",
-        "--num_iterations", "{{num_iterations}}", "--seed", "{{seed}}", "--gpu", "0", "--yield_mode", "uneven"]
-cwd = "BimanGrasp-Optimization"
-output = "data/experiments/{{name}}/results/{{object}}.npy"
-round_dir = "data/experiments/{{name}}"
-"#,
-        root = root.display()
-    );
-    let p = dir.join("job.toml");
-    std::fs::write(&p, text).expect("write job file");
-    p
+    served_job_file(dir, root, "final_dir_mode = \"both\"")
 }
 
 /// `coordinator serve` on `store_url` with `env`; its address once it listens.
 fn start_serve(home: &Path, store_url: &str, env: &[(&str, String)]) -> (Killed, String) {
-    let mut serve = Command::new(bin("coordinator"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--lease-ttl", "5"])
-        .arg("--state")
-        .arg(format!("file://{}", home.join("state.redb").display()))
-        .arg("--store")
-        .arg(store_url)
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start coordinator");
-    let stderr = serve.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let log = home.join("coordinator.log");
-    std::thread::spawn(move || {
-        let mut out = std::fs::File::create(log).expect("coordinator log");
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            use std::io::Write;
-            let _ = writeln!(out, "{line}");
-            if let Some(rest) = line.strip_prefix("coordinator listening on ") {
-                let _ = tx.send(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
-                );
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("coordinator printed its address");
-    (Killed(serve), addr)
+    let state = format!("file://{}", home.join("state.redb").display());
+    quarry_tests::cluster::start_serve(&state, store_url, "5", env, &home.join("coordinator.log"))
 }
 
 fn logs(home: &Path) -> String {
@@ -179,25 +118,8 @@ async fn serve_and_worker_on_s3_give_the_same_finals_as_a_local_run() {
     let store_url = format!("s3://{}/team/runs", moto.bucket());
 
     let (_serve, addr) = start_serve(home.path(), &store_url, &env);
-    let worker_log = std::fs::File::create(home.path().join("worker.log")).unwrap();
-    let _worker = Killed(
-        Command::new(bin("worker"))
-            .args(["--gpu", "0,1", "--coordinator", &addr])
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stderr(worker_log)
-            .spawn()
-            .unwrap(),
-    );
-    let submit = Command::new(bin("coordinator"))
-        .args([
-            "submit",
-            job.to_str().unwrap(),
-            "--coordinator",
-            &addr,
-            "--watch",
-        ])
-        .output()
-        .unwrap();
+    let _worker = spawn_worker(&addr, "0,1", &env, Some(&home.path().join("worker.log")));
+    let submit = submit(&job, &addr, true);
     let submit_err = String::from_utf8_lossy(&submit.stderr);
     assert!(
         submit.status.success() && submit_err.contains("job served: done"),

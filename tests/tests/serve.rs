@@ -2,42 +2,14 @@
 //! separate processes on one machine, sharing a directory store: the finals are byte-identical
 //! to `coordinator run` of the same job.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use quarry_tests::cluster::{Killed, served_job_file, spawn_worker, submit};
 use quarry_tests::*;
 
-struct Killed(Child);
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn job_file(dir: &std::path::Path, root: &std::path::Path) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-exp_name = "served"
-objects = ["obj_a", "obj_b"]
-target_count_per_object = 90
-round_batch_size = 25
-num_iterations = 2
-seed_base = 5
-root = "{root}"
-[generator]
-argv = ["python3", "main.py", "--name", "{{name}}", "--object_code", "{{object}}", "--batch_size", "{{batch_size}}",
-        "--num_iterations", "{{num_iterations}}", "--seed", "{{seed}}", "--gpu", "0", "--yield_mode", "uneven"]
-cwd = "BimanGrasp-Optimization"
-output = "data/experiments/{{name}}/results/{{object}}.npy"
-round_dir = "data/experiments/{{name}}"
-"#,
-        root = root.display()
-    );
-    let p = dir.join("job.toml");
-    std::fs::write(&p, text).expect("write job file");
-    p
+    served_job_file(dir, root, "")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,23 +21,8 @@ async fn serve_worker_submit_status_as_processes() {
 
     let (serve, addr) = start_serve(home.path(), &store, "5");
 
-    let _worker = Killed(
-        Command::new(bin("worker"))
-            .args(["--gpu", "0,1", "--coordinator", &addr])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let submit = Command::new(bin("coordinator"))
-        .args([
-            "submit",
-            job.to_str().unwrap(),
-            "--coordinator",
-            &addr,
-            "--watch",
-        ])
-        .output()
-        .unwrap();
+    let _worker = spawn_worker(&addr, "0,1", &[], None);
+    let submit = submit(&job, &addr, true);
     let submit_err = String::from_utf8_lossy(&submit.stderr);
     assert!(submit.status.success(), "{submit_err}");
     assert_eq!(String::from_utf8_lossy(&submit.stdout).trim(), "served");
@@ -145,33 +102,14 @@ fn start_serve(home: &std::path::Path, store: &std::path::Path, ttl: &str) -> (K
 }
 
 fn start_serve_with_state(state: &str, store: &std::path::Path, ttl: &str) -> (Killed, String) {
-    let mut serve = Command::new(bin("coordinator"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--lease-ttl", ttl])
-        .arg("--state")
-        .arg(state)
-        .arg("--store")
-        .arg(format!("file://{}", store.display()))
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start coordinator");
-    let stderr = serve.stderr.take().expect("stderr");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("coordinator listening on ") {
-                let _ = tx.send(
-                    rest.split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string(),
-                );
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("coordinator printed its address");
-    (Killed(serve), addr)
+    let store_url = format!("file://{}", store.display());
+    quarry_tests::cluster::start_serve(
+        state,
+        &store_url,
+        ttl,
+        &[],
+        &store.with_extension("coordinator.log"),
+    )
 }
 
 /// A worker killed with SIGKILL mid-round stops heartbeating; after the lease TTL its round is
@@ -188,17 +126,8 @@ async fn a_killed_workers_round_is_reissued_after_the_lease_ttl() {
     std::fs::write(&job, text).unwrap();
     let (_serve, addr) = start_serve(home.path(), &store, "2");
 
-    let mut doomed = Killed(
-        Command::new(bin("worker"))
-            .args(["--gpu", "0", "--coordinator", &addr])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let submit = Command::new(bin("coordinator"))
-        .args(["submit", job.to_str().unwrap(), "--coordinator", &addr])
-        .output()
-        .unwrap();
+    let mut doomed = spawn_worker(&addr, "0", &[], None);
+    let submit = submit(&job, &addr, false);
     assert!(
         submit.status.success(),
         "{}",
@@ -218,13 +147,7 @@ async fn a_killed_workers_round_is_reissued_after_the_lease_ttl() {
     doomed.0.kill().unwrap(); // SIGKILL, mid-round
     doomed.0.wait().unwrap();
 
-    let _rescuer = Killed(
-        Command::new(bin("worker"))
-            .args(["--gpu", "1", "--coordinator", &addr])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _rescuer = spawn_worker(&addr, "1", &[], None);
     let watch = Command::new(bin("coordinator"))
         .args(["status", "served", "--watch", "--coordinator", &addr])
         .output()
@@ -284,23 +207,8 @@ async fn serve_with_etcd_state_gives_the_same_finals() {
         .to_string();
     let (_serve, addr) =
         start_serve_with_state(&format!("etcd://{hostport}/quarry-e2e"), &store, "5");
-    let _worker = Killed(
-        Command::new(bin("worker"))
-            .args(["--gpu", "0,1", "--coordinator", &addr])
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let submit = Command::new(bin("coordinator"))
-        .args([
-            "submit",
-            job.to_str().unwrap(),
-            "--coordinator",
-            &addr,
-            "--watch",
-        ])
-        .output()
-        .unwrap();
+    let _worker = spawn_worker(&addr, "0,1", &[], None);
+    let submit = submit(&job, &addr, true);
     assert!(
         submit.status.success(),
         "{}",

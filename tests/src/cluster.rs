@@ -1,0 +1,119 @@
+//! Quarry processes for multi-process tests: `coordinator serve` on a free port, `worker`
+//! agents, `coordinator submit --watch`, each killed when its guard is dropped.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use crate::bin;
+
+/// A child process killed (and reaped) when dropped.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The two-object job the multi-process tests run (exp `served`), in legacy layout under
+/// `root`; `extra` is TOML inserted before `[generator]`.
+pub fn served_job_file(dir: &Path, root: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"
+exp_name = "served"
+objects = ["obj_a", "obj_b"]
+target_count_per_object = 90
+round_batch_size = 25
+num_iterations = 2
+seed_base = 5
+root = "{root}"
+{extra}
+[generator]
+argv = ["python3", "main.py", "--name", "{{name}}", "--object_code", "{{object}}", "--batch_size", "{{batch_size}}",
+        "--num_iterations", "{{num_iterations}}", "--seed", "{{seed}}", "--gpu", "0", "--yield_mode", "uneven"]
+cwd = "BimanGrasp-Optimization"
+output = "data/experiments/{{name}}/results/{{object}}.npy"
+round_dir = "data/experiments/{{name}}"
+"#,
+        root = root.display()
+    );
+    let p = dir.join("job.toml");
+    std::fs::write(&p, text).expect("write job file");
+    p
+}
+
+/// Starts `coordinator serve` on a free loopback port with `--state state --store store`,
+/// its stderr copied to `log`; returns it and the address it printed once listening.
+pub fn start_serve(
+    state: &str,
+    store: &str,
+    ttl: &str,
+    env: &[(&str, String)],
+    log: &Path,
+) -> (Killed, String) {
+    let mut serve = Command::new(bin("coordinator"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--lease-ttl",
+            ttl,
+            "--state",
+            state,
+            "--store",
+            store,
+        ])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator");
+    let stderr = serve.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut out = std::fs::File::create(log).expect("coordinator log");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = writeln!(out, "{line}");
+            if let Some(rest) = line.strip_prefix("coordinator listening on ") {
+                let _ = tx.send(
+                    rest.split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                );
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("coordinator printed its address");
+    (Killed(serve), addr)
+}
+
+/// Starts `worker --gpu gpus --coordinator addr`, its stderr to `log` (discarded if `None`).
+pub fn spawn_worker(addr: &str, gpus: &str, env: &[(&str, String)], log: Option<&Path>) -> Killed {
+    let stderr = match log {
+        Some(p) => Stdio::from(std::fs::File::create(p).expect("worker log")),
+        None => Stdio::null(),
+    };
+    Killed(
+        Command::new(bin("worker"))
+            .args(["--gpu", gpus, "--coordinator", addr])
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stderr(stderr)
+            .spawn()
+            .expect("start worker"),
+    )
+}
+
+/// `coordinator submit JOB --coordinator addr [--watch]`, waited for.
+pub fn submit(job: &Path, addr: &str, watch: bool) -> Output {
+    let mut cmd = Command::new(bin("coordinator"));
+    cmd.arg("submit").arg(job).args(["--coordinator", addr]);
+    if watch {
+        cmd.arg("--watch");
+    }
+    cmd.output().expect("run coordinator submit")
+}
