@@ -57,8 +57,6 @@ pub enum CoordError {
     UnknownWorker(String),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("{0}")]
-    Invalid(String),
 }
 
 #[derive(Debug, Clone)]

@@ -27,7 +27,6 @@ pub fn to_status(e: CoordError) -> Status {
         e @ CoordError::SpecChanged { .. } => Status::failed_precondition(e.to_string()),
         e @ CoordError::JobNotFound(_) => Status::not_found(e.to_string()),
         e @ CoordError::UnknownWorker(_) => Status::failed_precondition(e.to_string()),
-        e @ CoordError::Invalid(_) => Status::invalid_argument(e.to_string()),
         CoordError::State(e) => Status::unavailable(e.to_string()),
     }
 }
