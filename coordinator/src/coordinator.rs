@@ -168,6 +168,7 @@ impl Coordinator {
         self.shutdown.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.state.close().await;
     }
 
     /// Runs `fut` as a tracked background task that `close` waits for.

@@ -52,7 +52,8 @@ const NUM_WIDTH: usize = 10;
 
 /// Coordinator state in a local redb file (the default on one machine).
 pub struct EmbeddedStore {
-    db: Arc<Database>,
+    /// `None` once [`StateStore::close`] has released the file.
+    db: std::sync::Mutex<Option<Arc<Database>>>,
     path: PathBuf,
 }
 
@@ -105,7 +106,7 @@ impl EmbeddedStore {
         txn.commit()
             .map_err(backend("initializing the state file"))?;
         Ok(EmbeddedStore {
-            db: Arc::new(db),
+            db: std::sync::Mutex::new(Some(Arc::new(db))),
             path: path.to_path_buf(),
         })
     }
@@ -115,6 +116,14 @@ impl EmbeddedStore {
         &self.path
     }
 
+    /// The open database, or an error naming the file once the store is closed.
+    fn db(&self) -> Result<Arc<Database>, StateError> {
+        let guard = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        guard.as_ref().map(Arc::clone).ok_or_else(|| {
+            StateError::Backend(format!("the state file {} is closed", self.path.display()))
+        })
+    }
+
     /// Runs `f` in one write transaction on the blocking pool. `f` says whether to commit
     /// ([`Txn::Commit`]) or to abort because it wrote nothing; an error aborts too.
     async fn write<T, F>(&self, op: &'static str, f: F) -> Result<T, StateError>
@@ -122,7 +131,7 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&WriteTransaction) -> Result<Txn<T>, StateError> + Send + 'static,
     {
-        let db = Arc::clone(&self.db);
+        let db = self.db()?;
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_write().map_err(backend(op))?;
             match f(&txn) {
@@ -151,7 +160,7 @@ impl EmbeddedStore {
         T: Send + 'static,
         F: FnOnce(&ReadTransaction) -> Result<T, StateError> + Send + 'static,
     {
-        let db = Arc::clone(&self.db);
+        let db = self.db()?;
         tokio::task::spawn_blocking(move || {
             let txn = db.begin_read().map_err(backend(op))?;
             f(&txn)
@@ -205,6 +214,27 @@ fn require_job(txn: &WriteTransaction, job: &str) -> Result<(), StateError> {
 
 #[async_trait]
 impl StateStore for EmbeddedStore {
+    async fn close(&self) {
+        let taken = self.db.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(mut db) = taken else { return };
+        // A transaction still running on the blocking pool holds a clone; it is short, so wait
+        // for it (bounded) to be sure the file lock is gone when `close` returns.
+        for _ in 0..500 {
+            match Arc::try_unwrap(db) {
+                Ok(db) => {
+                    drop(db);
+                    return;
+                }
+                Err(shared) => db = shared,
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tracing::warn!(
+            path = %self.path.display(),
+            "a state transaction is still running after 5 s; the file is released when it ends"
+        );
+    }
+
     async fn create_job(&self, job: &JobRecord) -> Result<CreateJob, StateError> {
         check_name("job", &job.id)?;
         let id = job.id.clone();
@@ -754,12 +784,29 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn close_releases_the_file_while_handles_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let first = Arc::new(EmbeddedStore::open(&path).unwrap());
+        assert_eq!(first.bump_epoch().await.unwrap(), 1);
+        // A clone held elsewhere (a task winding down) must not keep the file locked.
+        let lingering = Arc::clone(&first);
+        first.close().await;
+        let again = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(again.bump_epoch().await.unwrap(), 2);
+        let err = lingering.bump_epoch().await.unwrap_err();
+        assert!(err.to_string().contains("is closed"), "{err}");
+        // Closing twice is harmless.
+        lingering.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn undecodable_record_is_reported_as_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let store = open_in(&dir, "state.redb");
         store.create_job(&conformance::job("j")).await.unwrap();
         {
-            let txn = store.db.begin_write().unwrap();
+            let txn = store.db().unwrap().begin_write().unwrap();
             {
                 let mut commits = txn.open_table(COMMITS).unwrap();
                 commits

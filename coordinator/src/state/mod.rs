@@ -207,4 +207,8 @@ pub trait StateStore: Send + Sync + 'static {
     /// Increments and returns the coordinator epoch (1 on a fresh store). Attempt ids carry
     /// the epoch so that they stay unique across coordinator restarts.
     async fn bump_epoch(&self) -> Result<u64, StateError>;
+    /// Releases the backend (the embedded store's file lock) before the store is dropped, so
+    /// that the next coordinator can open it at once even while clones of the handle linger
+    /// in tasks that are winding down. Every later call fails with [`StateError::Backend`].
+    async fn close(&self) {}
 }
