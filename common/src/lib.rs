@@ -3,3 +3,4 @@
 pub mod names;
 pub mod npy;
 pub mod storage;
+pub mod transport;

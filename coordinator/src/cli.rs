@@ -8,14 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 use quarry_common::storage::Store;
+use quarry_common::transport::{ServerSecurity, ServerSecurityArgs};
 use quarry_proto::v1 as pb;
-use quarry_proto::v1::job_service_client::JobServiceClient;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
+use crate::client::{ClientArgs, JobClient};
 use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::election::Election;
 use crate::progress::{self, Progress, ProgressMode};
+use crate::service::Leadership;
 use crate::spec::{FinalDirMode, JobSpec};
 use crate::state::StateStore;
 use crate::state::embedded::EmbeddedStore;
@@ -40,10 +42,12 @@ pub enum Command {
     Run(RunArgs),
     /// Serve the coordinator for remote workers and `submit`.
     Serve(ServeArgs),
-    /// Submit a job file to a running coordinator.
+    /// Submit a job (a job file, or scale_runner-style flags) to a running coordinator.
     Submit(SubmitArgs),
     /// Show a job's progress (or every job's).
     Status(StatusArgs),
+    /// List the jobs a coordinator knows, one line each.
+    Jobs(JobsArgs),
     /// Stop a job: no more rounds are handed out; running attempts are stopped.
     Cancel(CancelArgs),
 }
@@ -133,25 +137,45 @@ pub struct ServeArgs {
     /// Seconds a worker may go without a heartbeat before its round is re-issued.
     #[arg(long = "lease-ttl", default_value = "30")]
     pub lease_ttl: u64,
+    /// Address workers and the CLI reach this process at (host:port), which standbys name
+    /// as the leader's [default: the --listen address, or this host's name with its port].
+    #[arg(long, env = "QUARRY_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Seconds the leader's etcd lease lives without renewal: how soon a standby takes over
+    /// after the leader dies (etcd state only).
+    #[arg(long = "election-ttl", default_value = "10")]
+    pub election_ttl: u64,
+    #[command(flatten)]
+    pub security: ServerSecurityArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
-    /// Job file (TOML; see docs/job-file.md).
-    pub job: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub coordinator: String,
+    /// Job file (TOML; see docs/job-file.md). Without one, the job comes from the
+    /// scale_runner-style flags alone (the legacy generator, as `coordinator run` builds it).
+    pub job: Option<PathBuf>,
+    #[command(flatten)]
+    pub legacy: LegacyFlags,
+    /// The job's root on the workers (where BimanGrasp-Optimization/ is) [default: the job
+    /// file's directory, or the current directory].
+    #[arg(long = "root")]
+    pub root: Option<PathBuf>,
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Follow progress until the job ends.
     #[arg(long)]
     pub watch: bool,
+    /// Print the answer as JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
     /// Job id (its exp_name); every job when omitted.
     pub job: Option<String>,
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub coordinator: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Follow progress until the job ends.
     #[arg(long)]
     pub watch: bool,
@@ -161,10 +185,22 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct CancelArgs {
     pub job: String,
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub coordinator: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Print the answer as JSON for scripts.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Runs a parsed command; returns the process exit code.
@@ -176,14 +212,21 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve(a) => serve(a, shutdown_on_signal()).await.map(|()| 0),
         Command::Submit(a) => submit(a).await,
         Command::Status(a) => status(a).await,
+        Command::Jobs(a) => jobs(a).await,
         Command::Cancel(a) => {
-            let mut c = connect(&a.coordinator).await?;
-            c.cancel_job(pb::CancelJobRequest {
-                job_id: a.job.clone(),
+            let mut c = JobClient::new(&a.client)?;
+            let job_id = a.job.clone();
+            c.call(|mut c| {
+                let job_id = job_id.clone();
+                async move { c.cancel_job(pb::CancelJobRequest { job_id }).await }
             })
             .await
             .map_err(rpc_err)?;
-            println!("job {} cancelled", a.job);
+            if a.json {
+                println!("{}", serde_json::json!({ "job": a.job, "cancelled": true }));
+            } else {
+                println!("job {} cancelled", a.job);
+            }
             Ok(0)
         }
     }
@@ -209,26 +252,6 @@ fn shutdown_on_signal() -> CancellationToken {
 
 fn rpc_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
-}
-
-async fn connect(addr: &str) -> anyhow::Result<JobServiceClient<Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let ch = Channel::from_shared(url.clone())
-        .with_context(|| format!("coordinator address {addr:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the coordinator at {addr}; is `coordinator serve` running?")
-        })?;
-    Ok(JobServiceClient::new(ch)
-        .max_decoding_message_size(16 << 20)
-        .max_encoding_message_size(16 << 20))
 }
 
 /// Reads a job file: TOML with the job spec's fields. `root` defaults to the file's directory;
@@ -258,8 +281,17 @@ pub fn read_job_file(path: &Path) -> anyhow::Result<JobSpec> {
 
 /// Builds the spec of `coordinator run` from flags (and a job file, if given).
 pub fn spec_from_flags(a: &RunArgs) -> anyhow::Result<JobSpec> {
-    let l = &a.legacy;
-    let mut spec = match &a.job {
+    spec_from(&a.legacy, a.job.as_deref(), a.root.as_deref())
+}
+
+/// A job spec from scale_runner-style flags over an optional job file; `root` defaults to the
+/// job file's directory, or to the current directory without one.
+pub fn spec_from(
+    l: &LegacyFlags,
+    job: Option<&Path>,
+    root: Option<&Path>,
+) -> anyhow::Result<JobSpec> {
+    let mut spec = match job {
         Some(path) => read_job_file(path)?,
         None => {
             let exp_name = l
@@ -327,9 +359,9 @@ pub fn spec_from_flags(a: &RunArgs) -> anyhow::Result<JobSpec> {
     if !l.extra.is_empty() {
         spec.generator.extra_args = l.extra.clone();
     }
-    if let Some(r) = &a.root {
+    if let Some(r) = root {
         spec.root = std::path::absolute(r)?;
-    } else if a.job.is_none() {
+    } else if job.is_none() {
         spec.root = std::env::current_dir()?;
     }
     Ok(spec)
@@ -390,8 +422,9 @@ pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let server = tokio::spawn(crate::service::serve(
-        Arc::clone(&coord),
+        Leadership::leading(Arc::clone(&coord)),
         listener,
+        ServerSecurity::default(),
         shutdown.clone(),
     ));
     let agents_stop = CancellationToken::new();
@@ -414,10 +447,13 @@ async fn drive(
     agents_stop: &CancellationToken,
     stop: CancellationToken,
 ) -> anyhow::Result<RunOutcome> {
-    let mut client = connect(&addr.to_string()).await?;
+    let mut client = JobClient::new(&ClientArgs::plain(&addr.to_string()))?;
     let spec_json = serde_json::to_string(spec)?;
     let resp = client
-        .submit(pb::SubmitRequest { spec_json })
+        .call(|mut c| {
+            let spec_json = spec_json.clone();
+            async move { c.submit(pb::SubmitRequest { spec_json }).await }
+        })
         .await
         .map_err(rpc_err)?
         .into_inner();
@@ -433,9 +469,11 @@ async fn drive(
 
     let started = Instant::now();
     let mut progress = Progress::new(a.progress);
+    let job_id = resp.job_id.clone();
     let mut stream = client
-        .watch_job(pb::GetJobRequest {
-            job_id: resp.job_id.clone(),
+        .call(|mut c| {
+            let job_id = job_id.clone();
+            async move { c.watch_job(pb::GetJobRequest { job_id }).await }
         })
         .await
         .map_err(rpc_err)?
@@ -508,96 +546,320 @@ pub async fn open_state(url: &str) -> anyhow::Result<Arc<dyn StateStore>> {
         return Ok(Arc::new(EmbeddedStore::open(&std::path::absolute(path)?)?));
     }
     if let Some(rest) = url.strip_prefix("etcd://") {
-        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, "quarry"));
-        let endpoints: Vec<String> = hosts
-            .split(',')
-            .filter(|h| !h.is_empty())
-            .map(|h| format!("http://{h}"))
-            .collect();
-        if endpoints.is_empty() {
-            bail!("--state {url:?}: no etcd endpoints; use etcd://host:2379[,host2:2379]/prefix");
-        }
-        let prefix = format!("/{}", prefix.trim_matches('/'));
+        let (endpoints, prefix) = etcd_url(url, rest)?;
         return Ok(Arc::new(EtcdStore::connect(&endpoints, &prefix).await?));
     }
     bail!("--state {url:?}: use file://<path> or etcd://host:2379[,host2:2379]/prefix")
 }
 
-/// `coordinator serve`: the coordinator for remote workers, until `shutdown`.
+/// Opens `--store`: `file://<dir>` (or a bare path) or `s3://bucket/prefix`.
+fn open_store(url: &str) -> anyhow::Result<Store> {
+    if url.starts_with("s3://") {
+        return Ok(Store::open(url)?);
+    }
+    let dir = url.strip_prefix("file://").unwrap_or(url);
+    Ok(Store::open_dir(&std::path::absolute(dir)?)?)
+}
+
+/// The address standbys give out for this process: `--advertise`, else the listening address
+/// with this host's name in place of an unspecified IP.
+fn advertised(a: &ServeArgs, local: std::net::SocketAddr) -> String {
+    if let Some(adv) = &a.advertise {
+        return adv.clone();
+    }
+    if local.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        if !host.is_empty() {
+            return format!("{host}:{}", local.port());
+        }
+    }
+    local.to_string()
+}
+
+/// `coordinator serve`: the coordinator for remote workers, until `shutdown`. With etcd state
+/// it first campaigns for leadership and serves as a standby (pointing clients to the leader)
+/// until it wins.
 pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let state = open_state(&a.state).await?;
-    let store = if a.store.starts_with("s3://") {
-        Store::open(&a.store)?
-    } else {
-        let store_dir = a.store.strip_prefix("file://").unwrap_or(&a.store);
-        Store::open_dir(&std::path::absolute(store_dir)?)?
-    };
-    let cfg = CoordinatorConfig {
-        lease_ttl: Duration::from_secs(a.lease_ttl.max(1)),
-        ..Default::default()
-    };
+    let store = open_store(&a.store)?;
+    let security = a.security.load()?;
+    let lease_ttl = Duration::from_secs(a.lease_ttl.max(1));
     let listener = TcpListener::bind(&a.listen)
         .await
         .with_context(|| format!("--listen {}", a.listen))?;
-    let coord = Coordinator::start(cfg, state, store, shutdown.clone()).await?;
+    let local = listener.local_addr()?;
+    let advertise = advertised(&a, local);
+    let leadership = Leadership::standby();
+    // The embedded store has no election: lead before serving, so the first call finds a
+    // leader. With etcd, serve as a standby while campaigning.
+    let embedded = match a.state.strip_prefix("etcd://") {
+        Some(_) => None,
+        None => {
+            let state = open_state(&a.state).await?;
+            let cfg = CoordinatorConfig {
+                lease_ttl,
+                // Rounds a previous run handed out may still be running on remote workers:
+                // let them re-register and have them adopted before handing out more.
+                adopt_window: lease_ttl,
+                ..Default::default()
+            };
+            let coord =
+                Coordinator::start(cfg, state, store.clone(), shutdown.child_token()).await?;
+            leadership.lead(Arc::clone(&coord));
+            Some(coord)
+        }
+    };
+    let server = tokio::spawn(crate::service::serve(
+        Arc::clone(&leadership),
+        listener,
+        security,
+        shutdown.clone(),
+    ));
     eprintln!(
-        "coordinator listening on {} (store {})",
-        listener.local_addr()?,
-        coord.store().url()
+        "coordinator listening on {local} (advertised as {advertise}, store {})",
+        store.url()
     );
-    let served = crate::service::serve(Arc::clone(&coord), listener, shutdown.clone()).await;
+    let mut server = server;
+    let lead = async {
+        match (embedded, a.state.strip_prefix("etcd://")) {
+            (Some(coord), _) => {
+                shutdown.cancelled().await;
+                leadership.step_down();
+                coord.close().await;
+                Ok(())
+            }
+            (None, Some(rest)) => {
+                let (endpoints, prefix) = etcd_url(&a.state, rest)?;
+                let cfg = CoordinatorConfig {
+                    lease_ttl,
+                    // Rounds a previous leader handed out are still running: let their workers
+                    // re-register and have them adopted before anything is handed out again.
+                    adopt_window: lease_ttl,
+                    ..Default::default()
+                };
+                lead_with_etcd(
+                    &endpoints,
+                    &prefix,
+                    Duration::from_secs(a.election_ttl.max(2)),
+                    &advertise,
+                    cfg,
+                    store,
+                    &leadership,
+                    &shutdown,
+                )
+                .await
+            }
+            (None, None) => Ok(()),
+        }
+    };
+    let led = tokio::select! {
+        led = lead => led,
+        // The server ending by itself (a TLS setup error, a crash) ends the process.
+        served = &mut server => {
+            shutdown.cancel();
+            served??;
+            bail!("the gRPC server stopped unexpectedly");
+        }
+    };
     shutdown.cancel();
+    let served = server.await;
+    led?;
+    served??;
+    Ok(())
+}
+
+/// Splits `etcd://h1:2379,h2:2379/prefix` (given as `rest`, after the scheme).
+fn etcd_url(url: &str, rest: &str) -> anyhow::Result<(Vec<String>, String)> {
+    let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, "quarry"));
+    let endpoints: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("http://{h}"))
+        .collect();
+    if endpoints.is_empty() {
+        bail!("--state {url:?}: no etcd endpoints; use etcd://host:2379[,host2:2379]/prefix");
+    }
+    Ok((endpoints, format!("/{}", prefix.trim_matches('/'))))
+}
+
+/// Campaigns, leads once elected, and returns when `shutdown` is cancelled (resigning, so a
+/// standby takes over at once) or with an error when leadership is lost.
+#[allow(clippy::too_many_arguments)]
+async fn lead_with_etcd(
+    endpoints: &[String],
+    prefix: &str,
+    election_ttl: Duration,
+    advertise: &str,
+    cfg: CoordinatorConfig,
+    store: Store,
+    leadership: &Arc<Leadership>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let election = Arc::new(Election::connect(endpoints, prefix, election_ttl).await?);
+    // While campaigning, keep the leader's address current for the standby's answers.
+    let hints = {
+        let (e, l, stop) = (
+            Arc::clone(&election),
+            Arc::clone(leadership),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                if let Ok(leader) = e.leader().await {
+                    l.set_leader_hint(leader);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        })
+    };
+    eprintln!("campaigning for leadership (standby until elected)");
+    let leader = tokio::select! {
+        won = election.campaign(advertise) => won,
+        _ = shutdown.cancelled() => { hints.abort(); return Ok(()); }
+    };
+    hints.abort();
+    let leader = leader?;
+    leadership.set_leader_hint(Some(advertise.to_string()));
+    let state = EtcdStore::connect(endpoints, prefix)
+        .await?
+        .with_fence(leader.fence());
+    let coord_stop = shutdown.child_token();
+    let coord = match Coordinator::start(cfg, Arc::new(state), store, coord_stop.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            election.resign(leader).await;
+            return Err(e.into());
+        }
+    };
+    eprintln!("elected leader; serving as {advertise}");
+    leadership.lead(Arc::clone(&coord));
+    let lost = tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = leader.lost.cancelled() => true,
+    };
+    leadership.step_down();
+    coord_stop.cancel();
     coord.close().await;
-    served?;
+    if lost {
+        bail!(
+            "lost leadership (the etcd lease was not renewed in time, or another coordinator \
+             was elected); exiting so that this process restarts as a standby"
+        );
+    }
+    election.resign(leader).await;
     Ok(())
 }
 
 async fn submit(a: SubmitArgs) -> anyhow::Result<i32> {
-    let spec = read_job_file(&a.job)?;
+    if a.job.is_none() && a.legacy.exp_name.is_none() {
+        bail!(
+            "nothing to submit: give a job file (coordinator submit job.toml) or scale_runner-style \
+             flags (--exp_name --object_code_list --target_count_per_object ...)"
+        );
+    }
+    let spec = spec_from(&a.legacy, a.job.as_deref(), a.root.as_deref())?;
     spec.validate()?;
-    let mut c = connect(&a.coordinator).await?;
+    let spec_json = serde_json::to_string(&spec)?;
+    let mut c = JobClient::new(&a.client)?;
     let resp = c
-        .submit(pb::SubmitRequest {
-            spec_json: serde_json::to_string(&spec)?,
+        .call(|mut c| {
+            let spec_json = spec_json.clone();
+            async move { c.submit(pb::SubmitRequest { spec_json }).await }
         })
         .await
         .map_err(rpc_err)?
         .into_inner();
-    println!("{}", resp.job_id);
-    if !resp.created {
-        eprintln!("job {} existed with the same spec; resumed", resp.job_id);
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "job": resp.job_id, "created": resp.created })
+        );
+    } else {
+        println!("{}", resp.job_id);
+        if !resp.created {
+            eprintln!("job {} existed with the same spec; resumed", resp.job_id);
+        }
     }
     if a.watch {
-        return watch(&mut c, &resp.job_id, ProgressMode::Auto).await;
+        let mode = if a.json {
+            ProgressMode::Off
+        } else {
+            ProgressMode::Auto
+        };
+        return watch(&mut c, &resp.job_id, mode, a.json).await;
     }
     Ok(0)
 }
 
+/// Follows a job until it ends, across leader changes; 0 when done, 2 otherwise.
 async fn watch(
-    c: &mut JobServiceClient<Channel>,
+    c: &mut JobClient,
     job: &str,
     mode: ProgressMode,
+    json: bool,
 ) -> anyhow::Result<i32> {
     let started = Instant::now();
-    let mut stream = c
-        .watch_job(pb::GetJobRequest { job_id: job.into() })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
     let mut progress = Progress::new(mode);
-    let mut last = None;
-    while let Some(s) = stream.message().await.map_err(rpc_err)? {
-        progress.update(&s);
-        last = Some(s);
+    let mut last: Option<pb::JobStatus> = None;
+    // A failover ends the stream; pick it up again from the new leader (bounded).
+    let mut reconnects = 0u32;
+    loop {
+        let mut stream = c
+            .call(|mut c| {
+                let job_id = job.to_string();
+                async move { c.watch_job(pb::GetJobRequest { job_id }).await }
+            })
+            .await
+            .map_err(rpc_err)?
+            .into_inner();
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(s)) => {
+                    progress.update(&s);
+                    let running = s.state == pb::JobState::Running as i32;
+                    last = Some(s);
+                    if !running {
+                        break true;
+                    }
+                }
+                Ok(None) => {
+                    break last
+                        .as_ref()
+                        .is_some_and(|s| s.state != pb::JobState::Running as i32);
+                }
+                Err(e) if JobClient::retryable(&e) => break false,
+                Err(e) => {
+                    progress.finish();
+                    return Err(rpc_err(e));
+                }
+            }
+        };
+        if ended {
+            break;
+        }
+        reconnects += 1;
+        if reconnects > 100 {
+            progress.finish();
+            bail!("lost the job's status stream {reconnects} times; giving up");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     progress.finish();
     let Some(s) = last else {
         bail!("no status received")
     };
-    eprintln!(
-        "{}",
-        progress::summary(&s, started.elapsed(), s.workers.len())
-    );
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+    } else {
+        eprintln!(
+            "{}",
+            progress::summary(&s, started.elapsed(), s.workers.len())
+        );
+    }
     Ok(if s.state == pb::JobState::Done as i32 {
         0
     } else {
@@ -605,36 +867,39 @@ async fn watch(
     })
 }
 
-async fn status(a: StatusArgs) -> anyhow::Result<i32> {
-    let mut c = connect(&a.coordinator).await?;
-    if a.watch {
-        let job = a.job.context("--watch needs a job id")?;
-        return watch(
-            &mut c,
-            &job,
-            if a.json {
-                ProgressMode::Off
-            } else {
-                ProgressMode::Auto
-            },
-        )
-        .await;
-    }
-    let jobs = match &a.job {
+async fn fetch_jobs(c: &mut JobClient, job: Option<&str>) -> anyhow::Result<Vec<pb::JobStatus>> {
+    Ok(match job {
         Some(j) => vec![
-            c.get_job(pb::GetJobRequest { job_id: j.clone() })
-                .await
-                .map_err(rpc_err)?
-                .into_inner(),
+            c.call(|mut c| {
+                let job_id = j.to_string();
+                async move { c.get_job(pb::GetJobRequest { job_id }).await }
+            })
+            .await
+            .map_err(rpc_err)?
+            .into_inner(),
         ],
         None => {
-            c.list_jobs(pb::ListJobsRequest {})
+            c.call(|mut c| async move { c.list_jobs(pb::ListJobsRequest {}).await })
                 .await
                 .map_err(rpc_err)?
                 .into_inner()
                 .jobs
         }
-    };
+    })
+}
+
+async fn status(a: StatusArgs) -> anyhow::Result<i32> {
+    let mut c = JobClient::new(&a.client)?;
+    if a.watch {
+        let job = a.job.context("--watch needs a job id")?;
+        let mode = if a.json {
+            ProgressMode::Off
+        } else {
+            ProgressMode::Auto
+        };
+        return watch(&mut c, &job, mode, a.json).await;
+    }
+    let jobs = fetch_jobs(&mut c, a.job.as_deref()).await?;
     if a.json {
         let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -669,6 +934,24 @@ async fn status(a: StatusArgs) -> anyhow::Result<i32> {
                 }
             );
         }
+    }
+    Ok(0)
+}
+
+/// `coordinator jobs`: one line per job (or a JSON array).
+async fn jobs(a: JobsArgs) -> anyhow::Result<i32> {
+    let mut c = JobClient::new(&a.client)?;
+    let jobs = fetch_jobs(&mut c, None).await?;
+    if a.json {
+        let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    if jobs.is_empty() {
+        println!("no jobs");
+    }
+    for s in &jobs {
+        println!("{}", progress::line(s, Duration::from_millis(s.elapsed_ms)));
     }
     Ok(0)
 }

@@ -32,6 +32,9 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// Shortest interval between two manifest writes of one job while it runs.
     pub manifest_interval: Duration,
+    /// After start, how long no new round is handed out, so that workers still running
+    /// rounds of a previous leader re-register and have them adopted instead of duplicated.
+    pub adopt_window: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -40,6 +43,7 @@ impl Default for CoordinatorConfig {
             lease_ttl: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(5),
             manifest_interval: Duration::from_secs(2),
+            adopt_window: Duration::ZERO,
         }
     }
 }
@@ -97,6 +101,9 @@ pub struct Coordinator {
     store: Store,
     cfg: CoordinatorConfig,
     epoch: u64,
+    /// No new round is handed out before this instant (see `adopt_window`); set at start
+    /// only when running jobs were resumed, since only they can have rounds to adopt.
+    adopt_until: Mutex<Instant>,
     inner: Mutex<Inner>,
     /// Bumped on every change a status watcher may care about.
     changed: watch::Sender<u64>,
@@ -137,10 +144,13 @@ impl Coordinator {
         let c = Arc::new(Coordinator {
             state,
             store,
+            adopt_until: Mutex::new(Instant::now()),
             cfg,
             epoch,
             inner: Mutex::new(Inner {
-                next_lease: 1,
+                // Lease ids carry the epoch, so that a lease adopted from a previous leader
+                // never collides with one this coordinator issues.
+                next_lease: (epoch << 32) | 1,
                 next_worker: 1,
                 ..Default::default()
             }),
@@ -151,10 +161,17 @@ impl Coordinator {
             shutdown,
             tasks: TaskTracker::new(),
         });
+        let mut resumed = 0;
         for job in c.state.list_jobs().await? {
             if job.state == JobState::Running {
                 c.load_job(job).await?;
+                resumed += 1;
             }
+        }
+        if resumed > 0 && !c.cfg.adopt_window.is_zero() {
+            *c.adopt_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Instant::now() + c.cfg.adopt_window;
+            info!(window = ?c.cfg.adopt_window, "resumed running jobs: waiting for workers to report their rounds before handing out new ones");
         }
         c.tasks.spawn(Arc::clone(&c).reaper());
         c.tasks.spawn(Arc::clone(&c).manifest_writer());
@@ -296,7 +313,86 @@ impl Coordinator {
         Ok(())
     }
 
-    pub fn register(&self, host: &str, gpu: &str, name: &str) -> String {
+    /// Registers an agent; `running` are rounds it still runs from a previous coordinator,
+    /// adopted when they can still commit (answered in the returned list of lease ids to
+    /// stop otherwise).
+    pub fn register(
+        &self,
+        host: &str,
+        gpu: &str,
+        name: &str,
+        running: &[pb::Lease],
+    ) -> (String, Vec<u64>) {
+        let id = self.register_worker(host, gpu, name);
+        let mut refused = Vec::new();
+        for l in running {
+            if !self.adopt(&id, l) {
+                refused.push(l.lease_id);
+            }
+        }
+        if !running.is_empty() {
+            info!(worker = %id, adopted = running.len() - refused.len(), refused = refused.len(), "running rounds reported at registration");
+            self.bump();
+        }
+        (id, refused)
+    }
+
+    /// Takes over `l`, a round a worker runs under a lease of an earlier coordinator: it keeps
+    /// its lease id and attempt, so its commit goes through as if nothing had happened.
+    /// Refused when the round is resolved, the job is not running, or the lease does not
+    /// match the job's plan.
+    fn adopt(&self, worker: &str, l: &pb::Lease) -> bool {
+        let now = Instant::now();
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        if let Some(existing) = inner.leases.get_mut(&l.lease_id) {
+            // Known already (the worker re-registered with this coordinator): move it.
+            if existing.attempt != l.attempt {
+                return false;
+            }
+            existing.worker = worker.to_string();
+            existing.deadline = now + self.cfg.lease_ttl;
+            return true;
+        }
+        let Some(job) = inner.jobs.get_mut(&l.job_id) else {
+            return false;
+        };
+        if job.state != JobState::Running {
+            return false;
+        }
+        let idx = l.object_index as usize;
+        let spec = &job.spec;
+        let Some(o) = job.objects.get_mut(idx) else {
+            return false;
+        };
+        if o.name != l.object
+            || spec.seed(idx, l.round) != l.seed
+            || u64::from(l.round) >= spec.round_cap()
+            || o.resolved(l.round)
+            || quarry_common::names::validate("attempt", &l.attempt).is_err()
+        {
+            return false;
+        }
+        o.issue(l.round);
+        let staging_prefix = keys::staging(&spec.exp_name, &o.name, l.round, l.seed, &l.attempt);
+        inner.leases.insert(
+            l.lease_id,
+            Lease {
+                job: l.job_id.clone(),
+                object: idx,
+                round: l.round,
+                seed: l.seed,
+                attempt: l.attempt.clone(),
+                worker: worker.to_string(),
+                deadline: now + self.cfg.lease_ttl,
+                staging_prefix,
+            },
+        );
+        debug!(job = %l.job_id, object = %l.object, round = l.round, attempt = %l.attempt, worker, "round adopted");
+        true
+    }
+
+    fn register_worker(&self, host: &str, gpu: &str, name: &str) -> String {
         let mut inner = self.lock();
         let n = inner.next_worker;
         inner.next_worker += 1;
@@ -374,6 +470,9 @@ impl Coordinator {
             .get_mut(worker)
             .ok_or_else(|| CoordError::UnknownWorker(worker.into()))?;
         w.last_seen = now;
+        if now < *self.adopt_until.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Ok(None);
+        }
         for id in &inner.order {
             let Some(job) = inner.jobs.get_mut(id) else {
                 continue;

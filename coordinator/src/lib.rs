@@ -3,7 +3,9 @@
 //! final per object, writes the manifest and cleans up.
 
 pub mod cli;
+pub mod client;
 pub mod coordinator;
+pub mod election;
 pub mod job;
 pub mod manifest;
 pub mod merge;

@@ -1,25 +1,37 @@
-//! gRPC shells over [`Coordinator`]: `WorkerService` for agents, `JobService` for the CLI.
-//! Errors map to gRPC codes in one place, [`to_status`].
+//! gRPC shells over [`Coordinator`]: `WorkerService` for agents, `JobService` for the CLI,
+//! and `grpc.health.v1.Health` for probes. Errors map to gRPC codes in one place,
+//! [`to_status`].
+//!
+//! A process that does not lead (a standby waiting in the election) serves every call with
+//! `UNAVAILABLE` and the leader's address in the `quarry-leader` header, and reports the
+//! health service `""` as NOT_SERVING, so a load balancer routes to the leader only. The
+//! health service `"liveness"` is SERVING as long as the process serves at all.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
+use quarry_common::transport::{LEADER_METADATA, MAX_MESSAGE_BYTES, ServerSecurity};
 use quarry_proto::v1 as pb;
 use quarry_proto::v1::job_service_server::{JobService, JobServiceServer};
 use quarry_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::warn;
 
 use crate::coordinator::{CoordError, Coordinator};
 use crate::spec::JobSpec;
 
-/// Largest gRPC message accepted or sent (job specs with thousands of objects fit easily).
-pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 /// Longest long-poll an agent may ask for.
 const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
+
+/// Health service name that is SERVING while the process serves (liveness probes).
+pub const LIVENESS: &str = "liveness";
 
 pub fn to_status(e: CoordError) -> Status {
     match e {
@@ -31,19 +43,148 @@ pub fn to_status(e: CoordError) -> Status {
     }
 }
 
-/// Serves both services on `listener` until `shutdown` is cancelled.
+/// Whether this process leads, and if not, who does.
+pub struct Leadership {
+    coord: Mutex<Option<Arc<Coordinator>>>,
+    leader_hint: Mutex<Option<String>>,
+    health: HealthReporter,
+}
+
+impl Leadership {
+    /// A process that does not lead (yet).
+    pub fn standby() -> Arc<Leadership> {
+        let health = HealthReporter::new();
+        let l = Arc::new(Leadership {
+            coord: Mutex::new(None),
+            leader_hint: Mutex::new(None),
+            health,
+        });
+        l.report(false);
+        l
+    }
+
+    /// A process that leads from the start (the embedded store has no election).
+    pub fn leading(coord: Arc<Coordinator>) -> Arc<Leadership> {
+        let l = Leadership::standby();
+        l.lead(coord);
+        l
+    }
+
+    /// This process now leads with `coord`.
+    pub fn lead(&self, coord: Arc<Coordinator>) {
+        *self.coord.lock().unwrap_or_else(|p| p.into_inner()) = Some(coord);
+        self.report(true);
+    }
+
+    /// This process no longer leads; calls are answered UNAVAILABLE again.
+    pub fn step_down(&self) {
+        self.coord.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.report(false);
+    }
+
+    /// The address standbys name as the leader's (`None`: unknown, e.g. during an election).
+    pub fn set_leader_hint(&self, addr: Option<String>) {
+        *self.leader_hint.lock().unwrap_or_else(|p| p.into_inner()) = addr;
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.coord
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    fn report(&self, leading: bool) {
+        let health = self.health.clone();
+        let status = if leading {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        // The reporter's setters are async only to take a lock; they never wait long.
+        tokio::spawn(async move {
+            health.set_service_status("", status).await;
+            health
+                .set_service_status(LIVENESS, ServingStatus::Serving)
+                .await;
+            for name in ["quarry.v1.WorkerService", "quarry.v1.JobService"] {
+                health.set_service_status(name, status).await;
+            }
+        });
+    }
+
+    /// The coordinator to serve a call with, or UNAVAILABLE naming the leader.
+    fn current(&self) -> Result<Arc<Coordinator>, Status> {
+        if let Some(c) = self
+            .coord
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            return Ok(Arc::clone(c));
+        }
+        let hint = self
+            .leader_hint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut st = Status::unavailable(match &hint {
+            Some(h) => format!("this coordinator is a standby; the leader is {h}"),
+            None => "this coordinator is a standby and no leader is known yet; retry".into(),
+        });
+        if let Some(h) = hint.and_then(|h| h.parse().ok()) {
+            st.metadata_mut().insert(LEADER_METADATA, h);
+        }
+        Err(st)
+    }
+}
+
+/// Serves the services on `listener` until `shutdown` is cancelled, with `security`'s TLS
+/// and token check on the Quarry services (the health service stays open for probes).
 pub async fn serve(
-    coord: Arc<Coordinator>,
+    leadership: Arc<Leadership>,
     listener: TcpListener,
+    security: ServerSecurity,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let workers = WorkerServiceServer::new(WorkerApi(Arc::clone(&coord)))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let jobs = JobServiceServer::new(JobApi(coord))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    if let Ok(addr) = listener.local_addr()
+        && !addr.ip().is_loopback()
+    {
+        if security.tls.is_none() && security.token.is_none() {
+            warn!(
+                %addr,
+                "LISTENING ON A NON-LOOPBACK ADDRESS WITHOUT TLS OR AN AUTH TOKEN: anyone who \
+                 reaches this port can submit jobs that run programs on your workers. Pass \
+                 --tls-cert/--tls-key and --auth-token-file (or --tls-client-ca)"
+            );
+        } else if !security.authenticates() {
+            warn!(%addr, "TLS without client authentication: pass --auth-token-file or --tls-client-ca");
+        }
+    }
+    let check = security.checker();
+    let workers = InterceptedService::new(
+        WorkerServiceServer::new(WorkerApi(Arc::clone(&leadership)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        check.clone(),
+    );
+    let jobs = InterceptedService::new(
+        JobServiceServer::new(JobApi(Arc::clone(&leadership)))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        check,
+    );
+    let health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(leadership.health.clone()),
+    );
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    if let Some(tls) = security.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    builder
+        .add_service(health)
         .add_service(workers)
         .add_service(jobs)
         .serve_with_incoming_shutdown(
@@ -55,7 +196,7 @@ pub async fn serve(
         .await
 }
 
-struct WorkerApi(Arc<Coordinator>);
+struct WorkerApi(Arc<Leadership>);
 
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
@@ -64,13 +205,15 @@ impl WorkerService for WorkerApi {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = req.into_inner();
-        let worker_id = self.0.register(&r.host, &r.gpu, &r.agent_name);
-        let cfg = self.0.config();
+        let c = self.0.current()?;
+        let (worker_id, refused) = c.register(&r.host, &r.gpu, &r.agent_name, &r.running);
+        let cfg = c.config();
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
             lease_ttl_ms: cfg.lease_ttl.as_millis() as u64,
             heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
-            store_url: self.0.store().url().to_string(),
+            store_url: c.store().url().to_string(),
+            cancel_lease_ids: refused,
         }))
     }
 
@@ -80,13 +223,14 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(
-            match self.0.heartbeat(&r.worker_id, &r.lease_ids) {
+            match self.0.current()?.heartbeat(&r.worker_id, &r.lease_ids) {
                 Some(cancel) => pb::HeartbeatResponse {
                     cancel_lease_ids: cancel,
                     reregister: false,
                 },
+                // Runs go on: the agent registers again listing them, and they are adopted.
                 None => pb::HeartbeatResponse {
-                    cancel_lease_ids: r.lease_ids,
+                    cancel_lease_ids: Vec::new(),
                     reregister: true,
                 },
             },
@@ -101,6 +245,7 @@ impl WorkerService for WorkerApi {
         let wait = Duration::from_millis(r.wait_ms).min(MAX_ACQUIRE_WAIT);
         let grant = self
             .0
+            .current()?
             .acquire(&r.worker_id, wait)
             .await
             .map_err(to_status)?;
@@ -116,6 +261,7 @@ impl WorkerService for WorkerApi {
         let r = req.into_inner();
         let (outcome, message) = self
             .0
+            .current()?
             .complete(&r.worker_id, r.lease_id, r.files, r.generator_ms)
             .await
             .map_err(to_status)?;
@@ -140,6 +286,7 @@ impl WorkerService for WorkerApi {
             pb::FailureKind::Unspecified => "unspecified",
         };
         self.0
+            .current()?
             .fail(&r.worker_id, r.lease_id, kind, r.message, r.log_tail)
             .await;
         Ok(Response::new(pb::FailResponse {}))
@@ -150,12 +297,12 @@ impl WorkerService for WorkerApi {
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let r = req.into_inner();
-        self.0.release(&r.worker_id, r.lease_id);
+        self.0.current()?.release(&r.worker_id, r.lease_id);
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 }
 
-struct JobApi(Arc<Coordinator>);
+struct JobApi(Arc<Leadership>);
 
 type StatusStream = Pin<Box<dyn Stream<Item = Result<pb::JobStatus, Status>> + Send>>;
 
@@ -168,7 +315,7 @@ impl JobService for JobApi {
         let r = req.into_inner();
         let spec: JobSpec = serde_json::from_str(&r.spec_json)
             .map_err(|e| Status::invalid_argument(format!("job spec: {e}")))?;
-        let (job_id, created) = self.0.submit(spec).await.map_err(to_status)?;
+        let (job_id, created) = self.0.current()?.submit(spec).await.map_err(to_status)?;
         Ok(Response::new(pb::SubmitResponse { job_id, created }))
     }
 
@@ -177,6 +324,7 @@ impl JobService for JobApi {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::JobStatus>, Status> {
         self.0
+            .current()?
             .status(&req.into_inner().job_id)
             .map(Response::new)
             .map_err(to_status)
@@ -187,7 +335,7 @@ impl JobService for JobApi {
         _: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: self.0.list(),
+            jobs: self.0.current()?.list(),
         }))
     }
 
@@ -198,7 +346,7 @@ impl JobService for JobApi {
         req: Request<pb::GetJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
         let job = req.into_inner().job_id;
-        let coord = Arc::clone(&self.0);
+        let coord = self.0.current()?;
         // Fail fast on an unknown job.
         coord.status(&job).map_err(to_status)?;
         let mut changes = coord.subscribe();
@@ -232,6 +380,7 @@ impl JobService for JobApi {
         req: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::CancelJobResponse>, Status> {
         self.0
+            .current()?
             .cancel(&req.into_inner().job_id)
             .await
             .map_err(to_status)?;

@@ -54,18 +54,18 @@ pub fn start_serve(
     env: &[(&str, String)],
     log: &Path,
 ) -> (Killed, String) {
+    start_serve_with(
+        &["--lease-ttl", ttl, "--state", state, "--store", store],
+        env,
+        log,
+    )
+}
+
+/// `coordinator serve --listen 127.0.0.1:0 ARGS...`, as [`start_serve`].
+pub fn start_serve_with(args: &[&str], env: &[(&str, String)], log: &Path) -> (Killed, String) {
     let mut serve = Command::new(bin("coordinator"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--lease-ttl",
-            ttl,
-            "--state",
-            state,
-            "--store",
-            store,
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stderr(Stdio::piped())
         .spawn()

@@ -265,3 +265,76 @@ async fn undecodable_records_are_corrupt() {
     ));
     assert!(store.create_job(&conformance::job("x/y")).await.is_err());
 }
+
+/// Two coordinators campaign on one etcd: the first leads and commits; once it resigns
+/// (as a paused leader's lease would expire) the second is elected, and the first one's
+/// writes are refused as fenced, with its `lost` token cancelled, while the new leader's
+/// commits go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_cannot_commit() {
+    use quarry_coordinator::election::Election;
+
+    let etcd = Etcd::start().await;
+    let prefix = "/quarry-fence";
+    let ttl = Duration::from_secs(3);
+    let a = Election::connect(&etcd.endpoints(), prefix, ttl)
+        .await
+        .unwrap();
+    let b = Election::connect(&etcd.endpoints(), prefix, ttl)
+        .await
+        .unwrap();
+    let leader_a = a.campaign("a:50051").await.unwrap();
+    assert_eq!(b.leader().await.unwrap().as_deref(), Some("a:50051"));
+    let fence_a = leader_a.fence();
+    let lost_a = fence_a.lost.clone();
+    let store_a = connect(&etcd, prefix).await.with_fence(fence_a);
+    assert_eq!(
+        store_a.create_job(&conformance::job("j")).await.unwrap(),
+        CreateJob::Created
+    );
+    assert_eq!(
+        store_a
+            .commit_round("j", "obj", &conformance::commit(0, "e1a0"))
+            .await
+            .unwrap(),
+        CommitOutcome::Committed
+    );
+
+    // B waits in the election while A leads.
+    let b_campaign = tokio::spawn(async move {
+        let l = b.campaign("b:50051").await.unwrap();
+        (b, l)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!b_campaign.is_finished(), "B was elected while A led");
+    a.resign(leader_a).await;
+    let (b, leader_b) = tokio::time::timeout(Duration::from_secs(10), b_campaign)
+        .await
+        .expect("B is elected once A resigns")
+        .unwrap();
+    assert_eq!(b.leader().await.unwrap().as_deref(), Some("b:50051"));
+
+    // A still holds its store handle, as a paused leader would: every write is refused.
+    let err = store_a
+        .commit_round("j", "obj", &conformance::commit(1, "e1a1"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::Fenced(_)), "{err:?}");
+    assert!(lost_a.is_cancelled(), "the deposed leader learns it lost");
+    assert!(matches!(
+        store_a.bump_epoch().await.unwrap_err(),
+        StateError::Fenced(_)
+    ));
+
+    let store_b = connect(&etcd, prefix).await.with_fence(leader_b.fence());
+    assert_eq!(
+        store_b
+            .commit_round("j", "obj", &conformance::commit(1, "e2a0"))
+            .await
+            .unwrap(),
+        CommitOutcome::Committed
+    );
+    let obj = store_b.load_object("j", "obj").await.unwrap();
+    let attempts: Vec<_> = obj.commits.values().map(|c| c.attempt.clone()).collect();
+    assert_eq!(attempts, ["e1a0", "e2a0"], "round 1 holds B's commit only");
+}

@@ -102,6 +102,7 @@ pub async fn run_agent(
                 host: cfg.host.clone(),
                 gpu: cfg.gpu.clone(),
                 agent_name: String::new(),
+                running: Vec::new(),
             })
             .await
         {

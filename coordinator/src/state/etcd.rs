@@ -26,6 +26,7 @@
 //! Every request is bounded by a timeout: an unreachable etcd is an error, never a hang.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -33,6 +34,7 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, SortOrder,
     SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
 };
+use tokio_util::sync::CancellationToken;
 
 use super::codec::{check_name, check_names, decode, encode, parse_num};
 use super::{
@@ -66,6 +68,17 @@ pub struct EtcdStore {
     prefix: String,
     endpoints: String,
     timeout: Duration,
+    fence: Option<Arc<Fence>>,
+}
+
+/// The elected leader's key: a write applies only while that key exists with this create
+/// revision, so a deposed leader (its lease expired, another process elected) writes nothing.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub revision: i64,
+    /// Cancelled when a write finds the fence gone: the process no longer leads.
+    pub lost: CancellationToken,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -125,6 +138,7 @@ impl EtcdStore {
             prefix: prefix.trim_end_matches('/').to_string(),
             endpoints: shown,
             timeout,
+            fence: None,
         };
         // The client connects lazily: one read proves that etcd answers (and that this prefix
         // may be read) before the coordinator relies on it.
@@ -136,6 +150,53 @@ impl EtcdStore {
             )
             .await?;
         Ok(store)
+    }
+
+    /// Every write from now on applies only while `fence` holds.
+    pub fn with_fence(mut self, fence: Fence) -> EtcdStore {
+        self.fence = Some(Arc::new(fence));
+        self
+    }
+
+    /// A transaction whose guard is `compares` and, with a fence, the fence's key.
+    fn guarded(&self, compares: impl Into<Vec<Compare>>) -> Txn {
+        let mut compares = compares.into();
+        if let Some(f) = &self.fence {
+            compares.push(Compare::create_revision(
+                f.key.clone(),
+                CompareOp::Equal,
+                f.revision,
+            ));
+        }
+        Txn::new().when(compares)
+    }
+
+    /// After a transaction's guard failed: was it the fence? Then this process no longer
+    /// leads; says so and fails the write.
+    async fn check_fence(&self, op: &str) -> Result<(), StateError> {
+        let Some(f) = &self.fence else {
+            return Ok(());
+        };
+        let mut kv = self.kv.clone();
+        let got = self
+            .call(
+                op,
+                kv.get(f.key.clone(), Some(GetOptions::new().with_keys_only())),
+            )
+            .await?;
+        let holds = got
+            .kvs()
+            .first()
+            .is_some_and(|kv| kv.create_revision() == f.revision);
+        if holds {
+            return Ok(());
+        }
+        f.lost.cancel();
+        Err(StateError::Fenced(format!(
+            "{op}: this coordinator's leadership (key {}, revision {}) is gone; another leads now",
+            String::from_utf8_lossy(&f.key),
+            f.revision
+        )))
     }
 
     /// The key prefix this store keeps its state under (without a trailing `/`).
@@ -202,7 +263,11 @@ impl EtcdStore {
 
     async fn txn(&self, op: &str, txn: Txn) -> Result<TxnResponse, StateError> {
         let mut kv = self.kv.clone();
-        self.call(op, kv.txn(txn)).await
+        let resp = self.call(op, kv.txn(txn)).await?;
+        if !resp.succeeded() {
+            self.check_fence(op).await?;
+        }
+        Ok(resp)
     }
 
     /// Every key-value under `dir` (which ends with `/`), in key order, read in pages at one
@@ -320,8 +385,8 @@ impl StateStore for EtcdStore {
         let op = "create_job";
         let k = self.job_key(&job.id);
         let bytes = encode("job", job)?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+        let txn = self
+            .guarded([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
             .and_then([TxnOp::put(k.clone(), bytes, None)])
             .or_else([TxnOp::get(k.clone(), None)]);
         let resp = self.txn(op, txn).await?;
@@ -358,8 +423,8 @@ impl StateStore for EtcdStore {
     async fn update_job(&self, job: &JobRecord) -> Result<(), StateError> {
         let k = self.job_key(&job.id);
         let bytes = encode("job", job)?;
-        let txn = Txn::new()
-            .when([Compare::version(k.clone(), CompareOp::Greater, 0)])
+        let txn = self
+            .guarded([Compare::version(k.clone(), CompareOp::Greater, 0)])
             .and_then([TxnOp::put(k, bytes, None)]);
         if self.txn("update_job", txn).await?.succeeded() {
             Ok(())
@@ -395,8 +460,8 @@ impl StateStore for EtcdStore {
         let ck = self.round_key("commits", job, object, commit.round);
         let qk = self.round_key("quarantines", job, object, commit.round);
         let bytes = encode("commit", commit)?;
-        let txn = Txn::new()
-            .when([
+        let txn = self
+            .guarded([
                 Compare::version(jk.clone(), CompareOp::Greater, 0),
                 Compare::create_revision(ck.clone(), CompareOp::Equal, 0),
                 Compare::create_revision(qk.clone(), CompareOp::Equal, 0),
@@ -470,8 +535,8 @@ impl StateStore for EtcdStore {
                     detail: format!("round {dir:?} holds too many failures to count"),
                 })?;
             let fk = format!("{dir}{seq:0NUM_WIDTH$}");
-            let txn = Txn::new()
-                .when([
+            let txn = self
+                .guarded([
                     Compare::version(jk.clone(), CompareOp::Greater, 0),
                     Compare::create_revision(fk.clone(), CompareOp::Equal, 0),
                 ])
@@ -506,8 +571,8 @@ impl StateStore for EtcdStore {
         let ck = self.round_key("commits", job, object, quarantine.round);
         let qk = self.round_key("quarantines", job, object, quarantine.round);
         let bytes = encode("quarantine", quarantine)?;
-        let txn = Txn::new()
-            .when([
+        let txn = self
+            .guarded([
                 Compare::version(jk.clone(), CompareOp::Greater, 0),
                 Compare::create_revision(ck.clone(), CompareOp::Equal, 0),
                 Compare::create_revision(qk.clone(), CompareOp::Equal, 0),
@@ -550,8 +615,8 @@ impl StateStore for EtcdStore {
         check_names(job, object)?;
         let jk = self.job_key(job);
         let bytes = encode("merge", merge)?;
-        let txn = Txn::new()
-            .when([Compare::version(jk, CompareOp::Greater, 0)])
+        let txn = self
+            .guarded([Compare::version(jk, CompareOp::Greater, 0)])
             .and_then([TxnOp::put(self.merge_key(job, object), bytes, None)]);
         if self.txn("record_merge", txn).await?.succeeded() {
             Ok(())
@@ -577,8 +642,8 @@ impl StateStore for EtcdStore {
                 what: "epoch".into(),
                 detail: format!("{current} cannot be incremented"),
             })?;
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
+            let txn = self
+                .guarded([Compare::mod_revision(
                     k.clone(),
                     CompareOp::Equal,
                     mod_revision,

@@ -153,6 +153,9 @@ pub enum StateError {
     /// The backend failed; the operation may or may not have been applied and can be retried.
     #[error("state store: {0}")]
     Backend(String),
+    /// This coordinator was deposed: another process leads now, and nothing was written.
+    #[error("not the leader any more: {0}")]
+    Fenced(String),
     #[error("state store holds a record it cannot decode ({what}): {detail}")]
     Corrupt { what: String, detail: String },
 }

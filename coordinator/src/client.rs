@@ -1,0 +1,127 @@
+//! The CLI's client of the job service: tries each known coordinator, follows a standby's
+//! pointer to the leader, and retries (bounded) while a failover is under way.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use quarry_common::transport::MAX_MESSAGE_BYTES;
+use quarry_common::transport::{AuthChannel, ClientSecurityArgs, Coordinators, is_failover};
+use quarry_proto::v1::job_service_client::JobServiceClient;
+use tonic::Status;
+
+/// Where the CLI finds the coordinators, and how it proves who it is.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// Coordinator address(es), host:port; repeat or comma-separate to list standbys.
+    #[arg(
+        long = "coordinator",
+        env = "QUARRY_COORDINATOR",
+        default_value = "127.0.0.1:50051",
+        value_delimiter = ','
+    )]
+    pub coordinator: Vec<String>,
+    /// How long to keep trying while no coordinator answers (seconds).
+    #[arg(long = "connect-timeout", default_value = "30")]
+    pub connect_timeout: u64,
+    #[command(flatten)]
+    pub security: ClientSecurityArgs,
+}
+
+impl ClientArgs {
+    /// Plain (no TLS, no token) settings for `addr`; for in-process use and tests.
+    pub fn plain(addr: &str) -> ClientArgs {
+        ClientArgs {
+            coordinator: vec![addr.to_string()],
+            connect_timeout: 30,
+            security: ClientSecurityArgs::default(),
+        }
+    }
+
+    pub fn with_token_file(mut self, path: PathBuf) -> ClientArgs {
+        self.security.auth_token_file = Some(path);
+        self
+    }
+}
+
+pub type Client = JobServiceClient<AuthChannel>;
+
+/// A job-service client over every known coordinator.
+pub struct JobClient {
+    coords: Coordinators,
+    patience: Duration,
+}
+
+impl JobClient {
+    pub fn new(args: &ClientArgs) -> anyhow::Result<JobClient> {
+        let security = args.security.load()?;
+        Ok(JobClient {
+            coords: Coordinators::new(&args.coordinator, security)?,
+            patience: Duration::from_secs(args.connect_timeout.max(1)),
+        })
+    }
+
+    /// Runs `call` against the leader: each coordinator in turn (the last known leader
+    /// first), until one answers with something other than "unavailable", or until the
+    /// patience runs out. The error says which addresses were tried.
+    pub async fn call<T, F, Fut>(&mut self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let until = Instant::now() + self.patience;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut last: Option<Status> = None;
+            for addr in self.coords.candidates() {
+                let channel = self
+                    .coords
+                    .channel(&addr)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let client = JobServiceClient::new(channel)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+                match call(client).await {
+                    Ok(v) => {
+                        self.coords.prefer(&addr);
+                        return Ok(v);
+                    }
+                    Err(st) if self.coords.learn(&st) => last = Some(st),
+                    Err(st) => return Err(st),
+                }
+            }
+            if Instant::now() + pause > until {
+                let tried = self.coords.addrs().join(", ");
+                let why = last.as_ref().map_or_else(String::new, describe);
+                return Err(Status::unavailable(format!(
+                    "no coordinator leads at {tried} ({why}); is `coordinator serve` running \
+                     there, and do --coordinator and the TLS/token flags match it?"
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Whether a failed call is worth re-issuing (the leader changed or is restarting).
+    pub fn retryable(status: &Status) -> bool {
+        is_failover(status)
+    }
+}
+
+/// A status's message with the chain of errors under it (a transport failure's message alone,
+/// "tcp connect error", hides whether TLS or the network failed).
+pub fn describe(status: &Status) -> String {
+    let mut out = status.message().to_string();
+    let mut cause = std::error::Error::source(status);
+    while let Some(c) = cause {
+        let s = c.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cause = c.source();
+    }
+    out
+}

@@ -1,0 +1,181 @@
+//! Coordinator failover on a real etcd: two `coordinator serve` processes campaign, workers
+//! and the CLI know both addresses; the leader is killed with SIGKILL while rounds are
+//! running. The standby takes over, adopts the rounds the workers still run, and the job ends
+//! with finals byte-identical to `coordinator run` of the same job, every round committed once.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use quarry_tests::cluster::{served_job_file, spawn_worker, start_serve_with};
+use quarry_tests::etcd::Etcd;
+use quarry_tests::*;
+
+fn wait_for_log(log: &Path, needle: &str, limit: Duration) -> String {
+    let until = Instant::now() + limit;
+    loop {
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(log) {
+            let _ = f.read_to_string(&mut text);
+        }
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < until,
+            "{needle:?} not in {} within {limit:?}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn status_json(addrs: &str) -> serde_json::Value {
+    let out = Command::new(bin("coordinator"))
+        .args(["status", "served", "--json", "--coordinator", addrs])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
+    let etcd = Etcd::start().await;
+    let root = legacy_root();
+    let home = tempfile::tempdir().unwrap();
+    let store = home.path().join("store");
+    // Rounds take about a second, so some are running when the leader dies.
+    let job = served_job_file(home.path(), root.path(), "");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("\"uneven\"]", "\"uneven\", \"--sleep_ms\", \"900\"]");
+    std::fs::write(&job, text).unwrap();
+
+    let state = format!(
+        "etcd://{}/quarry-failover",
+        etcd.endpoints()[0].trim_start_matches("http://")
+    );
+    let store_url = format!("file://{}", store.display());
+    let args = [
+        "--state",
+        &state,
+        "--store",
+        &store_url,
+        "--lease-ttl",
+        "4",
+        "--election-ttl",
+        "3",
+    ];
+    let log_a = home.path().join("a.log");
+    let log_b = home.path().join("b.log");
+    let (mut a, addr_a) = start_serve_with(&args, &[], &log_a);
+    wait_for_log(&log_a, "elected leader", Duration::from_secs(20));
+    let (_b, addr_b) = start_serve_with(&args, &[], &log_b);
+    wait_for_log(&log_b, "campaigning", Duration::from_secs(20));
+    let both = format!("{addr_a},{addr_b}");
+
+    let worker_log = home.path().join("worker.log");
+    let _worker = spawn_worker(&both, "0,1", &[], Some(&worker_log));
+    let submit = Command::new(bin("coordinator"))
+        .arg("submit")
+        .arg(&job)
+        .args(["--coordinator", &both])
+        .output()
+        .unwrap();
+    assert!(
+        submit.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submit.stderr)
+    );
+
+    // Wait until some rounds are committed and two are running, then kill the leader.
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = status_json(&both);
+        let committed = v[0]["rounds_committed"].as_u64().unwrap();
+        let running = v[0]["rounds_in_flight"].as_u64().unwrap();
+        if committed >= 2 && running >= 2 {
+            break;
+        }
+        assert!(Instant::now() < until, "job made no progress: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let killed_at = Instant::now();
+
+    let b_log = wait_for_log(&log_b, "elected leader", Duration::from_secs(20));
+    let took_over = killed_at.elapsed();
+    // The job finishes under the new leader.
+    let until = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let v = status_json(&both);
+        if v[0]["state"] == "done" {
+            break v;
+        }
+        assert!(
+            Instant::now() < until,
+            "job did not finish after failover: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(done[0]["samples_collected"], 180, "{done}");
+    let b_log = std::fs::read_to_string(&log_b).unwrap_or(b_log);
+    assert!(
+        b_log.contains("running rounds reported at registration"),
+        "the new leader adopted no running round:\n{b_log}"
+    );
+    eprintln!("standby took over {took_over:?} after the leader was killed");
+
+    // Every round committed once, and the same bytes as one coordinator running the job.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("served/manifest.json")).unwrap())
+            .unwrap();
+    let reference = legacy_root();
+    let reference_job = served_job_file(reference.path(), reference.path(), "");
+    let text = std::fs::read_to_string(&reference_job)
+        .unwrap()
+        .replace("\"uneven\"]", "\"uneven\", \"--sleep_ms\", \"900\"]");
+    std::fs::write(&reference_job, text).unwrap();
+    let out = run(&[
+        "--job",
+        reference_job.to_str().unwrap(),
+        "--progress",
+        "off",
+        "--gpus",
+        "0,1",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.exit_code(), 0);
+    for o in ["obj_a", "obj_b"] {
+        let key = manifest["objects"][o]["final"][0].as_str().unwrap();
+        assert_eq!(
+            sha256_file(&store.join(key)),
+            sha256_file(&finals(reference.path(), "served", o)[0]),
+            "final of {o} differs from a single coordinator's"
+        );
+        let rounds: Vec<u64> = manifest["objects"][o]["rounds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_u64().unwrap())
+            .collect();
+        let mut unique = rounds.clone();
+        unique.dedup();
+        assert_eq!(rounds, unique, "a round listed twice for {o}: {manifest}");
+    }
+    let staging: Vec<String> = files_under(&store.join("served"))
+        .into_iter()
+        .filter(|f| f.contains("/rounds/"))
+        .collect();
+    assert!(staging.is_empty(), "staging left behind: {staging:?}");
+}
