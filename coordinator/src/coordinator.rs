@@ -61,6 +61,9 @@ pub enum CoordError {
     UnknownWorker(String),
     #[error(transparent)]
     State(#[from] StateError),
+    /// The object store failed; the operation can be retried.
+    #[error("object store: {0}")]
+    Store(String),
 }
 
 #[derive(Debug, Clone)]
@@ -591,6 +594,30 @@ impl Coordinator {
                 )
                 .await;
                 return Ok((pb::CommitOutcome::Rejected, "bad key".into()));
+            }
+        }
+        // What the worker reported must be what the store holds: a file cut short or
+        // corrupted between the worker's hash and the store is a failed attempt, not a commit.
+        for f in &files {
+            let problem = match self.store.hash_object(&f.key).await {
+                Ok(Some(got)) if got.size == f.size && got.sha256 == f.sha256 => None,
+                Ok(Some(got)) => Some(format!(
+                    "file {:?} in the store has {} bytes, sha256 {}; the worker reported {} bytes, sha256 {}",
+                    f.key, got.size, got.sha256, f.size, f.sha256
+                )),
+                Ok(None) => Some(format!("file {:?} is not in the store", f.key)),
+                Err(e) => {
+                    // The store did not answer: retry the round rather than judge the files.
+                    warn!(job = %lease.job, round = lease.round, error = %e, "cannot verify uploaded files");
+                    self.requeue(&lease);
+                    return Err(CoordError::Store(e.to_string()));
+                }
+            };
+            if let Some(msg) = problem {
+                self.delete_files(Some(&lease), &files).await;
+                self.fail_lease(lease, "output_invalid", msg.clone(), String::new())
+                    .await;
+                return Ok((pb::CommitOutcome::Rejected, msg));
             }
         }
         if let Some(expected) = schema
@@ -1181,5 +1208,85 @@ fn task_for(
         staging_prefix: staging_prefix.to_string(),
         keep_intermediate: spec.keep_intermediate,
         bind_gpu: g.bind_gpu,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use super::*;
+    use crate::state::embedded::EmbeddedStore;
+    use sha2::Digest;
+
+    fn spec(root: &std::path::Path) -> JobSpec {
+        let mut s: JobSpec = serde_json::from_value(serde_json::json!({
+            "exp_name": "verify",
+            "objects": ["a"],
+            "target_count_per_object": 10,
+            "round_batch_size": 10,
+            "retry_backoff_ms": 1,
+            "root": root,
+            "generator": serde_json::to_value(JobSpec::legacy_generator()).unwrap(),
+        }))
+        .unwrap();
+        s.retry_backoff_ms = 1;
+        s
+    }
+
+    /// A worker whose report does not match what the store holds (a file changed or cut
+    /// short after it was hashed) gets its attempt rejected and recorded as failed; a correct
+    /// report of the retried round commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_whose_files_differ_from_the_report_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+        let store = Store::open_dir(&dir.path().join("store")).unwrap();
+        let c = Coordinator::start(
+            CoordinatorConfig::default(),
+            Arc::new(state),
+            store.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        c.submit(spec(dir.path())).await.unwrap();
+        let (worker, refused) = c.register("host", "0", "", &[]);
+        assert!(refused.is_empty());
+        let upload = |lease: &pb::Lease, bytes: &'static [u8], reported: &'static [u8]| {
+            let store = store.clone();
+            let prefix = lease.task.as_ref().unwrap().staging_prefix.clone();
+            async move {
+                let key = format!("{prefix}/a.npy");
+                store.put_bytes(&key, bytes).await.unwrap();
+                vec![pb::UploadedFile {
+                    name: "a.npy".into(),
+                    key,
+                    size: reported.len() as u64,
+                    sha256: hex(&sha2::Sha256::digest(reported)),
+                    count: 10,
+                    schema: "npy <f4 (*, 3)".into(),
+                }]
+            }
+        };
+
+        let first = c.acquire(&worker, Duration::from_secs(5)).await.unwrap().unwrap();
+        let files = upload(&first.lease, b"what the store holds", b"what the worker hashed").await;
+        let (outcome, msg) = c.complete(&worker, first.lease.lease_id, files, 1).await.unwrap();
+        assert_eq!(outcome, pb::CommitOutcome::Rejected, "{msg}");
+        assert!(msg.contains("sha256"), "{msg}");
+        let st = c.status("verify").unwrap();
+        assert_eq!((st.failed_attempts, st.rounds_committed), (1, 0));
+
+        // The round is retried; an honest report commits it.
+        let retry = c.acquire(&worker, Duration::from_secs(5)).await.unwrap().unwrap();
+        assert_eq!(retry.lease.round, first.lease.round);
+        let files = upload(&retry.lease, b"same bytes", b"same bytes").await;
+        let (outcome, msg) = c.complete(&worker, retry.lease.lease_id, files, 1).await.unwrap();
+        assert_eq!(outcome, pb::CommitOutcome::Committed, "{msg}");
+        c.close().await;
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 }

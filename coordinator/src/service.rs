@@ -40,6 +40,7 @@ pub fn to_status(e: CoordError) -> Status {
         e @ CoordError::JobNotFound(_) => Status::not_found(e.to_string()),
         e @ CoordError::UnknownWorker(_) => Status::failed_precondition(e.to_string()),
         CoordError::State(e) => Status::unavailable(e.to_string()),
+        e @ CoordError::Store(_) => Status::unavailable(e.to_string()),
     }
 }
 
