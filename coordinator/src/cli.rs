@@ -145,6 +145,14 @@ pub struct ServeArgs {
     /// after the leader dies (etcd state only).
     #[arg(long = "election-ttl", default_value = "10")]
     pub election_ttl: u64,
+    /// Serve Prometheus metrics (`/metrics`) and `/healthz` over HTTP on this address
+    /// (e.g. 0.0.0.0:9090); off when not given.
+    #[arg(
+        long = "metrics-listen",
+        env = "QUARRY_METRICS_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub security: ServerSecurityArgs,
 }
@@ -591,6 +599,20 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
     let local = listener.local_addr()?;
     let advertise = advertised(&a, local);
     let leadership = Leadership::standby();
+    let metrics = Arc::new(crate::metrics::CoordMetrics::default());
+    leadership.track(metrics.leader.clone());
+    if let Some(addr) = &a.metrics_listen {
+        let (l, local) = quarry_common::metrics::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        eprintln!("metrics on http://{local}/metrics");
+        tokio::spawn(quarry_common::metrics::serve(
+            l,
+            Arc::clone(&metrics.registry),
+            Arc::new(|| true),
+            shutdown.clone(),
+        ));
+    }
     // The embedded store has no election: lead before serving, so the first call finds a
     // leader. With etcd, serve as a standby while campaigning.
     let embedded = match a.state.strip_prefix("etcd://") {
@@ -602,6 +624,7 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
                 // Rounds a previous run handed out may still be running on remote workers:
                 // let them re-register and have them adopted before handing out more.
                 adopt_window: lease_ttl,
+                metrics: Arc::clone(&metrics),
                 ..Default::default()
             };
             let coord =
@@ -636,6 +659,7 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
                     // Rounds a previous leader handed out are still running: let their workers
                     // re-register and have them adopted before anything is handed out again.
                     adopt_window: lease_ttl,
+                    metrics: Arc::clone(&metrics),
                     ..Default::default()
                 };
                 lead_with_etcd(

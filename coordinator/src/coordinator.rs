@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::job::{JobRt, ObjectRt, Phase, backoff};
+use crate::metrics::CoordMetrics;
 use crate::spec::{JobSpec, RoundVars, SpecError, render};
 use crate::state::{
     CommitOutcome, CommitRecord, CreateJob, FailureRecord, FileRecord, JobRecord, JobState,
@@ -35,6 +36,8 @@ pub struct CoordinatorConfig {
     /// After start, how long no new round is handed out, so that workers still running
     /// rounds of a previous leader re-register and have them adopted instead of duplicated.
     pub adopt_window: Duration,
+    /// Where the coordinator's metrics go (shared with the `/metrics` endpoint).
+    pub metrics: Arc<CoordMetrics>,
 }
 
 impl Default for CoordinatorConfig {
@@ -44,6 +47,7 @@ impl Default for CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(5),
             manifest_interval: Duration::from_secs(2),
             adopt_window: Duration::ZERO,
+            metrics: Arc::default(),
         }
     }
 }
@@ -444,10 +448,15 @@ impl Coordinator {
 
     /// Hands out the next round, waiting up to `wait` for one.
     pub async fn acquire(&self, worker: &str, wait: Duration) -> Result<Option<Grant>, CoordError> {
-        let until = Instant::now() + wait;
+        let started = Instant::now();
+        let until = started + wait;
         loop {
             let notified = self.work.notified();
             if let Some(g) = self.try_acquire(worker)? {
+                self.cfg
+                    .metrics
+                    .acquire_seconds
+                    .observe_duration(started.elapsed());
                 return Ok(Some(g));
             }
             let now = Instant::now();
@@ -512,6 +521,7 @@ impl Coordinator {
                 task: Some(task),
             };
             debug!(job = %id, object = %o.name, round, seed, %attempt, worker, "round leased");
+            self.cfg.metrics.rounds_leased.inc();
             inner.leases.insert(
                 lease_id,
                 Lease {
@@ -555,7 +565,9 @@ impl Coordinator {
         files: Vec<pb::UploadedFile>,
         generator_ms: u64,
     ) -> Result<(pb::CommitOutcome, String), CoordError> {
+        let started = Instant::now();
         let Some(lease) = self.take_lease(worker, lease_id) else {
+            self.cfg.metrics.rounds_duplicate.inc();
             // Expired (and re-issued) or from a previous coordinator: it cannot commit.
             self.delete_files(None, &files).await;
             return Ok((
@@ -607,6 +619,7 @@ impl Coordinator {
                 )),
                 Ok(None) => Some(format!("file {:?} is not in the store", f.key)),
                 Err(e) => {
+                    self.cfg.metrics.store_errors.inc();
                     // The store did not answer: retry the round rather than judge the files.
                     warn!(job = %lease.job, round = lease.round, error = %e, "cannot verify uploaded files");
                     self.requeue(&lease);
@@ -662,6 +675,7 @@ impl Coordinator {
             Ok(CommitOutcome::AlreadyCommitted(existing)) if existing.attempt == record.attempt => {
             }
             Ok(CommitOutcome::AlreadyCommitted(_)) | Ok(CommitOutcome::Quarantined) => {
+                self.cfg.metrics.rounds_duplicate.inc();
                 self.delete_files(Some(&lease), &files).await;
                 return Ok((
                     pb::CommitOutcome::Duplicate,
@@ -677,6 +691,12 @@ impl Coordinator {
             }
         }
         debug!(job = %lease.job, object = %object_name, round = lease.round, count = record.count, "round committed");
+        self.cfg.metrics.rounds_committed.inc();
+        self.cfg.metrics.samples_committed.add(record.count as f64);
+        self.cfg
+            .metrics
+            .commit_seconds
+            .observe_duration(started.elapsed());
         let merge_now = {
             let mut inner = self.lock();
             let Inner {
@@ -730,6 +750,7 @@ impl Coordinator {
     /// A lease given back without failing (drain or shutdown): re-issued at once.
     pub fn release(&self, worker: &str, lease_id: u64) {
         if let Some(lease) = self.take_lease(worker, lease_id) {
+            self.cfg.metrics.rounds_released.inc();
             self.requeue(&lease);
         }
     }
@@ -762,6 +783,7 @@ impl Coordinator {
             )
         };
         warn!(job = %lease.job, %object, round = lease.round, attempt = %lease.attempt, kind, %message, "attempt failed");
+        self.cfg.metrics.failed(kind);
         let failure = FailureRecord {
             attempt: lease.attempt.clone(),
             kind: kind.to_string(),
@@ -794,6 +816,7 @@ impl Coordinator {
             match self.state.quarantine_round(&lease.job, &object, &q).await {
                 Ok(QuarantineOutcome::Quarantined) | Ok(QuarantineOutcome::AlreadyQuarantined) => {
                     warn!(job = %lease.job, %object, round = lease.round, failures, "round quarantined");
+                    self.cfg.metrics.rounds_quarantined.inc();
                     let (merge_now, broken) = {
                         let mut inner = self.lock();
                         let Some(job) = inner.jobs.get_mut(&lease.job) else {
@@ -872,8 +895,11 @@ impl Coordinator {
         self.tasks.spawn(async move {
             let mut delay = Duration::from_millis(500);
             loop {
+                let started = Instant::now();
                 match merge::merge_object(&c.store, c.state.as_ref(), &spec, &name, &plan).await {
                     Ok(record) => {
+                        c.cfg.metrics.merge_seconds.observe_duration(started.elapsed());
+                        c.cfg.metrics.merge_bytes.add(record.bytes as f64);
                         {
                             let mut inner = c.lock();
                             if let Some(job) = inner.jobs.get_mut(&job_id) {
@@ -898,6 +924,7 @@ impl Coordinator {
                         // A merge failure is an infrastructure problem (disk full, store down):
                         // retry with backoff rather than lose the object.
                         warn!(job = %job_id, object = %name, error = %e, "merge failed; will retry");
+                        c.cfg.metrics.merges_failed.inc();
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
                             _ = c.shutdown.cancelled() => return,
@@ -1010,7 +1037,9 @@ impl Coordinator {
                 }
                 out
             };
+            self.refresh_gauges();
             for l in expired {
+                self.cfg.metrics.lease_expiries.inc();
                 let msg = format!(
                     "lease not renewed by worker {} within {:?}",
                     l.worker, self.cfg.lease_ttl
@@ -1019,6 +1048,20 @@ impl Coordinator {
                     .await;
             }
         }
+    }
+
+    fn refresh_gauges(&self) {
+        let inner = self.lock();
+        let m = &self.cfg.metrics;
+        m.workers.set(inner.workers.len() as f64);
+        m.rounds_in_flight.set(inner.leases.len() as f64);
+        m.jobs_running.set(
+            inner
+                .jobs
+                .values()
+                .filter(|j| j.state == JobState::Running)
+                .count() as f64,
+        );
     }
 
     async fn manifest_writer(self: Arc<Self>) {
@@ -1269,19 +1312,38 @@ mod tests {
             }
         };
 
-        let first = c.acquire(&worker, Duration::from_secs(5)).await.unwrap().unwrap();
-        let files = upload(&first.lease, b"what the store holds", b"what the worker hashed").await;
-        let (outcome, msg) = c.complete(&worker, first.lease.lease_id, files, 1).await.unwrap();
+        let first = c
+            .acquire(&worker, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
+        let files = upload(
+            &first.lease,
+            b"what the store holds",
+            b"what the worker hashed",
+        )
+        .await;
+        let (outcome, msg) = c
+            .complete(&worker, first.lease.lease_id, files, 1)
+            .await
+            .unwrap();
         assert_eq!(outcome, pb::CommitOutcome::Rejected, "{msg}");
         assert!(msg.contains("sha256"), "{msg}");
         let st = c.status("verify").unwrap();
         assert_eq!((st.failed_attempts, st.rounds_committed), (1, 0));
 
         // The round is retried; an honest report commits it.
-        let retry = c.acquire(&worker, Duration::from_secs(5)).await.unwrap().unwrap();
+        let retry = c
+            .acquire(&worker, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(retry.lease.round, first.lease.round);
         let files = upload(&retry.lease, b"same bytes", b"same bytes").await;
-        let (outcome, msg) = c.complete(&worker, retry.lease.lease_id, files, 1).await.unwrap();
+        let (outcome, msg) = c
+            .complete(&worker, retry.lease.lease_id, files, 1)
+            .await
+            .unwrap();
         assert_eq!(outcome, pb::CommitOutcome::Committed, "{msg}");
         c.close().await;
     }

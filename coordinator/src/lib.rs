@@ -9,6 +9,7 @@ pub mod election;
 pub mod job;
 pub mod manifest;
 pub mod merge;
+pub mod metrics;
 pub mod progress;
 pub mod service;
 pub mod spec;

@@ -49,6 +49,8 @@ pub struct Leadership {
     coord: Mutex<Option<Arc<Coordinator>>>,
     leader_hint: Mutex<Option<String>>,
     health: HealthReporter,
+    /// `quarry_leader`, when metrics are kept.
+    gauge: Mutex<Option<quarry_common::metrics::Gauge>>,
 }
 
 impl Leadership {
@@ -59,6 +61,7 @@ impl Leadership {
             coord: Mutex::new(None),
             leader_hint: Mutex::new(None),
             health,
+            gauge: Mutex::new(None),
         });
         l.report(false);
         l
@@ -95,7 +98,21 @@ impl Leadership {
             .is_some()
     }
 
+    /// Keeps `gauge` at 1 while leading, 0 otherwise.
+    pub fn track(&self, gauge: quarry_common::metrics::Gauge) {
+        gauge.set(if self.is_leader() { 1.0 } else { 0.0 });
+        *self.gauge.lock().unwrap_or_else(|p| p.into_inner()) = Some(gauge);
+    }
+
     fn report(&self, leading: bool) {
+        if let Some(g) = self
+            .gauge
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            g.set(if leading { 1.0 } else { 0.0 });
+        }
         let health = self.health.clone();
         let status = if leading {
             ServingStatus::Serving
