@@ -65,6 +65,10 @@ impl Moto {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     pub fn bucket(&self) -> &str {
         &self.bucket
     }

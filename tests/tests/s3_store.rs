@@ -175,3 +175,97 @@ async fn serve_and_worker_on_s3_give_the_same_finals_as_a_local_run() {
     let open = moto.open_multipart_uploads();
     assert!(open.is_empty(), "multipart uploads left open: {open:?}");
 }
+
+/// Between Quarry and the S3 server sits a proxy that answers some requests `503 Slow Down`
+/// and resets others. Coordinator and worker retry with backoff: the job finishes with the
+/// same finals as a clean run, and no staging object or open multipart upload remains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_errors_and_resets_are_retried_and_lose_nothing() {
+    use quarry_tests::faultproxy::{Fault, FaultProxy};
+
+    let moto = Moto::start("quarry-faults");
+    // Every 4th request throttled, every 7th reset (after a clean start).
+    let proxy = FaultProxy::start(moto.port(), |n| match n {
+        n if n < 3 => Fault::Pass,
+        n if n % 4 == 1 => Fault::SlowDown,
+        n if n % 7 == 3 => Fault::Reset,
+        _ => Fault::Pass,
+    });
+    let env: Vec<(&str, String)> = moto
+        .env()
+        .into_iter()
+        .map(|(k, v)| {
+            if k == "AWS_ENDPOINT_URL" {
+                (k, proxy.endpoint())
+            } else {
+                (k, v)
+            }
+        })
+        .collect();
+    let root = legacy_root();
+    let home = tempfile::tempdir().unwrap();
+    let job = job_file(home.path(), root.path());
+    let store_url = format!("s3://{}/runs", moto.bucket());
+    let (_serve, addr) = start_serve(home.path(), &store_url, &env);
+    let _worker = spawn_worker(&addr, "0,1", &env, Some(&home.path().join("worker.log")));
+    let submit = submit(&job, &addr, true);
+    let submit_err = String::from_utf8_lossy(&submit.stderr);
+    assert!(
+        submit.status.success() && submit_err.contains("job served: done"),
+        "{submit_err}\n{}",
+        logs(home.path())
+    );
+    assert!(
+        proxy.injected() >= 5,
+        "too few faults injected to prove anything: {} of {}",
+        proxy.injected(),
+        proxy.injected() + proxy.passed()
+    );
+
+    let reference = legacy_root();
+    let reference_job = job_file(reference.path(), reference.path());
+    let out = run(&[
+        "--job",
+        reference_job.to_str().unwrap(),
+        "--progress",
+        "off",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.exit_code(), 0);
+    let store = moto.store("runs");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &store
+            .get_bytes("served/manifest.json")
+            .await
+            .unwrap()
+            .expect("the manifest is in the bucket"),
+    )
+    .unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    for o in ["obj_a", "obj_b"] {
+        let keys = manifest["objects"][o]["final"].as_array().unwrap();
+        let reference_finals = finals(reference.path(), "served", o);
+        assert_eq!(keys.len(), reference_finals.len(), "{manifest}");
+        for (key, reference_final) in keys.iter().zip(&reference_finals) {
+            let key = key.as_str().unwrap();
+            let local = scratch.path().join(key);
+            store.download_to(key, &local).await.unwrap();
+            assert_eq!(sha256_file(&local), sha256_file(reference_final), "{key}");
+        }
+    }
+    assert!(
+        store.list("served/rounds").await.unwrap().is_empty(),
+        "staging left"
+    );
+    assert!(
+        moto.open_multipart_uploads().is_empty(),
+        "multipart uploads left open: {:?}",
+        moto.open_multipart_uploads()
+    );
+    eprintln!(
+        "faults injected: {} of {} S3 requests",
+        proxy.injected(),
+        proxy.injected() + proxy.passed()
+    );
+}
