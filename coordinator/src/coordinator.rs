@@ -868,13 +868,39 @@ impl Coordinator {
         for f in files {
             let inside = match lease {
                 Some(l) => f.key.starts_with(&format!("{}/", l.staging_prefix)),
-                // Without a lease only staging-shaped keys are touched.
-                None => f.key.split('/').nth(1) == Some("rounds"),
+                // Without a lease only staging-shaped keys are touched, and never the files
+                // of a round's committed attempt (whatever a confused worker reports).
+                None => {
+                    f.key.split('/').nth(1) == Some("rounds") && !self.is_committed_file(&f.key)
+                }
             };
             if inside && let Err(e) = self.store.delete(&f.key).await {
                 warn!(key = %f.key, error = %e, "could not delete a losing attempt's file");
             }
         }
+    }
+
+    /// Whether `key` (`<job>/rounds/<object>/r<round>_s<seed>/<attempt>/<file>`) belongs to the
+    /// committed attempt of its round.
+    fn is_committed_file(&self, key: &str) -> bool {
+        let parts: Vec<&str> = key.split('/').collect();
+        let [job, "rounds", object, round_dir, attempt, ..] = parts.as_slice() else {
+            return false;
+        };
+        let Some(round) = round_dir
+            .strip_prefix('r')
+            .and_then(|r| r.split('_').next())
+            .and_then(|r| r.parse::<u32>().ok())
+        else {
+            return false;
+        };
+        let inner = self.lock();
+        inner
+            .jobs
+            .get(*job)
+            .and_then(|j| j.objects.iter().find(|o| o.name == *object))
+            .and_then(|o| o.commits.get(&round))
+            .is_some_and(|c| c.attempt == *attempt)
     }
 
     fn start_merge(self: &Arc<Self>, job_id: &str, object: usize) {
@@ -1346,6 +1372,94 @@ mod tests {
             .unwrap();
         assert_eq!(outcome, pb::CommitOutcome::Committed, "{msg}");
         c.close().await;
+    }
+
+    /// The race of a slow attempt: its lease expires, the round is re-leased and committed by
+    /// another worker, and then the slow one reports. It is refused as a duplicate and its
+    /// files are deleted; the round keeps the second attempt's commit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_attempt_after_the_round_was_recommitted_is_rejected_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+        let store = Store::open_dir(&dir.path().join("store")).unwrap();
+        let cfg = CoordinatorConfig {
+            lease_ttl: Duration::from_millis(200),
+            ..Default::default()
+        };
+        let c = Coordinator::start(
+            cfg,
+            Arc::new(state),
+            store.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        c.submit(spec(dir.path())).await.unwrap();
+        let (slow, _) = c.register("host", "0", "slow", &[]);
+        let (fast, _) = c.register("host", "1", "fast", &[]);
+        let put = |lease: &pb::Lease, bytes: &'static [u8]| {
+            let store = store.clone();
+            let prefix = lease.task.as_ref().unwrap().staging_prefix.clone();
+            async move {
+                let key = format!("{prefix}/a.npy");
+                store.put_bytes(&key, bytes).await.unwrap();
+                vec![pb::UploadedFile {
+                    name: "a.npy".into(),
+                    key,
+                    size: bytes.len() as u64,
+                    sha256: hex(&sha2::Sha256::digest(bytes)),
+                    count: 10,
+                    schema: "npy <f4 (*, 3)".into(),
+                }]
+            }
+        };
+        let stale = c
+            .acquire(&slow, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .unwrap()
+            .lease;
+        let stale_files = put(&stale, b"slow attempt").await;
+        // No heartbeat from the slow worker: the reaper expires its lease and the round is
+        // retried (after the spec's 1 ms backoff) by the fast worker, which commits it.
+        let until = Instant::now() + Duration::from_secs(10);
+        let retry = loop {
+            if let Some(g) = c.acquire(&fast, Duration::from_millis(100)).await.unwrap() {
+                break g.lease;
+            }
+            assert!(
+                Instant::now() < until,
+                "the expired round was never re-leased"
+            );
+        };
+        assert_eq!((retry.round, retry.seed), (stale.round, stale.seed));
+        assert_ne!(retry.attempt, stale.attempt);
+        let files = put(&retry, b"fast attempt").await;
+        let (outcome, _) = c.complete(&fast, retry.lease_id, files, 1).await.unwrap();
+        assert_eq!(outcome, pb::CommitOutcome::Committed);
+
+        let (outcome, msg) = c
+            .complete(&slow, stale.lease_id, stale_files.clone(), 1)
+            .await
+            .unwrap();
+        assert_eq!(outcome, pb::CommitOutcome::Duplicate, "{msg}");
+        assert!(
+            store
+                .get_bytes(&stale_files[0].key)
+                .await
+                .unwrap()
+                .is_none(),
+            "the stale attempt's file is still in the store"
+        );
+        let st = c.status("verify").unwrap();
+        assert_eq!(st.rounds_committed, 1);
+        let rec = c.state.load_object("verify", "a").await.unwrap();
+        assert_eq!(rec.commits[&retry.round].attempt, retry.attempt);
+        c.close().await;
+    }
+
+    fn files_key(lease: &pb::Lease) -> String {
+        format!("{}/a.npy", lease.task.as_ref().unwrap().staging_prefix)
     }
 
     fn hex(bytes: &[u8]) -> String {
