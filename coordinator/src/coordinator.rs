@@ -548,11 +548,17 @@ impl Coordinator {
             Some(l) if l.worker == worker => {}
             _ => return None,
         }
-        let lease = inner.leases.remove(&lease_id)?;
+        // The round stays counted in flight until its outcome is applied (`settle`), so that
+        // a slow commit does not make the scheduler hand out rounds the quota does not need.
+        inner.leases.remove(&lease_id)
+    }
+
+    /// The round of a taken lease is no longer in flight (its outcome is applied or dropped).
+    fn settle(&self, lease: &Lease) {
+        let mut inner = self.lock();
         if let Some(job) = inner.jobs.get_mut(&lease.job) {
             job.objects[lease.object].lease_ended(lease.round);
         }
-        Some(lease)
     }
 
     /// Commits a finished attempt: the first commit of a round wins; a loser's files are
@@ -590,6 +596,7 @@ impl Coordinator {
             let Some(job) = inner.jobs.get(&lease.job) else {
                 return Ok((pb::CommitOutcome::Duplicate, "job gone".into()));
             };
+            // (A job that is gone has no rounds to settle.)
             let o = &job.objects[lease.object];
             (o.name.clone(), o.schema().map(str::to_string))
         };
@@ -676,6 +683,7 @@ impl Coordinator {
             }
             Ok(CommitOutcome::AlreadyCommitted(_)) | Ok(CommitOutcome::Quarantined) => {
                 self.cfg.metrics.rounds_duplicate.inc();
+                self.settle(&lease);
                 self.delete_files(Some(&lease), &files).await;
                 return Ok((
                     pb::CommitOutcome::Duplicate,
@@ -712,6 +720,7 @@ impl Coordinator {
             job.samples_this_session += record.count;
             let o = &mut job.objects[lease.object];
             o.apply_commit(record);
+            o.lease_ended(lease.round);
             // Other attempts of this round are now pointless: tell their workers to stop.
             for (id, l) in leases.iter() {
                 if l.job == lease.job
@@ -755,10 +764,13 @@ impl Coordinator {
         }
     }
 
+    /// Settles a taken lease and puts its round back to be handed out at once.
     fn requeue(&self, lease: &Lease) {
         let mut inner = self.lock();
         if let Some(job) = inner.jobs.get_mut(&lease.job) {
-            job.objects[lease.object].requeue(lease.round, Instant::now());
+            let o = &mut job.objects[lease.object];
+            o.lease_ended(lease.round);
+            o.requeue(lease.round, Instant::now());
         }
         drop(inner);
         self.work.notify_waiters();
@@ -823,6 +835,7 @@ impl Coordinator {
                             return;
                         };
                         let o = &mut job.objects[lease.object];
+                        o.lease_ended(lease.round);
                         o.apply_failure(lease.round, failures);
                         o.apply_quarantine(q.clone());
                         let merge_now = o.merge_plan(&job.spec).is_some();
@@ -844,7 +857,7 @@ impl Coordinator {
                         self.start_merge(&lease.job, lease.object);
                     }
                 }
-                Ok(QuarantineOutcome::AlreadyCommitted(_)) => {}
+                Ok(QuarantineOutcome::AlreadyCommitted(_)) => self.settle(&lease),
                 Err(e) => {
                     warn!(error = %e, "could not quarantine; retrying the round");
                     self.requeue(&lease);
@@ -854,6 +867,7 @@ impl Coordinator {
             let mut inner = self.lock();
             if let Some(job) = inner.jobs.get_mut(&lease.job) {
                 let o = &mut job.objects[lease.object];
+                o.lease_ended(lease.round);
                 o.apply_failure(lease.round, failures);
                 o.schedule_retry(lease.round, Instant::now() + backoff(backoff_ms, failures));
             }
@@ -1054,10 +1068,8 @@ impl Coordinator {
                     .collect();
                 let mut out = Vec::new();
                 for id in ids {
+                    // Settled by `fail_lease` below, once the failure is applied.
                     if let Some(l) = inner.leases.remove(&id) {
-                        if let Some(job) = inner.jobs.get_mut(&l.job) {
-                            job.objects[l.object].lease_ended(l.round);
-                        }
                         out.push(l);
                     }
                 }
@@ -1437,6 +1449,17 @@ mod tests {
         let files = put(&retry, b"fast attempt").await;
         let (outcome, _) = c.complete(&fast, retry.lease_id, files, 1).await.unwrap();
         assert_eq!(outcome, pb::CommitOutcome::Committed);
+
+        // A confused report naming the committed attempt's file deletes nothing.
+        let committed_key = files_key(&retry);
+        let mut confused = stale_files.clone();
+        confused[0].key = committed_key.clone();
+        let (outcome, _) = c
+            .complete(&slow, stale.lease_id + 1_000, confused, 1)
+            .await
+            .unwrap();
+        assert_eq!(outcome, pb::CommitOutcome::Duplicate);
+        assert!(store.get_bytes(&committed_key).await.unwrap().is_some());
 
         let (outcome, msg) = c
             .complete(&slow, stale.lease_id, stale_files.clone(), 1)
