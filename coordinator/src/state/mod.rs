@@ -146,7 +146,7 @@ pub enum QuarantineOutcome {
     AlreadyQuarantined,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StateError {
     #[error("job {0:?} not found")]
     JobNotFound(String),
