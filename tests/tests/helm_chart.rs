@@ -25,8 +25,12 @@ const KUBE_VERSION: &str = "1.30.0";
 const RELEASE: &str = "ci";
 const NAMESPACE: &str = "quarry-test";
 /// Custom resources kubernetes-validate has no schema for, each checked by hand in
-/// `check_service_monitor` instead. Any other kind without a schema fails the test.
-const CRD_KINDS: &[(&str, &str)] = &[("monitoring.coreos.com/v1", "ServiceMonitor")];
+/// `check_service_monitor` and `check_prometheus_rule` instead. Any other kind without a
+/// schema fails the test.
+const CRD_KINDS: &[(&str, &str)] = &[
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+];
 /// The variants the docs promise; each must have its values file in helm/quarry/ci.
 const VARIANTS: &[&str] = &[
     "etcd-1",
@@ -611,9 +615,11 @@ fn chart_variants_do_what_they_say() {
     assert_eq!(arg_after(&w, "--auth-token-file"), "/etc/quarry/auth/token");
     assert!(r.get("Secret", &name("auth"))["stringData"]["token"].is_string());
 
-    // Monitoring: a ServiceMonitor over the headless Services, the dashboard for the sidecar.
+    // Monitoring: a ServiceMonitor over the headless Services, the alert rules, the dashboard
+    // for the sidecar.
     let r = variant("monitoring");
     check_service_monitor(r);
+    check_prometheus_rule(r);
     let dash = r.get("ConfigMap", &name("dashboard"));
     assert_eq!(dash["metadata"]["labels"]["grafana_dashboard"], "1");
     let json = dash["data"]["quarry-dashboard.json"]
@@ -626,6 +632,10 @@ fn chart_variants_do_what_they_say() {
             assert!(
                 r.docs().all(|d| d["kind"] != "ServiceMonitor"),
                 "{variant}: ServiceMonitor without monitoring.serviceMonitor.enabled"
+            );
+            assert!(
+                r.docs().all(|d| d["kind"] != "PrometheusRule"),
+                "{variant}: PrometheusRule without monitoring.prometheusRule.enabled"
             );
         }
     }
@@ -666,6 +676,20 @@ fn check_service_monitor(r: &Rendered) {
             s["metadata"]["name"]
         );
     }
+}
+
+/// The PrometheusRule (no schema offline, see CRD_KINDS): exactly the groups of
+/// deploy/prometheus/quarry-alerts.yaml, templates such as `{{ $labels.job }}` untouched.
+fn check_prometheus_rule(r: &Rendered) {
+    let pr = r.get("PrometheusRule", &format!("{RELEASE}-quarry"));
+    assert_eq!(pr["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(pr["metadata"]["labels"]["release"], "kube-prometheus-stack");
+    let path = repo_root().join("deploy/prometheus/quarry-alerts.yaml");
+    let out = helm_tool(&["yaml", &path.display().to_string()]);
+    assert!(out.status.success(), "quarry-alerts.yaml does not parse");
+    let docs: Value = serde_json::from_slice(&out.stdout).expect("alerts as JSON");
+    assert_eq!(pr["spec"]["groups"], docs[0]["groups"]);
+    assert!(pr["spec"].to_string().contains("{{ $labels.job }}"));
 }
 
 /// `--flag` names in a help text.
@@ -854,19 +878,25 @@ fn values_schema_rejects_bad_values() {
 }
 
 #[test]
-fn chart_dashboard_is_the_deploy_dashboard() {
-    // The chart can only read files inside itself, so it carries a copy of
-    // deploy/grafana/quarry-dashboard.json; until that exists it renders a placeholder.
-    let deploy = repo_root().join("deploy/grafana/quarry-dashboard.json");
-    let chart = chart_dir().join("dashboards/quarry-dashboard.json");
-    match (deploy.is_file(), chart.is_file()) {
-        (true, _) => assert_eq!(
-            std::fs::read(&deploy).expect("read"),
-            std::fs::read(&chart).unwrap_or_default(),
-            "copy deploy/grafana/quarry-dashboard.json to helm/quarry/dashboards/ (the chart ships it)"
+fn chart_carries_the_deploy_dashboard_and_alerts() {
+    // The chart can only read files inside itself, so it carries copies of the dashboard and
+    // the alert rules; they must be the files in deploy/.
+    for (deploy, chart) in [
+        (
+            "deploy/grafana/quarry-dashboard.json",
+            "dashboards/quarry-dashboard.json",
         ),
-        (false, true) => panic!("the chart ships a dashboard that deploy/grafana does not have"),
-        (false, false) => {}
+        (
+            "deploy/prometheus/quarry-alerts.yaml",
+            "alerts/quarry-alerts.yaml",
+        ),
+    ] {
+        let want = std::fs::read(repo_root().join(deploy)).expect("read");
+        let got = std::fs::read(chart_dir().join(chart)).unwrap_or_default();
+        assert!(
+            want == got,
+            "copy {deploy} to helm/quarry/{chart} (the chart ships it)"
+        );
     }
 }
 
