@@ -20,7 +20,7 @@ use crate::job::{JobRt, ObjectRt, Phase, backoff};
 use crate::spec::{JobSpec, RoundVars, SpecError, render};
 use crate::state::{
     CommitOutcome, CommitRecord, CreateJob, FailureRecord, FileRecord, JobRecord, JobState,
-    QuarantineOutcome, QuarantineRecord, StateError, StateStore,
+    QuarantineOutcome, QuarantineRecord, RoundGpuStats, StateError, StateStore,
 };
 use crate::{manifest, merge};
 
@@ -78,6 +78,12 @@ struct WorkerInfo {
     last_seen: Instant,
     /// Leases the worker must stop, reported on its next heartbeat.
     cancel: Vec<u64>,
+    /// What the agent said of its GPU at Register.
+    gpu_info: Option<pb::GpuInfo>,
+    /// The last health sample and agent state from its heartbeats, shown in status. Acting on
+    /// them (an unhealthy GPU stops acquiring) is the agent's job, not the coordinator's.
+    health: Option<pb::GpuHealth>,
+    agent_state: String,
 }
 
 #[derive(Default)]
@@ -120,6 +126,15 @@ fn unix_ms() -> u64 {
 /// What a worker is told to run.
 pub struct Grant {
     pub lease: pb::Lease,
+}
+
+/// What a Complete carries besides its files.
+#[derive(Debug, Clone, Default)]
+pub struct CompleteExtras {
+    /// GPU figures sampled while the generator ran.
+    pub gpu_stats: Option<pb::RoundGpuStats>,
+    /// The generator's log, uploaded under the attempt's staging prefix; empty when none.
+    pub log_key: String,
 }
 
 impl Coordinator {
@@ -296,7 +311,13 @@ impl Coordinator {
         Ok(())
     }
 
-    pub fn register(&self, host: &str, gpu: &str, name: &str) -> String {
+    pub fn register(
+        &self,
+        host: &str,
+        gpu: &str,
+        name: &str,
+        gpu_info: Option<pb::GpuInfo>,
+    ) -> String {
         let mut inner = self.lock();
         let n = inner.next_worker;
         inner.next_worker += 1;
@@ -313,6 +334,9 @@ impl Coordinator {
                 gpu: gpu.into(),
                 last_seen: Instant::now(),
                 cancel: Vec::new(),
+                gpu_info,
+                health: None,
+                agent_state: String::new(),
             },
         );
         info!(worker = %id, gpu, "worker registered");
@@ -321,13 +345,26 @@ impl Coordinator {
         id
     }
 
-    /// Renews the worker's listed leases; returns leases it must stop, or `None` when the
-    /// worker is unknown (it must register again).
-    pub fn heartbeat(&self, worker: &str, running: &[u64]) -> Option<Vec<u64>> {
+    /// Renews the worker's listed leases and records its GPU health and state; returns leases
+    /// it must stop, or `None` when the worker is unknown (it must register again).
+    pub fn heartbeat(
+        &self,
+        worker: &str,
+        running: &[u64],
+        health: Option<pb::GpuHealth>,
+        agent_state: String,
+    ) -> Option<Vec<u64>> {
         let now = Instant::now();
         let mut inner = self.lock();
         let w = inner.workers.get_mut(worker)?;
         w.last_seen = now;
+        if health.is_some() {
+            w.health = health;
+        }
+        let state_changed = w.agent_state != agent_state;
+        if state_changed {
+            w.agent_state = agent_state;
+        }
         let mut cancel = std::mem::take(&mut w.cancel);
         let deadline = now + self.cfg.lease_ttl;
         for id in running {
@@ -339,6 +376,11 @@ impl Coordinator {
                     }
                 }
             }
+        }
+        drop(inner);
+        if state_changed {
+            // Status watchers see an agent turn unhealthy or start draining.
+            self.bump();
         }
         Some(cancel)
     }
@@ -452,10 +494,19 @@ impl Coordinator {
         lease_id: u64,
         files: Vec<pb::UploadedFile>,
         generator_ms: u64,
+        extras: CompleteExtras,
     ) -> Result<(pb::CommitOutcome, String), CoordError> {
+        // A losing attempt's log goes with its outputs.
+        let mut doomed = files.clone();
+        if !extras.log_key.is_empty() {
+            doomed.push(pb::UploadedFile {
+                key: extras.log_key.clone(),
+                ..Default::default()
+            });
+        }
         let Some(lease) = self.take_lease(worker, lease_id) else {
             // Expired (and re-issued) or from a previous coordinator: it cannot commit.
-            self.delete_files(None, &files).await;
+            self.delete_files(None, &doomed).await;
             return Ok((
                 pb::CommitOutcome::Duplicate,
                 "lease expired or unknown; files deleted".into(),
@@ -501,7 +552,7 @@ impl Coordinator {
                 "output schema `{}` disagrees with the object's earlier rounds (`{expected}`)",
                 files[0].schema
             );
-            self.delete_files(Some(&lease), &files).await;
+            self.delete_files(Some(&lease), &doomed).await;
             self.fail_lease(lease, "schema_mismatch", msg.clone(), String::new())
                 .await;
             return Ok((pb::CommitOutcome::Rejected, msg));
@@ -525,6 +576,14 @@ impl Coordinator {
             worker: worker.to_string(),
             generator_ms,
             committed_unix_ms: unix_ms(),
+            gpu: extras.gpu_stats.map(|g| RoundGpuStats {
+                utilization_mean_pct: g.utilization_mean_pct,
+                memory_peak_mib: g.memory_peak_mib,
+                samples: g.samples,
+            }),
+            // Only a key inside the attempt's staging is recorded (and later deleted with it).
+            log_key: Some(extras.log_key)
+                .filter(|k| k.starts_with(&format!("{}/", lease.staging_prefix))),
         };
         match self
             .state
@@ -536,7 +595,7 @@ impl Coordinator {
             Ok(CommitOutcome::AlreadyCommitted(existing)) if existing.attempt == record.attempt => {
             }
             Ok(CommitOutcome::AlreadyCommitted(_)) | Ok(CommitOutcome::Quarantined) => {
-                self.delete_files(Some(&lease), &files).await;
+                self.delete_files(Some(&lease), &doomed).await;
                 return Ok((
                     pb::CommitOutcome::Duplicate,
                     "round already resolved; files deleted".into(),
@@ -1001,6 +1060,9 @@ impl Coordinator {
                     gpu: w.gpu.clone(),
                     running,
                     last_seen_ms_ago: now.duration_since(w.last_seen).as_millis() as u64,
+                    gpu_info: w.gpu_info.clone(),
+                    health: w.health.clone(),
+                    agent_state: w.agent_state.clone(),
                 }
             })
             .collect();
@@ -1082,5 +1144,7 @@ fn task_for(
         staging_prefix: staging_prefix.to_string(),
         keep_intermediate: spec.keep_intermediate,
         bind_gpu: g.bind_gpu,
+        threads_per_gpu: g.threads_per_gpu.unwrap_or(0),
+        min_free_gpu_memory_mib: g.min_free_gpu_memory_mib.unwrap_or(0),
     }
 }

@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::coordinator::{CoordError, Coordinator};
+use crate::coordinator::{CompleteExtras, CoordError, Coordinator};
 use crate::spec::JobSpec;
 
 /// Largest gRPC message accepted or sent (job specs with thousands of objects fit easily).
@@ -64,7 +64,7 @@ impl WorkerService for WorkerApi {
         req: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = req.into_inner();
-        let worker_id = self.0.register(&r.host, &r.gpu, &r.agent_name);
+        let worker_id = self.0.register(&r.host, &r.gpu, &r.agent_name, r.gpu_info);
         let cfg = self.0.config();
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
@@ -80,7 +80,10 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(
-            match self.0.heartbeat(&r.worker_id, &r.lease_ids) {
+            match self
+                .0
+                .heartbeat(&r.worker_id, &r.lease_ids, r.health, r.agent_state)
+            {
                 Some(cancel) => pb::HeartbeatResponse {
                     cancel_lease_ids: cancel,
                     reregister: false,
@@ -116,7 +119,16 @@ impl WorkerService for WorkerApi {
         let r = req.into_inner();
         let (outcome, message) = self
             .0
-            .complete(&r.worker_id, r.lease_id, r.files, r.generator_ms)
+            .complete(
+                &r.worker_id,
+                r.lease_id,
+                r.files,
+                r.generator_ms,
+                CompleteExtras {
+                    gpu_stats: r.gpu_stats,
+                    log_key: r.log_key,
+                },
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::CompleteResponse {
