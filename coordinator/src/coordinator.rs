@@ -522,13 +522,28 @@ impl Coordinator {
             .await;
             return Ok((pb::CommitOutcome::Rejected, "no files".into()));
         }
-        let (object_name, schema) = {
+        let known = {
             let inner = self.lock();
-            let Some(job) = inner.jobs.get(&lease.job) else {
-                return Ok((pb::CommitOutcome::Duplicate, "job gone".into()));
-            };
-            let o = &job.objects[lease.object];
-            (o.name.clone(), o.schema().map(str::to_string))
+            inner.jobs.get(&lease.job).map(|job| {
+                let o = &job.objects[lease.object];
+                (
+                    o.name.clone(),
+                    o.schema().map(str::to_string),
+                    o.phase == Phase::Running,
+                )
+            })
+        };
+        let (object_name, schema) = match known {
+            Some((name, schema, true)) => (name, schema),
+            // The object's final is fixed (merging or merged; its staging is being or was
+            // deleted): a round that finishes now, e.g. one a worker prefetched, is surplus.
+            Some((_, _, false)) | None => {
+                self.delete_files(Some(&lease), &doomed).await;
+                return Ok((
+                    pb::CommitOutcome::Duplicate,
+                    "object already merged; files deleted".into(),
+                ));
+            }
         };
         for f in &files {
             if !f.key.starts_with(&format!("{}/", lease.staging_prefix)) {
@@ -798,7 +813,20 @@ impl Coordinator {
                 return;
             };
             o.phase = Phase::Merging;
-            (job.spec.clone(), plan, o.name.clone())
+            // Rounds of the object still running are surplus now: tell their workers to stop.
+            let Inner {
+                leases, workers, ..
+            } = &mut *inner;
+            for (id, l) in leases.iter() {
+                if l.job == job_id
+                    && l.object == object
+                    && let Some(w) = workers.get_mut(&l.worker)
+                {
+                    w.cancel.push(*id);
+                }
+            }
+            let job = &inner.jobs[job_id];
+            (job.spec.clone(), plan, job.objects[object].name.clone())
         };
         let c = Arc::clone(self);
         let job_id = job_id.to_string();

@@ -255,10 +255,12 @@ async fn complete(
     };
     let mut client = s.client.clone();
     // Once sent, a Complete may commit: its files must never be deleted here, even if the
-    // session is lost while waiting for the answer.
+    // session is lost while waiting for the answer. A stop waits for the answer (bounded), so
+    // the coordinator either commits the files or deletes them; only a lost session, whose
+    // coordinator is unreachable, gives up on it.
     let answer = tokio::select! {
         r = tokio::time::timeout(RPC_TIMEOUT, client.complete(req)) => Some(r),
-        _ = s.lost.cancelled() => None,
+        _ = s.fenced.cancelled() => None,
     };
     let committed = match answer {
         Some(Ok(Ok(r))) => {

@@ -90,6 +90,8 @@ pub(super) struct Session {
     heartbeat_every: Duration,
     /// Cancelled when the session is lost, and on stop (it is a child of `shutdown.stop`).
     pub lost: CancellationToken,
+    /// Cancelled only when the session is lost (fenced or forgotten), not on stop.
+    pub fenced: CancellationToken,
     lost_why: Mutex<Option<Lost>>,
     running: Mutex<HashMap<u64, CancellationToken>>,
     /// What the agent is waiting for, sent in heartbeats; empty when it is simply working.
@@ -125,6 +127,7 @@ impl Session {
             .max(Duration::from_millis(50));
         Arc::new(Session {
             lost: shutdown.stop.child_token(),
+            fenced: CancellationToken::new(),
             cfg,
             client,
             worker_id: reg.worker_id,
@@ -198,6 +201,7 @@ impl Session {
 
     fn lose(&self, why: Lost) {
         lock(&self.lost_why).get_or_insert(why);
+        self.fenced.cancel();
         self.lost.cancel();
     }
 
