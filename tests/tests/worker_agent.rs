@@ -29,9 +29,9 @@ struct Coord {
 
 impl Coord {
     fn start(ttl: &str) -> Coord {
-        let home = tempfile::tempdir().unwrap();
+        let home = tempfile::tempdir().expect("test harness");
         for d in ["root/env", "root/pids", "store"] {
-            std::fs::create_dir_all(home.path().join(d)).unwrap();
+            std::fs::create_dir_all(home.path().join(d)).expect("test harness");
         }
         let (serve, addr) = start_serve(
             &state_url(home.path()),
@@ -56,7 +56,7 @@ impl Coord {
         serde_json::from_slice(
             &std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
         )
-        .unwrap()
+        .expect("test harness")
     }
     /// A worker on this coordinator: fast sampling, tiny scratch requirement, `extra` flags.
     fn worker(&self, extra: &[&str], log: &str) -> Killed {
@@ -93,7 +93,7 @@ impl Coord {
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
-                .unwrap(),
+                .expect("test harness"),
         );
         let code = wait_exit(&mut child, Duration::from_secs(120));
         // 0: done; 2: ended without its quota (cancelled, exhausted).
@@ -120,7 +120,7 @@ fn job(
     top: &str,
     generator: &str,
 ) -> PathBuf {
-    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let q = |s: &str| serde_json::to_string(s).expect("test harness");
     let mut argv = vec![
         GEN.to_string(),
         "--out".into(),
@@ -139,11 +139,11 @@ fn job(
          round_dir = \"out/{{name}}\"\n{generator}\n",
         exp = q(exp),
         quota = rounds * BATCH,
-        root = q(c.root().to_str().unwrap()),
+        root = q(c.root().to_str().expect("test harness")),
         argv = argv.iter().map(|a| q(a)).collect::<Vec<_>>().join(", "),
     );
     let p = c.path(&format!("{exp}.toml"));
-    std::fs::write(&p, text).unwrap();
+    std::fs::write(&p, text).expect("test harness");
     p
 }
 
@@ -164,8 +164,8 @@ fn write_inventory(path: &Path, gpus: &[Value]) {
         &tmp,
         json!({"driver_version": "555.42.06", "gpus": gpus}).to_string(),
     )
-    .unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    .expect("test harness");
+    std::fs::rename(&tmp, path).expect("test harness");
 }
 
 fn worker_of(status: &Value, gpu: &str) -> Value {
@@ -218,7 +218,7 @@ fn signal(child: &Killed, sig: libc::c_int) {
 fn wait_exit(child: &mut Killed, limit: Duration) -> i32 {
     let deadline = Instant::now() + limit;
     loop {
-        if let Some(st) = child.0.try_wait().unwrap() {
+        if let Some(st) = child.0.try_wait().expect("test harness") {
             return st.code().unwrap_or(-1);
         }
         assert!(
@@ -231,8 +231,14 @@ fn wait_exit(child: &mut Killed, limit: Duration) -> i32 {
 
 fn env_dumps(c: &Coord) -> Vec<Value> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(c.root().join("env")).unwrap().flatten() {
-        out.push(serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap());
+    for e in std::fs::read_dir(c.root().join("env"))
+        .expect("test harness")
+        .flatten()
+    {
+        out.push(
+            serde_json::from_slice(&std::fs::read(e.path()).expect("test harness"))
+                .expect("test harness"),
+        );
     }
     assert!(!out.is_empty(), "no generator wrote its environment");
     out
