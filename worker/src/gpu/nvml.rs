@@ -235,3 +235,23 @@ fn watch_xids(nvml: &Nvml, xids: &XidLog) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On any host: NVML opens, or the failure is "no NVML" with a reason, never a panic.
+    #[test]
+    fn opening_nvml_never_fails_otherwise() {
+        match NvmlInventory::open() {
+            Ok(inv) => {
+                let gpus = inv.list().expect("NVML lists GPUs");
+                for g in &gpus {
+                    let _ = inv.sample(g);
+                }
+            }
+            Err(GpuError::NoNvml(reason)) => assert!(!reason.is_empty()),
+            Err(e) => panic!("unexpected NVML error: {e}"),
+        }
+    }
+}
