@@ -21,7 +21,7 @@ use crate::metrics::CoordMetrics;
 use crate::spec::{JobSpec, RoundVars, SpecError, render};
 use crate::state::{
     CommitOutcome, CommitRecord, CreateJob, FailureRecord, FileRecord, JobRecord, JobState,
-    QuarantineOutcome, QuarantineRecord, StateError, StateStore,
+    QuarantineOutcome, QuarantineRecord, RoundGpuStats, StateError, StateStore,
 };
 use crate::{manifest, merge};
 
@@ -89,6 +89,12 @@ struct WorkerInfo {
     last_seen: Instant,
     /// Leases the worker must stop, reported on its next heartbeat.
     cancel: Vec<u64>,
+    /// What the agent said of its GPU at Register.
+    gpu_info: Option<pb::GpuInfo>,
+    /// The last health sample and agent state from its heartbeats, shown in status. Acting on
+    /// them (an unhealthy GPU stops acquiring) is the agent's job, not the coordinator's.
+    health: Option<pb::GpuHealth>,
+    agent_state: String,
 }
 
 #[derive(Default)]
@@ -134,6 +140,15 @@ fn unix_ms() -> u64 {
 /// What a worker is told to run.
 pub struct Grant {
     pub lease: pb::Lease,
+}
+
+/// What a Complete carries besides its files.
+#[derive(Debug, Clone, Default)]
+pub struct CompleteExtras {
+    /// GPU figures sampled while the generator ran.
+    pub gpu_stats: Option<pb::RoundGpuStats>,
+    /// The generator's log, uploaded under the attempt's staging prefix; empty when none.
+    pub log_key: String,
 }
 
 impl Coordinator {
@@ -328,9 +343,10 @@ impl Coordinator {
         host: &str,
         gpu: &str,
         name: &str,
+        gpu_info: Option<pb::GpuInfo>,
         running: &[pb::Lease],
     ) -> (String, Vec<u64>) {
-        let id = self.register_worker(host, gpu, name);
+        let id = self.register_worker(host, gpu, name, gpu_info);
         let mut refused = Vec::new();
         for l in running {
             if !self.adopt(&id, l) {
@@ -399,7 +415,13 @@ impl Coordinator {
         true
     }
 
-    fn register_worker(&self, host: &str, gpu: &str, name: &str) -> String {
+    fn register_worker(
+        &self,
+        host: &str,
+        gpu: &str,
+        name: &str,
+        gpu_info: Option<pb::GpuInfo>,
+    ) -> String {
         let mut inner = self.lock();
         let n = inner.next_worker;
         inner.next_worker += 1;
@@ -416,6 +438,9 @@ impl Coordinator {
                 gpu: gpu.into(),
                 last_seen: Instant::now(),
                 cancel: Vec::new(),
+                gpu_info,
+                health: None,
+                agent_state: String::new(),
             },
         );
         info!(worker = %id, gpu, "worker registered");
@@ -424,13 +449,26 @@ impl Coordinator {
         id
     }
 
-    /// Renews the worker's listed leases; returns leases it must stop, or `None` when the
-    /// worker is unknown (it must register again).
-    pub fn heartbeat(&self, worker: &str, running: &[u64]) -> Option<Vec<u64>> {
+    /// Renews the worker's listed leases and records its GPU health and state; returns leases
+    /// it must stop, or `None` when the worker is unknown (it must register again).
+    pub fn heartbeat(
+        &self,
+        worker: &str,
+        running: &[u64],
+        health: Option<pb::GpuHealth>,
+        agent_state: String,
+    ) -> Option<Vec<u64>> {
         let now = Instant::now();
         let mut inner = self.lock();
         let w = inner.workers.get_mut(worker)?;
         w.last_seen = now;
+        if health.is_some() {
+            w.health = health;
+        }
+        let state_changed = w.agent_state != agent_state;
+        if state_changed {
+            w.agent_state = agent_state;
+        }
         let mut cancel = std::mem::take(&mut w.cancel);
         let deadline = now + self.cfg.lease_ttl;
         for id in running {
@@ -442,6 +480,11 @@ impl Coordinator {
                     }
                 }
             }
+        }
+        drop(inner);
+        if state_changed {
+            // Status watchers see an agent turn unhealthy or start draining.
+            self.bump();
         }
         Some(cancel)
     }
@@ -570,12 +613,21 @@ impl Coordinator {
         lease_id: u64,
         files: Vec<pb::UploadedFile>,
         generator_ms: u64,
+        extras: CompleteExtras,
     ) -> Result<(pb::CommitOutcome, String), CoordError> {
         let started = Instant::now();
+        // A losing attempt's log goes with its outputs.
+        let mut doomed = files.clone();
+        if !extras.log_key.is_empty() {
+            doomed.push(pb::UploadedFile {
+                key: extras.log_key.clone(),
+                ..Default::default()
+            });
+        }
         let Some(lease) = self.take_lease(worker, lease_id) else {
             self.cfg.metrics.rounds_duplicate.inc();
             // Expired (and re-issued) or from a previous coordinator: it cannot commit.
-            self.delete_files(None, &files).await;
+            self.delete_files(None, &doomed).await;
             return Ok((
                 pb::CommitOutcome::Duplicate,
                 "lease expired or unknown; files deleted".into(),
@@ -591,14 +643,30 @@ impl Coordinator {
             .await;
             return Ok((pb::CommitOutcome::Rejected, "no files".into()));
         }
-        let (object_name, schema) = {
+        let known = {
             let inner = self.lock();
-            let Some(job) = inner.jobs.get(&lease.job) else {
-                return Ok((pb::CommitOutcome::Duplicate, "job gone".into()));
-            };
-            // (A job that is gone has no rounds to settle.)
-            let o = &job.objects[lease.object];
-            (o.name.clone(), o.schema().map(str::to_string))
+            inner.jobs.get(&lease.job).map(|job| {
+                let o = &job.objects[lease.object];
+                (
+                    o.name.clone(),
+                    o.schema().map(str::to_string),
+                    o.phase == Phase::Running,
+                )
+            })
+        };
+        let (object_name, schema) = match known {
+            Some((name, schema, true)) => (name, schema),
+            // The object's final is fixed (merging or merged; its staging is being or was
+            // deleted): a round that finishes now, e.g. one a worker prefetched, is surplus.
+            Some((_, _, false)) | None => {
+                self.cfg.metrics.rounds_duplicate.inc();
+                self.settle(&lease);
+                self.delete_files(Some(&lease), &doomed).await;
+                return Ok((
+                    pb::CommitOutcome::Duplicate,
+                    "object already merged; files deleted".into(),
+                ));
+            }
         };
         for f in &files {
             if !f.key.starts_with(&format!("{}/", lease.staging_prefix)) {
@@ -647,7 +715,7 @@ impl Coordinator {
                 "output schema `{}` disagrees with the object's earlier rounds (`{expected}`)",
                 files[0].schema
             );
-            self.delete_files(Some(&lease), &files).await;
+            self.delete_files(Some(&lease), &doomed).await;
             self.fail_lease(lease, "schema_mismatch", msg.clone(), String::new())
                 .await;
             return Ok((pb::CommitOutcome::Rejected, msg));
@@ -671,6 +739,14 @@ impl Coordinator {
             worker: worker.to_string(),
             generator_ms,
             committed_unix_ms: unix_ms(),
+            gpu: extras.gpu_stats.map(|g| RoundGpuStats {
+                utilization_mean_pct: g.utilization_mean_pct,
+                memory_peak_mib: g.memory_peak_mib,
+                samples: g.samples,
+            }),
+            // Only a key inside the attempt's staging is recorded (and later deleted with it).
+            log_key: Some(extras.log_key)
+                .filter(|k| k.starts_with(&format!("{}/", lease.staging_prefix))),
         };
         match self
             .state
@@ -684,7 +760,7 @@ impl Coordinator {
             Ok(CommitOutcome::AlreadyCommitted(_)) | Ok(CommitOutcome::Quarantined) => {
                 self.cfg.metrics.rounds_duplicate.inc();
                 self.settle(&lease);
-                self.delete_files(Some(&lease), &files).await;
+                self.delete_files(Some(&lease), &doomed).await;
                 return Ok((
                     pb::CommitOutcome::Duplicate,
                     "round already resolved; files deleted".into(),
@@ -928,7 +1004,20 @@ impl Coordinator {
                 return;
             };
             o.phase = Phase::Merging;
-            (job.spec.clone(), plan, o.name.clone())
+            // Rounds of the object still running are surplus now: tell their workers to stop.
+            let Inner {
+                leases, workers, ..
+            } = &mut *inner;
+            for (id, l) in leases.iter() {
+                if l.job == job_id
+                    && l.object == object
+                    && let Some(w) = workers.get_mut(&l.worker)
+                {
+                    w.cancel.push(*id);
+                }
+            }
+            let job = &inner.jobs[job_id];
+            (job.spec.clone(), plan, job.objects[object].name.clone())
         };
         let c = Arc::clone(self);
         let job_id = job_id.to_string();
@@ -1208,6 +1297,9 @@ impl Coordinator {
                     gpu: w.gpu.clone(),
                     running,
                     last_seen_ms_ago: now.duration_since(w.last_seen).as_millis() as u64,
+                    gpu_info: w.gpu_info.clone(),
+                    health: w.health.clone(),
+                    agent_state: w.agent_state.clone(),
                 }
             })
             .collect();
@@ -1289,6 +1381,8 @@ fn task_for(
         staging_prefix: staging_prefix.to_string(),
         keep_intermediate: spec.keep_intermediate,
         bind_gpu: g.bind_gpu,
+        threads_per_gpu: g.threads_per_gpu.unwrap_or(0),
+        min_free_gpu_memory_mib: g.min_free_gpu_memory_mib.unwrap_or(0),
     }
 }
 
@@ -1331,7 +1425,7 @@ mod tests {
         .await
         .unwrap();
         c.submit(spec(dir.path())).await.unwrap();
-        let (worker, refused) = c.register("host", "0", "", &[]);
+        let (worker, refused) = c.register("host", "0", "", None, &[]);
         assert!(refused.is_empty());
         let upload = |lease: &pb::Lease, bytes: &'static [u8], reported: &'static [u8]| {
             let store = store.clone();
@@ -1362,7 +1456,13 @@ mod tests {
         )
         .await;
         let (outcome, msg) = c
-            .complete(&worker, first.lease.lease_id, files, 1)
+            .complete(
+                &worker,
+                first.lease.lease_id,
+                files,
+                1,
+                CompleteExtras::default(),
+            )
             .await
             .unwrap();
         assert_eq!(outcome, pb::CommitOutcome::Rejected, "{msg}");
@@ -1379,7 +1479,13 @@ mod tests {
         assert_eq!(retry.lease.round, first.lease.round);
         let files = upload(&retry.lease, b"same bytes", b"same bytes").await;
         let (outcome, msg) = c
-            .complete(&worker, retry.lease.lease_id, files, 1)
+            .complete(
+                &worker,
+                retry.lease.lease_id,
+                files,
+                1,
+                CompleteExtras::default(),
+            )
             .await
             .unwrap();
         assert_eq!(outcome, pb::CommitOutcome::Committed, "{msg}");
@@ -1407,8 +1513,8 @@ mod tests {
         .await
         .unwrap();
         c.submit(spec(dir.path())).await.unwrap();
-        let (slow, _) = c.register("host", "0", "slow", &[]);
-        let (fast, _) = c.register("host", "1", "fast", &[]);
+        let (slow, _) = c.register("host", "0", "slow", None, &[]);
+        let (fast, _) = c.register("host", "1", "fast", None, &[]);
         let put = |lease: &pb::Lease, bytes: &'static [u8]| {
             let store = store.clone();
             let prefix = lease.task.as_ref().unwrap().staging_prefix.clone();
@@ -1447,7 +1553,10 @@ mod tests {
         assert_eq!((retry.round, retry.seed), (stale.round, stale.seed));
         assert_ne!(retry.attempt, stale.attempt);
         let files = put(&retry, b"fast attempt").await;
-        let (outcome, _) = c.complete(&fast, retry.lease_id, files, 1).await.unwrap();
+        let (outcome, _) = c
+            .complete(&fast, retry.lease_id, files, 1, CompleteExtras::default())
+            .await
+            .unwrap();
         assert_eq!(outcome, pb::CommitOutcome::Committed);
 
         // A confused report naming the committed attempt's file deletes nothing.
@@ -1455,14 +1564,26 @@ mod tests {
         let mut confused = stale_files.clone();
         confused[0].key = committed_key.clone();
         let (outcome, _) = c
-            .complete(&slow, stale.lease_id + 1_000, confused, 1)
+            .complete(
+                &slow,
+                stale.lease_id + 1_000,
+                confused,
+                1,
+                CompleteExtras::default(),
+            )
             .await
             .unwrap();
         assert_eq!(outcome, pb::CommitOutcome::Duplicate);
         assert!(store.get_bytes(&committed_key).await.unwrap().is_some());
 
         let (outcome, msg) = c
-            .complete(&slow, stale.lease_id, stale_files.clone(), 1)
+            .complete(
+                &slow,
+                stale.lease_id,
+                stale_files.clone(),
+                1,
+                CompleteExtras::default(),
+            )
             .await
             .unwrap();
         assert_eq!(outcome, pb::CommitOutcome::Duplicate, "{msg}");

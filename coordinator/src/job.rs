@@ -348,6 +348,8 @@ mod tests {
             worker: "w".into(),
             generator_ms: 1,
             committed_unix_ms: 0,
+            gpu: None,
+            log_key: None,
         }
     }
 

@@ -55,6 +55,18 @@ pub struct CommitEntry {
     pub key: String,
     pub size: u64,
     pub sha256: String,
+    /// Which worker's attempt won, and how long its generator ran.
+    pub worker: String,
+    pub generator_ms: u64,
+    /// Mean GPU utilization (percent) and peak GPU memory (MiB) of the winning run, when its
+    /// worker could sample the GPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_utilization_mean_pct: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_peak_mib: Option<u64>,
+    /// The generator's log, beside the outputs (gone with the staging unless kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<String>,
 }
 
 pub fn build(job: &JobRt) -> Manifest {
@@ -76,6 +88,11 @@ pub fn build(job: &JobRt) -> Manifest {
                         key: f.map(|f| f.key.clone()).unwrap_or_default(),
                         size: f.map_or(0, |f| f.size),
                         sha256: f.map(|f| f.sha256.clone()).unwrap_or_default(),
+                        worker: c.worker.clone(),
+                        generator_ms: c.generator_ms,
+                        gpu_utilization_mean_pct: c.gpu.as_ref().map(|g| g.utilization_mean_pct),
+                        gpu_memory_peak_mib: c.gpu.as_ref().map(|g| g.memory_peak_mib),
+                        log: c.log_key.clone(),
                     }
                 })
                 .collect();

@@ -24,7 +24,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::warn;
 
-use crate::coordinator::{CoordError, Coordinator};
+use crate::coordinator::{CompleteExtras, CoordError, Coordinator};
 use crate::spec::JobSpec;
 
 /// Longest long-poll an agent may ask for.
@@ -224,7 +224,8 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = req.into_inner();
         let c = self.0.current()?;
-        let (worker_id, refused) = c.register(&r.host, &r.gpu, &r.agent_name, &r.running);
+        let (worker_id, refused) =
+            c.register(&r.host, &r.gpu, &r.agent_name, r.gpu_info, &r.running);
         let cfg = c.config();
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
@@ -241,7 +242,11 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         Ok(Response::new(
-            match self.0.current()?.heartbeat(&r.worker_id, &r.lease_ids) {
+            match self
+                .0
+                .current()?
+                .heartbeat(&r.worker_id, &r.lease_ids, r.health, r.agent_state)
+            {
                 Some(cancel) => pb::HeartbeatResponse {
                     cancel_lease_ids: cancel,
                     reregister: false,
@@ -280,7 +285,16 @@ impl WorkerService for WorkerApi {
         let (outcome, message) = self
             .0
             .current()?
-            .complete(&r.worker_id, r.lease_id, r.files, r.generator_ms)
+            .complete(
+                &r.worker_id,
+                r.lease_id,
+                r.files,
+                r.generator_ms,
+                CompleteExtras {
+                    gpu_stats: r.gpu_stats,
+                    log_key: r.log_key,
+                },
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::CompleteResponse {

@@ -66,7 +66,18 @@ pub struct GeneratorSpec {
     /// Arguments appended after the rendered argv (scale_runner's `-- <args>`).
     #[serde(default)]
     pub extra_args: Vec<String>,
+    /// `OMP_NUM_THREADS` and `MKL_NUM_THREADS` for each generator run; by default each
+    /// worker divides its host's CPUs among its agents (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threads_per_gpu: Option<u32>,
+    /// A round starts only when its GPU has this much memory free (MiB); until then the
+    /// agent waits (another process may be using the GPU). Not checked without NVML.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_free_gpu_memory_mib: Option<u64>,
 }
+
+/// Most threads a job may ask for per generator run; more is a typo, not a machine.
+pub const MAX_THREADS_PER_GPU: u32 = 4096;
 
 fn default_true() -> bool {
     true
@@ -187,6 +198,8 @@ impl JobSpec {
             timeout_secs: None,
             bind_gpu: true,
             extra_args: Vec::new(),
+            threads_per_gpu: None,
+            min_free_gpu_memory_mib: None,
         }
     }
 
@@ -368,6 +381,30 @@ impl JobSpec {
                 "generator.timeout_secs",
                 "must be positive",
                 "omit it for no timeout",
+            ));
+        }
+        match g.threads_per_gpu {
+            Some(0) => {
+                return Err(spec_err(
+                    "generator.threads_per_gpu",
+                    "must be positive",
+                    "omit it to divide each host's CPUs among its GPUs",
+                ));
+            }
+            Some(n) if n > MAX_THREADS_PER_GPU => {
+                return Err(spec_err(
+                    "generator.threads_per_gpu",
+                    format!("{n} is more than {MAX_THREADS_PER_GPU}"),
+                    "give the CPU threads one generator run should use, e.g. 8",
+                ));
+            }
+            _ => {}
+        }
+        if g.min_free_gpu_memory_mib == Some(0) {
+            return Err(spec_err(
+                "generator.min_free_gpu_memory_mib",
+                "must be positive",
+                "omit it for no requirement",
             ));
         }
         Ok(())
@@ -555,6 +592,29 @@ mod tests {
         let e = s.validate().unwrap_err();
         assert_eq!(e.field, "generator.output");
         assert!(e.fix.contains("{name}"), "{e}");
+    }
+
+    #[test]
+    fn gpu_fields_are_optional_and_checked() {
+        let mut s = spec();
+        s.validate().unwrap();
+        // Omitted fields stay out of the JSON, so specs stored before they existed compare equal.
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(!json.contains("threads_per_gpu"), "{json}");
+        s.generator.threads_per_gpu = Some(0);
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.threads_per_gpu");
+        s.generator.threads_per_gpu = Some(MAX_THREADS_PER_GPU + 1);
+        assert_eq!(s.validate().unwrap_err().field, "generator.threads_per_gpu");
+        s.generator.threads_per_gpu = Some(8);
+        s.generator.min_free_gpu_memory_mib = Some(0);
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.min_free_gpu_memory_mib");
+        assert!(e.fix.contains("omit"), "{e}");
+        s.generator.min_free_gpu_memory_mib = Some(4096);
+        s.validate().unwrap();
+        let back: JobSpec = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
     }
 
     #[test]

@@ -5,12 +5,15 @@
 //! 1. per-round dispatch overhead of `coordinator run` vs spawning the generator in a loop;
 //! 2. numeric `.npy` merge throughput vs `std::io::copy` of the same bytes;
 //! 3. object-array (pickle) merge vs numpy's `concatenate` + `np.save`;
-//! 4. peak memory (VmHWM) of a child process merging 2 GiB (and the object arrays).
+//! 4. peak memory (VmHWM) of a child process merging 2 GiB (and the object arrays);
+//! 5. the worker's idle gap between rounds (one generator's exit to the next one's start)
+//!    with prefetch of the next lease vs without.
 //!
 //! See docs/benchmarks.md. Environment: `QUARRY_BENCH_DIR` (where the 2 GiB of inputs go,
 //! default the system temp dir), `QUARRY_TEST_PYTHON` (interpreter with numpy, default python3),
-//! `QUARRY_BENCH_ROUNDS` (rounds of figure 1, default 300), `QUARRY_BENCH_ONLY` (figures to
-//! run, e.g. `1,3`; figure 4 is measured with 2 and 3).
+//! `QUARRY_BENCH_ROUNDS` (rounds of figure 1, default 300), `QUARRY_BENCH_GAP_ROUNDS` (rounds
+//! per run of figure 5, default 40), `QUARRY_BENCH_ONLY` (figures to run, e.g. `1,3`;
+//! figure 4 is measured with 2 and 3).
 //!
 //! Hidden mode: `quarry_bench --child-merge <limit> <out> (<count> <input>)...` merges the
 //! inputs into `out` and prints `VmHWM_KB=<n>`; the bench re-executes itself with it.
@@ -72,6 +75,9 @@ fn main() {
     }
     if wanted("3") {
         object(&mut table);
+    }
+    if wanted("5") {
+        idle_gap(&mut table);
     }
 
     println!();
@@ -203,6 +209,182 @@ fn write_job(dir: &Path, n: u64) -> PathBuf {
     let p = dir.join("job.toml");
     std::fs::write(&p, text).expect("write job file");
     p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figure 5: the worker's idle gap between rounds, with and without prefetch.
+
+/// Rows of `quarry-zero-gen` per round: 16 bytes each, so 32 MiB outputs, whose inspection,
+/// sha256 and upload are what prefetch overlaps with the next run.
+const GAP_BATCH: u64 = 2 << 20;
+/// Simulated GPU work per round.
+const GAP_WORK_MS: u64 = 100;
+
+fn idle_gap(table: &mut Table) {
+    let n: u64 = std::env::var("QUARRY_BENCH_GAP_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40)
+        .max(3);
+    println!();
+    println!(
+        "-- 5. worker idle gap between rounds: {n} rounds of {GAP_WORK_MS} ms, {} MiB outputs, one agent --",
+        GAP_BATCH * 16 / MIB
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    // Alternating, twice each, so neither mode always runs on a colder or warmer machine.
+    for rep in 0..4 {
+        let prefetch = rep % 2 == 1;
+        let (gaps, wall) = rt.block_on(gap_run(n, prefetch));
+        let s = GapStats::of(&gaps);
+        println!(
+            "prefetch {:<3}: {n} rounds in {:.2} s; gap mean {:.1} ms, median {:.1} ms, p90 {:.1} ms",
+            if prefetch { "on" } else { "off" },
+            wall.as_secs_f64(),
+            s.mean,
+            s.median,
+            s.p90
+        );
+        if prefetch {
+            with.extend(gaps);
+        } else {
+            without.extend(gaps);
+        }
+    }
+    let w = GapStats::of(&with);
+    let wo = GapStats::of(&without);
+    let ratio = wo.mean / w.mean.max(1e-3);
+    println!(
+        "idle gap between rounds: prefetch {:.1} ms mean ({:.1} median), without {:.1} ms mean ({:.1} median): {ratio:.1}x shorter",
+        w.mean, w.median, wo.mean, wo.median
+    );
+    table.row(Row {
+        figure: "worker idle gap between rounds (prefetch)".into(),
+        quarry: format!("{:.1} ms/round", w.mean),
+        baseline: format!("{:.1} ms/round (no prefetch)", wo.mean),
+        ratio: format!("{ratio:.1}x shorter"),
+        measured: format!("median {:.1} vs {:.1} ms", w.median, wo.median),
+        target: "gap with prefetch < without".into(),
+        pass: Some(w.mean < wo.mean),
+    });
+}
+
+struct GapStats {
+    mean: f64,
+    median: f64,
+    p90: f64,
+}
+
+impl GapStats {
+    fn of(gaps: &[f64]) -> GapStats {
+        let mut g = gaps.to_vec();
+        g.sort_by(f64::total_cmp);
+        let at = |q: f64| g[((g.len() - 1) as f64 * q).round() as usize];
+        GapStats {
+            mean: g.iter().sum::<f64>() / g.len() as f64,
+            median: at(0.5),
+            p90: at(0.9),
+        }
+    }
+}
+
+/// One job of `n` rounds on one in-process agent against an in-process coordinator (real gRPC
+/// on loopback); returns the gaps in ms between one generator's end and the next one's start,
+/// as the generators stamped them, and the job's wall time.
+async fn gap_run(n: u64, prefetch: bool) -> (Vec<f64>, Duration) {
+    use quarry_coordinator::coordinator::{Coordinator, CoordinatorConfig};
+    use quarry_coordinator::state::embedded::EmbeddedStore;
+    use std::sync::Arc;
+
+    let dir = tempdir("quarry-bench-gap");
+    let root = dir.path();
+    let stamps = root.join("stamps");
+    let q = |s: &str| serde_json::to_string(s).expect("json string");
+    let text = format!(
+        "exp_name = \"gap\"\nobjects = [\"obj\"]\ntarget_count_per_object = {quota}\n\
+         round_batch_size = {GAP_BATCH}\nnum_iterations = 1\nseed_base = 1\nroot = {root}\n\n\
+         [generator]\nargv = [{gen}, \"--out\", \"out/{{name}}/r.npy\", \"--batch_size\", \"{{batch_size}}\",\
+         \"--seed\", \"{{seed}}\", \"--sleep_ms\", \"{GAP_WORK_MS}\", \"--stamp\", {stamps}]\n\
+         output = \"out/{{name}}/r.npy\"\nround_dir = \"out/{{name}}\"\n",
+        quota = n * GAP_BATCH,
+        root = q(&path_str(root)),
+        gen = q(GEN),
+        stamps = q(&path_str(&stamps)),
+    );
+    let job = root.join("job.toml");
+    std::fs::write(&job, text).expect("write job");
+    let spec = quarry_coordinator::cli::read_job_file(&job).expect("job file");
+    let store_dir = root.join("store");
+    std::fs::create_dir_all(&store_dir).expect("mkdir store");
+    let state = EmbeddedStore::open(&root.join("state.redb")).expect("state");
+    let store = quarry_common::storage::Store::open_dir(&store_dir).expect("store");
+    let shutdown = CancellationToken::new();
+    let coord = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(state),
+        store,
+        shutdown.clone(),
+    )
+    .await
+    .expect("coordinator");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let server = tokio::spawn(quarry_coordinator::service::serve(
+        quarry_coordinator::service::Leadership::leading(Arc::clone(&coord)),
+        listener,
+        quarry_common::transport::ServerSecurity::default(),
+        shutdown.clone(),
+    ));
+    let mut cfg = quarry_worker::AgentConfig::new(addr, "0");
+    cfg.inventory = Some(Arc::new(quarry_worker::gpu::NoInventory {
+        reason: "benchmark".into(),
+    }));
+    cfg.prefetch = prefetch;
+    cfg.min_scratch_mib = 0;
+    let stop = quarry_worker::Shutdown::new();
+    let agents = tokio::spawn(quarry_worker::run_gpus(
+        cfg,
+        vec![quarry_worker::gpu::GpuInfo::unlisted("0")],
+        stop.clone(),
+    ));
+    let t = Instant::now();
+    coord.submit(spec).await.expect("submit");
+    while !coord.job_ended("gap") {
+        assert!(
+            t.elapsed() < Duration::from_secs(600),
+            "gap run did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let wall = t.elapsed();
+    stop.stop.cancel();
+    let _ = agents.await;
+    shutdown.cancel();
+    let _ = server.await;
+    coord.close().await;
+
+    let mut runs: Vec<(u128, u128)> = std::fs::read_to_string(&stamps)
+        .expect("stamps")
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace().map(|v| v.parse::<u128>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .collect();
+    runs.sort();
+    assert!(runs.len() as u64 >= n, "{} runs for {n} rounds", runs.len());
+    let gaps = runs
+        .windows(2)
+        .map(|w| (w[1].0.saturating_sub(w[0].1)) as f64 / 1e6)
+        .collect();
+    (gaps, wall)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -54,7 +54,20 @@ pub fn start_serve(
     env: &[(&str, String)],
     log: &Path,
 ) -> (Killed, String) {
-    start_serve_with(
+    start_serve_on("127.0.0.1:0", state, store, ttl, env, log)
+}
+
+/// [`start_serve`] listening on `listen` (e.g. the address of a coordinator being restarted).
+pub fn start_serve_on(
+    listen: &str,
+    state: &str,
+    store: &str,
+    ttl: &str,
+    env: &[(&str, String)],
+    log: &Path,
+) -> (Killed, String) {
+    spawn_serve(
+        listen,
         &["--lease-ttl", ttl, "--state", state, "--store", store],
         env,
         log,
@@ -63,8 +76,17 @@ pub fn start_serve(
 
 /// `coordinator serve --listen 127.0.0.1:0 ARGS...`, as [`start_serve`].
 pub fn start_serve_with(args: &[&str], env: &[(&str, String)], log: &Path) -> (Killed, String) {
+    spawn_serve("127.0.0.1:0", args, env, log)
+}
+
+fn spawn_serve(
+    listen: &str,
+    args: &[&str],
+    env: &[(&str, String)],
+    log: &Path,
+) -> (Killed, String) {
     let mut serve = Command::new(bin("coordinator"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["serve", "--listen", listen])
         .args(args)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stderr(Stdio::piped())
@@ -94,18 +116,50 @@ pub fn start_serve_with(args: &[&str], env: &[(&str, String)], log: &Path) -> (K
 
 /// Starts `worker --gpu gpus --coordinator addr`, its stderr to `log` (discarded if `None`).
 pub fn spawn_worker(addr: &str, gpus: &str, env: &[(&str, String)], log: Option<&Path>) -> Killed {
+    spawn_worker_args(&["--gpu", gpus, "--coordinator", addr], env, log)
+}
+
+/// Starts `worker ARGS...`, its stderr to `log` (discarded if `None`).
+pub fn spawn_worker_args(args: &[&str], env: &[(&str, String)], log: Option<&Path>) -> Killed {
     let stderr = match log {
         Some(p) => Stdio::from(std::fs::File::create(p).expect("worker log")),
         None => Stdio::null(),
     };
     Killed(
         Command::new(bin("worker"))
-            .args(["--gpu", gpus, "--coordinator", addr])
+            .args(args)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stderr(stderr)
             .spawn()
             .expect("start worker"),
     )
+}
+
+/// `coordinator status JOB --json` (the job's object in the array), or `None` when the
+/// coordinator does not answer or know the job.
+pub fn status(addr: &str, job: &str) -> Option<serde_json::Value> {
+    let out = Command::new(bin("coordinator"))
+        .args(["status", job, "--json", "--coordinator", addr])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .map(|v| v[0].clone())
+}
+
+/// Polls `cond` every 50 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// `coordinator submit JOB --coordinator addr [--watch]`, waited for.

@@ -89,7 +89,11 @@ async fn exact_quota_per_object_with_uneven_yields() {
     }
     // Intermediates are gone: no staging, no per-round generator directories.
     let exp_dir = experiments(root.path());
-    assert!(!exp_dir.join("quota/rounds").exists());
+    assert!(
+        !exp_dir.join("quota/rounds").exists(),
+        "{:?}",
+        files_under(&exp_dir.join("quota/rounds"))
+    );
     let leftovers: Vec<String> = files_under(&exp_dir)
         .into_iter()
         .filter(|f| f.contains("__"))

@@ -1,36 +1,70 @@
 //! Quarry's worker agent: runs the generator bound to its GPU, uploads outputs to object
-//! storage and reports back to the coordinator. `main` is a thin shell over [`run`].
+//! storage and reports back to the coordinator. `main` is a thin shell over [`cli::main`];
+//! [`run`] is what `coordinator run` uses in-process.
 
 pub mod agent;
+pub mod binding;
+pub mod cli;
+pub mod connect;
+pub mod gpu;
+pub mod monitor;
 pub mod runner;
+pub mod scratch;
+
+use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-pub use agent::{AgentConfig, AgentStats, run_agent};
+pub use agent::{AgentConfig, AgentError, AgentStats, Shutdown, run_agent};
 
-/// Runs one agent per GPU in `gpus` until `shutdown`; returns each agent's stats.
+/// Runs one agent per GPU in `gpus` (ids as `--gpu` takes them) until `shutdown` is
+/// cancelled, which stops them at once; returns each agent's stats. GPUs are resolved
+/// against `base.inventory` (NVML when it loads, see [`gpu::detect`]); ids it does not list
+/// are used as given ([`gpu::resolve_lenient`]).
 pub async fn run(
     base: AgentConfig,
     gpus: &[String],
     shutdown: CancellationToken,
-) -> Vec<Result<AgentStats, agent::AgentError>> {
+) -> Vec<Result<AgentStats, AgentError>> {
+    let inventory = match &base.inventory {
+        Some(i) => Arc::clone(i),
+        None => match gpu::detect() {
+            Ok(i) => i,
+            Err(e) => return vec![Err(e.into())],
+        },
+    };
+    match gpu::resolve_lenient(inventory.as_ref(), gpus) {
+        Ok(resolved) => {
+            let mut base = base;
+            base.inventory = Some(inventory);
+            run_gpus(base, resolved, Shutdown::immediate(shutdown)).await
+        }
+        Err(e) => vec![Err(e.into())],
+    }
+}
+
+/// Runs one agent per resolved GPU until `shutdown`; returns each agent's stats.
+pub async fn run_gpus(
+    base: AgentConfig,
+    gpus: Vec<gpu::GpuInfo>,
+    shutdown: Shutdown,
+) -> Vec<Result<AgentStats, AgentError>> {
+    let n = gpus.len();
     let handles: Vec<_> = gpus
-        .iter()
+        .into_iter()
         .map(|g| {
             let mut cfg = base.clone();
-            cfg.gpu = g.clone();
+            cfg.gpu = g;
+            cfg.agents_in_process = n;
             tokio::spawn(run_agent(cfg, shutdown.clone()))
         })
         .collect();
-    let mut out = Vec::new();
+    let mut out = Vec::with_capacity(n);
     for h in handles {
-        match h.await {
-            Ok(r) => out.push(r),
-            Err(e) => out.push(Err(agent::AgentError::BadAddress {
-                addr: String::new(),
-                detail: format!("agent task failed: {e}"),
-            })),
-        }
+        out.push(match h.await {
+            Ok(r) => r,
+            Err(e) => Err(AgentError::Task(e.to_string())),
+        });
     }
     out
 }

@@ -22,7 +22,8 @@ use tokio::sync::Barrier;
 
 use super::{
     CommitOutcome, CommitRecord, CreateJob, FailureRecord, FileRecord, JobRecord, JobState,
-    MergeRecord, ObjectRecord, QuarantineOutcome, QuarantineRecord, StateError, StateStore,
+    MergeRecord, ObjectRecord, QuarantineOutcome, QuarantineRecord, RoundGpuStats, StateError,
+    StateStore,
 };
 use crate::spec::{FinalDirMode, JobSpec};
 
@@ -112,6 +113,12 @@ pub fn commit(round: u32, attempt: &str) -> CommitRecord {
         worker: format!("worker-of-{attempt}"),
         generator_ms: 1234,
         committed_unix_ms: 1_700_000_000_000 + u64::from(round),
+        gpu: Some(RoundGpuStats {
+            utilization_mean_pct: 50 + round % 50,
+            memory_peak_mib: 1024 + u64::from(attempt.len() as u32),
+            samples: 3,
+        }),
+        log_key: Some(format!("staging/{attempt}/generator.log")),
     }
 }
 

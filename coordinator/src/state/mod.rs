@@ -63,6 +63,23 @@ pub struct CommitRecord {
     pub worker: String,
     pub generator_ms: u64,
     pub committed_unix_ms: u64,
+    /// GPU figures of the winning run, when its worker could sample the GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<RoundGpuStats>,
+    /// Key of the generator's log, uploaded beside the outputs (deleted with the staging).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_key: Option<String>,
+}
+
+/// GPU figures of one generator run, sampled by its worker while it ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundGpuStats {
+    /// Mean GPU utilization over the run, in percent (rounded).
+    pub utilization_mean_pct: u32,
+    /// Highest memory used on the GPU during the run (the whole device), in MiB.
+    pub memory_peak_mib: u64,
+    /// How many samples the figures come from.
+    pub samples: u32,
 }
 
 /// A failed attempt of a round.

@@ -1,0 +1,353 @@
+//! One round on this agent: where its files go, the generator run bound to the GPU, and what
+//! happens after (inspect, upload to the attempt's staging prefix with the run's log, report
+//! to the coordinator, remove local files).
+
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use quarry_common::npy;
+use quarry_common::storage::keys;
+use quarry_proto::v1 as pb;
+use tracing::{debug, info, warn};
+
+use super::session::{Held, Session};
+use super::{Counters, RPC_TIMEOUT};
+use crate::binding;
+use crate::gpu::RoundStats;
+use crate::runner::{self, RunError, RunOutcome, RunReport, RunSpec};
+
+/// Name of the generator's log under the attempt's staging prefix. Output names end in
+/// `.npy`, so it cannot collide with one.
+pub const LOG_NAME: &str = "generator.log";
+/// Lines of the log's tail sent with a failure.
+const TAIL_LINES: usize = 20;
+
+/// Where a round's files are on this worker.
+pub(super) struct Paths {
+    pub root: PathBuf,
+    pub cwd: PathBuf,
+    pub outs: Vec<PathBuf>,
+    pub round_dir: Option<PathBuf>,
+}
+
+impl Paths {
+    /// Resolves the task's paths under its root (or the worker's `--root`); refuses `..`.
+    pub fn resolve(root_override: Option<&Path>, lease: &pb::Lease) -> Result<Paths, String> {
+        let task = lease.task.as_ref().ok_or("lease carries no task")?;
+        let root = root_override.map_or_else(|| PathBuf::from(&task.root), Path::to_path_buf);
+        let resolve = |rel: &str| -> Result<PathBuf, String> {
+            let p = Path::new(rel);
+            if p.components().any(|c| matches!(c, Component::ParentDir)) {
+                return Err(format!("path {rel:?} leaves the task root"));
+            }
+            Ok(if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                root.join(p)
+            })
+        };
+        let cwd = resolve(&task.cwd)?;
+        let outs = task
+            .outputs
+            .iter()
+            .map(|o| resolve(&o.path))
+            .collect::<Result<Vec<_>, _>>()?;
+        let round_dir = if task.round_dir.is_empty() {
+            None
+        } else {
+            Some(resolve(&task.round_dir)?)
+        };
+        Ok(Paths {
+            root,
+            cwd,
+            outs,
+            round_dir,
+        })
+    }
+}
+
+/// A generator run that ended, with the GPU figures sampled while it ran.
+pub(super) struct Ran {
+    pub run: Result<RunReport, RunError>,
+    pub stats: RoundStats,
+}
+
+/// Runs the round's generator bound to this agent's GPU until it exits, times out or the
+/// lease is stopped.
+pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ran {
+    let lease = &held.lease;
+    let task = lease.task.clone().unwrap_or_default();
+    // A previous attempt's leftovers must not pass for this attempt's output.
+    for o in &paths.outs {
+        let _ = std::fs::remove_file(o);
+    }
+    let job_env: Vec<(String, String)> = task
+        .env
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
+    let gpu = s.monitor.gpu();
+    let mut env = binding::environment(
+        gpu,
+        task.bind_gpu,
+        Some(task.threads_per_gpu),
+        s.cfg.agents_in_process,
+        &job_env,
+    );
+    env.push(("QUARRY_SEED".into(), lease.seed.to_string()));
+    env.push(("QUARRY_ROUND".into(), lease.round.to_string()));
+    env.push(("QUARRY_ATTEMPT".into(), lease.attempt.clone()));
+    env.push(("QUARRY_OBJECT".into(), lease.object.clone()));
+    let spec = RunSpec {
+        argv: task
+            .argv
+            .iter()
+            .map(|a| a.replace("{gpu}", &gpu.id))
+            .collect(),
+        cwd: paths.cwd.clone(),
+        env,
+        timeout: (task.timeout_ms > 0).then(|| Duration::from_millis(task.timeout_ms)),
+        kill_grace: s.cfg.kill_grace,
+        log_limit: s.cfg.log_limit,
+    };
+    debug!(object = %lease.object, round = lease.round, seed = lease.seed, "generator starting");
+    s.monitor.begin_round();
+    let run = runner::run(&spec, held.stop.clone()).await;
+    let stats = s.monitor.end_round().await;
+    Ran { run, stats }
+}
+
+/// What became of a run.
+enum Outcome {
+    Uploaded {
+        files: Vec<pb::UploadedFile>,
+        log_key: String,
+    },
+    Failed {
+        kind: pb::FailureKind,
+        message: String,
+    },
+    Stopped,
+}
+
+/// Inspects and uploads a finished run, reports it, and removes its local files.
+pub(super) async fn finish(s: &Session, held: &Held, paths: &Paths, ran: Ran) {
+    let lease = &held.lease;
+    let task = lease.task.clone().unwrap_or_default();
+    let report = match ran.run {
+        Ok(r) => r,
+        Err(e) => {
+            s.report_failure(
+                held,
+                pb::FailureKind::Spawn,
+                e.to_string(),
+                String::new(),
+                0,
+            )
+            .await;
+            return;
+        }
+    };
+    let generator_ms = report.duration.as_millis() as u64;
+    let outcome = match report.outcome {
+        RunOutcome::Cancelled => Outcome::Stopped,
+        RunOutcome::TimedOut => Outcome::Failed {
+            kind: pb::FailureKind::Timeout,
+            message: format!(
+                "generator ran past its timeout of {} s and was killed",
+                task.timeout_ms / 1000
+            ),
+        },
+        RunOutcome::Exited(0) => {
+            // Stopping a lease (fence, stop, coordinator's order) abandons its upload.
+            tokio::select! {
+                o = upload(s, lease, &task, paths, &report) => o,
+                _ = held.stop.cancelled() => Outcome::Stopped,
+            }
+        }
+        RunOutcome::Exited(code) => Outcome::Failed {
+            kind: pb::FailureKind::Exit,
+            message: format!("generator exited with status {code}"),
+        },
+        RunOutcome::Signaled(sig) => Outcome::Failed {
+            kind: pb::FailureKind::Exit,
+            message: format!("generator killed by signal {sig}"),
+        },
+    };
+    // Files uploaded by a lease that was stopped or lost before its Complete was sent are
+    // discarded: nobody will commit them.
+    let outcome = match outcome {
+        Outcome::Uploaded { .. } if held.stop.is_cancelled() => Outcome::Stopped,
+        o => o,
+    };
+    if matches!(outcome, Outcome::Stopped)
+        && !task.staging_prefix.is_empty()
+        && let Err(e) = s.store.delete_prefix(&task.staging_prefix).await
+    {
+        warn!(prefix = %task.staging_prefix, error = %e, "could not discard a stopped attempt's staging");
+    }
+    match outcome {
+        Outcome::Uploaded { files, log_key } => {
+            complete(s, held, files, log_key, generator_ms, &ran.stats).await;
+        }
+        Outcome::Failed { kind, message } => {
+            let key = keys::log(
+                &lease.job_id,
+                &lease.object,
+                lease.round,
+                lease.seed,
+                &lease.attempt,
+            );
+            if let Err(e) = s.store.put_bytes(&key, report.log.to_bytes()).await {
+                debug!(error = %e, "could not upload the failed attempt's log");
+            }
+            let tail = report.log.tail_lines(TAIL_LINES);
+            s.report_failure(held, kind, message, tail, generator_ms)
+                .await;
+        }
+        Outcome::Stopped => {
+            // Released, not failed: on drain or shutdown the round is re-issued at once; when
+            // the coordinator ordered the stop (round committed elsewhere, job cancelled) the
+            // release just ends the lease. A lost session cannot release (see give_back).
+            let reason = if s.shutdown.stop.is_cancelled() {
+                "agent shutting down"
+            } else if s.is_lost() {
+                "agent fenced"
+            } else {
+                "stopped by the coordinator"
+            };
+            if s.is_lost() && !s.shutdown.stop.is_cancelled() {
+                info!(object = %lease.object, round = lease.round, "run stopped and staging discarded (fenced)");
+            }
+            s.give_back(held, reason).await;
+        }
+    }
+    if !task.keep_intermediate {
+        match &paths.round_dir {
+            Some(d) => {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            None => {
+                for o in &paths.outs {
+                    let _ = std::fs::remove_file(o);
+                }
+            }
+        }
+    }
+}
+
+async fn complete(
+    s: &Session,
+    held: &Held,
+    files: Vec<pb::UploadedFile>,
+    log_key: String,
+    generator_ms: u64,
+    stats: &RoundStats,
+) {
+    let lease = &held.lease;
+    let req = pb::CompleteRequest {
+        worker_id: s.worker_id.clone(),
+        lease_id: lease.lease_id,
+        files,
+        generator_ms,
+        gpu_stats: stats.to_proto(),
+        log_key,
+    };
+    let mut client = s.client.clone();
+    // Once sent, a Complete may commit: its files must never be deleted here, even if the
+    // session is lost while waiting for the answer. A stop waits for the answer (bounded), so
+    // the coordinator either commits the files or deletes them; only a lost session, whose
+    // coordinator is unreachable, gives up on it.
+    let answer = tokio::select! {
+        r = tokio::time::timeout(RPC_TIMEOUT, client.complete(req)) => Some(r),
+        _ = s.fenced.cancelled() => None,
+    };
+    let committed = match answer {
+        Some(Ok(Ok(r))) => {
+            let r = r.into_inner();
+            let committed = r.outcome == pb::CommitOutcome::Committed as i32;
+            if !committed {
+                info!(object = %lease.object, round = lease.round, message = %r.message, "attempt not committed");
+            }
+            committed
+        }
+        Some(Ok(Err(e))) => {
+            warn!(object = %lease.object, round = lease.round, error = %e, "could not report completion");
+            false
+        }
+        Some(Err(_)) => {
+            warn!(object = %lease.object, round = lease.round, "reporting completion timed out");
+            false
+        }
+        None => false,
+    };
+    Counters::bump(if committed {
+        &s.counters.committed
+    } else {
+        &s.counters.failed
+    });
+}
+
+/// Validates each output and uploads it, then the run's log, under the staging prefix.
+async fn upload(
+    s: &Session,
+    lease: &pb::Lease,
+    task: &pb::Task,
+    paths: &Paths,
+    report: &RunReport,
+) -> Outcome {
+    let mut files = Vec::with_capacity(paths.outs.len());
+    for (spec, path) in task.outputs.iter().zip(&paths.outs) {
+        if !path.is_file() {
+            return Outcome::Failed {
+                kind: pb::FailureKind::OutputMissing,
+                message: format!("generator exited 0 but wrote no {}", spec.path),
+            };
+        }
+        let p = path.clone();
+        let info = match tokio::task::spawn_blocking(move || npy::inspect_path(&p)).await {
+            Ok(Ok(i)) => i,
+            Ok(Err(e)) => {
+                return Outcome::Failed {
+                    kind: pb::FailureKind::OutputInvalid,
+                    message: format!("{}: {e}", spec.path),
+                };
+            }
+            Err(e) => {
+                return Outcome::Failed {
+                    kind: pb::FailureKind::OutputInvalid,
+                    message: e.to_string(),
+                };
+            }
+        };
+        let key = format!("{}/{}", task.staging_prefix, spec.name);
+        match s.store.put_file(&key, path).await {
+            Ok(up) => files.push(pb::UploadedFile {
+                name: spec.name.clone(),
+                key,
+                size: up.size,
+                sha256: up.sha256,
+                count: info.count,
+                schema: info.schema,
+            }),
+            Err(e) => {
+                let _ = s.store.delete_prefix(&task.staging_prefix).await;
+                return Outcome::Failed {
+                    kind: pb::FailureKind::Upload,
+                    message: e.to_string(),
+                };
+            }
+        }
+    }
+    // The log goes beside the outputs; a log that cannot be stored does not fail the round.
+    let log_key = format!("{}/{LOG_NAME}", task.staging_prefix);
+    let log_key = match s.store.put_bytes(&log_key, report.log.to_bytes()).await {
+        Ok(_) => log_key,
+        Err(e) => {
+            warn!(key = %log_key, error = %e, "could not upload the generator's log");
+            String::new()
+        }
+    };
+    debug!(object = %lease.object, round = lease.round, "outputs uploaded");
+    Outcome::Uploaded { files, log_key }
+}

@@ -1,0 +1,550 @@
+//! One registration of an agent with a coordinator: the round pipeline, heartbeats and the
+//! self-fencing watchdog.
+//!
+//! Pipeline: acquire → prepare (GPU healthy, scratch space, free GPU memory) → run the
+//! generator → finish (inspect, upload, report) in the background while the next round is
+//! acquired and started. At most one round finishes while the next runs, so the GPU waits
+//! on neither the upload nor the coordinator.
+//!
+//! Every lease the agent holds (running, finishing, or prefetched and not started) is in
+//! `running`, so heartbeats renew it, with a token that stops its work; the tokens are
+//! children of `lost`, which is cancelled when the session is fenced, forgotten by the
+//! coordinator, or stopped.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use quarry_common::storage::Store;
+use quarry_proto::v1 as pb;
+use quarry_proto::v1::worker_service_client::WorkerServiceClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{debug, info, warn};
+
+use super::round::{self, Paths};
+use super::{AgentConfig, Backoff, Counters, RPC_TIMEOUT, Shutdown};
+use crate::gpu::Health;
+use crate::monitor::Monitor;
+use crate::scratch;
+
+/// Bound on a Release: it must not hold up a shutdown.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lease TTL assumed when an old coordinator does not say.
+const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
+/// How a session ended.
+#[derive(Debug)]
+pub(super) enum End {
+    /// Drained or stopped: the agent ends.
+    Shutdown,
+    /// The coordinator is gone or forgot this worker: register again.
+    Lost(Lost),
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Lost {
+    /// No heartbeat answered for longer than the lease TTL.
+    Fenced(Duration),
+    /// The coordinator does not know this worker (it restarted).
+    Forgotten,
+}
+
+impl std::fmt::Display for Lost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Lost::Fenced(d) => write!(
+                f,
+                "no coordinator contact for {:.1} s, longer than the lease TTL: runs stopped and staging discarded",
+                d.as_secs_f64()
+            ),
+            Lost::Forgotten => f.write_str("the coordinator no longer knows this worker"),
+        }
+    }
+}
+
+/// A lease this agent holds, with the token that stops its work.
+pub(super) struct Held {
+    pub lease: pb::Lease,
+    pub stop: CancellationToken,
+}
+
+/// Why acquiring is paused after a round was given back.
+enum Block {
+    /// The task root's filesystem is short of space.
+    Scratch { path: PathBuf, need: u64 },
+    /// The GPU lacked a job's minimum free memory; retried once it is free or after `until`.
+    Memory { need: u64, until: Instant },
+}
+
+pub(super) struct Session {
+    pub cfg: Arc<AgentConfig>,
+    pub client: WorkerServiceClient<Channel>,
+    pub worker_id: String,
+    pub store: Store,
+    pub monitor: Monitor,
+    pub counters: Arc<Counters>,
+    pub shutdown: Shutdown,
+    ttl: Duration,
+    heartbeat_every: Duration,
+    /// Cancelled when the session is lost, and on stop (it is a child of `shutdown.stop`).
+    pub lost: CancellationToken,
+    /// Cancelled only when the session is lost (fenced or forgotten), not on stop.
+    pub fenced: CancellationToken,
+    lost_why: Mutex<Option<Lost>>,
+    running: Mutex<HashMap<u64, CancellationToken>>,
+    /// What the agent is waiting for, sent in heartbeats; empty when it is simply working.
+    state: Mutex<String>,
+    /// When the last heartbeat that got an answer was sent.
+    contact: Mutex<Instant>,
+    block: Mutex<Option<Block>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Session {
+    pub(super) fn new(
+        cfg: Arc<AgentConfig>,
+        client: WorkerServiceClient<Channel>,
+        reg: pb::RegisterResponse,
+        store: Store,
+        monitor: Monitor,
+        counters: Arc<Counters>,
+        shutdown: Shutdown,
+    ) -> Arc<Session> {
+        let ttl = if reg.lease_ttl_ms == 0 {
+            DEFAULT_TTL
+        } else {
+            Duration::from_millis(reg.lease_ttl_ms)
+        };
+        // Three heartbeats per TTL whatever the coordinator's interval, so one lost heartbeat
+        // never costs a lease.
+        let heartbeat_every = Duration::from_millis(reg.heartbeat_interval_ms.max(50))
+            .min(ttl / 3)
+            .max(Duration::from_millis(50));
+        Arc::new(Session {
+            lost: shutdown.stop.child_token(),
+            fenced: CancellationToken::new(),
+            cfg,
+            client,
+            worker_id: reg.worker_id,
+            store,
+            monitor,
+            counters,
+            shutdown,
+            ttl,
+            heartbeat_every,
+            lost_why: Mutex::new(None),
+            running: Mutex::new(HashMap::new()),
+            state: Mutex::new(String::new()),
+            contact: Mutex::new(Instant::now()),
+            block: Mutex::new(None),
+        })
+    }
+
+    /// Runs the session until it is drained, stopped or lost. Returns after every generator
+    /// it started is gone and every round it ran is reported (or discarded).
+    pub(super) async fn run(self: Arc<Self>) -> End {
+        let hb = tokio::spawn(Arc::clone(&self).heartbeat_loop());
+        let fence = tokio::spawn(Arc::clone(&self).fence_watchdog());
+        let mut finishing: Option<tokio::task::JoinHandle<()>> = None;
+        let mut next: Option<Held> = None;
+        loop {
+            let held = match next.take() {
+                Some(h) => h,
+                None => match self.acquire().await {
+                    Some(h) => h,
+                    None => break,
+                },
+            };
+            // A prefetched round that must not start any more: give it back at once.
+            if self.shutdown.drain.is_cancelled() || held.stop.is_cancelled() {
+                let why = if self.shutdown.drain.is_cancelled() {
+                    "agent draining"
+                } else {
+                    "stopped by the coordinator"
+                };
+                self.give_back(&held, why).await;
+                continue;
+            }
+            let Some(paths) = self.prepare(&held).await else {
+                continue;
+            };
+            Counters::bump(&self.counters.rounds_run);
+            let ran = round::run_generator(&self, &held, &paths).await;
+            if let Some(f) = finishing.take() {
+                let _ = f.await;
+            }
+            let fin = tokio::spawn(Arc::clone(&self).finish(held, paths, ran));
+            if self.cfg.prefetch {
+                // The next round is acquired (and started) while this one uploads.
+                finishing = Some(fin);
+                next = self.acquire().await;
+            } else {
+                let _ = fin.await;
+            }
+        }
+        if let Some(f) = finishing.take() {
+            let _ = f.await;
+        }
+        hb.abort();
+        fence.abort();
+        let why = lock(&self.lost_why).clone();
+        match why {
+            Some(l) if !self.shutdown.drain.is_cancelled() => End::Lost(l),
+            _ => End::Shutdown,
+        }
+    }
+
+    fn lose(&self, why: Lost) {
+        lock(&self.lost_why).get_or_insert(why);
+        self.fenced.cancel();
+        self.lost.cancel();
+    }
+
+    /// True when the session was lost (not stopped): its leases cannot be reported any more.
+    pub(super) fn is_lost(&self) -> bool {
+        lock(&self.lost_why).is_some()
+    }
+
+    fn hold(&self, lease: pb::Lease) -> Held {
+        let stop = self.lost.child_token();
+        lock(&self.running).insert(lease.lease_id, stop.clone());
+        Held { lease, stop }
+    }
+
+    pub(super) fn unhold(&self, held: &Held) {
+        lock(&self.running).remove(&held.lease.lease_id);
+    }
+
+    fn set_state(&self, s: String) {
+        let mut st = lock(&self.state);
+        if *st != s {
+            if !s.is_empty() {
+                info!(gpu = %self.cfg.gpu.id, state = %s, "agent waiting");
+            }
+            *st = s;
+        }
+    }
+
+    fn state_for_heartbeat(&self) -> String {
+        if self.shutdown.drain.is_cancelled() {
+            return "draining".into();
+        }
+        lock(&self.state).clone()
+    }
+
+    /// Sleeps `d`; true when drained or lost meanwhile.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = self.shutdown.drain.cancelled() => true,
+            _ = self.lost.cancelled() => true,
+        }
+    }
+
+    /// Why the agent must not ask for a round now, if it must not.
+    fn gate(&self) -> Option<String> {
+        let sample = self.monitor.latest();
+        if let Health::Unhealthy(why) = &sample.health {
+            return Some(format!("unhealthy: {why}"));
+        }
+        if let Some(root) = &self.cfg.root_override
+            && let Ok(free) = scratch::free_mib(root)
+            && free < self.cfg.min_scratch_mib
+        {
+            return Some(scratch_message(free, root, self.cfg.min_scratch_mib));
+        }
+        let mut block = lock(&self.block);
+        let why = match block.as_ref() {
+            None => None,
+            Some(Block::Scratch { path, need }) => match scratch::free_mib(path) {
+                Ok(free) if free < *need => Some(scratch_message(free, path, *need)),
+                _ => None,
+            },
+            Some(Block::Memory { need, until }) => match sample.memory_free_mib {
+                Some(free) if free < *need && Instant::now() < *until => {
+                    Some(memory_message(free, *need))
+                }
+                _ => None,
+            },
+        };
+        if why.is_none() {
+            *block = None;
+        }
+        why
+    }
+
+    /// Long-polls for a round while the agent may take one. `None` when drained or lost.
+    async fn acquire(&self) -> Option<Held> {
+        let mut backoff = Backoff::new();
+        loop {
+            if self.shutdown.drain.is_cancelled() || self.lost.is_cancelled() {
+                return None;
+            }
+            if let Some(why) = self.gate() {
+                self.set_state(why);
+                if self.pause(self.cfg.sample_interval).await {
+                    return None;
+                }
+                continue;
+            }
+            self.set_state(String::new());
+            let req = pb::AcquireRequest {
+                worker_id: self.worker_id.clone(),
+                wait_ms: self.cfg.acquire_wait.as_millis() as u64,
+            };
+            let mut client = self.client.clone();
+            // Dropping the call on drain cancels the long-poll on the server before it grants
+            // anything (the stream is reset).
+            let r = tokio::select! {
+                r = tokio::time::timeout(self.cfg.acquire_wait + RPC_TIMEOUT, client.acquire(req)) => r,
+                _ = self.shutdown.drain.cancelled() => return None,
+                _ = self.lost.cancelled() => return None,
+                // Turning unhealthy ends the long-poll at once (and shows in status).
+                _ = self.monitor.unhealthy() => continue,
+            };
+            let failure = match r {
+                Ok(Ok(resp)) => {
+                    backoff.reset();
+                    if let Some(lease) = resp.into_inner().lease {
+                        return Some(self.hold(lease));
+                    }
+                    continue;
+                }
+                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
+                    self.lose(Lost::Forgotten);
+                    return None;
+                }
+                Ok(Err(s)) => s.to_string(),
+                Err(_) => "timed out".into(),
+            };
+            debug!(gpu = %self.cfg.gpu.id, error = %failure, "acquire failed; retrying");
+            tokio::select! {
+                _ = backoff.wait(&self.lost) => {}
+                _ = self.shutdown.drain.cancelled() => return None,
+            }
+        }
+    }
+
+    /// Checks a leased round can run here now. `None`: it was given back (or failed).
+    async fn prepare(&self, held: &Held) -> Option<Paths> {
+        if let Health::Unhealthy(why) = self.monitor.latest().health {
+            self.give_back(held, &format!("GPU unhealthy: {why}")).await;
+            return None;
+        }
+        let paths = match Paths::resolve(self.cfg.root_override.as_deref(), &held.lease) {
+            Ok(p) => p,
+            Err(msg) => {
+                self.report_failure(held, pb::FailureKind::Spawn, msg, String::new(), 0)
+                    .await;
+                return None;
+            }
+        };
+        let need = self.cfg.min_scratch_mib;
+        if let Ok(free) = scratch::free_mib(&paths.root)
+            && free < need
+        {
+            let why = scratch_message(free, &paths.root, need);
+            warn!(gpu = %self.cfg.gpu.id, "{why}; round given back");
+            *lock(&self.block) = Some(Block::Scratch {
+                path: paths.root.clone(),
+                need,
+            });
+            self.set_state(why.clone());
+            self.give_back(held, &why).await;
+            return None;
+        }
+        let need = held
+            .lease
+            .task
+            .as_ref()
+            .map_or(0, |t| t.min_free_gpu_memory_mib);
+        if need > 0 && !self.wait_for_memory(held, need).await {
+            return None;
+        }
+        Some(paths)
+    }
+
+    /// Waits until the GPU has `need` MiB free, up to `gpu_wait`. False when the round was
+    /// given back instead (still short, drained, stopped).
+    async fn wait_for_memory(&self, held: &Held, need: u64) -> bool {
+        let started = Instant::now();
+        loop {
+            let free = match self.monitor.latest().memory_free_mib {
+                // Without NVML there is nothing to check: run.
+                None => return true,
+                Some(f) if f >= need => {
+                    self.set_state(String::new());
+                    return true;
+                }
+                Some(f) => f,
+            };
+            let why = memory_message(free, need);
+            self.set_state(why.clone());
+            if started.elapsed() >= self.cfg.gpu_wait {
+                warn!(gpu = %self.cfg.gpu.id, "{why}; round given back after {:?}", self.cfg.gpu_wait);
+                *lock(&self.block) = Some(Block::Memory {
+                    need,
+                    until: Instant::now() + self.cfg.gpu_wait,
+                });
+                self.give_back(held, &why).await;
+                return false;
+            }
+            let stopped = tokio::select! {
+                _ = tokio::time::sleep(self.cfg.sample_interval) => false,
+                _ = held.stop.cancelled() => true,
+                _ = self.shutdown.drain.cancelled() => true,
+            };
+            if stopped {
+                self.give_back(held, "stopped while waiting for GPU memory")
+                    .await;
+                return false;
+            }
+        }
+    }
+
+    /// Gives a lease back without counting a failure, so the coordinator re-leases it at
+    /// once. A lost session cannot: the coordinator re-issues it at its TTL.
+    pub(super) async fn give_back(&self, held: &Held, reason: &str) {
+        self.unhold(held);
+        Counters::bump(&self.counters.released);
+        if self.is_lost() {
+            return;
+        }
+        let req = pb::ReleaseRequest {
+            worker_id: self.worker_id.clone(),
+            lease_id: held.lease.lease_id,
+            reason: reason.to_string(),
+        };
+        let mut client = self.client.clone();
+        match tokio::time::timeout(RELEASE_TIMEOUT, client.release(req)).await {
+            Ok(Ok(_)) => {
+                debug!(object = %held.lease.object, round = held.lease.round, reason, "lease released")
+            }
+            Ok(Err(e)) => {
+                warn!(object = %held.lease.object, round = held.lease.round, error = %e, "could not release a lease")
+            }
+            Err(_) => {
+                warn!(object = %held.lease.object, round = held.lease.round, "releasing a lease timed out")
+            }
+        }
+    }
+
+    pub(super) async fn report_failure(
+        &self,
+        held: &Held,
+        kind: pb::FailureKind,
+        message: String,
+        log_tail: String,
+        generator_ms: u64,
+    ) {
+        self.unhold(held);
+        Counters::bump(&self.counters.failed);
+        if self.is_lost() {
+            return;
+        }
+        let req = pb::FailRequest {
+            worker_id: self.worker_id.clone(),
+            lease_id: held.lease.lease_id,
+            kind: kind as i32,
+            message,
+            log_tail,
+            generator_ms,
+        };
+        let mut client = self.client.clone();
+        match tokio::time::timeout(RPC_TIMEOUT, client.fail(req)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "could not report a failure"),
+            Err(_) => warn!("reporting a failure timed out"),
+        }
+    }
+
+    /// Inspects, uploads and reports one finished run, then cleans its local files.
+    async fn finish(self: Arc<Self>, held: Held, paths: Paths, ran: round::Ran) {
+        round::finish(&self, &held, &paths, ran).await;
+        self.unhold(&held);
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
+        let mut client = self.client.clone();
+        // An answer later than this is treated as lost; the next heartbeat follows at once.
+        let rpc_timeout = (self.ttl / 2).max(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.heartbeat_every) => {}
+                _ = self.lost.cancelled() => return,
+            }
+            let lease_ids: Vec<u64> = lock(&self.running).keys().copied().collect();
+            let req = pb::HeartbeatRequest {
+                worker_id: self.worker_id.clone(),
+                lease_ids,
+                health: Some(self.monitor.latest().to_proto()),
+                agent_state: self.state_for_heartbeat(),
+            };
+            let sent = Instant::now();
+            match tokio::time::timeout(rpc_timeout, client.heartbeat(req)).await {
+                Ok(Ok(resp)) => {
+                    // The coordinator renewed the leases no earlier than `sent`.
+                    *lock(&self.contact) = sent;
+                    let resp = resp.into_inner();
+                    {
+                        let running = lock(&self.running);
+                        for id in &resp.cancel_lease_ids {
+                            if let Some(t) = running.get(id) {
+                                info!(lease = id, "coordinator asked to stop this round");
+                                t.cancel();
+                            }
+                        }
+                    }
+                    if resp.reregister {
+                        self.lose(Lost::Forgotten);
+                        return;
+                    }
+                }
+                Ok(Err(e)) => debug!(error = %e, "heartbeat failed"),
+                Err(_) => debug!("heartbeat timed out"),
+            }
+        }
+    }
+
+    /// Fences the session when no heartbeat was answered for longer than the lease TTL. The
+    /// contact time is when the last answered heartbeat was *sent*, which is no later than
+    /// when the coordinator renewed the leases: the agent stops no later than the
+    /// coordinator gives up on its leases.
+    async fn fence_watchdog(self: Arc<Self>) {
+        let tick = (self.ttl / 10).clamp(Duration::from_millis(20), Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = self.lost.cancelled() => return,
+            }
+            let silent = lock(&self.contact).elapsed();
+            if silent > self.ttl {
+                warn!(
+                    gpu = %self.cfg.gpu.id,
+                    worker = %self.worker_id,
+                    silent_s = silent.as_secs_f64(),
+                    ttl_s = self.ttl.as_secs_f64(),
+                    "no coordinator contact for longer than the lease TTL: fencing (stopping runs, discarding staging)"
+                );
+                self.lose(Lost::Fenced(silent));
+                return;
+            }
+        }
+    }
+}
+
+fn scratch_message(free: u64, path: &std::path::Path, need: u64) -> String {
+    format!(
+        "waiting for scratch space: {free} MiB free under {}, {need} MiB needed (--min-scratch-mib)",
+        path.display()
+    )
+}
+
+fn memory_message(free: u64, need: u64) -> String {
+    format!("waiting for GPU memory: {free} MiB free, {need} MiB needed (min_free_gpu_memory_mib)")
+}

@@ -1,0 +1,198 @@
+//! Command line of the `worker` binary: `worker --gpu ... --coordinator ...` runs agents,
+//! `worker gpus` lists this host's GPUs. Flags are documented in docs/worker.md.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::agent::{AgentConfig, Shutdown};
+use crate::connect::{check_addresses, parse_addresses};
+use crate::gpu::{self, INVENTORY_ENV};
+
+/// Quarry worker agent: runs the job's generator on its GPU(s) for a coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "worker", version, subcommand_negates_reqs = true)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// GPUs to drive, one agent each: ids (`3`, `0,2`), UUIDs (`GPU-...`) or `all` (needs NVML).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub gpu: Vec<String>,
+    /// Coordinator address(es), `host:port`; comma-separated or repeated, tried in order.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:50051")]
+    pub coordinator: Vec<String>,
+    /// Run generators under this directory instead of the job's root.
+    #[arg(long)]
+    pub root: Option<PathBuf>,
+    /// Seconds between SIGTERM and SIGKILL when a generator is stopped.
+    #[arg(long, default_value = "10")]
+    pub kill_grace: u64,
+    /// On SIGTERM or Ctrl-C: seconds the running rounds get to finish before they are stopped
+    /// and released (a second signal stops them at once).
+    #[arg(long, default_value = "30")]
+    pub drain_grace: u64,
+    /// Free MiB needed under the task root before a round is accepted.
+    #[arg(long, default_value = "1024")]
+    pub min_scratch_mib: u64,
+    /// Seconds a round waits for the job's minimum free GPU memory before it is given back.
+    #[arg(long, default_value = "60")]
+    pub gpu_wait: u64,
+    /// Bytes of generator output kept per round (head and tail), uploaded beside its outputs.
+    #[arg(long, default_value = "1048576")]
+    pub log_limit: usize,
+    /// A simulated GPU inventory (JSON, re-read on every poll; see docs/worker.md), or `none`.
+    #[arg(long, env = INVENTORY_ENV, hide = true)]
+    pub gpu_inventory: Option<PathBuf>,
+    /// Milliseconds between GPU health and metrics samples.
+    #[arg(long, default_value = "1000", hide = true)]
+    pub sample_interval_ms: u64,
+    /// Do not acquire the next round while the previous one uploads (for measurements).
+    #[arg(long, hide = true)]
+    pub no_prefetch: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List this host's GPUs (index, UUID, name, memory, driver, utilization, health).
+    Gpus {
+        /// A simulated GPU inventory instead of NVML.
+        #[arg(long, env = INVENTORY_ENV, hide = true)]
+        gpu_inventory: Option<PathBuf>,
+    },
+}
+
+/// Runs the parsed command; returns the process exit code: 0 done (also after a drain),
+/// 1 an agent failed, 2 a usage error (bad `--gpu`, unusable inventory, bad address).
+pub async fn main(args: Args) -> i32 {
+    if let Some(Command::Gpus { gpu_inventory }) = &args.command {
+        return list_gpus(gpu_inventory.as_deref());
+    }
+    let inventory = match gpu::open(args.gpu_inventory.as_deref()) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let gpus = match gpu::resolve(inventory.as_ref(), &args.gpu) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let coordinators = parse_addresses(&args.coordinator);
+    if let Err(e) = check_addresses(&coordinators) {
+        eprintln!("error: {e}");
+        return 2;
+    }
+    info!(
+        inventory = %inventory.describe(),
+        gpus = %gpus.iter().map(|g| g.visible_devices()).collect::<Vec<_>>().join(","),
+        "worker starting"
+    );
+    let mut cfg = AgentConfig::new("", "");
+    cfg.coordinators = coordinators;
+    cfg.inventory = Some(inventory);
+    cfg.root_override = args.root;
+    cfg.kill_grace = Duration::from_secs(args.kill_grace);
+    cfg.min_scratch_mib = args.min_scratch_mib;
+    cfg.gpu_wait = Duration::from_secs(args.gpu_wait);
+    cfg.log_limit = args.log_limit;
+    cfg.sample_interval = Duration::from_millis(args.sample_interval_ms.max(10));
+    cfg.prefetch = !args.no_prefetch;
+    let shutdown = Shutdown::new();
+    drain_on_signals(&shutdown, Duration::from_secs(args.drain_grace));
+    let mut code = 0;
+    for r in crate::run_gpus(cfg, gpus, shutdown).await {
+        match r {
+            Ok(stats) => info!(?stats, "agent stopped"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                code = 1;
+            }
+        }
+    }
+    code
+}
+
+fn list_gpus(inventory: Option<&std::path::Path>) -> i32 {
+    let inv = match gpu::open(inventory) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    match inv.list() {
+        Ok(gpus) if gpus.is_empty() => {
+            println!("no GPUs ({})", inv.describe());
+            0
+        }
+        Ok(gpus) => {
+            print!("{}", gpu::table(inv.as_ref(), &gpus));
+            0
+        }
+        Err(e) => {
+            eprintln!(
+                "error: {e}: cannot list GPUs; explicit ids still work (worker --gpu 0,1), with health unknown"
+            );
+            1
+        }
+    }
+}
+
+/// First SIGTERM/SIGINT: drain (stop acquiring, let running rounds finish) and stop after
+/// `grace`; a second signal stops at once.
+fn drain_on_signals(shutdown: &Shutdown, grace: Duration) {
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut int =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+        next_signal(&mut term, &mut int).await;
+        warn!(
+            grace_s = grace.as_secs(),
+            "draining: no new rounds; running rounds get --drain-grace to finish, then are stopped and released (signal again to stop now)"
+        );
+        s.drain.cancel();
+        let stop = s.stop.clone();
+        let timer = CancellationToken::new();
+        let t = timer.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => {
+                    warn!("drain grace period over: stopping running rounds and releasing them");
+                    stop.cancel();
+                }
+                _ = t.cancelled() => {}
+            }
+        });
+        next_signal(&mut term, &mut int).await;
+        warn!("second signal: stopping running rounds now");
+        timer.cancel();
+        s.stop.cancel();
+    });
+}
+
+async fn next_signal(
+    term: &mut Option<tokio::signal::unix::Signal>,
+    int: &mut Option<tokio::signal::unix::Signal>,
+) {
+    async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+        match s.as_mut() {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    tokio::select! {
+        _ = recv(term) => {}
+        _ = recv(int) => {}
+    }
+}
