@@ -70,20 +70,21 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
         "--store",
         &store_url,
         "--lease-ttl",
-        "4",
+        "8",
         "--election-ttl",
         "3",
     ];
+    let log_env = [("QUARRY_LOG", "info".to_string())];
     let log_a = home.path().join("a.log");
     let log_b = home.path().join("b.log");
-    let (mut a, addr_a) = start_serve_with(&args, &[], &log_a);
+    let (mut a, addr_a) = start_serve_with(&args, &log_env, &log_a);
     wait_for_log(&log_a, "elected leader", Duration::from_secs(20));
-    let (_b, addr_b) = start_serve_with(&args, &[], &log_b);
+    let (_b, addr_b) = start_serve_with(&args, &log_env, &log_b);
     wait_for_log(&log_b, "campaigning", Duration::from_secs(20));
     let both = format!("{addr_a},{addr_b}");
 
     let worker_log = home.path().join("worker.log");
-    let _worker = spawn_worker(&both, "0,1", &[], Some(&worker_log));
+    let _worker = spawn_worker(&both, "0,1", &log_env, Some(&worker_log));
     let submit = Command::new(bin("coordinator"))
         .arg("submit")
         .arg(&job)
@@ -108,6 +109,7 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
         assert!(Instant::now() < until, "job made no progress: {v}");
         std::thread::sleep(Duration::from_millis(100));
     }
+    let committed_at_kill = status_json(&both)[0]["rounds_committed"].as_u64().unwrap();
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     let killed_at = Instant::now();
@@ -116,8 +118,13 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
     let took_over = killed_at.elapsed();
     // The job finishes under the new leader.
     let until = Instant::now() + Duration::from_secs(120);
+    let mut first_commit: Option<Duration> = None;
     let done = loop {
         let v = status_json(&both);
+        if first_commit.is_none() && v[0]["rounds_committed"].as_u64().unwrap() > committed_at_kill
+        {
+            first_commit = Some(killed_at.elapsed());
+        }
         if v[0]["state"] == "done" {
             break v;
         }
@@ -131,9 +138,12 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
     let b_log = std::fs::read_to_string(&log_b).unwrap_or(b_log);
     assert!(
         b_log.contains("running rounds reported at registration"),
-        "the new leader adopted no running round:\n{b_log}"
+        "the new leader adopted no running round:\n{b_log}\n--- worker:\n{}",
+        std::fs::read_to_string(&worker_log).unwrap_or_default()
     );
-    eprintln!("standby took over {took_over:?} after the leader was killed");
+    eprintln!(
+        "standby took over {took_over:?} after the leader was killed; first commit by the new leader after {first_commit:?}"
+    );
 
     // Every round committed once, and the same bytes as one coordinator running the job.
     let manifest: serde_json::Value =

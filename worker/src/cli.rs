@@ -9,8 +9,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::agent::{AgentConfig, Shutdown};
-use crate::connect::{check_addresses, parse_addresses};
+use crate::connect::{coordinators, parse_addresses};
 use crate::gpu::{self, INVENTORY_ENV};
+use quarry_common::transport::ClientSecurityArgs;
 
 /// Quarry worker agent: runs the job's generator on its GPU(s) for a coordinator.
 #[derive(Debug, Parser)]
@@ -52,6 +53,16 @@ pub struct Args {
     /// Do not acquire the next round while the previous one uploads (for measurements).
     #[arg(long, hide = true)]
     pub no_prefetch: bool,
+    /// Serve Prometheus metrics (`/metrics`) and `/healthz` over HTTP on this address
+    /// (e.g. 0.0.0.0:9091); off when not given.
+    #[arg(
+        long = "metrics-listen",
+        env = "QUARRY_METRICS_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub security: ClientSecurityArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -84,10 +95,35 @@ pub async fn main(args: Args) -> i32 {
             return 2;
         }
     };
-    let coordinators = parse_addresses(&args.coordinator);
-    if let Err(e) = check_addresses(&coordinators) {
+    let security = match args.security.load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let addrs = parse_addresses(&args.coordinator);
+    if let Err(e) = coordinators(&addrs, &security) {
         eprintln!("error: {e}");
         return 2;
+    }
+    let metrics = std::sync::Arc::new(crate::metrics::WorkerMetrics::default());
+    if let Some(addr) = &args.metrics_listen {
+        match quarry_common::metrics::bind(addr).await {
+            Ok((l, local)) => {
+                eprintln!("metrics on http://{local}/metrics");
+                tokio::spawn(quarry_common::metrics::serve(
+                    l,
+                    std::sync::Arc::clone(&metrics.registry),
+                    std::sync::Arc::new(|| true),
+                    CancellationToken::new(),
+                ));
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return 2;
+            }
+        }
     }
     info!(
         inventory = %inventory.describe(),
@@ -95,7 +131,9 @@ pub async fn main(args: Args) -> i32 {
         "worker starting"
     );
     let mut cfg = AgentConfig::new("", "");
-    cfg.coordinators = coordinators;
+    cfg.coordinators = addrs;
+    cfg.security = security;
+    cfg.metrics = metrics;
     cfg.inventory = Some(inventory);
     cfg.root_override = args.root;
     cfg.kill_grace = Duration::from_secs(args.kill_grace);

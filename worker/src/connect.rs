@@ -1,33 +1,36 @@
-//! How an agent reaches a coordinator. Everything about the connection (addresses, timeouts,
-//! and later TLS and auth) lives in [`connect`], so it can be changed in one place.
+//! How an agent reaches the leading coordinator: TLS, the bearer token and message bounds come
+//! from [`quarry_common::transport`]; this module tries the known addresses, follows a
+//! standby's pointer to the leader, and registers.
 
 use std::time::Duration;
 
+use quarry_common::transport::{
+    AuthChannel, ClientSecurity, Coordinators, MAX_MESSAGE_BYTES, TransportError,
+};
+use quarry_proto::v1 as pb;
 use quarry_proto::v1::worker_service_client::WorkerServiceClient;
-use tonic::transport::{Channel, Endpoint};
 
-/// Largest gRPC message sent or accepted (as the coordinator's).
-const MAX_MESSAGE_BYTES: usize = 16 << 20;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The agent's client of the worker service.
+pub type Client = WorkerServiceClient<AuthChannel>;
 
 /// Why no coordinator could be reached.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("coordinator address {addr:?}: {detail}")]
-    BadAddress { addr: String, detail: String },
-    #[error("no coordinator reachable: {}", .0.join("; "))]
+    #[error(transparent)]
+    BadSettings(#[from] TransportError),
+    #[error("no coordinator registered this agent: {}", .0.join("; "))]
     Unreachable(Vec<String>),
 }
 
 impl ConnectError {
     /// A misconfiguration that retrying cannot fix.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, ConnectError::BadAddress { .. })
+        matches!(self, ConnectError::BadSettings(_))
     }
 }
 
 /// Parses `--coordinator` values: each may hold several comma-separated addresses
-/// (`host:port` or `http://host:port`); order is kept, empty entries are dropped.
+/// (`host:port` or `http(s)://host:port`); order is kept, empty entries are dropped.
 pub fn parse_addresses(values: &[String]) -> Vec<String> {
     values
         .iter()
@@ -38,56 +41,62 @@ pub fn parse_addresses(values: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, ConnectError> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(url)
-        .map_err(|e| ConnectError::BadAddress {
-            addr: addr.to_string(),
-            detail: e.to_string(),
-        })?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true))
-}
-
-/// Checks every address parses, so a typo fails at startup rather than in a retry loop.
-pub fn check_addresses(addrs: &[String]) -> Result<(), ConnectError> {
-    if addrs.is_empty() {
-        return Err(ConnectError::BadAddress {
-            addr: String::new(),
-            detail: "no coordinator address given".into(),
-        });
-    }
-    addrs.iter().try_for_each(|a| endpoint(a).map(|_| ()))
-}
-
-/// Connects to the first reachable coordinator, trying `addrs` in order starting at `first`
-/// (wrapping around). Returns the client and the index of the address it reached.
-pub async fn connect(
+/// Checks the addresses parse with these settings, so a typo fails at startup rather than
+/// in a retry loop.
+pub fn coordinators(
     addrs: &[String],
-    first: usize,
-) -> Result<(WorkerServiceClient<Channel>, usize), ConnectError> {
+    security: &ClientSecurity,
+) -> Result<Coordinators, ConnectError> {
+    Ok(Coordinators::new(addrs, security.clone())?)
+}
+
+/// A client of the coordinator at `addr`.
+pub fn client(coords: &Coordinators, addr: &str) -> Result<Client, ConnectError> {
+    Ok(WorkerServiceClient::new(coords.channel(addr)?)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// Registers with the leader: tries each address (the last known leader first), following a
+/// standby's answer to the leader it names. Returns the client, the answer and the address.
+pub async fn register(
+    coords: &mut Coordinators,
+    req: &pb::RegisterRequest,
+    timeout: Duration,
+) -> Result<(Client, pb::RegisterResponse, String), ConnectError> {
     let mut errors = Vec::new();
-    for k in 0..addrs.len() {
-        let i = (first + k) % addrs.len();
-        let ep = endpoint(&addrs[i])?;
-        match ep.connect().await {
-            Ok(channel) => {
-                let client = WorkerServiceClient::new(channel)
-                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                    .max_encoding_message_size(MAX_MESSAGE_BYTES);
-                return Ok((client, i));
+    let mut tried: Vec<String> = Vec::new();
+    // A hint may name an address outside the list: allow one extra round for it.
+    for _ in 0..2 {
+        for addr in coords.candidates() {
+            if tried.contains(&addr) {
+                continue;
             }
-            Err(e) => errors.push(format!("{}: {e}", addrs[i])),
+            tried.push(addr.clone());
+            let mut c = client(coords, &addr)?;
+            match tokio::time::timeout(timeout, c.register(req.clone())).await {
+                Ok(Ok(r)) => {
+                    coords.prefer(&addr);
+                    return Ok((c, r.into_inner(), addr));
+                }
+                Ok(Err(st)) => {
+                    let before = coords.candidates();
+                    coords.learn(&st);
+                    errors.push(format!("{addr}: {}", st.message()));
+                    if coords.candidates().first() != before.first() {
+                        // A standby named the leader: go there next.
+                        break;
+                    }
+                }
+                Err(_) => errors.push(format!("{addr}: no answer within {timeout:?}")),
+            }
         }
     }
     Err(ConnectError::Unreachable(errors))
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -95,28 +104,30 @@ mod tests {
     fn addresses_split_on_commas_and_repeat() {
         let v = parse_addresses(&["a:1,b:2".into(), " c:3 ".into(), ",".into()]);
         assert_eq!(v, ["a:1", "b:2", "c:3"]);
-        check_addresses(&v).unwrap();
-        assert!(check_addresses(&[]).unwrap_err().is_permanent());
-        assert!(check_addresses(&["http://bad host:1".into()]).is_err());
+        coordinators(&v, &ClientSecurity::plain()).unwrap();
+        assert!(
+            coordinators(&[], &ClientSecurity::plain())
+                .unwrap_err()
+                .is_permanent()
+        );
+        assert!(coordinators(&["ftp://x:1".into()], &ClientSecurity::plain()).is_err());
     }
 
     #[tokio::test]
-    async fn the_first_reachable_address_wins() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let good = listener.local_addr().unwrap().to_string();
+    async fn nobody_listening_is_unreachable_not_a_hang() {
         // A port nobody listens on: bound, then closed.
         let dead = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().to_string()
         };
-        let accept = tokio::spawn(async move {
-            let _conns: Vec<_> = vec![listener.accept().await];
-            tokio::time::sleep(Duration::from_secs(2)).await;
-        });
-        let (_, i) = connect(&[dead.clone(), good], 0).await.unwrap();
-        assert_eq!(i, 1);
-        let e = connect(&[dead], 0).await.unwrap_err();
+        let mut c = coordinators(&[dead], &ClientSecurity::plain()).unwrap();
+        let e = register(
+            &mut c,
+            &pb::RegisterRequest::default(),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(e, ConnectError::Unreachable(_)), "{e}");
-        accept.abort();
     }
 }

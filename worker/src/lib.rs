@@ -7,6 +7,7 @@ pub mod binding;
 pub mod cli;
 pub mod connect;
 pub mod gpu;
+pub mod metrics;
 pub mod monitor;
 pub mod runner;
 pub mod scratch;

@@ -24,15 +24,20 @@ use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::connect::{ConnectError, check_addresses, connect, parse_addresses};
+use crate::connect::{ConnectError, coordinators, parse_addresses, register};
 use crate::gpu::{GpuInfo, Inventory, NoInventory};
 use crate::monitor::Monitor;
+use quarry_common::transport::ClientSecurity;
 
 /// Settings of one agent.
 #[derive(Clone)]
 pub struct AgentConfig {
     /// Coordinator addresses (`host:port` or `http://host:port`), tried in order.
     pub coordinators: Vec<String>,
+    /// TLS and bearer token for every call to the coordinators.
+    pub security: ClientSecurity,
+    /// Where the agent's metrics go (shared with the worker's `/metrics` endpoint).
+    pub metrics: Arc<crate::metrics::WorkerMetrics>,
     /// The GPU this agent drives.
     pub gpu: GpuInfo,
     /// Where its health and metrics come from; `None`: NVML if it loads (see [`crate::gpu::detect`]).
@@ -75,6 +80,8 @@ impl AgentConfig {
     pub fn new(coordinator: impl Into<String>, gpu: impl Into<String>) -> Self {
         AgentConfig {
             coordinators: parse_addresses(&[coordinator.into()]),
+            security: ClientSecurity::plain(),
+            metrics: Arc::default(),
             gpu: GpuInfo::unlisted(&gpu.into()),
             inventory: None,
             agents_in_process: 1,
@@ -187,7 +194,7 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs one agent until `shutdown`. Connection problems are retried with jittered backoff;
 /// they never end the agent. Returns only after every generator it started is gone.
 pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStats, AgentError> {
-    check_addresses(&cfg.coordinators)?;
+    let mut coords = coordinators(&cfg.coordinators, &cfg.security)?;
     let inventory = cfg.inventory.clone().unwrap_or_else(|| {
         Arc::new(NoInventory {
             reason: "no inventory configured".into(),
@@ -197,22 +204,9 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
     let cfg = Arc::new(cfg);
     let counters = Arc::new(Counters::default());
     let mut backoff = Backoff::new();
-    let mut first = 0usize;
-    let n = cfg.coordinators.len();
     let gpu = cfg.gpu.id.clone();
     // Drain between sessions means nothing is running: stop at once.
     while !shutdown.drain.is_cancelled() {
-        let (mut client, at) = match connect(&cfg.coordinators, first).await {
-            Ok(c) => c,
-            Err(e) if e.is_permanent() => return Err(e.into()),
-            Err(e) => {
-                debug!(%gpu, error = %e, "no coordinator reachable; retrying");
-                if backoff.wait(&shutdown.drain).await {
-                    break;
-                }
-                continue;
-            }
-        };
         let req = pb::RegisterRequest {
             host: cfg.host.clone(),
             gpu: gpu.clone(),
@@ -221,18 +215,14 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             running: Vec::new(),
         };
         let reg = tokio::select! {
-            r = tokio::time::timeout(RPC_TIMEOUT, client.register(req)) => r,
+            r = register(&mut coords, &req, RPC_TIMEOUT) => r,
             _ = shutdown.drain.cancelled() => break,
         };
-        let reg = match reg {
-            Ok(Ok(r)) => r.into_inner(),
-            other => {
-                let why = match other {
-                    Ok(Err(s)) => s.to_string(),
-                    _ => "timed out".into(),
-                };
-                debug!(%gpu, coordinator = %cfg.coordinators[at], error = %why, "register failed; retrying");
-                first = (at + 1) % n;
+        let (client, reg, at) = match reg {
+            Ok(r) => r,
+            Err(e) if e.is_permanent() => return Err(e.into()),
+            Err(e) => {
+                debug!(%gpu, error = %e, "register failed; retrying");
                 if backoff.wait(&shutdown.drain).await {
                     break;
                 }
@@ -250,10 +240,12 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             }
         };
         backoff.reset();
-        info!(worker = %reg.worker_id, %gpu, coordinator = %cfg.coordinators[at], "agent registered");
+        info!(worker = %reg.worker_id, %gpu, coordinator = %at, "agent registered");
         let session = session::Session::new(
             Arc::clone(&cfg),
+            coords.clone(),
             client,
+            at,
             reg,
             store,
             monitor.clone(),
@@ -262,15 +254,13 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
         );
         match session.run().await {
             session::End::Shutdown => break,
-            session::End::Lost(why) => {
+            session::End::Lost(why, learned) => {
                 warn!(%gpu, reason = %why, "session lost; reconnecting");
                 if matches!(why, session::Lost::Fenced(_)) {
                     Counters::bump(&counters.fenced);
-                    // The coordinator we had is unreachable: try the next address first.
-                    first = (at + 1) % n;
-                } else {
-                    first = at;
                 }
+                // Keep what the session learned about who leads.
+                coords = learned;
                 if backoff.wait(&shutdown.drain).await {
                     break;
                 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use quarry_common::npy;
 use quarry_common::storage::keys;
+use quarry_common::transport::is_failover;
 use quarry_proto::v1 as pb;
 use tracing::{debug, info, warn};
 
@@ -245,27 +246,56 @@ async fn complete(
     stats: &RoundStats,
 ) {
     let lease = &held.lease;
-    let req = pb::CompleteRequest {
-        worker_id: s.worker_id.clone(),
-        lease_id: lease.lease_id,
-        files,
-        generator_ms,
-        gpu_stats: stats.to_proto(),
-        log_key,
-    };
-    let mut client = s.client.clone();
     // Once sent, a Complete may commit: its files must never be deleted here, even if the
     // session is lost while waiting for the answer. A stop waits for the answer (bounded), so
     // the coordinator either commits the files or deletes them; only a lost session, whose
-    // coordinator is unreachable, gives up on it.
-    let answer = tokio::select! {
-        r = tokio::time::timeout(RPC_TIMEOUT, client.complete(req)) => Some(r),
-        _ = s.fenced.cancelled() => None,
-    };
+    // coordinator is unreachable, gives up on it. A coordinator that became unavailable (a
+    // failover) gets the report again through the new leader, which adopted the lease; a
+    // commit that did land is recognised there as this attempt's own.
+    // Retried through failovers for as long as the lease can still be valid: the fence
+    // watchdog ends the session once no coordinator answered for a lease TTL.
+    let mut answer = None;
+    loop {
+        let conn = s.conn();
+        let req = pb::CompleteRequest {
+            worker_id: conn.worker_id.clone(),
+            lease_id: lease.lease_id,
+            files: files.clone(),
+            generator_ms,
+            gpu_stats: stats.to_proto(),
+            log_key: log_key.clone(),
+        };
+        let mut client = conn.client.clone();
+        let r = tokio::select! {
+            r = tokio::time::timeout(RPC_TIMEOUT, client.complete(req)) => r,
+            _ = s.fenced.cancelled() => break,
+        };
+        match r {
+            Ok(Err(e)) if is_failover(&e) && !s.is_lost() => {
+                debug!(object = %lease.object, round = lease.round, error = %e, "reporting completion: coordinator unavailable; registering again");
+                answer = Some(Ok(Err(e)));
+                if !s.rebind(conn.generation).await {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = s.fenced.cancelled() => break,
+                    }
+                }
+            }
+            other => {
+                answer = Some(other);
+                break;
+            }
+        }
+    }
     let committed = match answer {
         Some(Ok(Ok(r))) => {
             let r = r.into_inner();
             let committed = r.outcome == pb::CommitOutcome::Committed as i32;
+            s.cfg.metrics.round(if committed {
+                crate::metrics::Outcome::Committed
+            } else {
+                crate::metrics::Outcome::Rejected
+            });
             if !committed {
                 info!(object = %lease.object, round = lease.round, message = %r.message, "attempt not committed");
             }
@@ -322,15 +352,19 @@ async fn upload(
         };
         let key = format!("{}/{}", task.staging_prefix, spec.name);
         match s.store.put_file(&key, path).await {
-            Ok(up) => files.push(pb::UploadedFile {
-                name: spec.name.clone(),
-                key,
-                size: up.size,
-                sha256: up.sha256,
-                count: info.count,
-                schema: info.schema,
-            }),
+            Ok(up) => {
+                s.cfg.metrics.uploaded(up.size);
+                files.push(pb::UploadedFile {
+                    name: spec.name.clone(),
+                    key,
+                    size: up.size,
+                    sha256: up.sha256,
+                    count: info.count,
+                    schema: info.schema,
+                })
+            }
             Err(e) => {
+                s.cfg.metrics.store_error();
                 let _ = s.store.delete_prefix(&task.staging_prefix).await;
                 return Outcome::Failed {
                     kind: pb::FailureKind::Upload,

@@ -17,14 +17,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use quarry_common::storage::Store;
+use quarry_common::transport::{Coordinators, is_failover};
 use quarry_proto::v1 as pb;
-use quarry_proto::v1::worker_service_client::WorkerServiceClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use super::round::{self, Paths};
 use super::{AgentConfig, Backoff, Counters, RPC_TIMEOUT, Shutdown};
+use crate::connect::{Client, register};
 use crate::gpu::Health;
 use crate::monitor::Monitor;
 use crate::scratch;
@@ -39,16 +39,14 @@ const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub(super) enum End {
     /// Drained or stopped: the agent ends.
     Shutdown,
-    /// The coordinator is gone or forgot this worker: register again.
-    Lost(Lost),
+    /// The session fenced itself: register again (with what it learned of the leader).
+    Lost(Lost, Coordinators),
 }
 
 #[derive(Debug, Clone)]
 pub(super) enum Lost {
     /// No heartbeat answered for longer than the lease TTL.
     Fenced(Duration),
-    /// The coordinator does not know this worker (it restarted).
-    Forgotten,
 }
 
 impl std::fmt::Display for Lost {
@@ -59,7 +57,6 @@ impl std::fmt::Display for Lost {
                 "no coordinator contact for {:.1} s, longer than the lease TTL: runs stopped and staging discarded",
                 d.as_secs_f64()
             ),
-            Lost::Forgotten => f.write_str("the coordinator no longer knows this worker"),
         }
     }
 }
@@ -78,10 +75,22 @@ enum Block {
     Memory { need: u64, until: Instant },
 }
 
+/// The coordinator the session talks to now, and who it is there. A failover or a
+/// coordinator restart replaces it (see [`Session::rebind`]); the runs go on.
+#[derive(Clone)]
+pub(super) struct Conn {
+    pub client: Client,
+    pub worker_id: String,
+    pub addr: String,
+    /// Bumped by every rebind, so that concurrent callers rebind once.
+    pub generation: u64,
+}
+
 pub(super) struct Session {
     pub cfg: Arc<AgentConfig>,
-    pub client: WorkerServiceClient<Channel>,
-    pub worker_id: String,
+    conn: Mutex<Conn>,
+    coords: Mutex<Coordinators>,
+    rebinding: tokio::sync::Mutex<()>,
     pub store: Store,
     pub monitor: Monitor,
     pub counters: Arc<Counters>,
@@ -93,12 +102,15 @@ pub(super) struct Session {
     /// Cancelled only when the session is lost (fenced or forgotten), not on stop.
     pub fenced: CancellationToken,
     lost_why: Mutex<Option<Lost>>,
-    running: Mutex<HashMap<u64, CancellationToken>>,
+    /// Every lease held, as received (sent again at a re-registration to be adopted).
+    running: Mutex<HashMap<u64, (pb::Lease, CancellationToken)>>,
     /// What the agent is waiting for, sent in heartbeats; empty when it is simply working.
     state: Mutex<String>,
     /// When the last heartbeat that got an answer was sent.
     contact: Mutex<Instant>,
     block: Mutex<Option<Block>>,
+    /// When the last generator run ended (for the idle-gap metric).
+    last_run_end: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,9 +118,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         cfg: Arc<AgentConfig>,
-        client: WorkerServiceClient<Channel>,
+        coords: Coordinators,
+        client: Client,
+        addr: String,
         reg: pb::RegisterResponse,
         store: Store,
         monitor: Monitor,
@@ -129,8 +144,14 @@ impl Session {
             lost: shutdown.stop.child_token(),
             fenced: CancellationToken::new(),
             cfg,
-            client,
-            worker_id: reg.worker_id,
+            conn: Mutex::new(Conn {
+                client,
+                worker_id: reg.worker_id,
+                addr,
+                generation: 0,
+            }),
+            coords: Mutex::new(coords),
+            rebinding: tokio::sync::Mutex::new(()),
             store,
             monitor,
             counters,
@@ -142,6 +163,7 @@ impl Session {
             state: Mutex::new(String::new()),
             contact: Mutex::new(Instant::now()),
             block: Mutex::new(None),
+            last_run_end: Mutex::new(None),
         })
     }
 
@@ -174,7 +196,13 @@ impl Session {
                 continue;
             };
             Counters::bump(&self.counters.rounds_run);
+            let started = Instant::now();
+            if let Some(end) = lock(&self.last_run_end).take() {
+                self.cfg.metrics.idle_gap(started - end);
+            }
             let ran = round::run_generator(&self, &held, &paths).await;
+            self.cfg.metrics.generator(started.elapsed());
+            *lock(&self.last_run_end) = Some(Instant::now());
             if let Some(f) = finishing.take() {
                 let _ = f.await;
             }
@@ -194,8 +222,79 @@ impl Session {
         fence.abort();
         let why = lock(&self.lost_why).clone();
         match why {
-            Some(l) if !self.shutdown.drain.is_cancelled() => End::Lost(l),
+            Some(l) if !self.shutdown.drain.is_cancelled() => {
+                End::Lost(l, lock(&self.coords).clone())
+            }
             _ => End::Shutdown,
+        }
+    }
+
+    /// The coordinator connection to use now.
+    pub(super) fn conn(&self) -> Conn {
+        lock(&self.conn).clone()
+    }
+
+    /// Registers again with whichever coordinator leads now (after a failover, or when the
+    /// coordinator forgot this worker), listing every lease held so that the new leader adopts
+    /// them: the runs go on and commit as if nothing happened. Leases it refuses are stopped.
+    /// `seen` is the connection generation the caller found failing: if another caller has
+    /// rebound since, nothing is done. Returns whether the session has a coordinator again.
+    pub(super) async fn rebind(&self, seen: u64) -> bool {
+        let _one = self.rebinding.lock().await;
+        if lock(&self.conn).generation != seen {
+            return true;
+        }
+        let running: Vec<pb::Lease> = lock(&self.running)
+            .values()
+            .map(|(l, _)| l.clone())
+            .collect();
+        let req = pb::RegisterRequest {
+            host: self.cfg.host.clone(),
+            gpu: self.cfg.gpu.id.clone(),
+            agent_name: String::new(),
+            gpu_info: Some(self.cfg.gpu.to_proto()),
+            running,
+        };
+        let mut coords = lock(&self.coords).clone();
+        let timeout = (self.ttl / 2).max(Duration::from_millis(200));
+        let sent = Instant::now();
+        let result = register(&mut coords, &req, timeout).await;
+        *lock(&self.coords) = coords;
+        match result {
+            Ok((client, resp, addr)) => {
+                {
+                    let running = lock(&self.running);
+                    for id in &resp.cancel_lease_ids {
+                        if let Some((_, t)) = running.get(id) {
+                            info!(
+                                lease = id,
+                                "the coordinator cannot adopt this round; stopping it"
+                            );
+                            t.cancel();
+                        }
+                    }
+                }
+                info!(
+                    gpu = %self.cfg.gpu.id,
+                    worker = %resp.worker_id,
+                    coordinator = %addr,
+                    adopted = req.running.len() - resp.cancel_lease_ids.len(),
+                    "registered again; running rounds carried over"
+                );
+                let mut conn = lock(&self.conn);
+                *conn = Conn {
+                    client,
+                    worker_id: resp.worker_id,
+                    addr,
+                    generation: seen + 1,
+                };
+                *lock(&self.contact) = sent;
+                true
+            }
+            Err(e) => {
+                debug!(gpu = %self.cfg.gpu.id, error = %e, "no coordinator to register with yet");
+                false
+            }
         }
     }
 
@@ -212,7 +311,7 @@ impl Session {
 
     fn hold(&self, lease: pb::Lease) -> Held {
         let stop = self.lost.child_token();
-        lock(&self.running).insert(lease.lease_id, stop.clone());
+        lock(&self.running).insert(lease.lease_id, (lease.clone(), stop.clone()));
         Held { lease, stop }
     }
 
@@ -293,11 +392,12 @@ impl Session {
                 continue;
             }
             self.set_state(String::new());
+            let conn = self.conn();
             let req = pb::AcquireRequest {
-                worker_id: self.worker_id.clone(),
+                worker_id: conn.worker_id.clone(),
                 wait_ms: self.cfg.acquire_wait.as_millis() as u64,
             };
-            let mut client = self.client.clone();
+            let mut client = conn.client.clone();
             // Dropping the call on drain cancels the long-poll on the server before it grants
             // anything (the stream is reset).
             let r = tokio::select! {
@@ -315,9 +415,13 @@ impl Session {
                     }
                     continue;
                 }
-                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
-                    self.lose(Lost::Forgotten);
-                    return None;
+                // Forgotten (the coordinator restarted) or not the leader any more: register
+                // again with the one that leads, carrying the held rounds over.
+                Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition || is_failover(&s) => {
+                    if self.rebind(conn.generation).await {
+                        continue;
+                    }
+                    s.to_string()
                 }
                 Ok(Err(s)) => s.to_string(),
                 Err(_) => "timed out".into(),
@@ -412,15 +516,17 @@ impl Session {
     pub(super) async fn give_back(&self, held: &Held, reason: &str) {
         self.unhold(held);
         Counters::bump(&self.counters.released);
+        self.cfg.metrics.round(crate::metrics::Outcome::Released);
         if self.is_lost() {
             return;
         }
+        let conn = self.conn();
         let req = pb::ReleaseRequest {
-            worker_id: self.worker_id.clone(),
+            worker_id: conn.worker_id.clone(),
             lease_id: held.lease.lease_id,
             reason: reason.to_string(),
         };
-        let mut client = self.client.clone();
+        let mut client = conn.client.clone();
         match tokio::time::timeout(RELEASE_TIMEOUT, client.release(req)).await {
             Ok(Ok(_)) => {
                 debug!(object = %held.lease.object, round = held.lease.round, reason, "lease released")
@@ -444,22 +550,43 @@ impl Session {
     ) {
         self.unhold(held);
         Counters::bump(&self.counters.failed);
+        self.cfg.metrics.round(crate::metrics::Outcome::Failed);
         if self.is_lost() {
             return;
         }
-        let req = pb::FailRequest {
-            worker_id: self.worker_id.clone(),
-            lease_id: held.lease.lease_id,
-            kind: kind as i32,
-            message,
-            log_tail,
-            generator_ms,
-        };
-        let mut client = self.client.clone();
-        match tokio::time::timeout(RPC_TIMEOUT, client.fail(req)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!(error = %e, "could not report a failure"),
-            Err(_) => warn!("reporting a failure timed out"),
+        // A failover between the run and its report: report to the new leader, for as long as
+        // the lease can still be valid (the fence watchdog ends the session after a TTL).
+        while !self.fenced.is_cancelled() {
+            let conn = self.conn();
+            let req = pb::FailRequest {
+                worker_id: conn.worker_id.clone(),
+                lease_id: held.lease.lease_id,
+                kind: kind as i32,
+                message: message.clone(),
+                log_tail: log_tail.clone(),
+                generator_ms,
+            };
+            let mut client = conn.client.clone();
+            match tokio::time::timeout(RPC_TIMEOUT, client.fail(req)).await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) if is_failover(&e) && !self.is_lost() => {
+                    debug!(error = %e, "reporting a failure: coordinator unavailable; registering again");
+                    if !self.rebind(conn.generation).await {
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                            _ = self.fenced.cancelled() => return,
+                        }
+                    }
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "could not report a failure");
+                    return;
+                }
+                Err(_) => {
+                    warn!("reporting a failure timed out");
+                    return;
+                }
+            }
         }
     }
 
@@ -470,43 +597,57 @@ impl Session {
     }
 
     async fn heartbeat_loop(self: Arc<Self>) {
-        let mut client = self.client.clone();
         // An answer later than this is treated as lost; the next heartbeat follows at once.
         let rpc_timeout = (self.ttl / 2).max(Duration::from_millis(200));
+        let mut failures = 0u32;
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.heartbeat_every) => {}
                 _ = self.lost.cancelled() => return,
             }
+            let conn = self.conn();
+            let sample = self.monitor.latest();
+            self.cfg.metrics.gpu(&self.cfg.gpu, &sample);
             let lease_ids: Vec<u64> = lock(&self.running).keys().copied().collect();
             let req = pb::HeartbeatRequest {
-                worker_id: self.worker_id.clone(),
+                worker_id: conn.worker_id.clone(),
                 lease_ids,
-                health: Some(self.monitor.latest().to_proto()),
+                health: Some(sample.to_proto()),
                 agent_state: self.state_for_heartbeat(),
             };
             let sent = Instant::now();
+            let mut client = conn.client.clone();
             match tokio::time::timeout(rpc_timeout, client.heartbeat(req)).await {
                 Ok(Ok(resp)) => {
+                    failures = 0;
                     // The coordinator renewed the leases no earlier than `sent`.
                     *lock(&self.contact) = sent;
                     let resp = resp.into_inner();
                     {
                         let running = lock(&self.running);
                         for id in &resp.cancel_lease_ids {
-                            if let Some(t) = running.get(id) {
+                            if let Some((_, t)) = running.get(id) {
                                 info!(lease = id, "coordinator asked to stop this round");
                                 t.cancel();
                             }
                         }
                     }
                     if resp.reregister {
-                        self.lose(Lost::Forgotten);
-                        return;
+                        // A new leader (or a restarted coordinator): carry the runs over.
+                        self.rebind(conn.generation).await;
                     }
                 }
-                Ok(Err(e)) => debug!(error = %e, "heartbeat failed"),
-                Err(_) => debug!("heartbeat timed out"),
+                other => {
+                    failures += 1;
+                    match other {
+                        Ok(Err(e)) => debug!(error = %e, "heartbeat failed"),
+                        _ => debug!("heartbeat timed out"),
+                    }
+                    // Two missed in a row: the coordinator may be gone; find the leader.
+                    if failures >= 2 {
+                        self.rebind(conn.generation).await;
+                    }
+                }
             }
         }
     }
@@ -526,7 +667,8 @@ impl Session {
             if silent > self.ttl {
                 warn!(
                     gpu = %self.cfg.gpu.id,
-                    worker = %self.worker_id,
+                    worker = %self.conn().worker_id,
+                    coordinator = %self.conn().addr,
                     silent_s = silent.as_secs_f64(),
                     ttl_s = self.ttl.as_secs_f64(),
                     "no coordinator contact for longer than the lease TTL: fencing (stopping runs, discarding staging)"
