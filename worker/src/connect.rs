@@ -100,8 +100,8 @@ pub async fn register(
 mod tests {
     use super::*;
 
-    #[test]
-    fn addresses_split_on_commas_and_repeat() {
+    #[tokio::test]
+    async fn addresses_split_on_commas_and_repeat() {
         let v = parse_addresses(&["a:1,b:2".into(), " c:3 ".into(), ",".into()]);
         assert_eq!(v, ["a:1", "b:2", "c:3"]);
         coordinators(&v, &ClientSecurity::plain()).unwrap();

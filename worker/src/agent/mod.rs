@@ -260,7 +260,7 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
                     Counters::bump(&counters.fenced);
                 }
                 // Keep what the session learned about who leads.
-                coords = learned;
+                coords = *learned;
                 if backoff.wait(&shutdown.drain).await {
                     break;
                 }

@@ -40,7 +40,7 @@ pub(super) enum End {
     /// Drained or stopped: the agent ends.
     Shutdown,
     /// The session fenced itself: register again (with what it learned of the leader).
-    Lost(Lost, Coordinators),
+    Lost(Lost, Box<Coordinators>),
 }
 
 #[derive(Debug, Clone)]
@@ -223,7 +223,7 @@ impl Session {
         let why = lock(&self.lost_why).clone();
         match why {
             Some(l) if !self.shutdown.drain.is_cancelled() => {
-                End::Lost(l, lock(&self.coords).clone())
+                End::Lost(l, Box::new(lock(&self.coords).clone()))
             }
             _ => End::Shutdown,
         }
