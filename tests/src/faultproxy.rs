@@ -1,5 +1,5 @@
 //! A TCP proxy that injects faults into the connections it forwards: an HTTP `503 Slow Down`
-//! answer without forwarding, or a reset connection. It stands between Quarry and the S3
+//! answer without forwarding, a reset connection, or a request left unanswered (a stall). It stands between Quarry and the S3
 //! server to prove that the object-store client retries (the server itself never fails).
 //! The S3 test server answers one request per connection, so a fault per connection is a
 //! fault per request.
@@ -18,13 +18,20 @@ pub enum Fault {
     SlowDown,
     /// Read the request, then reset the connection without an answer.
     Reset,
+    /// Read the request and answer nothing for [`STALL`]: the client's request timeout must
+    /// give up on it and retry.
+    Stall,
 }
+
+/// How long a stalled connection hangs before the proxy drops it.
+pub const STALL: Duration = Duration::from_secs(8);
 
 /// A running proxy; stops accepting when dropped.
 pub struct FaultProxy {
     port: u16,
     stop: Arc<AtomicBool>,
     injected: Arc<AtomicU64>,
+    stalled: Arc<AtomicU64>,
     passed: Arc<AtomicU64>,
 }
 
@@ -39,12 +46,14 @@ impl FaultProxy {
             .expect("non-blocking proxy listener");
         let stop = Arc::new(AtomicBool::new(false));
         let injected = Arc::new(AtomicU64::new(0));
+        let stalled = Arc::new(AtomicU64::new(0));
         let passed = Arc::new(AtomicU64::new(0));
         let (s, inj, pas) = (
             Arc::clone(&stop),
             Arc::clone(&injected),
             Arc::clone(&passed),
         );
+        let sta = Arc::clone(&stalled);
         std::thread::spawn(move || {
             let mut n = 0u64;
             while !s.load(Ordering::Relaxed) {
@@ -59,6 +68,10 @@ impl FaultProxy {
                 n += 1;
                 match fault {
                     Fault::Pass => pas.fetch_add(1, Ordering::Relaxed),
+                    Fault::Stall => {
+                        sta.fetch_add(1, Ordering::Relaxed);
+                        inj.fetch_add(1, Ordering::Relaxed)
+                    }
                     _ => inj.fetch_add(1, Ordering::Relaxed),
                 };
                 std::thread::spawn(move || handle(conn, upstream, fault));
@@ -68,6 +81,7 @@ impl FaultProxy {
             port,
             stop,
             injected,
+            stalled,
             passed,
         }
     }
@@ -79,6 +93,11 @@ impl FaultProxy {
     /// Connections that got a fault.
     pub fn injected(&self) -> u64 {
         self.injected.load(Ordering::Relaxed)
+    }
+
+    /// Connections left unanswered.
+    pub fn stalled(&self) -> u64 {
+        self.stalled.load(Ordering::Relaxed)
     }
 
     /// Connections forwarded untouched.
@@ -124,6 +143,11 @@ fn handle(mut conn: TcpStream, upstream: u16, fault: Fault) {
         Fault::Reset => {
             read_head(&mut conn);
             reset(conn);
+        }
+        Fault::Stall => {
+            read_head(&mut conn);
+            std::thread::sleep(STALL);
+            drop(conn);
         }
         Fault::Pass => {
             let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {

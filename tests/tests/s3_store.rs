@@ -176,22 +176,24 @@ async fn serve_and_worker_on_s3_give_the_same_finals_as_a_local_run() {
     assert!(open.is_empty(), "multipart uploads left open: {open:?}");
 }
 
-/// Between Quarry and the S3 server sits a proxy that answers some requests `503 Slow Down`
-/// and resets others. Coordinator and worker retry with backoff: the job finishes with the
+/// Between Quarry and the S3 server sits a proxy that answers some requests `503 Slow Down`,
+/// resets others and leaves a few unanswered (stalls, cut by a 2 s request timeout set with
+/// `AWS_TIMEOUT`). Coordinator and worker retry with backoff: the job finishes with the
 /// same finals as a clean run, and no staging object or open multipart upload remains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_errors_and_resets_are_retried_and_lose_nothing() {
     use quarry_tests::faultproxy::{Fault, FaultProxy};
 
     let moto = Moto::start("quarry-faults");
-    // Every 4th request throttled, every 7th reset (after a clean start).
+    // Every 4th request throttled, every 7th reset, every 23rd stalled (after a clean start).
     let proxy = FaultProxy::start(moto.port(), |n| match n {
         n if n < 3 => Fault::Pass,
         n if n % 4 == 1 => Fault::SlowDown,
         n if n % 7 == 3 => Fault::Reset,
+        n if n % 23 == 10 => Fault::Stall,
         _ => Fault::Pass,
     });
-    let env: Vec<(&str, String)> = moto
+    let mut env: Vec<(&str, String)> = moto
         .env()
         .into_iter()
         .map(|(k, v)| {
@@ -202,6 +204,7 @@ async fn s3_errors_and_resets_are_retried_and_lose_nothing() {
             }
         })
         .collect();
+    env.push(("AWS_TIMEOUT", "2s".into()));
     let root = legacy_root();
     let home = tempfile::tempdir().unwrap();
     let job = job_file(home.path(), root.path());
@@ -215,6 +218,7 @@ async fn s3_errors_and_resets_are_retried_and_lose_nothing() {
         "{submit_err}\n{}",
         logs(home.path())
     );
+    assert!(proxy.stalled() >= 1, "no request was stalled");
     assert!(
         proxy.injected() >= 5,
         "too few faults injected to prove anything: {} of {}",
@@ -264,8 +268,9 @@ async fn s3_errors_and_resets_are_retried_and_lose_nothing() {
         moto.open_multipart_uploads()
     );
     eprintln!(
-        "faults injected: {} of {} S3 requests",
+        "faults injected: {} of {} S3 requests ({} stalls)",
         proxy.injected(),
-        proxy.injected() + proxy.passed()
+        proxy.injected() + proxy.passed(),
+        proxy.stalled()
     );
 }
