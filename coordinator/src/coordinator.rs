@@ -1427,22 +1427,6 @@ mod tests {
         c.submit(spec(dir.path())).await.unwrap();
         let (worker, refused) = c.register("host", "0", "", None, &[]);
         assert!(refused.is_empty());
-        let upload = |lease: &pb::Lease, bytes: &'static [u8], reported: &'static [u8]| {
-            let store = store.clone();
-            let prefix = lease.task.as_ref().unwrap().staging_prefix.clone();
-            async move {
-                let key = format!("{prefix}/a.npy");
-                store.put_bytes(&key, bytes).await.unwrap();
-                vec![pb::UploadedFile {
-                    name: "a.npy".into(),
-                    key,
-                    size: reported.len() as u64,
-                    sha256: hex(&sha2::Sha256::digest(reported)),
-                    count: 10,
-                    schema: "npy <f4 (*, 3)".into(),
-                }]
-            }
-        };
 
         let first = c
             .acquire(&worker, Duration::from_secs(5))
@@ -1450,6 +1434,7 @@ mod tests {
             .unwrap()
             .unwrap();
         let files = upload(
+            &store,
             &first.lease,
             b"what the store holds",
             b"what the worker hashed",
@@ -1477,7 +1462,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(retry.lease.round, first.lease.round);
-        let files = upload(&retry.lease, b"same bytes", b"same bytes").await;
+        let files = upload(&store, &retry.lease, b"same bytes", b"same bytes").await;
         let (outcome, msg) = c
             .complete(
                 &worker,
@@ -1515,29 +1500,13 @@ mod tests {
         c.submit(spec(dir.path())).await.unwrap();
         let (slow, _) = c.register("host", "0", "slow", None, &[]);
         let (fast, _) = c.register("host", "1", "fast", None, &[]);
-        let put = |lease: &pb::Lease, bytes: &'static [u8]| {
-            let store = store.clone();
-            let prefix = lease.task.as_ref().unwrap().staging_prefix.clone();
-            async move {
-                let key = format!("{prefix}/a.npy");
-                store.put_bytes(&key, bytes).await.unwrap();
-                vec![pb::UploadedFile {
-                    name: "a.npy".into(),
-                    key,
-                    size: bytes.len() as u64,
-                    sha256: hex(&sha2::Sha256::digest(bytes)),
-                    count: 10,
-                    schema: "npy <f4 (*, 3)".into(),
-                }]
-            }
-        };
         let stale = c
             .acquire(&slow, Duration::from_secs(5))
             .await
             .unwrap()
             .unwrap()
             .lease;
-        let stale_files = put(&stale, b"slow attempt").await;
+        let stale_files = upload(&store, &stale, b"slow attempt", b"slow attempt").await;
         // No heartbeat from the slow worker: the reaper expires its lease and the round is
         // retried (after the spec's 1 ms backoff) by the fast worker, which commits it.
         let until = Instant::now() + Duration::from_secs(10);
@@ -1552,7 +1521,7 @@ mod tests {
         };
         assert_eq!((retry.round, retry.seed), (stale.round, stale.seed));
         assert_ne!(retry.attempt, stale.attempt);
-        let files = put(&retry, b"fast attempt").await;
+        let files = upload(&store, &retry, b"fast attempt", b"fast attempt").await;
         let (outcome, _) = c
             .complete(&fast, retry.lease_id, files, 1, CompleteExtras::default())
             .await
@@ -1600,6 +1569,26 @@ mod tests {
         let rec = c.state.load_object("verify", "a").await.unwrap();
         assert_eq!(rec.commits[&retry.round].attempt, retry.attempt);
         c.close().await;
+    }
+
+    /// Puts `stored` at the lease's staging key and returns the report of a worker that
+    /// hashed `reported`.
+    async fn upload(
+        store: &Store,
+        lease: &pb::Lease,
+        stored: &'static [u8],
+        reported: &'static [u8],
+    ) -> Vec<pb::UploadedFile> {
+        let key = files_key(lease);
+        store.put_bytes(&key, stored).await.unwrap();
+        vec![pb::UploadedFile {
+            name: "a.npy".into(),
+            key,
+            size: reported.len() as u64,
+            sha256: hex(&sha2::Sha256::digest(reported)),
+            count: 10,
+            schema: "npy <f4 (*, 3)".into(),
+        }]
     }
 
     fn files_key(lease: &pb::Lease) -> String {

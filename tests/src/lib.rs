@@ -158,3 +158,50 @@ pub fn run_python(py: &str, code: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// The finals that `store` holds for experiment `exp` (keys read from its manifest there) are
+/// byte-identical to those a `coordinator run` wrote under `reference`, object by object, and
+/// no staging object is left. Returns the store's manifest.
+pub async fn assert_store_finals_match(
+    store: &quarry_common::storage::Store,
+    exp: &str,
+    objects: &[&str],
+    reference: &Path,
+) -> serde_json::Value {
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &store
+            .get_bytes(&format!("{exp}/manifest.json"))
+            .await
+            .expect("read the manifest from the store")
+            .expect("the manifest is in the store"),
+    )
+    .expect("the manifest is JSON");
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    for o in objects {
+        let keys = manifest["objects"][o]["final"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no finals for {o}: {manifest}"));
+        let reference_finals = finals(reference, exp, o);
+        assert_eq!(keys.len(), reference_finals.len(), "{manifest}");
+        for (key, reference_final) in keys.iter().zip(&reference_finals) {
+            let key = key.as_str().expect("final keys are strings");
+            let local = scratch.path().join(key);
+            store
+                .download_to(key, &local)
+                .await
+                .expect("download a final");
+            assert_eq!(
+                sha256_file(&local),
+                sha256_file(reference_final),
+                "{key} differs from {}",
+                reference_final.display()
+            );
+        }
+    }
+    let left = store
+        .list(&format!("{exp}/rounds"))
+        .await
+        .expect("list staging");
+    assert!(left.is_empty(), "staging left: {left:?}");
+    manifest
+}

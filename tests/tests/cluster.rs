@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use quarry_tests::cluster::{Killed, served_job_file, spawn_worker, start_serve_with};
+use quarry_tests::cluster::{Killed, served_job_file, spawn_worker, start_serve_with, submit};
 use quarry_tests::etcd::Etcd;
 use quarry_tests::s3::Moto;
 use quarry_tests::*;
@@ -93,6 +93,16 @@ impl Cluster {
         out
     }
 
+    fn submit(&self, job: &Path) {
+        let out = submit(job, &self.addr, false);
+        assert!(
+            out.status.success(),
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+    }
+
     fn status(&self) -> serde_json::Value {
         let out = Command::new(bin("coordinator"))
             .args(["status", "served", "--json", "--coordinator", &self.addr])
@@ -123,29 +133,11 @@ async fn assert_same_as_local_run(moto: &Moto, prefix: &str, sleep_ms: u32) {
     .unwrap();
     assert_eq!(out.exit_code(), 0);
     let store = moto.store(prefix);
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &store
-            .get_bytes("served/manifest.json")
-            .await
-            .unwrap()
-            .expect("the manifest is in the bucket"),
-    )
-    .unwrap();
-    let scratch = tempfile::tempdir().unwrap();
+    let manifest =
+        assert_store_finals_match(&store, "served", &["obj_a", "obj_b"], reference.path()).await;
     for o in ["obj_a", "obj_b"] {
-        let keys = manifest["objects"][o]["final"].as_array().unwrap();
-        let reference_finals = finals(reference.path(), "served", o);
-        assert_eq!(keys.len(), reference_finals.len(), "{manifest}");
-        for (key, reference_final) in keys.iter().zip(&reference_finals) {
-            let key = key.as_str().unwrap();
-            let local = scratch.path().join(key);
-            store.download_to(key, &local).await.unwrap();
-            assert_eq!(sha256_file(&local), sha256_file(reference_final), "{key}");
-        }
         assert_eq!(manifest["objects"][o]["collected"], 90, "{manifest}");
     }
-    let left = store.list("served/rounds").await.unwrap();
-    assert!(left.is_empty(), "staging left: {left:?}");
     assert!(
         moto.open_multipart_uploads().is_empty(),
         "multipart uploads left open: {:?}",
@@ -176,17 +168,7 @@ async fn etcd_s3_and_three_workers_give_the_single_machine_finals() {
     let c = start(&etcd, &moto, "e2e");
     let root = legacy_root();
     let jobfile = job(c.home.path(), root.path(), 0);
-    let out = Command::new(bin("coordinator"))
-        .arg("submit")
-        .arg(&jobfile)
-        .args(["--coordinator", &c.addr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.submit(&jobfile);
     let v = wait_done(&c, Duration::from_secs(90));
     assert_eq!(v[0]["state"], "done", "{v}\n{}", c.logs());
     let workers: Vec<&str> = v[0]["workers"]
@@ -206,17 +188,7 @@ async fn etcd_restarted_mid_job_loses_nothing() {
     let c = start(&etcd, &moto, "restart");
     let root = legacy_root();
     let jobfile = job(c.home.path(), root.path(), 400);
-    let out = Command::new(bin("coordinator"))
-        .arg("submit")
-        .arg(&jobfile)
-        .args(["--coordinator", &c.addr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c.submit(&jobfile);
     let until = Instant::now() + Duration::from_secs(60);
     loop {
         let v = c.status();
