@@ -81,6 +81,32 @@ pub fn read_token(flag: &'static str, path: &Path) -> Result<String, TransportEr
     Ok(token.to_string())
 }
 
+/// `--tls-cert` and `--tls-key` read together: both or neither.
+fn identity(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+) -> Result<Option<Identity>, TransportError> {
+    match (cert, key) {
+        (None, None) => Ok(None),
+        (Some(c), Some(k)) => Ok(Some(Identity::from_pem(
+            read_file("--tls-cert", c)?,
+            read_file("--tls-key", k)?,
+        ))),
+        _ => Err(TransportError::Invalid {
+            flag: "--tls-cert/--tls-key",
+            problem: "only one of the pair is given".into(),
+            fix: "give both the certificate and its key, or neither",
+        }),
+    }
+}
+
+/// `--auth-token-file`, read if given.
+fn token(path: &Option<PathBuf>) -> Result<Option<Arc<str>>, TransportError> {
+    path.as_ref()
+        .map(|p| read_token("--auth-token-file", p).map(Arc::from))
+        .transpose()
+}
+
 // ----- client side -----
 
 /// How a client reaches the coordinators: TLS (with a client certificate for mutual TLS)
@@ -128,20 +154,7 @@ pub struct ClientSecurityArgs {
 impl ClientSecurityArgs {
     /// Reads the files the flags name.
     pub fn load(&self) -> Result<ClientSecurity, TransportError> {
-        let identity = match (&self.tls_cert, &self.tls_key) {
-            (None, None) => None,
-            (Some(c), Some(k)) => Some(Identity::from_pem(
-                read_file("--tls-cert", c)?,
-                read_file("--tls-key", k)?,
-            )),
-            _ => {
-                return Err(TransportError::Invalid {
-                    flag: "--tls-cert/--tls-key",
-                    problem: "only one of the pair is given".into(),
-                    fix: "give both the client certificate and its key, or neither",
-                });
-            }
-        };
+        let identity = identity(&self.tls_cert, &self.tls_key)?;
         let tls = match &self.tls_ca {
             None if identity.is_some() => {
                 return Err(TransportError::Invalid {
@@ -164,10 +177,7 @@ impl ClientSecurityArgs {
                 Some(cfg)
             }
         };
-        let token = match &self.auth_token_file {
-            Some(p) => Some(Arc::from(read_token("--auth-token-file", p)?)),
-            None => None,
-        };
+        let token = token(&self.auth_token_file)?;
         Ok(ClientSecurity { tls, token })
     }
 }
@@ -393,20 +403,8 @@ impl std::fmt::Debug for ServerSecurity {
 
 impl ServerSecurityArgs {
     pub fn load(&self) -> Result<ServerSecurity, TransportError> {
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (None, None) => None,
-            (Some(c), Some(k)) => Some(ServerTlsConfig::new().identity(Identity::from_pem(
-                read_file("--tls-cert", c)?,
-                read_file("--tls-key", k)?,
-            ))),
-            _ => {
-                return Err(TransportError::Invalid {
-                    flag: "--tls-cert/--tls-key",
-                    problem: "only one of the pair is given".into(),
-                    fix: "give both the certificate and its key, or neither",
-                });
-            }
-        };
+        let tls =
+            identity(&self.tls_cert, &self.tls_key)?.map(|id| ServerTlsConfig::new().identity(id));
         let (tls, mutual_tls) = match (&self.tls_client_ca, tls) {
             (None, tls) => (tls, false),
             (Some(_), None) => {
@@ -421,10 +419,7 @@ impl ServerSecurityArgs {
                 true,
             ),
         };
-        let token = match &self.auth_token_file {
-            Some(p) => Some(Arc::from(read_token("--auth-token-file", p)?)),
-            None => None,
-        };
+        let token = token(&self.auth_token_file)?;
         Ok(ServerSecurity {
             tls,
             mutual_tls,
