@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 pub mod cluster;
 pub mod etcd;
 pub mod faultproxy;
+pub mod netns;
 pub mod s3;
 use tokio_util::sync::CancellationToken;
 
