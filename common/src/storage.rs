@@ -217,6 +217,16 @@ impl Store {
         })
     }
 
+    /// A store in this process's memory, for benchmarks that measure the control plane
+    /// without a disk's fsyncs. Other processes cannot open it (its URL is `memory://`).
+    pub fn in_memory() -> Store {
+        Store {
+            inner: Arc::new(object_store::memory::InMemory::new()),
+            url: "memory://".into(),
+            local_root: None,
+        }
+    }
+
     /// The URL workers are told to open.
     pub fn url(&self) -> &str {
         &self.url

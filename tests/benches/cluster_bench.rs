@@ -7,6 +7,8 @@
 //! the embedded state store and for etcd (started here; needs `etcd` on PATH): rounds committed
 //! per second, and acquire / complete latency p50 and p99 as the workers saw them.
 //! `QUARRY_BENCH_CLUSTER_ROUNDS` sets the rounds per backend (default 20000 embedded, 5000 etcd).
+//! Each state store runs twice: with a local directory object store (fsynced, as in production
+//! on one machine) and with the object store in memory, which leaves the control plane alone.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -46,24 +48,63 @@ fn main() {
     let rounds = env_num("QUARRY_BENCH_CLUSTER_ROUNDS", 20_000);
     let embedded = rt.block_on(async {
         let state = EmbeddedStore::open(&dir.path().join("state.redb")).expect("state file");
-        bench(Arc::new(state), &dir.path().join("emb"), agents, rounds).await
+        let store = Store::open_dir(&dir.path().join("emb/store")).expect("store");
+        bench(
+            Arc::new(state),
+            store,
+            &dir.path().join("emb"),
+            agents,
+            rounds,
+        )
+        .await
     });
-    rows.push(("embedded", embedded));
+    rows.push(("embedded, directory store", embedded));
+    // The same with the object store in memory: what the control plane itself sustains,
+    // without the directory store's mkdir/fsync per staged file.
+    let in_memory = rt.block_on(async {
+        let state = EmbeddedStore::open(&dir.path().join("state-mem.redb")).expect("state file");
+        bench(
+            Arc::new(state),
+            Store::in_memory(),
+            &dir.path().join("mem"),
+            agents,
+            rounds,
+        )
+        .await
+    });
+    rows.push(("embedded, memory store", in_memory));
     let etcd_rounds = env_num("QUARRY_BENCH_CLUSTER_ROUNDS", 5_000);
     let etcd = rt.block_on(async {
         let etcd = quarry_tests::etcd::Etcd::start().await;
         let state = EtcdStore::connect(&etcd.endpoints(), "/bench")
             .await
             .expect("etcd state");
+        let store = Store::open_dir(&dir.path().join("etcd/store")).expect("store");
         bench(
             Arc::new(state),
+            store,
             &dir.path().join("etcd"),
             agents,
             etcd_rounds,
         )
         .await
     });
-    rows.push(("etcd", etcd));
+    rows.push(("etcd, directory store", etcd));
+    let etcd_mem = rt.block_on(async {
+        let etcd = quarry_tests::etcd::Etcd::start().await;
+        let state = EtcdStore::connect(&etcd.endpoints(), "/bench")
+            .await
+            .expect("etcd state");
+        bench(
+            Arc::new(state),
+            Store::in_memory(),
+            &dir.path().join("etcd-mem"),
+            agents,
+            etcd_rounds,
+        )
+        .await
+    });
+    rows.push(("etcd, memory store", etcd_mem));
 
     println!();
     println!(
@@ -71,7 +112,7 @@ fn main() {
     );
     println!("|---|---|---|---|---|---|---|---|");
     for (name, r) in rows {
-        let target = if name == "embedded" {
+        let target = if name.starts_with("embedded") {
             10_000.0
         } else {
             2_000.0
@@ -124,8 +165,13 @@ fn one_sample_npy() -> Vec<u8> {
     h
 }
 
-async fn bench(state: Arc<dyn StateStore>, dir: &Path, agents: usize, rounds: usize) -> Figures {
-    let store = Store::open_dir(&dir.join("store")).expect("store");
+async fn bench(
+    state: Arc<dyn StateStore>,
+    store: Store,
+    dir: &Path,
+    agents: usize,
+    rounds: usize,
+) -> Figures {
     let per_object = rounds.div_ceil(OBJECTS) as u64;
     let spec: JobSpec = serde_json::from_value(serde_json::json!({
         "exp_name": "bench",
