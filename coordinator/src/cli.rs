@@ -687,7 +687,16 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
         }
     };
     shutdown.cancel();
-    let served = server.await;
+    // Graceful: open calls finish and connections close; a peer that keeps its connection
+    // open does not hold the process beyond a bound.
+    let served = match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!("connections still open 5 s after shutdown; closing them");
+            server.abort();
+            Ok(Ok(()))
+        }
+    };
     led?;
     served??;
     Ok(())

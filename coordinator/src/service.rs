@@ -230,7 +230,8 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
             lease_ttl_ms: cfg.lease_ttl.as_millis() as u64,
-            heartbeat_interval_ms: cfg.heartbeat_interval.as_millis() as u64,
+            // Three heartbeats per lease TTL at least, so one lost heartbeat costs no lease.
+            heartbeat_interval_ms: cfg.heartbeat_interval.min(cfg.lease_ttl / 3).as_millis() as u64,
             store_url: c.store().url().to_string(),
             cancel_lease_ids: refused,
         }))
