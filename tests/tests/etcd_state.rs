@@ -338,3 +338,44 @@ async fn a_deposed_leader_cannot_commit() {
     let attempts: Vec<_> = obj.commits.values().map(|c| c.attempt.clone()).collect();
     assert_eq!(attempts, ["e1a0", "e2a0"], "round 1 holds B's commit only");
 }
+
+/// Concurrent commits share etcd transactions (group commit) and keep their meaning: 64
+/// commits of distinct rounds plus two racing commits of one more round give 64 + 1
+/// `Committed`, one `AlreadyCommitted`, and some of them went through a multi-commit
+/// transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_are_batched_and_stay_exactly_once() {
+    let etcd = Etcd::start().await;
+    let store = std::sync::Arc::new(connect(&etcd, "/quarry-batch").await);
+    store.create_job(&conformance::job("j")).await.unwrap();
+    let mut tasks = Vec::new();
+    for r in 0..64u32 {
+        let s = std::sync::Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            s.commit_round("j", "obj", &conformance::commit(r, &format!("e1a{r}")))
+                .await
+        }));
+    }
+    for attempt in ["e1a100", "e1a101"] {
+        let s = std::sync::Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            s.commit_round("j", "obj", &conformance::commit(100, attempt))
+                .await
+        }));
+    }
+    let (mut committed, mut already) = (0, 0);
+    for t in tasks {
+        match t.await.unwrap().unwrap() {
+            CommitOutcome::Committed => committed += 1,
+            CommitOutcome::AlreadyCommitted(_) => already += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!((committed, already), (65, 1));
+    let obj = store.load_object("j", "obj").await.unwrap();
+    assert_eq!(obj.commits.len(), 65);
+    assert!(
+        store.commits_batched() > 0,
+        "no commit went through a batch"
+    );
+}

@@ -69,6 +69,89 @@ pub struct EtcdStore {
     endpoints: String,
     timeout: Duration,
     fence: Option<Arc<Fence>>,
+    /// The commit batcher (see [`batch_commits`]); `None` in the batcher's own handle.
+    commits: Option<tokio::sync::mpsc::Sender<PendingCommit>>,
+    /// Commits applied as part of a multi-commit transaction (for tests and benchmarks).
+    batched: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Most commits one etcd transaction carries: each brings two or three compares, and etcd
+/// refuses transactions of more than 128 (its `--max-txn-ops` default).
+const MAX_COMMIT_BATCH: usize = 32;
+
+/// A commit waiting for the batcher: `Ok(true)` applied; `Ok(false)` not applied (a duplicate
+/// key in the batch, or the batch's guard failed): the caller runs it alone, which also tells
+/// it precisely why it may not apply.
+struct PendingCommit {
+    job_key: String,
+    commit_key: String,
+    quarantine_key: String,
+    bytes: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<Result<bool, StateError>>,
+}
+
+/// Group commit on etcd: takes every commit waiting and applies them in one transaction whose
+/// guard is the conjunction of their guards (each job exists, each round neither committed
+/// nor quarantined, the leader's fence). When the guard holds, all are committed with one
+/// etcd write; when it does not, each is retried alone (which also says precisely why it may
+/// not apply). While one batch is in flight the next one gathers, so under load commits share
+/// transactions and without load a commit costs one transaction as before.
+async fn batch_commits(store: EtcdStore, mut rx: tokio::sync::mpsc::Receiver<PendingCommit>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_COMMIT_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        // Two commits of one round go alone (their outcomes depend on each other).
+        let mut seen = std::collections::HashSet::new();
+        let (mut group, mut alone) = (Vec::new(), Vec::new());
+        for p in batch {
+            if seen.insert(p.commit_key.clone()) {
+                group.push(p);
+            } else {
+                alone.push(p);
+            }
+        }
+        for p in alone {
+            let _ = p.reply.send(Ok(false));
+        }
+        let mut compares = Vec::new();
+        let mut jobs = std::collections::HashSet::new();
+        let mut puts = Vec::new();
+        for p in &group {
+            if jobs.insert(p.job_key.clone()) {
+                compares.push(Compare::version(p.job_key.clone(), CompareOp::Greater, 0));
+            }
+            compares.push(Compare::create_revision(
+                p.commit_key.clone(),
+                CompareOp::Equal,
+                0,
+            ));
+            compares.push(Compare::create_revision(
+                p.quarantine_key.clone(),
+                CompareOp::Equal,
+                0,
+            ));
+            puts.push(TxnOp::put(p.commit_key.clone(), p.bytes.clone(), None));
+        }
+        let txn = store.guarded(compares).and_then(puts);
+        let outcome = store.txn("commit_round (batch)", txn).await;
+        let n = group.len() as u64;
+        for p in group {
+            let _ = p.reply.send(match &outcome {
+                Ok(r) => Ok(r.succeeded()),
+                Err(e) => Err(e.clone()),
+            });
+        }
+        if n > 1 && outcome.as_ref().is_ok_and(|r| r.succeeded()) {
+            store
+                .batched
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// The elected leader's key: a write applies only while that key exists with this create
@@ -139,6 +222,8 @@ impl EtcdStore {
             endpoints: shown,
             timeout,
             fence: None,
+            commits: None,
+            batched: Arc::default(),
         };
         // The client connects lazily: one read proves that etcd answers (and that this prefix
         // may be read) before the coordinator relies on it.
@@ -149,13 +234,29 @@ impl EtcdStore {
                 GetOptions::new().with_keys_only(),
             )
             .await?;
-        Ok(store)
+        Ok(store.with_batcher())
+    }
+
+    /// Starts this handle's commit batcher (replacing one it had).
+    fn with_batcher(mut self) -> EtcdStore {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let mut worker = self.clone();
+        worker.commits = None;
+        tokio::spawn(batch_commits(worker, rx));
+        self.commits = Some(tx);
+        self
+    }
+
+    /// Commits applied as part of a transaction of several commits so far.
+    pub fn commits_batched(&self) -> u64 {
+        self.batched.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Every write from now on applies only while `fence` holds.
     pub fn with_fence(mut self, fence: Fence) -> EtcdStore {
         self.fence = Some(Arc::new(fence));
-        self
+        // The batcher's writes must carry the fence too.
+        self.with_batcher()
     }
 
     /// A transaction whose guard is `compares` and, with a fence, the fence's key.
@@ -460,6 +561,22 @@ impl StateStore for EtcdStore {
         let ck = self.round_key("commits", job, object, commit.round);
         let qk = self.round_key("quarantines", job, object, commit.round);
         let bytes = encode("commit", commit)?;
+        if let Some(batcher) = &self.commits {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let pending = PendingCommit {
+                job_key: jk.clone(),
+                commit_key: ck.clone(),
+                quarantine_key: qk.clone(),
+                bytes: bytes.clone(),
+                reply,
+            };
+            if batcher.send(pending).await.is_ok()
+                && let Ok(batched) = answer.await
+                && batched?
+            {
+                return Ok(CommitOutcome::Committed);
+            }
+        }
         let txn = self
             .guarded([
                 Compare::version(jk.clone(), CompareOp::Greater, 0),
