@@ -337,7 +337,15 @@ impl WorkerService for WorkerApi {
                 span.record("outcome", "error");
                 to_status(e)
             })?;
-        span.record("outcome", outcome.as_str_name());
+        span.record(
+            "outcome",
+            match outcome {
+                pb::CommitOutcome::Committed => "committed",
+                pb::CommitOutcome::Duplicate => "duplicate",
+                pb::CommitOutcome::Rejected => "rejected",
+                pb::CommitOutcome::Unspecified => "unspecified",
+            },
+        );
         Ok(Response::new(pb::CompleteResponse {
             outcome: outcome as i32,
             message,
