@@ -355,8 +355,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn malformed_traceparent_is_ignored() {
+    fn traceparent_round_trips_and_parents() {
+        // A tracer without an exporter: spans get real ids, nothing leaves the process.
+        let provider = SdkTracerProvider::builder().build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        EXPORTING.store(true, Ordering::Relaxed);
+        tracing::subscriber::with_default(subscriber, || {
+            let lease = tracing::info_span!("lease");
+            let tp = traceparent(&lease).expect("a recorded span has a traceparent");
+            let parts: Vec<&str> = tp.split('-').collect();
+            assert_eq!(parts.len(), 4, "{tp}");
+            assert_eq!((parts[0], parts[1].len(), parts[2].len()), ("00", 32, 16));
+
+            let round = tracing::info_span!(parent: None, "round");
+            set_parent(&round, &tp);
+            let child = traceparent(&round).expect("traceparent of the child");
+            assert_eq!(child.split('-').nth(1), Some(parts[1]), "same trace");
+            assert_ne!(child.split('-').nth(2), Some(parts[2]), "its own span id");
+
+            // What a client call made inside the span carries.
+            let _in = round.enter();
+            assert_eq!(current_traceparent().as_deref(), Some(child.as_str()));
+        });
+        // Garbage never parents anything.
         assert!(remote("not a traceparent").is_none());
         assert!(remote("").is_none());
+        assert!(remote("00-00000000000000000000000000000000-0000000000000000-01").is_none());
     }
 }

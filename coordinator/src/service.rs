@@ -356,6 +356,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
+        let md = req.metadata().clone();
         let r = req.into_inner();
         let kind = match pb::FailureKind::try_from(r.kind).unwrap_or(pb::FailureKind::Unspecified) {
             pb::FailureKind::Exit => "exit",
@@ -366,9 +367,13 @@ impl WorkerService for WorkerApi {
             pb::FailureKind::Spawn => "spawn",
             pb::FailureKind::Unspecified => "unspecified",
         };
+        // In the round's trace, like `commit` (the worker reports from the round's span).
+        let span = info_span!("fail", worker = %r.worker_id, kind);
+        telemetry::set_parent_from_metadata(&span, &md);
         self.0
             .current()?
             .fail(&r.worker_id, r.lease_id, kind, r.message, r.log_tail)
+            .instrument(span)
             .await;
         Ok(Response::new(pb::FailResponse {}))
     }

@@ -200,7 +200,7 @@ async fn every_committed_round_is_one_trace_across_processes() {
     for g in &spans {
         assert!(!g.host.is_empty(), "no host.name on {:?}", g.span.name);
         let want = match g.span.name.as_str() {
-            "lease" | "commit" | "merge" => "quarry-coordinator",
+            "lease" | "commit" | "fail" | "merge" => "quarry-coordinator",
             _ => "quarry-worker",
         };
         assert_eq!(g.service, want, "service of {:?}", g.span.name);
@@ -320,4 +320,49 @@ async fn every_committed_round_is_one_trace_across_processes() {
             assert!(commit_ids.contains(&l.span_id), "merge links a commit span");
         }
     }
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_per_line() {
+    let home = tempfile::tempdir().unwrap();
+    let log = home.path().join("worker.log");
+    // A coordinator address where nothing listens: the worker starts, logs, and retries.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let mut w = quarry_tests::cluster::spawn_worker_args(
+        &[
+            "--gpu",
+            "0",
+            "--coordinator",
+            &closed,
+            "--log-format",
+            "json",
+        ],
+        &[],
+        Some(&log),
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("worker starting")
+    {
+        assert!(Instant::now() < until, "the worker logged nothing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    terminate(&mut w.0, "worker");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines = 0;
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(lines >= 2, "start and drain are logged:\n{text}");
 }
