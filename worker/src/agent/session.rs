@@ -333,10 +333,15 @@ impl Session {
             seed = lease.seed,
             attempt = %lease.attempt,
             gpu = %self.cfg.gpu.id,
+            gpu.uuid = Empty,
+            worker = %self.conn().worker_id,
             outcome = Empty,
             bytes = Empty,
             samples = Empty,
         );
+        if let Some(uuid) = &self.cfg.gpu.uuid {
+            span.record("gpu.uuid", uuid.as_str());
+        }
         quarry_common::telemetry::set_parent(&span, &lease.traceparent);
         Held { lease, stop, span }
     }
