@@ -206,12 +206,21 @@ fn provider(cfg: &TelemetryConfig, endpoint: &str) -> Result<SdkTracerProvider, 
         .build())
 }
 
-/// `service.name` (`OTEL_SERVICE_NAME`, else the binary's default), `host.name`, the
-/// binary's own attributes, then `OTEL_RESOURCE_ATTRIBUTES` (which the SDK's builder reads).
+/// `service.name` (`OTEL_SERVICE_NAME`, else `service.name` in `OTEL_RESOURCE_ATTRIBUTES`,
+/// else the binary's default), `host.name`, the binary's own attributes, and the rest of
+/// `OTEL_RESOURCE_ATTRIBUTES` (which the SDK's builder reads, and which wins over ours).
 fn resource(cfg: &TelemetryConfig) -> Resource {
+    // What the SDK's detectors found: OTEL_SERVICE_NAME (or `unknown_service`) and
+    // OTEL_RESOURCE_ATTRIBUTES.
+    let from_env = Resource::builder().build();
+    let detected = from_env
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .map(|v| v.to_string())
+        .filter(|s| !s.is_empty() && !s.starts_with("unknown_service"));
     let service = std::env::var("OTEL_SERVICE_NAME")
         .ok()
         .filter(|s| !s.trim().is_empty())
+        .or(detected)
         .unwrap_or_else(|| cfg.service.to_string());
     let mut attrs = vec![KeyValue::new("host.name", hostname())];
     attrs.extend(
@@ -219,9 +228,6 @@ fn resource(cfg: &TelemetryConfig) -> Resource {
             .iter()
             .map(|(k, v)| KeyValue::new(*k, v.clone())),
     );
-    // The env detector's attributes come first in the builder; ours must not override
-    // what the operator set there, so only keys it lacks are added.
-    let from_env = Resource::builder().build();
     attrs.retain(|kv| from_env.get(&kv.key).is_none());
     Resource::builder()
         .with_attributes(attrs)

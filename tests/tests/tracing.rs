@@ -27,6 +27,8 @@ use quarry_tests::*;
 struct Got {
     service: String,
     host: String,
+    /// `deployment.environment`, from `OTEL_RESOURCE_ATTRIBUTES`.
+    environment: Option<String>,
     span: Span,
 }
 
@@ -44,11 +46,13 @@ impl TraceService for Sink {
             let attrs = rs.resource.map(|r| r.attributes).unwrap_or_default();
             let service = text(&attrs, "service.name").unwrap_or_default();
             let host = text(&attrs, "host.name").unwrap_or_default();
+            let environment = text(&attrs, "deployment.environment");
             for ss in rs.scope_spans {
                 for span in ss.spans {
                     got.push(Got {
                         service: service.clone(),
                         host: host.clone(),
+                        environment: environment.clone(),
                         span,
                     });
                 }
@@ -139,7 +143,15 @@ async fn every_committed_round_is_one_trace_across_processes() {
     let w0_log = home.path().join("worker0.log");
     let w1_log = home.path().join("worker1.log");
     let mut w0 = spawn_worker(&addr, "0", &env, Some(&w0_log));
-    let mut w1 = spawn_worker(&addr, "1", &env, Some(&w1_log));
+    // The standard variables reach the resource: worker 1 names its environment.
+    let w1_env = [
+        env[0].clone(),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "deployment.environment=tracing-test".to_string(),
+        ),
+    ];
+    let mut w1 = spawn_worker(&addr, "1", &w1_env, Some(&w1_log));
     let out = submit(&job, &addr, true);
     assert!(
         out.status.success(),
@@ -296,6 +308,21 @@ async fn every_committed_round_is_one_trace_across_processes() {
         );
     }
     eprintln!("rounds ran on GPUs {gpus:?}");
+    // Worker 1's spans carry its OTEL_RESOURCE_ATTRIBUTES; worker 0's and the coordinator's
+    // do not.
+    for g in &spans {
+        if g.span.name == "round" {
+            let from_w1 = text(&g.span.attributes, "gpu").as_deref() == Some("1");
+            assert_eq!(
+                g.environment.as_deref(),
+                from_w1.then_some("tracing-test"),
+                "resource of a round on GPU {:?}",
+                text(&g.span.attributes, "gpu")
+            );
+        } else if g.service == "quarry-coordinator" {
+            assert_eq!(g.environment, None, "{:?}", g.span.name);
+        }
+    }
     assert!(
         gpus.iter().all(|g| g == "0" || g == "1"),
         "gpu attributes: {gpus:?}"

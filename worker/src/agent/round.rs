@@ -174,7 +174,13 @@ pub(super) async fn finish(s: &Session, held: &Held, paths: &Paths, ran: Ran) {
         },
         RunOutcome::Exited(0) => {
             // Stopping a lease (fence, stop, coordinator's order) abandons its upload.
-            let span = info_span!(parent: &held.span, "upload", bytes = Empty, samples = Empty, files = task.outputs.len());
+            let span = info_span!(
+                parent: &held.span,
+                "upload",
+                bytes = Empty,
+                samples = Empty,
+                files = task.outputs.len(),
+            );
             tokio::select! {
                 o = upload(s, lease, &task, paths, &report).instrument(span) => o,
                 _ = held.stop.cancelled() => Outcome::Stopped,
@@ -287,7 +293,10 @@ async fn complete(
         let mut client = conn.client.clone();
         let r = tokio::select! {
             // Made in the round's span: its context goes along, and the commit joins the trace.
-            r = tokio::time::timeout(RPC_TIMEOUT, client.complete(req).instrument(held.span.clone())) => r,
+            r = tokio::time::timeout(
+                RPC_TIMEOUT,
+                client.complete(req).instrument(held.span.clone()),
+            ) => r,
             _ = s.fenced.cancelled() => break,
         };
         match r {
