@@ -279,7 +279,8 @@ fn dead_exporter(table: &mut Table) {
 }
 
 /// One job of `n` zero-generator rounds on `coordinator serve` and one `worker` process,
-/// exporting to `endpoint` when given; returns the time from submit to the job's end and, per
+/// exporting to `endpoint` when given; returns the time from submit to the job's end (its final
+/// manifest) and, per
 /// process, how many export warnings it logged (after a SIGTERM, so shutdown is counted).
 fn served_run(n: u64, endpoint: Option<&str>) -> (Duration, Vec<usize>) {
     use quarry_tests::cluster::{spawn_worker_args, start_serve_with, submit};
@@ -302,14 +303,28 @@ fn served_run(n: u64, endpoint: Option<&str>) -> (Duration, Vec<usize>) {
         &env,
         Some(&worker_log),
     );
-    let t = Instant::now();
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let started = unix_ms();
     let out = submit(&job, &addr, true);
-    let elapsed = t.elapsed();
     assert!(
         out.status.success(),
         "job failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The job's end as the coordinator saw it: its last manifest write (state done). The
+    // watch's end would add its polling (every 200 ms) to the figure.
+    let manifest = std::fs::read_to_string(dir.path().join("store/bench/manifest.json"))
+        .expect("manifest in the store");
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).expect("manifest JSON");
+    assert_eq!(manifest["state"], "done", "{manifest}");
+    let ended = manifest["updated_unix_ms"]
+        .as_u64()
+        .expect("updated_unix_ms");
+    let elapsed = Duration::from_millis(ended.saturating_sub(started));
     for child in [&mut worker.0, &mut serve.0] {
         // SAFETY: kill(2) on the pid of a child this process owns and has not reaped.
         unsafe {
