@@ -15,7 +15,7 @@
 //! default the system temp dir), `QUARRY_TEST_PYTHON` (interpreter with numpy, default python3),
 //! `QUARRY_BENCH_ROUNDS` (rounds of figure 1, default 300), `QUARRY_BENCH_GAP_ROUNDS` (rounds
 //! per run of figure 5, default 40), `QUARRY_BENCH_TRACE_ROUNDS` (rounds per run of figure 6,
-//! default 100), `QUARRY_BENCH_ONLY` (figures to run, e.g. `1,3`; figure 4 is measured with 2
+//! default 300), `QUARRY_BENCH_ONLY` (figures to run, e.g. `1,3`; figure 4 is measured with 2
 //! and 3). Figure 6 runs the built `coordinator` and `worker` binaries of the bench's profile.
 //!
 //! Hidden mode: `quarry_bench --child-merge <limit> <out> (<count> <input>)...` merges the
@@ -227,7 +227,7 @@ fn dead_exporter(table: &mut Table) {
     let n: u64 = std::env::var("QUARRY_BENCH_TRACE_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100)
+        .unwrap_or(300)
         .max(5);
     println!();
     println!(
