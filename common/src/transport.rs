@@ -234,7 +234,8 @@ impl ClientSecurity {
     }
 }
 
-/// Adds `authorization: Bearer <token>` to every request.
+/// Adds `authorization: Bearer <token>` to every request, and `traceparent` when the call is
+/// made inside an exported span.
 #[derive(Clone)]
 pub struct AuthToken {
     header: Option<MetadataValue<Ascii>>,
@@ -253,6 +254,13 @@ impl Interceptor for AuthToken {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         if let Some(h) = &self.header {
             req.metadata_mut().insert("authorization", h.clone());
+        }
+        // W3C trace context of the span the call is made in (only when spans are exported),
+        // so the coordinator's span for this call joins the caller's trace.
+        if let Some(tp) = crate::telemetry::current_traceparent()
+            && let Ok(v) = tp.parse()
+        {
+            req.metadata_mut().insert(crate::telemetry::TRACEPARENT, v);
         }
         Ok(req)
     }

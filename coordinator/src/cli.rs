@@ -32,6 +32,8 @@ use crate::state::etcd::EtcdStore;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub log: quarry_common::telemetry::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -129,6 +129,9 @@ pub struct Coordinator {
     /// Every background task (reaper, manifest writer, merges, status streams), so that
     /// `close` can wait for them and release the state store.
     tasks: TaskTracker,
+    /// Trace contexts of the commits of each object (job, object index) since this process
+    /// started, so that the object's `merge` span links to them. Empty when traces are off.
+    commit_traces: Mutex<HashMap<(String, usize), Vec<String>>>,
 }
 
 fn unix_ms() -> u64 {
@@ -182,6 +185,7 @@ impl Coordinator {
             manifest_lock: tokio::sync::Mutex::new(()),
             shutdown,
             tasks: TaskTracker::new(),
+            commit_traces: Mutex::new(HashMap::new()),
         });
         let mut resumed = 0;
         for job in c.state.list_jobs().await? {
@@ -562,6 +566,8 @@ impl Coordinator {
                 attempt: attempt.clone(),
                 round_name: name,
                 task: Some(task),
+                // Filled in by the service from its `lease` span.
+                traceparent: String::new(),
             };
             debug!(job = %id, object = %o.name, round, seed, %attempt, worker, "round leased");
             self.cfg.metrics.rounds_leased.inc();
@@ -654,6 +660,17 @@ impl Coordinator {
                 )
             })
         };
+        {
+            // The caller's `commit` span (see service.rs) names the round it commits.
+            let span = tracing::Span::current();
+            span.record("job", lease.job.as_str());
+            span.record("round", lease.round);
+            span.record("seed", lease.seed);
+            span.record("attempt", lease.attempt.as_str());
+            if let Some((name, _, _)) = &known {
+                span.record("object", name.as_str());
+            }
+        }
         let (object_name, schema) = match known {
             Some((name, schema, true)) => (name, schema),
             // The object's final is fixed (merging or merged; its staging is being or was
@@ -775,6 +792,14 @@ impl Coordinator {
             }
         }
         debug!(job = %lease.job, object = %object_name, round = lease.round, count = record.count, "round committed");
+        if let Some(tp) = quarry_common::telemetry::current_traceparent() {
+            self.commit_traces
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry((lease.job.clone(), lease.object))
+                .or_default()
+                .push(tp);
+        }
         self.cfg.metrics.rounds_committed.inc();
         self.cfg.metrics.samples_committed.add(record.count as f64);
         self.cfg
@@ -1021,7 +1046,28 @@ impl Coordinator {
         };
         let c = Arc::clone(self);
         let job_id = job_id.to_string();
-        self.tasks.spawn(async move {
+        // Its own trace, linked to the commits of the rounds it merges (their traces are the
+        // rounds'); only commits this process saw are known.
+        let links = self
+            .commit_traces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(job_id.clone(), object))
+            .unwrap_or_default();
+        let span = tracing::info_span!(
+            parent: None,
+            "merge",
+            job = %job_id,
+            object = %name,
+            rounds = plan.rounds.len(),
+            bytes = tracing::field::Empty,
+            samples = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        for tp in &links {
+            quarry_common::telemetry::add_link(&span, tp);
+        }
+        self.tasks.spawn(tracing::Instrument::instrument(async move {
             let mut delay = Duration::from_millis(500);
             loop {
                 let started = Instant::now();
@@ -1029,6 +1075,10 @@ impl Coordinator {
                     Ok(record) => {
                         c.cfg.metrics.merge_seconds.observe_duration(started.elapsed());
                         c.cfg.metrics.merge_bytes.add(record.bytes as f64);
+                        let span = tracing::Span::current();
+                        span.record("bytes", record.bytes);
+                        span.record("samples", record.count);
+                        span.record("outcome", "merged");
                         {
                             let mut inner = c.lock();
                             if let Some(job) = inner.jobs.get_mut(&job_id) {
@@ -1062,7 +1112,7 @@ impl Coordinator {
                     }
                 }
             }
-        });
+        }, span));
     }
 
     async fn finish_job(self: &Arc<Self>, job_id: &str) {

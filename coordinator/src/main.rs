@@ -1,19 +1,29 @@
 use clap::Parser;
+use quarry_common::telemetry::{self, TelemetryConfig};
 
 #[tokio::main]
 async fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QUARRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
     let cli = quarry_coordinator::cli::Cli::parse();
-    match quarry_coordinator::cli::main(cli).await {
-        Ok(code) => std::process::exit(code),
+    let telemetry = match telemetry::init(TelemetryConfig {
+        service: "quarry-coordinator",
+        default_filter: "warn",
+        log_format: cli.log.log_format,
+        attributes: Vec::new(),
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = match quarry_coordinator::cli::main(cli).await {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::exit(1);
+            1
         }
-    }
+    };
+    // Spans of the last rounds and merges go out before the exit (bounded).
+    telemetry.shutdown().await;
+    std::process::exit(code);
 }

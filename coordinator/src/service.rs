@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
+use quarry_common::telemetry;
 use quarry_common::transport::{LEADER_METADATA, MAX_MESSAGE_BYTES, ServerSecurity};
 use quarry_proto::v1 as pb;
 use quarry_proto::v1::job_service_server::{JobService, JobServiceServer};
@@ -22,7 +23,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tracing::warn;
+use tracing::{Instrument, field::Empty, info_span, warn};
 
 use crate::coordinator::{CompleteExtras, CoordError, Coordinator};
 use crate::spec::JobSpec;
@@ -273,16 +274,51 @@ impl WorkerService for WorkerApi {
             .acquire(&r.worker_id, wait)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(pb::AcquireResponse {
-            lease: grant.map(|g| g.lease),
-        }))
+        let lease = grant.map(|g| {
+            let mut lease = g.lease;
+            // The root of the round's trace: the worker parents its spans on it through the
+            // lease, and its Complete carries the trace back to the `commit` span.
+            let span = info_span!(
+                parent: None,
+                "lease",
+                job = %lease.job_id,
+                object = %lease.object,
+                round = lease.round,
+                seed = lease.seed,
+                attempt = %lease.attempt,
+                worker = %r.worker_id,
+            );
+            lease.traceparent = telemetry::traceparent(&span).unwrap_or_default();
+            lease
+        });
+        Ok(Response::new(pb::AcquireResponse { lease }))
     }
 
     async fn complete(
         &self,
         req: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
+        // A child of the worker's `round` span (its context travels in the metadata); the
+        // coordinator records which round it is once the lease is looked up.
+        let span = info_span!(
+            "commit",
+            job = Empty,
+            object = Empty,
+            round = Empty,
+            seed = Empty,
+            attempt = Empty,
+            worker = Empty,
+            outcome = Empty,
+            bytes = Empty,
+            samples = Empty,
+        );
+        telemetry::set_parent_from_metadata(&span, req.metadata());
         let r = req.into_inner();
+        span.record("worker", r.worker_id.as_str());
+        span.record("bytes", r.files.iter().map(|f| f.size).sum::<u64>());
+        if let Some(f) = r.files.first() {
+            span.record("samples", f.count);
+        }
         let (outcome, message) = self
             .0
             .current()?
@@ -296,8 +332,21 @@ impl WorkerService for WorkerApi {
                     log_key: r.log_key,
                 },
             )
+            .instrument(span.clone())
             .await
-            .map_err(to_status)?;
+            .map_err(|e| {
+                span.record("outcome", "error");
+                to_status(e)
+            })?;
+        span.record(
+            "outcome",
+            match outcome {
+                pb::CommitOutcome::Committed => "committed",
+                pb::CommitOutcome::Duplicate => "duplicate",
+                pb::CommitOutcome::Rejected => "rejected",
+                pb::CommitOutcome::Unspecified => "unspecified",
+            },
+        );
         Ok(Response::new(pb::CompleteResponse {
             outcome: outcome as i32,
             message,
@@ -308,6 +357,7 @@ impl WorkerService for WorkerApi {
         &self,
         req: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
+        let md = req.metadata().clone();
         let r = req.into_inner();
         let kind = match pb::FailureKind::try_from(r.kind).unwrap_or(pb::FailureKind::Unspecified) {
             pb::FailureKind::Exit => "exit",
@@ -318,9 +368,13 @@ impl WorkerService for WorkerApi {
             pb::FailureKind::Spawn => "spawn",
             pb::FailureKind::Unspecified => "unspecified",
         };
+        // In the round's trace, like `commit` (the worker reports from the round's span).
+        let span = info_span!("fail", worker = %r.worker_id, kind);
+        telemetry::set_parent_from_metadata(&span, &md);
         self.0
             .current()?
             .fail(&r.worker_id, r.lease_id, kind, r.message, r.log_tail)
+            .instrument(span)
             .await;
         Ok(Response::new(pb::FailResponse {}))
     }

@@ -7,13 +7,16 @@
 //! 3. object-array (pickle) merge vs numpy's `concatenate` + `np.save`;
 //! 4. peak memory (VmHWM) of a child process merging 2 GiB (and the object arrays);
 //! 5. the worker's idle gap between rounds (one generator's exit to the next one's start)
-//!    with prefetch of the next lease vs without.
+//!    with prefetch of the next lease vs without;
+//! 6. a job on real `coordinator serve` + `worker` processes whose OTLP exporter points at a
+//!    closed port vs the same job without an exporter (time, and warnings logged about it).
 //!
 //! See docs/benchmarks.md. Environment: `QUARRY_BENCH_DIR` (where the 2 GiB of inputs go,
 //! default the system temp dir), `QUARRY_TEST_PYTHON` (interpreter with numpy, default python3),
 //! `QUARRY_BENCH_ROUNDS` (rounds of figure 1, default 300), `QUARRY_BENCH_GAP_ROUNDS` (rounds
-//! per run of figure 5, default 40), `QUARRY_BENCH_ONLY` (figures to run, e.g. `1,3`;
-//! figure 4 is measured with 2 and 3).
+//! per run of figure 5, default 40), `QUARRY_BENCH_TRACE_ROUNDS` (rounds per run of figure 6,
+//! default 300), `QUARRY_BENCH_ONLY` (figures to run, e.g. `1,3`; figure 4 is measured with 2
+//! and 3). Figure 6 runs the built `coordinator` and `worker` binaries of the bench's profile.
 //!
 //! Hidden mode: `quarry_bench --child-merge <limit> <out> (<count> <input>)...` merges the
 //! inputs into `out` and prints `VmHWM_KB=<n>`; the bench re-executes itself with it.
@@ -78,6 +81,9 @@ fn main() {
     }
     if wanted("5") {
         idle_gap(&mut table);
+    }
+    if wanted("6") {
+        dead_exporter(&mut table);
     }
 
     println!();
@@ -209,6 +215,139 @@ fn write_job(dir: &Path, n: u64) -> PathBuf {
     let p = dir.join("job.toml");
     std::fs::write(&p, text).expect("write job file");
     p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figure 6: an OTLP exporter pointed at a closed port costs the job nothing.
+
+/// The warning each process logs (once) when its exporter cannot reach the collector.
+const EXPORT_WARNING: &str = "cannot export traces";
+
+fn dead_exporter(table: &mut Table) {
+    let n: u64 = std::env::var("QUARRY_BENCH_TRACE_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300)
+        .max(5);
+    println!();
+    println!(
+        "-- 6. OTLP exporter at a closed port vs none: {n} rounds, coordinator serve + 1 worker (processes) --"
+    );
+    // A port that was just free: nothing listens there.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("local addr")
+    };
+    let endpoint = format!("http://{closed}");
+    let mut off = Vec::new();
+    let mut on = Vec::new();
+    let mut warnings_max = 0;
+    // Alternating, three each, so neither mode always runs on a colder or warmer machine.
+    for rep in 0..6 {
+        let exporter = rep % 2 == 1;
+        let (t, warnings) = served_run(n, exporter.then_some(endpoint.as_str()));
+        println!(
+            "exporter {:<6}: {n} rounds in {:.2} s; export warnings per process {warnings:?}",
+            if exporter { "closed" } else { "none" },
+            t.as_secs_f64()
+        );
+        if exporter {
+            warnings_max = warnings_max.max(warnings.into_iter().max().unwrap_or(0));
+            on.push(ms(t));
+        } else {
+            off.push(ms(t));
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let spread = |v: &[f64]| v.last().copied().unwrap_or(0.0) - v.first().copied().unwrap_or(0.0);
+    let (m_on, m_off) = (median(&mut on), median(&mut off));
+    // Noise: the larger spread of either mode's runs.
+    let noise = spread(&on).max(spread(&off));
+    let diff = m_on - m_off;
+    table.row(Row {
+        figure: "job with OTLP exporter at a closed port".into(),
+        quarry: format!("{:.2} s ({n} rounds)", m_on / 1000.0),
+        baseline: format!("{:.2} s (no exporter)", m_off / 1000.0),
+        ratio: format!("{:.2}x", m_on / m_off.max(1e-3)),
+        measured: format!("{diff:+.0} ms (noise {noise:.0} ms); {warnings_max} warning(s)/process"),
+        target: "within noise; <= 1 warning".into(),
+        pass: Some(diff <= noise.max(0.05 * m_off) && warnings_max <= 1),
+    });
+}
+
+/// One job of `n` zero-generator rounds on `coordinator serve` and one `worker` process,
+/// exporting to `endpoint` when given; returns the time from submit to the job's end (its final
+/// manifest) and, per
+/// process, how many export warnings it logged (after a SIGTERM, so shutdown is counted).
+fn served_run(n: u64, endpoint: Option<&str>) -> (Duration, Vec<usize>) {
+    use quarry_tests::cluster::{spawn_worker_args, start_serve_with, submit};
+    let dir = tempdir("quarry-bench-trace");
+    let job = write_job(dir.path(), n);
+    let state = format!("file://{}", dir.path().join("state.redb").display());
+    let store = format!("file://{}", dir.path().join("store").display());
+    let env: Vec<(&str, String)> = endpoint
+        .map(|e| vec![("OTEL_EXPORTER_OTLP_ENDPOINT", e.to_string())])
+        .unwrap_or_default();
+    let serve_log = dir.path().join("serve.log");
+    let worker_log = dir.path().join("worker.log");
+    let (mut serve, addr) = start_serve_with(
+        &["--state", &state, "--store", &store, "--lease-ttl", "10"],
+        &env,
+        &serve_log,
+    );
+    let mut worker = spawn_worker_args(
+        &["--gpu", "0", "--coordinator", &addr],
+        &env,
+        Some(&worker_log),
+    );
+    let unix_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    };
+    let started = unix_ms();
+    let out = submit(&job, &addr, true);
+    assert!(
+        out.status.success(),
+        "job failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The job's end as the coordinator saw it: its last manifest write (state done). The
+    // watch's end would add its polling (every 200 ms) to the figure.
+    let manifest = std::fs::read_to_string(dir.path().join("store/bench/manifest.json"))
+        .expect("manifest in the store");
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).expect("manifest JSON");
+    assert_eq!(manifest["state"], "done", "{manifest}");
+    let ended = manifest["updated_unix_ms"]
+        .as_u64()
+        .expect("updated_unix_ms");
+    let elapsed = Duration::from_millis(ended.saturating_sub(started));
+    for child in [&mut worker.0, &mut serve.0] {
+        // SAFETY: kill(2) on the pid of a child this process owns and has not reaped.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let until = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().ok().flatten().is_none() {
+            assert!(Instant::now() < until, "process did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // The coordinator's log is copied by a thread that sees the end of its stderr just after.
+    std::thread::sleep(Duration::from_millis(200));
+    let warnings = [&serve_log, &worker_log]
+        .iter()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .matches(EXPORT_WARNING)
+                .count()
+        })
+        .collect();
+    (elapsed, warnings)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ pub fn run_args(args: &[&str]) -> quarry_coordinator::cli::RunArgs {
     match <Cli as clap::Parser>::try_parse_from(argv) {
         Ok(Cli {
             command: Cmd::Run(a),
+            ..
         }) => a,
         Ok(_) => panic!("not a run command"),
         Err(e) => panic!("bad test arguments: {e}"),

@@ -63,6 +63,8 @@ pub struct Args {
     pub metrics_listen: Option<String>,
     #[command(flatten)]
     pub security: ClientSecurityArgs,
+    #[command(flatten)]
+    pub log: quarry_common::telemetry::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]

@@ -1,13 +1,24 @@
 use clap::Parser;
+use quarry_common::telemetry::{self, TelemetryConfig};
 
 #[tokio::main]
 async fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("QUARRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-    let code = quarry_worker::cli::main(quarry_worker::cli::Args::parse()).await;
+    let args = quarry_worker::cli::Args::parse();
+    let telemetry = match telemetry::init(TelemetryConfig {
+        service: "quarry-worker",
+        default_filter: "info",
+        log_format: args.log.log_format,
+        // GPUs as given on the command line; each round's span names the one it ran on.
+        attributes: vec![("quarry.gpus", args.gpu.join(","))],
+    }) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = quarry_worker::cli::main(args).await;
+    // Spans of the last rounds go out before the exit (bounded).
+    telemetry.shutdown().await;
     std::process::exit(code);
 }

@@ -9,7 +9,7 @@ use quarry_common::npy;
 use quarry_common::storage::keys;
 use quarry_common::transport::is_failover;
 use quarry_proto::v1 as pb;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 
 use super::session::{Held, Session};
 use super::{Counters, RPC_TIMEOUT};
@@ -115,6 +115,19 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
     s.monitor.begin_round();
     let run = runner::run(&spec, held.stop.clone()).await;
     let stats = s.monitor.end_round().await;
+    tracing::Span::current().record(
+        "outcome",
+        match &run {
+            Ok(r) => match r.outcome {
+                RunOutcome::Exited(0) => "ok".to_string(),
+                RunOutcome::Exited(c) => format!("exit {c}"),
+                RunOutcome::Signaled(sig) => format!("signal {sig}"),
+                RunOutcome::TimedOut => "timeout".into(),
+                RunOutcome::Cancelled => "cancelled".into(),
+            },
+            Err(_) => "spawn".into(),
+        },
+    );
     Ran { run, stats }
 }
 
@@ -161,8 +174,15 @@ pub(super) async fn finish(s: &Session, held: &Held, paths: &Paths, ran: Ran) {
         },
         RunOutcome::Exited(0) => {
             // Stopping a lease (fence, stop, coordinator's order) abandons its upload.
+            let span = info_span!(
+                parent: &held.span,
+                "upload",
+                bytes = Empty,
+                samples = Empty,
+                files = task.outputs.len(),
+            );
             tokio::select! {
-                o = upload(s, lease, &task, paths, &report) => o,
+                o = upload(s, lease, &task, paths, &report).instrument(span) => o,
                 _ = held.stop.cancelled() => Outcome::Stopped,
             }
         }
@@ -246,6 +266,11 @@ async fn complete(
     stats: &RoundStats,
 ) {
     let lease = &held.lease;
+    held.span
+        .record("bytes", files.iter().map(|f| f.size).sum::<u64>());
+    if let Some(f) = files.first() {
+        held.span.record("samples", f.count);
+    }
     // Once sent, a Complete may commit: its files must never be deleted here, even if the
     // session is lost while waiting for the answer. A stop waits for the answer (bounded), so
     // the coordinator either commits the files or deletes them; only a lost session, whose
@@ -267,7 +292,11 @@ async fn complete(
         };
         let mut client = conn.client.clone();
         let r = tokio::select! {
-            r = tokio::time::timeout(RPC_TIMEOUT, client.complete(req)) => r,
+            // Made in the round's span: its context goes along, and the commit joins the trace.
+            r = tokio::time::timeout(
+                RPC_TIMEOUT,
+                client.complete(req).instrument(held.span.clone()),
+            ) => r,
             _ = s.fenced.cancelled() => break,
         };
         match r {
@@ -291,6 +320,8 @@ async fn complete(
         Some(Ok(Ok(r))) => {
             let r = r.into_inner();
             let committed = r.outcome == pb::CommitOutcome::Committed as i32;
+            held.span
+                .record("outcome", if committed { "committed" } else { "rejected" });
             s.cfg.metrics.round(if committed {
                 crate::metrics::Outcome::Committed
             } else {
@@ -302,6 +333,7 @@ async fn complete(
             committed
         }
         Some(Ok(Err(e))) => {
+            held.span.record("outcome", "unreported");
             warn!(object = %lease.object, round = lease.round, error = %e, "could not report completion");
             false
         }
@@ -383,5 +415,10 @@ async fn upload(
         }
     };
     debug!(object = %lease.object, round = lease.round, "outputs uploaded");
+    let span = tracing::Span::current();
+    span.record("bytes", files.iter().map(|f| f.size).sum::<u64>());
+    if let Some(f) = files.first() {
+        span.record("samples", f.count);
+    }
     Outcome::Uploaded { files, log_key }
 }

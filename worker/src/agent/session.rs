@@ -20,7 +20,7 @@ use quarry_common::storage::Store;
 use quarry_common::transport::{Coordinators, is_failover};
 use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 
 use super::round::{self, Paths};
 use super::{AgentConfig, Backoff, Counters, RPC_TIMEOUT, Shutdown};
@@ -65,6 +65,9 @@ impl std::fmt::Display for Lost {
 pub(super) struct Held {
     pub lease: pb::Lease,
     pub stop: CancellationToken,
+    /// The round's span, a child of the coordinator's `lease` span; it ends when the round
+    /// is reported (or given back) and this is dropped.
+    pub span: tracing::Span,
 }
 
 /// Why acquiring is paused after a round was given back.
@@ -192,7 +195,8 @@ impl Session {
                 self.give_back(&held, why).await;
                 continue;
             }
-            let Some(paths) = self.prepare(&held).await else {
+            let prepare = info_span!(parent: &held.span, "prepare", gpu = %self.cfg.gpu.id);
+            let Some(paths) = self.prepare(&held).instrument(prepare).await else {
                 continue;
             };
             Counters::bump(&self.counters.rounds_run);
@@ -200,7 +204,15 @@ impl Session {
             if let Some(end) = lock(&self.last_run_end).take() {
                 self.cfg.metrics.idle_gap(started - end);
             }
-            let ran = round::run_generator(&self, &held, &paths).await;
+            let generator = info_span!(
+                parent: &held.span,
+                "generator",
+                gpu = %self.cfg.gpu.id,
+                outcome = Empty,
+            );
+            let ran = round::run_generator(&self, &held, &paths)
+                .instrument(generator)
+                .await;
             self.cfg.metrics.generator(started.elapsed());
             *lock(&self.last_run_end) = Some(Instant::now());
             if let Some(f) = finishing.take() {
@@ -312,7 +324,26 @@ impl Session {
     fn hold(&self, lease: pb::Lease) -> Held {
         let stop = self.lost.child_token();
         lock(&self.running).insert(lease.lease_id, (lease.clone(), stop.clone()));
-        Held { lease, stop }
+        let span = info_span!(
+            parent: None,
+            "round",
+            job = %lease.job_id,
+            object = %lease.object,
+            round = lease.round,
+            seed = lease.seed,
+            attempt = %lease.attempt,
+            gpu = %self.cfg.gpu.id,
+            gpu.uuid = Empty,
+            worker = %self.conn().worker_id,
+            outcome = Empty,
+            bytes = Empty,
+            samples = Empty,
+        );
+        if let Some(uuid) = &self.cfg.gpu.uuid {
+            span.record("gpu.uuid", uuid.as_str());
+        }
+        quarry_common::telemetry::set_parent(&span, &lease.traceparent);
+        Held { lease, stop, span }
     }
 
     pub(super) fn unhold(&self, held: &Held) {
@@ -515,6 +546,7 @@ impl Session {
     /// once. A lost session cannot: the coordinator re-issues it at its TTL.
     pub(super) async fn give_back(&self, held: &Held, reason: &str) {
         self.unhold(held);
+        held.span.record("outcome", "released");
         Counters::bump(&self.counters.released);
         self.cfg.metrics.round(crate::metrics::Outcome::Released);
         if self.is_lost() {
@@ -549,6 +581,7 @@ impl Session {
         generator_ms: u64,
     ) {
         self.unhold(held);
+        held.span.record("outcome", "failed");
         Counters::bump(&self.counters.failed);
         self.cfg.metrics.round(crate::metrics::Outcome::Failed);
         if self.is_lost() {
@@ -567,7 +600,8 @@ impl Session {
                 generator_ms,
             };
             let mut client = conn.client.clone();
-            match tokio::time::timeout(RPC_TIMEOUT, client.fail(req)).await {
+            let call = client.fail(req).instrument(held.span.clone());
+            match tokio::time::timeout(RPC_TIMEOUT, call).await {
                 Ok(Ok(_)) => return,
                 Ok(Err(e)) if is_failover(&e) && !self.is_lost() => {
                     debug!(error = %e, "reporting a failure: coordinator unavailable; registering again");
