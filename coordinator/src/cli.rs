@@ -679,25 +679,35 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
             (None, None) => Ok(()),
         }
     };
+    tokio::pin!(lead);
+    let mut finished = None;
     let led = tokio::select! {
-        led = lead => led,
-        // The server ending by itself (a TLS setup error, a crash) ends the process.
+        led = &mut lead => led,
         served = &mut server => {
-            shutdown.cancel();
-            served??;
-            bail!("the gRPC server stopped unexpectedly");
+            if !shutdown.is_cancelled() {
+                // The server ending by itself (a TLS setup error, a crash) ends the process.
+                shutdown.cancel();
+                served??;
+                bail!("the gRPC server stopped unexpectedly");
+            }
+            // A shutdown: the server may finish first; the coordinator still closes.
+            finished = Some(served);
+            lead.await
         }
     };
     shutdown.cancel();
     // Graceful: open calls finish and connections close; a peer that keeps its connection
     // open does not hold the process beyond a bound.
-    let served = match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
-        Ok(r) => r,
-        Err(_) => {
-            tracing::warn!("connections still open 5 s after shutdown; closing them");
-            server.abort();
-            Ok(Ok(()))
-        }
+    let served = match finished {
+        Some(r) => r,
+        None => match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!("connections still open 5 s after shutdown; closing them");
+                server.abort();
+                Ok(Ok(()))
+            }
+        },
     };
     led?;
     served??;

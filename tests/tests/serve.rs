@@ -255,3 +255,30 @@ async fn serve_with_etcd_state_gives_the_same_finals() {
         );
     }
 }
+
+/// SIGTERM to an idle `coordinator serve` (no connection open) is a clean stop, every time:
+/// the server may finish before the coordinator closes, which is not an error.
+#[test]
+fn sigterm_of_an_idle_coordinator_exits_0() {
+    for i in 0..3 {
+        let home = tempfile::tempdir().unwrap();
+        let store = home.path().join("store");
+        let (serve, _addr) = start_serve(home.path(), &store, "5");
+        let mut serve = serve;
+        // SAFETY: kill(2) with a pid of our own live child; no memory is involved.
+        unsafe { libc::kill(serve.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let st = loop {
+            if let Some(st) = serve.0.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "run {i}: no exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            st.success(),
+            "run {i}: {st}\n{}",
+            std::fs::read_to_string(store.with_extension("coordinator.log")).unwrap_or_default()
+        );
+    }
+}
