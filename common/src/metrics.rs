@@ -372,6 +372,37 @@ pub async fn serve(
     }
 }
 
+/// `--metrics-listen`, shared by both binaries.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (`/metrics`) and `/healthz` over HTTP on this address
+    /// (e.g. 0.0.0.0:9090); off when not given.
+    #[arg(
+        long = "metrics-listen",
+        env = "QUARRY_METRICS_LISTEN",
+        value_name = "ADDR"
+    )]
+    pub metrics_listen: Option<String>,
+}
+
+impl MetricsArgs {
+    /// Starts the endpoint when the flag was given (until `shutdown`) and says where on
+    /// stderr (`metrics on http://ADDR/metrics`); returns the address.
+    pub async fn start(
+        &self,
+        registry: Arc<Registry>,
+        shutdown: CancellationToken,
+    ) -> Result<Option<SocketAddr>, String> {
+        let Some(addr) = &self.metrics_listen else {
+            return Ok(None);
+        };
+        let (listener, local) = bind(addr).await?;
+        eprintln!("metrics on http://{local}/metrics");
+        tokio::spawn(serve(listener, registry, Arc::new(|| true), shutdown));
+        Ok(Some(local))
+    }
+}
+
 /// Binds `addr` for [`serve`], naming the flag in the error.
 pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), String> {
     let l = TcpListener::bind(addr)

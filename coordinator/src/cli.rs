@@ -147,14 +147,8 @@ pub struct ServeArgs {
     /// after the leader dies (etcd state only).
     #[arg(long = "election-ttl", default_value = "10")]
     pub election_ttl: u64,
-    /// Serve Prometheus metrics (`/metrics`) and `/healthz` over HTTP on this address
-    /// (e.g. 0.0.0.0:9090); off when not given.
-    #[arg(
-        long = "metrics-listen",
-        env = "QUARRY_METRICS_LISTEN",
-        value_name = "ADDR"
-    )]
-    pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub metrics: quarry_common::metrics::MetricsArgs,
     #[command(flatten)]
     pub security: ServerSecurityArgs,
 }
@@ -603,18 +597,10 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
     let leadership = Leadership::standby();
     let metrics = Arc::new(crate::metrics::CoordMetrics::default());
     leadership.track(metrics.leader.clone());
-    if let Some(addr) = &a.metrics_listen {
-        let (l, local) = quarry_common::metrics::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        eprintln!("metrics on http://{local}/metrics");
-        tokio::spawn(quarry_common::metrics::serve(
-            l,
-            Arc::clone(&metrics.registry),
-            Arc::new(|| true),
-            shutdown.clone(),
-        ));
-    }
+    a.metrics
+        .start(Arc::clone(&metrics.registry), shutdown.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
     // The embedded store has no election: lead before serving, so the first call finds a
     // leader. With etcd, serve as a standby while campaigning.
     let embedded = match a.state.strip_prefix("etcd://") {

@@ -53,14 +53,8 @@ pub struct Args {
     /// Do not acquire the next round while the previous one uploads (for measurements).
     #[arg(long, hide = true)]
     pub no_prefetch: bool,
-    /// Serve Prometheus metrics (`/metrics`) and `/healthz` over HTTP on this address
-    /// (e.g. 0.0.0.0:9091); off when not given.
-    #[arg(
-        long = "metrics-listen",
-        env = "QUARRY_METRICS_LISTEN",
-        value_name = "ADDR"
-    )]
-    pub metrics_listen: Option<String>,
+    #[command(flatten)]
+    pub metrics: quarry_common::metrics::MetricsArgs,
     #[command(flatten)]
     pub security: ClientSecurityArgs,
     #[command(flatten)]
@@ -110,22 +104,16 @@ pub async fn main(args: Args) -> i32 {
         return 2;
     }
     let metrics = std::sync::Arc::new(crate::metrics::WorkerMetrics::default());
-    if let Some(addr) = &args.metrics_listen {
-        match quarry_common::metrics::bind(addr).await {
-            Ok((l, local)) => {
-                eprintln!("metrics on http://{local}/metrics");
-                tokio::spawn(quarry_common::metrics::serve(
-                    l,
-                    std::sync::Arc::clone(&metrics.registry),
-                    std::sync::Arc::new(|| true),
-                    CancellationToken::new(),
-                ));
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                return 2;
-            }
-        }
+    if let Err(e) = args
+        .metrics
+        .start(
+            std::sync::Arc::clone(&metrics.registry),
+            CancellationToken::new(),
+        )
+        .await
+    {
+        eprintln!("error: {e}");
+        return 2;
     }
     info!(
         inventory = %inventory.describe(),
