@@ -248,27 +248,45 @@ impl Store {
         })
     }
 
-    /// Streams a local file to `key`, hashing it on the way; memory stays at one chunk.
+    /// Streams a local file to `key`, hashing it on the way; memory stays at one chunk. A file
+    /// of up to one chunk (most round outputs) is one PUT; a larger one a multipart upload,
+    /// aborted when it fails so that no upload is left open on the server.
     pub async fn put_file(&self, key: &str, file: &Path) -> Result<Uploaded, StoreError> {
         let k = Self::key(key)?;
+        let io = |source| StoreError::Io {
+            op: "read",
+            path: file.display().to_string(),
+            source,
+        };
+        let len = std::fs::metadata(file).map_err(io)?.len();
+        if len <= CHUNK as u64 {
+            let data = std::fs::read(file).map_err(io)?;
+            let up = Uploaded {
+                size: data.len() as u64,
+                sha256: hex(&Sha256::digest(&data)),
+            };
+            self.inner
+                .put(&k, PutPayload::from_bytes(Bytes::from(data)))
+                .await
+                .map_err(|e| StoreError::store("upload", key, e))?;
+            return Ok(up);
+        }
         let upload = self
             .inner
             .put_multipart(&k)
             .await
             .map_err(|e| StoreError::store("upload", key, e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK);
-        let io = |source| StoreError::Io {
-            op: "read",
-            path: file.display().to_string(),
-            source,
+        let mut f = match std::fs::File::open(file) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(io(e));
+            }
         };
-        let mut f = std::fs::File::open(file).map_err(io)?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        // Sized to the file: most round outputs are far smaller than a chunk, and zeroing
-        // 8 MiB per upload costs milliseconds.
-        let len = f.metadata().map_or(CHUNK as u64, |m| m.len());
-        let mut buf = vec![0u8; (len as usize).clamp(4096, CHUNK)];
+        let mut buf = vec![0u8; CHUNK];
         loop {
             // Reads are small and sequential; doing them inline keeps the code simple and the
             // upload pipeline (WriteMultipart) overlaps the network part.
@@ -285,10 +303,10 @@ impl Store {
             }
             hasher.update(&buf[..n]);
             size += n as u64;
-            writer
-                .wait_for_capacity(4)
-                .await
-                .map_err(|e| StoreError::store("upload", key, e))?;
+            if let Err(e) = writer.wait_for_capacity(4).await {
+                let _ = writer.abort().await;
+                return Err(StoreError::store("upload", key, e));
+            }
             writer.write(&buf[..n]);
         }
         writer

@@ -19,7 +19,6 @@ use crate::election::Election;
 use crate::progress::{self, Progress, ProgressMode};
 use crate::service::Leadership;
 use crate::spec::{FinalDirMode, JobSpec};
-use crate::state::StateStore;
 use crate::state::embedded::EmbeddedStore;
 use crate::state::etcd::EtcdStore;
 
@@ -543,17 +542,41 @@ fn preflight(spec: &JobSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Opens `--state`: `file://<path>` (the embedded store) or
-/// `etcd://host:port[,host:port...]/<prefix>` (etcd; the prefix keeps deployments apart).
-pub async fn open_state(url: &str) -> anyhow::Result<Arc<dyn StateStore>> {
-    if let Some(path) = url.strip_prefix("file://") {
-        return Ok(Arc::new(EmbeddedStore::open(&std::path::absolute(path)?)?));
+/// Where `--state` keeps the coordinator's state.
+#[derive(Debug, Clone, PartialEq)]
+enum StateUrl {
+    /// `file://<path>`: the embedded store; this process always leads.
+    File(PathBuf),
+    /// `etcd://host:port[,host:port...]/<prefix>`: processes elect a leader (the prefix keeps
+    /// deployments apart).
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+    },
+}
+
+impl StateUrl {
+    fn parse(url: &str) -> anyhow::Result<StateUrl> {
+        if let Some(path) = url.strip_prefix("file://") {
+            return Ok(StateUrl::File(std::path::absolute(path)?));
+        }
+        let Some(rest) = url.strip_prefix("etcd://") else {
+            bail!("--state {url:?}: use file://<path> or etcd://host:2379[,host2:2379]/prefix")
+        };
+        let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, "quarry"));
+        let endpoints: Vec<String> = hosts
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| format!("http://{h}"))
+            .collect();
+        if endpoints.is_empty() {
+            bail!("--state {url:?}: no etcd endpoints; use etcd://host:2379[,host2:2379]/prefix");
+        }
+        Ok(StateUrl::Etcd {
+            endpoints,
+            prefix: format!("/{}", prefix.trim_matches('/')),
+        })
     }
-    if let Some(rest) = url.strip_prefix("etcd://") {
-        let (endpoints, prefix) = etcd_url(url, rest)?;
-        return Ok(Arc::new(EtcdStore::connect(&endpoints, &prefix).await?));
-    }
-    bail!("--state {url:?}: use file://<path> or etcd://host:2379[,host2:2379]/prefix")
 }
 
 /// Opens `--store`: `file://<dir>` (or a bare path) or `s3://bucket/prefix`.
@@ -582,10 +605,20 @@ fn advertised(a: &ServeArgs, local: std::net::SocketAddr) -> String {
     local.to_string()
 }
 
+/// How a `serve` process starts: leading at once (embedded store), or campaigning (etcd).
+enum Role<'a> {
+    Leading(Arc<Coordinator>),
+    Campaign {
+        endpoints: &'a [String],
+        prefix: &'a str,
+    },
+}
+
 /// `coordinator serve`: the coordinator for remote workers, until `shutdown`. With etcd state
 /// it first campaigns for leadership and serves as a standby (pointing clients to the leader)
 /// until it wins.
 pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let state_url = StateUrl::parse(&a.state)?;
     let store = open_store(&a.store)?;
     let security = a.security.load()?;
     let lease_ttl = Duration::from_secs(a.lease_ttl.max(1));
@@ -601,25 +634,26 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
         .start(Arc::clone(&metrics.registry), shutdown.clone())
         .await
         .map_err(|e| anyhow::anyhow!(e))?;
+    let cfg = CoordinatorConfig {
+        lease_ttl,
+        // Rounds a previous leader (or a previous run) handed out may still be running on
+        // remote workers: let them re-register and have them adopted before handing out more.
+        adopt_window: lease_ttl,
+        metrics: Arc::clone(&metrics),
+        ..Default::default()
+    };
     // The embedded store has no election: lead before serving, so the first call finds a
     // leader. With etcd, serve as a standby while campaigning.
-    let embedded = match a.state.strip_prefix("etcd://") {
-        Some(_) => None,
-        None => {
-            let state = open_state(&a.state).await?;
-            let cfg = CoordinatorConfig {
-                lease_ttl,
-                // Rounds a previous run handed out may still be running on remote workers:
-                // let them re-register and have them adopted before handing out more.
-                adopt_window: lease_ttl,
-                metrics: Arc::clone(&metrics),
-                ..Default::default()
-            };
+    let leading = match &state_url {
+        StateUrl::File(path) => {
+            let state = Arc::new(EmbeddedStore::open(path)?);
             let coord =
-                Coordinator::start(cfg, state, store.clone(), shutdown.child_token()).await?;
+                Coordinator::start(cfg.clone(), state, store.clone(), shutdown.child_token())
+                    .await?;
             leadership.lead(Arc::clone(&coord));
-            Some(coord)
+            Role::Leading(coord)
         }
+        StateUrl::Etcd { endpoints, prefix } => Role::Campaign { endpoints, prefix },
     };
     let server = tokio::spawn(crate::service::serve(
         Arc::clone(&leadership),
@@ -633,26 +667,17 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
     );
     let mut server = server;
     let lead = async {
-        match (embedded, a.state.strip_prefix("etcd://")) {
-            (Some(coord), _) => {
+        match leading {
+            Role::Leading(coord) => {
                 shutdown.cancelled().await;
                 leadership.step_down();
                 coord.close().await;
                 Ok(())
             }
-            (None, Some(rest)) => {
-                let (endpoints, prefix) = etcd_url(&a.state, rest)?;
-                let cfg = CoordinatorConfig {
-                    lease_ttl,
-                    // Rounds a previous leader handed out are still running: let their workers
-                    // re-register and have them adopted before anything is handed out again.
-                    adopt_window: lease_ttl,
-                    metrics: Arc::clone(&metrics),
-                    ..Default::default()
-                };
+            Role::Campaign { endpoints, prefix } => {
                 lead_with_etcd(
-                    &endpoints,
-                    &prefix,
+                    endpoints,
+                    prefix,
                     Duration::from_secs(a.election_ttl.max(2)),
                     &advertise,
                     cfg,
@@ -662,7 +687,6 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
                 )
                 .await
             }
-            (None, None) => Ok(()),
         }
     };
     tokio::pin!(lead);
@@ -698,20 +722,6 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
     led?;
     served??;
     Ok(())
-}
-
-/// Splits `etcd://h1:2379,h2:2379/prefix` (given as `rest`, after the scheme).
-fn etcd_url(url: &str, rest: &str) -> anyhow::Result<(Vec<String>, String)> {
-    let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, "quarry"));
-    let endpoints: Vec<String> = hosts
-        .split(',')
-        .filter(|h| !h.is_empty())
-        .map(|h| format!("http://{h}"))
-        .collect();
-    if endpoints.is_empty() {
-        bail!("--state {url:?}: no etcd endpoints; use etcd://host:2379[,host2:2379]/prefix");
-    }
-    Ok((endpoints, format!("/{}", prefix.trim_matches('/'))))
 }
 
 /// Campaigns, leads once elected, and returns when `shutdown` is cancelled (resigning, so a
@@ -1058,4 +1068,39 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_urls_parse_or_name_the_fix() {
+        assert_eq!(
+            StateUrl::parse("etcd://a:2379,b:2379/lab/").unwrap(),
+            StateUrl::Etcd {
+                endpoints: vec!["http://a:2379".into(), "http://b:2379".into()],
+                prefix: "/lab".into()
+            }
+        );
+        assert_eq!(
+            StateUrl::parse("etcd://a:2379").unwrap(),
+            StateUrl::Etcd {
+                endpoints: vec!["http://a:2379".into()],
+                prefix: "/quarry".into()
+            }
+        );
+        assert_eq!(
+            StateUrl::parse("file:///tmp/s.redb").unwrap(),
+            StateUrl::File("/tmp/s.redb".into())
+        );
+        for bad in ["etcd:///lab", "redis://x:1", "/tmp/s.redb"] {
+            let e = StateUrl::parse(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("--state") && e.contains("etcd://host:2379"),
+                "{e}"
+            );
+        }
+    }
 }

@@ -45,6 +45,35 @@ round_dir = "data/experiments/{{name}}"
     p
 }
 
+/// [`served_job_file`] whose generator sleeps `sleep_ms` per round (0: no sleep), so that a
+/// test can act while rounds are running.
+pub fn slow_job_file(dir: &Path, root: &Path, sleep_ms: u32) -> PathBuf {
+    let job = served_job_file(dir, root, "");
+    if sleep_ms > 0 {
+        let text = std::fs::read_to_string(&job)
+            .expect("read job file")
+            .replace(
+                "\"uneven\"]",
+                &format!("\"uneven\", \"--sleep_ms\", \"{sleep_ms}\"]"),
+            );
+        std::fs::write(&job, text).expect("write job file");
+    }
+    job
+}
+
+/// The same job run by `coordinator run` (with `args` added) in a fresh legacy root: the
+/// finals a cluster run must equal byte for byte.
+pub async fn reference_run(sleep_ms: u32, args: &[&str]) -> tempfile::TempDir {
+    let reference = crate::legacy_root();
+    let job = slow_job_file(reference.path(), reference.path(), sleep_ms);
+    let job = job.to_str().expect("UTF-8 temp path");
+    let mut all = vec!["--job", job, "--progress", "off"];
+    all.extend_from_slice(args);
+    let out = crate::run(&all).await.expect("reference run");
+    assert_eq!(out.exit_code(), 0, "the reference run did not finish");
+    reference
+}
+
 /// Starts `coordinator serve` on a free loopback port with `--state state --store store`,
 /// its stderr copied to `log`; returns it and the address it printed once listening.
 pub fn start_serve(

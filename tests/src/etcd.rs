@@ -3,12 +3,13 @@
 //! what to install; nothing is skipped.
 
 use std::fs::File;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use quarry_coordinator::state::etcd::EtcdStore;
+
+use crate::{free_port, log_tail};
 
 /// How long a started etcd may take to answer.
 const HEALTHY_WITHIN: Duration = Duration::from_secs(10);
@@ -169,19 +170,4 @@ fn find_etcd() -> PathBuf {
                  install it (Debian/Ubuntu: apt-get install etcd-server) or run .ci/run"
             )
         })
-}
-
-/// A port that was free a moment ago (etcd binds its own listeners; a clash is retried).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("loopback bind")
-        .local_addr()
-        .expect("bound address")
-        .port()
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(4000);
-    text.get(start..).unwrap_or(&text).to_string()
 }

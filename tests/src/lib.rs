@@ -207,3 +207,20 @@ pub async fn assert_store_finals_match(
     assert!(left.is_empty(), "staging left: {left:?}");
     manifest
 }
+
+/// A loopback port that was free a moment ago (a server started on it binds its own listener;
+/// callers retry on a clash).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("loopback bind")
+        .local_addr()
+        .expect("bound address")
+        .port()
+}
+
+/// The last 4000 bytes of a log file (empty when unreadable), for failure messages.
+pub fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let start = text.len().saturating_sub(4000);
+    text.get(start..).unwrap_or(&text).to_string()
+}

@@ -4,10 +4,12 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::{free_port, log_tail};
 
 /// How long a started moto may take to answer (it is usually up in well under a second).
 const UP_WITHIN: Duration = Duration::from_secs(20);
@@ -219,19 +221,4 @@ fn find_moto() -> PathBuf {
                  into .ci/venv-moto)"
             )
         })
-}
-
-/// A port that was free a moment ago (moto binds its own listener; a clash is retried).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("loopback bind")
-        .local_addr()
-        .expect("bound address")
-        .port()
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let start = text.len().saturating_sub(4000);
-    text.get(start..).unwrap_or(&text).to_string()
 }

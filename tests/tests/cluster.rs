@@ -9,23 +9,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use quarry_tests::cluster::{Killed, served_job_file, spawn_worker, start_serve_with, submit};
+use quarry_tests::cluster::{
+    Killed, reference_run, slow_job_file, spawn_worker, start_serve_with, submit,
+};
 use quarry_tests::etcd::Etcd;
 use quarry_tests::s3::Moto;
 use quarry_tests::*;
-
-/// The test job with rounds of about `sleep_ms` each.
-fn job(dir: &Path, root: &Path, sleep_ms: u32) -> std::path::PathBuf {
-    let job = served_job_file(dir, root, "");
-    if sleep_ms > 0 {
-        let text = std::fs::read_to_string(&job).unwrap().replace(
-            "\"uneven\"]",
-            &format!("\"uneven\", \"--sleep_ms\", \"{sleep_ms}\"]"),
-        );
-        std::fs::write(&job, text).unwrap();
-    }
-    job
-}
 
 struct Cluster {
     _serve: Killed,
@@ -121,17 +110,7 @@ impl Cluster {
 /// Finals in the bucket under `prefix` equal `coordinator run`'s of the same job; no staging
 /// and no open multipart upload is left.
 async fn assert_same_as_local_run(moto: &Moto, prefix: &str, sleep_ms: u32) {
-    let reference = legacy_root();
-    let reference_job = job(reference.path(), reference.path(), sleep_ms);
-    let out = run(&[
-        "--job",
-        reference_job.to_str().unwrap(),
-        "--progress",
-        "off",
-    ])
-    .await
-    .unwrap();
-    assert_eq!(out.exit_code(), 0);
+    let reference = reference_run(sleep_ms, &[]).await;
     let store = moto.store(prefix);
     let manifest =
         assert_store_finals_match(&store, "served", &["obj_a", "obj_b"], reference.path()).await;
@@ -167,7 +146,7 @@ async fn etcd_s3_and_three_workers_give_the_single_machine_finals() {
     let moto = Moto::start("quarry-cluster");
     let c = start(&etcd, &moto, "e2e");
     let root = legacy_root();
-    let jobfile = job(c.home.path(), root.path(), 0);
+    let jobfile = slow_job_file(c.home.path(), root.path(), 0);
     c.submit(&jobfile);
     let v = wait_done(&c, Duration::from_secs(90));
     assert_eq!(v[0]["state"], "done", "{v}\n{}", c.logs());
@@ -187,7 +166,7 @@ async fn etcd_restarted_mid_job_loses_nothing() {
     let moto = Moto::start("quarry-etcd-restart");
     let c = start(&etcd, &moto, "restart");
     let root = legacy_root();
-    let jobfile = job(c.home.path(), root.path(), 400);
+    let jobfile = slow_job_file(c.home.path(), root.path(), 400);
     c.submit(&jobfile);
     let until = Instant::now() + Duration::from_secs(60);
     loop {

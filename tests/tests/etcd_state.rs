@@ -12,9 +12,7 @@ use std::time::{Duration, Instant};
 
 use quarry_coordinator::state::conformance;
 use quarry_coordinator::state::etcd::EtcdStore;
-use quarry_coordinator::state::{
-    CommitOutcome, CreateJob, QuarantineOutcome, StateError, StateStore,
-};
+use quarry_coordinator::state::{CommitOutcome, CreateJob, StateError, StateStore};
 use quarry_tests::etcd::Etcd;
 
 async fn connect(etcd: &Etcd, prefix: &str) -> EtcdStore {
@@ -49,65 +47,12 @@ async fn conformance_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_survives_a_restart_of_etcd() {
     let mut etcd = Etcd::start().await;
-    let job = conformance::job("job-1");
-    let commit = conformance::commit(3, "e1-a");
-    let failure = conformance::failure("e1-b");
-    let quarantine = conformance::quarantine(4);
-    let merge = conformance::merge(true);
     let before = connect(&etcd, "/quarry").await;
-    assert_eq!(before.bump_epoch().await.unwrap(), 1);
-    assert_eq!(before.create_job(&job).await.unwrap(), CreateJob::Created);
-    assert_eq!(
-        before.commit_round("job-1", "obj", &commit).await.unwrap(),
-        CommitOutcome::Committed
-    );
-    for want in 1..=2 {
-        assert_eq!(
-            before
-                .record_failure("job-1", "obj", 4, &failure)
-                .await
-                .unwrap(),
-            want
-        );
-    }
-    assert_eq!(
-        before
-            .quarantine_round("job-1", "obj", &quarantine)
-            .await
-            .unwrap(),
-        QuarantineOutcome::Quarantined
-    );
-    before.record_merge("job-1", "obj", &merge).await.unwrap();
+    conformance::write_durable_sample(&before).await;
 
     etcd.restart().await;
 
-    let store = connect(&etcd, "/quarry").await;
-    assert_eq!(store.list_jobs().await.unwrap(), vec![job.clone()]);
-    assert_eq!(store.get_job("job-1").await.unwrap(), Some(job.clone()));
-    let object = store.load_object("job-1", "obj").await.unwrap();
-    assert_eq!(object.commits, BTreeMap::from([(3, commit.clone())]));
-    assert_eq!(
-        object.failures,
-        BTreeMap::from([(4, vec![failure.clone(), failure.clone()])])
-    );
-    assert_eq!(object.quarantined, BTreeMap::from([(4, quarantine)]));
-    assert_eq!(object.merge, Some(merge));
-    // The epoch and the failure sequence continue where they were; the commit still wins.
-    assert_eq!(store.bump_epoch().await.unwrap(), 2);
-    assert_eq!(
-        store
-            .record_failure("job-1", "obj", 4, &failure)
-            .await
-            .unwrap(),
-        3
-    );
-    assert_eq!(
-        store
-            .commit_round("job-1", "obj", &conformance::commit(3, "e2-a"))
-            .await
-            .unwrap(),
-        CommitOutcome::AlreadyCommitted(commit)
-    );
+    conformance::assert_durable_sample(&connect(&etcd, "/quarry").await).await;
 
     // The client from before the restart reconnects by itself (bounded wait).
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -121,7 +66,7 @@ async fn data_survives_a_restart_of_etcd() {
             Err(e) => panic!("the client connected before the restart never recovered: {e}"),
         }
     };
-    assert_eq!(seen, Some(job));
+    assert_eq!(seen, Some(conformance::job("job-1")));
     assert_eq!(before.bump_epoch().await.unwrap(), 3);
 }
 

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use quarry_tests::cluster::{served_job_file, spawn_worker, start_serve_with};
+use quarry_tests::cluster::{reference_run, slow_job_file, spawn_worker, start_serve_with};
 use quarry_tests::etcd::Etcd;
 use quarry_tests::*;
 
@@ -53,11 +53,7 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
     let home = tempfile::tempdir().unwrap();
     let store = home.path().join("store");
     // Rounds take about a second, so some are running when the leader dies.
-    let job = served_job_file(home.path(), root.path(), "");
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace("\"uneven\"]", "\"uneven\", \"--sleep_ms\", \"900\"]");
-    std::fs::write(&job, text).unwrap();
+    let job = slow_job_file(home.path(), root.path(), 900);
 
     let state = format!(
         "etcd://{}/quarry-failover",
@@ -146,23 +142,7 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
     );
 
     // Every round committed once, and the same bytes as one coordinator running the job.
-    let reference = legacy_root();
-    let reference_job = served_job_file(reference.path(), reference.path(), "");
-    let text = std::fs::read_to_string(&reference_job)
-        .unwrap()
-        .replace("\"uneven\"]", "\"uneven\", \"--sleep_ms\", \"900\"]");
-    std::fs::write(&reference_job, text).unwrap();
-    let out = run(&[
-        "--job",
-        reference_job.to_str().unwrap(),
-        "--progress",
-        "off",
-        "--gpus",
-        "0,1",
-    ])
-    .await
-    .unwrap();
-    assert_eq!(out.exit_code(), 0);
+    let reference = reference_run(900, &["--gpus", "0,1"]).await;
     let store = quarry_common::storage::Store::open_dir(&store).unwrap();
     let manifest =
         assert_store_finals_match(&store, "served", &["obj_a", "obj_b"], reference.path()).await;

@@ -11,17 +11,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use quarry_tests::cluster::{Killed, served_job_file};
+use quarry_tests::cluster::{Killed, reference_run, slow_job_file, wait_until};
 use quarry_tests::netns::Link;
 use quarry_tests::*;
-
-fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
-    let until = Instant::now() + limit;
-    while !ok() {
-        assert!(Instant::now() < until, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
@@ -45,14 +37,7 @@ async fn a_worker_cut_off_past_its_ttl_stops_its_run_and_comes_back() {
     let root = legacy_root();
     let home = tempfile::tempdir().unwrap();
     let store = home.path().join("store");
-    let job = served_job_file(home.path(), root.path(), "");
-    let slow = |p: &Path| {
-        let text = std::fs::read_to_string(p)
-            .unwrap()
-            .replace("\"uneven\"]", "\"uneven\", \"--sleep_ms\", \"2500\"]");
-        std::fs::write(p, text).unwrap();
-    };
-    slow(&job);
+    let job = slow_job_file(home.path(), root.path(), 2500);
     let addr = format!("{}:50051", link.addr_a());
     let log = |name: &str| home.path().join(name);
     let _coordinator = spawn(
@@ -142,20 +127,7 @@ async fn a_worker_cut_off_past_its_ttl_stops_its_run_and_comes_back() {
     });
     eprintln!("worker fenced {fenced_after:?} after the link was cut (lease TTL 3 s)");
 
-    let reference = legacy_root();
-    let reference_job = served_job_file(reference.path(), reference.path(), "");
-    slow(&reference_job);
-    let out = run(&[
-        "--job",
-        reference_job.to_str().unwrap(),
-        "--progress",
-        "off",
-        "--gpus",
-        "0,1",
-    ])
-    .await
-    .unwrap();
-    assert_eq!(out.exit_code(), 0);
+    let reference = reference_run(2500, &["--gpus", "0,1"]).await;
     let store = quarry_common::storage::Store::open_dir(&store).unwrap();
     let manifest =
         assert_store_finals_match(&store, "served", &["obj_a", "obj_b"], reference.path()).await;

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::agent::{AgentConfig, Shutdown};
-use crate::connect::{coordinators, parse_addresses};
+use crate::connect::coordinators;
 use crate::gpu::{self, INVENTORY_ENV};
 use quarry_common::transport::ClientSecurityArgs;
 
@@ -98,7 +98,7 @@ pub async fn main(args: Args) -> i32 {
             return 2;
         }
     };
-    let addrs = parse_addresses(&args.coordinator);
+    let addrs = args.coordinator.clone();
     if let Err(e) = coordinators(&addrs, &security) {
         eprintln!("error: {e}");
         return 2;

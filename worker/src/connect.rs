@@ -29,20 +29,8 @@ impl ConnectError {
     }
 }
 
-/// Parses `--coordinator` values: each may hold several comma-separated addresses
-/// (`host:port` or `http(s)://host:port`); order is kept, empty entries are dropped.
-pub fn parse_addresses(values: &[String]) -> Vec<String> {
-    values
-        .iter()
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_string)
-        .collect()
-}
-
-/// Checks the addresses parse with these settings, so a typo fails at startup rather than
-/// in a retry loop.
+/// The coordinators `--coordinator` names (each value may list several, comma-separated, in
+/// order), checked with these settings so that a typo fails at startup, not in a retry loop.
 pub fn coordinators(
     addrs: &[String],
     security: &ClientSecurity,
@@ -102,9 +90,9 @@ mod tests {
 
     #[tokio::test]
     async fn addresses_split_on_commas_and_repeat() {
-        let v = parse_addresses(&["a:1,b:2".into(), " c:3 ".into(), ",".into()]);
-        assert_eq!(v, ["a:1", "b:2", "c:3"]);
-        coordinators(&v, &ClientSecurity::plain()).unwrap();
+        let v = ["a:1,b:2".into(), " c:3 ".into(), ",".into()];
+        let c = coordinators(&v, &ClientSecurity::plain()).unwrap();
+        assert_eq!(c.addrs(), ["a:1", "b:2", "c:3"]);
         assert!(
             coordinators(&[], &ClientSecurity::plain())
                 .unwrap_err()

@@ -187,6 +187,79 @@ fn assert_job_not_found<T: std::fmt::Debug>(what: &str, job: &str, r: Result<T, 
     }
 }
 
+// ----- durability -----
+
+/// Writes one record of every kind (job `job-1`, object `obj`: a commit of round 3, two
+/// failures and a quarantine of round 4, a merge) and bumps the epoch to 1. A backend's restart
+/// test calls this, restarts (reopens the file, restarts the server), then
+/// [`assert_durable_sample`].
+pub async fn write_durable_sample(store: &dyn StateStore) {
+    assert_eq!(ok("bump_epoch", store.bump_epoch().await), 1);
+    create(store, "job-1").await;
+    assert_eq!(
+        ok(
+            "commit_round",
+            store.commit_round("job-1", "obj", &commit(3, "e1-a")).await
+        ),
+        CommitOutcome::Committed
+    );
+    for want in 1..=2 {
+        assert_eq!(
+            ok(
+                "record_failure",
+                store
+                    .record_failure("job-1", "obj", 4, &failure("e1-b"))
+                    .await
+            ),
+            want
+        );
+    }
+    assert_eq!(
+        ok(
+            "quarantine_round",
+            store.quarantine_round("job-1", "obj", &quarantine(4)).await
+        ),
+        QuarantineOutcome::Quarantined
+    );
+    ok(
+        "record_merge",
+        store.record_merge("job-1", "obj", &merge(true)).await,
+    );
+}
+
+/// After a restart: everything [`write_durable_sample`] wrote is there, the epoch and the
+/// failure sequence continue where they were, and the commit still wins.
+pub async fn assert_durable_sample(store: &dyn StateStore) {
+    let j = job("job-1");
+    assert_eq!(ok("list_jobs", store.list_jobs().await), vec![j.clone()]);
+    assert_eq!(ok("get_job", store.get_job("job-1").await), Some(j));
+    let object = load(store, "job-1", "obj").await;
+    assert_eq!(object.commits, BTreeMap::from([(3, commit(3, "e1-a"))]));
+    assert_eq!(
+        object.failures,
+        BTreeMap::from([(4, vec![failure("e1-b"), failure("e1-b")])])
+    );
+    assert_eq!(object.quarantined, BTreeMap::from([(4, quarantine(4))]));
+    assert_eq!(object.merge, Some(merge(true)));
+    assert_eq!(ok("bump_epoch", store.bump_epoch().await), 2);
+    assert_eq!(
+        ok(
+            "record_failure",
+            store
+                .record_failure("job-1", "obj", 4, &failure("e1-b"))
+                .await
+        ),
+        3
+    );
+    assert_eq!(
+        ok(
+            "commit_round",
+            store.commit_round("job-1", "obj", &commit(3, "e2-a")).await
+        ),
+        CommitOutcome::AlreadyCommitted(commit(3, "e1-a"))
+    );
+}
+
 // ----- properties -----
 
 /// `create_job` creates once; a second create with another record returns the original,

@@ -741,70 +741,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reopen_sees_everything() {
         let dir = tempfile::tempdir().unwrap();
-        let job = conformance::job("job-1");
-        let commit = conformance::commit(3, "e1-a");
-        let failure = conformance::failure("e1-b");
-        let quarantine = conformance::quarantine(4);
-        let merge = conformance::merge(true);
         {
             let store = open_in(&dir, "state.redb");
-            assert_eq!(store.bump_epoch().await.unwrap(), 1);
-            assert_eq!(store.create_job(&job).await.unwrap(), CreateJob::Created);
-            assert_eq!(
-                store.commit_round("job-1", "obj", &commit).await.unwrap(),
-                CommitOutcome::Committed
-            );
-            assert_eq!(
-                store
-                    .record_failure("job-1", "obj", 4, &failure)
-                    .await
-                    .unwrap(),
-                1
-            );
-            assert_eq!(
-                store
-                    .record_failure("job-1", "obj", 4, &failure)
-                    .await
-                    .unwrap(),
-                2
-            );
-            assert_eq!(
-                store
-                    .quarantine_round("job-1", "obj", &quarantine)
-                    .await
-                    .unwrap(),
-                QuarantineOutcome::Quarantined
-            );
-            store.record_merge("job-1", "obj", &merge).await.unwrap();
+            conformance::write_durable_sample(&store).await;
         }
-        let store = open_in(&dir, "state.redb");
-        assert_eq!(store.list_jobs().await.unwrap(), vec![job.clone()]);
-        assert_eq!(store.get_job("job-1").await.unwrap(), Some(job));
-        let object = store.load_object("job-1", "obj").await.unwrap();
-        assert_eq!(object.commits, BTreeMap::from([(3, commit.clone())]));
-        assert_eq!(
-            object.failures,
-            BTreeMap::from([(4, vec![failure.clone(), failure.clone()])])
-        );
-        assert_eq!(object.quarantined, BTreeMap::from([(4, quarantine)]));
-        assert_eq!(object.merge, Some(merge));
-        // The epoch and the failure sequence continue where they were.
-        assert_eq!(store.bump_epoch().await.unwrap(), 2);
-        assert_eq!(
-            store
-                .record_failure("job-1", "obj", 4, &failure)
-                .await
-                .unwrap(),
-            3
-        );
-        // The commit still wins after the restart.
-        assert_eq!(
-            store
-                .commit_round("job-1", "obj", &conformance::commit(3, "e2-a"))
-                .await
-                .unwrap(),
-            CommitOutcome::AlreadyCommitted(commit)
-        );
+        conformance::assert_durable_sample(&open_in(&dir, "state.redb")).await;
     }
 
     /// Env var that turns [`kill_child`] into the process that is killed.

@@ -24,7 +24,7 @@ use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::connect::{ConnectError, coordinators, parse_addresses, register};
+use crate::connect::{ConnectError, coordinators, register};
 use crate::gpu::{GpuInfo, Inventory, NoInventory};
 use crate::monitor::Monitor;
 use quarry_common::transport::ClientSecurity;
@@ -32,7 +32,8 @@ use quarry_common::transport::ClientSecurity;
 /// Settings of one agent.
 #[derive(Clone)]
 pub struct AgentConfig {
-    /// Coordinator addresses (`host:port` or `http://host:port`), tried in order.
+    /// Coordinator addresses (`host:port` or a URL; an entry may list several, comma-separated),
+    /// tried in order.
     pub coordinators: Vec<String>,
     /// TLS and bearer token for every call to the coordinators.
     pub security: ClientSecurity,
@@ -79,7 +80,7 @@ impl AgentConfig {
     /// addresses allowed).
     pub fn new(coordinator: impl Into<String>, gpu: impl Into<String>) -> Self {
         AgentConfig {
-            coordinators: parse_addresses(&[coordinator.into()]),
+            coordinators: vec![coordinator.into()],
             security: ClientSecurity::plain(),
             metrics: Arc::default(),
             gpu: GpuInfo::unlisted(&gpu.into()),

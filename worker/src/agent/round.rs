@@ -7,12 +7,11 @@ use std::time::Duration;
 
 use quarry_common::npy;
 use quarry_common::storage::keys;
-use quarry_common::transport::is_failover;
 use quarry_proto::v1 as pb;
 use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 
+use super::Counters;
 use super::session::{Held, Session};
-use super::{Counters, RPC_TIMEOUT};
 use crate::binding;
 use crate::gpu::RoundStats;
 use crate::runner::{self, RunError, RunOutcome, RunReport, RunSpec};
@@ -277,45 +276,20 @@ async fn complete(
     // coordinator is unreachable, gives up on it. A coordinator that became unavailable (a
     // failover) gets the report again through the new leader, which adopted the lease; a
     // commit that did land is recognised there as this attempt's own.
-    // Retried through failovers for as long as the lease can still be valid: the fence
-    // watchdog ends the session once no coordinator answered for a lease TTL.
-    let mut answer = None;
-    loop {
-        let conn = s.conn();
-        let req = pb::CompleteRequest {
-            worker_id: conn.worker_id.clone(),
-            lease_id: lease.lease_id,
-            files: files.clone(),
-            generator_ms,
-            gpu_stats: stats.to_proto(),
-            log_key: log_key.clone(),
-        };
-        let mut client = conn.client.clone();
-        let r = tokio::select! {
-            // Made in the round's span: its context goes along, and the commit joins the trace.
-            r = tokio::time::timeout(
-                RPC_TIMEOUT,
-                client.complete(req).instrument(held.span.clone()),
-            ) => r,
-            _ = s.fenced.cancelled() => break,
-        };
-        match r {
-            Ok(Err(e)) if is_failover(&e) && !s.is_lost() => {
-                debug!(object = %lease.object, round = lease.round, error = %e, "reporting completion: coordinator unavailable; registering again");
-                answer = Some(Ok(Err(e)));
-                if !s.rebind(conn.generation).await {
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                        _ = s.fenced.cancelled() => break,
-                    }
-                }
-            }
-            other => {
-                answer = Some(other);
-                break;
-            }
-        }
-    }
+    let answer = s
+        .report("reporting completion", &held.span, |conn| {
+            let req = pb::CompleteRequest {
+                worker_id: conn.worker_id.clone(),
+                lease_id: lease.lease_id,
+                files: files.clone(),
+                generator_ms,
+                gpu_stats: stats.to_proto(),
+                log_key: log_key.clone(),
+            };
+            let mut client = conn.client;
+            async move { client.complete(req).await }
+        })
+        .await;
     let committed = match answer {
         Some(Ok(Ok(r))) => {
             let r = r.into_inner();

@@ -587,39 +587,62 @@ impl Session {
         if self.is_lost() {
             return;
         }
-        // A failover between the run and its report: report to the new leader, for as long as
-        // the lease can still be valid (the fence watchdog ends the session after a TTL).
-        while !self.fenced.is_cancelled() {
+        let outcome = self
+            .report("reporting a failure", &held.span, |conn| {
+                let req = pb::FailRequest {
+                    worker_id: conn.worker_id.clone(),
+                    lease_id: held.lease.lease_id,
+                    kind: kind as i32,
+                    message: message.clone(),
+                    log_tail: log_tail.clone(),
+                    generator_ms,
+                };
+                let mut client = conn.client;
+                async move { client.fail(req).await }
+            })
+            .await;
+        match outcome {
+            Some(Ok(Ok(_))) | None => {}
+            Some(Ok(Err(e))) => warn!(error = %e, "could not report a failure"),
+            Some(Err(_)) => warn!("reporting a failure timed out"),
+        }
+    }
+
+    /// Reports a round's outcome (Complete, Fail) with `call`, made in the round's `span` so
+    /// that the coordinator's span joins its trace. A coordinator that went away (a failover)
+    /// is found again and the report repeated, for as long as the lease can still be valid:
+    /// the fence watchdog ends the session once no coordinator answered for a lease TTL.
+    /// `None` when fenced before any answer; the last failover error when fenced after one.
+    pub(super) async fn report<T, F, Fut>(
+        &self,
+        what: &str,
+        span: &tracing::Span,
+        mut call: F,
+    ) -> Option<Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>>
+    where
+        F: FnMut(Conn) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut last = None;
+        loop {
             let conn = self.conn();
-            let req = pb::FailRequest {
-                worker_id: conn.worker_id.clone(),
-                lease_id: held.lease.lease_id,
-                kind: kind as i32,
-                message: message.clone(),
-                log_tail: log_tail.clone(),
-                generator_ms,
+            let generation = conn.generation;
+            let r = tokio::select! {
+                r = tokio::time::timeout(RPC_TIMEOUT, call(conn).instrument(span.clone())) => r,
+                _ = self.fenced.cancelled() => return last,
             };
-            let mut client = conn.client.clone();
-            let call = client.fail(req).instrument(held.span.clone());
-            match tokio::time::timeout(RPC_TIMEOUT, call).await {
-                Ok(Ok(_)) => return,
+            match r {
                 Ok(Err(e)) if is_failover(&e) && !self.is_lost() => {
-                    debug!(error = %e, "reporting a failure: coordinator unavailable; registering again");
-                    if !self.rebind(conn.generation).await {
+                    debug!(error = %e, "{what}: coordinator unavailable; registering again");
+                    last = Some(Ok(Err(e)));
+                    if !self.rebind(generation).await {
                         tokio::select! {
                             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                            _ = self.fenced.cancelled() => return,
+                            _ = self.fenced.cancelled() => return last,
                         }
                     }
                 }
-                Ok(Err(e)) => {
-                    warn!(error = %e, "could not report a failure");
-                    return;
-                }
-                Err(_) => {
-                    warn!("reporting a failure timed out");
-                    return;
-                }
+                other => return Some(other),
             }
         }
     }
