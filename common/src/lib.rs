@@ -2,7 +2,6 @@
 
 pub mod metrics;
 pub mod names;
-pub mod npy;
 pub mod storage;
 pub mod telemetry;
 pub mod transport;

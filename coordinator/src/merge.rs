@@ -13,8 +13,8 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use quarry_common::npy;
 use quarry_common::storage::{Store, StoreError, keys};
+use quarry_formats::npy;
 
 use crate::job::MergePlan;
 use crate::spec::{FinalDirMode, JobSpec};

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use quarry_common::npy;
+use quarry_formats::npy;
 use tokio_util::sync::CancellationToken;
 
 const GEN: &str = env!("CARGO_BIN_EXE_quarry-zero-gen");

@@ -181,7 +181,7 @@ fn run_torch_example(py: &str, dir: &Path, device: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     let file = dir.join("t__obj__r0_s5/results/obj.npy");
-    let ours = quarry_common::npy::inspect_path(&file).expect("a valid .npy");
+    let ours = quarry_formats::npy::inspect_path(&file).expect("a valid .npy");
     assert_eq!(ours.count, 16);
     // The same schema (dict keys) as the pure-Python example: rounds of both merge together.
     let reference = tempfile::tempdir().expect("tempdir");
@@ -200,7 +200,7 @@ fn run_torch_example(py: &str, dir: &Path, device: &str) -> String {
         .status()
         .expect("run grasp_gen.py");
     assert!(st.success());
-    let theirs = quarry_common::npy::inspect_path(&reference.path().join("g/results/obj.npy"))
+    let theirs = quarry_formats::npy::inspect_path(&reference.path().join("g/results/obj.npy"))
         .expect("grasp_gen.py output is valid");
     assert_eq!(ours.schema, theirs.schema);
     stdout

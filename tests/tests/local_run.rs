@@ -53,7 +53,7 @@ async fn exact_quota_per_object_with_uneven_yields() {
     for (i, o) in OBJECTS.iter().enumerate() {
         let f = finals(root.path(), "quota", o);
         assert_eq!(f.len(), 1, "seed_only keeps one final");
-        let info = quarry_common::npy::inspect_path(&f[0]).unwrap();
+        let info = quarry_formats::npy::inspect_path(&f[0]).unwrap();
         assert_eq!(info.count, 150, "{o}");
         let entry = &m["objects"][o];
         assert_eq!(entry["collected"], 150);

@@ -5,8 +5,8 @@
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use quarry_common::npy;
 use quarry_common::storage::keys;
+use quarry_formats::npy;
 use quarry_proto::v1 as pb;
 use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 

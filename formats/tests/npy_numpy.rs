@@ -1,4 +1,4 @@
-//! Cross-checks `quarry_common::npy` against real numpy: rounds written by `np.save`, merged
+//! Cross-checks `quarry_formats::npy` against real numpy: rounds written by `np.save`, merged
 //! here, loaded back by `np.load(allow_pickle=True)` and compared with numpy's own
 //! concatenation.
 //!
@@ -12,7 +12,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use quarry_common::npy::{self, ArrayKind, FormatError};
+use quarry_formats::npy::{self, ArrayKind, FormatError};
 
 const GEN: &str = r#"
 import sys, numpy as np

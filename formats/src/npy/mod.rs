@@ -206,3 +206,53 @@ pub fn merge<R: Read, W: std::io::Write>(
 
 #[cfg(test)]
 mod tests;
+
+/// [`crate::inspect`] for `.npy`.
+pub fn inspect_dataset(
+    path: &Path,
+    filter: Option<&crate::Filter>,
+) -> Result<crate::Inspection, crate::DatasetError> {
+    if filter.is_some() {
+        return Err(crate::DatasetError::Unsupported {
+            reason: "filters on .npy files are not built yet".into(),
+        });
+    }
+    let i = inspect_path(path)?;
+    Ok(crate::Inspection {
+        count: i.count,
+        kept: i.count,
+        schema: i.schema,
+    })
+}
+
+/// [`crate::merge`] for `.npy`: [`merge`] into a new file at `out`.
+pub fn merge_dataset(
+    inputs: &[std::path::PathBuf],
+    counts: &[u64],
+    options: &crate::MergeOptions,
+    out: &Path,
+) -> Result<crate::MergeSummary, crate::DatasetError> {
+    if options.filter.is_some() || !options.dedup.is_empty() {
+        return Err(crate::DatasetError::Unsupported {
+            reason: "filters and de-duplication on .npy files are not built yet".into(),
+        });
+    }
+    let f = File::create_new(out).map_err(crate::DatasetError::io("create", out))?;
+    let s = merge(counts, options.limit, |i| File::open(&inputs[i]), &f)?;
+    Ok(crate::MergeSummary {
+        samples: s.samples,
+        bytes_written: s.bytes_written,
+        filtered: 0,
+        duplicates: 0,
+    })
+}
+
+/// [`crate::examine`] for `.npy`.
+pub fn examine_dataset(
+    _path: &Path,
+    _observer: &mut dyn crate::Observer,
+) -> Result<u64, crate::DatasetError> {
+    Err(crate::DatasetError::Unsupported {
+        reason: "examining .npy files is not built yet".into(),
+    })
+}
