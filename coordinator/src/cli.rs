@@ -89,6 +89,14 @@ pub struct LegacyFlags {
     /// Kill a generator run after this many seconds and retry it [default: no limit].
     #[arg(long = "round_timeout")]
     pub round_timeout: Option<u64>,
+    /// Quality filter applied at merge, before the cut to the quota: keep samples for which
+    /// `<field> <op> <number>` holds, e.g. --filter 'E_pen <= 0.02' (see docs/job-file.md).
+    #[arg(long = "filter", value_name = "EXPR")]
+    pub filter: Option<String>,
+    /// Drop samples whose listed fields (comma separated) equal an earlier sample's, e.g.
+    /// --dedup qpos.
+    #[arg(long = "dedup", value_name = "FIELDS", value_delimiter = ',')]
+    pub dedup: Option<Vec<String>>,
     /// Arguments after `--` are passed to the generator.
     #[arg(last = true)]
     pub extra: Vec<String>,
@@ -323,6 +331,7 @@ pub fn spec_from(
                 retry_backoff_ms: 1_000,
                 root: PathBuf::new(),
                 generator: JobSpec::legacy_generator(),
+                merge: Default::default(),
             }
         }
     };
@@ -337,6 +346,12 @@ pub fn spec_from(
     }
     if let Some(v) = l.round_batch_size {
         spec.round_batch_size = v;
+    }
+    if let Some(v) = &l.filter {
+        spec.merge.filter = Some(v.clone());
+    }
+    if let Some(v) = &l.dedup {
+        spec.merge.dedup = v.clone();
     }
     if let Some(v) = l.num_iterations {
         spec.num_iterations = v;

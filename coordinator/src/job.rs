@@ -335,6 +335,7 @@ mod tests {
             retry_backoff_ms: 10,
             root: "/r".into(),
             generator: JobSpec::legacy_generator(),
+            merge: Default::default(),
         }
     }
 

@@ -82,6 +82,7 @@ pub fn job(id: &str) -> JobRecord {
             retry_backoff_ms: 1_000,
             root: "/data/quarry".into(),
             generator: JobSpec::legacy_generator(),
+            merge: Default::default(),
         },
         created_unix_ms: 1_700_000_000_000,
         state: JobState::Running,
