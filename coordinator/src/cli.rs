@@ -966,8 +966,11 @@ async fn status(a: StatusArgs) -> anyhow::Result<i32> {
         for o in &s.objects {
             let state = pb::ObjectState::try_from(o.state)
                 .map_or("?".into(), |st| format!("{st:?}").to_lowercase());
+            let rate = progress::success_rate(o.attempts, o.successes)
+                .map(|r| format!(" success {r}"))
+                .unwrap_or_default();
             println!(
-                "  {:<32} {:>10}/{:<10} {:<9} rounds {:>4} running {:>3} failed {:>3} quarantined {:>3}",
+                "  {:<32} {:>10}/{:<10} {:<9} rounds {:>4} running {:>3} failed {:>3} quarantined {:>3}{rate}",
                 o.name,
                 o.collected,
                 o.target,
@@ -1063,6 +1066,11 @@ fn worker_json(w: &pb::WorkerStatus) -> serde_json::Value {
     })
 }
 
+/// Successes per attempt; null when no round reported a yield.
+fn rate(attempts: u64, successes: u64) -> Option<f64> {
+    (attempts > 0).then(|| successes as f64 / attempts as f64)
+}
+
 fn status_json(s: &pb::JobStatus) -> serde_json::Value {
     let name = |v: i32| {
         pb::ObjectState::try_from(v).map_or("unknown".into(), |st| format!("{st:?}").to_lowercase())
@@ -1076,10 +1084,15 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
         "rounds_in_flight": s.rounds_in_flight,
         "failed_attempts": s.failed_attempts,
         "rounds_quarantined": s.rounds_quarantined,
+        "attempts": s.attempts,
+        "successes": s.successes,
+        "success_rate": rate(s.attempts, s.successes),
         "objects": s.objects.iter().map(|o| serde_json::json!({
             "name": o.name, "state": name(o.state), "collected": o.collected, "target": o.target,
             "rounds_committed": o.rounds_committed, "rounds_in_flight": o.rounds_in_flight,
             "failed_attempts": o.failed_attempts, "rounds_quarantined": o.rounds_quarantined,
+            "attempts": o.attempts, "successes": o.successes,
+            "success_rate": rate(o.attempts, o.successes),
         })).collect::<Vec<_>>(),
         "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
     })

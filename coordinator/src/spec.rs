@@ -384,15 +384,17 @@ impl JobSpec {
                 spec_err(
                     "merge.filter",
                     e.problem.clone(),
-                    format!("write it as `<field> <op> <number>`, e.g. \"E_pen <= 0.02\" (got {f:?})"),
+                    format!(
+                        "write it as `<field> <op> <number>`, e.g. \"E_pen <= 0.02\" (got {f:?})"
+                    ),
                 )
             })?;
         }
         let mut fields = std::collections::HashSet::new();
         for (i, d) in self.merge.dedup.iter().enumerate() {
-            let ok = d.split('.').all(|p| {
-                !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            });
+            let ok = d
+                .split('.')
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
             if !ok {
                 return Err(spec_err(
                     format!("merge.dedup[{i}]"),
@@ -547,38 +549,38 @@ impl JobSpec {
 
 /// A per-round path: relative, inside the job root, not GPU-dependent, different per round.
 fn check_round_path(field: &str, p: &str) -> Result<(), SpecError> {
-        if p.trim().is_empty() {
-            return Err(spec_err(
-                field,
-                "is empty",
-                "give a path relative to the job root",
-            ));
-        }
-        if p.starts_with('/') || p.split('/').any(|c| c == "..") {
-            return Err(spec_err(
-                field,
-                format!("{p:?} leaves the job root"),
-                "give a path relative to the job root without '..'",
-            ));
-        }
-        if p.contains("{gpu}") {
-            return Err(spec_err(
-                field,
-                "may not use {gpu}",
-                "paths must not depend on the GPU",
-            ));
-        }
-        // Two rounds running at once on one machine must not share a path.
-        if !["{name}", "{seed}", "{round}"]
-            .iter()
-            .any(|ph| p.contains(ph))
-        {
-            return Err(spec_err(
-                field,
-                format!("{p:?} is the same for every round"),
-                "include {name} (or {seed}) in the path so rounds do not overwrite each other",
-            ));
-        }
+    if p.trim().is_empty() {
+        return Err(spec_err(
+            field,
+            "is empty",
+            "give a path relative to the job root",
+        ));
+    }
+    if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+        return Err(spec_err(
+            field,
+            format!("{p:?} leaves the job root"),
+            "give a path relative to the job root without '..'",
+        ));
+    }
+    if p.contains("{gpu}") {
+        return Err(spec_err(
+            field,
+            "may not use {gpu}",
+            "paths must not depend on the GPU",
+        ));
+    }
+    // Two rounds running at once on one machine must not share a path.
+    if !["{name}", "{seed}", "{round}"]
+        .iter()
+        .any(|ph| p.contains(ph))
+    {
+        return Err(spec_err(
+            field,
+            format!("{p:?} is the same for every round"),
+            "include {name} (or {seed}) in the path so rounds do not overwrite each other",
+        ));
+    }
     Ok(())
 }
 

@@ -137,7 +137,10 @@ mod tests {
             std::fs::read(out.join("data/action/0.0")).expect("read"),
             vec![7u8; 5000]
         );
-        assert_eq!(std::fs::read(out.join("meta/episode_ends")).expect("read"), b"x");
+        assert_eq!(
+            std::fs::read(out.join("meta/episode_ends")).expect("read"),
+            b"x"
+        );
     }
 
     #[test]
