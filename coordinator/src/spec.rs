@@ -712,6 +712,67 @@ mod tests {
     }
 
     #[test]
+    fn formats_come_from_the_spec_or_the_extension() {
+        let mut s = spec();
+        assert_eq!(s.format().unwrap(), Format::Npy);
+        s.generator.output = "out/{name}/demo.hdf5".into();
+        assert_eq!(s.format().unwrap(), Format::Hdf5);
+        s.generator.output = "out/{name}/dataset".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.format");
+        assert!(e.fix.contains("episodes"), "{e}");
+        s.generator.format = Some("episodes".into());
+        s.validate().unwrap();
+        s.generator.format = Some("parquet".into());
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.format");
+        assert!(
+            e.problem.contains("parquet") && e.fix.contains("zarr"),
+            "{e}"
+        );
+        s.generator.format = Some("zarr".into());
+        s.generator.output = "out/{name}/demo.npz".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.output");
+        assert!(
+            e.problem.contains("npz") && e.problem.contains("zarr"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn merge_options_and_sidecars_are_checked() {
+        let mut s = spec();
+        s.merge.filter = Some("E_pen <= 0.02".into());
+        s.merge.dedup = vec!["qpos_left".into(), "obs.state".into()];
+        s.generator.stats = Some("out/{name}/stats.json".into());
+        s.validate().unwrap();
+        assert_eq!(s.merge.parsed_filter().unwrap().value, 0.02);
+        let mut bad = s.clone();
+        bad.merge.filter = Some("E_pen <=".into());
+        let e = bad.validate().unwrap_err();
+        assert_eq!(e.field, "merge.filter");
+        assert!(e.fix.contains("E_pen <= 0.02"), "{e}");
+        let mut bad = s.clone();
+        bad.merge.dedup = vec!["a".into(), "a".into()];
+        assert_eq!(bad.validate().unwrap_err().field, "merge.dedup[1]");
+        bad.merge.dedup = vec!["a b".into()];
+        assert_eq!(bad.validate().unwrap_err().field, "merge.dedup[0]");
+        let mut bad = s.clone();
+        bad.generator.stats = Some("stats.json".into());
+        let e = bad.validate().unwrap_err();
+        assert_eq!(e.field, "generator.stats");
+        assert!(e.fix.contains("{name}"), "{e}");
+        // A changed filter changes the finals: resuming with it is refused.
+        let mut other = s.clone();
+        other.merge.filter = Some("E_pen <= 0.5".into());
+        assert!(other.plan_differences(&s)[0].starts_with("merge.filter"));
+        // Specs without the new fields serialize as before.
+        let json = serde_json::to_string(&spec()).unwrap();
+        assert!(!json.contains("merge") && !json.contains("stats"), "{json}");
+    }
+
+    #[test]
     fn gpu_fields_are_optional_and_checked() {
         let mut s = spec();
         s.validate().unwrap();
