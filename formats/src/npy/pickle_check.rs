@@ -125,7 +125,10 @@ mod tests {
         big.extend(std::iter::repeat_n(7u8, 300_000));
         big.push(b'.');
         let r = std::io::BufReader::with_capacity(1000, &big[..]);
-        assert_eq!(check_complete(r, big.len() as u64).unwrap(), big.len() as u64);
+        assert_eq!(
+            check_complete(r, big.len() as u64).unwrap(),
+            big.len() as u64
+        );
     }
 
     #[test]
