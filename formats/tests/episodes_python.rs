@@ -197,7 +197,10 @@ impl Env {
             serde_json::from_slice(&std::fs::read(&sidecar).unwrap()).unwrap();
         assert_eq!(st["attempts"], batch);
         let n = std::fs::read_dir(out.join("episodes")).unwrap().count() as u64;
-        assert_eq!(st["successes"], n, "{name}: the sidecar counts the saved episodes");
+        assert_eq!(
+            st["successes"], n,
+            "{name}: the sidecar counts the saved episodes"
+        );
         out
     }
 }
@@ -250,7 +253,10 @@ fn merges_like_python() {
         .iter()
         .map(|p| std::fs::read_dir(p.join("episodes")).unwrap().count() as u64)
         .collect();
-    assert!(counts[0] > 2 && counts[1] > 0 && counts[3] > 0, "{counts:?}");
+    assert!(
+        counts[0] > 2 && counts[1] > 0 && counts[3] > 0,
+        "{counts:?}"
+    );
     assert_eq!(counts[2], 0);
     for (p, &n) in inputs.iter().zip(&counts) {
         let i = quarry_formats::inspect(Format::Episodes, p, None).unwrap();
@@ -372,7 +378,10 @@ fn merges_are_deterministic_and_refuse_an_existing_output() {
             if k.ends_with("_meta.json") {
                 let mut m: serde_json::Value = serde_json::from_slice(v).unwrap();
                 let fp = m["filepath"].as_str().unwrap().to_string();
-                let name = format!("{}.pkl", &k["metadata/".len()..k.len() - "_meta.json".len()]);
+                let name = format!(
+                    "{}.pkl",
+                    &k["metadata/".len()..k.len() - "_meta.json".len()]
+                );
                 assert_eq!(Path::new(&fp), d.join("episodes").join(name));
                 m["filepath"] = serde_json::Value::Null;
                 *v = serde_json::to_vec(&m).unwrap();
@@ -472,7 +481,11 @@ fn damaged_rounds_are_rejected_with_path_and_reason() {
     let r = merge_err(&e, &[good.clone(), nometa.clone()], "m-nometa");
     invalid_at(r, &meta(&nometa, 2), "has no metadata");
     let rec = examine(&nometa);
-    assert!(rec.problem_at(&meta(&nometa, 2)).is_some(), "{:?}", rec.problems);
+    assert!(
+        rec.problem_at(&meta(&nometa, 2)).is_some(),
+        "{:?}",
+        rec.problems
+    );
     // Its episode is still a sample, with its file size but no statistics.
     assert_eq!(rec.samples[2].keys().collect::<Vec<_>>(), ["file_bytes"]);
 
@@ -490,7 +503,11 @@ fn damaged_rounds_are_rejected_with_path_and_reason() {
     std::fs::write(meta(&badjson, 1), b"{\"episode_idx\": 1,").unwrap();
     invalid_at(inspect(&badjson), &meta(&badjson, 1), "invalid JSON");
     let rec = examine(&badjson);
-    assert!(rec.problem_at(&meta(&badjson, 1)).unwrap().contains("invalid JSON"));
+    assert!(
+        rec.problem_at(&meta(&badjson, 1))
+            .unwrap()
+            .contains("invalid JSON")
+    );
     let wrongidx = e.path("wrongidx");
     copy_tree(&good, &wrongidx);
     let m = std::fs::read_to_string(meta(&wrongidx, 1)).unwrap();

@@ -306,3 +306,63 @@ pub fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetE
     }
     Ok(samples)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, body: &[u8]) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    #[test]
+    fn last_line_without_newline_is_kept_and_terminated() {
+        let d = tempfile::tempdir().unwrap();
+        let a = write(
+            d.path(),
+            "a.jsonl",
+            b"{\"x\": 1, \"y\": {\"z\": true}}\n{\"y\": {}, \"x\": 2}",
+        );
+        let b = write(d.path(), "b.jsonl", b"{\"x\":3,\"y\":null}\r\n");
+        let e = write(d.path(), "e.jsonl", b"");
+        let i = inspect(&a, None).unwrap();
+        assert_eq!((i.count, i.schema.as_str()), (2, "jsonl keys [x, y]"));
+        assert_eq!(inspect(&e, None).unwrap().schema, "jsonl empty");
+        let f = Filter::parse("y.z == 1").unwrap();
+        let err = inspect(&a, Some(&f)).unwrap_err();
+        assert!(
+            err.to_string().contains("a.jsonl:line 2: no field `y.z`"),
+            "{err}"
+        );
+        let out = d.path().join("m.jsonl");
+        let o = MergeOptions {
+            limit: 10,
+            ..MergeOptions::default()
+        };
+        let s = merge(&[e.clone(), a, e, b], &[0, 2, 0, 1], &o, &out).unwrap();
+        assert_eq!(s.samples, 3);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"{\"x\": 1, \"y\": {\"z\": true}}\n{\"y\": {}, \"x\": 2}\n{\"x\":3,\"y\":null}\r\n"
+        );
+    }
+
+    #[test]
+    fn blank_and_bad_lines_name_their_line() {
+        let d = tempfile::tempdir().unwrap();
+        for (body, line, what) in [
+            (&b"{\"a\": 1}\n\n{\"a\": 2}\n"[..], 2, "blank line"),
+            (b"{\"a\": 1}\n{\"a\": 2}\n\n", 3, "blank line"),
+            (b"{\"a\": 1}\n{\"a\": }\n", 2, "invalid JSON"),
+            (b"{\"a\": 1}\n\"a\"\n", 2, "a string where"),
+            (b"{\"a\": 1}\n{\"b\": 1}\n", 2, "missing [a], extra [b]"),
+        ] {
+            let p = write(d.path(), "x.jsonl", body);
+            let e = inspect(&p, None).unwrap_err().to_string();
+            assert!(e.contains(&format!("x.jsonl:line {line}: ")), "{e}");
+            assert!(e.contains(what), "{e}");
+        }
+    }
+}

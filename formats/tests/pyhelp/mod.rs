@@ -94,7 +94,11 @@ pub struct Recorder {
 
 impl Observer for Recorder {
     fn sample(&mut self, index: u64) {
-        assert_eq!(index, self.samples.len() as u64, "samples are numbered from 0");
+        assert_eq!(
+            index,
+            self.samples.len() as u64,
+            "samples are numbered from 0"
+        );
         self.samples.push(BTreeMap::new());
     }
     fn values(&mut self, field: &str, values: &[f64]) {
