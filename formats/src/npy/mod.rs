@@ -16,6 +16,7 @@ mod memo;
 mod numeric;
 mod object;
 mod pickle;
+pub(crate) mod pickle_check;
 mod value;
 
 use std::fs::File;
