@@ -132,8 +132,8 @@ impl<'a> Judge<'a> {
         };
         if let Some(f) = self.filter {
             let v = lookup(el, &f.field).map_err(|r| err(format!("filter `{f}`: {r}")))?;
-            let x = as_number(&v)
-                .map_err(|r| err(format!("filter `{f}`: field {}: {r}", f.field)))?;
+            let x =
+                as_number(&v).map_err(|r| err(format!("filter `{f}`: field {}: {r}", f.field)))?;
             if !f.keeps(x) {
                 self.filtered += 1;
                 return Ok(false);
@@ -163,11 +163,11 @@ impl<'a> Judge<'a> {
 
     /// Whether a numeric row is kept, by the fields `rules` located.
     fn row(&mut self, rules: &RowRules, row: &[u8]) -> bool {
-        if let (Some(f), Some((ty, at))) = (self.filter, rules.filter) {
-            if !f.keeps(ty.read(&row[at..at + ty.size])) {
-                self.filtered += 1;
-                return false;
-            }
+        if let (Some(f), Some((ty, at))) = (self.filter, rules.filter)
+            && !f.keeps(ty.read(&row[at..at + ty.size]))
+        {
+            self.filtered += 1;
+            return false;
         }
         if !rules.dedup.is_empty() {
             let mut h = Sha256::new();
@@ -489,9 +489,7 @@ fn row_rules(
     }
     for name in dedup {
         let field = find(name)?;
-        rules
-            .dedup
-            .push((field.offset, field.offset + field.size));
+        rules.dedup.push((field.offset, field.offset + field.size));
     }
     Ok(rules)
 }
@@ -671,10 +669,7 @@ fn check_kind(i: usize, h: &Header, h0: &Header) -> Result<(), FormatError> {
                 return Err(FormatError::in_input(
                     i,
                     FormatError::Unsupported {
-                        reason: format!(
-                            "object array of shape {:?} (only 1-D merges)",
-                            h.shape
-                        ),
+                        reason: format!("object array of shape {:?} (only 1-D merges)", h.shape),
                     },
                 ));
             }
@@ -770,12 +765,11 @@ pub(super) fn merge_selected(
                 }
                 plan_object(path, &mut inp, counts[i], &mut judge, room, &wrap)?
             }
-            Descr::Numeric { .. } => {
-                plan_numeric(path, r, &h, len, &rules, &mut judge, room).map_err(|e| match e {
+            Descr::Numeric { .. } => plan_numeric(path, r, &h, len, &rules, &mut judge, room)
+                .map_err(|e| match e {
                     DatasetError::Npy(e) => wrap(e),
                     e => e,
-                })?
-            }
+                })?,
         };
         kept += plan.kept;
         plans.push(plan);
@@ -955,7 +949,7 @@ pub(super) fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, D
                     _ => Vec::new(),
                 },
             };
-            let record = if records == 0 { 0 } else { row / records };
+            let record = row.checked_div(records).unwrap_or(0);
             let mut buf = vec![0u8; row];
             let mut vals = Vec::new();
             for i in 0..h.shape[0] {
