@@ -39,7 +39,7 @@
 //! ## Memory
 //!
 //! Planning holds one pickle batch (1,000 elements) decoded, the decoder's memo (four bytes
-//! per entry, plus small values kept whole until a 64 MiB budget is spent: see [`Keeper`]),
+//! per entry, plus values kept whole until an 8 MiB budget per input is spent: see [`Keeper`]),
 //! which element wrote each memo entry (four bytes per entry), the reads of earlier elements
 //! (eight bytes per distinct pair, in practice one or two per element), the plan (one byte per
 //! sample) and the de-duplication digests (16 bytes per distinct sample). Writing holds one
@@ -71,7 +71,7 @@ use crate::{DatasetError, Filter, MergeOptions, MergeSummary, Observer};
 /// arrays up to this size can be filtered on, de-duplicated and examined.
 const KEEP_PAYLOAD: usize = 1 << 20;
 /// Bytes of memo values [`Keeper`] keeps whole for later elements, per input.
-const KEEP_BUDGET: usize = 64 << 20;
+const KEEP_BUDGET: usize = 8 << 20;
 
 /// Plan entries.
 const SKIP: u8 = 0;
