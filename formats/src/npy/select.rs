@@ -39,7 +39,8 @@
 //! ## Memory
 //!
 //! Planning holds one pickle batch (1,000 elements) decoded, the decoder's memo (four bytes
-//! per entry, plus values kept whole until an 8 MiB budget per input is spent: see [`Keeper`]),
+//! per entry, plus dict key strings and values kept whole until a 64 MiB budget per input is spent: see
+//! [`Keeper`]),
 //! which element wrote each memo entry (four bytes per entry), the reads of earlier elements
 //! (eight bytes per distinct pair, in practice one or two per element), the plan (one byte per
 //! sample) and the de-duplication digests (16 bytes per distinct sample). Writing holds one
@@ -71,7 +72,9 @@ use crate::{DatasetError, Filter, MergeOptions, MergeSummary, Observer};
 /// arrays up to this size can be filtered on, de-duplicated and examined.
 const KEEP_PAYLOAD: usize = 1 << 20;
 /// Bytes of memo values [`Keeper`] keeps whole for later elements, per input.
-const KEEP_BUDGET: usize = 8 << 20;
+const KEEP_BUDGET: usize = 64 << 20;
+/// Most distinct dict key strings [`Keeper`] keeps whole regardless of the budget.
+const MAX_KEYS: usize = 1 << 20;
 
 /// Plan entries.
 const SKIP: u8 = 0;
@@ -183,21 +186,42 @@ impl<'a> Judge<'a> {
     }
 }
 
-/// Shrinks memo entries once the element that wrote them is judged: values later elements
-/// may read (key strings, dtypes, shared scalars) stay whole while the budget lasts, anything
-/// else becomes a summary. Values later read from a summary cannot be filtered on or
-/// compared, which [`Judge`] reports as an error rather than guessing; numpy's pickles write
-/// their shared values in the first elements of a round, long before the budget runs out.
+/// Shrinks memo entries once the element that wrote them is judged. Strings used as dict keys
+/// always stay whole (later elements' dicts read them through the memo, and a path lookup
+/// needs them): a dict's entry comes before its keys' in the memo, so compacting the dict
+/// learns them. Other values later elements may read (dtypes, shared scalars, a dict saved
+/// twice) stay whole while the budget lasts, and then become summaries. A value later read
+/// from a summary cannot be filtered on or compared, which [`Judge`] reports as an error
+/// rather than guessing; numpy's pickles write their shared values in the first elements of
+/// a round, long before the budget runs out.
 struct Keeper {
     left: usize,
+    keys: HashSet<String>,
 }
 
 impl Keeper {
     fn new() -> Self {
-        Keeper { left: KEEP_BUDGET }
+        Keeper {
+            left: KEEP_BUDGET,
+            keys: HashSet::new(),
+        }
     }
 
     fn compact(&mut self, v: &Value) -> Value {
+        match v {
+            Value::Dict(m) if self.keys.len() < MAX_KEYS => {
+                for (k, _) in m.borrow().items.iter() {
+                    if let Value::Str(s) = k
+                        && s.len() <= 256
+                        && !self.keys.contains(s.as_str())
+                    {
+                        self.keys.insert(s.to_string());
+                    }
+                }
+            }
+            Value::Str(s) if self.keys.contains(s.as_str()) => return v.clone(),
+            _ => {}
+        }
         match v {
             Value::None
             | Value::Bool(_)
@@ -991,4 +1015,29 @@ fn report_non_finite(observer: &mut dyn Observer, at: &str, field: &str, vals: &
         String::new()
     };
     observer.problem(&format!("{at}: {field}"), &format!("{what}{of}"));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::RefCell;
+
+    use super::*;
+    use crate::npy::value::Map;
+
+    #[test]
+    fn keeper_keeps_key_strings_past_its_budget() {
+        let s = |x: &str| Value::Str(Rc::new(x.to_string()));
+        let mut m = Map::default();
+        m.items.push((s("E_pen"), Value::Float(0.1)));
+        let dict = Value::Dict(Rc::new(RefCell::new(m)));
+        let mut k = Keeper::new();
+        k.left = 0;
+        // The dict comes first in the memo, then its key; both after the budget is spent.
+        assert!(matches!(k.compact(&dict), Value::Opaque(Kind::Object)));
+        assert!(matches!(k.compact(&s("E_pen")), Value::Str(x) if x.as_str() == "E_pen"));
+        assert!(matches!(k.compact(&s("other")), Value::Opaque(Kind::Str)));
+        let mut k = Keeper::new();
+        assert!(matches!(k.compact(&s("other")), Value::Str(_)));
+        assert!(k.left < KEEP_BUDGET);
+    }
 }
