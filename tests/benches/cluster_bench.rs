@@ -256,6 +256,7 @@ async fn bench(
                         sha256: sha.clone(),
                         count: 1,
                         schema: "npy <f4 (*, 3)".into(),
+                        kept: None,
                     }],
                     generator_ms: 0,
                     ..Default::default()
