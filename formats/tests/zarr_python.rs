@@ -16,123 +16,134 @@ const GEN: &str = r#"
 import sys, numpy as np, zarr, numcodecs
 from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec, TransposeCodec
 
-path, fmt, variant, seed, episodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
-rng = np.random.default_rng(seed)
-lengths = rng.integers(1, 7, episodes)
-if seed < 2 and episodes > 0:
-    lengths[0] = 2
-if seed == 3 and episodes > 1:
-    lengths[1] = lengths[0]
-rows = int(lengths.sum())
-g = zarr.open_group(path, mode='w', zarr_format=fmt)
-g.attrs['generator'] = 'test'
-g.attrs['seed'] = seed
+def write(path, fmt, variant, seed, episodes):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 7, episodes)
+    if seed < 2 and episodes > 0:
+        lengths[0] = 2
+    if seed == 3 and episodes > 1:
+        lengths[1] = lengths[0]
+    rows = int(lengths.sum())
+    g = zarr.open_group(path, mode='w', zarr_format=fmt)
+    g.attrs['generator'] = 'test'
+    g.attrs['seed'] = seed
 
-kw = {}
-extra = {}
-if variant == 'none':
-    kw = {'compressors': None}
-elif variant == 'blosc':
-    kw = {'compressors': BloscCodec() if fmt == 3 else numcodecs.Blosc()}
-elif variant == 'blosc-bit':
-    kw = {'compressors': BloscCodec(cname='lz4', shuffle='bitshuffle') if fmt == 3
-          else numcodecs.Blosc(cname='zstd', shuffle=numcodecs.Blosc.BITSHUFFLE)}
-elif variant == 'blosc-zlib':
-    kw = {'compressors': BloscCodec(cname='zlib', shuffle='noshuffle') if fmt == 3
-          else numcodecs.Blosc(cname='zlib', shuffle=numcodecs.Blosc.NOSHUFFLE)}
-elif variant == 'gzip':
-    kw = {'compressors': GzipCodec() if fmt == 3 else numcodecs.GZip()}
-elif variant == 'zstd':
-    kw = {'compressors': ZstdCodec() if fmt == 3 else numcodecs.Zstd()}
-elif variant == 'order':
-    if fmt == 2:
-        extra = {'order': 'F'}
-    else:
-        extra = {'filters': [TransposeCodec(order=(1, 0, 2))]}
-elif variant != 'default':
-    raise SystemExit('unknown variant ' + variant)
-if variant == 'gzip':
-    kw['chunk_key_encoding'] = ({'name': 'v2', 'separator': '/'} if fmt == 2
-                                else {'name': 'default', 'separator': '.'})
+    kw = {}
+    extra = {}
+    if variant == 'none':
+        kw = {'compressors': None}
+    elif variant == 'blosc':
+        kw = {'compressors': BloscCodec() if fmt == 3 else numcodecs.Blosc()}
+    elif variant == 'blosc-bit':
+        kw = {'compressors': BloscCodec(cname='lz4', shuffle='bitshuffle') if fmt == 3
+              else numcodecs.Blosc(cname='zstd', shuffle=numcodecs.Blosc.BITSHUFFLE)}
+    elif variant == 'blosc-zlib':
+        kw = {'compressors': BloscCodec(cname='zlib', shuffle='noshuffle') if fmt == 3
+              else numcodecs.Blosc(cname='zlib', shuffle=numcodecs.Blosc.NOSHUFFLE)}
+    elif variant == 'gzip':
+        kw = {'compressors': GzipCodec() if fmt == 3 else numcodecs.GZip()}
+    elif variant == 'zstd':
+        kw = {'compressors': ZstdCodec() if fmt == 3 else numcodecs.Zstd()}
+    elif variant == 'order':
+        if fmt == 2:
+            extra = {'order': 'F'}
+        else:
+            extra = {'filters': [TransposeCodec(order=(1, 0, 2))]}
+    elif variant != 'default':
+        raise SystemExit('unknown variant ' + variant)
+    if variant == 'gzip':
+        kw['chunk_key_encoding'] = ({'name': 'v2', 'separator': '/'} if fmt == 2
+                                    else {'name': 'default', 'separator': '.'})
 
-def arr(name, data, chunks, **more):
-    a = g.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, **kw, **more)
-    a[...] = data
-    return a
+    def arr(name, data, chunks, **more):
+        a = g.create_array(name, shape=data.shape, chunks=chunks, dtype=data.dtype, **kw, **more)
+        a[...] = data
+        return a
 
-action = rng.standard_normal((rows, 7)).astype('<f4')
-# Duplicates: seeds 0 and 1 start with the same 2-step episode; seed 3's episode 1 repeats its
-# episode 0.
-if seed < 2 and episodes > 0 and lengths[0] == 2:
-    action[:2] = np.arange(14, dtype='<f4').reshape(2, 7)
-if seed == 3 and episodes > 1 and lengths[0] == lengths[1]:
-    action[lengths[0]:2 * lengths[0]] = action[:lengths[0]]
-arr('data/action', action, (5, 7))
-arr('data/state', rng.standard_normal((rows, 3, 2)), (4, 3, 2), **extra)
-arr('data/img', rng.integers(0, 255, (rows, 4, 6), dtype='u1'), (3, 2, 4))
-arr('meta/episode_ends', np.cumsum(lengths).astype('<i8'), (4,))
-succ = rng.random(episodes) < 0.7
-if seed % 4 == 3:
-    succ[:] = False   # all fill value: zarr writes no chunk
-arr('meta/success', succ, (8,))
-arr('meta/score', rng.random(episodes).astype('<f4'), (3,))
-fps = g.create_array('meta/fps', shape=(), dtype='<i4', **kw)
-fps[...] = 30
+    action = rng.standard_normal((rows, 7)).astype('<f4')
+    # Duplicates: seeds 0 and 1 start with the same 2-step episode; seed 3's episode 1 repeats its
+    # episode 0.
+    if seed < 2 and episodes > 0 and lengths[0] == 2:
+        action[:2] = np.arange(14, dtype='<f4').reshape(2, 7)
+    if seed == 3 and episodes > 1 and lengths[0] == lengths[1]:
+        action[lengths[0]:2 * lengths[0]] = action[:lengths[0]]
+    arr('data/action', action, (5, 7))
+    arr('data/state', rng.standard_normal((rows, 3, 2)), (4, 3, 2), **extra)
+    arr('data/img', rng.integers(0, 255, (rows, 4, 6), dtype='u1'), (3, 2, 4))
+    arr('meta/episode_ends', np.cumsum(lengths).astype('<i8'), (4,))
+    succ = rng.random(episodes) < 0.7
+    if seed % 4 == 3:
+        succ[:] = False   # all fill value: zarr writes no chunk
+    arr('meta/success', succ, (8,))
+    arr('meta/score', rng.random(episodes).astype('<f4'), (3,))
+    fps = g.create_array('meta/fps', shape=(), dtype='<i4', **kw)
+    fps[...] = 30
+
+fmt, variant = int(sys.argv[1]), sys.argv[2]
+for spec in sys.argv[3:]:
+    path, seed, episodes = spec.rsplit(':', 2)
+    write(path, fmt, variant, int(seed), int(episodes))
 "#;
 
 const CHECK: &str = r#"
 import sys, json, numpy as np, zarr
-merged, limit, filt, dedup = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-inputs = sys.argv[5:]
+ninputs = int(sys.argv[1])
+inputs = sys.argv[2:2 + ninputs]
 opened = [zarr.open_group(p, mode='r') for p in inputs]
-names = ['data/action', 'data/img', 'data/state', 'meta/score', 'meta/success']
-eps = []  # (input, episode, row0, row1)
-for g in opened:
-    ends = g['meta/episode_ends'][:]
-    starts = np.concatenate([[0], ends[:-1]])
-    for e, (s, t) in enumerate(zip(starts, ends)):
-        eps.append((g, e, s, t))
-seen = set()
-kept = []
-for g, e, s, t in eps:
-    if filt != 'none':
-        field, thr = filt.split('>=')
-        if not g[field.replace('.', '/')][e] >= float(thr):
-            continue
-    if dedup != 'none':
-        key = b''.join(g[f.replace('.', '/')][s:t].tobytes() for f in dedup.split(','))
-        if key in seen:
-            continue
-        seen.add(key)
-    kept.append((g, e, s, t))
-kept = kept[:limit]
-out = zarr.open_group(merged, mode='r')
-g0 = opened[[i for i, g in enumerate(opened) if g['meta/episode_ends'].shape[0] > 0][0]]
-assert out.metadata.zarr_format == g0.metadata.zarr_format
-assert dict(out.attrs) == dict(g0.attrs), (dict(out.attrs), dict(g0.attrs))
-want_ends = np.cumsum([t - s for _, _, s, t in kept]).astype('<i8')
-got_ends = out['meta/episode_ends'][:]
-assert got_ends.dtype == want_ends.dtype and np.array_equal(got_ends, want_ends), (got_ends, want_ends)
-for n in names:
-    a = out[n]
-    if n.startswith('data/'):
-        parts = [g[n][s:t] for g, _, s, t in kept]
-    else:
-        parts = [g[n][e:e + 1] for g, e, _, _ in kept]
-    want = np.concatenate(parts) if parts else np.zeros((0,) + g0[n].shape[1:], g0[n].dtype)
-    got = a[...]
-    assert got.dtype == want.dtype and got.shape == want.shape, (n, got.dtype, got.shape, want.dtype, want.shape)
-    assert np.array_equal(got, want), n
-    # Layout and codecs are input 0's.
-    t = g0[n]
-    assert a.chunks == t.chunks, (n, a.chunks, t.chunks)
-    if out.metadata.zarr_format == 2:
-        assert a.metadata.compressor == t.metadata.compressor, (n, a.metadata.compressor)
-        assert a.metadata.order == t.metadata.order
-    else:
-        assert a.metadata.codecs == t.metadata.codecs, (n, a.metadata.codecs)
-assert out['meta/fps'][...] == 30
-print('ok', len(kept))
+
+def check(merged, limit, filt, dedup):
+    names = ['data/action', 'data/img', 'data/state', 'meta/score', 'meta/success']
+    eps = []  # (input, episode, row0, row1)
+    for g in opened:
+        ends = g['meta/episode_ends'][:]
+        starts = np.concatenate([[0], ends[:-1]])
+        for e, (s, t) in enumerate(zip(starts, ends)):
+            eps.append((g, e, s, t))
+    seen = set()
+    kept = []
+    for g, e, s, t in eps:
+        if filt != 'none':
+            field, thr = filt.split('>=')
+            if not g[field.replace('.', '/')][e] >= float(thr):
+                continue
+        if dedup != 'none':
+            key = b''.join(g[f.replace('.', '/')][s:t].tobytes() for f in dedup.split(','))
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append((g, e, s, t))
+    kept = kept[:limit]
+    out = zarr.open_group(merged, mode='r')
+    g0 = opened[[i for i, g in enumerate(opened) if g['meta/episode_ends'].shape[0] > 0][0]]
+    assert out.metadata.zarr_format == g0.metadata.zarr_format
+    assert dict(out.attrs) == dict(g0.attrs), (dict(out.attrs), dict(g0.attrs))
+    want_ends = np.cumsum([t - s for _, _, s, t in kept]).astype('<i8')
+    got_ends = out['meta/episode_ends'][:]
+    assert got_ends.dtype == want_ends.dtype and np.array_equal(got_ends, want_ends), (got_ends, want_ends)
+    for n in names:
+        a = out[n]
+        if n.startswith('data/'):
+            parts = [g[n][s:t] for g, _, s, t in kept]
+        else:
+            parts = [g[n][e:e + 1] for g, e, _, _ in kept]
+        want = np.concatenate(parts) if parts else np.zeros((0,) + g0[n].shape[1:], g0[n].dtype)
+        got = a[...]
+        assert got.dtype == want.dtype and got.shape == want.shape, (n, got.dtype, got.shape, want.dtype, want.shape)
+        assert np.array_equal(got, want), n
+        # Layout and codecs are input 0's.
+        t = g0[n]
+        assert a.chunks == t.chunks, (n, a.chunks, t.chunks)
+        if out.metadata.zarr_format == 2:
+            assert a.metadata.compressor == t.metadata.compressor, (n, a.metadata.compressor)
+            assert a.metadata.order == t.metadata.order
+        else:
+            assert a.metadata.codecs == t.metadata.codecs, (n, a.metadata.codecs)
+    assert out['meta/fps'][...] == 30
+    print('ok', len(kept))
+
+for spec in sys.argv[2 + ninputs:]:
+    merged, limit, filt, dedup = spec.split('|')
+    check(merged, int(limit), filt, dedup)
 "#;
 
 fn python() -> String {
@@ -174,23 +185,16 @@ fn run_py(script: &str, args: &[String]) -> String {
 
 /// Writes rounds `(seed, episodes)` of one format/variant; returns their paths.
 fn gen_rounds(dir: &Path, fmt: u8, variant: &str, rounds: &[(u64, u64)]) -> Vec<PathBuf> {
-    rounds
+    let paths: Vec<PathBuf> = rounds
         .iter()
-        .map(|(seed, n)| {
-            let p = dir.join(format!("v{fmt}-{variant}-{seed}.zarr"));
-            run_py(
-                GEN,
-                &[
-                    p.display().to_string(),
-                    fmt.to_string(),
-                    variant.into(),
-                    seed.to_string(),
-                    n.to_string(),
-                ],
-            );
-            p
-        })
-        .collect()
+        .map(|(seed, _)| dir.join(format!("v{fmt}-{variant}-{seed}.zarr")))
+        .collect();
+    let mut args = vec![fmt.to_string(), variant.to_string()];
+    for (p, (seed, n)) in paths.iter().zip(rounds) {
+        args.push(format!("{}:{seed}:{n}", p.display()));
+    }
+    run_py(GEN, &args);
+    paths
 }
 
 fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
@@ -229,6 +233,8 @@ fn merge_and_check(dir: &Path, inputs: &[PathBuf], tag: &str) {
         (4, Some("meta.score>=0.3"), "data.action,data.img"),
         (u64::MAX, None, "data.action"),
     ];
+    let mut specs = Vec::new();
+    let mut want = Vec::new();
     for (k, (limit, filter, dedup)) in cases.into_iter().enumerate() {
         let options = MergeOptions {
             limit,
@@ -242,15 +248,13 @@ fn merge_and_check(dir: &Path, inputs: &[PathBuf], tag: &str) {
         let out = dir.join(format!("{tag}-merged-{k}.zarr"));
         let s = quarry_formats::merge(Format::Zarr, inputs, &counts, &options, &out)
             .unwrap_or_else(|e| panic!("{tag} case {k}: {e}"));
-        let mut args = vec![
-            out.display().to_string(),
-            limit.min(1 << 40).to_string(),
-            filter.unwrap_or("none").into(),
-            dedup.into(),
-        ];
-        args.extend(inputs.iter().map(|p| p.display().to_string()));
-        let said = run_py(CHECK, &args);
-        assert_eq!(said.trim(), format!("ok {}", s.samples), "{tag} case {k}");
+        specs.push(format!(
+            "{}|{}|{}|{dedup}",
+            out.display(),
+            limit.min(1 << 40),
+            filter.unwrap_or("none")
+        ));
+        want.push(format!("ok {}", s.samples));
         let back = quarry_formats::inspect(Format::Zarr, &out, None).unwrap();
         assert_eq!(back.count, s.samples);
         if k == 0 {
@@ -268,6 +272,11 @@ fn merge_and_check(dir: &Path, inputs: &[PathBuf], tag: &str) {
             assert!(s.duplicates > 0, "{tag}: the rounds hold duplicates");
         }
     }
+    let mut args = vec![inputs.len().to_string()];
+    args.extend(inputs.iter().map(|p| p.display().to_string()));
+    args.extend(specs);
+    let said = run_py(CHECK, &args);
+    assert_eq!(said.lines().collect::<Vec<_>>(), want, "{tag}");
 }
 
 const ROUNDS: &[(u64, u64)] = &[(0, 5), (1, 4), (2, 0), (3, 6), (4, 3)];

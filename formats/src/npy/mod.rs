@@ -11,7 +11,7 @@
 //! The merged file loads with `np.load(path, allow_pickle=True)` on numpy 1.26 and 2.x and
 //! equals `np.concatenate([np.load(f, allow_pickle=True) for f in inputs])[:limit]`.
 
-mod header;
+pub(crate) mod header;
 mod memo;
 mod numeric;
 mod object;

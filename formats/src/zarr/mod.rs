@@ -517,6 +517,3 @@ pub fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetE
     }
     Ok(store.count)
 }
-
-#[cfg(test)]
-mod tests;
