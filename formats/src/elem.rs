@@ -159,7 +159,7 @@ impl Elem {
             Kind::Bool => v == 0 || v == 1,
             _ => false,
         };
-        ok.then(|| self.from_word(v as u64))
+        ok.then(|| self.word_to_bytes(v as u64))
     }
 
     /// The bytes of float `v` in this (float) type's width and byte order.
@@ -179,7 +179,7 @@ impl Elem {
     }
 
     /// `w`'s low `self.size` bytes in this type's byte order.
-    pub fn from_word(&self, w: u64) -> Vec<u8> {
+    pub fn word_to_bytes(&self, w: u64) -> Vec<u8> {
         self.word_bytes(w, self.size)
     }
 

@@ -304,7 +304,10 @@ fn damage_is_found_with_its_member() {
     for mode in ["stored", "compressed"] {
         let p = gen_rounds(dir.path(), mode, &[(5, 40)]).remove(0);
         let mut seen = Seen::default();
-        assert_eq!(quarry_formats::examine(Format::Npz, &p, &mut seen).unwrap(), 40);
+        assert_eq!(
+            quarry_formats::examine(Format::Npz, &p, &mut seen).unwrap(),
+            40
+        );
         assert!(seen.problems.is_empty(), "{:?}", seen.problems);
         assert!(seen.fields.contains(&("obs".to_string(), 5)));
         assert!(seen.fields.contains(&("img".to_string(), 6)));
@@ -360,7 +363,10 @@ np.savez(sys.argv[2], obs=np.zeros((3, 5), '<f4'), action=np.zeros((2, 3)))
         &dir.path().join("m.npz"),
     )
     .unwrap_err();
-    assert!(matches!(err, DatasetError::Mismatch { input: 1, .. }), "{err}");
+    assert!(
+        matches!(err, DatasetError::Mismatch { input: 1, .. }),
+        "{err}"
+    );
     match quarry_formats::inspect(Format::Npz, &ragged, None).unwrap_err() {
         DatasetError::Invalid { path, .. } => assert!(path.ends_with(":action.npy"), "{path}"),
         other => panic!("unexpected {other}"),
@@ -378,7 +384,14 @@ fn example_generator_rounds_merge() {
         let stats = dir.path().join(format!("g{seed}.json"));
         let mut cmd = Command::new(python());
         cmd.arg(&gen_py)
-            .args(["--seed", &seed.to_string(), "--object", "mug", "--batch_size", "20"])
+            .args([
+                "--seed",
+                &seed.to_string(),
+                "--object",
+                "mug",
+                "--batch_size",
+                "20",
+            ])
             .arg("--out")
             .arg(&out)
             .arg("--stats")

@@ -206,7 +206,10 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.push((p.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&p).unwrap()));
+                out.push((
+                    p.strip_prefix(dir).unwrap().to_path_buf(),
+                    std::fs::read(&p).unwrap(),
+                ));
             }
         }
     }
@@ -217,7 +220,11 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 fn counts(inputs: &[PathBuf]) -> Vec<u64> {
     inputs
         .iter()
-        .map(|p| quarry_formats::inspect(Format::Zarr, p, None).unwrap().count)
+        .map(|p| {
+            quarry_formats::inspect(Format::Zarr, p, None)
+                .unwrap()
+                .count
+        })
         .collect()
 }
 
@@ -266,7 +273,10 @@ fn merge_and_check(dir: &Path, inputs: &[PathBuf], tag: &str) {
             let s2 =
                 quarry_formats::merge(Format::Zarr, inputs, &counts, &options, &again).unwrap();
             assert_eq!(s, s2);
-            assert!(files(&out) == files(&again), "{tag} case {k}: not deterministic");
+            assert!(
+                files(&out) == files(&again),
+                "{tag} case {k}: not deterministic"
+            );
         }
         if dedup == "data.action" && filter.is_none() {
             assert!(s.duplicates > 0, "{tag}: the rounds hold duplicates");
@@ -285,7 +295,15 @@ const ROUNDS: &[(u64, u64)] = &[(0, 5), (1, 4), (2, 0), (3, 6), (4, 3)];
 fn v2_variants_merge_like_python() {
     check_python();
     let dir = tempfile::tempdir().unwrap();
-    for variant in ["default", "none", "blosc-bit", "blosc-zlib", "zstd", "gzip", "order"] {
+    for variant in [
+        "default",
+        "none",
+        "blosc-bit",
+        "blosc-zlib",
+        "zstd",
+        "gzip",
+        "order",
+    ] {
         let inputs = gen_rounds(dir.path(), 2, variant, ROUNDS);
         merge_and_check(dir.path(), &inputs, &format!("v2-{variant}"));
     }
@@ -295,7 +313,15 @@ fn v2_variants_merge_like_python() {
 fn v3_variants_merge_like_python() {
     check_python();
     let dir = tempfile::tempdir().unwrap();
-    for variant in ["default", "none", "blosc", "blosc-bit", "blosc-zlib", "gzip", "order"] {
+    for variant in [
+        "default",
+        "none",
+        "blosc",
+        "blosc-bit",
+        "blosc-zlib",
+        "gzip",
+        "order",
+    ] {
         let inputs = gen_rounds(dir.path(), 3, variant, ROUNDS);
         merge_and_check(dir.path(), &inputs, &format!("v3-{variant}"));
     }
@@ -360,7 +386,8 @@ impl Observer for Seen {
         self.current = index;
     }
     fn values(&mut self, field: &str, values: &[f64]) {
-        self.values.push((self.current, field.to_string(), values.len()));
+        self.values
+            .push((self.current, field.to_string(), values.len()));
     }
     fn problem(&mut self, path: &str, reason: &str) {
         self.problems.push((path.to_string(), reason.to_string()));
@@ -380,8 +407,16 @@ fn corrupted_chunks_are_flagged_with_their_path() {
             5
         );
         assert!(seen.problems.is_empty(), "{:?}", seen.problems);
-        assert!(seen.values.iter().any(|(s, f, n)| *s == 0 && f == "meta.score" && *n == 1));
-        assert!(seen.values.iter().any(|(s, f, _)| *s == 4 && f == "data.action"));
+        assert!(
+            seen.values
+                .iter()
+                .any(|(s, f, n)| *s == 0 && f == "meta.score" && *n == 1)
+        );
+        assert!(
+            seen.values
+                .iter()
+                .any(|(s, f, _)| *s == 4 && f == "data.action")
+        );
         let chunk = store.join("data/action").join(key);
         let mut bytes = std::fs::read(&chunk).unwrap();
         let n = bytes.len();
@@ -432,7 +467,10 @@ g.create_array('meta/episode_ends', shape=(2,), dtype='i8')[...] = [2, 4]
         &dir.path().join("m.zarr"),
     )
     .unwrap_err();
-    assert!(matches!(err, DatasetError::Mismatch { input: 1, .. }), "{err}");
+    assert!(
+        matches!(err, DatasetError::Mismatch { input: 1, .. }),
+        "{err}"
+    );
     let v2 = gen_rounds(dir.path(), 2, "default", &[(1, 3)]);
     let inputs = vec![a[0].clone(), v2[0].clone()];
     let err = quarry_formats::merge(
@@ -446,7 +484,10 @@ g.create_array('meta/episode_ends', shape=(2,), dtype='i8')[...] = [2, 4]
         &dir.path().join("m2.zarr"),
     )
     .unwrap_err();
-    assert!(matches!(err, DatasetError::Mismatch { input: 1, .. }), "{err}");
+    assert!(
+        matches!(err, DatasetError::Mismatch { input: 1, .. }),
+        "{err}"
+    );
 }
 
 #[test]
@@ -465,7 +506,10 @@ g.create_array('data/action', shape=(8, 7), chunks=(2, 7), shards=(4, 7), dtype=
     let err = quarry_formats::inspect(Format::Zarr, &p, None).unwrap_err();
     match err {
         DatasetError::Unsupported { reason } => {
-            assert!(reason.contains("sharding_indexed") && reason.contains("data/action"), "{reason}")
+            assert!(
+                reason.contains("sharding_indexed") && reason.contains("data/action"),
+                "{reason}"
+            )
         }
         other => panic!("unexpected {other}"),
     }
@@ -476,7 +520,8 @@ g.create_array('data/action', shape=(8, 7), chunks=(2, 7), shards=(4, 7), dtype=
 fn example_generator_rounds_merge() {
     check_python();
     let dir = tempfile::tempdir().unwrap();
-    let gen_py = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/zarr_replay_gen.py");
+    let gen_py =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/zarr_replay_gen.py");
     for fmt in ["2", "3"] {
         let mut inputs = Vec::new();
         for seed in 0..3 {
@@ -484,7 +529,14 @@ fn example_generator_rounds_merge() {
             let stats = dir.path().join(format!("gen{fmt}-{seed}.json"));
             let o = Command::new(python())
                 .arg(&gen_py)
-                .args(["--seed", &seed.to_string(), "--object", "mug", "--batch_size", "6"])
+                .args([
+                    "--seed",
+                    &seed.to_string(),
+                    "--object",
+                    "mug",
+                    "--batch_size",
+                    "6",
+                ])
                 .args(["--format", fmt, "--out"])
                 .arg(&out)
                 .arg("--stats")

@@ -81,8 +81,8 @@ impl Npz {
                 });
             };
             let mut r = archive.reader(e)?;
-            let header =
-                header::read_header(&mut r).map_err(|x| DatasetError::invalid(&at, x.to_string()))?;
+            let header = header::read_header(&mut r)
+                .map_err(|x| DatasetError::invalid(&at, x.to_string()))?;
             if header.shape.is_empty() {
                 return Err(DatasetError::invalid(
                     &at,
@@ -146,16 +146,18 @@ impl Npz {
     }
 
     fn member(&self, field: &str) -> Option<&Member> {
-        self.members
-            .iter()
-            .find(|m| m.key == field)
-            .or_else(|| self.members.iter().find(|m| m.key == field.replace('.', "/")))
+        self.members.iter().find(|m| m.key == field).or_else(|| {
+            self.members
+                .iter()
+                .find(|m| m.key == field.replace('.', "/"))
+        })
     }
 
     /// A reader at the member's first data byte.
     fn rows(&self, m: &Member) -> Result<zip::Member, DatasetError> {
         let mut r = self.archive.reader(&m.entry)?;
-        header::read_header(&mut r).map_err(|x| DatasetError::invalid(self.at(m), x.to_string()))?;
+        header::read_header(&mut r)
+            .map_err(|x| DatasetError::invalid(self.at(m), x.to_string()))?;
         Ok(r)
     }
 
@@ -173,9 +175,9 @@ impl Npz {
 
     /// Each row's value of the filter member (1-D, numeric).
     fn filter_values(&self, f: &Filter) -> Result<Vec<f64>, DatasetError> {
-        let m = self.member(&f.field).ok_or_else(|| {
-            self.field_error(format!("filter field {} names no member", f.field))
-        })?;
+        let m = self
+            .member(&f.field)
+            .ok_or_else(|| self.field_error(format!("filter field {} names no member", f.field)))?;
         let elem = match &m.elem {
             Some(e) if e.is_numeric() && m.header.shape.len() == 1 => e.clone(),
             _ => {
@@ -193,7 +195,11 @@ impl Npz {
         while left > 0 {
             let n = left.min(buf.len());
             r.read_exact(&mut buf[..n]).map_err(self.read_err(m))?;
-            values.extend(buf[..n].chunks_exact(elem.size).filter_map(|e| elem.value(e)));
+            values.extend(
+                buf[..n]
+                    .chunks_exact(elem.size)
+                    .filter_map(|e| elem.value(e)),
+            );
             left -= n;
         }
         Ok(values)
@@ -485,14 +491,11 @@ pub fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetE
     for m in &npz.members {
         if m.is_object() {
             // No numbers to report; check the pickle.
-            let checked = npz
-                .archive
-                .reader(&m.entry)
-                .and_then(|mut r| {
-                    crate::npy::inspect(&mut r, m.entry.size)
-                        .map_err(|e| DatasetError::invalid(npz.at(m), e.to_string()))?;
-                    drain(&mut r).map_err(npz.read_err(m))
-                });
+            let checked = npz.archive.reader(&m.entry).and_then(|mut r| {
+                crate::npy::inspect(&mut r, m.entry.size)
+                    .map_err(|e| DatasetError::invalid(npz.at(m), e.to_string()))?;
+                drain(&mut r).map_err(npz.read_err(m))
+            });
             if let Err(e) = checked {
                 observer.problem(&npz.at(m), &e.to_string());
             }

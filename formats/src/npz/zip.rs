@@ -88,7 +88,8 @@ impl Archive {
             if le32(&loc, 0) == ZIP64_LOCATOR_SIG {
                 let at = le64(&loc, 8);
                 let mut z = [0u8; 56];
-                read_at(&mut f, at, &mut z).map_err(|_| bad("zip64 end record is cut off".into()))?;
+                read_at(&mut f, at, &mut z)
+                    .map_err(|_| bad("zip64 end record is cut off".into()))?;
                 if le32(&z, 0) != ZIP64_EOCD_SIG {
                     return Err(bad("zip64 locator points at no zip64 end record".into()));
                 }
@@ -166,10 +167,14 @@ impl Archive {
         let label = format!("{}:{}", self.path.display(), e.name);
         let mut f = File::open(&self.path).map_err(DatasetError::io("open", &self.path))?;
         let mut h = [0u8; 30];
-        read_at(&mut f, e.local_offset, &mut h)
-            .map_err(|_| DatasetError::invalid(&label, "local header lies past the end of the file"))?;
+        read_at(&mut f, e.local_offset, &mut h).map_err(|_| {
+            DatasetError::invalid(&label, "local header lies past the end of the file")
+        })?;
         if le32(&h, 0) != LOCAL_SIG {
-            return Err(DatasetError::invalid(&label, "no local header where the directory says"));
+            return Err(DatasetError::invalid(
+                &label,
+                "no local header where the directory says",
+            ));
         }
         let start = e.local_offset + 30 + le16(&h, 26) as u64 + le16(&h, 28) as u64;
         f.seek(SeekFrom::Start(start))
@@ -295,7 +300,9 @@ impl ZipWriter {
     fn plain(&mut self) -> std::io::Result<&mut Counting> {
         match &mut self.sink {
             Sink::Plain(c) => Ok(c),
-            _ => Err(std::io::Error::other("zip writer is inside a deflated member")),
+            _ => Err(std::io::Error::other(
+                "zip writer is inside a deflated member",
+            )),
         }
     }
 
@@ -358,7 +365,9 @@ impl ZipWriter {
         let crc = cur.crc.sum();
         c.f.seek(SeekFrom::Start(cur.header_at + 14))?;
         c.f.write_all(&crc.to_le_bytes())?;
-        c.f.seek(SeekFrom::Start(cur.header_at + 30 + cur.name.len() as u64 + 4))?;
+        c.f.seek(SeekFrom::Start(
+            cur.header_at + 30 + cur.name.len() as u64 + 4,
+        ))?;
         c.f.write_all(&cur.size.to_le_bytes())?;
         c.f.write_all(&compressed.to_le_bytes())?;
         c.f.seek(SeekFrom::Start(c.at))?;
@@ -484,7 +493,9 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("a.zip");
         let mut w = ZipWriter::new(File::create(&p).expect("create"));
-        let big: Vec<u8> = (0..200_000u32).flat_map(|i| (i % 251).to_le_bytes()).collect();
+        let big: Vec<u8> = (0..200_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
         w.begin("x.npy", STORED).expect("begin");
         w.write_all(b"hello").expect("write");
         w.end().expect("end");
@@ -509,7 +520,10 @@ mod tests {
         std::fs::write(&p, &bytes).expect("write");
         let a = Archive::open(&p).expect("open");
         let mut sink = Vec::new();
-        let e = a.reader(&a.entries[0]).expect("reader").read_to_end(&mut sink);
+        let e = a
+            .reader(&a.entries[0])
+            .expect("reader")
+            .read_to_end(&mut sink);
         assert!(e.is_err());
     }
 }

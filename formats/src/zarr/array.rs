@@ -13,18 +13,16 @@ pub(crate) struct ChunkError {
     pub reason: String,
 }
 
-/// Copies the box of `extent` elements starting at `src_at` in a C-order array of `src_shape`
-/// into `dst` (C order, `dst_shape`) at `dst_at`.
-fn copy_box(
-    src: &[u8],
-    src_shape: &[u64],
-    src_at: &[u64],
-    dst: &mut [u8],
-    dst_shape: &[u64],
-    dst_at: &[u64],
-    extent: &[u64],
-    esize: usize,
-) {
+/// A C-order array's shape and a corner inside it.
+struct At<'a> {
+    shape: &'a [u64],
+    corner: &'a [u64],
+}
+
+/// Copies the box of `extent` elements at `from.corner` in `src` (shape `from.shape`) into
+/// `dst` (shape `to.shape`) at `to.corner`.
+fn copy_box(src: &[u8], from: At, dst: &mut [u8], to: At, extent: &[u64], esize: usize) {
+    let (src_shape, src_at, dst_shape, dst_at) = (from.shape, from.corner, to.shape, to.corner);
     let n = extent.len();
     if n == 0 || extent.contains(&0) {
         if n == 0 {
@@ -151,7 +149,8 @@ impl<'a> Cursor<'a> {
                 }
                 Err(e) => return Err(e),
             };
-            let chunk = chunk.unwrap_or_else(|| m.fill.repeat(m.chunk_bytes().unwrap_or(0) / m.elem.size));
+            let chunk =
+                chunk.unwrap_or_else(|| m.fill.repeat(m.chunk_bytes().unwrap_or(0) / m.elem.size));
             let mut dst_at = vec![0u64];
             let mut extent = vec![rows];
             for (a, &t) in tail.iter().enumerate() {
@@ -161,11 +160,15 @@ impl<'a> Cursor<'a> {
             }
             copy_box(
                 &chunk,
-                &m.chunks,
-                &vec![0; m.chunks.len()],
+                At {
+                    shape: &m.chunks,
+                    corner: &vec![0; m.chunks.len()],
+                },
                 &mut self.block,
-                &block_shape,
-                &dst_at,
+                At {
+                    shape: &block_shape,
+                    corner: &dst_at,
+                },
                 &extent,
                 m.elem.size,
             );
@@ -280,11 +283,15 @@ impl Writer {
             }
             copy_box(
                 &self.block,
-                &shape,
-                &src_at,
+                At {
+                    shape: &shape,
+                    corner: &src_at,
+                },
                 &mut chunk,
-                &m.chunks,
-                &vec![0; m.chunks.len()],
+                At {
+                    shape: &m.chunks,
+                    corner: &vec![0; m.chunks.len()],
+                },
                 &extent,
                 m.elem.size,
             );
@@ -330,7 +337,20 @@ mod tests {
         // src 3x4 = 0..12; copy the 2x2 box at (1, 1) into a 4x4 zero array at (0, 2).
         let src: Vec<u8> = (0..12).collect();
         let mut dst = vec![0u8; 16];
-        copy_box(&src, &[3, 4], &[1, 1], &mut dst, &[4, 4], &[0, 2], &[2, 2], 1);
+        copy_box(
+            &src,
+            At {
+                shape: &[3, 4],
+                corner: &[1, 1],
+            },
+            &mut dst,
+            At {
+                shape: &[4, 4],
+                corner: &[0, 2],
+            },
+            &[2, 2],
+            1,
+        );
         assert_eq!(&dst[..8], &[0, 0, 5, 6, 0, 0, 9, 10]);
         assert_eq!(tail_positions(&[5, 2, 3]).len(), 6);
         assert_eq!(tail_positions(&[5]), vec![Vec::<u64>::new()]);

@@ -154,7 +154,8 @@ pub(crate) fn decode(src: &[u8], max_len: usize) -> Result<Vec<u8>, String> {
             if cb == neblock {
                 dst.copy_from_slice(stream);
             } else {
-                inner_decode(compformat, stream, dst).map_err(|e| format!("blosc block {j}: {e}"))?;
+                inner_decode(compformat, stream, dst)
+                    .map_err(|e| format!("blosc block {j}: {e}"))?;
             }
         }
         let dst = &mut out[j * blocksize..j * blocksize + bsize];
@@ -327,7 +328,7 @@ fn unshuffle(ts: usize, src: &[u8], dst: &mut [u8]) {
 /// the block holds a multiple of 8 elements; otherwise the block is left as it is.
 fn bitshuffle(ts: usize, src: &[u8], dst: &mut [u8]) {
     let n = src.len() / ts;
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         dst.copy_from_slice(src);
         return;
     }
@@ -349,7 +350,7 @@ fn bitshuffle(ts: usize, src: &[u8], dst: &mut [u8]) {
 
 fn bitunshuffle(ts: usize, src: &[u8], dst: &mut [u8]) {
     let n = src.len() / ts;
-    if n % 8 != 0 {
+    if !n.is_multiple_of(8) {
         dst.copy_from_slice(src);
         return;
     }
@@ -374,7 +375,9 @@ mod tests {
 
     #[test]
     fn round_trips_every_layout() {
-        let data: Vec<u8> = (0..100_003u32).flat_map(|i| (i / 3).to_le_bytes()).collect();
+        let data: Vec<u8> = (0..100_003u32)
+            .flat_map(|i| (i / 3).to_le_bytes())
+            .collect();
         for cname in [Cname::Lz4, Cname::Zlib, Cname::Zstd] {
             for shuffle in [Shuffle::None, Shuffle::Byte, Shuffle::Bit] {
                 for len in [0, 5, 4000, data.len()] {

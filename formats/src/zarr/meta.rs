@@ -61,9 +61,7 @@ impl ArrayMeta {
         let dtype = match doc.get("dtype") {
             Some(Value::String(s)) => s.clone(),
             Some(other) => {
-                return Err(MetaError::Unsupported(format!(
-                    "structured dtype {other}"
-                )));
+                return Err(MetaError::Unsupported(format!("structured dtype {other}")));
             }
             None => return Err(invalid("dtype is missing")),
         };
@@ -111,7 +109,9 @@ impl ArrayMeta {
     /// Parses an array's `zarr.json` document.
     pub fn from_v3(name: String, dir: PathBuf, doc: Value) -> Result<ArrayMeta, MetaError> {
         let shape = dims(doc.get("shape"), "shape")?;
-        let grid = doc.get("chunk_grid").ok_or_else(|| invalid("chunk_grid is missing"))?;
+        let grid = doc
+            .get("chunk_grid")
+            .ok_or_else(|| invalid("chunk_grid is missing"))?;
         if grid.get("name").and_then(Value::as_str) != Some("regular") {
             return Err(MetaError::Unsupported(format!("chunk_grid {grid}")));
         }
@@ -240,7 +240,10 @@ impl ArrayMeta {
             )));
         }
         if self.chunks.contains(&0) {
-            return Err(invalid(format!("chunks {:?} has a zero length", self.chunks)));
+            return Err(invalid(format!(
+                "chunks {:?} has a zero length",
+                self.chunks
+            )));
         }
         self.chunk_bytes()
             .ok_or_else(|| invalid("chunk size overflows"))?;
@@ -493,7 +496,7 @@ fn float_fill(v: &Value, elem: &Elem, width: usize) -> Option<Vec<u8>> {
             "-Infinity" => f64::NEG_INFINITY,
             hex => {
                 let bits = u64::from_str_radix(hex.strip_prefix("0x")?, 16).ok()?;
-                return Some(as_float.from_word(bits));
+                return Some(as_float.word_to_bytes(bits));
             }
         },
         _ => return None,
@@ -515,7 +518,7 @@ mod tests {
         let back = permute(&t, &[4, 2, 3], 1, &inverse(&[2, 0, 1]));
         assert_eq!(back, b);
         // t[k, i, j] = b[i, j, k]: t[1, 0, 2] = b[0, 2, 1] = 9.
-        assert_eq!(t[(1 * 2 + 0) * 3 + 2], 9);
+        assert_eq!(t[2 * 3 + 2], 9);
     }
 
     #[test]

@@ -111,10 +111,7 @@ fn filter_values(store: &Store, f: &Filter) -> Result<Vec<f64>, DatasetError> {
             store,
             format!(
                 "filter field {} is {} {} of shape {:?}, not {want}",
-                f.field,
-                a.name,
-                a.dtype,
-                a.shape
+                f.field, a.name, a.dtype, a.shape
             ),
         ));
     }
@@ -181,7 +178,12 @@ fn check_match(t: &Store, s: &Store, i: usize) -> Result<(), DatasetError> {
             "one is a replay buffer (meta/episode_ends) and the other is not".into(),
         ));
     }
-    let names = |st: &Store| st.arrays.iter().map(|(a, _)| a.name.clone()).collect::<Vec<_>>();
+    let names = |st: &Store| {
+        st.arrays
+            .iter()
+            .map(|(a, _)| a.name.clone())
+            .collect::<Vec<_>>()
+    };
     if names(t) != names(s) {
         return Err(mismatch(format!(
             "arrays [{}] differ from input 0's [{}]",
@@ -197,7 +199,9 @@ fn check_match(t: &Store, s: &Store, i: usize) -> Result<(), DatasetError> {
             )));
         }
         let past0 = |a: &ArrayMeta| a.shape.iter().skip(1).copied().collect::<Vec<_>>();
-        if tr != sr || (*tr != Role::Const && past0(ta) != past0(sa)) || ta.shape.len() != sa.shape.len()
+        if tr != sr
+            || (*tr != Role::Const && past0(ta) != past0(sa))
+            || ta.shape.len() != sa.shape.len()
         {
             return Err(mismatch(format!(
                 "{} has shape {:?} ({:?}), input 0's has {:?} ({:?})",
@@ -408,7 +412,11 @@ fn write_metadata(
         match doc {
             None => n += copy_dir(&a.dir, &dir)?,
             Some(doc) => {
-                let file = if t.version == 2 { ".zarray" } else { "zarr.json" };
+                let file = if t.version == 2 {
+                    ".zarray"
+                } else {
+                    "zarr.json"
+                };
                 n += write_json(&dir.join(file), doc)?;
                 let attrs = a.dir.join(".zattrs");
                 if t.version == 2 && attrs.is_file() {
@@ -435,7 +443,9 @@ fn write_metadata(
                 let mut doc: Value = serde_json::from_slice(
                     &std::fs::read(&from).map_err(DatasetError::io("read", &from))?,
                 )
-                .map_err(|e| DatasetError::invalid(format!("{}/zarr.json", t.label), e.to_string()))?;
+                .map_err(|e| {
+                    DatasetError::invalid(format!("{}/zarr.json", t.label), e.to_string())
+                })?;
                 if let Some(Value::Object(m)) = doc
                     .get_mut("consolidated_metadata")
                     .and_then(|c| c.get_mut("metadata"))
@@ -455,9 +465,10 @@ fn write_metadata(
     // v2 consolidated metadata (`.zmetadata`).
     let zmeta = t.root.join(".zmetadata");
     if t.version == 2 && zmeta.is_file() {
-        let mut doc: Value =
-            serde_json::from_slice(&std::fs::read(&zmeta).map_err(DatasetError::io("read", &zmeta))?)
-                .map_err(|e| DatasetError::invalid(format!("{}/.zmetadata", t.label), e.to_string()))?;
+        let mut doc: Value = serde_json::from_slice(
+            &std::fs::read(&zmeta).map_err(DatasetError::io("read", &zmeta))?,
+        )
+        .map_err(|e| DatasetError::invalid(format!("{}/.zmetadata", t.label), e.to_string()))?;
         if let Some(Value::Object(m)) = doc.get_mut("metadata") {
             for (name, d) in &docs {
                 if let (Some(d), Some(entry)) = (d, m.get_mut(&format!("{name}/.zarray"))) {

@@ -46,7 +46,8 @@ pub(crate) struct Store {
 
 fn read_json(path: &Path, label: &str) -> Result<Value, DatasetError> {
     let text = std::fs::read(path).map_err(DatasetError::io("read", path))?;
-    serde_json::from_slice(&text).map_err(|e| DatasetError::invalid(label, format!("not JSON: {e}")))
+    serde_json::from_slice(&text)
+        .map_err(|e| DatasetError::invalid(label, format!("not JSON: {e}")))
 }
 
 impl Store {
@@ -104,7 +105,12 @@ impl Store {
         Ok(store)
     }
 
-    fn walk(&mut self, dir: &Path, rel: &str, found: &mut Vec<ArrayMeta>) -> Result<(), DatasetError> {
+    fn walk(
+        &mut self,
+        dir: &Path,
+        rel: &str,
+        found: &mut Vec<ArrayMeta>,
+    ) -> Result<(), DatasetError> {
         let join = |name: &str| {
             if rel.is_empty() {
                 name.to_string()
@@ -158,14 +164,22 @@ impl Store {
         Ok(())
     }
 
-    fn parse_array(&self, rel: &str, dir: &Path, doc: Value, v2: bool) -> Result<ArrayMeta, DatasetError> {
+    fn parse_array(
+        &self,
+        rel: &str,
+        dir: &Path,
+        doc: Value,
+        v2: bool,
+    ) -> Result<ArrayMeta, DatasetError> {
         let parsed = if v2 {
             ArrayMeta::from_v2(rel.to_string(), dir.to_path_buf(), doc)
         } else {
             ArrayMeta::from_v3(rel.to_string(), dir.to_path_buf(), doc)
         };
         parsed.map_err(|e| match e {
-            MetaError::Invalid(reason) => DatasetError::invalid(format!("{}/{rel}", self.label), reason),
+            MetaError::Invalid(reason) => {
+                DatasetError::invalid(format!("{}/{rel}", self.label), reason)
+            }
             MetaError::Unsupported(what) => DatasetError::Unsupported {
                 reason: format!("{what} in zarr array {}/{rel}", self.label),
             },
@@ -175,7 +189,10 @@ impl Store {
     fn layout(&mut self, found: Vec<ArrayMeta>) -> Result<(), DatasetError> {
         let replay = found.iter().any(|e| e.name == EPISODE_ENDS);
         let holds_samples = |a: &ArrayMeta| !replay || !a.name.starts_with("meta/");
-        if let Some(a) = found.iter().find(|a| a.shape.is_empty() && holds_samples(a)) {
+        if let Some(a) = found
+            .iter()
+            .find(|a| a.shape.is_empty() && holds_samples(a))
+        {
             return Err(DatasetError::invalid(
                 format!("{}/{}", self.label, a.name),
                 "a 0-d array has no first axis to hold samples (put constants under meta/ of a replay buffer)",
@@ -191,7 +208,9 @@ impl Store {
         {
             return Err(DatasetError::invalid(
                 format!("{}/{other}", self.label),
-                format!("{r} rows along axis 0, but {first} has {rows}: every array holding samples must have the same length"),
+                format!(
+                    "{r} rows along axis 0, but {first} has {rows}: every array holding samples must have the same length"
+                ),
             ));
         }
         let mut rows = data_rows.first().map(|d| d.1);
@@ -201,7 +220,10 @@ impl Store {
             if e.shape.len() != 1 || !e.elem.is_integer() {
                 return Err(DatasetError::invalid(
                     path,
-                    format!("episode ends must be a 1-D integer array, not {} of shape {:?}", e.dtype, e.shape),
+                    format!(
+                        "episode ends must be a 1-D integer array, not {} of shape {:?}",
+                        e.dtype, e.shape
+                    ),
                 ));
             }
             let mut ends = Vec::with_capacity(e.shape[0] as usize);
@@ -221,12 +243,20 @@ impl Store {
                 })
                 .map_err(|c| DatasetError::invalid(format!("{path}/{}", c.key), c.reason))?;
             if let Some(i) = bad {
-                return Err(DatasetError::invalid(path, format!("episode {i} ends at a negative row")));
+                return Err(DatasetError::invalid(
+                    path,
+                    format!("episode {i} ends at a negative row"),
+                ));
             }
             if let Some(i) = (1..ends.len()).find(|&i| ends[i] < ends[i - 1]) {
                 return Err(DatasetError::invalid(
                     path,
-                    format!("not increasing: episode {i} ends at row {} before episode {} ends at {}", ends[i], i - 1, ends[i - 1]),
+                    format!(
+                        "not increasing: episode {i} ends at row {} before episode {} ends at {}",
+                        ends[i],
+                        i - 1,
+                        ends[i - 1]
+                    ),
                 ));
             }
             let last = ends.last().copied().unwrap_or(0);
@@ -234,7 +264,9 @@ impl Store {
                 Some(r) if r != last => {
                     return Err(DatasetError::invalid(
                         path,
-                        format!("the last episode ends at row {last}, but the data arrays hold {r} rows"),
+                        format!(
+                            "the last episode ends at row {last}, but the data arrays hold {r} rows"
+                        ),
                     ));
                 }
                 _ => rows = Some(last),
@@ -278,7 +310,11 @@ impl Store {
 
     /// `zarr v3 replay [data/action <f4 (*,7); ...]`, ending in ` empty` without samples.
     pub fn schema(&self) -> String {
-        let layout = if self.ends.is_some() { "replay" } else { "rows" };
+        let layout = if self.ends.is_some() {
+            "replay"
+        } else {
+            "rows"
+        };
         let parts: Vec<String> = self
             .arrays
             .iter()
