@@ -12,7 +12,7 @@
 //! equals `np.concatenate([np.load(f, allow_pickle=True) for f in inputs])[:limit]`.
 
 mod fields;
-mod header;
+pub(crate) mod header;
 mod memo;
 mod numeric;
 mod object;
