@@ -53,10 +53,12 @@ def main(argv=None):
         "E_pen": e_pen[ok],
         "attempt": np.nonzero(ok)[0].astype(np.int64),
     }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     tmp = args.out + ".partial.npz"
     (np.savez if args.stored else np.savez_compressed)(tmp, **rows)
     os.replace(tmp, args.out)
     if args.stats:
+        os.makedirs(os.path.dirname(args.stats) or ".", exist_ok=True)
         with open(args.stats, "w") as f:
             json.dump({"attempts": n, "successes": int(ok.sum())}, f)
     print(f"[npz_gen] {args.object} seed {args.seed}: {int(ok.sum())}/{n} grasps -> {args.out}")
