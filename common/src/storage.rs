@@ -7,7 +7,8 @@
 //! ```text
 //! <exp>/manifest.json
 //! <exp>/rounds/<object>/r<round>_s<seed>/<attempt>/<file>     staging, deleted after the final
-//! <exp>/final_seed_<min>-<max>/<object>/<object>.npy           final (seed_only | both)
+//! <exp>/final_seed_<min>-<max>/<object>/<object>.npy           final (seed_only | both); the
+//!                                                             extension is the format's
 //! <exp>/final/<object>/<object>.npy                            final (plain_only | both)
 //! <exp>/logs/<object>/r<round>_s<seed>/<attempt>.log           generator logs of failed attempts
 //! ```
@@ -578,11 +579,12 @@ pub mod keys {
     pub fn staging(exp: &str, object: &str, round: u32, seed: i64, attempt: &str) -> String {
         format!("{}/{attempt}", round_dir(exp, object, round, seed))
     }
-    pub fn final_seed(exp: &str, object: &str, seed_min: i64, seed_max: i64) -> String {
-        format!("{exp}/final_seed_{seed_min}-{seed_max}/{object}/{object}.npy")
+    /// `name` is the final's file (or directory) name, `<object>.<ext>`.
+    pub fn final_seed(exp: &str, object: &str, seed_min: i64, seed_max: i64, name: &str) -> String {
+        format!("{exp}/final_seed_{seed_min}-{seed_max}/{object}/{name}")
     }
-    pub fn final_plain(exp: &str, object: &str) -> String {
-        format!("{exp}/final/{object}/{object}.npy")
+    pub fn final_plain(exp: &str, object: &str, name: &str) -> String {
+        format!("{exp}/final/{object}/{name}")
     }
     pub fn log(exp: &str, object: &str, round: u32, seed: i64, attempt: &str) -> String {
         format!("{exp}/logs/{object}/r{round}_s{seed}/{attempt}.log")

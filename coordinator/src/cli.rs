@@ -92,6 +92,14 @@ pub struct LegacyFlags {
     /// Kill a generator run after this many seconds and retry it [default: no limit].
     #[arg(long = "round_timeout")]
     pub round_timeout: Option<u64>,
+    /// Quality filter applied at merge, before the cut to the quota: keep samples for which
+    /// `<field> <op> <number>` holds, e.g. --filter 'E_pen <= 0.02' (see docs/job-file.md).
+    #[arg(long = "filter", value_name = "EXPR")]
+    pub filter: Option<String>,
+    /// Drop samples whose listed fields (comma separated) equal an earlier sample's, e.g.
+    /// --dedup qpos.
+    #[arg(long = "dedup", value_name = "FIELDS", value_delimiter = ',')]
+    pub dedup: Option<Vec<String>>,
     /// Arguments after `--` are passed to the generator.
     #[arg(last = true)]
     pub extra: Vec<String>,
@@ -327,6 +335,7 @@ pub fn spec_from(
                 retry_backoff_ms: 1_000,
                 root: PathBuf::new(),
                 generator: JobSpec::legacy_generator(),
+                merge: Default::default(),
             }
         }
     };
@@ -341,6 +350,12 @@ pub fn spec_from(
     }
     if let Some(v) = l.round_batch_size {
         spec.round_batch_size = v;
+    }
+    if let Some(v) = &l.filter {
+        spec.merge.filter = Some(v.clone());
+    }
+    if let Some(v) = &l.dedup {
+        spec.merge.dedup = v.clone();
     }
     if let Some(v) = l.num_iterations {
         spec.num_iterations = v;
@@ -955,8 +970,11 @@ async fn status(a: StatusArgs) -> anyhow::Result<i32> {
         for o in &s.objects {
             let state = pb::ObjectState::try_from(o.state)
                 .map_or("?".into(), |st| format!("{st:?}").to_lowercase());
+            let rate = progress::success_rate(o.attempts, o.successes)
+                .map(|r| format!(" success {r}"))
+                .unwrap_or_default();
             println!(
-                "  {:<32} {:>10}/{:<10} {:<9} rounds {:>4} running {:>3} failed {:>3} quarantined {:>3}",
+                "  {:<32} {:>10}/{:<10} {:<9} rounds {:>4} running {:>3} failed {:>3} quarantined {:>3}{rate}",
                 o.name,
                 o.collected,
                 o.target,
@@ -1052,6 +1070,11 @@ fn worker_json(w: &pb::WorkerStatus) -> serde_json::Value {
     })
 }
 
+/// Successes per attempt; null when no round reported a yield.
+fn rate(attempts: u64, successes: u64) -> Option<f64> {
+    (attempts > 0).then(|| successes as f64 / attempts as f64)
+}
+
 fn status_json(s: &pb::JobStatus) -> serde_json::Value {
     let name = |v: i32| {
         pb::ObjectState::try_from(v).map_or("unknown".into(), |st| format!("{st:?}").to_lowercase())
@@ -1065,10 +1088,15 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
         "rounds_in_flight": s.rounds_in_flight,
         "failed_attempts": s.failed_attempts,
         "rounds_quarantined": s.rounds_quarantined,
+        "attempts": s.attempts,
+        "successes": s.successes,
+        "success_rate": rate(s.attempts, s.successes),
         "objects": s.objects.iter().map(|o| serde_json::json!({
             "name": o.name, "state": name(o.state), "collected": o.collected, "target": o.target,
             "rounds_committed": o.rounds_committed, "rounds_in_flight": o.rounds_in_flight,
             "failed_attempts": o.failed_attempts, "rounds_quarantined": o.rounds_quarantined,
+            "attempts": o.attempts, "successes": o.successes,
+            "success_rate": rate(o.attempts, o.successes),
         })).collect::<Vec<_>>(),
         "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
     })

@@ -21,7 +21,7 @@ use crate::metrics::CoordMetrics;
 use crate::spec::{JobSpec, RoundVars, SpecError, render};
 use crate::state::{
     CommitOutcome, CommitRecord, CreateJob, FailureRecord, FileRecord, JobRecord, JobState,
-    QuarantineOutcome, QuarantineRecord, RoundGpuStats, StateError, StateStore,
+    QuarantineOutcome, QuarantineRecord, RoundGpuStats, RoundYield, StateError, StateStore,
 };
 use crate::{manifest, merge};
 
@@ -152,6 +152,8 @@ pub struct CompleteExtras {
     pub gpu_stats: Option<pb::RoundGpuStats>,
     /// The generator's log, uploaded under the attempt's staging prefix; empty when none.
     pub log_key: String,
+    /// The generator's yield, from its sidecar.
+    pub yield_stats: Option<pb::RoundYield>,
 }
 
 impl Coordinator {
@@ -657,6 +659,7 @@ impl Coordinator {
                     o.name.clone(),
                     o.schema().map(str::to_string),
                     o.phase == Phase::Running,
+                    job.spec.merge.filter.is_some(),
                 )
             })
         };
@@ -667,15 +670,15 @@ impl Coordinator {
             span.record("round", lease.round);
             span.record("seed", lease.seed);
             span.record("attempt", lease.attempt.as_str());
-            if let Some((name, _, _)) = &known {
+            if let Some((name, ..)) = &known {
                 span.record("object", name.as_str());
             }
         }
-        let (object_name, schema) = match known {
-            Some((name, schema, true)) => (name, schema),
+        let (object_name, schema, filtered) = match known {
+            Some((name, schema, true, filtered)) => (name, schema, filtered),
             // The object's final is fixed (merging or merged; its staging is being or was
             // deleted): a round that finishes now, e.g. one a worker prefetched, is surplus.
-            Some((_, _, false)) | None => {
+            Some((_, _, false, _)) | None => {
                 self.cfg.metrics.rounds_duplicate.inc();
                 self.settle(&lease);
                 self.delete_files(Some(&lease), &doomed).await;
@@ -751,6 +754,7 @@ impl Coordinator {
                     sha256: f.sha256.clone(),
                     count: f.count,
                     schema: f.schema.clone(),
+                    kept: f.kept,
                 })
                 .collect(),
             worker: worker.to_string(),
@@ -764,6 +768,12 @@ impl Coordinator {
             // Only a key inside the attempt's staging is recorded (and later deleted with it).
             log_key: Some(extras.log_key)
                 .filter(|k| k.starts_with(&format!("{}/", lease.staging_prefix))),
+            // Without a filter every sample counts: a worker's `kept` is ignored then.
+            kept: files[0].kept.filter(|_| filtered),
+            yield_stats: extras.yield_stats.map(|y| RoundYield {
+                attempts: y.attempts,
+                successes: y.successes,
+            }),
         };
         match self
             .state
@@ -1327,6 +1337,8 @@ impl Coordinator {
                 rounds_in_flight: o.in_flight.len() as u32,
                 rounds_quarantined: o.quarantined.len() as u32,
                 failed_attempts: o.failed_attempts,
+                attempts: o.yields().attempts,
+                successes: o.yields().successes,
             })
             .collect();
         let now = Instant::now();
@@ -1368,6 +1380,8 @@ impl Coordinator {
             failed_attempts: objects.iter().map(|o| o.failed_attempts).sum(),
             rounds_quarantined: objects.iter().map(|o| o.rounds_quarantined).sum(),
             rounds_in_flight: objects.iter().map(|o| o.rounds_in_flight).sum(),
+            attempts: objects.iter().map(|o| o.attempts).sum(),
+            successes: objects.iter().map(|o| o.successes).sum(),
             objects,
             elapsed_ms: job.started.elapsed().as_millis() as u64,
             generator_ms: job.generator_ms,
@@ -1420,8 +1434,17 @@ fn task_for(
         outputs: vec![pb::OutputFile {
             path: output,
             name: file_name,
-            format: "npy".into(),
+            // Validated at submit: a stored spec always has a format.
+            format: spec
+                .format()
+                .map_or_else(|_| String::new(), |f| f.name().to_string()),
+            filter: spec.merge.filter.clone().unwrap_or_default(),
         }],
+        stats_path: g
+            .stats
+            .as_deref()
+            .map(|p| render(p, &vars))
+            .unwrap_or_default(),
         round_dir: g
             .round_dir
             .as_deref()
@@ -1638,6 +1661,7 @@ mod tests {
             sha256: hex(&sha2::Sha256::digest(reported)),
             count: 10,
             schema: "npy <f4 (*, 3)".into(),
+            kept: None,
         }]
     }
 

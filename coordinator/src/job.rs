@@ -8,14 +8,24 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use crate::spec::JobSpec;
-use crate::state::{CommitRecord, JobState, MergeRecord, ObjectRecord, QuarantineRecord};
+use crate::state::{
+    CommitRecord, JobState, MergeRecord, ObjectRecord, QuarantineRecord, RoundYield,
+};
 
 /// Schema `npy::inspect` gives an object array with no elements; compatible with any object array.
 pub const EMPTY_OBJECT_SCHEMA: &str = "npy object empty";
 
-/// Whether a round's schema may join an object whose earlier rounds have `expected`.
+/// Whether a round's schema may join an object whose earlier rounds have `expected`: equal, or
+/// an empty dataset of the same format (whose sample layout is unknown).
 pub fn schema_compatible(expected: &str, got: &str) -> bool {
-    expected == got || (got == EMPTY_OBJECT_SCHEMA && expected.starts_with("npy object"))
+    if expected == got {
+        return true;
+    }
+    let Some(prefix) = got.strip_suffix(quarry_formats::EMPTY_SCHEMA_SUFFIX) else {
+        return false;
+    };
+    // `npy object empty` fits object arrays only, not numeric `npy <f4 ...` ones.
+    expected.starts_with(prefix)
 }
 
 /// Where an object stands.
@@ -113,7 +123,18 @@ impl ObjectRt {
 
     /// Samples committed, over all committed rounds (a gap may still be open).
     pub fn committed_samples(&self) -> u64 {
-        self.commits.values().map(|c| c.count).sum()
+        self.commits.values().map(CommitRecord::quota_count).sum()
+    }
+
+    /// Attempts and successes summed over committed rounds that report a yield.
+    pub fn yields(&self) -> RoundYield {
+        self.commits
+            .values()
+            .filter_map(|c| c.yield_stats)
+            .fold(RoundYield::default(), |a, y| RoundYield {
+                attempts: a.attempts + y.attempts,
+                successes: a.successes + y.successes,
+            })
     }
 
     /// Samples that count toward the quota now: the committed prefix, capped.
@@ -220,7 +241,7 @@ impl ObjectRt {
             .values()
             .filter_map(|c| c.files.first())
             .map(|f| f.schema.as_str())
-            .find(|s| *s != EMPTY_OBJECT_SCHEMA)
+            .find(|s| !s.ends_with(quarry_formats::EMPTY_SCHEMA_SUFFIX))
     }
 
     /// When the object is ready to merge: the resolved prefix 0..=k covers the quota, or every
@@ -239,7 +260,7 @@ impl ObjectRt {
             let round = r as u32;
             if let Some(c) = self.commits.get(&round) {
                 rounds.push(c.clone());
-                sum += c.count;
+                sum += c.quota_count();
                 if sum >= quota {
                     return Some(MergePlan {
                         rounds,
@@ -335,6 +356,7 @@ mod tests {
             retry_backoff_ms: 10,
             root: "/r".into(),
             generator: JobSpec::legacy_generator(),
+            merge: Default::default(),
         }
     }
 
@@ -350,7 +372,39 @@ mod tests {
             committed_unix_ms: 0,
             gpu: None,
             log_key: None,
+            kept: None,
+            yield_stats: None,
         }
+    }
+
+    #[test]
+    fn filtered_rounds_count_only_their_kept_samples_and_yields_add_up() {
+        let s = spec(100, 50, None);
+        let now = Instant::now();
+        let mut o = ObjectRt::from_record(0, "o", ObjectRecord::default(), now);
+        for (round, kept) in [(0, 30), (1, 30), (2, 30)] {
+            o.apply_commit(CommitRecord {
+                kept: Some(kept),
+                yield_stats: Some(RoundYield {
+                    attempts: 80,
+                    successes: 50,
+                }),
+                ..commit(round, 50)
+            });
+        }
+        // 150 samples written but only 90 pass the filter: not enough for the quota yet,
+        // and the scheduler expects 30 per round from now on.
+        assert_eq!(o.merge_plan(&s), None);
+        assert_eq!(o.collected(100), 90);
+        assert_eq!(o.expected_yield(&s), 30);
+        let y = o.yields();
+        assert_eq!((y.attempts, y.successes), (240, 150));
+        o.apply_commit(CommitRecord {
+            kept: Some(20),
+            ..commit(3, 50)
+        });
+        let p = o.merge_plan(&s).unwrap();
+        assert_eq!((p.rounds.len(), p.limit, p.complete), (4, 100, true));
     }
 
     fn quarantine(round: u32) -> QuarantineRecord {
@@ -431,6 +485,19 @@ mod tests {
         assert_eq!(o.next_round, 5);
         assert_eq!(o.retry.keys().copied().collect::<Vec<_>>(), vec![0, 1, 3]);
         assert_eq!(o.next_to_issue(&s, now), Some(0));
+    }
+
+    #[test]
+    fn an_empty_round_fits_rounds_of_its_format_only() {
+        assert!(schema_compatible("jsonl keys [a, b]", "jsonl empty"));
+        assert!(schema_compatible(
+            "hdf5 robomimic [actions <f4 (*,7)]",
+            "hdf5 robomimic empty"
+        ));
+        assert!(!schema_compatible(
+            "jsonl keys [a, b]",
+            "hdf5 robomimic empty"
+        ));
     }
 
     #[test]

@@ -21,6 +21,15 @@ pub struct Manifest {
     pub seed_base: i64,
     pub seed_stride: u64,
     pub final_dir_mode: String,
+    /// The dataset format of the rounds and finals (`npy`, `hdf5`, `zarr`, ...).
+    pub format: String,
+    /// The merge's quality filter and de-duplication fields, when the job has them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dedup: Vec<String>,
+    /// Sums over every object (see [`ObjectEntry`]).
+    pub totals: Totals,
     /// `running`, `done`, `incomplete` or `cancelled`.
     pub state: JobState,
     pub objects: BTreeMap<String, ObjectEntry>,
@@ -44,6 +53,36 @@ pub struct ObjectEntry {
     /// True when the object ran out of rounds below its quota.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub exhausted: bool,
+    /// Trials attempted and successes kept over committed rounds that report a yield, and
+    /// their ratio; absent when the generator reports none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub successes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
+    /// Samples the merge's filter dropped and duplicates it dropped (once merged).
+    pub filtered: u64,
+    pub duplicates: u64,
+}
+
+/// Job-wide sums.
+#[derive(Debug, Default, Serialize)]
+pub struct Totals {
+    pub collected: u64,
+    pub target: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub successes: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
+    pub filtered: u64,
+    pub duplicates: u64,
+}
+
+fn rate(attempts: u64, successes: u64) -> Option<f64> {
+    (attempts > 0).then(|| successes as f64 / attempts as f64)
 }
 
 #[derive(Debug, Serialize)]
@@ -96,6 +135,8 @@ pub fn build(job: &JobRt) -> Manifest {
                     }
                 })
                 .collect();
+            let y = o.yields();
+            let reported = o.commits.values().any(|c| c.yield_stats.is_some());
             let mut entry = ObjectEntry {
                 collected: o.collected(quota),
                 rounds: o.commits.keys().copied().collect(),
@@ -106,13 +147,32 @@ pub fn build(job: &JobRt) -> Manifest {
                 quarantined: o.quarantined.values().cloned().collect(),
                 failed_attempts: o.failed_attempts,
                 exhausted: matches!(o.phase, Phase::Done { complete: false }),
+                attempts: reported.then_some(y.attempts),
+                successes: reported.then_some(y.successes),
+                success_rate: rate(y.attempts, y.successes),
+                filtered: 0,
+                duplicates: 0,
             };
             if let Some(m) = &o.merge {
                 apply_merge(&mut entry, m);
             }
             (o.name.clone(), entry)
         })
-        .collect();
+        .collect::<BTreeMap<String, ObjectEntry>>();
+    let mut totals = Totals {
+        target: quota * objects.len() as u64,
+        ..Totals::default()
+    };
+    for e in objects.values() {
+        totals.collected += e.collected;
+        totals.filtered += e.filtered;
+        totals.duplicates += e.duplicates;
+        if let (Some(a), Some(s)) = (e.attempts, e.successes) {
+            totals.attempts = Some(totals.attempts.unwrap_or(0) + a);
+            totals.successes = Some(totals.successes.unwrap_or(0) + s);
+        }
+    }
+    totals.success_rate = rate(totals.attempts.unwrap_or(0), totals.successes.unwrap_or(0));
     Manifest {
         exp_name: job.spec.exp_name.clone(),
         object_code_list: job.spec.objects.clone(),
@@ -122,6 +182,13 @@ pub fn build(job: &JobRt) -> Manifest {
         seed_base: job.spec.seed_base,
         seed_stride: job.spec.seed_stride,
         final_dir_mode: job.spec.final_dir_mode.to_string(),
+        format: job
+            .spec
+            .format()
+            .map_or_else(|_| String::new(), |f| f.name().to_string()),
+        filter: job.spec.merge.filter.clone(),
+        dedup: job.spec.merge.dedup.clone(),
+        totals,
         state: job.state,
         objects,
         updated_unix_ms: SystemTime::now()
@@ -144,4 +211,6 @@ pub fn apply_merge(entry: &mut ObjectEntry, m: &MergeRecord) {
         .map(|c| c.seed)
         .collect();
     entry.done = m.complete;
+    entry.filtered = m.filtered;
+    entry.duplicates = m.duplicates;
 }

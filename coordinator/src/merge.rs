@@ -1,20 +1,23 @@
-//! Writes an object's final: its committed rounds in round order, truncated to the quota,
-//! streamed through the format-aware merge with bounded memory. The final is complete and
-//! durable (fsync, then rename) before any intermediate is deleted; a crash at any point leaves
-//! either no final (and every round still staged) or the whole final.
+//! Writes an object's final: its committed rounds in round order, filtered and de-duplicated as
+//! the job asks, cut to the quota, through the format's merge (`quarry_formats`) with bounded
+//! memory. The final is complete and durable (fsync, then rename) before any intermediate is
+//! deleted; a crash at any point leaves either no final (and every round still staged) or the
+//! whole final.
 //!
 //! On a local directory store the merge reads the staged rounds and writes the finals in place.
 //! On a remote store (S3) it downloads the rounds into a scratch directory, merges the same way
 //! into a local file, and uploads that under each final key (an object appears whole or not at
-//! all); the scratch directory is removed afterwards, and its disk use peaks at the rounds plus
-//! the final.
+//! all; a directory dataset is uploaded file by file under the final's key, which becomes its
+//! prefix); the scratch directory is removed afterwards, and its disk use peaks at the rounds
+//! plus the final. Directory datasets (zarr, episodes) are staged as one tar archive per round
+//! and unpacked into scratch before the merge.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use quarry_common::storage::{Store, StoreError, keys};
-use quarry_formats::npy;
+use quarry_formats::{DatasetError, Format, MergeOptions, MergeSummary, archive};
 
 use crate::job::MergePlan;
 use crate::spec::{FinalDirMode, JobSpec};
@@ -30,7 +33,7 @@ pub enum MergeError {
     Format {
         object: String,
         #[source]
-        source: npy::FormatError,
+        source: DatasetError,
     },
     #[error("{op} {path}: {source}")]
     Io {
@@ -41,6 +44,8 @@ pub enum MergeError {
     },
     #[error("{object}: committed round {round} records no files")]
     NoFiles { object: String, round: u32 },
+    #[error("the job's spec no longer validates: {0}")]
+    Spec(String),
     #[error("merge task stopped: {0}")]
     Join(String),
 }
@@ -53,10 +58,22 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// The final's file (or directory) name: `<object>` plus the output's extension
+/// (`mug.npy`, `mug.hdf5`, `mug.zarr`); an episode directory without one is named `<object>`.
+pub fn final_name(spec: &JobSpec, object: &str) -> String {
+    let out = &spec.generator.output;
+    let file = out.rsplit('/').next().unwrap_or(out);
+    match file.rsplit_once('.') {
+        Some((_, ext)) if Format::from_extension(file).is_some() => format!("{object}.{ext}"),
+        _ => object.to_string(),
+    }
+}
+
 /// The final keys of an object for the job's `final_dir_mode`.
 pub fn final_keys(spec: &JobSpec, object: &str, seed_min: i64, seed_max: i64) -> Vec<String> {
-    let seed = keys::final_seed(&spec.exp_name, object, seed_min, seed_max);
-    let plain = keys::final_plain(&spec.exp_name, object);
+    let name = final_name(spec, object);
+    let seed = keys::final_seed(&spec.exp_name, object, seed_min, seed_max, &name);
+    let plain = keys::final_plain(&spec.exp_name, object, &name);
     match spec.final_dir_mode {
         FinalDirMode::SeedOnly => vec![seed],
         FinalDirMode::PlainOnly => vec![plain],
@@ -117,6 +134,8 @@ async fn write_final(
             cleaned: false,
             complete: plan.complete,
             unix_ms,
+            filtered: 0,
+            duplicates: 0,
         });
     }
     let seed_min = plan.rounds.iter().map(|c| c.seed).min().unwrap_or_default();
@@ -133,22 +152,44 @@ async fn write_final(
         input_keys.push(f.key.as_str());
     }
     let counts: Vec<u64> = plan.rounds.iter().map(|c| c.count).collect();
-    let (samples, bytes) = match local_paths(store, &input_keys, &finals) {
-        Some((inputs, outs)) => run_merge(object, inputs, counts, plan.limit, outs).await?,
-        None => merge_remote(store, object, &input_keys, counts, plan.limit, &finals).await?,
+    let format = spec.format().map_err(|e| MergeError::Spec(e.to_string()))?;
+    let job = Job {
+        object: object.to_string(),
+        format,
+        counts,
+        options: MergeOptions {
+            limit: plan.limit,
+            filter: spec.merge.parsed_filter(),
+            dedup: spec.merge.dedup.clone(),
+        },
+    };
+    let summary = match local_paths(store, &input_keys, &finals) {
+        Some((inputs, outs)) => merge_local(job, inputs, outs).await?,
+        None => merge_remote(store, job, &input_keys, &finals).await?,
     };
     Ok(MergeRecord {
         finals,
-        count: samples,
+        count: summary.samples,
         rounds,
         seed_min,
         seed_max,
         sha256: String::new(),
-        bytes,
+        bytes: summary.bytes_written,
         cleaned: false,
         complete: plan.complete,
         unix_ms,
+        filtered: summary.filtered,
+        duplicates: summary.duplicates,
     })
+}
+
+/// What to merge, apart from where the inputs are.
+struct Job {
+    object: String,
+    format: Format,
+    /// Samples in each input, as committed.
+    counts: Vec<u64>,
+    options: MergeOptions,
 }
 
 /// The local files behind the inputs and the finals, when the store is a local directory.
@@ -168,91 +209,248 @@ fn local_paths(
     Some((inputs, outs))
 }
 
-/// [`merge_files`] off the async runtime.
-async fn run_merge(
-    object: &str,
+/// The merge for a local directory store: inputs read where they are staged (archives
+/// unpacked into scratch beside the final first), the final written beside its place and
+/// renamed into it.
+async fn merge_local(
+    job: Job,
     inputs: Vec<PathBuf>,
-    counts: Vec<u64>,
-    limit: u64,
     outs: Vec<PathBuf>,
-) -> Result<(u64, u64), MergeError> {
-    let object = object.to_string();
-    tokio::task::spawn_blocking(move || merge_files(&object, &inputs, &counts, limit, &outs))
-        .await
-        .map_err(|e| MergeError::Join(e.to_string()))?
+) -> Result<MergeSummary, MergeError> {
+    tokio::task::spawn_blocking(move || {
+        let Some(first) = outs.first() else {
+            return Ok(MergeSummary::default());
+        };
+        let dir = first.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
+        let scratch = Scratch::new(dir, &job.object)?;
+        let inputs = scratch.unpacked(job.format, inputs)?;
+        let tmp = scratch.path.join("final");
+        let summary = merge_into(&job, &inputs, &tmp)?;
+        publish(&tmp, &outs, job.format.is_directory())?;
+        scratch.remove()?;
+        Ok(summary)
+    })
+    .await
+    .map_err(|e| MergeError::Join(e.to_string()))?
 }
 
 /// The merge for a remote store: download the rounds into a scratch directory, merge them into
-/// one local file, upload it under every final key with create-only semantics
+/// a local file (or directory), upload it under every final key with create-only semantics
 /// ([`Store::put_file_create`]: a merge redone after a crash finds the same bytes and succeeds).
 async fn merge_remote(
     store: &Store,
-    object: &str,
+    job: Job,
     input_keys: &[&str],
-    counts: Vec<u64>,
-    limit: u64,
     finals: &[String],
-) -> Result<(u64, u64), MergeError> {
+) -> Result<MergeSummary, MergeError> {
     let scratch = tempfile::Builder::new()
         .prefix("quarry-merge-")
         .tempdir()
         .map_err(io_err("create scratch directory in", &std::env::temp_dir()))?;
     let mut inputs = Vec::with_capacity(input_keys.len());
     for (i, key) in input_keys.iter().enumerate() {
-        let local = scratch.path().join(format!("rounds/{i}.npy"));
+        let local = scratch.path().join(format!("rounds/{i}"));
         store.download_to(key, &local).await?;
         inputs.push(local);
     }
-    let merged = scratch.path().join("final").join(format!("{object}.npy"));
-    let (samples, bytes) = run_merge(object, inputs, counts, limit, vec![merged.clone()]).await?;
+    let root = scratch.path().to_path_buf();
+    let directory = job.format.is_directory();
+    let (summary, merged) = tokio::task::spawn_blocking(move || {
+        let s = Scratch {
+            path: root.join("work"),
+        };
+        std::fs::create_dir(&s.path).map_err(io_err("create", &s.path))?;
+        let inputs = s.unpacked(job.format, inputs)?;
+        let merged = s.path.join("final");
+        let summary = merge_into(&job, &inputs, &merged)?;
+        Ok::<_, MergeError>((summary, merged))
+    })
+    .await
+    .map_err(|e| MergeError::Join(e.to_string()))??;
     for key in finals {
-        store.put_file_create(key, &merged).await?;
+        if directory {
+            for (rel, path) in files_under(&merged)? {
+                store
+                    .put_file_create(&format!("{key}/{rel}"), &path)
+                    .await?;
+            }
+        } else {
+            store.put_file_create(key, &merged).await?;
+        }
     }
     // Dropping `scratch` removes it; close() reports a failure instead of ignoring it.
     let path = scratch.path().to_path_buf();
     scratch.close().map_err(io_err("remove", &path))?;
-    Ok((samples, bytes))
+    Ok(summary)
 }
 
-/// Merges into a temporary file beside the first final, makes it durable, then publishes it
-/// under every final name with a rename (atomic on one filesystem).
-pub fn merge_files(
-    object: &str,
-    inputs: &[PathBuf],
-    counts: &[u64],
-    limit: u64,
-    outs: &[PathBuf],
-) -> Result<(u64, u64), MergeError> {
-    let Some(first) = outs.first() else {
-        return Ok((0, 0));
-    };
-    let dir = first.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
-    let tmp = dir.join(format!(".{object}.npy.quarry-tmp"));
-    let out = File::create(&tmp).map_err(io_err("create", &tmp))?;
-    let summary =
-        npy::merge(counts, limit, |i| File::open(&inputs[i]), &out).map_err(|source| {
-            MergeError::Format {
-                object: object.into(),
-                source,
-            }
+/// A scratch directory for one merge, removed when the merge is done (and, after a crash, by
+/// the next merge of the same object).
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// `.<object>.quarry-merge` in `dir`, emptied first: what a crashed merge left is redone.
+    fn new(dir: &Path, object: &str) -> Result<Scratch, MergeError> {
+        let path = dir.join(format!(".{object}.quarry-merge"));
+        remove_any(&path)?;
+        std::fs::create_dir(&path).map_err(io_err("create", &path))?;
+        Ok(Scratch { path })
+    }
+
+    /// The merge inputs: the staged files themselves, or, for directory formats, each
+    /// archive unpacked into the scratch directory.
+    fn unpacked(&self, format: Format, inputs: Vec<PathBuf>) -> Result<Vec<PathBuf>, MergeError> {
+        if !format.is_directory() {
+            return Ok(inputs);
+        }
+        let dir = self.path.join("in");
+        std::fs::create_dir(&dir).map_err(io_err("create", &dir))?;
+        inputs
+            .iter()
+            .enumerate()
+            .map(|(i, ar)| {
+                let to = dir.join(i.to_string());
+                archive::unpack(ar, &to).map_err(|source| MergeError::Format {
+                    object: format!("round archive {}", ar.display()),
+                    source,
+                })?;
+                Ok(to)
+            })
+            .collect()
+    }
+
+    fn remove(self) -> Result<(), MergeError> {
+        remove_any(&self.path)
+    }
+}
+
+fn remove_any(path: &Path) -> Result<(), MergeError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).map_err(io_err("remove", path)),
+        Ok(_) => std::fs::remove_file(path).map_err(io_err("remove", path)),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Runs the format's merge into `out` and makes the result durable.
+fn merge_into(job: &Job, inputs: &[PathBuf], out: &Path) -> Result<MergeSummary, MergeError> {
+    let summary = quarry_formats::merge(job.format, inputs, &job.counts, &job.options, out)
+        .map_err(|source| MergeError::Format {
+            object: job.object.clone(),
+            source,
         })?;
-    out.sync_all().map_err(io_err("sync", &tmp))?;
-    drop(out);
+    sync_tree(out)?;
+    Ok(summary)
+}
+
+/// Every file under `dir` with its path relative to it (`/`-separated), in name order.
+fn files_under(dir: &Path) -> Result<Vec<(String, PathBuf)>, MergeError> {
+    let mut out = Vec::new();
+    let mut stack = vec![(String::new(), dir.to_path_buf())];
+    while let Some((rel, abs)) = stack.pop() {
+        let mut names = std::fs::read_dir(&abs)
+            .map_err(io_err("list", &abs))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(io_err("list", &abs))?;
+        names.sort();
+        for name in names.into_iter().rev() {
+            let name = name.to_string_lossy().into_owned();
+            let child = abs.join(&name);
+            let child_rel = if rel.is_empty() {
+                name
+            } else {
+                format!("{rel}/{name}")
+            };
+            if child.is_dir() {
+                stack.push((child_rel, child));
+            } else {
+                out.push((child_rel, child));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// fsyncs a file, or every file and directory under a directory.
+fn sync_tree(path: &Path) -> Result<(), MergeError> {
+    if path.is_dir() {
+        for (_, f) in files_under(path)? {
+            File::open(&f)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("sync", &f))?;
+        }
+        let mut dirs = vec![path.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).map_err(io_err("list", &d))? {
+                let p = e.map_err(io_err("list", &d))?.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                }
+            }
+            File::open(&d)
+                .and_then(|f| f.sync_all())
+                .map_err(io_err("sync", &d))?;
+        }
+        Ok(())
+    } else {
+        File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err("sync", path))
+    }
+}
+
+/// Moves the durable merged `tmp` into every final place: copies for all but the first, then
+/// a rename into the first (atomic on one filesystem). A final left by a merge that crashed
+/// after publishing but before recording is replaced (the merge is deterministic).
+fn publish(tmp: &Path, outs: &[PathBuf], directory: bool) -> Result<(), MergeError> {
+    let Some(first) = outs.first() else {
+        return Ok(());
+    };
     for extra in &outs[1..] {
         let d = extra.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(d).map_err(io_err("create", d))?;
-        let t = d.join(format!(".{object}.npy.quarry-tmp"));
-        std::fs::copy(&tmp, &t).map_err(io_err("copy", &t))?;
-        File::open(&t)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err("sync", &t))?;
+        let name = extra.file_name().unwrap_or_default().to_string_lossy();
+        let t = d.join(format!(".{name}.quarry-tmp"));
+        remove_any(&t)?;
+        copy_tree(tmp, &t)?;
+        sync_tree(&t)?;
+        if directory {
+            remove_any(extra)?;
+        }
         std::fs::rename(&t, extra).map_err(io_err("rename", extra))?;
+        sync_dir(d)?;
     }
-    std::fs::rename(&tmp, first).map_err(io_err("rename", first))?;
+    if directory {
+        remove_any(first)?;
+    }
+    std::fs::rename(tmp, first).map_err(io_err("rename", first))?;
     // The rename is durable once the directory entry is.
-    File::open(dir)
+    sync_dir(first.parent().unwrap_or(Path::new(".")))
+}
+
+fn sync_dir(d: &Path) -> Result<(), MergeError> {
+    File::open(d)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("sync", dir))?;
-    Ok((summary.samples, summary.bytes_written))
+        .map_err(io_err("sync", d))
+}
+
+fn copy_tree(from: &Path, to: &Path) -> Result<(), MergeError> {
+    if !from.is_dir() {
+        std::fs::copy(from, to).map_err(io_err("copy", to))?;
+        return Ok(());
+    }
+    for (rel, src) in files_under(from)? {
+        let dst = to.join(&rel);
+        if let Some(p) = dst.parent() {
+            std::fs::create_dir_all(p).map_err(io_err("create", p))?;
+        }
+        std::fs::copy(&src, &dst).map_err(io_err("copy", &dst))?;
+    }
+    std::fs::create_dir_all(to).map_err(io_err("create", to))?;
+    Ok(())
 }

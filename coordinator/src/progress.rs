@@ -175,8 +175,11 @@ pub fn line(s: &pb::JobStatus, elapsed: Duration) -> String {
     } else {
         100.0
     };
+    let yield_part = success_rate(s.attempts, s.successes)
+        .map(|r| format!(", success {r}"))
+        .unwrap_or_default();
     format!(
-        "[{}] {}/{} samples ({pct:.1}%), {} rounds committed, {} running, {} failed attempts, {} quarantined; {}",
+        "[{}] {}/{} samples ({pct:.1}%), {} rounds committed, {} running, {} failed attempts, {} quarantined{yield_part}; {}",
         s.job_id,
         s.samples_collected,
         s.samples_target,
@@ -186,6 +189,16 @@ pub fn line(s: &pb::JobStatus, elapsed: Duration) -> String {
         s.rounds_quarantined,
         rate_eta(s, elapsed)
     )
+}
+
+/// `successes/attempts (rate%)`, or `None` when no round reported a yield.
+pub fn success_rate(attempts: u64, successes: u64) -> Option<String> {
+    (attempts > 0).then(|| {
+        format!(
+            "{successes}/{attempts} ({:.1}%)",
+            100.0 * successes as f64 / attempts as f64
+        )
+    })
 }
 
 pub fn format_duration(d: Duration) -> String {
@@ -228,6 +241,9 @@ pub fn summary(s: &pb::JobStatus, wall: Duration, agents: usize) -> String {
         format_duration(wall),
         format_duration(Duration::from_secs_f64(gen_secs)),
     );
+    if let Some(rate) = success_rate(s.attempts, s.successes) {
+        out.push_str(&format!("\n  yield     {rate} successful trials"));
+    }
     if !s.message.is_empty() {
         out.push_str(&format!("\n  {}", s.message));
     }

@@ -330,6 +330,7 @@ impl WorkerService for WorkerApi {
                 CompleteExtras {
                     gpu_stats: r.gpu_stats,
                     log_key: r.log_key,
+                    yield_stats: r.yield_stats,
                 },
             )
             .instrument(span.clone())

@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use quarry_common::names;
+use quarry_formats::{Filter, Format};
 use serde::{Deserialize, Serialize};
 
 /// Seeds of object `i` start at `seed_base + i * seed_stride` (the legacy tool's 100000).
@@ -51,8 +52,19 @@ pub struct GeneratorSpec {
     /// Extra environment for the generator.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// The round's sample file, relative to the job root.
+    /// The round's dataset (a file, or a directory for zarr and episode datasets), relative
+    /// to the job root.
     pub output: String,
+    /// The dataset format: `npy`, `hdf5`, `zarr`, `episodes`, `npz` or `jsonl`. By default
+    /// the output's extension tells (`.npy`, `.hdf5`/`.h5`, `.zarr`, `.npz`, `.jsonl`); an
+    /// episode directory must be named here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
+    /// A yield sidecar the generator writes each round, relative to the job root:
+    /// `{"attempts": A, "successes": S}` (trials tried, successes kept). Quarry records the
+    /// yield per round and shows success rates per object; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<String>,
     /// Directory the generator creates for the round, removed after upload unless
     /// `keep_intermediate`; relative to the job root.
     #[serde(default)]
@@ -135,6 +147,37 @@ pub struct JobSpec {
     /// Absolute directory on the workers that generator paths are relative to.
     pub root: PathBuf,
     pub generator: GeneratorSpec,
+    /// What the merge keeps: a quality filter and de-duplication.
+    #[serde(default, skip_serializing_if = "MergeSpec::is_default")]
+    pub merge: MergeSpec,
+}
+
+/// The `[merge]` table: per-sample quality filter and de-duplication, applied in round order
+/// before the final is cut to the quota (so the final still holds the quota when enough
+/// samples pass).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeSpec {
+    /// Keep only samples for which `<field> <op> <number>` holds, e.g. `"E_pen <= 0.02"`.
+    /// Workers count the passing samples of each round, so the quota counts only those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// Drop a sample whose listed fields equal an earlier sample's (by content hash), e.g.
+    /// `["qpos"]`. Duplicates are found at merge time: a final may then hold fewer samples
+    /// than the quota, which the manifest records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dedup: Vec<String>,
+}
+
+impl MergeSpec {
+    fn is_default(&self) -> bool {
+        *self == MergeSpec::default()
+    }
+
+    /// The parsed filter (validated with the spec, so a stored spec parses).
+    pub fn parsed_filter(&self) -> Option<Filter> {
+        self.filter.as_deref().and_then(|f| Filter::parse(f).ok())
+    }
 }
 
 /// A spec refused before anything runs.
@@ -200,6 +243,8 @@ impl JobSpec {
             extra_args: Vec::new(),
             threads_per_gpu: None,
             min_free_gpu_memory_mib: None,
+            format: None,
+            stats: None,
         }
     }
 
@@ -327,45 +372,43 @@ impl JobSpec {
         for (field, p) in std::iter::once(("generator.output", &g.output))
             .chain(g.round_dir.iter().map(|d| ("generator.round_dir", d)))
         {
-            if p.trim().is_empty() {
-                return Err(spec_err(
-                    field,
-                    "is empty",
-                    "give a path relative to the job root",
-                ));
-            }
-            if p.starts_with('/') || p.split('/').any(|c| c == "..") {
-                return Err(spec_err(
-                    field,
-                    format!("{p:?} leaves the job root"),
-                    "give a path relative to the job root without '..'",
-                ));
-            }
-            if p.contains("{gpu}") {
-                return Err(spec_err(
-                    field,
-                    "may not use {gpu}",
-                    "paths must not depend on the GPU",
-                ));
-            }
-            // Two rounds running at once on one machine must not share a path.
-            if !["{name}", "{seed}", "{round}"]
-                .iter()
-                .any(|ph| p.contains(ph))
-            {
-                return Err(spec_err(
-                    field,
-                    format!("{p:?} is the same for every round"),
-                    "include {name} (or {seed}) in the path so rounds do not overwrite each other",
-                ));
-            }
+            check_round_path(field, p)?;
         }
-        if !g.output.ends_with(".npy") {
-            return Err(spec_err(
-                "generator.output",
-                format!("{:?} is not a .npy file", g.output),
-                "Quarry merges .npy outputs (numeric or object arrays); name the generator's .npy file",
-            ));
+        self.format()?;
+        if let Some(stats) = &g.stats {
+            check_placeholders("generator.stats", stats)?;
+            check_round_path("generator.stats", stats)?;
+        }
+        if let Some(f) = &self.merge.filter {
+            Filter::parse(f).map_err(|e| {
+                spec_err(
+                    "merge.filter",
+                    e.problem.clone(),
+                    format!(
+                        "write it as `<field> <op> <number>`, e.g. \"E_pen <= 0.02\" (got {f:?})"
+                    ),
+                )
+            })?;
+        }
+        let mut fields = std::collections::HashSet::new();
+        for (i, d) in self.merge.dedup.iter().enumerate() {
+            let ok = d
+                .split('.')
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+            if !ok {
+                return Err(spec_err(
+                    format!("merge.dedup[{i}]"),
+                    format!("{d:?} is not a field name"),
+                    "give dotted paths of letters, digits and underscores, e.g. \"qpos\" or \"data.action\"",
+                ));
+            }
+            if !fields.insert(d.as_str()) {
+                return Err(spec_err(
+                    format!("merge.dedup[{i}]"),
+                    format!("{d:?} is listed twice"),
+                    "list each field once",
+                ));
+            }
         }
         for k in g.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
@@ -408,6 +451,39 @@ impl JobSpec {
             ));
         }
         Ok(())
+    }
+
+    /// The dataset format: `generator.format`, or what the output's extension says.
+    pub fn format(&self) -> Result<Format, SpecError> {
+        let g = &self.generator;
+        let names = Format::ALL.map(Format::name).join(", ");
+        let by_ext = Format::from_extension(&g.output);
+        match &g.format {
+            Some(name) => {
+                let f = Format::from_name(name).ok_or_else(|| {
+                    spec_err(
+                        "generator.format",
+                        format!("unknown format {name:?}"),
+                        format!("use one of {names}"),
+                    )
+                })?;
+                match by_ext {
+                    Some(e) if e != f => Err(spec_err(
+                        "generator.output",
+                        format!("{:?} names a {e} dataset but generator.format is {f}", g.output),
+                        "make the output's extension match the format (or drop the format)",
+                    )),
+                    _ => Ok(f),
+                }
+            }
+            None => by_ext.ok_or_else(|| {
+                spec_err(
+                    "generator.format",
+                    format!("the format of {:?} cannot be told from its name", g.output),
+                    format!("name it with generator.format (one of {names}), or give the output an extension such as .npy or .hdf5"),
+                )
+            }),
+        }
     }
 
     /// Seed of object `index`, round `round`.
@@ -464,8 +540,48 @@ impl JobSpec {
             &self.generator.output,
             &stored.generator.output
         );
+        cmp!("generator.format", self.format().ok(), stored.format().ok());
+        cmp!("merge.filter", &self.merge.filter, &stored.merge.filter);
+        cmp!("merge.dedup", &self.merge.dedup, &stored.merge.dedup);
         d
     }
+}
+
+/// A per-round path: relative, inside the job root, not GPU-dependent, different per round.
+fn check_round_path(field: &str, p: &str) -> Result<(), SpecError> {
+    if p.trim().is_empty() {
+        return Err(spec_err(
+            field,
+            "is empty",
+            "give a path relative to the job root",
+        ));
+    }
+    if p.starts_with('/') || p.split('/').any(|c| c == "..") {
+        return Err(spec_err(
+            field,
+            format!("{p:?} leaves the job root"),
+            "give a path relative to the job root without '..'",
+        ));
+    }
+    if p.contains("{gpu}") {
+        return Err(spec_err(
+            field,
+            "may not use {gpu}",
+            "paths must not depend on the GPU",
+        ));
+    }
+    // Two rounds running at once on one machine must not share a path.
+    if !["{name}", "{seed}", "{round}"]
+        .iter()
+        .any(|ph| p.contains(ph))
+    {
+        return Err(spec_err(
+            field,
+            format!("{p:?} is the same for every round"),
+            "include {name} (or {seed}) in the path so rounds do not overwrite each other",
+        ));
+    }
+    Ok(())
 }
 
 fn check_placeholders(field: &str, s: &str) -> Result<(), SpecError> {
@@ -543,6 +659,7 @@ mod tests {
             retry_backoff_ms: 10,
             root: "/tmp/root".into(),
             generator: JobSpec::legacy_generator(),
+            merge: Default::default(),
         }
     }
 
@@ -592,6 +709,67 @@ mod tests {
         let e = s.validate().unwrap_err();
         assert_eq!(e.field, "generator.output");
         assert!(e.fix.contains("{name}"), "{e}");
+    }
+
+    #[test]
+    fn formats_come_from_the_spec_or_the_extension() {
+        let mut s = spec();
+        assert_eq!(s.format().unwrap(), Format::Npy);
+        s.generator.output = "out/{name}/demo.hdf5".into();
+        assert_eq!(s.format().unwrap(), Format::Hdf5);
+        s.generator.output = "out/{name}/dataset".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.format");
+        assert!(e.fix.contains("episodes"), "{e}");
+        s.generator.format = Some("episodes".into());
+        s.validate().unwrap();
+        s.generator.format = Some("parquet".into());
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.format");
+        assert!(
+            e.problem.contains("parquet") && e.fix.contains("zarr"),
+            "{e}"
+        );
+        s.generator.format = Some("zarr".into());
+        s.generator.output = "out/{name}/demo.npz".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.output");
+        assert!(
+            e.problem.contains("npz") && e.problem.contains("zarr"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn merge_options_and_sidecars_are_checked() {
+        let mut s = spec();
+        s.merge.filter = Some("E_pen <= 0.02".into());
+        s.merge.dedup = vec!["qpos_left".into(), "obs.state".into()];
+        s.generator.stats = Some("out/{name}/stats.json".into());
+        s.validate().unwrap();
+        assert_eq!(s.merge.parsed_filter().unwrap().value, 0.02);
+        let mut bad = s.clone();
+        bad.merge.filter = Some("E_pen <=".into());
+        let e = bad.validate().unwrap_err();
+        assert_eq!(e.field, "merge.filter");
+        assert!(e.fix.contains("E_pen <= 0.02"), "{e}");
+        let mut bad = s.clone();
+        bad.merge.dedup = vec!["a".into(), "a".into()];
+        assert_eq!(bad.validate().unwrap_err().field, "merge.dedup[1]");
+        bad.merge.dedup = vec!["a b".into()];
+        assert_eq!(bad.validate().unwrap_err().field, "merge.dedup[0]");
+        let mut bad = s.clone();
+        bad.generator.stats = Some("stats.json".into());
+        let e = bad.validate().unwrap_err();
+        assert_eq!(e.field, "generator.stats");
+        assert!(e.fix.contains("{name}"), "{e}");
+        // A changed filter changes the finals: resuming with it is refused.
+        let mut other = s.clone();
+        other.merge.filter = Some("E_pen <= 0.5".into());
+        assert!(other.plan_differences(&s)[0].starts_with("merge.filter"));
+        // Specs without the new fields serialize as before.
+        let json = serde_json::to_string(&spec()).unwrap();
+        assert!(!json.contains("merge") && !json.contains("stats"), "{json}");
     }
 
     #[test]

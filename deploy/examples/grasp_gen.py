@@ -42,6 +42,7 @@ empty, and the write is dtype- or truncate-faulted.
                         (written in place, not atomically, as a crash would leave it)
   --dtype_seeds L       write a numeric '<f8' array of shape (n, 8) instead (schema mismatch)
   --sleep_ms N          sleep N ms before writing (simulated GPU work)
+  --stats_file P        write the yield sidecar {"attempts": B, "successes": n} to P
 
 Unknown flags (the legacy optimizer's tuning knobs) are accepted and ignored.
 Exit codes: 0 success (or a requested empty/truncated result), 2 bad usage, 3 --fail_seeds,
@@ -115,6 +116,9 @@ def build_parser():
     p.add_argument("--yield_mode", choices=("full", "uneven"), default="full",
                    help="full: B samples; uneven: fewer, depending on the seed")
     p.add_argument("--state_dir", default=None, help="marker directory for --flaky_seeds")
+    p.add_argument("--stats_file", default=None,
+                   help="also write the round's yield sidecar here: {\"attempts\": B, "
+                        "\"successes\": samples written} (Quarry's generator.stats)"),
     for flag, what in (
         ("fail", "exit 3"),
         ("flaky", "exit 4 on the first attempt (needs --state_dir)"),
@@ -347,6 +351,10 @@ def main(argv=None):
         log(f"wrote a truncated file (injected): {path}")
         return 0
     write_atomic(path, header + payload)
+    if args.stats_file:
+        os.makedirs(os.path.dirname(args.stats_file) or ".", exist_ok=True)
+        stats = '{"attempts": %d, "successes": %d}\n' % (args.batch_size, count)
+        write_atomic(args.stats_file, stats.encode())
     valid = sum(1 for s in samples if s["valid"])
     log(f"saved {count} samples ({valid} valid) to {path}")
     return 0

@@ -14,6 +14,7 @@
 //! A *sample* is the unit the quota counts: a row of a `.npy`/`.npz`, a line of JSONL, a demo of
 //! a robomimic HDF5 file, an episode of a zarr replay buffer or of an episode directory.
 
+pub mod archive;
 pub mod episodes;
 pub mod hdf5;
 pub mod jsonl;

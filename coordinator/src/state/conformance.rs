@@ -22,8 +22,8 @@ use tokio::sync::Barrier;
 
 use super::{
     CommitOutcome, CommitRecord, CreateJob, FailureRecord, FileRecord, JobRecord, JobState,
-    MergeRecord, ObjectRecord, QuarantineOutcome, QuarantineRecord, RoundGpuStats, StateError,
-    StateStore,
+    MergeRecord, ObjectRecord, QuarantineOutcome, QuarantineRecord, RoundGpuStats, RoundYield,
+    StateError, StateStore,
 };
 use crate::spec::{FinalDirMode, JobSpec};
 
@@ -82,6 +82,7 @@ pub fn job(id: &str) -> JobRecord {
             retry_backoff_ms: 1_000,
             root: "/data/quarry".into(),
             generator: JobSpec::legacy_generator(),
+            merge: Default::default(),
         },
         created_unix_ms: 1_700_000_000_000,
         state: JobState::Running,
@@ -109,6 +110,7 @@ pub fn commit(round: u32, attempt: &str) -> CommitRecord {
             ),
             count: 64,
             schema: "f4:(64,3)".into(),
+            kept: Some(60),
         }],
         worker: format!("worker-of-{attempt}"),
         generator_ms: 1234,
@@ -119,6 +121,11 @@ pub fn commit(round: u32, attempt: &str) -> CommitRecord {
             samples: 3,
         }),
         log_key: Some(format!("staging/{attempt}/generator.log")),
+        kept: Some(60),
+        yield_stats: Some(RoundYield {
+            attempts: 90,
+            successes: 64,
+        }),
     }
 }
 
@@ -157,6 +164,8 @@ pub fn merge(complete: bool) -> MergeRecord {
         cleaned: false,
         complete,
         unix_ms: 1_700_000_000_000,
+        filtered: 7,
+        duplicates: 2,
     }
 }
 

@@ -49,6 +49,9 @@ pub struct FileRecord {
     pub sha256: String,
     pub count: u64,
     pub schema: String,
+    /// Samples that pass the job's filter; absent when the job has none (then all count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<u64>,
 }
 
 /// The winning attempt of a round.
@@ -69,6 +72,26 @@ pub struct CommitRecord {
     /// Key of the generator's log, uploaded beside the outputs (deleted with the staging).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub log_key: Option<String>,
+    /// Samples that pass the job's filter; absent without a filter (then all `count` do).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<u64>,
+    /// The generator's yield for the round, when the job names a yield sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yield_stats: Option<RoundYield>,
+}
+
+impl CommitRecord {
+    /// Samples of this round that count toward the quota: those passing the filter.
+    pub fn quota_count(&self) -> u64 {
+        self.kept.unwrap_or(self.count)
+    }
+}
+
+/// Trials a generator attempted in one round and the successes it kept (its samples).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundYield {
+    pub attempts: u64,
+    pub successes: u64,
 }
 
 /// GPU figures of one generator run, sampled by its worker while it ran.
@@ -123,6 +146,15 @@ pub struct MergeRecord {
     /// True when the quota was reached; false when the object ran out of rounds.
     pub complete: bool,
     pub unix_ms: u64,
+    /// Samples the filter dropped, and duplicates dropped, before the cut to the quota.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub filtered: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub duplicates: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Everything stored about one object of a job.

@@ -11,6 +11,7 @@
 //! that cannot reach the coordinator for longer than its lease TTL fences itself: it kills
 //! its run and discards its staging, because the coordinator has re-issued the round by then.
 
+mod output;
 mod round;
 mod session;
 

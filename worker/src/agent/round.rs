@@ -6,11 +6,11 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use quarry_common::storage::keys;
-use quarry_formats::npy;
 use quarry_proto::v1 as pb;
 use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 
 use super::Counters;
+use super::output;
 use super::session::{Held, Session};
 use crate::binding;
 use crate::gpu::RoundStats;
@@ -28,6 +28,8 @@ pub(super) struct Paths {
     pub cwd: PathBuf,
     pub outs: Vec<PathBuf>,
     pub round_dir: Option<PathBuf>,
+    /// The generator's yield sidecar, when the job names one.
+    pub stats: Option<PathBuf>,
 }
 
 impl Paths {
@@ -57,11 +59,17 @@ impl Paths {
         } else {
             Some(resolve(&task.round_dir)?)
         };
+        let stats = if task.stats_path.is_empty() {
+            None
+        } else {
+            Some(resolve(&task.stats_path)?)
+        };
         Ok(Paths {
             root,
             cwd,
             outs,
             round_dir,
+            stats,
         })
     }
 }
@@ -79,7 +87,10 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
     let task = lease.task.clone().unwrap_or_default();
     // A previous attempt's leftovers must not pass for this attempt's output.
     for o in &paths.outs {
-        let _ = std::fs::remove_file(o);
+        output::remove_stale(o);
+    }
+    if let Some(p) = &paths.stats {
+        let _ = std::fs::remove_file(p);
     }
     let job_env: Vec<(String, String)> = task
         .env
@@ -135,6 +146,7 @@ enum Outcome {
     Uploaded {
         files: Vec<pb::UploadedFile>,
         log_key: String,
+        yield_stats: Option<pb::RoundYield>,
     },
     Failed {
         kind: pb::FailureKind,
@@ -207,8 +219,18 @@ pub(super) async fn finish(s: &Session, held: &Held, paths: &Paths, ran: Ran) {
         warn!(prefix = %task.staging_prefix, error = %e, "could not discard a stopped attempt's staging");
     }
     match outcome {
-        Outcome::Uploaded { files, log_key } => {
-            complete(s, held, files, log_key, generator_ms, &ran.stats).await;
+        Outcome::Uploaded {
+            files,
+            log_key,
+            yield_stats,
+        } => {
+            let reported = Reported {
+                files,
+                log_key,
+                yield_stats,
+                generator_ms,
+            };
+            complete(s, held, reported, &ran.stats).await;
         }
         Outcome::Failed { kind, message } => {
             let key = keys::log(
@@ -249,21 +271,35 @@ pub(super) async fn finish(s: &Session, held: &Held, paths: &Paths, ran: Ran) {
             }
             None => {
                 for o in &paths.outs {
-                    let _ = std::fs::remove_file(o);
+                    output::remove_stale(o);
                 }
             }
         }
+        if let Some(p) = &paths.stats {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    // An archive is a transport copy, never kept.
+    for o in &paths.outs {
+        let _ = std::fs::remove_file(output::archive_path(o));
     }
 }
 
-async fn complete(
-    s: &Session,
-    held: &Held,
+/// What a successful run reports.
+struct Reported {
     files: Vec<pb::UploadedFile>,
     log_key: String,
+    yield_stats: Option<pb::RoundYield>,
     generator_ms: u64,
-    stats: &RoundStats,
-) {
+}
+
+async fn complete(s: &Session, held: &Held, reported: Reported, stats: &RoundStats) {
+    let Reported {
+        files,
+        log_key,
+        yield_stats,
+        generator_ms,
+    } = reported;
     let lease = &held.lease;
     held.span
         .record("bytes", files.iter().map(|f| f.size).sum::<u64>());
@@ -285,6 +321,7 @@ async fn complete(
                 generator_ms,
                 gpu_stats: stats.to_proto(),
                 log_key: log_key.clone(),
+                yield_stats,
             };
             let mut client = conn.client;
             async move { client.complete(req).await }
@@ -332,21 +369,27 @@ async fn upload(
     paths: &Paths,
     report: &RunReport,
 ) -> Outcome {
+    let yield_stats = match &paths.stats {
+        Some(p) => match output::read_yield(p, &task.stats_path) {
+            Ok(y) => Some(y),
+            Err(r) => {
+                return Outcome::Failed {
+                    kind: r.kind,
+                    message: r.message,
+                };
+            }
+        },
+        None => None,
+    };
     let mut files = Vec::with_capacity(paths.outs.len());
     for (spec, path) in task.outputs.iter().zip(&paths.outs) {
-        if !path.is_file() {
-            return Outcome::Failed {
-                kind: pb::FailureKind::OutputMissing,
-                message: format!("generator exited 0 but wrote no {}", spec.path),
-            };
-        }
-        let p = path.clone();
-        let info = match tokio::task::spawn_blocking(move || npy::inspect_path(&p)).await {
-            Ok(Ok(i)) => i,
-            Ok(Err(e)) => {
+        let (sp, p) = (spec.clone(), path.clone());
+        let checked = match tokio::task::spawn_blocking(move || output::check(&sp, &p)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(r)) => {
                 return Outcome::Failed {
-                    kind: pb::FailureKind::OutputInvalid,
-                    message: format!("{}: {e}", spec.path),
+                    kind: r.kind,
+                    message: r.message,
                 };
             }
             Err(e) => {
@@ -357,7 +400,11 @@ async fn upload(
             }
         };
         let key = format!("{}/{}", task.staging_prefix, spec.name);
-        match s.store.put_file(&key, path).await {
+        let put = s.store.put_file(&key, &checked.upload).await;
+        if let Some(a) = &checked.archive {
+            let _ = std::fs::remove_file(a);
+        }
+        match put {
             Ok(up) => {
                 s.cfg.metrics.uploaded(up.size);
                 files.push(pb::UploadedFile {
@@ -365,8 +412,9 @@ async fn upload(
                     key,
                     size: up.size,
                     sha256: up.sha256,
-                    count: info.count,
-                    schema: info.schema,
+                    count: checked.count,
+                    schema: checked.schema,
+                    kept: Some(checked.kept),
                 })
             }
             Err(e) => {
@@ -394,5 +442,9 @@ async fn upload(
     if let Some(f) = files.first() {
         span.record("samples", f.count);
     }
-    Outcome::Uploaded { files, log_key }
+    Outcome::Uploaded {
+        files,
+        log_key,
+        yield_stats,
+    }
 }
