@@ -11,11 +11,13 @@
 //! The merged file loads with `np.load(path, allow_pickle=True)` on numpy 1.26 and 2.x and
 //! equals `np.concatenate([np.load(f, allow_pickle=True) for f in inputs])[:limit]`.
 
+mod fields;
 mod header;
 mod memo;
 mod numeric;
 mod object;
 mod pickle;
+mod select;
 mod value;
 
 use std::fs::File;
@@ -207,25 +209,35 @@ pub fn merge<R: Read, W: std::io::Write>(
 #[cfg(test)]
 mod tests;
 
-/// [`crate::inspect`] for `.npy`.
+/// [`crate::inspect`] for `.npy`: [`inspect_path`], then, with a filter, a second read that
+/// counts the samples passing it. The filter's field is a dotted path: into the dicts of an
+/// object array (the value must be a Python int/float/bool, a numpy scalar or a 0-d or
+/// 1-element numeric array), or into a structured dtype's fields (a scalar bool, int, uint or
+/// float field). A plain numeric array has no fields. A field that is missing or not a number
+/// is a [`crate::DatasetError::Filter`] naming the file and element.
 pub fn inspect_dataset(
     path: &Path,
     filter: Option<&crate::Filter>,
 ) -> Result<crate::Inspection, crate::DatasetError> {
-    if filter.is_some() {
-        return Err(crate::DatasetError::Unsupported {
-            reason: "filters on .npy files are not built yet".into(),
-        });
-    }
     let i = inspect_path(path)?;
+    let kept = match filter {
+        Some(f) => select::count_kept(path, f)?,
+        None => i.count,
+    };
     Ok(crate::Inspection {
         count: i.count,
-        kept: i.count,
+        kept,
         schema: i.schema,
     })
 }
 
-/// [`crate::merge`] for `.npy`: [`merge`] into a new file at `out`.
+/// [`crate::merge`] for `.npy`: without a filter or de-duplication, [`merge`] into a new file
+/// at `out`; with them, a two-phase merge (plan, then write) that keeps the pickle of object
+/// arrays valid however the left-out elements shared memo entries with kept ones (see
+/// `select.rs`). The result equals
+/// `np.concatenate([np.load(f, allow_pickle=True) for f in inputs])[keep][:limit]`, where
+/// `keep` passes the filter and is the first occurrence (in input order) of its
+/// de-duplication fields' values; the same inputs and options give the same bytes.
 pub fn merge_dataset(
     inputs: &[std::path::PathBuf],
     counts: &[u64],
@@ -233,9 +245,7 @@ pub fn merge_dataset(
     out: &Path,
 ) -> Result<crate::MergeSummary, crate::DatasetError> {
     if options.filter.is_some() || !options.dedup.is_empty() {
-        return Err(crate::DatasetError::Unsupported {
-            reason: "filters and de-duplication on .npy files are not built yet".into(),
-        });
+        return select::merge_selected(inputs, counts, options, out);
     }
     let f = File::create_new(out).map_err(crate::DatasetError::io("create", out))?;
     let s = merge(counts, options.limit, |i| File::open(&inputs[i]), &f)?;
@@ -247,12 +257,15 @@ pub fn merge_dataset(
     })
 }
 
-/// [`crate::examine`] for `.npy`.
+/// [`crate::examine`] for `.npy`: every sample, in order. An object array of dicts reports
+/// each numeric leaf (dicts walked by dotted path; a numpy array's elements, or a list of
+/// numbers, are that field's values); a structured array each numeric field; a plain numeric
+/// array one field `value` with the row's elements. Problems, at `<file>: element <i>` (and
+/// `: <field>`): an element that is not a dict like element 0 or has other keys, NaN or an
+/// infinite value in a float field. Returns the sample count.
 pub fn examine_dataset(
-    _path: &Path,
-    _observer: &mut dyn crate::Observer,
+    path: &Path,
+    observer: &mut dyn crate::Observer,
 ) -> Result<u64, crate::DatasetError> {
-    Err(crate::DatasetError::Unsupported {
-        reason: "examining .npy files is not built yet".into(),
-    })
+    select::examine(path, observer)
 }

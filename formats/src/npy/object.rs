@@ -36,23 +36,23 @@ use super::pickle::{Depth, Op, OpReader, complete_len, emit, op};
 use super::value::{Call, Decoder, KeySet, Kind, Obj, Step, Value, is_bare, memo_index};
 use super::{ArrayKind, FormatError, Inspection, MergeSummary};
 
-const READ_BUF: usize = 1 << 16;
+pub(super) const READ_BUF: usize = 1 << 16;
 const WRITE_BUF: usize = 1 << 18;
 
 /// numpy 1.x writes `numpy.core.multiarray`; numpy 2 writes `numpy._core.multiarray`, which
 /// numpy 1.26 also provides (as a stub for loading numpy 2 pickles).
-const CORE_MODULE_V1: &str = "numpy.core.multiarray";
-const CORE_MODULE_V2: &str = "numpy._core.multiarray";
+pub(super) const CORE_MODULE_V1: &str = "numpy.core.multiarray";
+pub(super) const CORE_MODULE_V2: &str = "numpy._core.multiarray";
 
 /// One object-array input, positioned just after its data list was pushed.
-struct Input<R> {
-    rd: OpReader<R>,
-    dec: Decoder,
+pub(super) struct Input<R> {
+    pub rd: OpReader<R>,
+    pub dec: Decoder,
     /// Module of the input's `_reconstruct` global.
-    module: String,
+    pub module: String,
 }
 
-fn open_input<R: BufRead>(r: R, h: &Header) -> Result<Input<R>, FormatError> {
+pub(super) fn open_input<R: BufRead>(r: R, h: &Header) -> Result<Input<R>, FormatError> {
     let mut rd = OpReader::with_base(r, h.data_offset);
     let mut dec = Decoder::default();
     loop {
@@ -87,7 +87,7 @@ fn open_input<R: BufRead>(r: R, h: &Header) -> Result<Input<R>, FormatError> {
     Ok(Input { rd, dec, module })
 }
 
-fn ended_early<R: BufRead>(rd: &OpReader<R>) -> FormatError {
+pub(super) fn ended_early<R: BufRead>(rd: &OpReader<R>) -> FormatError {
     FormatError::Truncated {
         what: "pickle stream (ends before STOP)".into(),
         expected: rd.position() + 1,
@@ -95,7 +95,7 @@ fn ended_early<R: BufRead>(rd: &OpReader<R>) -> FormatError {
     }
 }
 
-fn not_numpy_layout() -> FormatError {
+pub(super) fn not_numpy_layout() -> FormatError {
     FormatError::Unsupported {
         reason: "object array pickle is not laid out the way numpy's ndarray.__reduce__ writes it"
             .into(),
@@ -103,7 +103,7 @@ fn not_numpy_layout() -> FormatError {
 }
 
 /// Checks the pickle's result is the array `_reconstruct` made, built from the data list.
-fn check_final(v: &Value, dec: &Decoder) -> Result<(), FormatError> {
+pub(super) fn check_final(v: &Value, dec: &Decoder) -> Result<(), FormatError> {
     let ok = match (v, &dec.array) {
         (Value::Object(o), Some(arr)) if Rc::ptr_eq(o, arr) => matches!(
             &o.borrow().state,
@@ -116,7 +116,7 @@ fn check_final(v: &Value, dec: &Decoder) -> Result<(), FormatError> {
 
 /// Evaluates the epilogue (the opcode that ended the data list onwards), checks it builds the
 /// array as numpy's does and that nothing follows it.
-fn finish_input<R: BufRead>(inp: &mut Input<R>, first: Op) -> Result<(), FormatError> {
+pub(super) fn finish_input<R: BufRead>(inp: &mut Input<R>, first: Op) -> Result<(), FormatError> {
     let mut next = Some(first);
     loop {
         let Some(op) = next else {
@@ -141,8 +141,12 @@ fn finish_input<R: BufRead>(inp: &mut Input<R>, first: Op) -> Result<(), FormatE
 /// has no counterpart an element could sensibly refer to. Output indices stay below it.
 const DATA_LIST: u32 = u32::MAX - 1;
 
+/// Marks, in [`Translator::map`], an input memo index written by an element a filtered merge
+/// leaves out of the output (see `select.rs`), which no element in the output may read.
+pub(super) const DROPPED: u32 = u32::MAX - 2;
+
 /// Rewrites one input's data-list opcodes for the output stream.
-struct Translator {
+pub(super) struct Translator {
     /// Next free output memo index; shared by all inputs.
     next_out: u64,
     /// Input memo index -> output memo index (or [`DATA_LIST`]).
@@ -151,12 +155,12 @@ struct Translator {
     in_len: u32,
     /// Write memo entries with `MEMOIZE` rather than `BINPUT`/`LONG_BINPUT`; see
     /// [`put`].
-    memoize: bool,
+    pub memoize: bool,
     scratch: Vec<u8>,
 }
 
 impl Translator {
-    fn new() -> Self {
+    pub fn new() -> Self {
         Translator {
             next_out: 0,
             map: IndexMap32::default(),
@@ -185,7 +189,7 @@ impl Translator {
         };
         match bytes[0] {
             op::BINGET | op::LONG_BINGET => match self.map.get(arg(bytes)) {
-                Some(o) if o != DATA_LIST => {
+                Some(o) if o < DROPPED => {
                     emit::get(out, o);
                     Ok(true)
                 }
@@ -209,7 +213,7 @@ impl Translator {
         }
     }
 
-    fn start_input(&mut self, dec: &Decoder) {
+    pub fn start_input(&mut self, dec: &Decoder) {
         self.map = IndexMap32::default();
         self.in_len = dec.memo.len();
     }
@@ -217,7 +221,7 @@ impl Translator {
     fn fresh(&mut self) -> Result<u32, FormatError> {
         let idx = u32::try_from(self.next_out)
             .ok()
-            .filter(|&i| i < DATA_LIST)
+            .filter(|&i| i < DROPPED)
             .ok_or_else(|| FormatError::Unsupported {
                 reason: "merged pickle needs more than 2^32 - 2 memo entries".into(),
             })?;
@@ -233,7 +237,7 @@ impl Translator {
     }
 
     /// A memo write at the data list's own level memoizes the list itself.
-    fn memoize_list<R: BufRead>(
+    pub fn memoize_list<R: BufRead>(
         &mut self,
         op: &Op,
         rd: &OpReader<R>,
@@ -245,6 +249,26 @@ impl Translator {
             memo_index(op, rd)?
         };
         self.define(dec, idx, DATA_LIST);
+        Ok(())
+    }
+
+    /// Accounts for the ops of an element left out of the output (`s`, whole ops): its memo
+    /// writes take no output index and are marked [`DROPPED`]; everything else is ignored.
+    pub fn skip(&mut self, s: &[u8], dec: &Decoder) -> Result<(), FormatError> {
+        let mut rd = OpReader::with_base(s, 0);
+        while let Some(op) = rd.next_op()? {
+            if matches!(
+                op.code,
+                op::PUT | op::BINPUT | op::LONG_BINPUT | op::MEMOIZE
+            ) {
+                let idx = if op.code == op::MEMOIZE {
+                    self.in_len
+                } else {
+                    memo_index(&op, &rd)?
+                };
+                self.define(dec, idx, DROPPED);
+            }
+        }
         Ok(())
     }
 
@@ -279,6 +303,15 @@ impl Translator {
                             reason: format!(
                                 "element at byte {} refers to the array's own data list",
                                 op.offset
+                            ),
+                        });
+                    }
+                    Some(DROPPED) => {
+                        return Err(FormatError::BadPickle {
+                            offset: op.offset,
+                            reason: format!(
+                                "memo entry {idx} is read here but was written by an element \
+                                 the filter left out"
                             ),
                         });
                     }
@@ -403,14 +436,14 @@ fn emit_value(
 /// The merged file on its way out. Bytes gather in `buf`, which the fast paths append to
 /// directly (a `BufWriter` would cost a call per op), and go to `inner` in large writes; `n`
 /// counts the bytes written.
-struct Output<W> {
+pub(super) struct Output<W> {
     inner: W,
-    buf: Vec<u8>,
-    n: u64,
+    pub buf: Vec<u8>,
+    pub n: u64,
 }
 
 impl<W: Write> Output<W> {
-    fn new(inner: W) -> Self {
+    pub fn new(inner: W) -> Self {
         Output {
             inner,
             buf: Vec::with_capacity(2 * WRITE_BUF),
@@ -419,7 +452,7 @@ impl<W: Write> Output<W> {
     }
 
     /// Writes `buf` out once it holds enough for one large write.
-    fn spill(&mut self) -> std::io::Result<()> {
+    pub fn spill(&mut self) -> std::io::Result<()> {
         if self.buf.len() >= WRITE_BUF {
             self.drain()?;
         }
@@ -451,7 +484,7 @@ impl<W: Write> Write for Output<W> {
 
 /// The opening of the merged pickle, as numpy writes it for a fresh `(total,)` object array:
 /// `_reconstruct(ndarray, (0,), b'b')`, then the state tuple up to its empty data list.
-fn prologue(proto: u8, module: &str, total: u64) -> Vec<u8> {
+pub(super) fn prologue(proto: u8, module: &str, total: u64) -> Vec<u8> {
     let mut p = vec![op::PROTO, proto];
     emit::global(&mut p, module, "_reconstruct");
     emit::global(&mut p, "numpy", "ndarray");
@@ -485,11 +518,11 @@ fn prologue(proto: u8, module: &str, total: u64) -> Vec<u8> {
 }
 
 /// Closes the state tuple, builds the array, ends the pickle.
-const EPILOGUE: [u8; 3] = [op::TUPLE, op::BUILD, op::STOP];
+pub(super) const EPILOGUE: [u8; 3] = [op::TUPLE, op::BUILD, op::STOP];
 
 /// Which entry of the body's stack an `APPEND`/`APPENDS` closes a unit of the data list with,
 /// and how many elements it appends.
-fn unit_end(code: u8, d: &Depth) -> Option<u64> {
+pub(super) fn unit_end(code: u8, d: &Depth) -> Option<u64> {
     match code {
         op::APPENDS if d.marks.last() == Some(&0) => Some(d.depth as u64 - 1),
         op::APPEND if d.depth == 1 && d.marks.is_empty() => Some(1),
@@ -497,7 +530,7 @@ fn unit_end(code: u8, d: &Depth) -> Option<u64> {
     }
 }
 
-fn stack_error(op: &Op, reason: String) -> FormatError {
+pub(super) fn stack_error(op: &Op, reason: String) -> FormatError {
     FormatError::BadPickle {
         offset: op.offset,
         reason,
@@ -602,7 +635,7 @@ fn copy_run(
     Ok(i)
 }
 
-fn element_count(expected: u64, actual: u64) -> FormatError {
+pub(super) fn element_count(expected: u64, actual: u64) -> FormatError {
     FormatError::CountMismatch {
         what: "elements in the pickled data list vs npy header shape".into(),
         expected,
@@ -740,7 +773,7 @@ fn copy_prefix<R: BufRead, W: Write>(
 
 /// Copies whole buffered ops (payloads included) to `out`, rewritten as
 /// [`Translator::copy_op`] would, unchanged stretches as one slice each.
-fn translate<W: Write>(
+pub(super) fn translate<W: Write>(
     s: &[u8],
     tr: &mut Translator,
     dec: &Decoder,
@@ -776,7 +809,7 @@ fn translate<W: Write>(
     Ok(())
 }
 
-fn kind_name(h: &Header) -> String {
+pub(super) fn kind_name(h: &Header) -> String {
     match &h.descr {
         Descr::Object => "an object array".into(),
         d => format!("a numeric array of {}", d.display()),

@@ -329,6 +329,8 @@ pub(crate) struct Decoder {
     /// data list must never copy, since the final array only exists after the data list.
     pub array: Option<Rc<RefCell<Obj>>>,
     elements: Vec<Value>,
+    /// Longest string or bytes payload kept whole, when not [`KEEP_PAYLOAD`].
+    pub keep_payload: Option<usize>,
     /// Memo indices set since the last [`Decoder::compact_memo`].
     recent: Vec<u32>,
     scratch: Vec<u8>,
@@ -446,7 +448,7 @@ impl Decoder {
     }
 
     fn payload<R: BufRead>(&mut self, rd: &mut OpReader<R>) -> Result<bool, FormatError> {
-        rd.read_payload(&mut self.scratch, KEEP_PAYLOAD)
+        rd.read_payload(&mut self.scratch, self.keep_payload.unwrap_or(KEEP_PAYLOAD))
     }
 
     /// Applies one opcode (already read from `rd`, whose payload is still unread).
