@@ -18,6 +18,7 @@ mod numeric;
 mod object;
 mod pickle;
 mod select;
+pub(crate) mod pickle_check;
 mod value;
 
 use std::fs::File;
