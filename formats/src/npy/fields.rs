@@ -333,12 +333,7 @@ pub(crate) fn numeric_leaves(v: &Value, prefix: &str, f: &mut dyn FnMut(&str, &[
     numeric_leaves_at(v, prefix, f, 0);
 }
 
-fn numeric_leaves_at(
-    v: &Value,
-    prefix: &str,
-    f: &mut dyn FnMut(&str, &[f64], bool),
-    depth: usize,
-) {
+fn numeric_leaves_at(v: &Value, prefix: &str, f: &mut dyn FnMut(&str, &[f64], bool), depth: usize) {
     if depth > 64 {
         return;
     }

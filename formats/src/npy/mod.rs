@@ -17,8 +17,8 @@ mod memo;
 mod numeric;
 mod object;
 mod pickle;
-mod select;
 pub(crate) mod pickle_check;
+mod select;
 mod value;
 
 use std::fs::File;

@@ -132,8 +132,8 @@ impl<'a> Judge<'a> {
         };
         if let Some(f) = self.filter {
             let v = lookup(el, &f.field).map_err(|r| err(format!("filter `{f}`: {r}")))?;
-            let x = as_number(&v)
-                .map_err(|r| err(format!("filter `{f}`: field {}: {r}", f.field)))?;
+            let x =
+                as_number(&v).map_err(|r| err(format!("filter `{f}`: field {}: {r}", f.field)))?;
             if !f.keeps(x) {
                 self.filtered += 1;
                 return Ok(false);
@@ -489,9 +489,7 @@ fn row_rules(
     }
     for name in dedup {
         let field = find(name)?;
-        rules
-            .dedup
-            .push((field.offset, field.offset + field.size));
+        rules.dedup.push((field.offset, field.offset + field.size));
     }
     Ok(rules)
 }
@@ -671,10 +669,7 @@ fn check_kind(i: usize, h: &Header, h0: &Header) -> Result<(), FormatError> {
                 return Err(FormatError::in_input(
                     i,
                     FormatError::Unsupported {
-                        reason: format!(
-                            "object array of shape {:?} (only 1-D merges)",
-                            h.shape
-                        ),
+                        reason: format!("object array of shape {:?} (only 1-D merges)", h.shape),
                     },
                 ));
             }
@@ -770,12 +765,11 @@ pub(super) fn merge_selected(
                 }
                 plan_object(path, &mut inp, counts[i], &mut judge, room, &wrap)?
             }
-            Descr::Numeric { .. } => {
-                plan_numeric(path, r, &h, len, &rules, &mut judge, room).map_err(|e| match e {
+            Descr::Numeric { .. } => plan_numeric(path, r, &h, len, &rules, &mut judge, room)
+                .map_err(|e| match e {
                     DatasetError::Npy(e) => wrap(e),
                     e => e,
-                })?
-            }
+                })?,
         };
         kept += plan.kept;
         plans.push(plan);
