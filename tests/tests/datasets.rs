@@ -190,3 +190,246 @@ stats = "data/experiments/{{name}}/stats.json"
         "{q}"
     );
 }
+
+/// A job running example generator `generator` (in `deploy/examples/`) under the test's
+/// Python, writing `out/{name}/<file>` and a yield sidecar; 2 objects, quota 25, batch 10.
+fn format_job(
+    exp: &str,
+    root: &Path,
+    generator: &str,
+    file: &str,
+    extra: &str,
+    format: Option<&str>,
+) -> String {
+    let gen_path = repo_root().join("deploy/examples").join(generator);
+    format!(
+        r#"
+exp_name = "{exp}"
+objects = ["mug", "bowl"]
+target_count_per_object = 25
+round_batch_size = 10
+seed_base = 3
+root = "{root}"
+{extra}
+
+[generator]
+argv = ["{py}", "{gen}", "--seed", "{{seed}}", "--object", "{{object}}",
+        "--batch_size", "{{batch_size}}", "--out", "out/{{name}}/{file}",
+        "--stats", "out/{{name}}/stats.json"]
+output = "out/{{name}}/{file}"
+stats = "out/{{name}}/stats.json"
+round_dir = "out/{{name}}"
+{format}
+"#,
+        format = format.map_or(String::new(), |f| format!("format = \"{f}\"")),
+        root = root.display(),
+        py = python(),
+        gen = gen_path.display(),
+    )
+}
+
+/// Runs a format job and checks each object's final with `check` (a Python script given the
+/// final, the generator, the object, the batch size, the seeds of the rounds the final holds
+/// as JSON, and the quota), plus what every format shares: quota met, yields recorded, no
+/// staging or round directories left. Returns the manifest.
+async fn run_format_job(
+    exp: &str,
+    generator: &str,
+    file: &str,
+    toml_extra: &str,
+    format: Option<&str>,
+    check: &str,
+) -> serde_json::Value {
+    let root = tempfile::tempdir().expect("tempdir");
+    let toml = format_job(exp, root.path(), generator, file, toml_extra, format);
+    let out = run_job(root.path(), &toml, &["--gpus", "0,1"]).await;
+    assert_eq!(
+        out.status.state,
+        pb::JobState::Done as i32,
+        "{:?}",
+        out.status
+    );
+    let m = manifest(root.path(), exp);
+    let gen_path = repo_root().join("deploy/examples").join(generator);
+    for o in ["mug", "bowl"] {
+        let entry = &m["objects"][o];
+        assert_eq!(entry["collected"], 25, "{entry}");
+        assert!(
+            entry["attempts"].as_u64().expect("attempts") >= 30,
+            "{entry}"
+        );
+        let f = finals(root.path(), exp, o);
+        assert!(f[0].exists(), "{}", f[0].display());
+        run_python(
+            &python(),
+            check,
+            &[
+                f[0].to_str().expect("path"),
+                gen_path.to_str().expect("path"),
+                o,
+                "10",
+                &serde_json::to_string(&seeds_of(&m, o)).expect("json"),
+                "25",
+            ],
+        );
+    }
+    assert!(
+        out.status.attempts > out.status.successes,
+        "{:?}",
+        out.status
+    );
+    let exp_dir = experiments(root.path()).join(exp);
+    assert!(!exp_dir.join("rounds").exists(), "staging left");
+    assert!(
+        files_under(&root.path().join("out")).is_empty(),
+        "{:?}",
+        files_under(&root.path().join("out"))
+    );
+    m
+}
+
+/// Python shared by the checks: regenerate the rounds of the given seeds into a temp dir.
+const REGEN: &str = r#"
+import json, os, subprocess, sys, tempfile
+final, gen, obj, batch, seeds, limit = sys.argv[1:7]
+seeds, limit = json.loads(seeds), int(limit)
+tmp = tempfile.mkdtemp()
+def regen(name):
+    paths = []
+    for s in seeds:
+        p = os.path.join(tmp, str(s), name)
+        subprocess.run([sys.executable, gen, "--seed", str(s), "--object", obj,
+                        "--batch_size", batch, "--out", p], check=True, capture_output=True)
+        paths.append(p)
+    return paths
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn robomimic_hdf5_finals_match_a_python_merge() {
+    let check = format!(
+        "{REGEN}{}",
+        r#"
+import h5py, numpy as np
+rounds = regen("demo.hdf5")
+src = []
+for p in rounds:
+    f = h5py.File(p, "r")
+    names = sorted(f["data"].keys(), key=lambda n: int(n.split("_")[1]))
+    src.extend((f, n) for n in names)
+src = src[:limit]
+out = h5py.File(final, "r")
+assert sorted(out["data"].keys(), key=lambda n: int(n.split("_")[1])) == ["demo_%d" % i for i in range(limit)]
+total = 0
+for i, (f, n) in enumerate(src):
+    a, b = out["data"]["demo_%d" % i], f["data"][n]
+    def cmp(x, y, path):
+        assert set(x.keys()) == set(y.keys()), path
+        for k in x.keys():
+            if isinstance(x[k], h5py.Group):
+                cmp(x[k], y[k], path + "/" + k)
+            else:
+                assert np.array_equal(x[k][()], y[k][()]), path + "/" + k
+    cmp(a, b, n)
+    assert dict(a.attrs) == dict(b.attrs) or all(np.array_equal(a.attrs[k], b.attrs[k]) for k in b.attrs)
+    total += int(b.attrs["num_samples"])
+assert int(out["data"].attrs["total"]) == total, (out["data"].attrs["total"], total)
+assert out["data"].attrs["env_args"] == h5py.File(rounds[0], "r")["data"].attrs["env_args"]
+"#
+    );
+    run_format_job("h5", "robomimic_gen.py", "demo.hdf5", "", None, &check).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zarr_replay_finals_match_a_python_merge() {
+    let check = format!(
+        "{REGEN}{}",
+        r#"
+import zarr, numpy as np
+rounds = [zarr.open_group(p, mode="r") for p in regen("replay.zarr")]
+out = zarr.open_group(final, mode="r")
+ends, data, offset = [], {}, 0
+for g in rounds:
+    e = np.asarray(g["meta/episode_ends"][:])
+    ends.extend((e + offset).tolist())
+    offset += int(e[-1]) if len(e) else 0
+    for k in g["data"].keys():
+        data.setdefault(k, []).append(np.asarray(g["data"][k][:]))
+ends = ends[:limit]
+got = np.asarray(out["meta/episode_ends"][:])
+assert got.tolist() == ends, (got, ends)
+rows = ends[-1]
+for k, parts in data.items():
+    want = np.concatenate(parts)[:rows]
+    assert np.array_equal(np.asarray(out["data"][k][:]), want), k
+"#
+    );
+    run_format_job("zr", "zarr_replay_gen.py", "replay.zarr", "", None, &check).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn episode_directories_keep_files_one_to_one() {
+    let check = format!(
+        "{REGEN}{}",
+        r#"
+import hashlib, pickle
+rounds = regen("dataset")
+src = []
+for r in rounds:
+    names = sorted(os.listdir(os.path.join(r, "episodes")))
+    src.extend(os.path.join(r, "episodes", n) for n in names)
+src = src[:limit]
+eps = sorted(os.listdir(os.path.join(final, "episodes")))
+metas = sorted(n for n in os.listdir(os.path.join(final, "metadata")) if n.startswith("episode_"))
+assert len(eps) == limit == len(metas), (len(eps), len(metas))
+for i, (name, s) in enumerate(zip(eps, src)):
+    assert name.startswith("episode_%05d." % i), name
+    got = open(os.path.join(final, "episodes", name), "rb").read()
+    assert got == open(s, "rb").read(), name
+    pickle.loads(got)
+    meta = json.load(open(os.path.join(final, "metadata", "episode_%05d_meta.json" % i)))
+    assert meta["episode_idx"] == i, meta
+json.load(open(os.path.join(final, "metadata", "collection_summary.json")))
+"#
+    );
+    run_format_job(
+        "ep",
+        "episode_collector.py",
+        "dataset",
+        "",
+        Some("episodes"),
+        &check,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jsonl_finals_are_the_rounds_lines_in_order() {
+    let check = format!(
+        "{REGEN}{}",
+        r#"
+lines = []
+for p in regen("rows.jsonl"):
+    lines.extend(l.rstrip("\n") for l in open(p) if l.strip())
+got = [l.rstrip("\n") for l in open(final)]
+assert got == lines[:limit], (len(got), len(lines))
+"#
+    );
+    run_format_job("jl", "jsonl_gen.py", "rows.jsonl", "", None, &check).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn npz_finals_concatenate_every_key() {
+    let check = format!(
+        "{REGEN}{}",
+        r#"
+import numpy as np
+parts = [np.load(p) for p in regen("batch.npz")]
+out = np.load(final)
+assert sorted(out.files) == sorted(parts[0].files), (out.files, parts[0].files)
+for k in parts[0].files:
+    want = np.concatenate([p[k] for p in parts])[:limit]
+    assert np.array_equal(out[k], want), k
+"#
+    );
+    run_format_job("nz", "npz_gen.py", "batch.npz", "", None, &check).await;
+}

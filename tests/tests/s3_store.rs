@@ -228,3 +228,107 @@ async fn s3_errors_and_resets_are_retried_and_lose_nothing() {
         proxy.stalled()
     );
 }
+
+/// A directory dataset (an episode folder) through S3: rounds staged as one archive each,
+/// the final uploaded file by file under its key. Every file equals the one a local
+/// `coordinator run` of the same job writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_dataset_on_s3_matches_a_local_run() {
+    let moto = Moto::start("quarry-dirs");
+    let env = moto.env();
+    let home = tempfile::tempdir().unwrap();
+    let job_text = |root: &Path| {
+        format!(
+            r#"
+exp_name = "episodes"
+objects = ["Stack", "Stack3"]
+target_count_per_object = 12
+round_batch_size = 5
+seed_base = 9
+root = "{root}"
+
+[generator]
+argv = ["{py}", "{gen}", "--seed", "{{seed}}", "--object", "{{object}}",
+        "--batch_size", "{{batch_size}}", "--out", "out/{{name}}/dataset",
+        "--stats", "out/{{name}}/stats.json"]
+output = "out/{{name}}/dataset"
+format = "episodes"
+stats = "out/{{name}}/stats.json"
+round_dir = "out/{{name}}"
+"#,
+            root = root.display(),
+            py = python(),
+            gen = repo_root()
+                .join("deploy/examples/episode_collector.py")
+                .display(),
+        )
+    };
+    let job = home.path().join("job.toml");
+    std::fs::write(&job, job_text(home.path())).unwrap();
+    let store_url = format!("s3://{}/lab", moto.bucket());
+    let (_serve, addr) = start_serve(home.path(), &store_url, &env);
+    let _worker = spawn_worker(&addr, "0,1", &env, Some(&home.path().join("worker.log")));
+    let submit = submit(&job, &addr, true);
+    let submit_err = String::from_utf8_lossy(&submit.stderr);
+    assert!(
+        submit.status.success() && submit_err.contains("job episodes: done"),
+        "{submit_err}\n{}",
+        logs(home.path())
+    );
+
+    let reference = tempfile::tempdir().unwrap();
+    let reference_job = reference.path().join("job.toml");
+    std::fs::write(&reference_job, job_text(reference.path())).unwrap();
+    let out = run(&[
+        "--job",
+        reference_job.to_str().unwrap(),
+        "--progress",
+        "off",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(out.exit_code(), 0);
+
+    let store = moto.store("lab");
+    let m: serde_json::Value = serde_json::from_slice(
+        &store
+            .get_bytes("episodes/manifest.json")
+            .await
+            .unwrap()
+            .expect("manifest in S3"),
+    )
+    .unwrap();
+    for o in ["Stack", "Stack3"] {
+        let key = m["objects"][o]["final"][0].as_str().expect("final key");
+        let local = experiments(reference.path()).join(key);
+        let want = files_under(&local);
+        assert!(
+            want.iter()
+                .any(|f| f.starts_with("episodes/episode_00011.")),
+            "{want:?}"
+        );
+        let mut got: Vec<String> = store
+            .list(&format!("{key}/"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|k| k[key.len() + 1..].to_string())
+            .collect();
+        got.sort();
+        assert_eq!(got, want, "{o}: the same files");
+        for f in &want {
+            let bytes = store
+                .get_bytes(&format!("{key}/{f}"))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                bytes.as_ref(),
+                std::fs::read(local.join(f)).unwrap().as_slice(),
+                "{o}/{f}"
+            );
+        }
+    }
+    let staged = store.list("episodes/rounds/").await.unwrap();
+    assert!(staged.is_empty(), "{staged:?}");
+}
