@@ -39,7 +39,7 @@
 //! ## Memory
 //!
 //! Planning holds one pickle batch (1,000 elements) decoded, the decoder's memo (four bytes
-//! per entry, plus small values kept whole until a 64 MiB budget is spent: see [`Keeper`]),
+//! per entry, plus values kept whole until an 8 MiB budget per input is spent: see [`Keeper`]),
 //! which element wrote each memo entry (four bytes per entry), the reads of earlier elements
 //! (eight bytes per distinct pair, in practice one or two per element), the plan (one byte per
 //! sample) and the de-duplication digests (16 bytes per distinct sample). Writing holds one
@@ -71,7 +71,7 @@ use crate::{DatasetError, Filter, MergeOptions, MergeSummary, Observer};
 /// arrays up to this size can be filtered on, de-duplicated and examined.
 const KEEP_PAYLOAD: usize = 1 << 20;
 /// Bytes of memo values [`Keeper`] keeps whole for later elements, per input.
-const KEEP_BUDGET: usize = 64 << 20;
+const KEEP_BUDGET: usize = 8 << 20;
 
 /// Plan entries.
 const SKIP: u8 = 0;
@@ -163,11 +163,11 @@ impl<'a> Judge<'a> {
 
     /// Whether a numeric row is kept, by the fields `rules` located.
     fn row(&mut self, rules: &RowRules, row: &[u8]) -> bool {
-        if let (Some(f), Some((ty, at))) = (self.filter, rules.filter) {
-            if !f.keeps(ty.read(&row[at..at + ty.size])) {
-                self.filtered += 1;
-                return false;
-            }
+        if let (Some(f), Some((ty, at))) = (self.filter, rules.filter)
+            && !f.keeps(ty.read(&row[at..at + ty.size]))
+        {
+            self.filtered += 1;
+            return false;
         }
         if !rules.dedup.is_empty() {
             let mut h = Sha256::new();
@@ -949,7 +949,7 @@ pub(super) fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, D
                     _ => Vec::new(),
                 },
             };
-            let record = if records == 0 { 0 } else { row / records };
+            let record = row.checked_div(records).unwrap_or(0);
             let mut buf = vec![0u8; row];
             let mut vals = Vec::new();
             for i in 0..h.shape[0] {
