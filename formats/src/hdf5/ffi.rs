@@ -60,7 +60,8 @@ pub const CANDIDATES: &[&str] = &[
 /// The environment variable naming the HDF5 shared library to load.
 pub const LIB_ENV: &str = "QUARRY_HDF5_LIB";
 
-type AttrOp = Option<unsafe extern "C" fn(hid_t, *const c_char, *const c_void, *mut c_void) -> herr_t>;
+type AttrOp =
+    Option<unsafe extern "C" fn(hid_t, *const c_char, *const c_void, *mut c_void) -> herr_t>;
 type WalkOp = Option<unsafe extern "C" fn(c_uint, *const ErrorEntry, *mut c_void) -> herr_t>;
 type AutoOp = Option<unsafe extern "C" fn(hid_t, *mut c_void) -> herr_t>;
 
@@ -98,6 +99,8 @@ macro_rules! api {
             t_c_s1: hid_t,
             t_std_i64le: hid_t,
             t_native_llong: hid_t,
+            p_group_create: hid_t,
+            p_dataset_create: hid_t,
             _lib: Library,
         }
 
@@ -136,6 +139,8 @@ macro_rules! api {
                     t_c_s1: -1,
                     t_std_i64le: -1,
                     t_native_llong: -1,
+                    p_group_create: -1,
+                    p_dataset_create: -1,
                     _lib: lib,
                 };
                 // SAFETY: H5open takes nothing and initialises the library (idempotent).
@@ -155,9 +160,13 @@ macro_rules! api {
                 let t_c_s1 = global(b"H5T_C_S1_g\0")?;
                 let t_std_i64le = global(b"H5T_STD_I64LE_g\0")?;
                 let t_native_llong = global(b"H5T_NATIVE_LLONG_g\0")?;
+                let p_group_create = global(b"H5P_CLS_GROUP_CREATE_ID_g\0")?;
+                let p_dataset_create = global(b"H5P_CLS_DATASET_CREATE_ID_g\0")?;
                 api.t_c_s1 = t_c_s1;
                 api.t_std_i64le = t_std_i64le;
                 api.t_native_llong = t_native_llong;
+                api.p_group_create = p_group_create;
+                api.p_dataset_create = p_dataset_create;
                 Ok(api)
             }
         }
@@ -222,6 +231,9 @@ api! {
     H5Sget_simple_extent_npoints: fn(hid_t) -> hssize_t;
     H5Sselect_hyperslab: fn(hid_t, c_int, *const hsize_t, *const hsize_t, *const hsize_t, *const hsize_t) -> herr_t;
     H5Sclose: fn(hid_t) -> herr_t;
+    H5Pcreate: fn(hid_t) -> hid_t;
+    H5Pset_obj_track_times: fn(hid_t, c_uint) -> herr_t;
+    H5Pclose: fn(hid_t) -> herr_t;
 }
 
 /// A failed library call: which one, and what the library's error stack said.
@@ -323,10 +335,7 @@ pub fn lock() -> Result<Hdf5, String> {
         .get_or_init(|| load_api(&candidates()))
         .as_ref()
         .map_err(String::clone)?;
-    Ok(Hdf5 {
-        api,
-        _guard: guard,
-    })
+    Ok(Hdf5 { api, _guard: guard })
 }
 
 /// What an [`Id`] refers to (which close call it needs).
@@ -339,6 +348,7 @@ enum Kind {
     Attr,
     Type,
     Space,
+    Plist,
 }
 
 /// An open HDF5 identifier, closed when dropped (while the lock is still held).
@@ -527,6 +537,7 @@ impl Hdf5 {
                 Kind::Attr => ("H5Aclose", (a.H5Aclose)(id)),
                 Kind::Type => ("H5Tclose", (a.H5Tclose)(id)),
                 Kind::Space => ("H5Sclose", (a.H5Sclose)(id)),
+                Kind::Plist => ("H5Pclose", (a.H5Pclose)(id)),
             }
         };
         self.check(call, ret)
@@ -563,20 +574,33 @@ impl Hdf5 {
         self.id("H5Gopen2", raw, Kind::Group)
     }
 
+    /// A creation property list of class `class` that records no modification times, so
+    /// that the same content makes the same bytes.
+    fn timeless(&self, class: hid_t) -> Result<Id<'_>, H5Error> {
+        // SAFETY: `class` is a predefined property list class.
+        let p = self.id(
+            "H5Pcreate",
+            unsafe { (self.api.H5Pcreate)(class) },
+            Kind::Plist,
+        )?;
+        // SAFETY: an open object creation property list.
+        self.check("H5Pset_obj_track_times", unsafe {
+            (self.api.H5Pset_obj_track_times)(p.id, 0)
+        })?;
+        Ok(p)
+    }
+
+    /// Creates a group (recording no modification times).
     pub fn create_group(&self, loc: &Id<'_>, name: &str) -> Result<Id<'_>, H5Error> {
         let c = cstring("H5Gcreate2", name)?;
-        // SAFETY: open location, valid C string, default properties.
-        let raw =
-            unsafe { (self.api.H5Gcreate2)(loc.id, c.as_ptr(), DEFAULT, DEFAULT, DEFAULT) };
+        let gcpl = self.timeless(self.api.p_group_create)?;
+        // SAFETY: open location, valid C string, an open creation property list.
+        let raw = unsafe { (self.api.H5Gcreate2)(loc.id, c.as_ptr(), DEFAULT, gcpl.id, DEFAULT) };
         self.id("H5Gcreate2", raw, Kind::Group)
     }
 
     /// Opens whatever `name` is and says what it is.
-    pub fn open_object(
-        &self,
-        loc: &Id<'_>,
-        name: &str,
-    ) -> Result<(Id<'_>, ObjectKind), H5Error> {
+    pub fn open_object(&self, loc: &Id<'_>, name: &str) -> Result<(Id<'_>, ObjectKind), H5Error> {
         let c = cstring("H5Oopen", name)?;
         // SAFETY: open location, valid C string.
         let raw = unsafe { (self.api.H5Oopen)(loc.id, c.as_ptr(), DEFAULT) };
@@ -807,7 +831,11 @@ impl Hdf5 {
             8 => {
                 info.class = TypeClass::Enum;
                 // SAFETY: an open enum datatype.
-                let base = self.id("H5Tget_super", unsafe { (a.H5Tget_super)(t.id) }, Kind::Type)?;
+                let base = self.id(
+                    "H5Tget_super",
+                    unsafe { (a.H5Tget_super)(t.id) },
+                    Kind::Type,
+                )?;
                 (info.big_endian, info.signed) = order_sign(base.id)?;
                 // SAFETY: an open enum datatype.
                 let n = unsafe { (a.H5Tget_nmembers)(t.id) };
@@ -839,7 +867,10 @@ impl Hdf5 {
     pub fn read_attr_raw(&self, attr: &Id<'_>, t: &Id<'_>) -> Result<Vec<u8>, H5Error> {
         let info = self.type_info(t)?;
         if info.has_vlen {
-            return Err(err("H5Aread", "variable-length data is read as strings only"));
+            return Err(err(
+                "H5Aread",
+                "variable-length data is read as strings only",
+            ));
         }
         let space = self.attr_space(attr)?;
         let n = self.npoints(&space)?;
@@ -920,9 +951,8 @@ impl Hdf5 {
         let n = self.npoints(&space)?;
         let c = cstring("H5Acreate2", name)?;
         // SAFETY: open object, valid name, an open type and space.
-        let raw = unsafe {
-            (self.api.H5Acreate2)(dst.id, c.as_ptr(), t.id, space.id, DEFAULT, DEFAULT)
-        };
+        let raw =
+            unsafe { (self.api.H5Acreate2)(dst.id, c.as_ptr(), t.id, space.id, DEFAULT, DEFAULT) };
         let out = self.id("H5Acreate2", raw, Kind::Attr)?;
         if n == 0 {
             return Ok(());
@@ -955,7 +985,11 @@ impl Hdf5 {
     pub fn write_attr_i64(&self, obj: &Id<'_>, name: &str, value: i64) -> Result<(), H5Error> {
         let c = cstring("H5Acreate2", name)?;
         // SAFETY: H5S_SCALAR is a valid class.
-        let space = self.id("H5Screate", unsafe { (self.api.H5Screate)(H5S_SCALAR) }, Kind::Space)?;
+        let space = self.id(
+            "H5Screate",
+            unsafe { (self.api.H5Screate)(H5S_SCALAR) },
+            Kind::Space,
+        )?;
         // SAFETY: open object, valid name, a predefined type, an open space.
         let raw = unsafe {
             (self.api.H5Acreate2)(
@@ -989,9 +1023,15 @@ impl Hdf5 {
     ) -> Result<(), H5Error> {
         let width = values.iter().map(Vec::len).max().unwrap_or(0).max(1);
         // SAFETY: copies a predefined type.
-        let t = self.id("H5Tcopy", unsafe { (self.api.H5Tcopy)(self.api.t_c_s1) }, Kind::Type)?;
+        let t = self.id(
+            "H5Tcopy",
+            unsafe { (self.api.H5Tcopy)(self.api.t_c_s1) },
+            Kind::Type,
+        )?;
         // SAFETY: an open, modifiable string type.
-        self.check("H5Tset_size", unsafe { (self.api.H5Tset_size)(t.id, width) })?;
+        self.check("H5Tset_size", unsafe {
+            (self.api.H5Tset_size)(t.id, width)
+        })?;
         // SAFETY: as above.
         self.check("H5Tset_strpad", unsafe {
             (self.api.H5Tset_strpad)(t.id, H5T_STR_NULLPAD)
@@ -1004,9 +1044,18 @@ impl Hdf5 {
             Kind::Space,
         )?;
         let c = cstring("H5Dcreate2", name)?;
-        // SAFETY: open location, valid name, open type and space, default properties.
+        let dcpl = self.timeless(self.api.p_dataset_create)?;
+        // SAFETY: open location, valid name, open type, space and creation property list.
         let raw = unsafe {
-            (self.api.H5Dcreate2)(loc.id, c.as_ptr(), t.id, space.id, DEFAULT, DEFAULT, DEFAULT)
+            (self.api.H5Dcreate2)(
+                loc.id,
+                c.as_ptr(),
+                t.id,
+                space.id,
+                DEFAULT,
+                dcpl.id,
+                DEFAULT,
+            )
         };
         let ds = self.id("H5Dcreate2", raw, Kind::Dataset)?;
         if values.is_empty() {
@@ -1018,7 +1067,14 @@ impl Hdf5 {
         }
         // SAFETY: `buf` holds every element, `width` bytes each, as the type says.
         let ret = unsafe {
-            (self.api.H5Dwrite)(ds.id, t.id, DEFAULT, DEFAULT, DEFAULT, buf.as_ptr() as *const c_void)
+            (self.api.H5Dwrite)(
+                ds.id,
+                t.id,
+                DEFAULT,
+                DEFAULT,
+                DEFAULT,
+                buf.as_ptr() as *const c_void,
+            )
         };
         self.check("H5Dwrite", ret)?;
         ds.close()
@@ -1044,7 +1100,14 @@ impl Hdf5 {
         if dims.is_empty() {
             // SAFETY: `buf` holds the one element in type `t`.
             let ret = unsafe {
-                (self.api.H5Dread)(ds.id, t.id, DEFAULT, DEFAULT, DEFAULT, buf.as_mut_ptr() as *mut c_void)
+                (self.api.H5Dread)(
+                    ds.id,
+                    t.id,
+                    DEFAULT,
+                    DEFAULT,
+                    DEFAULT,
+                    buf.as_mut_ptr() as *mut c_void,
+                )
             };
             self.check("H5Dread", ret)?;
             return Ok(buf);
@@ -1108,9 +1171,8 @@ impl Hdf5 {
         let s = cstring("H5Ocopy", src_name)?;
         let d = cstring("H5Ocopy", dst_name)?;
         // SAFETY: open locations and valid names; default copy and link-creation properties.
-        let ret = unsafe {
-            (self.api.H5Ocopy)(src.id, s.as_ptr(), dst.id, d.as_ptr(), DEFAULT, DEFAULT)
-        };
+        let ret =
+            unsafe { (self.api.H5Ocopy)(src.id, s.as_ptr(), dst.id, d.as_ptr(), DEFAULT, DEFAULT) };
         self.check("H5Ocopy", ret)
     }
 }
@@ -1118,7 +1180,12 @@ impl Hdf5 {
 fn byte_len(n: u64, size: usize) -> Result<usize, H5Error> {
     n.checked_mul(size as u64)
         .and_then(|b| usize::try_from(b).ok())
-        .ok_or_else(|| err("read", format!("{n} elements of {size} bytes do not fit in memory")))
+        .ok_or_else(|| {
+            err(
+                "read",
+                format!("{n} elements of {size} bytes do not fit in memory"),
+            )
+        })
 }
 
 /// Splits fixed-length strings of `width` bytes, dropping their padding.
@@ -1156,7 +1223,9 @@ mod tests {
 
     #[test]
     fn a_library_that_is_not_hdf5_is_refused() {
-        let e = load_api(&["libc.so.6".into()]).err().expect("libc is not HDF5");
+        let e = load_api(&["libc.so.6".into()])
+            .err()
+            .expect("libc is not HDF5");
         assert!(e.contains("not a usable HDF5 library"), "{e}");
     }
 

@@ -149,7 +149,9 @@ pub fn merge(
     let out_name = out.display().to_string();
     let h = lock()?;
     let dst = h.create_file(out).map_err(at(&out_name, ""))?;
-    let dst_data = h.create_group(&dst, "data").map_err(at(&out_name, "data"))?;
+    let dst_data = h
+        .create_group(&dst, "data")
+        .map_err(at(&out_name, "data"))?;
 
     let mut summary = MergeSummary::default();
     let mut total = 0u64;
@@ -271,7 +273,9 @@ pub fn merge(
         .map_err(at(&out_name, "data.total"))?;
     drop(dst_data);
     if any_mask_group {
-        let mask = h.create_group(&dst, "mask").map_err(at(&out_name, "mask"))?;
+        let mask = h
+            .create_group(&dst, "mask")
+            .map_err(at(&out_name, "mask"))?;
         for (key, names) in &masks {
             let values: Vec<Vec<u8>> = names.iter().map(|n| n.as_bytes().to_vec()).collect();
             h.write_fixed_strings(&mask, key, &values)

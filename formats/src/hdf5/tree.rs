@@ -94,7 +94,11 @@ pub fn descr(info: &TypeInfo) -> String {
     let size = info.size;
     match info.class {
         TypeClass::Integer => {
-            format!("{}{}{size}", order(size), if info.signed { 'i' } else { 'u' })
+            format!(
+                "{}{}{size}",
+                order(size),
+                if info.signed { 'i' } else { 'u' }
+            )
         }
         TypeClass::Float => format!("{}f{size}", order(size)),
         TypeClass::String => format!("|S{size}"),
@@ -400,7 +404,14 @@ impl<'h> Source<'h> {
             _ => Vec::new(),
         };
         let raw = h
-            .read_rows(&ds, &t, info.size, &dims, 0, dims.first().copied().unwrap_or(1))
+            .read_rows(
+                &ds,
+                &t,
+                info.size,
+                &dims,
+                0,
+                dims.first().copied().unwrap_or(1),
+            )
             .map_err(at(&self.file, &here))?;
         let mut v = Vec::new();
         decode(&info, &raw, &mut v);
@@ -433,7 +444,11 @@ impl<'h> Source<'h> {
             f(&raw);
             return Ok(());
         };
-        let row_bytes = rest.iter().product::<u64>().saturating_mul(size as u64).max(1);
+        let row_bytes = rest
+            .iter()
+            .product::<u64>()
+            .saturating_mul(size as u64)
+            .max(1);
         let per_block = (BLOCK_BYTES as u64 / row_bytes).max(1);
         let mut start = 0;
         while start < rows {
@@ -492,7 +507,10 @@ impl<'h> Source<'h> {
     /// group.
     pub fn masks(&self) -> Result<Vec<(String, Vec<String>)>, DatasetError> {
         let h = self.h;
-        if !h.exists(&self.root, "mask").map_err(at(&self.file, "mask"))? {
+        if !h
+            .exists(&self.root, "mask")
+            .map_err(at(&self.file, "mask"))?
+        {
             return Ok(Vec::new());
         }
         let (mask, kind) = h
@@ -631,12 +649,36 @@ mod tests {
             members: vec![],
         };
         let mut out = Vec::new();
-        decode(&info(TypeClass::Integer, 2, true, false), &(-3i16).to_le_bytes(), &mut out);
-        decode(&info(TypeClass::Integer, 4, false, true), &7u32.to_be_bytes(), &mut out);
-        decode(&info(TypeClass::Float, 4, false, false), &1.5f32.to_le_bytes(), &mut out);
-        decode(&info(TypeClass::Float, 8, false, true), &(-2.25f64).to_be_bytes(), &mut out);
-        decode(&info(TypeClass::Float, 2, false, false), &0x3c00u16.to_le_bytes(), &mut out);
-        decode(&info(TypeClass::Float, 2, false, false), &0xc000u16.to_le_bytes(), &mut out);
+        decode(
+            &info(TypeClass::Integer, 2, true, false),
+            &(-3i16).to_le_bytes(),
+            &mut out,
+        );
+        decode(
+            &info(TypeClass::Integer, 4, false, true),
+            &7u32.to_be_bytes(),
+            &mut out,
+        );
+        decode(
+            &info(TypeClass::Float, 4, false, false),
+            &1.5f32.to_le_bytes(),
+            &mut out,
+        );
+        decode(
+            &info(TypeClass::Float, 8, false, true),
+            &(-2.25f64).to_be_bytes(),
+            &mut out,
+        );
+        decode(
+            &info(TypeClass::Float, 2, false, false),
+            &0x3c00u16.to_le_bytes(),
+            &mut out,
+        );
+        decode(
+            &info(TypeClass::Float, 2, false, false),
+            &0xc000u16.to_le_bytes(),
+            &mut out,
+        );
         decode(&info(TypeClass::Enum, 1, true, false), &[1u8], &mut out);
         assert_eq!(out, [-3.0, 7.0, 1.5, -2.25, 1.0, -2.0, 1.0]);
     }
