@@ -797,3 +797,56 @@ fn a_missing_library_says_how_to_install_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn example_generator_rounds_merge() {
+    let env = Env::new();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/robomimic_gen.py");
+    let mut rounds = Vec::new();
+    let mut successes = 0;
+    for seed in 0..4 {
+        let out = env.path(&format!("gen{seed}.hdf5"));
+        let stats = env.path(&format!("gen{seed}.json"));
+        let status = Command::new(&env.py)
+            .arg(&script)
+            .args([
+                "--seed",
+                &seed.to_string(),
+                "--object",
+                "mug",
+                "--batch_size",
+                "10",
+            ])
+            .args(["--min_len", "5", "--max_len", "30", "--out"])
+            .arg(&out)
+            .arg("--stats")
+            .arg(&stats)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let st: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&stats).unwrap()).unwrap();
+        assert_eq!(st["attempts"], 10);
+        let info = hdf5::inspect(&out, None).unwrap();
+        assert_eq!(info.count, st["successes"].as_u64().unwrap());
+        assert!(
+            info.schema.starts_with(
+                "hdf5 robomimic [actions <f4 (*,7); dones <i8 (*); next_obs/object <f8 (*,10);"
+            ),
+            "{}",
+            info.schema
+        );
+        successes += info.count;
+        rounds.push(out);
+    }
+    assert!(successes > 10 && successes < 40, "{successes}");
+    let s = env.check_merge("gen", &rounds, successes - 3, None, &[]);
+    assert_eq!(s.samples, successes - 3);
+    env.check_merge(
+        "gen-long",
+        &rounds,
+        100,
+        Some("num_samples >= 15"),
+        &["actions"],
+    );
+}
