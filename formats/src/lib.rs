@@ -22,6 +22,7 @@ pub mod npy;
 pub mod npz;
 pub mod zarr;
 
+mod elem;
 mod filter;
 
 use std::fmt;
