@@ -479,3 +479,133 @@ stats = "data/experiments/{{name}}/stats.json"
         .expect("mug row");
     assert!(row.ends_with("valid") && !row.contains("INVALID"), "{row}");
 }
+
+/// Per-sample values of one field, read with h5py (a demo's `num_samples`) or zarr (an
+/// episode's `meta/attempt`).
+const READ_FIELD: &str = r#"
+import json, sys
+import numpy as np
+kind, path = sys.argv[1:3]
+if kind == "hdf5":
+    import h5py
+    with h5py.File(path, "r") as f:
+        v = [int(f["data"][k].attrs["num_samples"]) for k in f["data"].keys()]
+    print(json.dumps({"samples": len(v), "field": "attrs.num_samples", "values": v}))
+else:
+    import zarr
+    g = zarr.open_group(path, mode="r")
+    v = np.asarray(g["meta/attempt"][:]).tolist()
+    n = len(g["meta/episode_ends"][:])
+    print(json.dumps({"samples": n, "field": "meta.attempt", "values": v}))
+"#;
+
+/// Writes a dataset with an example generator (`robomimic_gen.py`, `zarr_replay_gen.py`).
+fn generate(script: &str, out: &Path, extra: &[&str]) {
+    let o = Command::new(python())
+        .arg(repo_root().join("deploy/examples").join(script))
+        .args([
+            "--seed",
+            "3",
+            "--object",
+            "mug",
+            "--batch_size",
+            "12",
+            "--out",
+        ])
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("run an example generator");
+    assert!(o.status.success(), "{script}: {}", text(&o.stderr));
+}
+
+/// Inspects `path` (valid) and compares one per-sample field with Python's reading.
+fn check_against_python(kind: &str, path: &Path) {
+    let p = path.to_str().expect("utf-8");
+    let out = inspect(&[p, "--json"]);
+    assert_eq!(
+        code(&out),
+        0,
+        "{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let want: serde_json::Value =
+        serde_json::from_str(run_python(&python(), READ_FIELD, &[kind, p]).trim()).expect("json");
+    assert_eq!(v["format"], kind);
+    assert_eq!(v["samples"], want["samples"], "{v}");
+    let values: Vec<f64> = want["values"]
+        .as_array()
+        .expect("values")
+        .iter()
+        .map(|x| x.as_f64().expect("number"))
+        .collect();
+    let f = v["fields"]
+        .as_array()
+        .expect("fields")
+        .iter()
+        .find(|f| f["name"] == want["field"])
+        .unwrap_or_else(|| panic!("no field {} in {v}", want["field"]));
+    assert_eq!(f["kind"], "scalar");
+    assert_eq!(f["count"].as_u64(), Some(values.len() as u64));
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let mean = values.iter().sum::<f64>() / values.len() as f64;
+    assert_eq!(
+        (f["min"].as_f64(), f["max"].as_f64()),
+        (Some(min), Some(max))
+    );
+    assert!((f["mean"].as_f64().expect("mean") - mean).abs() < 1e-9);
+    let total: u64 = f["histogram"]["counts"]
+        .as_array()
+        .expect("histogram")
+        .iter()
+        .map(|c| c.as_u64().expect("count"))
+        .sum();
+    assert_eq!(total, values.len() as u64);
+}
+
+#[test]
+fn hdf5_and_zarr_datasets_are_examined() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let h5 = dir.path().join("demos.hdf5");
+    generate("robomimic_gen.py", &h5, &[]);
+    check_against_python("hdf5", &h5);
+    for version in ["2", "3"] {
+        let store = dir.path().join(format!("replay_v{version}.zarr"));
+        generate("zarr_replay_gen.py", &store, &["--format", version]);
+        check_against_python("zarr", &store);
+
+        // A damaged chunk of data/action is a problem at that chunk.
+        let chunks = files_under(&store.join("data/action"));
+        let chunk = chunks
+            .iter()
+            .find(|c| !c.starts_with('.') && !c.ends_with(".json"))
+            .unwrap_or_else(|| panic!("no chunk in {chunks:?}"));
+        std::fs::write(store.join("data/action").join(chunk), b"not a chunk").expect("write");
+        let out = inspect(&[store.to_str().expect("utf-8")]);
+        let stdout = text(&out.stdout);
+        assert_eq!(code(&out), 3, "{stdout}\n{}", text(&out.stderr));
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("  ") && l.contains("data/action")),
+            "{stdout}"
+        );
+    }
+    // An HDF5 file cut short.
+    let len = std::fs::metadata(&h5).expect("stat").len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&h5)
+        .expect("open");
+    f.set_len(len / 2).expect("truncate");
+    let out = inspect(&[h5.to_str().expect("utf-8")]);
+    assert_eq!(code(&out), 3, "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("demos.hdf5"),
+        "{}",
+        text(&out.stdout)
+    );
+}
