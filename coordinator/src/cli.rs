@@ -51,6 +51,9 @@ pub enum Command {
     Jobs(JobsArgs),
     /// Stop a job: no more rounds are handed out; running attempts are stopped.
     Cancel(CancelArgs),
+    /// Validate a dataset (or every final of an experiment directory), print its statistics
+    /// and, with --png, draw a report.
+    Inspect(crate::inspect::InspectArgs),
 }
 
 /// scale_runner's flags, spelled as scale_runner spells them.
@@ -240,6 +243,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Inspect(a) => Ok(crate::inspect::main(&a)),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod coordinator;
 pub mod election;
+pub mod inspect;
 pub mod job;
 pub mod manifest;
 pub mod merge;
