@@ -850,3 +850,89 @@ fn example_generator_rounds_merge() {
         &["actions"],
     );
 }
+
+/// Processes spawned (by other threads) while Quarry has a file open may inherit its
+/// descriptor (the library opens files without close-on-exec; Quarry sets it right after, but
+/// a spawn can fall in between), but never a lock on it: h5py opens the outputs while those
+/// processes still run.
+#[test]
+fn spawned_processes_do_not_hold_quarry_files() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let env = Env::new();
+    let rounds = standard_rounds(&env);
+    let done = AtomicBool::new(false);
+    let outs: Vec<PathBuf> = (0..8)
+        .map(|i| env.path(&format!("spawn{i}.hdf5")))
+        .collect();
+    // Stops the spawner however the merges end.
+    struct Stop<'a>(&'a AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    let (children, merged) = std::thread::scope(|scope| {
+        let spawner = scope.spawn(|| {
+            let mut children = Vec::new();
+            while !done.load(Ordering::Relaxed) && children.len() < 400 {
+                match Command::new("sleep").arg("30").spawn() {
+                    Ok(c) => children.push(c),
+                    Err(_) => break,
+                }
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            children
+        });
+        let merged = {
+            let _stop = Stop(&done);
+            outs.iter()
+                .map(|out| {
+                    hdf5::merge(
+                        &rounds,
+                        &[3, 0, 12, 5],
+                        &MergeOptions {
+                            limit: 100,
+                            ..Default::default()
+                        },
+                        out,
+                    )?;
+                    hdf5::inspect(out, None)
+                })
+                .collect::<Result<Vec<_>, DatasetError>>()
+        };
+        (spawner.join().unwrap(), merged)
+    });
+    let reap = |children: Vec<std::process::Child>| {
+        for mut child in children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    };
+    let merged = match merged {
+        Ok(m) => m,
+        Err(e) => {
+            reap(children);
+            panic!("{e}");
+        }
+    };
+    assert!(merged.iter().all(|i| i.count == 20));
+    assert!(!children.is_empty());
+    let check = env.path("open.py");
+    std::fs::write(
+        &check,
+        "import sys, h5py\nfor p in sys.argv[1:]:\n    with h5py.File(p, 'r') as f:\n        assert len(f['data']) == 20\nprint('ok')\n",
+    )
+    .unwrap();
+    let args: Vec<String> = outs.iter().map(|p| p.display().to_string()).collect();
+    let said = Command::new(&env.py)
+        .arg(&check)
+        .args(&args)
+        .output()
+        .unwrap();
+    reap(children);
+    assert!(
+        said.status.success(),
+        "h5py cannot open Quarry's outputs: {}",
+        String::from_utf8_lossy(&said.stderr)
+    );
+}

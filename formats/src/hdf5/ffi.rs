@@ -96,11 +96,16 @@ macro_rules! api {
             $($name: unsafe extern "C" fn($($arg),*) -> $ret,)*
             /// `H5Treclaim` (1.12+) or `H5Dvlen_reclaim` (1.10): same signature.
             reclaim: Option<unsafe extern "C" fn(hid_t, hid_t, hid_t, *mut c_void) -> herr_t>,
+            /// `H5Pset_file_locking` (1.10.7+, 1.12.1+).
+            set_file_locking: Option<unsafe extern "C" fn(hid_t, c_uint, c_uint) -> herr_t>,
+            /// `H5FD_sec2_init`: the id of the default (POSIX) file driver.
+            sec2_init: Option<unsafe extern "C" fn() -> hid_t>,
             t_c_s1: hid_t,
             t_std_i64le: hid_t,
             t_native_llong: hid_t,
             p_group_create: hid_t,
             p_dataset_create: hid_t,
+            p_file_access: hid_t,
             _lib: Library,
         }
 
@@ -133,14 +138,32 @@ macro_rules! api {
                         break;
                     }
                 }
+                // SAFETY: herr_t H5Pset_file_locking(hid_t fapl, hbool_t use, hbool_t ignore);
+                // hbool_t is passed as an int-sized argument by the C calling convention.
+                let set_file_locking = unsafe {
+                    lib.get::<unsafe extern "C" fn(hid_t, c_uint, c_uint) -> herr_t>(
+                        b"H5Pset_file_locking\0",
+                    )
+                }
+                .ok()
+                .map(|f| *f);
+                // SAFETY: hid_t H5FD_sec2_init(void).
+                let sec2_init = unsafe {
+                    lib.get::<unsafe extern "C" fn() -> hid_t>(b"H5FD_sec2_init\0")
+                }
+                .ok()
+                .map(|f| *f);
                 let mut api = Api {
                     $($name,)*
                     reclaim,
+                    set_file_locking,
+                    sec2_init,
                     t_c_s1: -1,
                     t_std_i64le: -1,
                     t_native_llong: -1,
                     p_group_create: -1,
                     p_dataset_create: -1,
+                    p_file_access: -1,
                     _lib: lib,
                 };
                 // SAFETY: H5open takes nothing and initialises the library (idempotent).
@@ -167,6 +190,7 @@ macro_rules! api {
                 api.t_native_llong = t_native_llong;
                 api.p_group_create = p_group_create;
                 api.p_dataset_create = p_dataset_create;
+                api.p_file_access = global(b"H5P_CLS_FILE_ACCESS_ID_g\0")?;
                 Ok(api)
             }
         }
@@ -234,6 +258,9 @@ api! {
     H5Pcreate: fn(hid_t) -> hid_t;
     H5Pset_obj_track_times: fn(hid_t, c_uint) -> herr_t;
     H5Pclose: fn(hid_t) -> herr_t;
+    H5Pget_driver: fn(hid_t) -> hid_t;
+    H5Fget_access_plist: fn(hid_t) -> hid_t;
+    H5Fget_vfd_handle: fn(hid_t, hid_t, *mut *mut c_void) -> herr_t;
 }
 
 /// A failed library call: which one, and what the library's error stack said.
@@ -543,20 +570,95 @@ impl Hdf5 {
         self.check(call, ret)
     }
 
+    /// File access properties: no file locks. The library opens files without close-on-exec,
+    /// so a process spawned by another thread while a file is open inherits its descriptor;
+    /// were it locked, the lock would outlive Quarry's close and keep other programs (h5py)
+    /// from opening the file until that process exits. Quarry writes each file once, to a
+    /// new path, so the locks protect nothing here.
+    fn file_access(&self) -> Result<Id<'_>, H5Error> {
+        // SAFETY: a predefined property list class.
+        let fapl = self.id(
+            "H5Pcreate",
+            unsafe { (self.api.H5Pcreate)(self.api.p_file_access) },
+            Kind::Plist,
+        )?;
+        if let Some(set) = self.api.set_file_locking {
+            // SAFETY: an open file access property list; locking off, and no error where
+            // locks are not supported.
+            self.check("H5Pset_file_locking", unsafe { set(fapl.id, 0, 1) })?;
+        }
+        Ok(fapl)
+    }
+
+    /// Marks an open file's descriptor close-on-exec (POSIX driver only), so that processes
+    /// spawned later do not inherit it. Best effort: a failure changes nothing else.
+    fn close_on_exec(&self, file: &Id<'_>) {
+        #[cfg(unix)]
+        {
+            unsafe extern "C" {
+                fn fcntl(fd: c_int, cmd: c_int, ...) -> c_int;
+            }
+            // The same values on Linux and macOS.
+            const F_GETFD: c_int = 1;
+            const F_SETFD: c_int = 2;
+            const FD_CLOEXEC: c_int = 1;
+            let Some(sec2_init) = self.api.sec2_init else {
+                return;
+            };
+            // SAFETY: an open file.
+            let Ok(fapl) = self.id(
+                "H5Fget_access_plist",
+                unsafe { (self.api.H5Fget_access_plist)(file.id) },
+                Kind::Plist,
+            ) else {
+                return;
+            };
+            // SAFETY: an open property list; H5FD_sec2_init takes nothing. The driver id
+            // H5Pget_driver returns is not to be closed.
+            let is_sec2 = unsafe { (self.api.H5Pget_driver)(fapl.id) == sec2_init() };
+            if !is_sec2 {
+                return;
+            }
+            let mut handle: *mut c_void = std::ptr::null_mut();
+            // SAFETY: an open file using the POSIX driver, whose handle is an `int *` (the
+            // file descriptor) that stays valid while the file is open.
+            unsafe {
+                if (self.api.H5Fget_vfd_handle)(file.id, fapl.id, &mut handle) >= 0
+                    && !handle.is_null()
+                {
+                    let fd = *(handle as *const c_int);
+                    let flags = fcntl(fd, F_GETFD);
+                    if flags >= 0 {
+                        fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+                    }
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = file;
+    }
+
     /// Opens an existing file read-only.
     pub fn open_file(&self, path: &Path) -> Result<Id<'_>, H5Error> {
         let c = path_cstring("H5Fopen", path)?;
-        // SAFETY: a valid C string, read-only access, default access properties.
-        let raw = unsafe { (self.api.H5Fopen)(c.as_ptr(), H5F_ACC_RDONLY, DEFAULT) };
-        self.id("H5Fopen", raw, Kind::File)
+        let fapl = self.file_access()?;
+        // SAFETY: a valid C string, read-only access, an open access property list.
+        let raw = unsafe { (self.api.H5Fopen)(c.as_ptr(), H5F_ACC_RDONLY, fapl.id) };
+        let file = self.id("H5Fopen", raw, Kind::File)?;
+        self.close_on_exec(&file);
+        Ok(file)
     }
 
     /// Creates a new file; fails if `path` exists.
     pub fn create_file(&self, path: &Path) -> Result<Id<'_>, H5Error> {
         let c = path_cstring("H5Fcreate", path)?;
-        // SAFETY: a valid C string, exclusive creation, default properties.
-        let raw = unsafe { (self.api.H5Fcreate)(c.as_ptr(), H5F_ACC_EXCL, DEFAULT, DEFAULT) };
-        self.id("H5Fcreate", raw, Kind::File)
+        let fapl = self.file_access()?;
+        // SAFETY: a valid C string, exclusive creation, default creation properties, an open
+        // access property list.
+        let raw = unsafe { (self.api.H5Fcreate)(c.as_ptr(), H5F_ACC_EXCL, DEFAULT, fapl.id) };
+        let file = self.id("H5Fcreate", raw, Kind::File)?;
+        self.close_on_exec(&file);
+        Ok(file)
     }
 
     /// Whether a link `name` exists in `loc` (`name` one level deep).
