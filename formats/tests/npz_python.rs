@@ -6,6 +6,8 @@
 //! the interpreter (default `python3`).
 #![allow(clippy::unwrap_used)] // test helpers may unwrap
 
+mod pyhelp;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -91,37 +93,15 @@ for spec in sys.argv[2 + ninputs:]:
 "#;
 
 fn python() -> String {
-    std::env::var("QUARRY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+    pyhelp::interpreter()
 }
 
 fn check_python() {
-    let py = python();
-    let out = Command::new(&py)
-        .args(["-c", "import numpy; print(numpy.__version__)"])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {py:?} ({e}); these tests need Python with numpy (set QUARRY_TEST_PYTHON)")
-        });
-    assert!(
-        out.status.success(),
-        "{py:?} cannot import numpy; these tests need it: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pyhelp::python(&["numpy"]);
 }
 
 fn run_py(script: &str, args: &[String]) -> String {
-    let out = Command::new(python())
-        .arg("-c")
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "python failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    pyhelp::run_code(&python(), script, args)
 }
 
 fn gen_rounds(dir: &Path, mode: &str, rounds: &[(u64, u64)]) -> Vec<PathBuf> {

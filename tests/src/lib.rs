@@ -54,6 +54,41 @@ pub fn legacy_root() -> tempfile::TempDir {
     dir
 }
 
+/// A job file (TOML) for the example grasp generator under `root` (see [`legacy_root`]) with
+/// uneven yields and a yield sidecar per round; `tail` is appended (e.g. a `[merge]` table).
+pub fn grasp_job_with_yields(
+    root: &Path,
+    exp: &str,
+    quota: u64,
+    batch: u64,
+    seed_base: i64,
+    tail: &str,
+) -> String {
+    format!(
+        r#"
+exp_name = "{exp}"
+objects = ["mug", "bowl"]
+target_count_per_object = {quota}
+round_batch_size = {batch}
+num_iterations = 2
+seed_base = {seed_base}
+root = "{root}"
+
+[generator]
+argv = ["python3", "main.py", "--name", "{{name}}", "--object_code", "{{object}}",
+        "--batch_size", "{{batch_size}}", "--num_iterations", "{{num_iterations}}",
+        "--seed", "{{seed}}", "--yield_mode", "uneven",
+        "--stats_file", "../data/experiments/{{name}}/stats.json"]
+cwd = "BimanGrasp-Optimization"
+output = "data/experiments/{{name}}/results/{{object}}.npy"
+round_dir = "data/experiments/{{name}}"
+stats = "data/experiments/{{name}}/stats.json"
+{tail}
+"#,
+        root = root.display()
+    )
+}
+
 /// Parses `coordinator run` arguments as the binary would.
 pub fn run_args(args: &[&str]) -> quarry_coordinator::cli::RunArgs {
     let mut argv = vec!["coordinator", "run"];

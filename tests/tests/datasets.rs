@@ -66,30 +66,13 @@ print(json.dumps({"final": len(got), "written": len(want), "dropped": dropped}))
 async fn grasp_finals_are_filtered_and_yields_reported() {
     let root = legacy_root();
     let objects = ["mug", "bowl"];
-    let toml = format!(
-        r#"
-exp_name = "filt"
-objects = ["mug", "bowl"]
-target_count_per_object = 100
-round_batch_size = 40
-num_iterations = 3
-seed_base = 11
-root = "{root}"
-
-[generator]
-argv = ["python3", "main.py", "--name", "{{name}}", "--object_code", "{{object}}",
-        "--batch_size", "{{batch_size}}", "--num_iterations", "{{num_iterations}}",
-        "--seed", "{{seed}}", "--yield_mode", "uneven",
-        "--stats_file", "../data/experiments/{{name}}/stats.json"]
-cwd = "BimanGrasp-Optimization"
-output = "data/experiments/{{name}}/results/{{object}}.npy"
-round_dir = "data/experiments/{{name}}"
-stats = "data/experiments/{{name}}/stats.json"
-
-[merge]
-filter = "E_pen <= 0.02"
-"#,
-        root = root.path().display()
+    let toml = grasp_job_with_yields(
+        root.path(),
+        "filt",
+        100,
+        40,
+        11,
+        "[merge]\nfilter = \"E_pen <= 0.02\"",
     );
     let out = run_job(root.path(), &toml, &["--gpus", "0,1"]).await;
     assert_eq!(

@@ -344,28 +344,7 @@ fn usage_errors_have_their_own_exit_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_experiment_directory_reports_every_object() {
     let root = legacy_root();
-    let toml = format!(
-        r#"
-exp_name = "insp"
-objects = ["mug", "bowl"]
-target_count_per_object = 60
-round_batch_size = 40
-num_iterations = 2
-seed_base = 3
-root = "{root}"
-
-[generator]
-argv = ["python3", "main.py", "--name", "{{name}}", "--object_code", "{{object}}",
-        "--batch_size", "{{batch_size}}", "--num_iterations", "{{num_iterations}}",
-        "--seed", "{{seed}}", "--yield_mode", "uneven",
-        "--stats_file", "../data/experiments/{{name}}/stats.json"]
-cwd = "BimanGrasp-Optimization"
-output = "data/experiments/{{name}}/results/{{object}}.npy"
-round_dir = "data/experiments/{{name}}"
-stats = "data/experiments/{{name}}/stats.json"
-"#,
-        root = root.path().display()
-    );
+    let toml = grasp_job_with_yields(root.path(), "insp", 60, 40, 3, "");
     let job = root.path().join("job.toml");
     std::fs::write(&job, toml).expect("write job file");
     let out = run(&["--job", job.to_str().expect("utf-8"), "--progress", "off"])

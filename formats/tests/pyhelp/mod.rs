@@ -9,10 +9,15 @@ use std::process::Command;
 
 use quarry_formats::Observer;
 
+/// `QUARRY_TEST_PYTHON`, or `python3`.
+pub fn interpreter() -> String {
+    std::env::var("QUARRY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 /// The interpreter from `QUARRY_TEST_PYTHON` (default `python3`); panics unless it runs and
 /// imports every module in `modules`.
 pub fn python(modules: &[&str]) -> String {
-    let py = std::env::var("QUARRY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let py = interpreter();
     let code = format!("import sys, {}", modules.join(", "));
     let out = Command::new(&py)
         .args(["-c", &code])
@@ -40,6 +45,22 @@ pub fn run(py: &str, script: &Path, args: &[String]) -> String {
         "{py} {} {args:?} failed:\n{}{}",
         script.display(),
         String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `py -c code args...`, panicking with its stderr unless it exits 0; returns stdout.
+pub fn run_code(py: &str, code: &str, args: &[String]) -> String {
+    let out = Command::new(py)
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "python failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
