@@ -184,7 +184,11 @@ pub(super) async fn finish(s: &Session, held: &Held, paths: &Paths, ran: Ran) {
             ),
         },
         RunOutcome::Exited(0) => {
-            // Stopping a lease (fence, stop, coordinator's order) abandons its upload.
+            // A stop (fence, shutdown, the coordinator's order) does not cut the upload short:
+            // the store writes from a blocking thread that a dropped future would not stop, so
+            // a file could land after the staging was discarded below and stay forever. The
+            // upload finishes (bounded by the store's own timeouts), then a stopped lease's
+            // files are deleted.
             let span = info_span!(
                 parent: &held.span,
                 "upload",
@@ -192,10 +196,9 @@ pub(super) async fn finish(s: &Session, held: &Held, paths: &Paths, ran: Ran) {
                 samples = Empty,
                 files = task.outputs.len(),
             );
-            tokio::select! {
-                o = upload(s, lease, &task, paths, &report).instrument(span) => o,
-                _ = held.stop.cancelled() => Outcome::Stopped,
-            }
+            upload(s, lease, &task, paths, &report)
+                .instrument(span)
+                .await
         }
         RunOutcome::Exited(code) => Outcome::Failed {
             kind: pb::FailureKind::Exit,
