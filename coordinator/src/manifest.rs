@@ -47,6 +47,10 @@ pub struct ObjectEntry {
     /// Keys of the final file(s), relative to the experiments directory.
     #[serde(rename = "final")]
     pub final_files: Vec<String>,
+    /// sha256 of the final once merged: of the file, or for a directory dataset of its
+    /// `sha256sum`-style listing (see `docs/job-file.md`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub final_sha256: Option<String>,
     pub commits: Vec<CommitEntry>,
     pub quarantined: Vec<QuarantineRecord>,
     pub failed_attempts: u32,
@@ -143,6 +147,7 @@ pub fn build(job: &JobRt) -> Manifest {
                 seeds: o.commits.values().map(|c| c.seed).collect(),
                 done: matches!(o.phase, Phase::Done { complete: true }),
                 final_files: vec![],
+                final_sha256: None,
                 commits,
                 quarantined: o.quarantined.values().cloned().collect(),
                 failed_attempts: o.failed_attempts,
@@ -201,6 +206,7 @@ pub fn build(job: &JobRt) -> Manifest {
 /// Fills in what the final holds once the object is merged.
 pub fn apply_merge(entry: &mut ObjectEntry, m: &MergeRecord) {
     entry.final_files = m.finals.clone();
+    entry.final_sha256 = Some(m.sha256.clone()).filter(|s| !s.is_empty());
     entry.collected = m.count;
     entry.rounds = m.rounds.clone();
     let used: std::collections::BTreeSet<u32> = m.rounds.iter().copied().collect();

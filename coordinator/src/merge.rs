@@ -18,6 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use quarry_common::storage::{Store, StoreError, keys};
 use quarry_formats::{DatasetError, Format, MergeOptions, MergeSummary, archive};
+use sha2::{Digest, Sha256};
 
 use crate::job::MergePlan;
 use crate::spec::{FinalDirMode, JobSpec};
@@ -163,7 +164,7 @@ async fn write_final(
             dedup: spec.merge.dedup.clone(),
         },
     };
-    let summary = match local_paths(store, &input_keys, &finals) {
+    let (summary, sha256) = match local_paths(store, &input_keys, &finals) {
         Some((inputs, outs)) => merge_local(job, inputs, outs).await?,
         None => merge_remote(store, job, &input_keys, &finals).await?,
     };
@@ -173,7 +174,7 @@ async fn write_final(
         rounds,
         seed_min,
         seed_max,
-        sha256: String::new(),
+        sha256,
         bytes: summary.bytes_written,
         cleaned: false,
         complete: plan.complete,
@@ -216,10 +217,10 @@ async fn merge_local(
     job: Job,
     inputs: Vec<PathBuf>,
     outs: Vec<PathBuf>,
-) -> Result<MergeSummary, MergeError> {
+) -> Result<(MergeSummary, String), MergeError> {
     tokio::task::spawn_blocking(move || {
         let Some(first) = outs.first() else {
-            return Ok(MergeSummary::default());
+            return Ok((MergeSummary::default(), String::new()));
         };
         let dir = first.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
@@ -227,9 +228,10 @@ async fn merge_local(
         let inputs = scratch.unpacked(job.format, inputs)?;
         let tmp = scratch.path.join("final");
         let summary = merge_into(&job, &inputs, &tmp)?;
+        let sha = digest(&tmp)?;
         publish(&tmp, &outs, job.format.is_directory())?;
         scratch.remove()?;
-        Ok(summary)
+        Ok((summary, sha))
     })
     .await
     .map_err(|e| MergeError::Join(e.to_string()))?
@@ -243,7 +245,7 @@ async fn merge_remote(
     job: Job,
     input_keys: &[&str],
     finals: &[String],
-) -> Result<MergeSummary, MergeError> {
+) -> Result<(MergeSummary, String), MergeError> {
     let scratch = tempfile::Builder::new()
         .prefix("quarry-merge-")
         .tempdir()
@@ -256,7 +258,7 @@ async fn merge_remote(
     }
     let root = scratch.path().to_path_buf();
     let directory = job.format.is_directory();
-    let (summary, merged) = tokio::task::spawn_blocking(move || {
+    let (summary, sha, merged) = tokio::task::spawn_blocking(move || {
         let s = Scratch {
             path: root.join("work"),
         };
@@ -264,7 +266,8 @@ async fn merge_remote(
         let inputs = s.unpacked(job.format, inputs)?;
         let merged = s.path.join("final");
         let summary = merge_into(&job, &inputs, &merged)?;
-        Ok::<_, MergeError>((summary, merged))
+        let sha = digest(&merged)?;
+        Ok::<_, MergeError>((summary, sha, merged))
     })
     .await
     .map_err(|e| MergeError::Join(e.to_string()))??;
@@ -282,7 +285,34 @@ async fn merge_remote(
     // Dropping `scratch` removes it; close() reports a failure instead of ignoring it.
     let path = scratch.path().to_path_buf();
     scratch.close().map_err(io_err("remove", &path))?;
-    Ok(summary)
+    Ok((summary, sha))
+}
+
+/// The final's sha256 (hex): of the file, or, for a directory, of its `sha256sum`-style
+/// listing (`<sha256 of the file>  <path relative to the directory>` lines in path order), so
+/// `find . -type f | sort | xargs sha256sum` over the final reproduces it.
+fn digest(path: &Path) -> Result<String, MergeError> {
+    fn file_sha(p: &Path) -> Result<String, MergeError> {
+        let mut f = File::open(p).map_err(io_err("open", p))?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf).map_err(io_err("read", p))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok(quarry_common::storage::hex(&h.finalize()))
+    }
+    if !path.is_dir() {
+        return file_sha(path);
+    }
+    let mut listing = Sha256::new();
+    for (rel, p) in files_under(path)? {
+        listing.update(format!("{}  ./{rel}\n", file_sha(&p)?).as_bytes());
+    }
+    Ok(quarry_common::storage::hex(&listing.finalize()))
 }
 
 /// A scratch directory for one merge, removed when the merge is done (and, after a crash, by

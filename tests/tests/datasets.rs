@@ -252,7 +252,12 @@ async fn run_format_job(
         );
         let f = finals(root.path(), exp, o);
         assert!(f[0].exists(), "{}", f[0].display());
-        run_python(
+        // A file's final_sha256 is its sha256; a directory's comes from the check, which
+        // prints the sha256 of the directory's sha256sum-style listing last.
+        if f[0].is_file() {
+            assert_eq!(entry["final_sha256"], sha256_file(&f[0]), "{o}");
+        }
+        let printed = run_python(
             &python(),
             check,
             &[
@@ -264,6 +269,13 @@ async fn run_format_job(
                 "25",
             ],
         );
+        if f[0].is_dir() {
+            assert_eq!(
+                entry["final_sha256"].as_str(),
+                printed.lines().last(),
+                "{o}: the directory's listing hash"
+            );
+        }
     }
     assert!(
         out.status.attempts > out.status.successes,
@@ -279,6 +291,17 @@ async fn run_format_job(
     );
     m
 }
+
+/// Appended to the checks of directory formats: prints the sha256 of the final's
+/// sha256sum-style listing, which the manifest's `final_sha256` must equal.
+const LISTING: &str = r#"
+import hashlib
+listing = ""
+files = sorted(os.path.relpath(os.path.join(d, f), final) for d, _, fs in os.walk(final) for f in fs)
+for rel in files:
+    listing += "%s  ./%s\n" % (hashlib.sha256(open(os.path.join(final, rel), "rb").read()).hexdigest(), rel)
+print(hashlib.sha256(listing.encode()).hexdigest())
+"#;
 
 /// Python shared by the checks: regenerate the rounds of the given seeds into a temp dir.
 const REGEN: &str = r#"
@@ -354,7 +377,7 @@ for k, parts in data.items():
     want = np.concatenate(parts)[:rows]
     assert np.array_equal(np.asarray(out["data"][k][:]), want), k
 "#
-    );
+    ) + LISTING;
     run_format_job("zr", "zarr_replay_gen.py", "replay.zarr", "", None, &check).await;
 }
 
@@ -382,7 +405,7 @@ for i, (name, s) in enumerate(zip(eps, src)):
     assert meta["episode_idx"] == i, meta
 json.load(open(os.path.join(final, "metadata", "collection_summary.json")))
 "#
-    );
+    ) + LISTING;
     run_format_job(
         "ep",
         "episode_collector.py",

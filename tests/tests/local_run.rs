@@ -58,6 +58,7 @@ async fn exact_quota_per_object_with_uneven_yields() {
         let entry = &m["objects"][o];
         assert_eq!(entry["collected"], 150);
         assert_eq!(entry["done"], true);
+        assert_eq!(entry["final_sha256"], sha256_file(&f[0]), "{o}");
         // Seeds follow seed_base + index*100000 + round, and name the final's directory.
         let seeds: Vec<i64> = entry["seeds"]
             .as_array()
