@@ -114,9 +114,12 @@ pub struct Coordinator {
     store: Store,
     cfg: CoordinatorConfig,
     epoch: u64,
-    /// No new round is handed out before this instant (see `adopt_window`); set at start
-    /// only when running jobs were resumed, since only they can have rounds to adopt.
+    /// No new round of the jobs resumed at start is handed out before this instant (see
+    /// `adopt_window`): only they can have rounds running on workers that are still to
+    /// re-register. Jobs submitted later are not held back.
     adopt_until: Mutex<Instant>,
+    /// The jobs resumed at start (only those wait for the adopt window).
+    resumed: Mutex<std::collections::HashSet<String>>,
     inner: Mutex<Inner>,
     /// Bumped on every change a status watcher may care about.
     changed: watch::Sender<u64>,
@@ -172,6 +175,7 @@ impl Coordinator {
             state,
             store,
             adopt_until: Mutex::new(Instant::now()),
+            resumed: Mutex::new(std::collections::HashSet::new()),
             cfg,
             epoch,
             inner: Mutex::new(Inner {
@@ -189,14 +193,16 @@ impl Coordinator {
             tasks: TaskTracker::new(),
             commit_traces: Mutex::new(HashMap::new()),
         });
-        let mut resumed = 0;
+        let mut resumed = std::collections::HashSet::new();
         for job in c.state.list_jobs().await? {
             if job.state == JobState::Running {
+                let id = job.id.clone();
                 c.load_job(job).await?;
-                resumed += 1;
+                resumed.insert(id);
             }
         }
-        if resumed > 0 && !c.cfg.adopt_window.is_zero() {
+        if !resumed.is_empty() && !c.cfg.adopt_window.is_zero() {
+            *c.resumed.lock().unwrap_or_else(|p| p.into_inner()) = resumed;
             *c.adopt_until.lock().unwrap_or_else(|p| p.into_inner()) =
                 Instant::now() + c.cfg.adopt_window;
             info!(window = ?c.cfg.adopt_window, "resumed running jobs: waiting for workers to report their rounds before handing out new ones");
@@ -531,14 +537,14 @@ impl Coordinator {
             .get_mut(worker)
             .ok_or_else(|| CoordError::UnknownWorker(worker.into()))?;
         w.last_seen = now;
-        if now < *self.adopt_until.lock().unwrap_or_else(|p| p.into_inner()) {
-            return Ok(None);
-        }
+        let adopting = now < *self.adopt_until.lock().unwrap_or_else(|p| p.into_inner());
+        let held_back = adopting.then(|| self.resumed.lock().unwrap_or_else(|p| p.into_inner()));
         for id in &inner.order {
             let Some(job) = inner.jobs.get_mut(id) else {
                 continue;
             };
-            if job.state != JobState::Running {
+            if job.state != JobState::Running || held_back.as_ref().is_some_and(|r| r.contains(id))
+            {
                 continue;
             }
             let spec = &job.spec;
@@ -1484,6 +1490,53 @@ mod tests {
     /// A worker whose report does not match what the store holds (a file changed or cut
     /// short after it was hashed) gets its attempt rejected and recorded as failed; a correct
     /// report of the retried round commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_adopt_window_holds_back_resumed_jobs_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        let store = Store::open_dir(&dir.path().join("store")).unwrap();
+        let first = Coordinator::start(
+            CoordinatorConfig::default(),
+            Arc::new(EmbeddedStore::open(&path).unwrap()),
+            store.clone(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        first.submit(spec(dir.path())).await.unwrap();
+        first.close().await;
+        // A new leader resumes "verify" and waits for its rounds to be reported ...
+        let cfg = CoordinatorConfig {
+            adopt_window: Duration::from_secs(30),
+            ..Default::default()
+        };
+        let c = Coordinator::start(
+            cfg,
+            Arc::new(EmbeddedStore::open(&path).unwrap()),
+            store,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let (worker, _) = c.register("host", "0", "", None, &[]);
+        let none = c
+            .acquire(&worker, Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert!(none.is_none(), "the resumed job waits for the adopt window");
+        // ... but a job submitted now has nothing to adopt and starts at once.
+        let mut fresh = spec(dir.path());
+        fresh.exp_name = "fresh".into();
+        c.submit(fresh).await.unwrap();
+        let got = c
+            .acquire(&worker, Duration::from_secs(5))
+            .await
+            .unwrap()
+            .expect("the new job's round is handed out during the window");
+        assert_eq!(got.lease.job_id, "fresh");
+        c.close().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_commit_whose_files_differ_from_the_report_is_rejected() {
         let dir = tempfile::tempdir().unwrap();
