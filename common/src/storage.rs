@@ -532,7 +532,7 @@ fn same_or_conflict(
 }
 
 /// Size and sha256 of a local file, read a chunk at a time.
-fn hash_file(file: &Path) -> std::io::Result<Uploaded> {
+pub fn hash_file(file: &Path) -> std::io::Result<Uploaded> {
     let mut f = std::fs::File::open(file)?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;

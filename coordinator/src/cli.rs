@@ -19,6 +19,7 @@ use crate::election::Election;
 use crate::progress::{self, Progress, ProgressMode};
 use crate::service::Leadership;
 use crate::spec::{FinalDirMode, JobSpec};
+use crate::state::RoundYield;
 use crate::state::embedded::EmbeddedStore;
 use crate::state::etcd::EtcdStore;
 
@@ -1070,11 +1071,6 @@ fn worker_json(w: &pb::WorkerStatus) -> serde_json::Value {
     })
 }
 
-/// Successes per attempt; null when no round reported a yield.
-fn rate(attempts: u64, successes: u64) -> Option<f64> {
-    (attempts > 0).then(|| successes as f64 / attempts as f64)
-}
-
 fn status_json(s: &pb::JobStatus) -> serde_json::Value {
     let name = |v: i32| {
         pb::ObjectState::try_from(v).map_or("unknown".into(), |st| format!("{st:?}").to_lowercase())
@@ -1090,13 +1086,13 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
         "rounds_quarantined": s.rounds_quarantined,
         "attempts": s.attempts,
         "successes": s.successes,
-        "success_rate": rate(s.attempts, s.successes),
+        "success_rate": RoundYield::rate(s.attempts, s.successes),
         "objects": s.objects.iter().map(|o| serde_json::json!({
             "name": o.name, "state": name(o.state), "collected": o.collected, "target": o.target,
             "rounds_committed": o.rounds_committed, "rounds_in_flight": o.rounds_in_flight,
             "failed_attempts": o.failed_attempts, "rounds_quarantined": o.rounds_quarantined,
             "attempts": o.attempts, "successes": o.successes,
-            "success_rate": rate(o.attempts, o.successes),
+            "success_rate": RoundYield::rate(o.attempts, o.successes),
         })).collect::<Vec<_>>(),
         "workers": s.workers.iter().map(worker_json).collect::<Vec<_>>(),
     })

@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::job::{JobRt, Phase};
-use crate::state::{JobState, MergeRecord, QuarantineRecord};
+use crate::state::{JobState, MergeRecord, QuarantineRecord, RoundYield};
 
 #[derive(Debug, Serialize)]
 pub struct Manifest {
@@ -85,10 +85,6 @@ pub struct Totals {
     pub duplicates: u64,
 }
 
-fn rate(attempts: u64, successes: u64) -> Option<f64> {
-    (attempts > 0).then(|| successes as f64 / attempts as f64)
-}
-
 #[derive(Debug, Serialize)]
 pub struct CommitEntry {
     pub round: u32,
@@ -154,7 +150,7 @@ pub fn build(job: &JobRt) -> Manifest {
                 exhausted: matches!(o.phase, Phase::Done { complete: false }),
                 attempts: reported.then_some(y.attempts),
                 successes: reported.then_some(y.successes),
-                success_rate: rate(y.attempts, y.successes),
+                success_rate: RoundYield::rate(y.attempts, y.successes),
                 filtered: 0,
                 duplicates: 0,
             };
@@ -177,7 +173,8 @@ pub fn build(job: &JobRt) -> Manifest {
             totals.successes = Some(totals.successes.unwrap_or(0) + s);
         }
     }
-    totals.success_rate = rate(totals.attempts.unwrap_or(0), totals.successes.unwrap_or(0));
+    totals.success_rate =
+        RoundYield::rate(totals.attempts.unwrap_or(0), totals.successes.unwrap_or(0));
     Manifest {
         exp_name: job.spec.exp_name.clone(),
         object_code_list: job.spec.objects.clone(),

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use quarry_common::storage::{Store, StoreError, keys};
+use quarry_common::storage::{self, Store, StoreError, keys};
 use quarry_formats::{DatasetError, Format, MergeOptions, MergeSummary, archive};
 use sha2::{Digest, Sha256};
 
@@ -292,19 +292,11 @@ async fn merge_remote(
 /// listing (`<sha256 of the file>  <path relative to the directory>` lines in path order), so
 /// `find . -type f | sort | xargs sha256sum` over the final reproduces it.
 fn digest(path: &Path) -> Result<String, MergeError> {
-    fn file_sha(p: &Path) -> Result<String, MergeError> {
-        let mut f = File::open(p).map_err(io_err("open", p))?;
-        let mut h = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = std::io::Read::read(&mut f, &mut buf).map_err(io_err("read", p))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Ok(quarry_common::storage::hex(&h.finalize()))
-    }
+    let file_sha = |p: &Path| {
+        storage::hash_file(p)
+            .map(|h| h.sha256)
+            .map_err(io_err("hash", p))
+    };
     if !path.is_dir() {
         return file_sha(path);
     }
@@ -312,7 +304,7 @@ fn digest(path: &Path) -> Result<String, MergeError> {
     for (rel, p) in files_under(path)? {
         listing.update(format!("{}  ./{rel}\n", file_sha(&p)?).as_bytes());
     }
-    Ok(quarry_common::storage::hex(&listing.finalize()))
+    Ok(storage::hex(&listing.finalize()))
 }
 
 /// A scratch directory for one merge, removed when the merge is done (and, after a crash, by
@@ -376,62 +368,64 @@ fn merge_into(job: &Job, inputs: &[PathBuf], out: &Path) -> Result<MergeSummary,
     Ok(summary)
 }
 
-/// Every file under `dir` with its path relative to it (`/`-separated), in name order.
-fn files_under(dir: &Path) -> Result<Vec<(String, PathBuf)>, MergeError> {
-    let mut out = Vec::new();
+/// A directory tree as one walk sees it.
+struct Tree {
+    /// Every file with its path relative to the root (`/`-separated), in path order.
+    files: Vec<(String, PathBuf)>,
+    /// Every directory, the root first, with its path relative to the root.
+    dirs: Vec<(String, PathBuf)>,
+}
+
+/// Walks the tree under `dir` once.
+fn walk(dir: &Path) -> Result<Tree, MergeError> {
+    let mut tree = Tree {
+        files: Vec::new(),
+        dirs: Vec::new(),
+    };
     let mut stack = vec![(String::new(), dir.to_path_buf())];
     while let Some((rel, abs)) = stack.pop() {
-        let mut names = std::fs::read_dir(&abs)
-            .map_err(io_err("list", &abs))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(io_err("list", &abs))?;
-        names.sort();
-        for name in names.into_iter().rev() {
-            let name = name.to_string_lossy().into_owned();
-            let child = abs.join(&name);
+        for e in std::fs::read_dir(&abs).map_err(io_err("list", &abs))? {
+            let e = e.map_err(io_err("list", &abs))?;
+            let name = e.file_name().to_string_lossy().into_owned();
             let child_rel = if rel.is_empty() {
                 name
             } else {
                 format!("{rel}/{name}")
             };
+            let child = e.path();
             if child.is_dir() {
                 stack.push((child_rel, child));
             } else {
-                out.push((child_rel, child));
+                tree.files.push((child_rel, child));
             }
         }
+        tree.dirs.push((rel, abs));
     }
-    out.sort();
-    Ok(out)
+    tree.files.sort();
+    Ok(tree)
+}
+
+/// Every file under `dir` with its path relative to it (`/`-separated), in path order.
+fn files_under(dir: &Path) -> Result<Vec<(String, PathBuf)>, MergeError> {
+    Ok(walk(dir)?.files)
 }
 
 /// fsyncs a file, or every file and directory under a directory.
 fn sync_tree(path: &Path) -> Result<(), MergeError> {
-    if path.is_dir() {
-        for (_, f) in files_under(path)? {
-            File::open(&f)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("sync", &f))?;
-        }
-        let mut dirs = vec![path.to_path_buf()];
-        while let Some(d) = dirs.pop() {
-            for e in std::fs::read_dir(&d).map_err(io_err("list", &d))? {
-                let p = e.map_err(io_err("list", &d))?.path();
-                if p.is_dir() {
-                    dirs.push(p);
-                }
-            }
-            File::open(&d)
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("sync", &d))?;
-        }
-        Ok(())
-    } else {
-        File::open(path)
-            .and_then(|f| f.sync_all())
-            .map_err(io_err("sync", path))
+    if !path.is_dir() {
+        return sync_path(path);
     }
+    let tree = walk(path)?;
+    for (_, p) in tree.files.iter().chain(&tree.dirs) {
+        sync_path(p)?;
+    }
+    Ok(())
+}
+
+fn sync_path(p: &Path) -> Result<(), MergeError> {
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("sync", p))
 }
 
 /// Moves the durable merged `tmp` into every final place: copies for all but the first, then
@@ -453,20 +447,14 @@ fn publish(tmp: &Path, outs: &[PathBuf], directory: bool) -> Result<(), MergeErr
             remove_any(extra)?;
         }
         std::fs::rename(&t, extra).map_err(io_err("rename", extra))?;
-        sync_dir(d)?;
+        sync_path(d)?;
     }
     if directory {
         remove_any(first)?;
     }
     std::fs::rename(tmp, first).map_err(io_err("rename", first))?;
     // The rename is durable once the directory entry is.
-    sync_dir(first.parent().unwrap_or(Path::new(".")))
-}
-
-fn sync_dir(d: &Path) -> Result<(), MergeError> {
-    File::open(d)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("sync", d))
+    sync_path(first.parent().unwrap_or(Path::new(".")))
 }
 
 fn copy_tree(from: &Path, to: &Path) -> Result<(), MergeError> {
@@ -474,13 +462,15 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), MergeError> {
         std::fs::copy(from, to).map_err(io_err("copy", to))?;
         return Ok(());
     }
-    for (rel, src) in files_under(from)? {
-        let dst = to.join(&rel);
-        if let Some(p) = dst.parent() {
-            std::fs::create_dir_all(p).map_err(io_err("create", p))?;
-        }
-        std::fs::copy(&src, &dst).map_err(io_err("copy", &dst))?;
+    let tree = walk(from)?;
+    // Parents come before their children in `dirs` (the root first).
+    for (rel, _) in &tree.dirs {
+        let d = to.join(rel);
+        std::fs::create_dir_all(&d).map_err(io_err("create", &d))?;
     }
-    std::fs::create_dir_all(to).map_err(io_err("create", to))?;
+    for (rel, src) in &tree.files {
+        let dst = to.join(rel);
+        std::fs::copy(src, &dst).map_err(io_err("copy", &dst))?;
+    }
     Ok(())
 }

@@ -193,12 +193,8 @@ pub fn line(s: &pb::JobStatus, elapsed: Duration) -> String {
 
 /// `successes/attempts (rate%)`, or `None` when no round reported a yield.
 pub fn success_rate(attempts: u64, successes: u64) -> Option<String> {
-    (attempts > 0).then(|| {
-        format!(
-            "{successes}/{attempts} ({:.1}%)",
-            100.0 * successes as f64 / attempts as f64
-        )
-    })
+    crate::state::RoundYield::rate(attempts, successes)
+        .map(|r| format!("{successes}/{attempts} ({:.1}%)", 100.0 * r))
 }
 
 pub fn format_duration(d: Duration) -> String {

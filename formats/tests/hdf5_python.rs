@@ -12,6 +12,8 @@ use std::process::Command;
 
 use quarry_formats::{DatasetError, Filter, MergeOptions, Observer, hdf5};
 
+mod pyhelp;
+
 /// Writes one round: `gen.py OUT SPEC_JSON`.
 const GEN: &str = r#"
 import sys, json, numpy as np, h5py
@@ -191,23 +193,7 @@ with h5py.File(sys.argv[1], 'r') as f:
 "#;
 
 fn python() -> String {
-    let py = std::env::var("QUARRY_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = Command::new(&py)
-        .args(["-c", "import numpy, h5py; print(h5py.__version__, h5py.version.hdf5_version)"])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {py:?} ({e}); these tests need Python with numpy and h5py (set QUARRY_TEST_PYTHON)")
-        });
-    assert!(
-        out.status.success(),
-        "{py:?} cannot import numpy and h5py; these tests need them: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!(
-        "using {py} with h5py/HDF5 {}",
-        String::from_utf8_lossy(&out.stdout).trim()
-    );
-    py
+    pyhelp::python(&["numpy", "h5py"])
 }
 
 struct Env {

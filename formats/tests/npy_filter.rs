@@ -9,10 +9,12 @@
 //! output with each.
 #![allow(clippy::unwrap_used)] // test helpers may unwrap
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use quarry_formats::{DatasetError, Filter, MergeOptions, Observer, npy};
+
+mod pyhelp;
+use pyhelp::{pythons, run};
 
 /// Writes rounds. Kinds:
 /// - `grasp`: dicts as grasp generators write them. Element 0 of every round fails the filter
@@ -217,50 +219,7 @@ print(sum(1 for x in a if float(np.asarray(x[sys.argv[2]]).reshape(-1)[0]) <= fl
 "#;
 
 fn python() -> String {
-    std::env::var("QUARRY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Interpreters to check with; each must have numpy, or the test fails saying so.
-fn pythons() -> Vec<String> {
-    let list: Vec<String> = match std::env::var("QUARRY_TEST_PYTHONS") {
-        Ok(v) => v
-            .split(':')
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
-        Err(_) => vec![python()],
-    };
-    assert!(
-        !list.is_empty(),
-        "QUARRY_TEST_PYTHONS is set but names no interpreter"
-    );
-    for py in &list {
-        let out = Command::new(py)
-            .args(["-c", "import numpy; print(numpy.__version__)"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {py:?} ({e}); these tests need Python with numpy (set QUARRY_TEST_PYTHON)"));
-        assert!(
-            out.status.success(),
-            "{py:?} cannot import numpy; these tests need it: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    list
-}
-
-fn run(py: &str, script: &Path, args: &[String]) -> String {
-    let out = Command::new(py)
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{py} {} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    pyhelp::interpreter()
 }
 
 struct Env {

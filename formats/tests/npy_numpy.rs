@@ -10,9 +10,11 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use quarry_formats::npy::{self, ArrayKind, FormatError};
+
+mod pyhelp;
+use pyhelp::{pythons, run};
 
 const GEN: &str = r#"
 import sys, numpy as np
@@ -144,54 +146,7 @@ print(' '.join(str(len(np.load(p, allow_pickle=True))) for p in sys.argv[1:]))
 "#;
 
 fn python() -> String {
-    std::env::var("QUARRY_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
-/// Interpreters to check with; each must have numpy, or the test fails saying so.
-fn pythons() -> Vec<String> {
-    let list: Vec<String> = match std::env::var("QUARRY_TEST_PYTHONS") {
-        Ok(v) => v
-            .split(':')
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
-        Err(_) => vec![python()],
-    };
-    assert!(
-        !list.is_empty(),
-        "QUARRY_TEST_PYTHONS is set but names no interpreter"
-    );
-    for py in &list {
-        let out = Command::new(py)
-            .args(["-c", "import numpy; print(numpy.__version__)"])
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {py:?} ({e}); these tests need Python with numpy (set QUARRY_TEST_PYTHON)"));
-        assert!(
-            out.status.success(),
-            "{py:?} cannot import numpy; these tests need it: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!(
-            "using {py} with numpy {}",
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
-    }
-    list
-}
-
-fn run(py: &str, script: &Path, args: &[String]) -> String {
-    let out = Command::new(py)
-        .arg(script)
-        .args(args)
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{py} {} failed:\n{}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    pyhelp::interpreter()
 }
 
 struct Scripts {

@@ -185,14 +185,7 @@ stats = "data/experiments/{{name}}/stats.json"
 
 /// A job running example generator `generator` (in `deploy/examples/`) under the test's
 /// Python, writing `out/{name}/<file>` and a yield sidecar; 2 objects, quota 25, batch 10.
-fn format_job(
-    exp: &str,
-    root: &Path,
-    generator: &str,
-    file: &str,
-    extra: &str,
-    format: Option<&str>,
-) -> String {
+fn format_job(exp: &str, root: &Path, generator: &str, file: &str, format: Option<&str>) -> String {
     let gen_path = repo_root().join("deploy/examples").join(generator);
     format!(
         r#"
@@ -202,7 +195,6 @@ target_count_per_object = 25
 round_batch_size = 10
 seed_base = 3
 root = "{root}"
-{extra}
 
 [generator]
 argv = ["{py}", "{gen}", "--seed", "{{seed}}", "--object", "{{object}}",
@@ -220,20 +212,13 @@ round_dir = "out/{{name}}"
     )
 }
 
-/// Runs a format job and checks each object's final with `check` (a Python script given the
-/// final, the generator, the object, the batch size, the seeds of the rounds the final holds
-/// as JSON, and the quota), plus what every format shares: quota met, yields recorded, no
-/// staging or round directories left. Returns the manifest.
-async fn run_format_job(
-    exp: &str,
-    generator: &str,
-    file: &str,
-    toml_extra: &str,
-    format: Option<&str>,
-    check: &str,
-) -> serde_json::Value {
+/// Runs a format job and checks each object's final with `check`, Python run after [`REGEN`]
+/// (so it has the final, the generator, the object, the batch size, the seeds of the rounds
+/// the final holds, the quota and `regen`), plus what every format shares: quota met, yields
+/// recorded, `final_sha256` right, no staging or round directories left.
+async fn run_format_job(exp: &str, generator: &str, file: &str, format: Option<&str>, check: &str) {
     let root = tempfile::tempdir().expect("tempdir");
-    let toml = format_job(exp, root.path(), generator, file, toml_extra, format);
+    let toml = format_job(exp, root.path(), generator, file, format);
     let out = run_job(root.path(), &toml, &["--gpus", "0,1"]).await;
     assert_eq!(
         out.status.state,
@@ -252,14 +237,16 @@ async fn run_format_job(
         );
         let f = finals(root.path(), exp, o);
         assert!(f[0].exists(), "{}", f[0].display());
-        // A file's final_sha256 is its sha256; a directory's comes from the check, which
-        // prints the sha256 of the directory's sha256sum-style listing last.
-        if f[0].is_file() {
+        // A file's final_sha256 is its sha256; a directory's is printed last by [`LISTING`],
+        // run after the check.
+        let directory = f[0].is_dir();
+        if !directory {
             assert_eq!(entry["final_sha256"], sha256_file(&f[0]), "{o}");
         }
+        let script = format!("{REGEN}{check}{}", if directory { LISTING } else { "" });
         let printed = run_python(
             &python(),
-            check,
+            &script,
             &[
                 f[0].to_str().expect("path"),
                 gen_path.to_str().expect("path"),
@@ -269,7 +256,7 @@ async fn run_format_job(
                 "25",
             ],
         );
-        if f[0].is_dir() {
+        if directory {
             assert_eq!(
                 entry["final_sha256"].as_str(),
                 printed.lines().last(),
@@ -289,7 +276,6 @@ async fn run_format_job(
         "{:?}",
         files_under(&root.path().join("out"))
     );
-    m
 }
 
 /// Appended to the checks of directory formats: prints the sha256 of the final's
@@ -321,9 +307,7 @@ def regen(name):
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn robomimic_hdf5_finals_match_a_python_merge() {
-    let check = format!(
-        "{REGEN}{}",
-        r#"
+    let check = r#"
 import h5py, numpy as np
 rounds = regen("demo.hdf5")
 src = []
@@ -349,16 +333,13 @@ for i, (f, n) in enumerate(src):
     total += int(b.attrs["num_samples"])
 assert int(out["data"].attrs["total"]) == total, (out["data"].attrs["total"], total)
 assert out["data"].attrs["env_args"] == h5py.File(rounds[0], "r")["data"].attrs["env_args"]
-"#
-    );
-    run_format_job("h5", "robomimic_gen.py", "demo.hdf5", "", None, &check).await;
+"#;
+    run_format_job("h5", "robomimic_gen.py", "demo.hdf5", None, check).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zarr_replay_finals_match_a_python_merge() {
-    let check = format!(
-        "{REGEN}{}",
-        r#"
+    let check = r#"
 import zarr, numpy as np
 rounds = [zarr.open_group(p, mode="r") for p in regen("replay.zarr")]
 out = zarr.open_group(final, mode="r")
@@ -376,16 +357,13 @@ rows = ends[-1]
 for k, parts in data.items():
     want = np.concatenate(parts)[:rows]
     assert np.array_equal(np.asarray(out["data"][k][:]), want), k
-"#
-    ) + LISTING;
-    run_format_job("zr", "zarr_replay_gen.py", "replay.zarr", "", None, &check).await;
+"#;
+    run_format_job("zr", "zarr_replay_gen.py", "replay.zarr", None, check).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn episode_directories_keep_files_one_to_one() {
-    let check = format!(
-        "{REGEN}{}",
-        r#"
+    let check = r#"
 import hashlib, pickle
 rounds = regen("dataset")
 src = []
@@ -404,39 +382,32 @@ for i, (name, s) in enumerate(zip(eps, src)):
     meta = json.load(open(os.path.join(final, "metadata", "episode_%05d_meta.json" % i)))
     assert meta["episode_idx"] == i, meta
 json.load(open(os.path.join(final, "metadata", "collection_summary.json")))
-"#
-    ) + LISTING;
+"#;
     run_format_job(
         "ep",
         "episode_collector.py",
         "dataset",
-        "",
         Some("episodes"),
-        &check,
+        check,
     )
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jsonl_finals_are_the_rounds_lines_in_order() {
-    let check = format!(
-        "{REGEN}{}",
-        r#"
+    let check = r#"
 lines = []
 for p in regen("rows.jsonl"):
     lines.extend(l.rstrip("\n") for l in open(p) if l.strip())
 got = [l.rstrip("\n") for l in open(final)]
 assert got == lines[:limit], (len(got), len(lines))
-"#
-    );
-    run_format_job("jl", "jsonl_gen.py", "rows.jsonl", "", None, &check).await;
+"#;
+    run_format_job("jl", "jsonl_gen.py", "rows.jsonl", None, check).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn npz_finals_concatenate_every_key() {
-    let check = format!(
-        "{REGEN}{}",
-        r#"
+    let check = r#"
 import numpy as np
 parts = [np.load(p) for p in regen("batch.npz")]
 out = np.load(final)
@@ -444,7 +415,6 @@ assert sorted(out.files) == sorted(parts[0].files), (out.files, parts[0].files)
 for k in parts[0].files:
     want = np.concatenate([p[k] for p in parts])[:limit]
     assert np.array_equal(out[k], want), k
-"#
-    );
-    run_format_job("nz", "npz_gen.py", "batch.npz", "", None, &check).await;
+"#;
+    run_format_job("nz", "npz_gen.py", "batch.npz", None, check).await;
 }

@@ -97,6 +97,28 @@ fn start_serve(home: &Path, store_url: &str, env: &[(&str, String)]) -> (Killed,
     quarry_tests::cluster::start_serve(&state, store_url, "5", env, &home.join("coordinator.log"))
 }
 
+/// `coordinator serve` on `store_url` and a worker with two agents, both logging under
+/// `home`; submits `job` and waits until it ends as `job <exp>: done`. The processes are
+/// returned to live as long as the caller needs them.
+fn serve_to_done(
+    home: &Path,
+    store_url: &str,
+    env: &[(&str, String)],
+    job: &Path,
+    exp: &str,
+) -> (Killed, Killed) {
+    let (serve, addr) = start_serve(home, store_url, env);
+    let worker = spawn_worker(&addr, "0,1", env, Some(&home.join("worker.log")));
+    let submit = submit(job, &addr, true);
+    let submit_err = String::from_utf8_lossy(&submit.stderr);
+    assert!(
+        submit.status.success() && submit_err.contains(&format!("job {exp}: done")),
+        "{submit_err}\n{}",
+        logs(home)
+    );
+    (serve, worker)
+}
+
 fn logs(home: &Path) -> String {
     ["coordinator.log", "worker.log"]
         .iter()
@@ -117,15 +139,7 @@ async fn serve_and_worker_on_s3_give_the_same_finals_as_a_local_run() {
     let job = job_file(home.path(), root.path());
     let store_url = format!("s3://{}/team/runs", moto.bucket());
 
-    let (_serve, addr) = start_serve(home.path(), &store_url, &env);
-    let _worker = spawn_worker(&addr, "0,1", &env, Some(&home.path().join("worker.log")));
-    let submit = submit(&job, &addr, true);
-    let submit_err = String::from_utf8_lossy(&submit.stderr);
-    assert!(
-        submit.status.success() && submit_err.contains("job served: done"),
-        "{submit_err}\n{}",
-        logs(home.path())
-    );
+    let _cluster = serve_to_done(home.path(), &store_url, &env, &job, "served");
 
     // The same job through `coordinator run` on a local directory.
     let reference = legacy_root();
@@ -186,15 +200,7 @@ async fn s3_errors_and_resets_are_retried_and_lose_nothing() {
     let home = tempfile::tempdir().unwrap();
     let job = job_file(home.path(), root.path());
     let store_url = format!("s3://{}/runs", moto.bucket());
-    let (_serve, addr) = start_serve(home.path(), &store_url, &env);
-    let _worker = spawn_worker(&addr, "0,1", &env, Some(&home.path().join("worker.log")));
-    let submit = submit(&job, &addr, true);
-    let submit_err = String::from_utf8_lossy(&submit.stderr);
-    assert!(
-        submit.status.success() && submit_err.contains("job served: done"),
-        "{submit_err}\n{}",
-        logs(home.path())
-    );
+    let _cluster = serve_to_done(home.path(), &store_url, &env, &job, "served");
     assert!(proxy.stalled() >= 1, "no request was stalled");
     assert!(
         proxy.injected() >= 5,
@@ -266,15 +272,7 @@ round_dir = "out/{{name}}"
     let job = home.path().join("job.toml");
     std::fs::write(&job, job_text(home.path())).unwrap();
     let store_url = format!("s3://{}/lab", moto.bucket());
-    let (_serve, addr) = start_serve(home.path(), &store_url, &env);
-    let _worker = spawn_worker(&addr, "0,1", &env, Some(&home.path().join("worker.log")));
-    let submit = submit(&job, &addr, true);
-    let submit_err = String::from_utf8_lossy(&submit.stderr);
-    assert!(
-        submit.status.success() && submit_err.contains("job episodes: done"),
-        "{submit_err}\n{}",
-        logs(home.path())
-    );
+    let _cluster = serve_to_done(home.path(), &store_url, &env, &job, "episodes");
 
     let reference = tempfile::tempdir().unwrap();
     let reference_job = reference.path().join("job.toml");

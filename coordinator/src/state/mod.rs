@@ -94,6 +94,13 @@ pub struct RoundYield {
     pub successes: u64,
 }
 
+impl RoundYield {
+    /// Successes per attempt; `None` before any attempt is reported.
+    pub fn rate(attempts: u64, successes: u64) -> Option<f64> {
+        (attempts > 0).then(|| successes as f64 / attempts as f64)
+    }
+}
+
 /// GPU figures of one generator run, sampled by its worker while it ran.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoundGpuStats {

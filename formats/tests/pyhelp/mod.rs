@@ -18,8 +18,14 @@ pub fn interpreter() -> String {
 /// imports every module in `modules`.
 pub fn python(modules: &[&str]) -> String {
     let py = interpreter();
+    python_with(&py, modules);
+    py
+}
+
+/// Panics unless `py` runs and imports every module in `modules`.
+fn python_with(py: &str, modules: &[&str]) {
     let code = format!("import sys, {}", modules.join(", "));
-    let out = Command::new(&py)
+    let out = Command::new(py)
         .args(["-c", &code])
         .output()
         .unwrap_or_else(|e| {
@@ -30,7 +36,28 @@ pub fn python(modules: &[&str]) -> String {
         "{py:?} cannot import {modules:?}; these tests need them (set QUARRY_TEST_PYTHON): {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    py
+}
+
+/// Every interpreter to check with (`QUARRY_TEST_PYTHONS`, colon separated, e.g. one with
+/// numpy 1.26 and one with numpy 2.x; else [`interpreter`]); each must import numpy, or the
+/// test fails saying so.
+pub fn pythons() -> Vec<String> {
+    let list: Vec<String> = match std::env::var("QUARRY_TEST_PYTHONS") {
+        Ok(v) => v
+            .split(':')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        Err(_) => vec![interpreter()],
+    };
+    assert!(
+        !list.is_empty(),
+        "QUARRY_TEST_PYTHONS is set but names no interpreter"
+    );
+    for py in &list {
+        python_with(py, &["numpy"]);
+    }
+    list
 }
 
 /// Runs `py script args...`, panicking with its stderr unless it exits 0; returns stdout.
