@@ -143,6 +143,9 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Most rounds one Acquire may grant: a bound on what one agent holds unstarted.
+pub const MAX_LEASES_PER_CALL: usize = 64;
+
 /// What a worker is told to run.
 pub struct Grant {
     pub lease: pb::Lease,
@@ -503,32 +506,46 @@ impl Coordinator {
 
     /// Hands out the next round, waiting up to `wait` for one.
     pub async fn acquire(&self, worker: &str, wait: Duration) -> Result<Option<Grant>, CoordError> {
+        Ok(self.acquire_many(worker, 1, wait).await?.into_iter().next())
+    }
+
+    /// Hands out up to `max` rounds (at least one, at most [`MAX_LEASES_PER_CALL`]), waiting up
+    /// to `wait` for the first: the call returns with what is ready once one is.
+    pub async fn acquire_many(
+        &self,
+        worker: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<Grant>, CoordError> {
+        let max = max.clamp(1, MAX_LEASES_PER_CALL);
         let started = Instant::now();
         let until = started + wait;
         loop {
             let notified = self.work.notified();
-            if let Some(g) = self.try_acquire(worker)? {
+            let grants = self.try_acquire(worker, max)?;
+            if !grants.is_empty() {
                 self.cfg
                     .metrics
                     .acquire_seconds
                     .observe_duration(started.elapsed());
-                return Ok(Some(g));
+                return Ok(grants);
             }
             let now = Instant::now();
             if now >= until || self.shutdown.is_cancelled() {
-                return Ok(None);
+                return Ok(Vec::new());
             }
             // Retries become ready by time, not by an event: re-check at least every 100 ms.
             let slice = (until - now).min(Duration::from_millis(100));
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep(slice) => {}
-                _ = self.shutdown.cancelled() => return Ok(None),
+                _ = self.shutdown.cancelled() => return Ok(Vec::new()),
             }
         }
     }
 
-    fn try_acquire(&self, worker: &str) -> Result<Option<Grant>, CoordError> {
+    /// Leases up to `max` rounds that are ready now, under one hold of the lock.
+    fn try_acquire(&self, worker: &str, max: usize) -> Result<Vec<Grant>, CoordError> {
         let now = Instant::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
@@ -539,6 +556,7 @@ impl Coordinator {
         w.last_seen = now;
         let adopting = now < *self.adopt_until.lock().unwrap_or_else(|p| p.into_inner());
         let held_back = adopting.then(|| self.resumed.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut grants = Vec::new();
         for id in &inner.order {
             let Some(job) = inner.jobs.get_mut(id) else {
                 continue;
@@ -548,55 +566,65 @@ impl Coordinator {
                 continue;
             }
             let spec = &job.spec;
-            let Some((idx, round)) = job
-                .objects
-                .iter()
-                .find_map(|o| o.next_to_issue(spec, now).map(|r| (o.index, r)))
-            else {
-                continue;
-            };
-            let o = &mut job.objects[idx];
-            let seq = o.issue(round);
-            let attempt = format!("e{}a{}", self.epoch, seq);
-            let seed = spec.seed(idx, round);
-            let name = spec.round_name(&o.name, round, seed);
-            let staging_prefix = keys::staging(&spec.exp_name, &o.name, round, seed, &attempt);
-            let lease_id = inner.next_lease;
-            inner.next_lease += 1;
-            let task = task_for(spec, &o.name, round, seed, &name, &staging_prefix);
-            let lease = pb::Lease {
-                lease_id,
-                job_id: id.clone(),
-                object: o.name.clone(),
-                object_index: idx as u32,
-                round,
-                seed,
-                attempt: attempt.clone(),
-                round_name: name,
-                task: Some(task),
-                // Filled in by the service from its `lease` span.
-                traceparent: String::new(),
-            };
-            debug!(job = %id, object = %o.name, round, seed, %attempt, worker, "round leased");
-            self.cfg.metrics.rounds_leased.inc();
-            inner.leases.insert(
-                lease_id,
-                Lease {
-                    job: id.clone(),
-                    object: idx,
+            // Each pass issues the first round ready in the job (objects in order), so a batch
+            // takes the rounds a run of single calls would have taken.
+            while grants.len() < max {
+                let Some((idx, round)) = job
+                    .objects
+                    .iter()
+                    .find_map(|o| o.next_to_issue(spec, now).map(|r| (o.index, r)))
+                else {
+                    break;
+                };
+                let o = &mut job.objects[idx];
+                let seq = o.issue(round);
+                let attempt = format!("e{}a{}", self.epoch, seq);
+                let seed = spec.seed(idx, round);
+                let name = spec.round_name(&o.name, round, seed);
+                let staging_prefix = keys::staging(&spec.exp_name, &o.name, round, seed, &attempt);
+                let lease_id = inner.next_lease;
+                inner.next_lease += 1;
+                let task = task_for(spec, &o.name, round, seed, &name, &staging_prefix);
+                let lease = pb::Lease {
+                    lease_id,
+                    job_id: id.clone(),
+                    object: o.name.clone(),
+                    object_index: idx as u32,
                     round,
                     seed,
-                    attempt,
-                    worker: worker.to_string(),
-                    deadline: now + self.cfg.lease_ttl,
-                    staging_prefix,
-                },
-            );
-            drop(guard);
-            self.bump();
-            return Ok(Some(Grant { lease }));
+                    attempt: attempt.clone(),
+                    round_name: name,
+                    task: Some(task),
+                    // Filled in by the service from its `lease` span.
+                    traceparent: String::new(),
+                };
+                debug!(job = %id, object = %o.name, round, seed, %attempt, worker, "round leased");
+                self.cfg.metrics.rounds_leased.inc();
+                inner.leases.insert(
+                    lease_id,
+                    Lease {
+                        job: id.clone(),
+                        object: idx,
+                        round,
+                        seed,
+                        attempt,
+                        worker: worker.to_string(),
+                        deadline: now + self.cfg.lease_ttl,
+                        staging_prefix,
+                    },
+                );
+                grants.push(Grant { lease });
+            }
+            if grants.len() == max {
+                break;
+            }
         }
-        Ok(None)
+        drop(held_back);
+        drop(guard);
+        if !grants.is_empty() {
+            self.bump();
+        }
+        Ok(grants)
     }
 
     fn take_lease(&self, worker: &str, lease_id: u64) -> Option<Lease> {

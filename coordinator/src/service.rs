@@ -34,6 +34,70 @@ const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
 /// Health service name that is SERVING while the process serves (liveness probes).
 pub const LIVENESS: &str = "liveness";
 
+/// Most completions one CompleteBatch may carry.
+pub const MAX_COMPLETIONS_PER_CALL: usize = crate::coordinator::MAX_LEASES_PER_CALL;
+
+/// The `commit` span of one completion; the coordinator records which round it is once the
+/// lease is looked up.
+fn commit_span() -> tracing::Span {
+    info_span!(
+        "commit",
+        job = Empty,
+        object = Empty,
+        round = Empty,
+        seed = Empty,
+        attempt = Empty,
+        worker = Empty,
+        outcome = Empty,
+        bytes = Empty,
+        samples = Empty,
+    )
+}
+
+/// Judges one completion (see [`Coordinator::complete`]) in its `commit` span.
+async fn judge(
+    coord: &Arc<Coordinator>,
+    r: pb::CompleteRequest,
+    span: tracing::Span,
+) -> Result<pb::CompleteResponse, Status> {
+    span.record("worker", r.worker_id.as_str());
+    span.record("bytes", r.files.iter().map(|f| f.size).sum::<u64>());
+    if let Some(f) = r.files.first() {
+        span.record("samples", f.count);
+    }
+    let (outcome, message) = coord
+        .complete(
+            &r.worker_id,
+            r.lease_id,
+            r.files,
+            r.generator_ms,
+            CompleteExtras {
+                gpu_stats: r.gpu_stats,
+                log_key: r.log_key,
+                yield_stats: r.yield_stats,
+            },
+        )
+        .instrument(span.clone())
+        .await
+        .map_err(|e| {
+            span.record("outcome", "error");
+            to_status(e)
+        })?;
+    span.record(
+        "outcome",
+        match outcome {
+            pb::CommitOutcome::Committed => "committed",
+            pb::CommitOutcome::Duplicate => "duplicate",
+            pb::CommitOutcome::Rejected => "rejected",
+            pb::CommitOutcome::Unspecified => "unspecified",
+        },
+    );
+    Ok(pb::CompleteResponse {
+        outcome: outcome as i32,
+        message,
+    })
+}
+
 pub fn to_status(e: CoordError) -> Status {
     match e {
         CoordError::Spec(e) => Status::invalid_argument(e.to_string()),
@@ -268,13 +332,13 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let r = req.into_inner();
         let wait = Duration::from_millis(r.wait_ms).min(MAX_ACQUIRE_WAIT);
-        let grant = self
+        let grants = self
             .0
             .current()?
-            .acquire(&r.worker_id, wait)
+            .acquire_many(&r.worker_id, r.max_leases as usize, wait)
             .await
             .map_err(to_status)?;
-        let lease = grant.map(|g| {
+        let mut leases = grants.into_iter().map(|g| {
             let mut lease = g.lease;
             // The root of the round's trace: the worker parents its spans on it through the
             // lease, and its Complete carries the trace back to the `commit` span.
@@ -291,67 +355,60 @@ impl WorkerService for WorkerApi {
             lease.traceparent = telemetry::traceparent(&span).unwrap_or_default();
             lease
         });
-        Ok(Response::new(pb::AcquireResponse { lease }))
+        let lease = leases.next();
+        Ok(Response::new(pb::AcquireResponse {
+            lease,
+            more: leases.collect(),
+        }))
     }
 
     async fn complete(
         &self,
         req: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        // A child of the worker's `round` span (its context travels in the metadata); the
-        // coordinator records which round it is once the lease is looked up.
-        let span = info_span!(
-            "commit",
-            job = Empty,
-            object = Empty,
-            round = Empty,
-            seed = Empty,
-            attempt = Empty,
-            worker = Empty,
-            outcome = Empty,
-            bytes = Empty,
-            samples = Empty,
-        );
+        // A child of the worker's `round` span (its context travels in the metadata).
+        let span = commit_span();
         telemetry::set_parent_from_metadata(&span, req.metadata());
-        let r = req.into_inner();
-        span.record("worker", r.worker_id.as_str());
-        span.record("bytes", r.files.iter().map(|f| f.size).sum::<u64>());
-        if let Some(f) = r.files.first() {
-            span.record("samples", f.count);
-        }
-        let (outcome, message) = self
-            .0
-            .current()?
-            .complete(
-                &r.worker_id,
-                r.lease_id,
-                r.files,
-                r.generator_ms,
-                CompleteExtras {
-                    gpu_stats: r.gpu_stats,
-                    log_key: r.log_key,
-                    yield_stats: r.yield_stats,
-                },
-            )
-            .instrument(span.clone())
+        let coord = self.0.current()?;
+        judge(&coord, req.into_inner(), span)
             .await
-            .map_err(|e| {
-                span.record("outcome", "error");
-                to_status(e)
-            })?;
-        span.record(
-            "outcome",
-            match outcome {
-                pb::CommitOutcome::Committed => "committed",
-                pb::CommitOutcome::Duplicate => "duplicate",
-                pb::CommitOutcome::Rejected => "rejected",
-                pb::CommitOutcome::Unspecified => "unspecified",
-            },
-        );
-        Ok(Response::new(pb::CompleteResponse {
-            outcome: outcome as i32,
-            message,
+            .map(Response::new)
+    }
+
+    async fn complete_batch(
+        &self,
+        req: Request<pb::CompleteBatchRequest>,
+    ) -> Result<Response<pb::CompleteBatchResponse>, Status> {
+        let coord = self.0.current()?;
+        let completions = req.into_inner().completions;
+        if completions.len() > MAX_COMPLETIONS_PER_CALL {
+            return Err(Status::invalid_argument(format!(
+                "{} completions in one CompleteBatch; at most {MAX_COMPLETIONS_PER_CALL}",
+                completions.len()
+            )));
+        }
+        // Judged side by side: their commits share the state store's group commit.
+        let results = futures::future::join_all(completions.into_iter().map(|c| {
+            let span = commit_span();
+            telemetry::set_parent(&span, &c.traceparent);
+            judge(&coord, c, span)
         }))
+        .await;
+        let results = results
+            .into_iter()
+            .map(|r| match r {
+                Ok(response) => pb::CompleteResult {
+                    response: Some(response),
+                    ..Default::default()
+                },
+                Err(status) => pb::CompleteResult {
+                    response: None,
+                    error_code: status.code() as i32,
+                    error_message: status.message().to_string(),
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::CompleteBatchResponse { results }))
     }
 
     async fn fail(

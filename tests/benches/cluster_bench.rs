@@ -38,6 +38,7 @@ fn main() {
         return;
     }
     let agents: usize = env_num("QUARRY_BENCH_AGENTS", 256);
+    let batch: usize = env_num("QUARRY_BENCH_BATCH", 1);
     println!("== Quarry control-plane benchmark ==");
     println!(
         "cpus: {}, simulated workers: {agents}, objects: {OBJECTS}",
@@ -46,65 +47,40 @@ fn main() {
     let mut rows = Vec::new();
     let dir = tempfile::tempdir().expect("tempdir");
     let rounds = env_num("QUARRY_BENCH_CLUSTER_ROUNDS", 20_000);
-    let embedded = rt.block_on(async {
-        let state = EmbeddedStore::open(&dir.path().join("state.redb")).expect("state file");
-        let store = Store::open_dir(&dir.path().join("emb/store")).expect("store");
-        bench(
-            Arc::new(state),
-            store,
-            &dir.path().join("emb"),
-            agents,
-            rounds,
-        )
-        .await
-    });
-    rows.push(("embedded, directory store", embedded));
-    // The same with the object store in memory: what the control plane itself sustains,
-    // without the directory store's mkdir/fsync per staged file.
-    let in_memory = rt.block_on(async {
-        let state = EmbeddedStore::open(&dir.path().join("state-mem.redb")).expect("state file");
-        bench(
-            Arc::new(state),
-            Store::in_memory(),
-            &dir.path().join("mem"),
-            agents,
-            rounds,
-        )
-        .await
-    });
-    rows.push(("embedded, memory store", in_memory));
+    // `QUARRY_BENCH_ONLY=embedded-dir,embedded-mem,etcd-dir,etcd-mem` (any subset) picks rows.
+    let only = std::env::var("QUARRY_BENCH_ONLY").unwrap_or_default();
     let etcd_rounds = env_num("QUARRY_BENCH_CLUSTER_ROUNDS", 5_000);
-    let etcd = rt.block_on(async {
-        let etcd = quarry_tests::etcd::Etcd::start().await;
-        let state = EtcdStore::connect(&etcd.endpoints(), "/bench")
-            .await
-            .expect("etcd state");
-        let store = Store::open_dir(&dir.path().join("etcd/store")).expect("store");
-        bench(
-            Arc::new(state),
-            store,
-            &dir.path().join("etcd"),
-            agents,
-            etcd_rounds,
-        )
-        .await
-    });
-    rows.push(("etcd, directory store", etcd));
-    let etcd_mem = rt.block_on(async {
-        let etcd = quarry_tests::etcd::Etcd::start().await;
-        let state = EtcdStore::connect(&etcd.endpoints(), "/bench")
-            .await
-            .expect("etcd state");
-        bench(
-            Arc::new(state),
-            Store::in_memory(),
-            &dir.path().join("etcd-mem"),
-            agents,
-            etcd_rounds,
-        )
-        .await
-    });
-    rows.push(("etcd, memory store", etcd_mem));
+    for (key, name) in [
+        ("embedded-dir", "embedded, directory store"),
+        // The object store in memory: what the control plane itself sustains, without the
+        // directory store's mkdir/fsync per staged file.
+        ("embedded-mem", "embedded, memory store"),
+        ("etcd-dir", "etcd, directory store"),
+        ("etcd-mem", "etcd, memory store"),
+    ] {
+        if !(only.is_empty() || only.split(',').any(|o| o.trim() == key)) {
+            continue;
+        }
+        let sub = dir.path().join(key);
+        let figures = rt.block_on(async {
+            let store = if key.ends_with("-dir") {
+                Store::open_dir(&sub.join("store")).expect("store")
+            } else {
+                Store::in_memory()
+            };
+            if key.starts_with("embedded") {
+                let state = EmbeddedStore::open(&sub.join("state.redb")).expect("state file");
+                bench(Arc::new(state), store, &sub, agents, rounds, batch).await
+            } else {
+                let etcd = quarry_tests::etcd::Etcd::start().await;
+                let state = EtcdStore::connect(&etcd.endpoints(), "/bench")
+                    .await
+                    .expect("etcd state");
+                bench(Arc::new(state), store, &sub, agents, etcd_rounds, batch).await
+            }
+        });
+        rows.push((name, figures));
+    }
 
     println!();
     println!(
@@ -171,6 +147,7 @@ async fn bench(
     dir: &Path,
     agents: usize,
     rounds: usize,
+    batch: usize,
 ) -> Figures {
     let per_object = rounds.div_ceil(OBJECTS) as u64;
     let spec: JobSpec = serde_json::from_value(serde_json::json!({
@@ -226,44 +203,73 @@ async fn bench(
             let (mut acq, mut com) = (Vec::new(), Vec::new());
             loop {
                 let t = Instant::now();
-                let lease = c
+                let got = c
                     .acquire(pb::AcquireRequest {
                         worker_id: id.clone(),
                         wait_ms: 200,
+                        max_leases: batch as u32,
                     })
                     .await
                     .expect("acquire")
-                    .into_inner()
-                    .lease;
-                let Some(lease) = lease else {
+                    .into_inner();
+                let leases: Vec<pb::Lease> = got.lease.into_iter().chain(got.more).collect();
+                if leases.is_empty() {
                     return (acq, com);
-                };
+                }
                 acq.push(t.elapsed());
-                let prefix = lease.task.as_ref().expect("task").staging_prefix.clone();
-                let key = format!("{prefix}/out.npy");
-                store
-                    .put_bytes(&key, npy.as_slice().to_vec())
-                    .await
-                    .expect("upload");
+                let mut completions = Vec::with_capacity(leases.len());
+                for lease in leases {
+                    let prefix = lease.task.as_ref().expect("task").staging_prefix.clone();
+                    let key = format!("{prefix}/out.npy");
+                    store
+                        .put_bytes(&key, npy.as_slice().to_vec())
+                        .await
+                        .expect("upload");
+                    completions.push(pb::CompleteRequest {
+                        worker_id: id.clone(),
+                        lease_id: lease.lease_id,
+                        files: vec![pb::UploadedFile {
+                            name: "out.npy".into(),
+                            key,
+                            size: npy.len() as u64,
+                            sha256: sha.clone(),
+                            count: 1,
+                            schema: "npy <f4 (*, 3)".into(),
+                            kept: None,
+                        }],
+                        generator_ms: 0,
+                        ..Default::default()
+                    });
+                }
                 let t = Instant::now();
-                c.complete(pb::CompleteRequest {
-                    worker_id: id.clone(),
-                    lease_id: lease.lease_id,
-                    files: vec![pb::UploadedFile {
-                        name: "out.npy".into(),
-                        key,
-                        size: npy.len() as u64,
-                        sha256: sha.clone(),
-                        count: 1,
-                        schema: "npy <f4 (*, 3)".into(),
-                        kept: None,
-                    }],
-                    generator_ms: 0,
-                    ..Default::default()
-                })
-                .await
-                .expect("complete");
+                // One round is reported with Complete, several with CompleteBatch, as the
+                // worker agent does.
+                let outcomes: Vec<i32> = if completions.len() == 1 {
+                    let one = completions.pop().expect("one completion");
+                    vec![
+                        c.complete(one)
+                            .await
+                            .expect("complete")
+                            .into_inner()
+                            .outcome,
+                    ]
+                } else {
+                    c.complete_batch(pb::CompleteBatchRequest { completions })
+                        .await
+                        .expect("complete batch")
+                        .into_inner()
+                        .results
+                        .into_iter()
+                        .map(|r| r.response.map_or(-1, |r| r.outcome))
+                        .collect()
+                };
                 com.push(t.elapsed());
+                assert!(
+                    outcomes
+                        .iter()
+                        .all(|&o| o == pb::CommitOutcome::Committed as i32),
+                    "not every round committed: {outcomes:?}"
+                );
             }
         }));
     }

@@ -325,6 +325,8 @@ async fn complete(s: &Session, held: &Held, reported: Reported, stats: &RoundSta
                 gpu_stats: stats.to_proto(),
                 log_key: log_key.clone(),
                 yield_stats,
+                // Carried by the request's metadata (the client's interceptor).
+                traceparent: String::new(),
             };
             let mut client = conn.client;
             async move { client.complete(req).await }

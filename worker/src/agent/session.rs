@@ -427,6 +427,7 @@ impl Session {
             let req = pb::AcquireRequest {
                 worker_id: conn.worker_id.clone(),
                 wait_ms: self.cfg.acquire_wait.as_millis() as u64,
+                max_leases: 1,
             };
             let mut client = conn.client.clone();
             // Dropping the call on drain cancels the long-poll on the server before it grants
