@@ -867,13 +867,16 @@ impl Coordinator {
             o.apply_commit(record);
             o.lease_ended(lease.round);
             // Other attempts of this round are now pointless: tell their workers to stop.
-            for (id, l) in leases.iter() {
-                if l.job == lease.job
-                    && l.object == lease.object
-                    && l.round == lease.round
-                    && let Some(w) = workers.get_mut(&l.worker)
-                {
-                    w.cancel.push(*id);
+            // (Only looked for when the round still has leases: rare, and a scan of them all.)
+            if o.in_flight.contains_key(&lease.round) {
+                for (id, l) in leases.iter() {
+                    if l.job == lease.job
+                        && l.object == lease.object
+                        && l.round == lease.round
+                        && let Some(w) = workers.get_mut(&l.worker)
+                    {
+                        w.cancel.push(*id);
+                    }
                 }
             }
             o.merge_plan(&job.spec).is_some()
@@ -1028,9 +1031,12 @@ impl Coordinator {
             let inside = match lease {
                 Some(l) => f.key.starts_with(&format!("{}/", l.staging_prefix)),
                 // Without a lease only staging-shaped keys are touched, and never the files
-                // of a round's committed attempt (whatever a confused worker reports).
+                // of a round's committed attempt (whatever a confused worker reports) nor of a
+                // round with a lease still out or being judged (a repeated report must not
+                // delete what the first report is about to commit); staging left here goes
+                // with the object's cleanup after its merge.
                 None => {
-                    f.key.split('/').nth(1) == Some("rounds") && !self.is_committed_file(&f.key)
+                    f.key.split('/').nth(1) == Some("rounds") && !self.is_protected_file(&f.key)
                 }
             };
             if inside && let Err(e) = self.store.delete(&f.key).await {
@@ -1040,8 +1046,8 @@ impl Coordinator {
     }
 
     /// Whether `key` (`<job>/rounds/<object>/r<round>_s<seed>/<attempt>/<file>`) belongs to the
-    /// committed attempt of its round.
-    fn is_committed_file(&self, key: &str) -> bool {
+    /// committed attempt of its round, or to a round still in flight.
+    fn is_protected_file(&self, key: &str) -> bool {
         let parts: Vec<&str> = key.split('/').collect();
         let [job, "rounds", object, round_dir, attempt, ..] = parts.as_slice() else {
             return false;
@@ -1058,8 +1064,10 @@ impl Coordinator {
             .jobs
             .get(*job)
             .and_then(|j| j.objects.iter().find(|o| o.name == *object))
-            .and_then(|o| o.commits.get(&round))
-            .is_some_and(|c| c.attempt == *attempt)
+            .is_some_and(|o| {
+                o.in_flight.contains_key(&round)
+                    || o.commits.get(&round).is_some_and(|c| c.attempt == *attempt)
+            })
     }
 
     fn start_merge(self: &Arc<Self>, job_id: &str, object: usize) {
@@ -1499,6 +1507,7 @@ mod tests {
     use super::*;
     use crate::state::embedded::EmbeddedStore;
     use sha2::Digest;
+    use std::collections::HashSet;
 
     fn spec(root: &std::path::Path) -> JobSpec {
         let mut s: JobSpec = serde_json::from_value(serde_json::json!({
@@ -1722,6 +1731,186 @@ mod tests {
         assert_eq!(st.rounds_committed, 1);
         let rec = c.state.load_object("verify", "a").await.unwrap();
         assert_eq!(rec.commits[&retry.round].attempt, retry.attempt);
+        c.close().await;
+    }
+
+    /// A batch Acquire hands out exactly the rounds, in the order, that single calls would,
+    /// and never more than the bound per call.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_acquire_takes_what_single_acquires_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut job = spec(dir.path());
+        job.objects = vec!["a".into(), "b".into()];
+        job.target_count_per_object = 40; // 4 rounds of 10 per object
+        let start = |name: &str| {
+            let path = dir.path().join(name);
+            async move {
+                Coordinator::start(
+                    CoordinatorConfig::default(),
+                    Arc::new(EmbeddedStore::open(&path).unwrap()),
+                    Store::in_memory(),
+                    CancellationToken::new(),
+                )
+                .await
+                .unwrap()
+            }
+        };
+        let key = |l: &pb::Lease| (l.object.clone(), l.round, l.seed, l.task.clone());
+        let single = start("single.redb").await;
+        single.submit(job.clone()).await.unwrap();
+        let (w, _) = single.register("host", "0", "", None, &[]);
+        let mut one_by_one = Vec::new();
+        while let Some(g) = single.acquire(&w, Duration::from_millis(50)).await.unwrap() {
+            one_by_one.push(key(&g.lease));
+        }
+        assert_eq!(one_by_one.len(), 8);
+
+        let batched = start("batched.redb").await;
+        batched.submit(job.clone()).await.unwrap();
+        let (w, _) = batched.register("host", "0", "", None, &[]);
+        let (mut sizes, mut together, mut ids) = (Vec::new(), Vec::new(), HashSet::new());
+        loop {
+            let grants = batched
+                .acquire_many(&w, 3, Duration::from_millis(50))
+                .await
+                .unwrap();
+            if grants.is_empty() {
+                break;
+            }
+            sizes.push(grants.len());
+            for g in grants {
+                assert!(ids.insert(g.lease.lease_id), "lease ids are distinct");
+                together.push(key(&g.lease));
+            }
+        }
+        assert_eq!(sizes, [3, 3, 2]);
+        assert_eq!(together, one_by_one);
+        single.close().await;
+        batched.close().await;
+
+        // However many are asked for, one call grants at most MAX_LEASES_PER_CALL.
+        job.exp_name = "big".into();
+        job.objects = vec!["a".into()];
+        job.target_count_per_object = 10 * 100;
+        let big = start("big.redb").await;
+        big.submit(job).await.unwrap();
+        let (w, _) = big.register("host", "0", "", None, &[]);
+        let grants = big
+            .acquire_many(&w, 1000, Duration::from_millis(50))
+            .await
+            .unwrap();
+        assert_eq!(grants.len(), MAX_LEASES_PER_CALL);
+        big.close().await;
+    }
+
+    /// CompleteBatch over real gRPC: each completion is judged alone (a commit, a rejection
+    /// for a file that differs from the report, a duplicate for a lease named twice or
+    /// unknown), and a repeat never deletes what its first mention commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_complete_batch_judges_each_completion_alone() {
+        use quarry_common::transport::{ClientSecurity, ServerSecurity};
+        use quarry_proto::v1::worker_service_client::WorkerServiceClient;
+
+        let dir = tempfile::tempdir().unwrap();
+        let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+        let store = Store::open_dir(&dir.path().join("store")).unwrap();
+        let stop = CancellationToken::new();
+        let c = Coordinator::start(
+            CoordinatorConfig::default(),
+            Arc::new(state),
+            store.clone(),
+            stop.child_token(),
+        )
+        .await
+        .unwrap();
+        let mut job = spec(dir.path());
+        job.target_count_per_object = 30;
+        c.submit(job).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(crate::service::serve(
+            crate::service::Leadership::leading(Arc::clone(&c)),
+            listener,
+            ServerSecurity::default(),
+            stop.clone(),
+        ));
+        let mut client = WorkerServiceClient::new(ClientSecurity::plain().channel(&addr).unwrap());
+        let worker_id = client
+            .register(pb::RegisterRequest {
+                host: "h".into(),
+                gpu: "0".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id;
+        let got = client
+            .acquire(pb::AcquireRequest {
+                worker_id: worker_id.clone(),
+                wait_ms: 5000,
+                max_leases: 3,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let leases: Vec<pb::Lease> = got.lease.into_iter().chain(got.more).collect();
+        assert_eq!(leases.len(), 3);
+        let report = |lease: &pb::Lease, files: Vec<pb::UploadedFile>| pb::CompleteRequest {
+            worker_id: worker_id.clone(),
+            lease_id: lease.lease_id,
+            files,
+            generator_ms: 1,
+            ..Default::default()
+        };
+        let good0 = upload(&store, &leases[0], b"round bytes", b"round bytes").await;
+        let bad1 = upload(&store, &leases[1], b"stored", b"hashed").await;
+        let good2 = upload(&store, &leases[2], b"more bytes", b"more bytes").await;
+        let mut unknown = report(&leases[0], good0.clone());
+        unknown.lease_id = 999_999;
+        let completions = vec![
+            report(&leases[0], good0.clone()),
+            report(&leases[1], bad1),
+            report(&leases[2], good2.clone()),
+            report(&leases[0], good0.clone()),
+            unknown,
+        ];
+        let results = client
+            .complete_batch(pb::CompleteBatchRequest { completions })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        let outcomes: Vec<pb::CommitOutcome> = results
+            .iter()
+            .map(|r| r.response.as_ref().unwrap().outcome())
+            .collect();
+        use pb::CommitOutcome::{Committed, Duplicate, Rejected};
+        assert_eq!(
+            outcomes,
+            [Committed, Rejected, Committed, Duplicate, Duplicate]
+        );
+        let st = c.status("verify").unwrap();
+        assert_eq!((st.rounds_committed, st.failed_attempts), (2, 1));
+        // The committed attempts' files are intact, the repeat of round 0 included (round 1
+        // is still to be retried, so no merge has consumed them yet).
+        for files in [&good0, &good2] {
+            let held = store.hash_object(&files[0].key).await.unwrap();
+            assert_eq!(held.map(|h| h.sha256), Some(files[0].sha256.clone()));
+        }
+
+        // Too many completions in one call is refused as a whole, naming the bound.
+        let many = (0..crate::service::MAX_COMPLETIONS_PER_CALL + 1)
+            .map(|_| report(&leases[0], good0.clone()))
+            .collect();
+        let err = client
+            .complete_batch(pb::CompleteBatchRequest { completions: many })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("at most"), "{}", err.message());
+        stop.cancel();
+        let _ = server.await;
         c.close().await;
     }
 

@@ -61,6 +61,51 @@ pub struct ObjectRt {
     pub phase: Phase,
     /// The final's record once written (kept here so the manifest needs no state reads).
     pub merge: Option<MergeRecord>,
+    /// Kept up to date by `apply_commit`/`apply_quarantine` so that the scheduler's questions
+    /// (how much is committed, is the prefix ready to merge) cost O(1) per call, not a walk over
+    /// every commit.
+    tally: Tally,
+}
+
+/// Sums over an object's commits, maintained as they are applied.
+#[derive(Debug, Clone, Default)]
+struct Tally {
+    /// Samples counting toward the quota over every committed round.
+    committed: u64,
+    /// The first round that is neither committed nor quarantined.
+    prefix: u32,
+    /// Samples counting toward the quota in rounds below `prefix`.
+    prefix_committed: u64,
+}
+
+impl Tally {
+    fn of(
+        commits: &BTreeMap<u32, CommitRecord>,
+        quarantined: &BTreeMap<u32, QuarantineRecord>,
+    ) -> Tally {
+        let mut t = Tally {
+            committed: commits.values().map(CommitRecord::quota_count).sum(),
+            ..Tally::default()
+        };
+        t.advance(commits, quarantined);
+        t
+    }
+
+    /// Moves `prefix` past every resolved round.
+    fn advance(
+        &mut self,
+        commits: &BTreeMap<u32, CommitRecord>,
+        quarantined: &BTreeMap<u32, QuarantineRecord>,
+    ) {
+        loop {
+            if let Some(c) = commits.get(&self.prefix) {
+                self.prefix_committed += c.quota_count();
+            } else if !quarantined.contains_key(&self.prefix) {
+                return;
+            }
+            self.prefix += 1;
+        }
+    }
 }
 
 /// What the merge of an object must do.
@@ -108,6 +153,7 @@ impl ObjectRt {
         ObjectRt {
             index,
             name: name.to_string(),
+            tally: Tally::of(&rec.commits, &rec.quarantined),
             commits: rec.commits,
             quarantined: rec.quarantined,
             failures,
@@ -123,7 +169,7 @@ impl ObjectRt {
 
     /// Samples committed, over all committed rounds (a gap may still be open).
     pub fn committed_samples(&self) -> u64 {
-        self.commits.values().map(CommitRecord::quota_count).sum()
+        self.tally.committed
     }
 
     /// Attempts and successes summed over committed rounds that report a yield.
@@ -206,7 +252,14 @@ impl ObjectRt {
     pub fn apply_commit(&mut self, commit: CommitRecord) {
         self.failures.remove(&commit.round);
         self.retry.remove(&commit.round);
-        self.commits.insert(commit.round, commit);
+        let count = commit.quota_count();
+        if self.commits.insert(commit.round, commit).is_some() {
+            // A round's commit replaced (never in practice: a round commits once): recount.
+            self.tally = Tally::of(&self.commits, &self.quarantined);
+        } else {
+            self.tally.committed += count;
+            self.tally.advance(&self.commits, &self.quarantined);
+        }
     }
 
     pub fn apply_failure(&mut self, round: u32, failures: u32) {
@@ -232,6 +285,7 @@ impl ObjectRt {
         self.failures.remove(&q.round);
         self.retry.remove(&q.round);
         self.quarantined.insert(q.round, q);
+        self.tally.advance(&self.commits, &self.quarantined);
     }
 
     /// The schema of the object's sample files, fixed by its first committed round that has
@@ -253,6 +307,10 @@ impl ObjectRt {
         }
         let quota = spec.target_count_per_object;
         let cap = spec.round_cap();
+        // Not ready until the resolved prefix covers the quota or reaches the cap (O(1)).
+        if self.tally.prefix_committed < quota && u64::from(self.tally.prefix) < cap {
+            return None;
+        }
         let mut rounds = Vec::new();
         let mut sum = 0u64;
         let mut r: u64 = 0;
@@ -415,6 +473,74 @@ mod tests {
             log_tail: String::new(),
             attempts: 3,
             unix_ms: 0,
+        }
+    }
+
+    /// The merge plan as a walk over every round decides it (what the tally must agree with).
+    fn plan_by_walking(o: &ObjectRt, s: &JobSpec) -> Option<MergePlan> {
+        let (quota, mut rounds, mut sum) = (s.target_count_per_object, Vec::new(), 0);
+        for r in 0..s.round_cap() as u32 {
+            if let Some(c) = o.commits.get(&r) {
+                rounds.push(c.clone());
+                sum += c.quota_count();
+                if sum >= quota {
+                    return Some(MergePlan {
+                        rounds,
+                        limit: quota,
+                        complete: true,
+                    });
+                }
+            } else if !o.quarantined.contains_key(&r) {
+                return None;
+            }
+        }
+        Some(MergePlan {
+            rounds,
+            limit: sum,
+            complete: false,
+        })
+    }
+
+    #[test]
+    fn the_running_tally_agrees_with_a_walk_over_every_commit() {
+        // Outcomes arrive out of order; quarantines open and close gaps; one object reaches
+        // the quota, the other runs into its round cap.
+        for (quota, cap) in [(100, None), (1000, Some(12))] {
+            let s = spec(quota, 10, cap);
+            let now = Instant::now();
+            let mut o = ObjectRt::from_record(0, "o", ObjectRecord::default(), now);
+            let order = [5u32, 0, 3, 1, 9, 2, 7, 4, 11, 6, 10, 8, 13, 12];
+            for (i, &r) in order.iter().enumerate() {
+                if u64::from(r) >= s.round_cap() {
+                    continue;
+                }
+                if r % 4 == 2 {
+                    o.apply_quarantine(quarantine(r));
+                } else {
+                    o.apply_commit(commit(r, 7 + u64::from(r % 3) * 5));
+                }
+                let recount: u64 = o.commits.values().map(CommitRecord::quota_count).sum();
+                assert_eq!(o.committed_samples(), recount, "after {} outcomes", i + 1);
+                assert_eq!(
+                    o.merge_plan(&s),
+                    plan_by_walking(&o, &s),
+                    "after {} outcomes",
+                    i + 1
+                );
+                // Rebuilt from the stored record (a restart), the tally is the same.
+                let rec = ObjectRecord {
+                    commits: o.commits.clone(),
+                    quarantined: o.quarantined.clone(),
+                    ..ObjectRecord::default()
+                };
+                let again = ObjectRt::from_record(0, "o", rec, now);
+                assert_eq!(again.committed_samples(), recount);
+                assert_eq!(again.merge_plan(&s), plan_by_walking(&o, &s));
+            }
+            assert!(
+                o.merge_plan(&s).is_some(),
+                "quota {quota}: ready in the end"
+            );
         }
     }
 

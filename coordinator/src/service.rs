@@ -387,12 +387,30 @@ impl WorkerService for WorkerApi {
                 completions.len()
             )));
         }
+        // A lease named twice in one call is answered once; the repeat is a duplicate that
+        // touches nothing (judging both at once could let the repeat's cleanup race the commit).
+        let mut seen = std::collections::HashSet::new();
+        let repeated: Vec<bool> = completions
+            .iter()
+            .map(|c| !seen.insert((c.worker_id.clone(), c.lease_id)))
+            .collect();
         // Judged side by side: their commits share the state store's group commit.
-        let results = futures::future::join_all(completions.into_iter().map(|c| {
-            let span = commit_span();
-            telemetry::set_parent(&span, &c.traceparent);
-            judge(&coord, c, span)
-        }))
+        let results = futures::future::join_all(completions.into_iter().zip(repeated).map(
+            |(c, repeated)| {
+                let coord = &coord;
+                async move {
+                    if repeated {
+                        return Ok(pb::CompleteResponse {
+                            outcome: pb::CommitOutcome::Duplicate as i32,
+                            message: "lease repeated in this batch; answered once".into(),
+                        });
+                    }
+                    let span = commit_span();
+                    telemetry::set_parent(&span, &c.traceparent);
+                    judge(coord, c, span).await
+                }
+            },
+        ))
         .await;
         let results = results
             .into_iter()

@@ -627,16 +627,38 @@ pub struct RoundVars<'a> {
     pub num_iterations: u64,
 }
 
-/// Renders every placeholder but `{gpu}`, which stays for the worker.
+/// Renders every placeholder but `{gpu}`, which stays for the worker. One pass: a value is
+/// never scanned again for placeholders.
 pub fn render(template: &str, v: &RoundVars<'_>) -> String {
-    template
-        .replace("{name}", v.name)
-        .replace("{object}", v.object)
-        .replace("{exp}", v.exp)
-        .replace("{seed}", &v.seed.to_string())
-        .replace("{round}", &v.round.to_string())
-        .replace("{batch_size}", &v.batch_size.to_string())
-        .replace("{num_iterations}", &v.num_iterations.to_string())
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(at) = rest.find('{') {
+        out.push_str(&rest[..at]);
+        rest = &rest[at..];
+        let Some(end) = rest.find('}') else {
+            break;
+        };
+        // `write!` into a String cannot fail.
+        let _ = match &rest[1..end] {
+            "name" => out.write_str(v.name),
+            "object" => out.write_str(v.object),
+            "exp" => out.write_str(v.exp),
+            "seed" => write!(out, "{}", v.seed),
+            "round" => write!(out, "{}", v.round),
+            "batch_size" => write!(out, "{}", v.batch_size),
+            "num_iterations" => write!(out, "{}", v.num_iterations),
+            _ => {
+                // Not a placeholder (or `{gpu}`): keep the brace and go on after it.
+                out.push('{');
+                rest = &rest[1..];
+                continue;
+            }
+        };
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -821,5 +843,16 @@ mod tests {
             render("--name={name} {seed} {gpu}", &v),
             "--name=e__o__r1_s2 2 {gpu}"
         );
+        assert_eq!(
+            render("{exp}/{object}/{round}/{batch_size}x{num_iterations}", &v),
+            "e/o/1/8x9"
+        );
+        // Braces that are not placeholders stay as written.
+        assert_eq!(
+            render(r#"{"a": {seed}} {{seed}} {x} {seed"#, &v),
+            r#"{"a": 2} {2} {x} {seed"#
+        );
+        assert_eq!(render("", &v), "");
+        assert_eq!(render("}{", &v), "}{");
     }
 }
