@@ -417,17 +417,37 @@ impl Store {
                 source,
             }
         };
+        let got = self
+            .inner
+            .get(&k)
+            .await
+            .map_err(|e| StoreError::store("get", key, e))?;
+        if got.meta.size <= CHUNK as u64 {
+            // Most round files: one buffer and one blocking write, not a thread hop per step.
+            let bytes = got
+                .bytes()
+                .await
+                .map_err(|e| StoreError::store("get", key, e))?;
+            let size = bytes.len() as u64;
+            let path = dest.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+                std::fs::write(&path, &bytes)
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|r| r)
+            .map_err(io("write"))?;
+            return Ok(size);
+        }
         if let Some(dir) = dest.parent() {
             tokio::fs::create_dir_all(dir)
                 .await
                 .map_err(io("create directory for"))?;
         }
-        let mut stream = self
-            .inner
-            .get(&k)
-            .await
-            .map_err(|e| StoreError::store("get", key, e))?
-            .into_stream();
+        let mut stream = got.into_stream();
         let mut out = tokio::fs::File::create(dest).await.map_err(io("create"))?;
         let mut size = 0u64;
         while let Some(chunk) = stream

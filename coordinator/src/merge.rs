@@ -16,6 +16,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use futures::{StreamExt, TryStreamExt};
 use quarry_common::storage::{self, Store, StoreError, keys};
 use quarry_formats::{DatasetError, Format, MergeOptions, MergeSummary, archive};
 use sha2::{Digest, Sha256};
@@ -50,6 +51,9 @@ pub enum MergeError {
     #[error("merge task stopped: {0}")]
     Join(String),
 }
+
+/// Round files downloaded at once by a merge from a remote store.
+const PARALLEL_DOWNLOADS: usize = 16;
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> MergeError + 'a {
     move |source| MergeError::Io {
@@ -250,12 +254,24 @@ async fn merge_remote(
         .prefix("quarry-merge-")
         .tempdir()
         .map_err(io_err("create scratch directory in", &std::env::temp_dir()))?;
-    let mut inputs = Vec::with_capacity(input_keys.len());
-    for (i, key) in input_keys.iter().enumerate() {
-        let local = scratch.path().join(format!("rounds/{i}"));
-        store.download_to(key, &local).await?;
-        inputs.push(local);
-    }
+    // Several downloads at once: on S3 each costs a round trip, and an object has hundreds.
+    let rounds_dir = scratch.path().join("rounds");
+    let downloads: Vec<_> = input_keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| {
+            let (store, key, local) = (
+                store.clone(),
+                key.to_string(),
+                rounds_dir.join(i.to_string()),
+            );
+            async move { store.download_to(&key, &local).await.map(|_| local) }
+        })
+        .collect();
+    let inputs: Vec<PathBuf> = futures::stream::iter(downloads)
+        .buffered(PARALLEL_DOWNLOADS)
+        .try_collect()
+        .await?;
     let root = scratch.path().to_path_buf();
     let directory = job.format.is_directory();
     let (summary, sha, merged) = tokio::task::spawn_blocking(move || {
