@@ -23,12 +23,15 @@ use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as Key;
 use object_store::prefix::PrefixStore;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
+use object_store::{MultipartUpload, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
+use tokio::task::JoinSet;
 
 /// Upload chunk: large enough for S3's 5 MiB part minimum, small enough to bound memory.
 const CHUNK: usize = 8 << 20;
+/// Parts of one multipart upload sent at once.
+const PARTS_IN_FLIGHT: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -249,9 +252,14 @@ impl Store {
         })
     }
 
-    /// Streams a local file to `key`, hashing it on the way; memory stays at one chunk. A file
-    /// of up to one chunk (most round outputs) is one PUT; a larger one a multipart upload,
-    /// aborted when it fails so that no upload is left open on the server.
+    /// Streams a local file to `key`, hashing it on the way. A file of up to one chunk (most
+    /// round outputs) is one PUT; a larger one a multipart upload in chunk-sized parts, at most
+    /// [`PARTS_IN_FLIGHT`] at once (memory: that many chunks plus the one being read).
+    ///
+    /// A multipart upload that does not complete is aborted, so no upload is left open on the
+    /// server: on a read, part or completion error (before the error is returned), and when this
+    /// future is dropped midway (the abort then runs in a task spawned on the current tokio
+    /// runtime). Only a killed process leaves one open, for the bucket's lifecycle rule.
     pub async fn put_file(&self, key: &str, file: &Path) -> Result<Uploaded, StoreError> {
         let k = Self::key(key)?;
         let io = |source| StoreError::Io {
@@ -259,9 +267,11 @@ impl Store {
             path: file.display().to_string(),
             source,
         };
-        let len = std::fs::metadata(file).map_err(io)?.len();
+        let mut f = std::fs::File::open(file).map_err(io)?;
+        let len = f.metadata().map_err(io)?.len();
         if len <= CHUNK as u64 {
-            let data = std::fs::read(file).map_err(io)?;
+            let mut data = Vec::with_capacity(len as usize);
+            f.read_to_end(&mut data).map_err(io)?;
             let up = Uploaded {
                 size: data.len() as u64,
                 sha256: hex(&Sha256::digest(&data)),
@@ -277,41 +287,37 @@ impl Store {
             .put_multipart(&k)
             .await
             .map_err(|e| StoreError::store("upload", key, e))?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, CHUNK);
-        let mut f = match std::fs::File::open(file) {
-            Ok(f) => f,
-            Err(e) => {
-                let _ = writer.abort().await;
-                return Err(io(e));
-            }
-        };
+        let mut upload = OpenUpload::new(key, upload);
         let mut hasher = Sha256::new();
         let mut size = 0u64;
-        let mut buf = vec![0u8; CHUNK];
         loop {
-            // Reads are small and sequential; doing them inline keeps the code simple and the
-            // upload pipeline (WriteMultipart) overlaps the network part.
-            let n = match f.read(&mut buf) {
+            if let Err(e) = upload.wait_for_capacity().await {
+                upload.abort().await;
+                return Err(StoreError::store("upload", key, e));
+            }
+            // Reads are sequential and one chunk each; doing them inline keeps the code simple
+            // while the parts in flight (spawned tasks) overlap the network.
+            let mut buf = vec![0u8; CHUNK];
+            let n = match read_full(&mut f, &mut buf) {
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    let _ = writer.abort().await;
+                    upload.abort().await;
                     return Err(io(e));
                 }
             };
             if n == 0 {
                 break;
             }
-            hasher.update(&buf[..n]);
+            buf.truncate(n);
+            hasher.update(&buf);
             size += n as u64;
-            if let Err(e) = writer.wait_for_capacity(4).await {
-                let _ = writer.abort().await;
-                return Err(StoreError::store("upload", key, e));
+            upload.put_part(Bytes::from(buf));
+            if n < CHUNK {
+                break;
             }
-            writer.write(&buf[..n]);
         }
-        writer
-            .finish()
+        upload
+            .complete()
             .await
             .map_err(|e| StoreError::store("upload", key, e))?;
         Ok(Uploaded {
@@ -530,6 +536,141 @@ impl Store {
             Err(e) => Err(StoreError::store("delete", key, e)),
         }
     }
+}
+
+/// A multipart upload in progress that is aborted unless it completes: by [`OpenUpload::abort`]
+/// on an error path, or, when dropped before [`OpenUpload::complete`] succeeded (its future
+/// cancelled), from a task spawned on the current tokio runtime. The parts still in flight are
+/// stopped first, so that none lands after the abort.
+struct OpenUpload {
+    key: String,
+    /// `None` once completed or aborted: nothing left to clean up.
+    upload: Option<Box<dyn MultipartUpload>>,
+    parts: JoinSet<object_store::Result<()>>,
+}
+
+impl OpenUpload {
+    fn new(key: &str, upload: Box<dyn MultipartUpload>) -> OpenUpload {
+        OpenUpload {
+            key: key.to_string(),
+            upload: Some(upload),
+            parts: JoinSet::new(),
+        }
+    }
+
+    /// Waits until fewer than [`PARTS_IN_FLIGHT`] parts are in flight; the first failed part's
+    /// error.
+    async fn wait_for_capacity(&mut self) -> object_store::Result<()> {
+        while self.parts.len() >= PARTS_IN_FLIGHT {
+            self.join_one().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts uploading the next part in a task of its own.
+    fn put_part(&mut self, part: Bytes) {
+        if let Some(upload) = self.upload.as_mut() {
+            self.parts
+                .spawn(upload.put_part(PutPayload::from_bytes(part)));
+        }
+    }
+
+    /// Waits for one part in flight (none: returns at once).
+    async fn join_one(&mut self) -> object_store::Result<()> {
+        match self.parts.join_next().await {
+            None => Ok(()),
+            Some(joined) => joined?,
+        }
+    }
+
+    /// Waits for every part, then completes the upload; on any error aborts it first.
+    async fn complete(mut self) -> object_store::Result<()> {
+        while !self.parts.is_empty() {
+            if let Err(e) = self.join_one().await {
+                self.abort().await;
+                return Err(e);
+            }
+        }
+        let Some(upload) = self.upload.as_mut() else {
+            return Err(object_store::Error::Generic {
+                store: "quarry",
+                source: format!("multipart upload of {} already ended", self.key).into(),
+            });
+        };
+        match upload.complete().await {
+            Ok(_) => {
+                self.upload = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.abort().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the parts in flight and aborts the upload. A failed abort is logged, not returned:
+    /// the caller reports the error that made it abort.
+    async fn abort(&mut self) {
+        self.parts.shutdown().await;
+        if let Some(upload) = self.upload.as_mut() {
+            // The upload stays owned until the abort answered: were this future dropped in
+            // between, `drop` would abort again (a repeated abort is harmless).
+            let result = upload.abort().await;
+            self.upload = None;
+            if let Err(e) = result {
+                warn_abort_failed(&self.key, &e);
+            }
+        }
+    }
+}
+
+impl Drop for OpenUpload {
+    fn drop(&mut self) {
+        let Some(mut upload) = self.upload.take() else {
+            return;
+        };
+        let mut parts = std::mem::take(&mut self.parts);
+        let key = std::mem::take(&mut self.key);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    parts.shutdown().await;
+                    if let Err(e) = upload.abort().await {
+                        warn_abort_failed(&key, &e);
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(
+                key = %key,
+                "multipart upload abandoned outside a tokio runtime cannot be aborted; it stays \
+                 open until the bucket's AbortIncompleteMultipartUpload lifecycle rule removes it"
+            ),
+        }
+    }
+}
+
+fn warn_abort_failed(key: &str, e: &object_store::Error) {
+    tracing::warn!(
+        key = %key,
+        error = %e,
+        "aborting an unfinished multipart upload failed; its parts stay until the bucket's \
+         AbortIncompleteMultipartUpload lifecycle rule removes them"
+    );
+}
+
+/// Reads until `buf` is full or the file ends; the bytes read.
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match f.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// `Ok(local)` when `existing` holds the same bytes, else the conflict.

@@ -98,7 +98,18 @@ impl Moto {
 
     /// Opens `s3://<bucket>/<prefix>` on this server.
     pub fn store(&self, prefix: &str) -> quarry_common::storage::Store {
-        let opts = self.options();
+        self.store_via(&self.endpoint(), prefix)
+    }
+
+    /// Opens `s3://<bucket>/<prefix>` on this server reached at `endpoint` (a proxy in front
+    /// of it, such as [`crate::faultproxy::FaultProxy::endpoint`]).
+    pub fn store_via(&self, endpoint: &str, prefix: &str) -> quarry_common::storage::Store {
+        let mut opts = self.options();
+        for (k, v) in &mut opts {
+            if *k == "aws_endpoint" {
+                *v = endpoint.to_string();
+            }
+        }
         quarry_common::storage::Store::open_with_options(
             &format!("s3://{}/{prefix}", self.bucket),
             opts.iter().map(|(k, v)| (*k, v.as_str())),

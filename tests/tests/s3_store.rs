@@ -330,3 +330,129 @@ round_dir = "out/{{name}}"
     let staged = store.list("episodes/rounds/").await.unwrap();
     assert!(staged.is_empty(), "{staged:?}");
 }
+
+/// A file of three chunks and a bit: a multipart upload of four 8 MiB-or-less parts.
+fn multipart_file(dir: &Path) -> std::path::PathBuf {
+    let src = dir.join("big.bin");
+    let data: Vec<u8> = (0..(24 << 20) + 4096).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&src, &data).expect("write the test file");
+    src
+}
+
+/// Waits (bounded) until the server holds an open multipart upload and the proxy has stalled
+/// more than `stalled_before` requests (a part in flight); the open uploads' keys.
+async fn open_upload_with_a_stalled_part(
+    moto: &Moto,
+    proxy: &quarry_tests::faultproxy::FaultProxy,
+    stalled_before: u64,
+) -> Vec<String> {
+    for _ in 0..400 {
+        let open = moto.open_multipart_uploads();
+        if !open.is_empty() && proxy.stalled() > stalled_before {
+            return open;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!(
+        "no open multipart upload with a stalled part within 10 s (open: {:?}, stalled: {})",
+        moto.open_multipart_uploads(),
+        proxy.stalled()
+    );
+}
+
+/// Waits (bounded) until the server holds no open multipart upload; those still open.
+async fn open_uploads_after_cleanup(moto: &Moto) -> Vec<String> {
+    for _ in 0..400 {
+        if moto.open_multipart_uploads().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    moto.open_multipart_uploads()
+}
+
+/// An upload abandoned midway, its future dropped (the task cancelled, a timeout around the
+/// call), leaves no multipart upload open: it is aborted in the background. The proxy stalls
+/// every part but the first, so the upload is certainly open when it is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_multipart_upload_is_aborted() {
+    use quarry_tests::faultproxy::{Fault, FaultProxy};
+
+    let moto = Moto::start("quarry-abandoned");
+    let proxy = FaultProxy::start_by_request(moto.port(), |line| {
+        if line.contains("partNumber=") && !line.contains("partNumber=1&") {
+            Fault::Stall
+        } else {
+            Fault::Pass
+        }
+    });
+    let store = moto.store_via(&proxy.endpoint(), "runs");
+    let dir = tempfile::tempdir().unwrap();
+    let src = multipart_file(dir.path());
+
+    // put_file's future dropped once the upload is open and a part hangs.
+    let key = "e/rounds/o/r0_s1/a1/o.npy";
+    let mut upload = Box::pin(store.put_file(key, &src));
+    let open = tokio::select! {
+        done = &mut upload => panic!("the upload ended though its parts are stalled: {done:?}"),
+        open = open_upload_with_a_stalled_part(&moto, &proxy, 0) => open,
+    };
+    assert_eq!(open, vec![format!("runs/{key}")], "the upload was open");
+    drop(upload);
+    let left = open_uploads_after_cleanup(&moto).await;
+    assert!(left.is_empty(), "dropped upload left open: {left:?}");
+
+    // put_file_create (a final) in a task that is aborted.
+    let final_key = "e/final/o/o.npy";
+    let stalled = proxy.stalled();
+    let task = tokio::spawn({
+        let (store, src) = (store.clone(), src.clone());
+        async move { store.put_file_create(final_key, &src).await }
+    });
+    let open = open_upload_with_a_stalled_part(&moto, &proxy, stalled).await;
+    assert_eq!(
+        open,
+        vec![format!("runs/{final_key}")],
+        "the upload was open"
+    );
+    task.abort();
+    assert!(task.await.expect_err("aborted task").is_cancelled());
+    let left = open_uploads_after_cleanup(&moto).await;
+    assert!(left.is_empty(), "aborted task's upload left open: {left:?}");
+    assert!(store.list("e").await.unwrap().is_empty(), "nothing written");
+}
+
+/// A completion the server refuses (`400 InvalidPart` from the proxy, not retried) fails the
+/// upload with that error, and the upload is aborted before the error is returned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_completion_aborts_the_multipart_upload() {
+    use quarry_tests::faultproxy::{Fault, FaultProxy};
+
+    let moto = Moto::start("quarry-refused");
+    // CompleteMultipartUpload is the one POST naming an uploadId.
+    let proxy = FaultProxy::start_by_request(moto.port(), |line| {
+        if line.starts_with("POST ") && line.contains("uploadId=") {
+            Fault::InvalidPart
+        } else {
+            Fault::Pass
+        }
+    });
+    let store = moto.store_via(&proxy.endpoint(), "runs");
+    let dir = tempfile::tempdir().unwrap();
+    let src = multipart_file(dir.path());
+
+    for key in ["e/rounds/o/r0_s1/a1/o.npy", "e/final/o/o.npy"] {
+        let injected = proxy.injected();
+        let err = if key.contains("final") {
+            store.put_file_create(key, &src).await
+        } else {
+            store.put_file(key, &src).await
+        }
+        .expect_err("the completion was refused");
+        assert!(err.to_string().contains("InvalidPart"), "{key}: {err}");
+        assert_eq!(proxy.injected(), injected + 1, "{key}: one refusal");
+        let open = moto.open_multipart_uploads();
+        assert!(open.is_empty(), "{key}: refused upload left open: {open:?}");
+    }
+    assert!(store.list("e").await.unwrap().is_empty(), "nothing written");
+}
