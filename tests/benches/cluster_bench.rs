@@ -18,6 +18,9 @@
 //!   every worker is always waiting on the coordinator, so its latencies are only the
 //!   throughput seen the other way round (Little's law: workers / rate).
 //!
+//! State files and the directory store go under `QUARRY_BENCH_DIR` (default: the temp dir);
+//! the coordinator's merge scratch (rounds downloaded from a remote store) under `TMPDIR`.
+//!
 //! Printed: rounds committed per second (from the first Acquire to the job's end, merges
 //! included), and acquire / complete call latency p50 and p99 as the workers saw them.
 //! `QUARRY_BENCH_CLUSTER_ROUNDS` sets the rounds per run (default 20000 embedded, 8000 etcd);
@@ -59,7 +62,20 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let mut rows = Vec::new();
-    let dir = tempfile::tempdir().expect("tempdir");
+    // State files and the directory store live under QUARRY_BENCH_DIR (default: the temp
+    // dir); the coordinator's merge scratch follows TMPDIR (see docs/benchmarks.md).
+    let base = std::env::var_os("QUARRY_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::Builder::new()
+        .prefix("quarry-cluster-bench-")
+        .tempdir_in(&base)
+        .expect("bench dir");
+    println!(
+        "state and directory store under {}, merge scratch under {}",
+        base.display(),
+        std::env::temp_dir().display()
+    );
     let only = std::env::var("QUARRY_BENCH_ONLY").unwrap_or_default();
     let modes = std::env::var("QUARRY_BENCH_MODES").unwrap_or_default();
     let picked =
