@@ -387,6 +387,11 @@ impl WorkerService for WorkerApi {
                 completions.len()
             )));
         }
+        coord
+            .config()
+            .metrics
+            .complete_batch_rounds
+            .observe(completions.len() as f64);
         // Judged side by side: their commits share the state store's group commit.
         let results = futures::future::join_all(completions.into_iter().map(|c| {
             let span = commit_span();
