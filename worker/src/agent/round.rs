@@ -12,7 +12,7 @@ use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 
 use super::Counters;
 use super::output;
-use super::session::{Held, Session};
+use super::session::{COMPLETE_WAIT, Held, Session};
 use crate::binding;
 use crate::gpu::RoundStats;
 use crate::runner::{self, RunError, RunOutcome, RunReport, RunSpec};
@@ -319,7 +319,7 @@ async fn complete(s: &Arc<Session>, held: &Held, reported: Reported, stats: &Rou
     // Completions ready together go in one CompleteBatch (see `Session::complete`); a
     // per-round error there is this round's Complete failing with that status.
     let answer = s
-        .report("reporting completion", &held.span, |_conn| {
+        .report("reporting completion", &held.span, COMPLETE_WAIT, |_conn| {
             let req = pb::CompleteRequest {
                 // Filled in by the sender, for the coordinator it reaches.
                 worker_id: String::new(),

@@ -37,6 +37,8 @@ use crate::scratch;
 
 /// Bound on a Release: it must not hold up a shutdown.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a completion's answer: the call in flight ahead of it, then its own.
+pub(super) const COMPLETE_WAIT: Duration = Duration::from_secs(2 * RPC_TIMEOUT.as_secs() + 1);
 /// Lease TTL assumed when an old coordinator does not say.
 const DEFAULT_TTL: Duration = Duration::from_secs(30);
 
@@ -627,7 +629,7 @@ impl Session {
             return;
         }
         let outcome = self
-            .report("reporting a failure", &held.span, |conn| {
+            .report("reporting a failure", &held.span, RPC_TIMEOUT, |conn| {
                 let req = pb::FailRequest {
                     worker_id: conn.worker_id.clone(),
                     lease_id: held.lease.lease_id,
@@ -651,11 +653,13 @@ impl Session {
     /// that the coordinator's span joins its trace. A coordinator that went away (a failover)
     /// is found again and the report repeated, for as long as the lease can still be valid:
     /// the fence watchdog ends the session once no coordinator answered for a lease TTL.
-    /// `None` when fenced before any answer; the last failover error when fenced after one.
+    /// Each try is bounded by `limit`. `None` when fenced before any answer; the last
+    /// failover error when fenced after one.
     pub(super) async fn report<T, F, Fut>(
         &self,
         what: &str,
         span: &tracing::Span,
+        limit: Duration,
         mut call: F,
     ) -> Option<Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>>
     where
@@ -667,7 +671,7 @@ impl Session {
             let conn = self.conn();
             let generation = conn.generation;
             let r = tokio::select! {
-                r = tokio::time::timeout(RPC_TIMEOUT, call(conn).instrument(span.clone())) => r,
+                r = tokio::time::timeout(limit, call(conn).instrument(span.clone())) => r,
                 _ = self.fenced.cancelled() => return last,
             };
             match r {
@@ -692,7 +696,9 @@ impl Session {
     /// CompleteBatch as soon as that returns, each carrying its round's trace context. A
     /// per-completion error in a batch is returned as the status that round's Complete would
     /// have failed with; a failed call, as every one of its rounds' status. `req.worker_id`
-    /// is filled in when it is sent.
+    /// is filled in when it is sent. Each call is bounded by `RPC_TIMEOUT`, and at most one
+    /// call is ahead of a completion (a session has at most `lease_batch` <= 64 rounds
+    /// finishing), so the answer comes within [`COMPLETE_WAIT`].
     pub(super) async fn complete(
         self: &Arc<Self>,
         req: pb::CompleteRequest,
