@@ -133,6 +133,18 @@ pub struct RunArgs {
     /// Seconds a worker may go without a heartbeat before its round is re-issued.
     #[arg(long = "lease_ttl", default_value = "30")]
     pub lease_ttl: u64,
+    /// Rounds each agent leases per Acquire call, 1 to 64 (1: no batching), as `worker
+    /// --lease-batch`. Worth raising when rounds last much less than a second: fewer calls
+    /// per round. The cost: up to N-1 leased rounds wait in an agent's queue, which can delay
+    /// the job's last rounds.
+    #[arg(
+        long = "lease-batch",
+        alias = "lease_batch",
+        value_name = "N",
+        default_value = "1",
+        value_parser = quarry_worker::parse_lease_batch
+    )]
+    pub lease_batch: u32,
 }
 
 #[derive(Debug, Args)]
@@ -483,7 +495,8 @@ async fn drive(
     if !resp.created {
         eprintln!("resuming experiment {} from its saved state", resp.job_id);
     }
-    let base = quarry_worker::AgentConfig::new(addr.to_string(), "0");
+    let mut base = quarry_worker::AgentConfig::new(addr.to_string(), "0");
+    base.lease_batch = a.lease_batch;
     let agents = {
         let gpus = gpus.to_vec();
         let t = agents_stop.clone();
@@ -1102,6 +1115,29 @@ fn status_json(s: &pb::JobStatus) -> serde_json::Value {
 #[allow(clippy::unwrap_used)] // tests may unwrap
 mod tests {
     use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec!["coordinator", "run"];
+        argv.extend_from_slice(extra);
+        match <Cli as clap::Parser>::try_parse_from(argv)?.command {
+            Command::Run(a) => Ok(a),
+            _ => panic!("not a run command"),
+        }
+    }
+
+    #[test]
+    fn run_takes_a_lease_batch_for_its_agents_from_1_to_64() {
+        assert_eq!(run_args(&[]).unwrap().lease_batch, 1);
+        assert_eq!(run_args(&["--lease-batch", "8"]).unwrap().lease_batch, 8);
+        assert_eq!(run_args(&["--lease_batch", "64"]).unwrap().lease_batch, 64);
+        for bad in ["0", "65", "x"] {
+            let e = run_args(&["--lease-batch", bad]).unwrap_err().to_string();
+            assert!(
+                e.contains("--lease-batch") && e.contains("from 1 to 64"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn state_urls_parse_or_name_the_fix() {

@@ -6,6 +6,9 @@ use quarry_common::metrics::{
     Counter, DURATION_BUCKETS, Gauge, Histogram, LATENCY_BUCKETS, Registry,
 };
 
+/// Buckets of `quarry_complete_batch_rounds`: up to the 64 completions one call may carry.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
 /// Every metric the coordinator updates, registered once.
 pub struct CoordMetrics {
     pub registry: Arc<Registry>,
@@ -18,6 +21,8 @@ pub struct CoordMetrics {
     pub lease_expiries: Counter,
     pub acquire_seconds: Histogram,
     pub commit_seconds: Histogram,
+    /// Completions per CompleteBatch call (a unary Complete is not counted).
+    pub complete_batch_rounds: Histogram,
     pub merge_bytes: Counter,
     pub merge_seconds: Histogram,
     pub merges_failed: Counter,
@@ -84,6 +89,12 @@ impl CoordMetrics {
                 "Time to verify and commit a finished attempt.",
                 &[],
                 LATENCY_BUCKETS,
+            ),
+            complete_batch_rounds: r.histogram(
+                "quarry_complete_batch_rounds",
+                "Completions carried by one CompleteBatch call.",
+                &[],
+                BATCH_BUCKETS,
             ),
             merge_bytes: r.counter(
                 "quarry_merge_bytes_total",

@@ -387,6 +387,11 @@ impl WorkerService for WorkerApi {
                 completions.len()
             )));
         }
+        coord
+            .config()
+            .metrics
+            .complete_batch_rounds
+            .observe(completions.len() as f64);
         // A lease named twice in one call is answered once; the repeat is a duplicate that
         // touches nothing (judging both at once could let the repeat's cleanup race the commit).
         let mut seen = std::collections::HashSet::new();

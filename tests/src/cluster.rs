@@ -200,3 +200,42 @@ pub fn submit(job: &Path, addr: &str, watch: bool) -> Output {
     }
     cmd.output().expect("run coordinator submit")
 }
+
+/// The `/metrics` address a process printed to its log (`metrics on http://ADDR/metrics`),
+/// waited for up to 10 s.
+pub fn metrics_addr(log: &Path) -> String {
+    let until = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(rest) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("metrics on http://"))
+        {
+            return rest.trim_end_matches("/metrics").to_string();
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "no metrics address in the log:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An HTTP GET of `path` on `addr`: the whole answer, status line and headers included.
+pub fn scrape(addr: &str, path: &str) -> String {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("set a read timeout");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").expect("send the request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    out
+}
+
+/// The value of the sample line `series` (name plus labels, exactly as rendered).
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {series:?} in:\n{text}"))
+}

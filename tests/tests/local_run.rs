@@ -102,20 +102,35 @@ async fn exact_quota_per_object_with_uneven_yields() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
+/// The finals do not depend on how many agents run the job, nor on how many rounds each
+/// leases per call (`--lease-batch`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn finals_are_byte_identical_with_one_agent_and_with_four() {
+async fn finals_are_byte_identical_with_one_agent_four_and_batched_leases() {
     let one = legacy_root();
     let four = legacy_root();
+    let batched = legacy_root();
     let extra = ["--", "--yield_mode", "uneven"];
     let mut a1 = args(one.path().to_str().unwrap(), "det", &["--gpu", "0"]);
     a1.extend_from_slice(&extra);
     let mut a4 = args(four.path().to_str().unwrap(), "det", &["--gpus", "0,1,2,3"]);
     a4.extend_from_slice(&extra);
+    let mut ab = args(
+        batched.path().to_str().unwrap(),
+        "det",
+        &["--gpus", "0,1", "--lease-batch", "4"],
+    );
+    ab.extend_from_slice(&extra);
     assert_eq!(run(&a1).await.unwrap().exit_code(), 0);
     assert_eq!(run(&a4).await.unwrap().exit_code(), 0);
-    assert_eq!(
-        final_hashes(one.path(), "det", &OBJECTS),
-        final_hashes(four.path(), "det", &OBJECTS)
+    assert_eq!(run(&ab).await.unwrap().exit_code(), 0);
+    let reference = final_hashes(one.path(), "det", &OBJECTS);
+    assert_eq!(reference, final_hashes(four.path(), "det", &OBJECTS));
+    assert_eq!(reference, final_hashes(batched.path(), "det", &OBJECTS));
+    let staging = experiments(batched.path()).join("det").join("rounds");
+    assert!(
+        files_under(&staging).is_empty(),
+        "staging left: {:?}",
+        files_under(&staging)
     );
 }
 

@@ -3,28 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::time::{Duration, Instant};
-
-use quarry_tests::cluster::{served_job_file, spawn_worker, start_serve_with, submit};
+use quarry_tests::cluster::{
+    metrics_addr, sample, scrape, served_job_file, spawn_worker, start_serve_with, submit,
+};
 use quarry_tests::*;
-
-fn scrape(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The value of the sample line `series` (name plus labels, exactly as rendered).
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no sample {series:?} in:\n{text}"))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_the_job_did() {
@@ -49,21 +31,7 @@ async fn metrics_count_what_the_job_did() {
         &[],
         &log,
     );
-    let until = Instant::now() + Duration::from_secs(10);
-    let metrics_addr = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if let Some(rest) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("metrics on http://"))
-        {
-            break rest.trim_end_matches("/metrics").to_string();
-        }
-        assert!(
-            Instant::now() < until,
-            "no metrics address in the log:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let metrics_addr = metrics_addr(&log);
     let before = scrape(&metrics_addr, "/metrics");
     assert!(before.starts_with("HTTP/1.1 200 OK"), "{before}");
     assert_eq!(sample(&before, "quarry_leader"), 1.0);

@@ -19,7 +19,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
-use quarry_tests::cluster::{served_job_file, spawn_worker, start_serve_with, submit};
+use quarry_tests::cluster::{
+    served_job_file, spawn_worker, spawn_worker_args, start_serve_with, submit,
+};
 use quarry_tests::*;
 
 /// A span as received, with its resource's `service.name` and `host.name`.
@@ -151,7 +153,12 @@ async fn every_committed_round_is_one_trace_across_processes() {
             "deployment.environment=tracing-test".to_string(),
         ),
     ];
-    let mut w1 = spawn_worker(&addr, "1", &w1_env, Some(&w1_log));
+    // Worker 1 leases rounds four at a time: a queued round's trace is as any other's.
+    let mut w1 = spawn_worker_args(
+        &["--gpu", "1", "--coordinator", &addr, "--lease-batch", "4"],
+        &w1_env,
+        Some(&w1_log),
+    );
     let out = submit(&job, &addr, true);
     assert!(
         out.status.success(),

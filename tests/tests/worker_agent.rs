@@ -13,9 +13,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use quarry_tests::cluster::{
-    Killed, spawn_worker_args, start_serve, start_serve_on, status, submit, wait_until,
+    Killed, metrics_addr, sample, scrape, spawn_worker_args, start_serve_on, start_serve_with,
+    status, submit, wait_until,
 };
-use quarry_tests::{bin, files_under};
+use quarry_tests::{bin, files_under, sha256_file};
 use serde_json::{Value, json};
 
 const GEN: &str = env!("CARGO_BIN_EXE_quarry-zero-gen");
@@ -29,18 +30,42 @@ struct Coord {
 
 impl Coord {
     fn start(ttl: &str) -> Coord {
+        Coord::start_with(ttl, &[])
+    }
+    /// [`Coord::start`] with `extra` flags for `coordinator serve` (e.g. `--metrics-listen`).
+    fn start_with(ttl: &str, extra: &[&str]) -> Coord {
         let home = tempfile::tempdir().expect("test harness");
         for d in ["root/env", "root/pids", "store"] {
             std::fs::create_dir_all(home.path().join(d)).expect("test harness");
         }
-        let (serve, addr) = start_serve(
-            &state_url(home.path()),
-            &format!("file://{}", home.path().join("store").display()),
-            ttl,
-            &[],
-            &home.path().join("coordinator.log"),
-        );
+        let state = state_url(home.path());
+        let store = format!("file://{}", home.path().join("store").display());
+        let mut args = vec!["--lease-ttl", ttl, "--state", &state, "--store", &store];
+        args.extend_from_slice(extra);
+        let (serve, addr) = start_serve_with(&args, &[], &home.path().join("coordinator.log"));
         Coord { home, serve, addr }
+    }
+    /// The coordinator's Prometheus metrics (it must have been started with
+    /// `--metrics-listen`).
+    fn metrics(&self) -> String {
+        scrape(&metrics_addr(&self.path("coordinator.log")), "/metrics")
+    }
+    /// sha256 of the object's final, as the manifest names it.
+    fn final_sha(&self, exp: &str) -> String {
+        let m = self.manifest(exp);
+        let key = m["objects"]["obj"]["final"][0]
+            .as_str()
+            .unwrap_or_else(|| panic!("no final in {m}"));
+        sha256_file(&self.store().join(key))
+    }
+    /// Waits (bounded) until no staging object of `exp` is left.
+    fn wait_staging_empty(&self, exp: &str) {
+        let rounds = self.store().join(exp).join("rounds");
+        wait_until(
+            "the job's staging to be empty",
+            Duration::from_secs(20),
+            || files_under(&rounds).is_empty(),
+        );
     }
     fn root(&self) -> PathBuf {
         self.home.path().join("root")
@@ -827,4 +852,146 @@ fn a_worker_cut_off_from_the_coordinator_fences_itself_and_comes_back() {
         "{}",
         c.log("w.log")
     );
+}
+
+/// Runs a 40-round job on a worker with two agents leasing `--lease-batch n`; returns the
+/// final's sha256 and the coordinator's metrics once the job is done and its staging empty.
+fn run_with_lease_batch(n: &str) -> (String, String) {
+    let c = Coord::start_with("10", &["--metrics-listen", "127.0.0.1:0"]);
+    let _w = c.worker(
+        &[
+            "--gpu",
+            "0,1",
+            "--gpu-inventory",
+            "none",
+            "--lease-batch",
+            n,
+        ],
+        "w.log",
+    );
+    c.submit(&job(&c, "batch", 40, &[], "", ""));
+    let s = c.watch("batch");
+    assert_eq!(s["state"], "done", "{s}\n{}", c.log("w.log"));
+    assert_eq!(s["failed_attempts"], 0, "{s}");
+    c.wait_staging_empty("batch");
+    (c.final_sha("batch"), c.metrics())
+}
+
+/// `--lease-batch 4`: each Acquire leases several rounds and finished rounds are reported
+/// together in CompleteBatch calls, and the final is byte-identical to the one leased and
+/// reported a round at a time; nothing is left in staging. The default (1) makes one call
+/// per round, as before batching existed.
+#[test]
+fn lease_batch_leases_and_reports_rounds_together_with_the_same_final() {
+    let (one, m1) = run_with_lease_batch("1");
+    let (four, m4) = run_with_lease_batch("4");
+    assert_eq!(one, four, "the finals differ");
+
+    let calls = |m: &str| sample(m, "quarry_acquire_seconds_count");
+    let leased = |m: &str| sample(m, "quarry_rounds_leased_total");
+    let batches = |m: &str| sample(m, "quarry_complete_batch_rounds_count");
+    let batched = |m: &str| sample(m, "quarry_complete_batch_rounds_sum");
+    assert_eq!(calls(&m1), leased(&m1), "batch 1: one round per Acquire");
+    assert_eq!(batches(&m1), 0.0, "batch 1: no CompleteBatch");
+
+    eprintln!(
+        "batch 4: {} rounds leased in {} Acquire calls; {} completions in {} CompleteBatch calls",
+        leased(&m4),
+        calls(&m4),
+        batched(&m4),
+        batches(&m4)
+    );
+    assert!(leased(&m4) >= 40.0, "{m4}");
+    assert!(
+        calls(&m4) < leased(&m4),
+        "batch 4: {} Acquire calls leased {} rounds",
+        calls(&m4),
+        leased(&m4)
+    );
+    assert!(
+        batches(&m4) >= 1.0,
+        "batch 4: no CompleteBatch at all:\n{m4}"
+    );
+    assert!(
+        batched(&m4) >= 2.0 * batches(&m4),
+        "a CompleteBatch carries two completions or more (one goes alone as Complete): {} in {}",
+        batched(&m4),
+        batches(&m4)
+    );
+}
+
+/// A drained agent gives back the rounds waiting in its queue at once (not left to expire):
+/// only the running round finishes and commits; another worker then gets the given-back
+/// rounds and the job finishes with its exact quota and no staging left.
+#[test]
+fn drain_gives_back_the_queued_leases_and_the_job_still_finishes() {
+    let c = Coord::start("120");
+    let mut a = c.worker(
+        &[
+            "--gpu",
+            "0",
+            "--gpu-inventory",
+            "none",
+            "--lease-batch",
+            "4",
+            "--drain-grace",
+            "30",
+        ],
+        "a.log",
+    );
+    let pids = c.root().join("pids");
+    c.submit(&job(
+        &c,
+        "queued",
+        6,
+        &["--pid_file", "pids/{name}.pid", "--sleep_ms", "1500"],
+        "",
+        "",
+    ));
+    wait_until(
+        "the first round running with three more queued",
+        Duration::from_secs(15),
+        || {
+            files_under(&pids).len() == 1
+                && c.status("queued")
+                    .is_some_and(|s| s["rounds_in_flight"] == 4)
+        },
+    );
+    signal(&a, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut a, Duration::from_secs(20)),
+        0,
+        "{}",
+        c.log("a.log")
+    );
+    let s = c.status("queued").unwrap();
+    assert_eq!(s["rounds_committed"], 1, "{s}");
+    assert_eq!(s["failed_attempts"], 0, "{s}");
+    assert_eq!(
+        s["rounds_in_flight"], 0,
+        "queued leases given back, not left to expire: {s}"
+    );
+    assert_eq!(
+        files_under(&pids).len(),
+        1,
+        "a queued round started after SIGTERM"
+    );
+
+    let _b = c.worker(
+        &[
+            "--gpu",
+            "1",
+            "--gpu-inventory",
+            "none",
+            "--lease-batch",
+            "4",
+        ],
+        "b.log",
+    );
+    let s = c.watch("queued");
+    assert_eq!(s["state"], "done", "{s}\n{}", c.log("b.log"));
+    assert_eq!(s["failed_attempts"], 0, "{s}");
+    let m = c.manifest("queued");
+    assert_eq!(m["objects"]["obj"]["collected"], 6 * BATCH, "{m}");
+    c.wait_staging_empty("queued");
 }

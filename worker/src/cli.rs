@@ -53,6 +53,13 @@ pub struct Args {
     /// Do not acquire the next round while the previous one uploads (for measurements).
     #[arg(long, hide = true)]
     pub no_prefetch: bool,
+    /// Rounds each agent leases per Acquire call, 1 to 64 (1: no batching). Worth raising
+    /// when rounds last much less than a second and many GPUs share one coordinator: fewer
+    /// calls per round (finished rounds are also reported together, and up to N upload at
+    /// once). The cost: up to N-1 leased rounds wait in the agent's queue, which can delay a
+    /// job's last rounds.
+    #[arg(long, value_name = "N", default_value = "1", value_parser = crate::agent::parse_lease_batch)]
+    pub lease_batch: u32,
     #[command(flatten)]
     pub metrics: quarry_common::metrics::MetricsArgs,
     #[command(flatten)]
@@ -132,6 +139,7 @@ pub async fn main(args: Args) -> i32 {
     cfg.log_limit = args.log_limit;
     cfg.sample_interval = Duration::from_millis(args.sample_interval_ms.max(10));
     cfg.prefetch = !args.no_prefetch;
+    cfg.lease_batch = args.lease_batch;
     let shutdown = Shutdown::new();
     drain_on_signals(&shutdown, Duration::from_secs(args.drain_grace));
     let mut code = 0;
@@ -222,5 +230,62 @@ async fn next_signal(
     tokio::select! {
         _ = recv(term) => {}
         _ = recv(int) => {}
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec!["worker", "--gpu", "0"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    #[test]
+    fn lease_batch_defaults_to_one_and_takes_1_to_64() {
+        assert_eq!(parse(&[]).unwrap().lease_batch, 1);
+        for n in ["1", "4", "64"] {
+            assert_eq!(
+                parse(&["--lease-batch", n])
+                    .unwrap()
+                    .lease_batch
+                    .to_string(),
+                n
+            );
+        }
+    }
+
+    #[test]
+    fn a_lease_batch_out_of_range_names_the_flag_and_its_range() {
+        for bad in ["0", "65", "-1", "four", "1.5", ""] {
+            let e = parse(&[&format!("--lease-batch={bad}")])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("--lease-batch") && e.contains("from 1 to 64"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_agent_refuses_a_lease_batch_out_of_range() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for bad in [0, crate::MAX_LEASE_BATCH + 1] {
+            let mut cfg = AgentConfig::new("127.0.0.1:1", "0");
+            cfg.lease_batch = bad;
+            let e = rt
+                .block_on(crate::run_agent(cfg, Shutdown::new()))
+                .unwrap_err();
+            assert!(e.to_string().contains("--lease-batch"), "{bad}: {e}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 //! that cannot reach the coordinator for longer than its lease TTL fences itself: it kills
 //! its run and discards its staging, because the coordinator has re-issued the round by then.
 
+mod outbox;
 mod output;
 mod round;
 mod session;
@@ -57,6 +58,10 @@ pub struct AgentConfig {
     pub kill_grace: Duration,
     /// Acquire the next round while the previous one uploads.
     pub prefetch: bool,
+    /// Rounds asked for per Acquire call (1..=[`MAX_LEASE_BATCH`]); the unstarted ones wait
+    /// in the agent's queue, and up to this many finished rounds upload at once. 1: one
+    /// round per call, the finish of at most one round overlapping the next run.
+    pub lease_batch: u32,
     /// How often the GPU is sampled for health and metrics.
     pub sample_interval: Duration,
     /// How long a round waits for the job's minimum free GPU memory before it is released.
@@ -72,6 +77,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("gpu", &self.gpu)
             .field("inventory", &self.inventory.as_ref().map(|i| i.describe()))
             .field("prefetch", &self.prefetch)
+            .field("lease_batch", &self.lease_batch)
             .finish_non_exhaustive()
     }
 }
@@ -93,11 +99,40 @@ impl AgentConfig {
             log_limit: 1 << 20,
             kill_grace: Duration::from_secs(10),
             prefetch: true,
+            lease_batch: 1,
             sample_interval: Duration::from_secs(1),
             gpu_wait: Duration::from_secs(60),
             min_scratch_mib: 1024,
         }
     }
+}
+
+/// Most rounds an agent asks for in one Acquire call (the coordinator's own bound).
+pub const MAX_LEASE_BATCH: u32 = 64;
+
+/// Checks a `--lease-batch` value: a whole number from 1 to [`MAX_LEASE_BATCH`]. The error
+/// names the flag and the range (clap adds the value given).
+pub fn parse_lease_batch(s: &str) -> Result<u32, String> {
+    s.trim()
+        .parse::<u32>()
+        .map_err(|_| lease_batch_range())
+        .and_then(check_lease_batch)
+}
+
+/// `n` when it is a valid [`AgentConfig::lease_batch`]; otherwise the message
+/// [`parse_lease_batch`] gives.
+pub fn check_lease_batch(n: u32) -> Result<u32, String> {
+    if (1..=MAX_LEASE_BATCH).contains(&n) {
+        Ok(n)
+    } else {
+        Err(lease_batch_range())
+    }
+}
+
+fn lease_batch_range() -> String {
+    format!(
+        "--lease-batch takes a whole number of rounds from 1 to {MAX_LEASE_BATCH} (1: no batching)"
+    )
 }
 
 /// How agents are told to stop. Cancelling `stop` also cancels `drain`.
@@ -179,6 +214,9 @@ pub enum AgentError {
     Gpu(#[from] crate::gpu::GpuError),
     #[error("agent task failed: {0}")]
     Task(String),
+    /// A setting out of range; the message names it and its range.
+    #[error("{0}")]
+    Config(String),
 }
 
 fn hostname() -> String {
@@ -196,6 +234,7 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs one agent until `shutdown`. Connection problems are retried with jittered backoff;
 /// they never end the agent. Returns only after every generator it started is gone.
 pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStats, AgentError> {
+    check_lease_batch(cfg.lease_batch).map_err(AgentError::Config)?;
     let mut coords = coordinators(&cfg.coordinators, &cfg.security)?;
     let inventory = cfg.inventory.clone().unwrap_or_else(|| {
         Arc::new(NoInventory {

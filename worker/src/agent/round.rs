@@ -3,6 +3,7 @@
 //! to the coordinator, remove local files).
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quarry_common::storage::keys;
@@ -11,7 +12,7 @@ use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 
 use super::Counters;
 use super::output;
-use super::session::{Held, Session};
+use super::session::{COMPLETE_WAIT, Held, Session};
 use crate::binding;
 use crate::gpu::RoundStats;
 use crate::runner::{self, RunError, RunOutcome, RunReport, RunSpec};
@@ -156,7 +157,7 @@ enum Outcome {
 }
 
 /// Inspects and uploads a finished run, reports it, and removes its local files.
-pub(super) async fn finish(s: &Session, held: &Held, paths: &Paths, ran: Ran) {
+pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ran) {
     let lease = &held.lease;
     let task = lease.task.clone().unwrap_or_default();
     let report = match ran.run {
@@ -296,7 +297,7 @@ struct Reported {
     generator_ms: u64,
 }
 
-async fn complete(s: &Session, held: &Held, reported: Reported, stats: &RoundStats) {
+async fn complete(s: &Arc<Session>, held: &Held, reported: Reported, stats: &RoundStats) {
     let Reported {
         files,
         log_key,
@@ -315,26 +316,27 @@ async fn complete(s: &Session, held: &Held, reported: Reported, stats: &RoundSta
     // coordinator is unreachable, gives up on it. A coordinator that became unavailable (a
     // failover) gets the report again through the new leader, which adopted the lease; a
     // commit that did land is recognised there as this attempt's own.
+    // Completions ready together go in one CompleteBatch (see `Session::complete`); a
+    // per-round error there is this round's Complete failing with that status.
     let answer = s
-        .report("reporting completion", &held.span, |conn| {
+        .report("reporting completion", &held.span, COMPLETE_WAIT, |_conn| {
             let req = pb::CompleteRequest {
-                worker_id: conn.worker_id.clone(),
+                // Filled in by the sender, for the coordinator it reaches.
+                worker_id: String::new(),
                 lease_id: lease.lease_id,
                 files: files.clone(),
                 generator_ms,
                 gpu_stats: stats.to_proto(),
                 log_key: log_key.clone(),
                 yield_stats,
-                // Carried by the request's metadata (the client's interceptor).
+                // Metadata when sent alone; filled in by the sender in a CompleteBatch.
                 traceparent: String::new(),
             };
-            let mut client = conn.client;
-            async move { client.complete(req).await }
+            s.complete(req, held.span.clone())
         })
         .await;
     let committed = match answer {
         Some(Ok(Ok(r))) => {
-            let r = r.into_inner();
             let committed = r.outcome == pb::CommitOutcome::Committed as i32;
             held.span
                 .record("outcome", if committed { "committed" } else { "rejected" });

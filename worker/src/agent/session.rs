@@ -3,15 +3,20 @@
 //!
 //! Pipeline: acquire → prepare (GPU healthy, scratch space, free GPU memory) → run the
 //! generator → finish (inspect, upload, report) in the background while the next round is
-//! acquired and started. At most one round finishes while the next runs, so the GPU waits
-//! on neither the upload nor the coordinator.
+//! acquired and started. At most `lease_batch` rounds finish while the next runs (one by
+//! default), so the GPU waits on neither the upload nor the coordinator.
 //!
-//! Every lease the agent holds (running, finishing, or prefetched and not started) is in
+//! Batching (`lease_batch` N > 1): one Acquire asks for up to N rounds; the ones not started
+//! wait in a queue, in the order granted, and Acquire is called again only once it is empty.
+//! Completions ready while another of the session's Complete calls is in flight go together
+//! in one CompleteBatch ([`Session::complete`]).
+//!
+//! Every lease the agent holds (running, finishing, or queued and not started) is in
 //! `running`, so heartbeats renew it, with a token that stops its work; the tokens are
 //! children of `lost`, which is cancelled when the session is fenced, forgotten by the
 //! coordinator, or stopped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -22,6 +27,7 @@ use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 
+use super::outbox::{self, Outbox, Waiting};
 use super::round::{self, Paths};
 use super::{AgentConfig, Backoff, Counters, RPC_TIMEOUT, Shutdown};
 use crate::connect::{Client, register};
@@ -31,6 +37,8 @@ use crate::scratch;
 
 /// Bound on a Release: it must not hold up a shutdown.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a completion's answer: the call in flight ahead of it, then its own.
+pub(super) const COMPLETE_WAIT: Duration = Duration::from_secs(2 * RPC_TIMEOUT.as_secs() + 1);
 /// Lease TTL assumed when an old coordinator does not say.
 const DEFAULT_TTL: Duration = Duration::from_secs(30);
 
@@ -114,6 +122,8 @@ pub(super) struct Session {
     block: Mutex<Option<Block>>,
     /// When the last generator run ended (for the idle-gap metric).
     last_run_end: Mutex<Option<Instant>>,
+    /// Completions waiting for the Complete in flight (see [`Session::complete`]).
+    outbox: Outbox,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -167,6 +177,7 @@ impl Session {
             contact: Mutex::new(Instant::now()),
             block: Mutex::new(None),
             last_run_end: Mutex::new(None),
+            outbox: Outbox::default(),
         })
     }
 
@@ -175,24 +186,26 @@ impl Session {
     pub(super) async fn run(self: Arc<Self>) -> End {
         let hb = tokio::spawn(Arc::clone(&self).heartbeat_loop());
         let fence = tokio::spawn(Arc::clone(&self).fence_watchdog());
-        let mut finishing: Option<tokio::task::JoinHandle<()>> = None;
-        let mut next: Option<Held> = None;
+        // Finishing rounds (inspect, upload, report), oldest first; at most `lease_batch`
+        // while the next round runs.
+        let mut finishing: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
+        // Leased rounds not started yet, in the order the coordinator granted them.
+        let mut queue: VecDeque<Held> = VecDeque::new();
         loop {
-            let held = match next.take() {
-                Some(h) => h,
-                None => match self.acquire().await {
-                    Some(h) => h,
-                    None => break,
-                },
+            if queue.is_empty() {
+                queue.extend(self.acquire().await);
+            }
+            let Some(held) = queue.pop_front() else {
+                break;
             };
-            // A prefetched round that must not start any more: give it back at once.
-            if self.shutdown.drain.is_cancelled() || held.stop.is_cancelled() {
-                let why = if self.shutdown.drain.is_cancelled() {
-                    "agent draining"
-                } else {
-                    "stopped by the coordinator"
-                };
-                self.give_back(&held, why).await;
+            // Queued rounds that must not start any more: give them back at once.
+            if self.shutdown.drain.is_cancelled() {
+                queue.push_front(held);
+                self.give_back_all(queue.drain(..), "agent draining").await;
+                continue;
+            }
+            if held.stop.is_cancelled() {
+                self.give_back(&held, "stopped by the coordinator").await;
                 continue;
             }
             let prepare = info_span!(parent: &held.span, "prepare", gpu = %self.cfg.gpu.id);
@@ -215,19 +228,19 @@ impl Session {
                 .await;
             self.cfg.metrics.generator(started.elapsed());
             *lock(&self.last_run_end) = Some(Instant::now());
-            if let Some(f) = finishing.take() {
-                let _ = f.await;
-            }
+            self.make_room(&mut finishing).await;
             let fin = tokio::spawn(Arc::clone(&self).finish(held, paths, ran));
             if self.cfg.prefetch {
-                // The next round is acquired (and started) while this one uploads.
-                finishing = Some(fin);
-                next = self.acquire().await;
+                // The next rounds are acquired (and started) while this one uploads.
+                finishing.push_back(fin);
+                if queue.is_empty() {
+                    queue.extend(self.acquire().await);
+                }
             } else {
                 let _ = fin.await;
             }
         }
-        if let Some(f) = finishing.take() {
+        for f in finishing {
             let _ = f.await;
         }
         hb.abort();
@@ -239,6 +252,24 @@ impl Session {
             }
             _ => End::Shutdown,
         }
+    }
+
+    /// Waits until fewer than `lease_batch` rounds are finishing, so that one more may start
+    /// its finish (with batch 1: the previous round's finish is over).
+    async fn make_room(&self, finishing: &mut VecDeque<tokio::task::JoinHandle<()>>) {
+        finishing.retain(|f| !f.is_finished());
+        while finishing.len() >= self.cfg.lease_batch.max(1) as usize {
+            if let Some(f) = finishing.pop_front() {
+                let _ = f.await;
+            }
+        }
+    }
+
+    /// Gives back every lease of `held` at once (each as [`Session::give_back`]), so that a
+    /// drain with a full queue is bounded by one Release timeout, not one per lease.
+    async fn give_back_all(&self, held: impl Iterator<Item = Held>, reason: &str) {
+        let held: Vec<Held> = held.collect();
+        futures::future::join_all(held.iter().map(|h| self.give_back(h, reason))).await;
     }
 
     /// The coordinator connection to use now.
@@ -408,17 +439,19 @@ impl Session {
         why
     }
 
-    /// Long-polls for a round while the agent may take one. `None` when drained or lost.
-    async fn acquire(&self) -> Option<Held> {
+    /// Long-polls for rounds while the agent may take one: up to `lease_batch` of them, in
+    /// the order granted, each held (renewed by heartbeats, listed at a re-registration).
+    /// Empty when drained or lost.
+    async fn acquire(&self) -> Vec<Held> {
         let mut backoff = Backoff::new();
         loop {
             if self.shutdown.drain.is_cancelled() || self.lost.is_cancelled() {
-                return None;
+                return Vec::new();
             }
             if let Some(why) = self.gate() {
                 self.set_state(why);
                 if self.pause(self.cfg.sample_interval).await {
-                    return None;
+                    return Vec::new();
                 }
                 continue;
             }
@@ -427,23 +460,30 @@ impl Session {
             let req = pb::AcquireRequest {
                 worker_id: conn.worker_id.clone(),
                 wait_ms: self.cfg.acquire_wait.as_millis() as u64,
-                max_leases: 1,
+                max_leases: self.cfg.lease_batch.max(1),
             };
             let mut client = conn.client.clone();
             // Dropping the call on drain cancels the long-poll on the server before it grants
             // anything (the stream is reset).
             let r = tokio::select! {
                 r = tokio::time::timeout(self.cfg.acquire_wait + RPC_TIMEOUT, client.acquire(req)) => r,
-                _ = self.shutdown.drain.cancelled() => return None,
-                _ = self.lost.cancelled() => return None,
+                _ = self.shutdown.drain.cancelled() => return Vec::new(),
+                _ = self.lost.cancelled() => return Vec::new(),
                 // Turning unhealthy ends the long-poll at once (and shows in status).
                 _ = self.monitor.unhealthy() => continue,
             };
             let failure = match r {
                 Ok(Ok(resp)) => {
                     backoff.reset();
-                    if let Some(lease) = resp.into_inner().lease {
-                        return Some(self.hold(lease));
+                    let resp = resp.into_inner();
+                    let granted: Vec<Held> = resp
+                        .lease
+                        .into_iter()
+                        .chain(resp.more)
+                        .map(|lease| self.hold(lease))
+                        .collect();
+                    if !granted.is_empty() {
+                        return granted;
                     }
                     continue;
                 }
@@ -461,7 +501,7 @@ impl Session {
             debug!(gpu = %self.cfg.gpu.id, error = %failure, "acquire failed; retrying");
             tokio::select! {
                 _ = backoff.wait(&self.lost) => {}
-                _ = self.shutdown.drain.cancelled() => return None,
+                _ = self.shutdown.drain.cancelled() => return Vec::new(),
             }
         }
     }
@@ -589,7 +629,7 @@ impl Session {
             return;
         }
         let outcome = self
-            .report("reporting a failure", &held.span, |conn| {
+            .report("reporting a failure", &held.span, RPC_TIMEOUT, |conn| {
                 let req = pb::FailRequest {
                     worker_id: conn.worker_id.clone(),
                     lease_id: held.lease.lease_id,
@@ -613,11 +653,13 @@ impl Session {
     /// that the coordinator's span joins its trace. A coordinator that went away (a failover)
     /// is found again and the report repeated, for as long as the lease can still be valid:
     /// the fence watchdog ends the session once no coordinator answered for a lease TTL.
-    /// `None` when fenced before any answer; the last failover error when fenced after one.
+    /// Each try is bounded by `limit`. `None` when fenced before any answer; the last
+    /// failover error when fenced after one.
     pub(super) async fn report<T, F, Fut>(
         &self,
         what: &str,
         span: &tracing::Span,
+        limit: Duration,
         mut call: F,
     ) -> Option<Result<Result<T, tonic::Status>, tokio::time::error::Elapsed>>
     where
@@ -629,7 +671,7 @@ impl Session {
             let conn = self.conn();
             let generation = conn.generation;
             let r = tokio::select! {
-                r = tokio::time::timeout(RPC_TIMEOUT, call(conn).instrument(span.clone())) => r,
+                r = tokio::time::timeout(limit, call(conn).instrument(span.clone())) => r,
                 _ = self.fenced.cancelled() => return last,
             };
             match r {
@@ -644,6 +686,80 @@ impl Session {
                     }
                 }
                 other => return Some(other),
+            }
+        }
+    }
+
+    /// Sends one round's completion and returns the coordinator's answer to it. Alone, it
+    /// goes at once as a unary Complete made in the round's `span`; completions ready while
+    /// another Complete or CompleteBatch of this session is in flight go together in one
+    /// CompleteBatch as soon as that returns, each carrying its round's trace context. A
+    /// per-completion error in a batch is returned as the status that round's Complete would
+    /// have failed with; a failed call, as every one of its rounds' status. `req.worker_id`
+    /// is filled in when it is sent. Each call is bounded by `RPC_TIMEOUT`, and at most one
+    /// call is ahead of a completion (a session has at most `lease_batch` <= 64 rounds
+    /// finishing), so the answer comes within [`COMPLETE_WAIT`].
+    pub(super) async fn complete(
+        self: &Arc<Self>,
+        req: pb::CompleteRequest,
+        span: tracing::Span,
+    ) -> outbox::Answer {
+        let (answer, rx) = tokio::sync::oneshot::channel();
+        if self.outbox.push(Waiting { req, span, answer }) {
+            tokio::spawn(Arc::clone(self).send_completions());
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(tonic::Status::internal(
+                "the completion sender ended without an answer",
+            ))
+        })
+    }
+
+    /// The outbox's sender: sends what waits, call after call, until nothing does.
+    async fn send_completions(self: Arc<Self>) {
+        while let Some(batch) = self.outbox.next_batch() {
+            let n = batch.len();
+            let conn = self.conn();
+            let mut client = conn.client;
+            let call = async {
+                if let [one] = batch.as_slice() {
+                    let mut req = one.req.clone();
+                    req.worker_id = conn.worker_id.clone();
+                    // The round's trace context travels in the metadata (the interceptor
+                    // reads the current span).
+                    let r = client.complete(req).instrument(one.span.clone()).await;
+                    return vec![r.map(tonic::Response::into_inner)];
+                }
+                let completions = batch
+                    .iter()
+                    .map(|w| pb::CompleteRequest {
+                        worker_id: conn.worker_id.clone(),
+                        traceparent: quarry_common::telemetry::traceparent(&w.span)
+                            .unwrap_or_default(),
+                        ..w.req.clone()
+                    })
+                    .collect();
+                match client
+                    .complete_batch(pb::CompleteBatchRequest { completions })
+                    .await
+                {
+                    Ok(resp) => outbox::batch_answers(resp.into_inner(), n),
+                    Err(e) => vec![Err(e); n],
+                }
+            };
+            let answers = tokio::select! {
+                r = tokio::time::timeout(RPC_TIMEOUT, call) => r.unwrap_or_else(|_| {
+                    vec![Err(tonic::Status::deadline_exceeded("reporting completion timed out")); n]
+                }),
+                _ = self.fenced.cancelled() => {
+                    vec![Err(tonic::Status::aborted("session lost before the coordinator answered")); n]
+                }
+            };
+            if n > 1 {
+                debug!(gpu = %self.cfg.gpu.id, completions = n, "completions reported in one call");
+            }
+            for (w, a) in batch.into_iter().zip(answers) {
+                let _ = w.answer.send(a);
             }
         }
     }
