@@ -1384,14 +1384,19 @@ impl Coordinator {
             })
             .collect();
         let now = Instant::now();
+        // The job's leases by worker, in one pass over the leases (not one per worker).
+        let mut held: HashMap<&str, Vec<&Lease>> = HashMap::new();
+        for l in inner.leases.values().filter(|l| l.job == job_id) {
+            held.entry(l.worker.as_str()).or_default().push(l);
+        }
         let mut workers: Vec<pb::WorkerStatus> = inner
             .workers
             .iter()
             .map(|(id, w)| {
-                let running = inner
-                    .leases
-                    .values()
-                    .filter(|l| &l.worker == id && l.job == job_id)
+                let mut mine = held.remove(id.as_str()).unwrap_or_default();
+                mine.sort_by_key(|l| (l.object, l.round));
+                let running = mine
+                    .iter()
                     .map(|l| format!("{} r{}", job.objects[l.object].name, l.round))
                     .collect::<Vec<_>>()
                     .join(", ");
