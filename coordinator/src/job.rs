@@ -76,6 +76,8 @@ struct Tally {
     prefix: u32,
     /// Samples counting toward the quota in rounds below `prefix`.
     prefix_committed: u64,
+    /// Attempts and successes over committed rounds that report a yield.
+    yields: RoundYield,
 }
 
 impl Tally {
@@ -83,12 +85,21 @@ impl Tally {
         commits: &BTreeMap<u32, CommitRecord>,
         quarantined: &BTreeMap<u32, QuarantineRecord>,
     ) -> Tally {
-        let mut t = Tally {
-            committed: commits.values().map(CommitRecord::quota_count).sum(),
-            ..Tally::default()
-        };
+        let mut t = Tally::default();
+        for c in commits.values() {
+            t.count(c);
+        }
         t.advance(commits, quarantined);
         t
+    }
+
+    /// Adds a newly committed round to the sums over every commit.
+    fn count(&mut self, c: &CommitRecord) {
+        self.committed += c.quota_count();
+        if let Some(y) = c.yield_stats {
+            self.yields.attempts += y.attempts;
+            self.yields.successes += y.successes;
+        }
     }
 
     /// Moves `prefix` past every resolved round.
@@ -174,13 +185,7 @@ impl ObjectRt {
 
     /// Attempts and successes summed over committed rounds that report a yield.
     pub fn yields(&self) -> RoundYield {
-        self.commits
-            .values()
-            .filter_map(|c| c.yield_stats)
-            .fold(RoundYield::default(), |a, y| RoundYield {
-                attempts: a.attempts + y.attempts,
-                successes: a.successes + y.successes,
-            })
+        self.tally.yields
     }
 
     /// Samples that count toward the quota now: the committed prefix, capped.
@@ -252,12 +257,11 @@ impl ObjectRt {
     pub fn apply_commit(&mut self, commit: CommitRecord) {
         self.failures.remove(&commit.round);
         self.retry.remove(&commit.round);
-        let count = commit.quota_count();
+        self.tally.count(&commit);
         if self.commits.insert(commit.round, commit).is_some() {
             // A round's commit replaced (never in practice: a round commits once): recount.
             self.tally = Tally::of(&self.commits, &self.quarantined);
         } else {
-            self.tally.committed += count;
             self.tally.advance(&self.commits, &self.quarantined);
         }
     }
@@ -517,10 +521,24 @@ mod tests {
                 if r % 4 == 2 {
                     o.apply_quarantine(quarantine(r));
                 } else {
-                    o.apply_commit(commit(r, 7 + u64::from(r % 3) * 5));
+                    let mut c = commit(r, 7 + u64::from(r % 3) * 5);
+                    // Some rounds report a yield, some do not.
+                    c.yield_stats = (r % 2 == 1).then_some(RoundYield {
+                        attempts: 20 + u64::from(r),
+                        successes: c.count,
+                    });
+                    o.apply_commit(c);
                 }
                 let recount: u64 = o.commits.values().map(CommitRecord::quota_count).sum();
                 assert_eq!(o.committed_samples(), recount, "after {} outcomes", i + 1);
+                let yields = o.commits.values().filter_map(|c| c.yield_stats).fold(
+                    RoundYield::default(),
+                    |a, y| RoundYield {
+                        attempts: a.attempts + y.attempts,
+                        successes: a.successes + y.successes,
+                    },
+                );
+                assert_eq!(o.yields(), yields, "after {} outcomes", i + 1);
                 assert_eq!(
                     o.merge_plan(&s),
                     plan_by_walking(&o, &s),
@@ -535,6 +553,7 @@ mod tests {
                 };
                 let again = ObjectRt::from_record(0, "o", rec, now);
                 assert_eq!(again.committed_samples(), recount);
+                assert_eq!(again.yields(), yields);
                 assert_eq!(again.merge_plan(&s), plan_by_walking(&o, &s));
             }
             assert!(

@@ -248,6 +248,7 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
     let sha = quarry_common::storage::hex(&Sha256::digest(npy.as_slice()));
     // Every worker connects and registers first; the clock starts when all have.
     let ready = Arc::new(tokio::sync::Barrier::new(agents + 1));
+    let go = Arc::new(tokio::sync::Barrier::new(agents + 1));
     // Paced: worker i starts a cycle every `period`, the first at `i * period / agents`.
     let period = load
         .pace
@@ -256,7 +257,7 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
     let mut tasks = Vec::new();
     for i in 0..agents {
         let (addr, store, npy, sha) = (addr.clone(), store.clone(), Arc::clone(&npy), sha.clone());
-        let (ready, begin) = (Arc::clone(&ready), Arc::clone(&begin));
+        let (ready, go, begin) = (Arc::clone(&ready), Arc::clone(&go), Arc::clone(&begin));
         tasks.push(tokio::spawn(async move {
             let channel = ClientSecurity::plain().channel(&addr).expect("channel");
             let mut c =
@@ -272,6 +273,7 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
                 .into_inner()
                 .worker_id;
             ready.wait().await;
+            go.wait().await;
             let mut next = period.map(|p| {
                 *begin.get().expect("start instant") + p.mul_f64(i as f64 / agents as f64)
             });
@@ -353,8 +355,9 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
             }
         }));
     }
-    let _ = begin.set(tokio::time::Instant::now() + Duration::from_millis(20));
     ready.wait().await;
+    let _ = begin.set(tokio::time::Instant::now());
+    go.wait().await;
     let started = Instant::now();
     // The clock stops when the job is done (every round committed, every final written), not
     // when the last worker has found out that nothing is left.
@@ -362,7 +365,7 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
     while coord.status("bench").expect("status").state == pb::JobState::Running as i32
         && Instant::now() < until
     {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed();
     let (mut acq, mut com) = (Vec::new(), Vec::new());
