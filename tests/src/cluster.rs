@@ -239,3 +239,35 @@ pub fn sample(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no sample {series:?} in:\n{text}"))
 }
+
+/// Waits (bounded by `limit`) until `log` contains `needle`; returns the log's text then.
+/// Panics with the log when it does not.
+pub fn wait_for_log(log: &Path, needle: &str, limit: Duration) -> String {
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{needle:?} not in {} within {limit:?}:\n{text}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `coordinator status JOB --json` against `addrs` (comma-separated), parsed.
+pub fn job_status_json(job: &str, addrs: &str) -> serde_json::Value {
+    let out = Command::new(bin("coordinator"))
+        .args(["status", job, "--json", "--coordinator", addrs])
+        .output()
+        .expect("run coordinator status");
+    assert!(
+        out.status.success(),
+        "coordinator status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}

@@ -5,46 +5,14 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::io::Read;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use quarry_tests::cluster::{reference_run, slow_job_file, spawn_worker, start_serve_with};
+use quarry_tests::cluster::{
+    job_status_json, reference_run, slow_job_file, spawn_worker, start_serve_with, wait_for_log,
+};
 use quarry_tests::etcd::Etcd;
 use quarry_tests::*;
-
-fn wait_for_log(log: &Path, needle: &str, limit: Duration) -> String {
-    let until = Instant::now() + limit;
-    loop {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(log) {
-            let _ = f.read_to_string(&mut text);
-        }
-        if text.contains(needle) {
-            return text;
-        }
-        assert!(
-            Instant::now() < until,
-            "{needle:?} not in {} within {limit:?}:\n{text}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn status_json(addrs: &str) -> serde_json::Value {
-    let out = Command::new(bin("coordinator"))
-        .args(["status", "served", "--json", "--coordinator", addrs])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
@@ -96,7 +64,7 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
     // Wait until some rounds are committed and two are running, then kill the leader.
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let v = status_json(&both);
+        let v = job_status_json("served", &both);
         let committed = v[0]["rounds_committed"].as_u64().unwrap();
         let running = v[0]["rounds_in_flight"].as_u64().unwrap();
         if committed >= 2 && running >= 2 {
@@ -105,7 +73,9 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
         assert!(Instant::now() < until, "job made no progress: {v}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let committed_at_kill = status_json(&both)[0]["rounds_committed"].as_u64().unwrap();
+    let committed_at_kill = job_status_json("served", &both)[0]["rounds_committed"]
+        .as_u64()
+        .unwrap();
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     let killed_at = Instant::now();
@@ -116,7 +86,7 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
     let until = Instant::now() + Duration::from_secs(120);
     let mut first_commit: Option<Duration> = None;
     let done = loop {
-        let v = status_json(&both);
+        let v = job_status_json("served", &both);
         if first_commit.is_none() && v[0]["rounds_committed"].as_u64().unwrap() > committed_at_kill
         {
             first_commit = Some(killed_at.elapsed());
