@@ -315,6 +315,14 @@ impl ObjectRt {
         if self.tally.prefix_committed < quota && u64::from(self.tally.prefix) < cap {
             return None;
         }
+        self.walk_plan(spec)
+    }
+
+    /// The merge plan decided by a walk over the rounds in order (what `merge_plan` builds
+    /// once its running tally says the object is ready).
+    fn walk_plan(&self, spec: &JobSpec) -> Option<MergePlan> {
+        let quota = spec.target_count_per_object;
+        let cap = spec.round_cap();
         let mut rounds = Vec::new();
         let mut sum = 0u64;
         let mut r: u64 = 0;
@@ -480,31 +488,6 @@ mod tests {
         }
     }
 
-    /// The merge plan as a walk over every round decides it (what the tally must agree with).
-    fn plan_by_walking(o: &ObjectRt, s: &JobSpec) -> Option<MergePlan> {
-        let (quota, mut rounds, mut sum) = (s.target_count_per_object, Vec::new(), 0);
-        for r in 0..s.round_cap() as u32 {
-            if let Some(c) = o.commits.get(&r) {
-                rounds.push(c.clone());
-                sum += c.quota_count();
-                if sum >= quota {
-                    return Some(MergePlan {
-                        rounds,
-                        limit: quota,
-                        complete: true,
-                    });
-                }
-            } else if !o.quarantined.contains_key(&r) {
-                return None;
-            }
-        }
-        Some(MergePlan {
-            rounds,
-            limit: sum,
-            complete: false,
-        })
-    }
-
     #[test]
     fn the_running_tally_agrees_with_a_walk_over_every_commit() {
         // Outcomes arrive out of order; quarantines open and close gaps; one object reaches
@@ -541,7 +524,7 @@ mod tests {
                 assert_eq!(o.yields(), yields, "after {} outcomes", i + 1);
                 assert_eq!(
                     o.merge_plan(&s),
-                    plan_by_walking(&o, &s),
+                    o.walk_plan(&s),
                     "after {} outcomes",
                     i + 1
                 );
@@ -554,7 +537,7 @@ mod tests {
                 let again = ObjectRt::from_record(0, "o", rec, now);
                 assert_eq!(again.committed_samples(), recount);
                 assert_eq!(again.yields(), yields);
-                assert_eq!(again.merge_plan(&s), plan_by_walking(&o, &s));
+                assert_eq!(again.merge_plan(&s), o.walk_plan(&s));
             }
             assert!(
                 o.merge_plan(&s).is_some(),
