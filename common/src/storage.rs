@@ -30,6 +30,9 @@ use tokio::task::JoinSet;
 
 /// Upload chunk: large enough for S3's 5 MiB part minimum, small enough to bound memory.
 const CHUNK: usize = 8 << 20;
+/// Objects up to this size are downloaded into one buffer and written in one call; larger
+/// ones are streamed chunk by chunk.
+const SMALL_DOWNLOAD: u64 = 1 << 20;
 /// Parts of one multipart upload sent at once.
 const PARTS_IN_FLIGHT: usize = 4;
 
@@ -413,7 +416,8 @@ impl Store {
     }
 
     /// Streams the object at `key` into the local file `dest` (created or truncated, parent
-    /// directories created); memory stays at one network chunk. Returns the bytes written.
+    /// directories created); memory stays at one network chunk (the whole object when it is at
+    /// most 1 MiB). Returns the bytes written.
     pub async fn download_to(&self, key: &str, dest: &Path) -> Result<u64, StoreError> {
         let k = Self::key(key)?;
         let io = |op| {
@@ -428,8 +432,9 @@ impl Store {
             .get(&k)
             .await
             .map_err(|e| StoreError::store("get", key, e))?;
-        if got.meta.size <= CHUNK as u64 {
+        if got.meta.size <= SMALL_DOWNLOAD {
             // Most round files: one buffer and one blocking write, not a thread hop per step.
+            // (Bounded small: a merge runs many downloads at once.)
             let bytes = got
                 .bytes()
                 .await

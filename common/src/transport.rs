@@ -22,6 +22,10 @@ use tonic::{Request, Status};
 /// objects, a status with thousands of rows, fit easily).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
+/// Most rounds one call carries: the leases one Acquire grants (`max_leases`), the completions
+/// one CompleteBatch reports. Both sides bound themselves with it.
+pub const MAX_ROUNDS_PER_CALL: usize = 64;
+
 /// Response header in which a standby names the leader's address (`host:port`).
 pub const LEADER_METADATA: &str = "quarry-leader";
 

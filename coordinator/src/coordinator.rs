@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quarry_common::storage::{Store, keys};
+use quarry_common::transport::MAX_ROUNDS_PER_CALL;
 use quarry_proto::v1 as pb;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -142,9 +143,6 @@ fn unix_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
-
-/// Most rounds one Acquire may grant: a bound on what one agent holds unstarted.
-pub const MAX_LEASES_PER_CALL: usize = 64;
 
 /// What a worker is told to run.
 pub struct Grant {
@@ -509,7 +507,7 @@ impl Coordinator {
         Ok(self.acquire_many(worker, 1, wait).await?.into_iter().next())
     }
 
-    /// Hands out up to `max` rounds (at least one, at most [`MAX_LEASES_PER_CALL`]), waiting up
+    /// Hands out up to `max` rounds (at least one, at most [`MAX_ROUNDS_PER_CALL`]), waiting up
     /// to `wait` for the first: the call returns with what is ready once one is.
     pub async fn acquire_many(
         &self,
@@ -517,7 +515,7 @@ impl Coordinator {
         max: usize,
         wait: Duration,
     ) -> Result<Vec<Grant>, CoordError> {
-        let max = max.clamp(1, MAX_LEASES_PER_CALL);
+        let max = max.clamp(1, MAX_ROUNDS_PER_CALL);
         let started = Instant::now();
         let until = started + wait;
         loop {
@@ -1793,7 +1791,7 @@ mod tests {
         single.close().await;
         batched.close().await;
 
-        // However many are asked for, one call grants at most MAX_LEASES_PER_CALL.
+        // However many are asked for, one call grants at most MAX_ROUNDS_PER_CALL.
         job.exp_name = "big".into();
         job.objects = vec!["a".into()];
         job.target_count_per_object = 10 * 100;
@@ -1804,7 +1802,7 @@ mod tests {
             .acquire_many(&w, 1000, Duration::from_millis(50))
             .await
             .unwrap();
-        assert_eq!(grants.len(), MAX_LEASES_PER_CALL);
+        assert_eq!(grants.len(), MAX_ROUNDS_PER_CALL);
         big.close().await;
     }
 
@@ -1905,7 +1903,7 @@ mod tests {
         }
 
         // Too many completions in one call is refused as a whole, naming the bound.
-        let many = (0..crate::service::MAX_COMPLETIONS_PER_CALL + 1)
+        let many = (0..MAX_ROUNDS_PER_CALL + 1)
             .map(|_| report(&leases[0], good0.clone()))
             .collect();
         let err = client

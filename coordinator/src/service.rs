@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use futures::Stream;
 use quarry_common::telemetry;
-use quarry_common::transport::{LEADER_METADATA, MAX_MESSAGE_BYTES, ServerSecurity};
+use quarry_common::transport::{
+    LEADER_METADATA, MAX_MESSAGE_BYTES, MAX_ROUNDS_PER_CALL, ServerSecurity,
+};
 use quarry_proto::v1 as pb;
 use quarry_proto::v1::job_service_server::{JobService, JobServiceServer};
 use quarry_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
@@ -33,9 +35,6 @@ const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
 
 /// Health service name that is SERVING while the process serves (liveness probes).
 pub const LIVENESS: &str = "liveness";
-
-/// Most completions one CompleteBatch may carry.
-pub const MAX_COMPLETIONS_PER_CALL: usize = crate::coordinator::MAX_LEASES_PER_CALL;
 
 /// The `commit` span of one completion; the coordinator records which round it is once the
 /// lease is looked up.
@@ -381,9 +380,9 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::CompleteBatchResponse>, Status> {
         let coord = self.0.current()?;
         let completions = req.into_inner().completions;
-        if completions.len() > MAX_COMPLETIONS_PER_CALL {
+        if completions.len() > MAX_ROUNDS_PER_CALL {
             return Err(Status::invalid_argument(format!(
-                "{} completions in one CompleteBatch; at most {MAX_COMPLETIONS_PER_CALL}",
+                "{} completions in one CompleteBatch; at most {MAX_ROUNDS_PER_CALL}",
                 completions.len()
             )));
         }

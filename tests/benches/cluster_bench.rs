@@ -198,90 +198,48 @@ fn main() {
 /// rounds commit. Returns how long after the kill the standby was elected and committed its
 /// first round (the status is polled every 50 ms through both addresses).
 async fn failover(base: &Path) -> (Duration, Duration) {
-    use quarry_tests::cluster::{
-        job_status_json, slow_job_file, spawn_worker, start_serve_with, wait_for_log,
-    };
+    use quarry_tests::cluster::{FailoverPair, status};
     let etcd = quarry_tests::etcd::Etcd::start().await;
     let root = quarry_tests::legacy_root();
     let home = tempfile::Builder::new()
         .prefix("quarry-failover-bench-")
         .tempdir_in(base)
         .expect("failover dir");
-    let job = slow_job_file(home.path(), root.path(), 300);
-    let state = format!(
-        "etcd://{}/quarry-failover-bench",
-        etcd.endpoints()[0].trim_start_matches("http://")
-    );
-    let store = format!("file://{}", home.path().join("store").display());
-    let args = [
-        "--state",
-        state.as_str(),
-        "--store",
-        store.as_str(),
-        "--lease-ttl",
-        "8",
-        "--election-ttl",
-        "3",
-    ];
-    let env = [("QUARRY_LOG", "info".to_string())];
-    let (log_a, log_b) = (home.path().join("a.log"), home.path().join("b.log"));
-    let (mut a, addr_a) = start_serve_with(&args, &env, &log_a);
-    wait_for_log(&log_a, "elected leader", Duration::from_secs(20));
-    let (_b, addr_b) = start_serve_with(&args, &env, &log_b);
-    wait_for_log(&log_b, "campaigning", Duration::from_secs(20));
-    let both = format!("{addr_a},{addr_b}");
-    let _worker = spawn_worker(&both, "0,1", &env, Some(&home.path().join("worker.log")));
-    let submit = std::process::Command::new(quarry_tests::bin("coordinator"))
-        .arg("submit")
-        .arg(&job)
-        .args(["--coordinator", &both])
-        .output()
-        .expect("coordinator submit");
-    assert!(
-        submit.status.success(),
-        "submit: {}",
-        String::from_utf8_lossy(&submit.stderr)
-    );
-    let committed = || job_status_json("served", &both)[0]["rounds_committed"].as_u64();
+    let mut pair = FailoverPair::start(&etcd.endpoints()[0], home.path(), root.path(), 300);
+    let committed = |v: &serde_json::Value| v["rounds_committed"].as_u64().unwrap_or(0);
     let until = Instant::now() + Duration::from_secs(60);
-    while committed().unwrap_or(0) < 2 {
+    while committed(&pair.status()) < 2 {
         assert!(Instant::now() < until, "the failover job made no progress");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let before = committed().unwrap_or(0);
-    a.0.kill().expect("kill the leader");
+    let before = committed(&pair.status());
+    pair.a.0.kill().expect("kill the leader");
     let killed = Instant::now();
-    let _ = a.0.wait();
+    let _ = pair.a.0.wait();
     let mut elected = None;
     let until = killed + Duration::from_secs(60);
     let first_commit = loop {
         if elected.is_none()
-            && std::fs::read_to_string(&log_b)
+            && std::fs::read_to_string(&pair.log_b)
                 .unwrap_or_default()
                 .contains("elected leader")
         {
             elected = Some(killed.elapsed());
         }
-        // Standbys answer UNAVAILABLE until elected; the CLI then fails, which is fine here.
-        let out = std::process::Command::new(quarry_tests::bin("coordinator"))
-            .args(["status", "served", "--json", "--coordinator", &addr_b])
-            .output()
-            .expect("coordinator status");
-        let now = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|v| v[0]["rounds_committed"].as_u64());
-        if now.is_some_and(|n| n > before) {
+        // A standby answers UNAVAILABLE until it is elected: no status then.
+        if status(&pair.addr_b, "served").is_some_and(|v| committed(&v) > before) {
             break killed.elapsed();
         }
         assert!(Instant::now() < until, "no commit within 60 s of the kill");
         std::thread::sleep(Duration::from_millis(50));
     };
+    let elected = elected.unwrap_or(first_commit);
     println!(
         "failover: standby elected {:.2} s and first commit {:.2} s after SIGKILL of the leader",
-        elected.unwrap_or(first_commit).as_secs_f64(),
+        elected.as_secs_f64(),
         first_commit.as_secs_f64()
     );
-    (elected.unwrap_or(first_commit), first_commit)
+    (elected, first_commit)
 }
 
 fn env_num(name: &str, default: usize) -> usize {

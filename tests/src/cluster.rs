@@ -66,11 +66,7 @@ pub fn slow_job_file(dir: &Path, root: &Path, sleep_ms: u32) -> PathBuf {
 pub async fn reference_run(sleep_ms: u32, args: &[&str]) -> tempfile::TempDir {
     let reference = crate::legacy_root();
     let job = slow_job_file(reference.path(), reference.path(), sleep_ms);
-    let job = job.to_str().expect("UTF-8 temp path");
-    let mut all = vec!["--job", job, "--progress", "off"];
-    all.extend_from_slice(args);
-    let out = crate::run(&all).await.expect("reference run");
-    assert_eq!(out.exit_code(), 0, "the reference run did not finish");
+    crate::run_job_to_end(&job, args).await;
     reference
 }
 
@@ -258,16 +254,66 @@ pub fn wait_for_log(log: &Path, needle: &str, limit: Duration) -> String {
     }
 }
 
-/// `coordinator status JOB --json` against `addrs` (comma-separated), parsed.
-pub fn job_status_json(job: &str, addrs: &str) -> serde_json::Value {
-    let out = Command::new(bin("coordinator"))
-        .args(["status", job, "--json", "--coordinator", addrs])
-        .output()
-        .expect("run coordinator status");
-    assert!(
-        out.status.success(),
-        "coordinator status: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
+/// The `served` job ([`slow_job_file`], rounds of `sleep_ms`) submitted to two `coordinator
+/// serve` processes on one etcd (`--lease-ttl 8 --election-ttl 3`), `a` elected first and `b`
+/// campaigning, and a worker with agents `0,1` knowing both; logs in `home`.
+pub struct FailoverPair {
+    pub a: Killed,
+    pub b: Killed,
+    pub worker: Killed,
+    pub addr_b: String,
+    /// Both addresses, comma-separated.
+    pub both: String,
+    pub log_b: PathBuf,
+    pub worker_log: PathBuf,
+}
+
+impl FailoverPair {
+    pub fn start(etcd: &str, home: &Path, root: &Path, sleep_ms: u32) -> FailoverPair {
+        let job = slow_job_file(home, root, sleep_ms);
+        let state = format!(
+            "etcd://{}/quarry-failover",
+            etcd.trim_start_matches("http://")
+        );
+        let store_url = format!("file://{}", home.join("store").display());
+        let args = [
+            "--state",
+            &state,
+            "--store",
+            &store_url,
+            "--lease-ttl",
+            "8",
+            "--election-ttl",
+            "3",
+        ];
+        let env = [("QUARRY_LOG", "info".to_string())];
+        let (log_a, log_b) = (home.join("a.log"), home.join("b.log"));
+        let (a, addr_a) = start_serve_with(&args, &env, &log_a);
+        wait_for_log(&log_a, "elected leader", Duration::from_secs(20));
+        let (b, addr_b) = start_serve_with(&args, &env, &log_b);
+        wait_for_log(&log_b, "campaigning", Duration::from_secs(20));
+        let both = format!("{addr_a},{addr_b}");
+        let worker_log = home.join("worker.log");
+        let worker = spawn_worker(&both, "0,1", &env, Some(&worker_log));
+        let submit = submit(&job, &both, false);
+        assert!(
+            submit.status.success(),
+            "submit: {}",
+            String::from_utf8_lossy(&submit.stderr)
+        );
+        FailoverPair {
+            a,
+            b,
+            worker,
+            addr_b,
+            both,
+            log_b,
+            worker_log,
+        }
+    }
+
+    /// The job's status through both addresses; panics when neither answers.
+    pub fn status(&self) -> serde_json::Value {
+        status(&self.both, "served").expect("a coordinator answers `status served`")
+    }
 }

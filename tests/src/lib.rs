@@ -108,6 +108,22 @@ pub async fn run(args: &[&str]) -> anyhow::Result<RunOutcome> {
     quarry_coordinator::cli::run(run_args(args), CancellationToken::new(), false).await
 }
 
+/// `coordinator run --job JOB --progress off EXTRA...` in this process, which must end the job
+/// (exit code 0): the reference a cluster run is compared with.
+pub async fn run_job_to_end(job: &Path, extra: &[&str]) -> RunOutcome {
+    let job = job.to_str().expect("UTF-8 job path");
+    let mut args = vec!["--job", job, "--progress", "off"];
+    args.extend_from_slice(extra);
+    let out = run(&args).await.expect("coordinator run");
+    assert_eq!(
+        out.exit_code(),
+        0,
+        "the run did not finish: {:?}",
+        out.status
+    );
+    out
+}
+
 /// `<root>/data/experiments`.
 pub fn experiments(root: &Path) -> PathBuf {
     root.join("data/experiments")

@@ -5,12 +5,9 @@
 
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use quarry_tests::cluster::{
-    job_status_json, reference_run, slow_job_file, spawn_worker, start_serve_with, wait_for_log,
-};
+use quarry_tests::cluster::{FailoverPair, reference_run, wait_for_log};
 use quarry_tests::etcd::Etcd;
 use quarry_tests::*;
 
@@ -21,63 +18,24 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
     let home = tempfile::tempdir().unwrap();
     let store = home.path().join("store");
     // Rounds take about a second, so some are running when the leader dies.
-    let job = slow_job_file(home.path(), root.path(), 900);
-
-    let state = format!(
-        "etcd://{}/quarry-failover",
-        etcd.endpoints()[0].trim_start_matches("http://")
-    );
-    let store_url = format!("file://{}", store.display());
-    let args = [
-        "--state",
-        &state,
-        "--store",
-        &store_url,
-        "--lease-ttl",
-        "8",
-        "--election-ttl",
-        "3",
-    ];
-    let log_env = [("QUARRY_LOG", "info".to_string())];
-    let log_a = home.path().join("a.log");
-    let log_b = home.path().join("b.log");
-    let (mut a, addr_a) = start_serve_with(&args, &log_env, &log_a);
-    wait_for_log(&log_a, "elected leader", Duration::from_secs(20));
-    let (_b, addr_b) = start_serve_with(&args, &log_env, &log_b);
-    wait_for_log(&log_b, "campaigning", Duration::from_secs(20));
-    let both = format!("{addr_a},{addr_b}");
-
-    let worker_log = home.path().join("worker.log");
-    let _worker = spawn_worker(&both, "0,1", &log_env, Some(&worker_log));
-    let submit = Command::new(bin("coordinator"))
-        .arg("submit")
-        .arg(&job)
-        .args(["--coordinator", &both])
-        .output()
-        .unwrap();
-    assert!(
-        submit.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submit.stderr)
-    );
+    let mut pair = FailoverPair::start(&etcd.endpoints()[0], home.path(), root.path(), 900);
+    let log_b = pair.log_b.clone();
 
     // Wait until some rounds are committed and two are running, then kill the leader.
     let until = Instant::now() + Duration::from_secs(60);
     loop {
-        let v = job_status_json("served", &both);
-        let committed = v[0]["rounds_committed"].as_u64().unwrap();
-        let running = v[0]["rounds_in_flight"].as_u64().unwrap();
+        let v = pair.status();
+        let committed = v["rounds_committed"].as_u64().unwrap();
+        let running = v["rounds_in_flight"].as_u64().unwrap();
         if committed >= 2 && running >= 2 {
             break;
         }
         assert!(Instant::now() < until, "job made no progress: {v}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let committed_at_kill = job_status_json("served", &both)[0]["rounds_committed"]
-        .as_u64()
-        .unwrap();
-    a.0.kill().unwrap();
-    a.0.wait().unwrap();
+    let committed_at_kill = pair.status()["rounds_committed"].as_u64().unwrap();
+    pair.a.0.kill().unwrap();
+    pair.a.0.wait().unwrap();
     let killed_at = Instant::now();
 
     let b_log = wait_for_log(&log_b, "elected leader", Duration::from_secs(20));
@@ -86,12 +44,11 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
     let until = Instant::now() + Duration::from_secs(120);
     let mut first_commit: Option<Duration> = None;
     let done = loop {
-        let v = job_status_json("served", &both);
-        if first_commit.is_none() && v[0]["rounds_committed"].as_u64().unwrap() > committed_at_kill
-        {
+        let v = pair.status();
+        if first_commit.is_none() && v["rounds_committed"].as_u64().unwrap() > committed_at_kill {
             first_commit = Some(killed_at.elapsed());
         }
-        if v[0]["state"] == "done" {
+        if v["state"] == "done" {
             break v;
         }
         assert!(
@@ -100,12 +57,12 @@ async fn killing_the_leader_mid_job_loses_and_duplicates_nothing() {
         );
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(done[0]["samples_collected"], 180, "{done}");
+    assert_eq!(done["samples_collected"], 180, "{done}");
     let b_log = std::fs::read_to_string(&log_b).unwrap_or(b_log);
     assert!(
         b_log.contains("running rounds reported at registration"),
         "the new leader adopted no running round:\n{b_log}\n--- worker:\n{}",
-        std::fs::read_to_string(&worker_log).unwrap_or_default()
+        std::fs::read_to_string(&pair.worker_log).unwrap_or_default()
     );
     eprintln!(
         "standby took over {took_over:?} after the leader was killed; first commit by the new leader after {first_commit:?}"

@@ -144,15 +144,7 @@ async fn serve_and_worker_on_s3_give_the_same_finals_as_a_local_run() {
     // The same job through `coordinator run` on a local directory.
     let reference = legacy_root();
     let reference_job = job_file(reference.path(), reference.path());
-    let out = run(&[
-        "--job",
-        reference_job.to_str().unwrap(),
-        "--progress",
-        "off",
-    ])
-    .await
-    .unwrap();
-    assert_eq!(out.exit_code(), 0);
+    run_job_to_end(&reference_job, &[]).await;
 
     let store = moto.store("team/runs");
     let manifest =
@@ -211,15 +203,7 @@ async fn s3_errors_and_resets_are_retried_and_lose_nothing() {
 
     let reference = legacy_root();
     let reference_job = job_file(reference.path(), reference.path());
-    let out = run(&[
-        "--job",
-        reference_job.to_str().unwrap(),
-        "--progress",
-        "off",
-    ])
-    .await
-    .unwrap();
-    assert_eq!(out.exit_code(), 0);
+    run_job_to_end(&reference_job, &[]).await;
     let store = moto.store("runs");
     assert_store_finals_match(&store, "served", &["obj_a", "obj_b"], reference.path()).await;
     assert!(
@@ -277,15 +261,7 @@ round_dir = "out/{{name}}"
     let reference = tempfile::tempdir().unwrap();
     let reference_job = reference.path().join("job.toml");
     std::fs::write(&reference_job, job_text(reference.path())).unwrap();
-    let out = run(&[
-        "--job",
-        reference_job.to_str().unwrap(),
-        "--progress",
-        "off",
-    ])
-    .await
-    .unwrap();
-    assert_eq!(out.exit_code(), 0);
+    run_job_to_end(&reference_job, &[]).await;
 
     let store = moto.store("lab");
     let m: serde_json::Value = serde_json::from_slice(

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use quarry_tests::cluster::{Killed, served_job_file, spawn_worker, submit};
+use quarry_tests::cluster::{Killed, served_job_file, spawn_worker, status, submit};
 use quarry_tests::*;
 
 fn job_file(dir: &std::path::Path, root: &std::path::Path) -> std::path::PathBuf {
@@ -80,19 +80,6 @@ async fn serve_worker_submit_status_as_processes() {
     }
 }
 
-fn status_json(addr: &str, job: &str) -> Option<serde_json::Value> {
-    let out = Command::new(bin("coordinator"))
-        .args(["status", job, "--json", "--coordinator", addr])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    serde_json::from_slice::<serde_json::Value>(&out.stdout)
-        .ok()
-        .map(|v| v[0].clone())
-}
-
 fn start_serve(home: &std::path::Path, store: &std::path::Path, ttl: &str) -> (Killed, String) {
     start_serve_with_state(
         &format!("file://{}", home.join("state.redb").display()),
@@ -135,7 +122,7 @@ async fn a_killed_workers_round_is_reissued_after_the_lease_ttl() {
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let s = status_json(&addr, "served");
+        let s = status(&addr, "served");
         if s.as_ref()
             .is_some_and(|s| s["rounds_in_flight"].as_u64().unwrap_or(0) > 0)
         {

@@ -279,7 +279,7 @@ mod tests {
             .enable_all()
             .build()
             .unwrap();
-        for bad in [0, crate::MAX_LEASE_BATCH + 1] {
+        for bad in [0, quarry_common::transport::MAX_ROUNDS_PER_CALL as u32 + 1] {
             let mut cfg = AgentConfig::new("127.0.0.1:1", "0");
             cfg.lease_batch = bad;
             let e = rt

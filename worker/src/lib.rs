@@ -16,9 +16,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-pub use agent::{
-    AgentConfig, AgentError, AgentStats, MAX_LEASE_BATCH, Shutdown, parse_lease_batch, run_agent,
-};
+pub use agent::{AgentConfig, AgentError, AgentStats, Shutdown, parse_lease_batch, run_agent};
 
 /// Runs one agent per GPU in `gpus` (ids as `--gpu` takes them) until `shutdown` is
 /// cancelled, which stops them at once; returns each agent's stats. GPUs are resolved

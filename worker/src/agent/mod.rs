@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::connect::{ConnectError, coordinators, register};
 use crate::gpu::{GpuInfo, Inventory, NoInventory};
 use crate::monitor::Monitor;
-use quarry_common::transport::ClientSecurity;
+use quarry_common::transport::{ClientSecurity, MAX_ROUNDS_PER_CALL};
 
 /// Settings of one agent.
 #[derive(Clone)]
@@ -107,8 +107,8 @@ impl AgentConfig {
     }
 }
 
-/// Most rounds an agent asks for in one Acquire call (the coordinator's own bound).
-pub const MAX_LEASE_BATCH: u32 = 64;
+/// Most rounds an agent asks for in one Acquire call: the protocol's bound.
+const MAX_LEASE_BATCH: u32 = MAX_ROUNDS_PER_CALL as u32;
 
 /// Checks a `--lease-batch` value: a whole number from 1 to [`MAX_LEASE_BATCH`]. The error
 /// names the flag and the range (clap adds the value given).

@@ -10,12 +10,10 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+use quarry_common::transport::MAX_ROUNDS_PER_CALL;
 use quarry_proto::v1 as pb;
 use tokio::sync::oneshot;
 use tonic::Status;
-
-/// Most completions in one CompleteBatch (the coordinator's bound).
-pub(super) const MAX_PER_CALL: usize = 64;
 
 /// What one completion's caller gets back: the coordinator's answer, or the status the call
 /// (or, in a batch, this completion) failed with.
@@ -57,7 +55,7 @@ impl Outbox {
     }
 
     /// For the sender: the completions to send next, oldest first, at most
-    /// [`MAX_PER_CALL`]. `None` when nothing waits; the sender stops, and the next
+    /// [`MAX_ROUNDS_PER_CALL`]. `None` when nothing waits; the sender stops, and the next
     /// [`Outbox::push`] starts another.
     pub fn next_batch(&self) -> Option<Vec<Waiting>> {
         let mut st = self.lock();
@@ -65,7 +63,7 @@ impl Outbox {
             st.sending = false;
             return None;
         }
-        let n = st.waiting.len().min(MAX_PER_CALL);
+        let n = st.waiting.len().min(MAX_ROUNDS_PER_CALL);
         Some(st.waiting.drain(..n).collect())
     }
 }
@@ -137,10 +135,10 @@ mod tests {
     #[test]
     fn a_batch_never_exceeds_the_coordinator_bound() {
         let o = Outbox::default();
-        for i in 0..(MAX_PER_CALL as u64 + 3) {
+        for i in 0..(MAX_ROUNDS_PER_CALL as u64 + 3) {
             o.push(waiting(i).0);
         }
-        assert_eq!(o.next_batch().unwrap().len(), MAX_PER_CALL);
+        assert_eq!(o.next_batch().unwrap().len(), MAX_ROUNDS_PER_CALL);
         assert_eq!(ids(&o.next_batch().unwrap()), [64, 65, 66]);
         assert!(o.next_batch().is_none());
     }
