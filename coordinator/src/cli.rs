@@ -536,7 +536,7 @@ async fn drive(
     let _ = agents.await;
     let status = match last {
         Some(s) => s,
-        None => coord.status(&resp.job_id)?,
+        None => coord.status(&resp.job_id)?.into(),
     };
     if !interrupted
         || matches!(

@@ -42,9 +42,9 @@ use quarry_common::transport::{ClientSecurity, MAX_MESSAGE_BYTES, ServerSecurity
 use quarry_coordinator::coordinator::{Coordinator, CoordinatorConfig};
 use quarry_coordinator::service::{Leadership, serve};
 use quarry_coordinator::spec::JobSpec;
-use quarry_coordinator::state::StateStore;
 use quarry_coordinator::state::embedded::EmbeddedStore;
 use quarry_coordinator::state::etcd::EtcdStore;
+use quarry_coordinator::state::{JobState, StateStore};
 use quarry_proto::v1 as pb;
 use quarry_proto::v1::worker_service_client::WorkerServiceClient;
 use sha2::{Digest, Sha256};
@@ -436,7 +436,7 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
     // The clock stops when the job is done (every round committed, every final written), not
     // when the last worker has found out that nothing is left.
     let until = Instant::now() + Duration::from_secs(600);
-    while coord.status("bench").expect("status").state == pb::JobState::Running as i32
+    while coord.status("bench").expect("status").state == JobState::Running
         && Instant::now() < until
     {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -449,11 +449,7 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
         com.extend(c);
     }
     let st = coord.status("bench").expect("status");
-    assert_eq!(
-        st.state,
-        pb::JobState::Done as i32,
-        "bench job did not finish"
-    );
+    assert_eq!(st.state, JobState::Done, "bench job did not finish");
     let committed = st.rounds_committed as usize;
     assert!(
         committed >= total,

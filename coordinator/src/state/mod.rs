@@ -12,6 +12,9 @@ pub mod embedded;
 pub mod etcd;
 
 /// The suite every implementation must pass; public so backend tests elsewhere can run it.
+/// The contract every [`StateStore`] must keep, as assertions; compiled for the crate's own
+/// tests and, with the `conformance` feature, for other crates' (the etcd tests).
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 
 use std::collections::BTreeMap;

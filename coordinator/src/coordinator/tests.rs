@@ -1,0 +1,531 @@
+//! The core exercised directly (no gRPC) and one batch completion over real gRPC: adopt
+//! window, commit judgement against the store, stale attempts, batch acquire and complete.
+
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quarry_common::storage::Store;
+use quarry_common::transport::MAX_ROUNDS_PER_CALL;
+use quarry_proto::v1 as pb;
+use sha2::Digest;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::spec::JobSpec;
+use crate::state::embedded::EmbeddedStore;
+
+fn spec(root: &std::path::Path) -> JobSpec {
+    let mut s: JobSpec = serde_json::from_value(serde_json::json!({
+        "exp_name": "verify",
+        "objects": ["a"],
+        "target_count_per_object": 10,
+        "round_batch_size": 10,
+        "retry_backoff_ms": 1,
+        "root": root,
+        "generator": serde_json::to_value(JobSpec::legacy_generator()).unwrap(),
+    }))
+    .unwrap();
+    s.retry_backoff_ms = 1;
+    s
+}
+
+/// A worker whose report does not match what the store holds (a file changed or cut
+/// short after it was hashed) gets its attempt rejected and recorded as failed; a correct
+/// report of the retried round commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adopt_window_holds_back_resumed_jobs_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let store = Store::open_dir(&dir.path().join("store")).unwrap();
+    let first = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(EmbeddedStore::open(&path).unwrap()),
+        store.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    first.submit(spec(dir.path())).await.unwrap();
+    first.close().await;
+    // A new leader resumes "verify" and waits for its rounds to be reported ...
+    let cfg = CoordinatorConfig {
+        adopt_window: Duration::from_secs(30),
+        ..Default::default()
+    };
+    let c = Coordinator::start(
+        cfg,
+        Arc::new(EmbeddedStore::open(&path).unwrap()),
+        store,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let (worker, _) = c.register("host", "0", "", None, &[]);
+    let none = c
+        .acquire(&worker, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(none.is_none(), "the resumed job waits for the adopt window");
+    // ... but a job submitted now has nothing to adopt and starts at once.
+    let mut fresh = spec(dir.path());
+    fresh.exp_name = "fresh".into();
+    c.submit(fresh).await.unwrap();
+    let got = c
+        .acquire(&worker, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .expect("the new job's round is handed out during the window");
+    assert_eq!(got.lease.job_id, "fresh");
+    c.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_files_differ_from_the_report_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+    let store = Store::open_dir(&dir.path().join("store")).unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(state),
+        store.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    c.submit(spec(dir.path())).await.unwrap();
+    let (worker, refused) = c.register("host", "0", "", None, &[]);
+    assert!(refused.is_empty());
+
+    let first = c
+        .acquire(&worker, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let files = upload(
+        &store,
+        &first.lease.task.staging_prefix,
+        b"what the store holds",
+        b"what the worker hashed",
+    )
+    .await;
+    let (outcome, msg) = c
+        .complete(
+            &worker,
+            first.lease.lease_id,
+            files,
+            1,
+            CompleteExtras::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Verdict::Rejected, "{msg}");
+    assert!(msg.contains("sha256"), "{msg}");
+    let st = c.status("verify").unwrap();
+    assert_eq!((st.failed_attempts, st.rounds_committed), (1, 0));
+
+    // The round is retried; an honest report commits it.
+    let retry = c
+        .acquire(&worker, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(retry.lease.round, first.lease.round);
+    let files = upload(
+        &store,
+        &retry.lease.task.staging_prefix,
+        b"same bytes",
+        b"same bytes",
+    )
+    .await;
+    let (outcome, msg) = c
+        .complete(
+            &worker,
+            retry.lease.lease_id,
+            files,
+            1,
+            CompleteExtras::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Verdict::Committed, "{msg}");
+    c.close().await;
+}
+
+/// The race of a slow attempt: its lease expires, the round is re-leased and committed by
+/// another worker, and then the slow one reports. It is refused as a duplicate and its
+/// files are deleted; the round keeps the second attempt's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_attempt_after_the_round_was_recommitted_is_rejected_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+    let store = Store::open_dir(&dir.path().join("store")).unwrap();
+    let cfg = CoordinatorConfig {
+        lease_ttl: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let c = Coordinator::start(
+        cfg,
+        Arc::new(state),
+        store.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    c.submit(spec(dir.path())).await.unwrap();
+    let (slow, _) = c.register("host", "0", "slow", None, &[]);
+    let (fast, _) = c.register("host", "1", "fast", None, &[]);
+    let stale = c
+        .acquire(&slow, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap()
+        .lease;
+    let stale_files = upload(
+        &store,
+        &stale.task.staging_prefix,
+        b"slow attempt",
+        b"slow attempt",
+    )
+    .await;
+    // No heartbeat from the slow worker: the reaper expires its lease and the round is
+    // retried (after the spec's 1 ms backoff) by the fast worker, which commits it.
+    let until = Instant::now() + Duration::from_secs(10);
+    let retry = loop {
+        if let Some(g) = c.acquire(&fast, Duration::from_millis(100)).await.unwrap() {
+            break g.lease;
+        }
+        assert!(
+            Instant::now() < until,
+            "the expired round was never re-leased"
+        );
+    };
+    assert_eq!((retry.round, retry.seed), (stale.round, stale.seed));
+    assert_ne!(retry.attempt, stale.attempt);
+    let files = upload(
+        &store,
+        &retry.task.staging_prefix,
+        b"fast attempt",
+        b"fast attempt",
+    )
+    .await;
+    let (outcome, _) = c
+        .complete(&fast, retry.lease_id, files, 1, CompleteExtras::default())
+        .await
+        .unwrap();
+    assert_eq!(outcome, Verdict::Committed);
+
+    // A confused report naming the committed attempt's file deletes nothing.
+    let committed_key = files_key(&retry.task.staging_prefix);
+    let mut confused = stale_files.clone();
+    confused[0].key = committed_key.clone();
+    let (outcome, _) = c
+        .complete(
+            &slow,
+            stale.lease_id + 1_000,
+            confused,
+            1,
+            CompleteExtras::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Verdict::Duplicate);
+    assert!(store.get_bytes(&committed_key).await.unwrap().is_some());
+
+    let (outcome, msg) = c
+        .complete(
+            &slow,
+            stale.lease_id,
+            stale_files.clone(),
+            1,
+            CompleteExtras::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Verdict::Duplicate, "{msg}");
+    assert!(
+        store
+            .get_bytes(&stale_files[0].key)
+            .await
+            .unwrap()
+            .is_none(),
+        "the stale attempt's file is still in the store"
+    );
+    let st = c.status("verify").unwrap();
+    assert_eq!(st.rounds_committed, 1);
+    let rec = c.state.load_object("verify", "a").await.unwrap();
+    assert_eq!(rec.commits[&retry.round].attempt, retry.attempt);
+    c.close().await;
+}
+
+/// A batch Acquire hands out exactly the rounds, in the order, that single calls would,
+/// and never more than the bound per call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_acquire_takes_what_single_acquires_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut job = spec(dir.path());
+    job.objects = vec!["a".into(), "b".into()];
+    job.target_count_per_object = 40; // 4 rounds of 10 per object
+    let start = |name: &str| {
+        let path = dir.path().join(name);
+        async move {
+            Coordinator::start(
+                CoordinatorConfig::default(),
+                Arc::new(EmbeddedStore::open(&path).unwrap()),
+                Store::in_memory(),
+                CancellationToken::new(),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let key = |l: &RoundLease| (l.object.clone(), l.round, l.seed, l.task.clone());
+    let single = start("single.redb").await;
+    single.submit(job.clone()).await.unwrap();
+    let (w, _) = single.register("host", "0", "", None, &[]);
+    let mut one_by_one = Vec::new();
+    while let Some(g) = single.acquire(&w, Duration::from_millis(50)).await.unwrap() {
+        one_by_one.push(key(&g.lease));
+    }
+    assert_eq!(one_by_one.len(), 8);
+
+    let batched = start("batched.redb").await;
+    batched.submit(job.clone()).await.unwrap();
+    let (w, _) = batched.register("host", "0", "", None, &[]);
+    let (mut sizes, mut together, mut ids) = (Vec::new(), Vec::new(), HashSet::new());
+    loop {
+        let grants = batched
+            .acquire_many(&w, 3, Duration::from_millis(50))
+            .await
+            .unwrap();
+        if grants.is_empty() {
+            break;
+        }
+        sizes.push(grants.len());
+        for g in grants {
+            assert!(ids.insert(g.lease.lease_id), "lease ids are distinct");
+            together.push(key(&g.lease));
+        }
+    }
+    assert_eq!(sizes, [3, 3, 2]);
+    assert_eq!(together, one_by_one);
+    single.close().await;
+    batched.close().await;
+
+    // However many are asked for, one call grants at most MAX_ROUNDS_PER_CALL.
+    job.exp_name = "big".into();
+    job.objects = vec!["a".into()];
+    job.target_count_per_object = 10 * 100;
+    let big = start("big.redb").await;
+    big.submit(job).await.unwrap();
+    let (w, _) = big.register("host", "0", "", None, &[]);
+    let grants = big
+        .acquire_many(&w, 1000, Duration::from_millis(50))
+        .await
+        .unwrap();
+    assert_eq!(grants.len(), MAX_ROUNDS_PER_CALL);
+    big.close().await;
+}
+
+/// CompleteBatch over real gRPC: each completion is judged alone (a commit, a rejection
+/// for a file that differs from the report, a duplicate for a lease named twice or
+/// unknown), and a repeat never deletes what its first mention commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complete_batch_judges_each_completion_alone() {
+    use quarry_common::transport::{ClientSecurity, ServerSecurity};
+    use quarry_proto::v1::worker_service_client::WorkerServiceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+    let store = Store::open_dir(&dir.path().join("store")).unwrap();
+    let stop = CancellationToken::new();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(state),
+        store.clone(),
+        stop.child_token(),
+    )
+    .await
+    .unwrap();
+    let mut job = spec(dir.path());
+    job.target_count_per_object = 30;
+    c.submit(job).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn(crate::service::serve(
+        crate::service::Leadership::leading(Arc::clone(&c)),
+        listener,
+        ServerSecurity::default(),
+        stop.clone(),
+    ));
+    let mut client = WorkerServiceClient::new(ClientSecurity::plain().channel(&addr).unwrap());
+    let worker_id = client
+        .register(pb::RegisterRequest {
+            host: "h".into(),
+            gpu: "0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    let got = client
+        .acquire(pb::AcquireRequest {
+            worker_id: worker_id.clone(),
+            wait_ms: 5000,
+            max_leases: 3,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let leases: Vec<pb::Lease> = got.lease.into_iter().chain(got.more).collect();
+    assert_eq!(leases.len(), 3);
+    let report = |lease: &pb::Lease, files: Vec<pb::UploadedFile>| pb::CompleteRequest {
+        worker_id: worker_id.clone(),
+        lease_id: lease.lease_id,
+        files,
+        generator_ms: 1,
+        ..Default::default()
+    };
+    let good0 = wire(upload(&store, prefix(&leases[0]), b"round bytes", b"round bytes").await);
+    let bad1 = wire(upload(&store, prefix(&leases[1]), b"stored", b"hashed").await);
+    let good2 = wire(upload(&store, prefix(&leases[2]), b"more bytes", b"more bytes").await);
+    let mut unknown = report(&leases[0], good0.clone());
+    unknown.lease_id = 999_999;
+    let completions = vec![
+        report(&leases[0], good0.clone()),
+        report(&leases[1], bad1),
+        report(&leases[2], good2.clone()),
+        report(&leases[0], good0.clone()),
+        unknown,
+    ];
+    let results = client
+        .complete_batch(pb::CompleteBatchRequest { completions })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let outcomes: Vec<pb::CommitOutcome> = results
+        .iter()
+        .map(|r| r.response.as_ref().unwrap().outcome())
+        .collect();
+    use pb::CommitOutcome::{Committed, Duplicate, Rejected};
+    assert_eq!(
+        outcomes,
+        [Committed, Rejected, Committed, Duplicate, Duplicate]
+    );
+    let st = c.status("verify").unwrap();
+    assert_eq!((st.rounds_committed, st.failed_attempts), (2, 1));
+    // The committed attempts' files are intact, the repeat of round 0 included (round 1
+    // is still to be retried, so no merge has consumed them yet).
+    for files in [&good0, &good2] {
+        let held = store.hash_object(&files[0].key).await.unwrap();
+        assert_eq!(held.map(|h| h.sha256), Some(files[0].sha256.clone()));
+    }
+
+    // Too many completions in one call is refused as a whole, naming the bound.
+    let many = (0..MAX_ROUNDS_PER_CALL + 1)
+        .map(|_| report(&leases[0], good0.clone()))
+        .collect();
+    let err = client
+        .complete_batch(pb::CompleteBatchRequest { completions: many })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("at most"), "{}", err.message());
+    stop.cancel();
+    let _ = server.await;
+    c.close().await;
+}
+
+/// Puts `stored` in the attempt's staging (`staging_prefix`) and returns the report of a
+/// worker that hashed `reported`.
+async fn upload(
+    store: &Store,
+    staging_prefix: &str,
+    stored: &'static [u8],
+    reported: &'static [u8],
+) -> Vec<ReportedFile> {
+    let key = files_key(staging_prefix);
+    store.put_bytes(&key, stored).await.unwrap();
+    vec![ReportedFile {
+        name: "a.npy".into(),
+        key,
+        size: reported.len() as u64,
+        sha256: hex(&sha2::Sha256::digest(reported)),
+        count: 10,
+        schema: "npy <f4 (*, 3)".into(),
+        kept: None,
+    }]
+}
+
+/// The staging prefix of a lease as the wire carries it.
+fn prefix(lease: &pb::Lease) -> &str {
+    &lease.task.as_ref().unwrap().staging_prefix
+}
+
+/// A report as a worker sends it.
+fn wire(files: Vec<ReportedFile>) -> Vec<pb::UploadedFile> {
+    files.into_iter().map(pb::UploadedFile::from).collect()
+}
+
+fn files_key(staging_prefix: &str) -> String {
+    format!("{staging_prefix}/a.npy")
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Registrations do not pile up: a worker not heard from for twice the lease TTL is
+/// forgotten (status no longer lists it, its next heartbeat is told to register again), while
+/// a worker that keeps heartbeating stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_worker_is_forgotten_after_twice_the_lease_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CoordinatorConfig {
+        lease_ttl: Duration::from_millis(150),
+        ..Default::default()
+    };
+    let c = Coordinator::start(
+        cfg,
+        Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap()),
+        Store::in_memory(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    c.submit(spec(dir.path())).await.unwrap();
+    let (quiet, _) = c.register("host", "0", "quiet", None, &[]);
+    let (alive, _) = c.register("host", "1", "alive", None, &[]);
+    let listed = |c: &Coordinator| -> Vec<String> {
+        c.status("verify")
+            .unwrap()
+            .workers
+            .into_iter()
+            .map(|w| w.worker_id)
+            .collect()
+    };
+    assert_eq!(listed(&c), [alive.clone(), quiet.clone()]);
+    // Bounded: 40 heartbeats of the live worker, 20 ms apart (about 5 TTLs).
+    let mut forgotten_after = None;
+    for i in 0..40 {
+        assert!(c.heartbeat(&alive, &[], None, String::new()).is_some());
+        if forgotten_after.is_none() && listed(&c) == [alive.clone()] {
+            forgotten_after = Some(i);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = forgotten_after.expect("the quiet worker is still listed after 5 lease TTLs");
+    assert!(
+        after >= 10,
+        "forgotten after {after} x 20 ms, before twice the TTL"
+    );
+    assert_eq!(c.heartbeat(&quiet, &[], None, String::new()), None);
+    // Registering again works as for any new agent.
+    let (back, _) = c.register("host", "0", "quiet", None, &[]);
+    assert!(listed(&c).contains(&back));
+    c.close().await;
+}
