@@ -24,6 +24,7 @@ pub mod zarr;
 
 mod elem;
 mod filter;
+mod pickle;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

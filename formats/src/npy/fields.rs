@@ -2,7 +2,8 @@
 //! dicts), numbers out of Python and numpy values, numeric leaves for `examine`, and the
 //! canonical byte encoding that de-duplication hashes.
 //!
-//! numpy values arrive as the calls that rebuild them (never performed, see `value.rs`):
+//! numpy values arrive as the calls that rebuild them (never performed, see
+//! `crate::pickle`):
 //! - a scalar (`np.float32(x)`, `np.bool_`, ...) is `multiarray.scalar(dtype, raw_bytes)`;
 //! - an array is `multiarray._reconstruct(ndarray, (0,), b'b')` BUILT with the state
 //!   `(1, shape, dtype, fortran, raw_bytes)`;
@@ -13,7 +14,7 @@
 //! `numpy._core.multiarray`), which the canonical encoding treats as one.
 
 use super::header::PyLit;
-use super::value::Value;
+use crate::pickle::Value;
 
 /// A fixed-size numeric element type: bool, signed or unsigned integer, or float.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +104,7 @@ fn is_numpy_module(m: &str) -> bool {
 }
 
 /// The global a recorded call calls, if it is one.
-fn callee(o: &super::value::Obj) -> Option<(&str, &str)> {
+fn callee(o: &crate::pickle::Obj) -> Option<(&str, &str)> {
     match &o.callable {
         Value::Global(g) => Some((g.0.as_str(), g.1.as_str())),
         _ => None,
@@ -166,7 +167,7 @@ fn numpy_numbers(v: &Value) -> Option<NumpyNumbers> {
     }
     let bytes = |v: Option<&Value>| match v {
         Some(Value::Bytes(b)) => Some(Some(b.clone())),
-        Some(Value::Opaque(super::value::Kind::Bytes)) => Some(None),
+        Some(Value::Opaque(crate::pickle::Kind::Bytes)) => Some(None),
         _ => None,
     };
     match name {
