@@ -24,6 +24,7 @@ pub mod zarr;
 
 mod elem;
 mod filter;
+mod half;
 mod pickle;
 
 use std::fmt;

@@ -69,7 +69,7 @@ impl NumType {
                 let shift = 64 - 8 * n as u32;
                 ((u << shift) as i64 >> shift) as f64
             }
-            (b'f', 2) => half(u as u16),
+            (b'f', 2) => crate::half::to_f64(u as u16),
             (b'f', 4) => f32::from_bits(u as u32) as f64,
             (_, _) => f64::from_bits(u),
         }
@@ -83,19 +83,6 @@ impl NumType {
             (_, false) => '<',
         };
         format!("{order}{}{}", self.kind as char, self.size)
-    }
-}
-
-/// IEEE half precision to f64.
-fn half(h: u16) -> f64 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = (h >> 10) & 0x1f;
-    let frac = (h & 0x3ff) as f64;
-    sign * match exp {
-        0 => frac * 2f64.powi(-24),
-        0x1f if frac == 0.0 => f64::INFINITY,
-        0x1f => f64::NAN,
-        e => (1.0 + frac / 1024.0) * 2f64.powi(e as i32 - 15),
     }
 }
 
