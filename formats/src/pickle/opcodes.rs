@@ -249,7 +249,7 @@ const COUNTED: u8 = 0x80;
 
 /// For [`complete_len`], by opcode: the whole op's length when it is fixed, `COUNTED | width`
 /// for a counted payload with an unsigned length, or 0 for what the fast path leaves to
-/// [`OpReader::next_op`]: text-line arguments (rare from protocol 3 on), signed lengths
+/// [`super::OpReader::next_op`]: text-line arguments (rare from protocol 3 on), signed lengths
 /// (`BINSTRING`, `LONG4`: they need a sign check), `PROTO`, and bytes that are no opcode.
 const LAYOUT: [u8; 256] = {
     let mut t = [0u8; 256];
@@ -270,7 +270,7 @@ const LAYOUT: [u8; 256] = {
 };
 
 /// Length of the op at the start of `s` (opcode, argument and payload) when all of it is in
-/// `s` and it is of a common form; `None` leaves it to [`OpReader::next_op`], which reads
+/// `s` and it is of a common form; `None` leaves it to [`super::OpReader::next_op`], which reads
 /// across buffer ends, streams large payloads and reports malformed ops.
 ///
 /// This is what lets the merge work straight out of the read buffer: almost every op of a

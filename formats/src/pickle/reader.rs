@@ -65,7 +65,7 @@ impl<R: BufRead> OpReader<R> {
     }
 
     /// The bytes buffered from the next op on (any unread payload of the last op skipped),
-    /// for callers that take complete ops straight out of the buffer ([`complete_len`]) and
+    /// for callers that take complete ops straight out of the buffer ([`super::complete_len`]) and
     /// then [`OpReader::consume`] them; empty only at the end of the stream. Invalidates
     /// [`OpReader::head`].
     pub fn buffered(&mut self) -> Result<&[u8], FormatError> {

@@ -14,7 +14,7 @@ use crate::pickle::{Decoder, Depth, Op, complete_len, op};
 ///
 /// [`copy_run`] takes ops straight out of the read buffer for as long as it can; the op it
 /// stops at (cut by the buffer's end, or not a plain element op) goes the general way, one
-/// [`OpReader::next_op`] at a time, and then the fast path resumes.
+/// [`crate::pickle::OpReader::next_op`] at a time, and then the fast path resumes.
 pub(super) fn copy_whole<R: BufRead, W: Write>(
     inp: &mut Input<R>,
     tr: &mut Translator,

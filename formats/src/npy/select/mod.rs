@@ -40,7 +40,7 @@
 //!
 //! Planning holds one pickle batch (1,000 elements) decoded, the decoder's memo (four bytes
 //! per entry, plus dict key strings and values kept whole until a 64 MiB budget per input is spent: see
-//! [`Keeper`]),
+//! `Keeper` in `walk.rs`),
 //! which element wrote each memo entry (four bytes per entry), the reads of earlier elements
 //! (eight bytes per distinct pair, in practice one or two per element), the plan (one byte per
 //! sample) and the de-duplication digests (16 bytes per distinct sample). Writing holds one

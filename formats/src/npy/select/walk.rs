@@ -23,7 +23,7 @@ const MAX_KEYS: usize = 1 << 20;
 /// needs them): a dict's entry comes before its keys' in the memo, so compacting the dict
 /// learns them. Other values later elements may read (dtypes, shared scalars, a dict saved
 /// twice) stay whole while the budget lasts, and then become summaries. A value later read
-/// from a summary cannot be filtered on or compared, which [`Judge`] reports as an error
+/// from a summary cannot be filtered on or compared, which [`super::judge::Judge`] reports as an error
 /// rather than guessing; numpy's pickles write their shared values in the first elements of
 /// a round, long before the budget runs out.
 struct Keeper {
