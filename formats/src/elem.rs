@@ -93,7 +93,7 @@ impl Elem {
     fn float(&self, b: &[u8]) -> f64 {
         let w = self.word(b);
         match b.len() {
-            2 => f16_to_f64(w as u16),
+            2 => crate::half::to_f64(w as u16),
             4 => f32::from_bits(w as u32) as f64,
             _ => f64::from_bits(w),
         }
@@ -165,7 +165,7 @@ impl Elem {
     /// The bytes of float `v` in this (float) type's width and byte order.
     pub fn encode_float(&self, v: f64) -> Option<Vec<u8>> {
         let w = match (self.kind, self.size) {
-            (Kind::Float, 2) => f64_to_f16(v) as u64,
+            (Kind::Float, 2) => crate::half::from_f64(v) as u64,
             (Kind::Float, 4) | (Kind::Complex, 8) => (v as f32).to_bits() as u64,
             (Kind::Float, 8) | (Kind::Complex, 16) => v.to_bits(),
             _ => return None,
@@ -192,39 +192,6 @@ impl Elem {
         }
         b
     }
-}
-
-fn f16_to_f64(h: u16) -> f64 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = ((h >> 10) & 0x1f) as i32;
-    let frac = (h & 0x3ff) as f64;
-    match exp {
-        0 => sign * frac * 2f64.powi(-24),
-        31 if frac == 0.0 => sign * f64::INFINITY,
-        31 => f64::NAN,
-        e => sign * (1.0 + frac / 1024.0) * 2f64.powi(e - 15),
-    }
-}
-
-fn f64_to_f16(v: f64) -> u16 {
-    if v.is_nan() {
-        return 0x7e00;
-    }
-    let sign: u16 = if v.is_sign_negative() { 0x8000 } else { 0 };
-    let a = v.abs();
-    if a >= 65520.0 {
-        return sign | 0x7c00;
-    }
-    if a < 2f64.powi(-24) / 2.0 {
-        return sign;
-    }
-    if a < 2f64.powi(-14) {
-        return sign | (a / 2f64.powi(-24)).round() as u16;
-    }
-    let e = a.log2().floor() as i32;
-    let m = ((a / 2f64.powi(e) - 1.0) * 1024.0).round() as u32;
-    let (e, m) = if m == 1024 { (e + 1, 0) } else { (e, m) };
-    sign | (((e + 15) as u16) << 10) | m as u16
 }
 
 /// The digest of one sample's de-duplication fields: each field contributes its name, its

@@ -24,6 +24,8 @@ pub mod zarr;
 
 mod elem;
 mod filter;
+mod half;
+mod pickle;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

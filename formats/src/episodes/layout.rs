@@ -414,8 +414,7 @@ pub(super) fn check_episode(
     };
     let ext = lay.episodes.get(&idx).map(String::as_str).unwrap_or("");
     let res = if is_pickle(ext) {
-        crate::npy::pickle_check::check_complete(BufReader::with_capacity(READ_BUF, &mut tee), len)
-            .map(|_| ())
+        crate::pickle::check_complete(BufReader::with_capacity(READ_BUF, &mut tee), len).map(|_| ())
     } else if tee.w.is_some() {
         std::io::copy(&mut tee, &mut std::io::sink())
             .map(|_| ())

@@ -15,7 +15,7 @@
 //! (`%05d`), one episode file and one metadata file each and nothing else but the summary
 //! (and `logs/`); every metadata file is a JSON object whose `episode_idx` is its index; every
 //! episode file is non-empty and, for `.pkl`/`.pickle`, one complete pickle stream (checked to
-//! its `STOP` without loading it: see `npy::pickle_check`). The schema is
+//! its `STOP` without loading it: see `pickle::check_complete`). The schema is
 //! `episodes <ext> meta [statistics keys, sorted]` (every episode's `statistics` must have the
 //! same keys) or `episodes empty`.
 //!

@@ -147,7 +147,7 @@ pub fn decode(info: &TypeInfo, raw: &[u8], out: &mut Vec<f64>) {
         }
         let v = match info.class {
             TypeClass::Float => match size {
-                2 => f16_to_f64(u16::from_le_bytes([b[0], b[1]])),
+                2 => crate::half::to_f64(u16::from_le_bytes([b[0], b[1]])),
                 4 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
                 _ => f64::from_le_bytes(b),
             },
@@ -158,18 +158,6 @@ pub fn decode(info: &TypeInfo, raw: &[u8], out: &mut Vec<f64>) {
             _ => u64::from_le_bytes(b) as f64,
         };
         out.push(v);
-    }
-}
-
-fn f16_to_f64(h: u16) -> f64 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = (h >> 10) & 0x1f;
-    let frac = (h & 0x3ff) as f64;
-    sign * match exp {
-        0 => frac * 2f64.powi(-24),
-        0x1f if frac == 0.0 => f64::INFINITY,
-        0x1f => f64::NAN,
-        e => (1.0 + frac / 1024.0) * 2f64.powi(e as i32 - 15),
     }
 }
 

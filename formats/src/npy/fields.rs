@@ -2,7 +2,8 @@
 //! dicts), numbers out of Python and numpy values, numeric leaves for `examine`, and the
 //! canonical byte encoding that de-duplication hashes.
 //!
-//! numpy values arrive as the calls that rebuild them (never performed, see `value.rs`):
+//! numpy values arrive as the calls that rebuild them (never performed, see
+//! `crate::pickle`):
 //! - a scalar (`np.float32(x)`, `np.bool_`, ...) is `multiarray.scalar(dtype, raw_bytes)`;
 //! - an array is `multiarray._reconstruct(ndarray, (0,), b'b')` BUILT with the state
 //!   `(1, shape, dtype, fortran, raw_bytes)`;
@@ -13,7 +14,7 @@
 //! `numpy._core.multiarray`), which the canonical encoding treats as one.
 
 use super::header::PyLit;
-use super::value::Value;
+use crate::pickle::Value;
 
 /// A fixed-size numeric element type: bool, signed or unsigned integer, or float.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,7 +69,7 @@ impl NumType {
                 let shift = 64 - 8 * n as u32;
                 ((u << shift) as i64 >> shift) as f64
             }
-            (b'f', 2) => half(u as u16),
+            (b'f', 2) => crate::half::to_f64(u as u16),
             (b'f', 4) => f32::from_bits(u as u32) as f64,
             (_, _) => f64::from_bits(u),
         }
@@ -85,25 +86,12 @@ impl NumType {
     }
 }
 
-/// IEEE half precision to f64.
-fn half(h: u16) -> f64 {
-    let sign = if h & 0x8000 != 0 { -1.0 } else { 1.0 };
-    let exp = (h >> 10) & 0x1f;
-    let frac = (h & 0x3ff) as f64;
-    sign * match exp {
-        0 => frac * 2f64.powi(-24),
-        0x1f if frac == 0.0 => f64::INFINITY,
-        0x1f => f64::NAN,
-        e => (1.0 + frac / 1024.0) * 2f64.powi(e as i32 - 15),
-    }
-}
-
 fn is_numpy_module(m: &str) -> bool {
     m == "numpy" || m.starts_with("numpy.")
 }
 
 /// The global a recorded call calls, if it is one.
-fn callee(o: &super::value::Obj) -> Option<(&str, &str)> {
+fn callee(o: &crate::pickle::Obj) -> Option<(&str, &str)> {
     match &o.callable {
         Value::Global(g) => Some((g.0.as_str(), g.1.as_str())),
         _ => None,
@@ -166,7 +154,7 @@ fn numpy_numbers(v: &Value) -> Option<NumpyNumbers> {
     }
     let bytes = |v: Option<&Value>| match v {
         Some(Value::Bytes(b)) => Some(Some(b.clone())),
-        Some(Value::Opaque(super::value::Kind::Bytes)) => Some(None),
+        Some(Value::Opaque(crate::pickle::Kind::Bytes)) => Some(None),
         _ => None,
     };
     match name {

@@ -5,7 +5,7 @@
 //!   a merge rewrites the header and copies bytes (`copy_file_range` between files on Linux);
 //! - 1-D object arrays as `np.save(path, list_of_dicts, allow_pickle=True)` writes them: the
 //!   data is a pickle, merged natively by splicing the opcodes that build each input's list
-//!   into one list (see `object.rs`), so no Python runs and memory stays bounded however big
+//!   into one list (see `object/`), so no Python runs and memory stays bounded however big
 //!   the inputs are.
 //!
 //! The merged file loads with `np.load(path, allow_pickle=True)` on numpy 1.26 and 2.x and
@@ -13,13 +13,9 @@
 
 mod fields;
 pub(crate) mod header;
-mod memo;
 mod numeric;
 mod object;
-mod pickle;
-pub(crate) mod pickle_check;
 mod select;
-mod value;
 
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -235,7 +231,7 @@ pub fn inspect_dataset(
 /// [`crate::merge`] for `.npy`: without a filter or de-duplication, [`merge`] into a new file
 /// at `out`; with them, a two-phase merge (plan, then write) that keeps the pickle of object
 /// arrays valid however the left-out elements shared memo entries with kept ones (see
-/// `select.rs`). The result equals
+/// `select/`). The result equals
 /// `np.concatenate([np.load(f, allow_pickle=True) for f in inputs])[keep][:limit]`, where
 /// `keep` passes the filter and is the first occurrence (in input order) of its
 /// de-duplication fields' values; the same inputs and options give the same bytes.

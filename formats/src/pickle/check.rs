@@ -4,8 +4,7 @@
 
 use std::io::BufRead;
 
-use super::FormatError;
-use super::pickle::{Depth, OpReader, complete_len, op};
+use super::{Depth, FormatError, OpReader, complete_len, op};
 
 /// Walks the pickle stream `r` (of `len` bytes) op by op to its `STOP` and checks that:
 /// every opcode is known and its argument complete; large payloads are all there (they are
@@ -88,7 +87,7 @@ pub(crate) fn check_complete<R: BufRead>(r: R, len: u64) -> Result<u64, FormatEr
                 Ok(false) => {
                     return Err(FormatError::BadPickle {
                         offset: o.offset,
-                        reason: format!("{} pops from an empty stack", super::pickle::name(code)),
+                        reason: format!("{} pops from an empty stack", super::opcodes::name(code)),
                     });
                 }
                 Err(reason) => {
