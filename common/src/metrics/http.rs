@@ -350,6 +350,15 @@ mod tests {
         .await;
         assert!(post.starts_with("HTTP/1.1 405"), "{post}");
         assert_eq!(header(&post, "allow"), Some("GET"), "{post}");
+        let huge = exchange(
+            s.addr,
+            &format!(
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+                "a".repeat(2 * MAX_REQUEST_HEAD)
+            ),
+        )
+        .await;
+        assert!(huge.starts_with("HTTP/1.1 431"), "{huge}");
         // HTTP/1.0 clients are answered too.
         assert!(
             exchange(s.addr, "GET /healthz HTTP/1.0\r\n\r\n")
