@@ -1,17 +1,25 @@
 //! Prometheus metrics: a small registry of counters, gauges and histograms rendered in the
-//! text exposition format, and the HTTP endpoint (`--metrics-listen`) that serves `/metrics`
-//! and `/healthz`. Names are prefixed `quarry_`; labels are few and low-cardinality (never a
-//! seed, round or attempt).
+//! text exposition format, and the HTTP endpoint (`--metrics-listen`, [`http`]) that serves
+//! `/metrics` and `/healthz`. Names are prefixed `quarry_`; labels are few and low-cardinality
+//! (never a seed, round or attempt).
+//!
+//! The registry and its rendering are written here rather than taken from the
+//! `prometheus-client` crate: that crate renders OpenMetrics, where a counter's family is named
+//! without its `_total` suffix (`# TYPE quarry_rounds_leased counter` over the sample
+//! `quarry_rounds_leased_total`), the body ends in `# EOF` and the content type differs. The
+//! `# HELP`/`# TYPE` families would no longer match the metric names the documentation, the
+//! dashboard and the alert rules use (and `tests/tests/prometheus.rs` checks), its registry
+//! registers through `&mut` (ours creates series on first use through a shared `Arc`), and its
+//! histogram takes a lock per observation. What it would replace is the ~150 lines below.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+pub mod http;
+
+pub use http::{MetricsArgs, ServeConfig, bind, serve, serve_with};
 
 /// Buckets (seconds) for RPC-scale latencies.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -307,113 +315,6 @@ fn fmt_f64(v: f64) -> String {
     }
 }
 
-/// Serves `GET /metrics` (the registry) and `GET /healthz` (200 while `healthy()` says so,
-/// else 503) on `listener` until `shutdown`. One short request per connection; a slow or
-/// broken client is dropped after 10 s and never blocks another.
-pub async fn serve(
-    listener: TcpListener,
-    registry: Arc<Registry>,
-    healthy: Arc<dyn Fn() -> bool + Send + Sync>,
-    shutdown: CancellationToken,
-) {
-    loop {
-        let (mut conn, _) = tokio::select! {
-            c = listener.accept() => match c {
-                Ok(c) => c,
-                Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-            _ = shutdown.cancelled() => return,
-        };
-        let registry = Arc::clone(&registry);
-        let healthy = Arc::clone(&healthy);
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), async move {
-                let mut buf = vec![0u8; 4096];
-                let mut got = 0;
-                // Read until the end of the request head (or the buffer is full).
-                while got < buf.len() {
-                    let n = conn.read(&mut buf[got..]).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    got += n;
-                    if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-                let head = String::from_utf8_lossy(&buf[..got]);
-                let mut parts = head.split_whitespace();
-                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let path = path.split('?').next().unwrap_or("");
-                let (status, ctype, body) = match (method, path) {
-                    ("GET", "/metrics") => (
-                        "200 OK",
-                        "text/plain; version=0.0.4; charset=utf-8",
-                        registry.render(),
-                    ),
-                    ("GET", "/healthz") if healthy() => ("200 OK", "text/plain", "ok\n".into()),
-                    ("GET", "/healthz") => (
-                        "503 Service Unavailable",
-                        "text/plain",
-                        "unhealthy\n".into(),
-                    ),
-                    ("GET", _) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".into()),
-                    _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
-                };
-                let response = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                conn.write_all(response.as_bytes()).await?;
-                conn.shutdown().await
-            })
-            .await;
-        });
-    }
-}
-
-/// `--metrics-listen`, shared by both binaries.
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct MetricsArgs {
-    /// Serve Prometheus metrics (`/metrics`) and `/healthz` over HTTP on this address
-    /// (e.g. 0.0.0.0:9090); off when not given.
-    #[arg(
-        long = "metrics-listen",
-        env = "QUARRY_METRICS_LISTEN",
-        value_name = "ADDR"
-    )]
-    pub metrics_listen: Option<String>,
-}
-
-impl MetricsArgs {
-    /// Starts the endpoint when the flag was given (until `shutdown`) and says where on
-    /// stderr (`metrics on http://ADDR/metrics`); returns the address.
-    pub async fn start(
-        &self,
-        registry: Arc<Registry>,
-        shutdown: CancellationToken,
-    ) -> Result<Option<SocketAddr>, String> {
-        let Some(addr) = &self.metrics_listen else {
-            return Ok(None);
-        };
-        let (listener, local) = bind(addr).await?;
-        eprintln!("metrics on http://{local}/metrics");
-        tokio::spawn(serve(listener, registry, Arc::new(|| true), shutdown));
-        Ok(Some(local))
-    }
-}
-
-/// Binds `addr` for [`serve`], naming the flag in the error.
-pub async fn bind(addr: &str) -> Result<(TcpListener, SocketAddr), String> {
-    let l = TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
-    let local = l
-        .local_addr()
-        .map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
-    Ok((l, local))
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -465,40 +366,5 @@ quarry_commit_seconds_count 3
 ";
         assert_eq!(text, want);
         assert_eq!(h.count(), 3);
-    }
-
-    #[tokio::test]
-    async fn serves_metrics_and_health_over_http() {
-        let r = Registry::new();
-        r.counter("quarry_x_total", "X.", &[]).inc();
-        let (listener, addr) = bind("127.0.0.1:0").await.unwrap();
-        let healthy = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let h = Arc::clone(&healthy);
-        let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(
-            listener,
-            Arc::clone(&r),
-            Arc::new(move || h.load(Ordering::Relaxed)),
-            stop.clone(),
-        ));
-        let get = |path: &'static str| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        };
-        let m = get("/metrics").await;
-        assert!(m.starts_with("HTTP/1.1 200 OK"), "{m}");
-        assert!(m.contains("\r\n\r\n# HELP quarry_x_total X.\n"), "{m}");
-        assert!(m.contains("quarry_x_total 1\n"), "{m}");
-        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
-        healthy.store(false, Ordering::Relaxed);
-        assert!(get("/healthz").await.starts_with("HTTP/1.1 503"));
-        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
-        stop.cancel();
-        server.await.unwrap();
     }
 }
