@@ -2,16 +2,12 @@
 //! to workers over gRPC, commits each round exactly once, merges committed rounds into the
 //! final per object, writes the manifest and cleans up.
 
-pub mod cli;
-pub mod client;
 pub mod coordinator;
 pub mod election;
-pub mod inspect;
 pub mod job;
 pub mod manifest;
 pub mod merge;
 pub mod metrics;
-pub mod progress;
 pub mod service;
 pub mod spec;
 pub mod state;

@@ -213,6 +213,28 @@ const PLACEHOLDERS: &[&str] = &[
 ];
 
 impl JobSpec {
+    /// A job of the legacy generator ([`JobSpec::legacy_generator`]) with every other field at
+    /// the default a job file gets when it leaves the field out; `root` is empty until set.
+    pub fn legacy(exp_name: String, objects: Vec<String>, target_count_per_object: u64) -> JobSpec {
+        JobSpec {
+            exp_name,
+            objects,
+            target_count_per_object,
+            round_batch_size: default_batch(),
+            num_iterations: default_iterations(),
+            seed_base: default_seed_base(),
+            seed_stride: default_stride(),
+            max_rounds: None,
+            final_dir_mode: FinalDirMode::default(),
+            keep_intermediate: false,
+            retries: default_retries(),
+            retry_backoff_ms: default_backoff_ms(),
+            root: PathBuf::new(),
+            generator: JobSpec::legacy_generator(),
+            merge: MergeSpec::default(),
+        }
+    }
+
     /// The legacy generator: `python3 main.py ...` in `<root>/BimanGrasp-Optimization`,
     /// output read from `<root>/data/experiments/<name>/results/<object>.npy`.
     pub fn legacy_generator() -> GeneratorSpec {

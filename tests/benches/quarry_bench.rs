@@ -178,7 +178,7 @@ fn quarry_run(rt: &tokio::runtime::Runtime, n: u64, gpus: &str) -> Duration {
     let job_s = job.to_str().expect("utf-8 temp path");
     let t = Instant::now();
     let outcome = rt
-        .block_on(quarry_coordinator::cli::run(
+        .block_on(quarry_cli::run(
             quarry_tests::run_args(&["--job", job_s, gpus, "--progress", "off"]),
             CancellationToken::new(),
             false,
@@ -457,7 +457,7 @@ async fn gap_run(n: u64, prefetch: bool) -> (Vec<f64>, Duration) {
     );
     let job = root.join("job.toml");
     std::fs::write(&job, text).expect("write job");
-    let spec = quarry_coordinator::cli::read_job_file(&job).expect("job file");
+    let spec = quarry_cli::read_job_file(&job).expect("job file");
     let store_dir = root.join("store");
     std::fs::create_dir_all(&store_dir).expect("mkdir store");
     let state = EmbeddedStore::open(&root.join("state.redb")).expect("state");

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use quarry_coordinator::cli::{Cli, Command as Cmd, RunOutcome};
+use quarry_cli::{Cli, Command as Cmd, RunOutcome};
 use sha2::{Digest, Sha256};
 
 pub mod cluster;
@@ -90,7 +90,7 @@ stats = "data/experiments/{{name}}/stats.json"
 }
 
 /// Parses `coordinator run` arguments as the binary would.
-pub fn run_args(args: &[&str]) -> quarry_coordinator::cli::RunArgs {
+pub fn run_args(args: &[&str]) -> quarry_cli::RunArgs {
     let mut argv = vec!["coordinator", "run"];
     argv.extend_from_slice(args);
     match <Cli as clap::Parser>::try_parse_from(argv) {
@@ -105,7 +105,7 @@ pub fn run_args(args: &[&str]) -> quarry_coordinator::cli::RunArgs {
 
 /// Runs `coordinator run` in this process (real gRPC on loopback, real generator processes).
 pub async fn run(args: &[&str]) -> anyhow::Result<RunOutcome> {
-    quarry_coordinator::cli::run(run_args(args), CancellationToken::new(), false).await
+    quarry_cli::run(run_args(args), CancellationToken::new(), false).await
 }
 
 /// `coordinator run --job JOB --progress off EXTRA...` in this process, which must end the job

@@ -12,7 +12,7 @@ use quarry_proto::v1 as pb;
 use quarry_tests::*;
 
 /// Writes a job file into `root` and runs it with `coordinator run`.
-async fn run_job(root: &Path, toml: &str, extra: &[&str]) -> quarry_coordinator::cli::RunOutcome {
+async fn run_job(root: &Path, toml: &str, extra: &[&str]) -> quarry_cli::RunOutcome {
     let job = root.join("job.toml");
     std::fs::write(&job, toml).expect("write job file");
     let job = job.to_str().expect("utf-8 path").to_string();

@@ -1,9 +1,12 @@
+//! The `coordinator` binary: parses the command line, starts telemetry and runs the command
+//! ([`quarry_cli::main`]); the exit code is the command's.
+
 use clap::Parser;
 use quarry_common::telemetry::{self, TelemetryConfig};
 
 #[tokio::main]
 async fn main() {
-    let cli = quarry_coordinator::cli::Cli::parse();
+    let cli = quarry_cli::Cli::parse();
     let telemetry = match telemetry::init(TelemetryConfig {
         service: "quarry-coordinator",
         default_filter: "warn",
@@ -16,7 +19,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let code = match quarry_coordinator::cli::main(cli).await {
+    let code = match quarry_cli::main(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -1,5 +1,5 @@
-//! `coordinator inspect PATH`: validates a dataset, prints its statistics and, with `--png`,
-//! draws a report.
+//! Quarry's dataset inspector, behind `coordinator inspect PATH`: validates a dataset, prints
+//! its statistics and, with `--png`, draws a report. It depends only on `quarry-formats`.
 //!
 //! PATH is one dataset (a final file or directory, its format from `--format` or
 //! [`Format::detect`]) or an experiment directory holding `manifest.json`, in which case every

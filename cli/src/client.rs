@@ -110,6 +110,11 @@ impl JobClient {
     }
 }
 
+/// A failed call as the commands report it: the status's message alone.
+pub fn rpc_err(s: Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
 /// A status's message with the chain of errors under it (a transport failure's message alone,
 /// "tcp connect error", hides whether TLS or the network failed).
 pub fn describe(status: &Status) -> String {

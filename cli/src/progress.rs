@@ -193,7 +193,7 @@ pub fn line(s: &pb::JobStatus, elapsed: Duration) -> String {
 
 /// `successes/attempts (rate%)`, or `None` when no round reported a yield.
 pub fn success_rate(attempts: u64, successes: u64) -> Option<String> {
-    crate::state::RoundYield::rate(attempts, successes)
+    quarry_coordinator::state::RoundYield::rate(attempts, successes)
         .map(|r| format!("{successes}/{attempts} ({:.1}%)", 100.0 * r))
 }
 

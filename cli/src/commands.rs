@@ -1,0 +1,214 @@
+//! The client commands: `submit`, `status`, `jobs` and `cancel`, over the job service of a
+//! running `coordinator serve` (following a failover to the new leader).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use quarry_proto::v1 as pb;
+
+use crate::args::{CancelArgs, JobsArgs, StatusArgs, SubmitArgs};
+use crate::client::{JobClient, rpc_err};
+use crate::job_input::spec_from;
+use crate::progress::{self, Progress, ProgressMode};
+use crate::render::{object_line, status_json, worker_line};
+
+/// `coordinator submit`: sends the job; with `--watch`, follows it until it ends.
+pub async fn submit(a: SubmitArgs) -> anyhow::Result<i32> {
+    if a.job.is_none() && a.legacy.exp_name.is_none() {
+        bail!(
+            "nothing to submit: give a job file (coordinator submit job.toml) or scale_runner-style \
+             flags (--exp_name --object_code_list --target_count_per_object ...)"
+        );
+    }
+    let spec = spec_from(&a.legacy, a.job.as_deref(), a.root.as_deref())?;
+    spec.validate()?;
+    let spec_json = serde_json::to_string(&spec)?;
+    let mut c = JobClient::new(&a.client)?;
+    let resp = c
+        .call(|mut c| {
+            let spec_json = spec_json.clone();
+            async move { c.submit(pb::SubmitRequest { spec_json }).await }
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    if a.json {
+        println!(
+            "{}",
+            serde_json::json!({ "job": resp.job_id, "created": resp.created })
+        );
+    } else {
+        println!("{}", resp.job_id);
+        if !resp.created {
+            eprintln!("job {} existed with the same spec; resumed", resp.job_id);
+        }
+    }
+    if a.watch {
+        let mode = if a.json {
+            ProgressMode::Off
+        } else {
+            ProgressMode::Auto
+        };
+        return watch(&mut c, &resp.job_id, mode, a.json).await;
+    }
+    Ok(0)
+}
+
+/// Follows a job until it ends, across leader changes; 0 when done, 2 otherwise.
+async fn watch(
+    c: &mut JobClient,
+    job: &str,
+    mode: ProgressMode,
+    json: bool,
+) -> anyhow::Result<i32> {
+    let started = Instant::now();
+    let mut progress = Progress::new(mode);
+    let mut last: Option<pb::JobStatus> = None;
+    // A failover ends the stream; pick it up again from the new leader (bounded).
+    let mut reconnects = 0u32;
+    loop {
+        let mut stream = c
+            .call(|mut c| {
+                let job_id = job.to_string();
+                async move { c.watch_job(pb::GetJobRequest { job_id }).await }
+            })
+            .await
+            .map_err(rpc_err)?
+            .into_inner();
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(s)) => {
+                    progress.update(&s);
+                    let running = s.state == pb::JobState::Running as i32;
+                    last = Some(s);
+                    if !running {
+                        break true;
+                    }
+                }
+                Ok(None) => {
+                    break last
+                        .as_ref()
+                        .is_some_and(|s| s.state != pb::JobState::Running as i32);
+                }
+                Err(e) if JobClient::retryable(&e) => break false,
+                Err(e) => {
+                    progress.finish();
+                    return Err(rpc_err(e));
+                }
+            }
+        };
+        if ended {
+            break;
+        }
+        reconnects += 1;
+        if reconnects > 100 {
+            progress.finish();
+            bail!("lost the job's status stream {reconnects} times; giving up");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    progress.finish();
+    let Some(s) = last else {
+        bail!("no status received")
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+    } else {
+        eprintln!(
+            "{}",
+            progress::summary(&s, started.elapsed(), s.workers.len())
+        );
+    }
+    Ok(if s.state == pb::JobState::Done as i32 {
+        0
+    } else {
+        2
+    })
+}
+
+async fn fetch_jobs(c: &mut JobClient, job: Option<&str>) -> anyhow::Result<Vec<pb::JobStatus>> {
+    Ok(match job {
+        Some(j) => vec![
+            c.call(|mut c| {
+                let job_id = j.to_string();
+                async move { c.get_job(pb::GetJobRequest { job_id }).await }
+            })
+            .await
+            .map_err(rpc_err)?
+            .into_inner(),
+        ],
+        None => {
+            c.call(|mut c| async move { c.list_jobs(pb::ListJobsRequest {}).await })
+                .await
+                .map_err(rpc_err)?
+                .into_inner()
+                .jobs
+        }
+    })
+}
+
+/// `coordinator status`: one job's progress (or every job's), or `--watch` it.
+pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
+    let mut c = JobClient::new(&a.client)?;
+    if a.watch {
+        let job = a.job.context("--watch needs a job id")?;
+        let mode = if a.json {
+            ProgressMode::Off
+        } else {
+            ProgressMode::Auto
+        };
+        return watch(&mut c, &job, mode, a.json).await;
+    }
+    let jobs = fetch_jobs(&mut c, a.job.as_deref()).await?;
+    if a.json {
+        let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    for s in &jobs {
+        println!("{}", progress::line(s, Duration::from_millis(s.elapsed_ms)));
+        for o in &s.objects {
+            println!("{}", object_line(o));
+        }
+        for w in &s.workers {
+            println!("{}", worker_line(w));
+        }
+    }
+    Ok(0)
+}
+
+/// `coordinator jobs`: one line per job (or a JSON array).
+pub async fn jobs(a: JobsArgs) -> anyhow::Result<i32> {
+    let mut c = JobClient::new(&a.client)?;
+    let jobs = fetch_jobs(&mut c, None).await?;
+    if a.json {
+        let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(0);
+    }
+    if jobs.is_empty() {
+        println!("no jobs");
+    }
+    for s in &jobs {
+        println!("{}", progress::line(s, Duration::from_millis(s.elapsed_ms)));
+    }
+    Ok(0)
+}
+
+/// `coordinator cancel`: stops a job.
+pub async fn cancel(a: CancelArgs) -> anyhow::Result<i32> {
+    let mut c = JobClient::new(&a.client)?;
+    let job_id = a.job.clone();
+    c.call(|mut c| {
+        let job_id = job_id.clone();
+        async move { c.cancel_job(pb::CancelJobRequest { job_id }).await }
+    })
+    .await
+    .map_err(rpc_err)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "job": a.job, "cancelled": true }));
+    } else {
+        println!("job {} cancelled", a.job);
+    }
+    Ok(0)
+}

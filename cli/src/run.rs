@@ -1,0 +1,196 @@
+//! `coordinator run`: the one-process mode. The coordinator and one worker agent per GPU
+//! (`quarry_worker::run`) in this process, over gRPC on loopback; a preflight first checks
+//! what would make every round fail on this machine.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use quarry_common::storage::Store;
+use quarry_common::transport::ServerSecurity;
+use quarry_coordinator::coordinator::{Coordinator, CoordinatorConfig};
+use quarry_coordinator::service::Leadership;
+use quarry_coordinator::spec::JobSpec;
+use quarry_coordinator::state::embedded::EmbeddedStore;
+use quarry_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::args::RunArgs;
+use crate::client::{ClientArgs, JobClient, rpc_err};
+use crate::job_input::spec_from_flags;
+use crate::progress::{self, Progress, ProgressMode};
+use crate::shutdown_on_signal;
+
+/// How a `run` ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub status: pb::JobStatus,
+    pub interrupted: bool,
+}
+
+impl RunOutcome {
+    /// 0 done, 2 incomplete (a quota not met), 130 interrupted.
+    pub fn exit_code(&self) -> i32 {
+        if self.interrupted {
+            130
+        } else if self.status.state == pb::JobState::Done as i32 {
+            0
+        } else {
+            2
+        }
+    }
+}
+
+/// `coordinator run`: the one-command mode. Starts the coordinator on a loopback port and one
+/// agent per GPU speaking gRPC to it (the same path as remote workers), submits the job,
+/// shows progress until it ends, and stops everything.
+pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::Result<RunOutcome> {
+    let spec = spec_from_flags(&a)?;
+    spec.validate()?;
+    let gpus: Vec<String> = a.gpus.clone().unwrap_or_else(|| vec![a.gpu.clone()]);
+    for g in &gpus {
+        quarry_common::names::validate("--gpu", g).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    preflight(&spec)?;
+    let experiments = spec.root.join("data").join("experiments");
+    let state_path = experiments
+        .join(&spec.exp_name)
+        .join(".quarry")
+        .join("state.redb");
+    let state = EmbeddedStore::open(&state_path)?;
+    let store = Store::open_dir(&experiments)?;
+    let shutdown = CancellationToken::new();
+    if signals {
+        let s = shutdown_on_signal();
+        let st = stop.clone();
+        tokio::spawn(async move {
+            s.cancelled().await;
+            st.cancel();
+        });
+    }
+    let cfg = CoordinatorConfig {
+        lease_ttl: Duration::from_secs(a.lease_ttl.max(1)),
+        ..Default::default()
+    };
+    let coord = Coordinator::start(cfg, Arc::new(state), store, shutdown.clone()).await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(quarry_coordinator::service::serve(
+        Leadership::leading(Arc::clone(&coord)),
+        listener,
+        ServerSecurity::default(),
+        shutdown.clone(),
+    ));
+    let agents_stop = CancellationToken::new();
+    let result = drive(&a, &spec, &gpus, addr, &coord, &agents_stop, stop).await;
+    // Order matters: agents first (they stop their generators and release their leases over
+    // gRPC), then the server, then the background tasks; the state file is released after.
+    agents_stop.cancel();
+    shutdown.cancel();
+    let _ = server.await;
+    coord.close().await;
+    result
+}
+
+async fn drive(
+    a: &RunArgs,
+    spec: &JobSpec,
+    gpus: &[String],
+    addr: std::net::SocketAddr,
+    coord: &Arc<Coordinator>,
+    agents_stop: &CancellationToken,
+    stop: CancellationToken,
+) -> anyhow::Result<RunOutcome> {
+    let mut client = JobClient::new(&ClientArgs::plain(&addr.to_string()))?;
+    let spec_json = serde_json::to_string(spec)?;
+    let resp = client
+        .call(|mut c| {
+            let spec_json = spec_json.clone();
+            async move { c.submit(pb::SubmitRequest { spec_json }).await }
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    if !resp.created {
+        eprintln!("resuming experiment {} from its saved state", resp.job_id);
+    }
+    let mut base = quarry_worker::AgentConfig::new(addr.to_string(), "0");
+    base.lease_batch = a.lease_batch;
+    let agents = {
+        let gpus = gpus.to_vec();
+        let t = agents_stop.clone();
+        tokio::spawn(async move { quarry_worker::run(base, &gpus, t).await })
+    };
+
+    let started = Instant::now();
+    let mut progress = Progress::new(a.progress);
+    let job_id = resp.job_id.clone();
+    let mut stream = client
+        .call(|mut c| {
+            let job_id = job_id.clone();
+            async move { c.watch_job(pb::GetJobRequest { job_id }).await }
+        })
+        .await
+        .map_err(rpc_err)?
+        .into_inner();
+    let mut last = None;
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            msg = stream.message() => match msg {
+                Ok(Some(s)) => {
+                    progress.update(&s);
+                    let ended = s.state != pb::JobState::Running as i32;
+                    last = Some(s);
+                    if ended { break; }
+                }
+                Ok(None) => break,
+                Err(e) => { progress.finish(); bail!("lost the job's status stream: {}", e.message()); }
+            },
+            _ = stop.cancelled() => { interrupted = true; break; }
+        }
+    }
+    progress.finish();
+    agents_stop.cancel();
+    let _ = agents.await;
+    let status = match last {
+        Some(s) => s,
+        None => coord.status(&resp.job_id)?.into(),
+    };
+    if !interrupted
+        || matches!(
+            a.progress,
+            ProgressMode::Auto | ProgressMode::Bars | ProgressMode::Lines
+        )
+    {
+        eprintln!(
+            "{}",
+            progress::summary(&status, started.elapsed(), gpus.len())
+        );
+    }
+    Ok(RunOutcome {
+        status,
+        interrupted,
+    })
+}
+
+/// Checks, before anything runs, what would make every round fail on this machine.
+fn preflight(spec: &JobSpec) -> anyhow::Result<()> {
+    let cwd = spec.root.join(&spec.generator.cwd);
+    if !cwd.is_dir() {
+        bail!(
+            "generator directory {} does not exist; run from the directory that holds it, or pass --root (or set `cwd` in the job file)",
+            cwd.display()
+        );
+    }
+    // The legacy generator is `python3 main.py`: its script must be there.
+    if spec.generator.argv.get(1).is_some_and(|a| a == "main.py") && !cwd.join("main.py").is_file()
+    {
+        bail!(
+            "{} not found; run from the directory that holds BimanGrasp-Optimization/, or pass --root",
+            cwd.join("main.py").display()
+        );
+    }
+    Ok(())
+}
