@@ -92,7 +92,37 @@ impl Coordinator {
             };
             manifest::build(job)
         };
-        match serde_json::to_vec_pretty(&doc) {
+        self.put_manifest(job_id, &doc).await;
+    }
+
+    /// Writes the last manifest of a job that ended in `state`, then shows the job as ended,
+    /// both under the manifest lock so that no older picture is written after it.
+    pub(super) async fn publish_end(&self, job_id: &str, state: JobState) {
+        let _guard = self.manifest_lock.lock().await;
+        let doc = {
+            let inner = self.lock();
+            inner.jobs.get(job_id).map(|job| {
+                let mut doc = manifest::build(job);
+                if job.state == JobState::Running {
+                    doc.state = state;
+                }
+                doc
+            })
+        };
+        if let Some(doc) = doc {
+            self.put_manifest(job_id, &doc).await;
+        }
+        let mut inner = self.lock();
+        inner.finishing.remove(job_id);
+        if let Some(job) = inner.jobs.get_mut(job_id)
+            && job.state == JobState::Running
+        {
+            job.state = state;
+        }
+    }
+
+    async fn put_manifest(&self, job_id: &str, doc: &manifest::Manifest) {
+        match serde_json::to_vec_pretty(doc) {
             Ok(bytes) => {
                 if let Err(e) = self.store.put_bytes(&keys::manifest(job_id), bytes).await {
                     warn!(job = %job_id, error = %e, "could not write the manifest");

@@ -104,19 +104,25 @@ impl Coordinator {
     }
 
     /// Records the job's end state, removes leftover staging and writes the last manifest.
+    /// The job shows as ended only once its last manifest is written, so a client that reads
+    /// the manifest when `status` says the job ended reads the final one.
     pub(super) async fn finish_job(self: &Arc<Self>, job_id: &str) {
         let record = {
             let mut inner = self.lock();
-            let Some(job) = inner.jobs.get_mut(job_id) else {
+            if inner.finishing.contains(job_id) {
+                return;
+            }
+            let Some(job) = inner.jobs.get(job_id) else {
                 return;
             };
-            job.state = job.end_state();
-            JobRecord {
+            let record = JobRecord {
                 id: job_id.to_string(),
                 spec: job.spec.clone(),
                 created_unix_ms: job.created_unix_ms,
-                state: job.state,
-            }
+                state: job.end_state(),
+            };
+            inner.finishing.insert(job_id.to_string());
+            record
         };
         if let Err(e) = self.state.update_job(&record).await {
             warn!(job = %job_id, error = %e, "could not store the job's end state");
@@ -127,7 +133,7 @@ impl Coordinator {
                 warn!(job = %job_id, error = %e, "could not remove leftover staging");
             }
         }
-        self.write_manifest(job_id).await;
+        self.publish_end(job_id, record.state).await;
         info!(job = %job_id, state = ?record.state, "job finished");
         self.bump();
     }

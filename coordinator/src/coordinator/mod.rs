@@ -144,6 +144,9 @@ struct Inner {
     next_lease: u64,
     workers: HashMap<String, WorkerInfo>,
     next_worker: u64,
+    /// Jobs whose end is being recorded (`finish_job`): they still show as running until
+    /// their last manifest is written.
+    finishing: HashSet<String>,
 }
 
 impl Inner {
