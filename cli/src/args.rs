@@ -188,6 +188,11 @@ pub struct SubmitArgs {
 pub struct StatusArgs {
     /// Job id (its exp_name); every job when omitted.
     pub job: Option<String>,
+    /// Where a `coordinator run` of the job runs (the directory holding data/): without
+    /// --coordinator, its address and token are read from the job's state directory there
+    /// [default: the current directory].
+    #[arg(long = "root")]
+    pub root: Option<PathBuf>,
     #[command(flatten)]
     pub client: ClientArgs,
     /// Follow progress until the job ends.
@@ -210,6 +215,9 @@ pub struct JobsArgs {
 #[derive(Debug, Args)]
 pub struct CancelArgs {
     pub job: String,
+    /// Where a `coordinator run` of the job runs, as `status --root`.
+    #[arg(long = "root")]
+    pub root: Option<PathBuf>,
     #[command(flatten)]
     pub client: ClientArgs,
     /// Print the answer as JSON for scripts.

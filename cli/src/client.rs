@@ -2,23 +2,29 @@
 //! pointer to the leader, and retries (bounded) while a failover is under way.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use quarry_common::transport::MAX_MESSAGE_BYTES;
-use quarry_common::transport::{AuthChannel, ClientSecurityArgs, Coordinators, is_failover};
+use quarry_common::transport::{
+    AuthChannel, ClientSecurity, ClientSecurityArgs, Coordinators, is_failover,
+};
 use quarry_proto::v1::job_service_client::JobServiceClient;
 use tonic::Status;
+
+/// The address of `coordinator serve` when none is given.
+pub const DEFAULT_COORDINATOR: &str = "127.0.0.1:50051";
 
 /// Where the CLI finds the coordinators, and how it proves who it is.
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
-    /// Coordinator address(es), host:port; repeat or comma-separate to list standbys.
+    /// Coordinator address(es), host:port; repeat or comma-separate to list standbys
+    /// [default: the `coordinator run` of the named job under --root (or the current
+    /// directory) if one runs there, else 127.0.0.1:50051].
     #[arg(
         long = "coordinator",
         env = "QUARRY_COORDINATOR",
-        default_value = "127.0.0.1:50051",
         value_delimiter = ','
     )]
     pub coordinator: Vec<String>,
@@ -43,6 +49,37 @@ impl ClientArgs {
         self.security.auth_token_file = Some(path);
         self
     }
+
+    /// These settings, aimed at the `coordinator run` of experiment `job` under `root` when
+    /// no coordinator address is given and that run has published its endpoint (see
+    /// [`crate::endpoint`]): its address, and its token unless --auth-token-file is given.
+    /// Returns where the endpoint was found, for error messages.
+    pub fn or_local_run(
+        mut self,
+        root: &Path,
+        job: &str,
+    ) -> anyhow::Result<(ClientArgs, Option<PathBuf>)> {
+        if !self.coordinator.is_empty() {
+            return Ok((self, None));
+        }
+        let Some((addr, token)) = crate::endpoint::find(root, job)? else {
+            return Ok((self, None));
+        };
+        self.coordinator = vec![addr];
+        if self.security.auth_token_file.is_none() {
+            self.security.auth_token_file = Some(token);
+        }
+        Ok((self, Some(crate::endpoint::state_dir(root, job))))
+    }
+
+    /// The addresses to try: the given ones, or [`DEFAULT_COORDINATOR`].
+    fn addresses(&self) -> Vec<String> {
+        if self.coordinator.is_empty() {
+            vec![DEFAULT_COORDINATOR.to_string()]
+        } else {
+            self.coordinator.clone()
+        }
+    }
 }
 
 pub type Client = JobServiceClient<AuthChannel>;
@@ -56,8 +93,13 @@ pub struct JobClient {
 impl JobClient {
     pub fn new(args: &ClientArgs) -> anyhow::Result<JobClient> {
         let security = args.security.load()?;
+        JobClient::with_security(args, security)
+    }
+
+    /// A client with `security` in place of the files `args` names.
+    pub fn with_security(args: &ClientArgs, security: ClientSecurity) -> anyhow::Result<JobClient> {
         Ok(JobClient {
-            coords: Coordinators::new(&args.coordinator, security)?,
+            coords: Coordinators::new(&args.addresses(), security)?,
             patience: Duration::from_secs(args.connect_timeout.max(1)),
         })
     }

@@ -1,13 +1,14 @@
 //! The client commands: `submit`, `status`, `jobs` and `cancel`, over the job service of a
 //! running `coordinator serve` (following a failover to the new leader).
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use quarry_proto::v1 as pb;
 
 use crate::args::{CancelArgs, JobsArgs, StatusArgs, SubmitArgs};
-use crate::client::{JobClient, rpc_err};
+use crate::client::{ClientArgs, JobClient, rpc_err};
 use crate::job_input::spec_from;
 use crate::progress::{self, Progress, ProgressMode};
 use crate::render::{object_line, status_json, worker_line};
@@ -147,9 +148,43 @@ async fn fetch_jobs(c: &mut JobClient, job: Option<&str>) -> anyhow::Result<Vec<
     })
 }
 
+/// `client` aimed at the `coordinator run` of `job` under `root` (default: the current
+/// directory) when no address is given and that run published its endpoint there; and the
+/// state directory it was found in.
+fn local_run(
+    client: &ClientArgs,
+    root: Option<&Path>,
+    job: Option<&str>,
+) -> anyhow::Result<(ClientArgs, Option<PathBuf>)> {
+    let Some(job) = job else {
+        return Ok((client.clone(), None));
+    };
+    let root = match root {
+        Some(r) => r.to_path_buf(),
+        None => std::env::current_dir()?,
+    };
+    client.clone().or_local_run(&root, job)
+}
+
+/// A failed call, with where the endpoint came from when it was a `coordinator run`'s.
+fn explain(e: anyhow::Error, found: &Option<PathBuf>) -> anyhow::Error {
+    match found {
+        Some(dir) => e.context(format!(
+            "reaching the `coordinator run` whose address and token are in {} (has it ended?)",
+            dir.display()
+        )),
+        None => e,
+    }
+}
+
 /// `coordinator status`: one job's progress (or every job's), or `--watch` it.
 pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
-    let mut c = JobClient::new(&a.client)?;
+    let (client, found) = local_run(&a.client, a.root.as_deref(), a.job.as_deref())?;
+    status_of(a, client).await.map_err(|e| explain(e, &found))
+}
+
+async fn status_of(a: StatusArgs, client: ClientArgs) -> anyhow::Result<i32> {
+    let mut c = JobClient::new(&client)?;
     if a.watch {
         let job = a.job.context("--watch needs a job id")?;
         let mode = if a.json {
@@ -197,14 +232,15 @@ pub async fn jobs(a: JobsArgs) -> anyhow::Result<i32> {
 
 /// `coordinator cancel`: stops a job.
 pub async fn cancel(a: CancelArgs) -> anyhow::Result<i32> {
-    let mut c = JobClient::new(&a.client)?;
+    let (client, found) = local_run(&a.client, a.root.as_deref(), Some(&a.job))?;
+    let mut c = JobClient::new(&client).map_err(|e| explain(e, &found))?;
     let job_id = a.job.clone();
     c.call(|mut c| {
         let job_id = job_id.clone();
         async move { c.cancel_job(pb::CancelJobRequest { job_id }).await }
     })
     .await
-    .map_err(rpc_err)?;
+    .map_err(|e| explain(rpc_err(e), &found))?;
     if a.json {
         println!("{}", serde_json::json!({ "job": a.job, "cancelled": true }));
     } else {

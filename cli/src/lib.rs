@@ -7,6 +7,7 @@
 //! - [`run`](mod@run): `coordinator run`, the coordinator and one agent per GPU in one process;
 //! - [`serve`](mod@serve): `coordinator serve`, with the etcd leadership loop;
 //! - [`commands`]: `submit`, `status`, `jobs`, `cancel` over the job service ([`client`]);
+//! - [`endpoint`]: the address and token a `coordinator run` publishes for its user;
 //! - [`job_input`]: job files and scale_runner-style flags to a [`JobSpec`];
 //! - [`render`] and [`progress`]: what the commands print.
 //!
@@ -15,6 +16,7 @@
 pub mod args;
 pub mod client;
 pub mod commands;
+pub mod endpoint;
 pub mod job_input;
 pub mod progress;
 pub mod render;

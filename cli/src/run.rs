@@ -1,13 +1,14 @@
 //! `coordinator run`: the one-process mode. The coordinator and one worker agent per GPU
-//! (`quarry_worker::run`) in this process, over gRPC on loopback; a preflight first checks
-//! what would make every round fail on this machine.
+//! (`quarry_worker::run`) in this process, over gRPC on loopback with a random token that only
+//! this user can read (see [`crate::endpoint`]); a preflight first checks what would make every
+//! round fail on this machine.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use quarry_common::storage::Store;
-use quarry_common::transport::ServerSecurity;
+use quarry_common::transport::{ClientSecurity, ServerSecurity};
 use quarry_coordinator::coordinator::{Coordinator, CoordinatorConfig};
 use quarry_coordinator::service::Leadership;
 use quarry_coordinator::spec::JobSpec;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::args::RunArgs;
 use crate::client::{ClientArgs, JobClient, rpc_err};
+use crate::endpoint;
 use crate::job_input::spec_from_flags;
 use crate::progress::{self, Progress, ProgressMode};
 use crate::shutdown_on_signal;
@@ -44,7 +46,9 @@ impl RunOutcome {
 
 /// `coordinator run`: the one-command mode. Starts the coordinator on a loopback port and one
 /// agent per GPU speaking gRPC to it (the same path as remote workers), submits the job,
-/// shows progress until it ends, and stops everything.
+/// shows progress until it ends, and stops everything. Every call to the port must carry a
+/// token generated now and written owner-only beside the experiment's state, with the
+/// address, so that `coordinator status/cancel` of the same user find them.
 pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::Result<RunOutcome> {
     let spec = spec_from_flags(&a)?;
     spec.validate()?;
@@ -54,10 +58,8 @@ pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::
     }
     preflight(&spec)?;
     let experiments = spec.root.join("data").join("experiments");
-    let state_path = experiments
-        .join(&spec.exp_name)
-        .join(".quarry")
-        .join("state.redb");
+    let state_dir = endpoint::state_dir(&spec.root, &spec.exp_name);
+    let state_path = state_dir.join("state.redb");
     let state = EmbeddedStore::open(&state_path)?;
     let store = Store::open_dir(&experiments)?;
     let shutdown = CancellationToken::new();
@@ -76,33 +78,51 @@ pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::
     let coord = Coordinator::start(cfg, Arc::new(state), store, shutdown.clone()).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    let token = endpoint::new_token()?;
+    // Written before the server answers anything, and removed when this function returns.
+    let published = match endpoint::publish(&state_dir, &addr.to_string(), &token) {
+        Ok(p) => p,
+        Err(e) => {
+            shutdown.cancel();
+            coord.close().await;
+            return Err(e);
+        }
+    };
     let server = tokio::spawn(quarry_coordinator::service::serve(
         Leadership::leading(Arc::clone(&coord)),
         listener,
-        ServerSecurity::default(),
+        ServerSecurity {
+            token: Some(Arc::from(token.as_str())),
+            ..Default::default()
+        },
         shutdown.clone(),
     ));
     let agents_stop = CancellationToken::new();
-    let result = drive(&a, &spec, &gpus, addr, &coord, &agents_stop, stop).await;
+    let security = ClientSecurity::plain().with_token(&token);
+    let result = drive(&a, &spec, &gpus, addr, security, &coord, &agents_stop, stop).await;
     // Order matters: agents first (they stop their generators and release their leases over
     // gRPC), then the server, then the background tasks; the state file is released after.
     agents_stop.cancel();
     shutdown.cancel();
     let _ = server.await;
     coord.close().await;
+    drop(published);
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     a: &RunArgs,
     spec: &JobSpec,
     gpus: &[String],
     addr: std::net::SocketAddr,
+    security: ClientSecurity,
     coord: &Arc<Coordinator>,
     agents_stop: &CancellationToken,
     stop: CancellationToken,
 ) -> anyhow::Result<RunOutcome> {
-    let mut client = JobClient::new(&ClientArgs::plain(&addr.to_string()))?;
+    let mut client =
+        JobClient::with_security(&ClientArgs::plain(&addr.to_string()), security.clone())?;
     let spec_json = serde_json::to_string(spec)?;
     let resp = client
         .call(|mut c| {
@@ -116,6 +136,7 @@ async fn drive(
         eprintln!("resuming experiment {} from its saved state", resp.job_id);
     }
     let mut base = quarry_worker::AgentConfig::new(addr.to_string(), "0");
+    base.security = security;
     base.lease_batch = a.lease_batch;
     let agents = {
         let gpus = gpus.to_vec();

@@ -299,6 +299,14 @@ impl Coordinators {
         // Fail on a malformed address now rather than on first use.
         for a in &addrs {
             security.channel(a)?;
+            if security.token.is_some() && security.tls.is_none() && !is_loopback_address(a) {
+                tracing::warn!(
+                    coordinator = %a,
+                    "the auth token is sent in clear text to a non-loopback address: anyone \
+                     who can watch this network can read it. Pass --tls-ca (and serve with \
+                     --tls-cert/--tls-key)"
+                );
+            }
         }
         Ok(Coordinators {
             addrs,
@@ -346,6 +354,22 @@ impl Coordinators {
     pub fn channel(&self, addr: &str) -> Result<AuthChannel, TransportError> {
         self.security.channel(addr)
     }
+}
+
+/// Whether a coordinator address (`host:port` or `http://host:port`) names this machine's
+/// loopback: `localhost`, `127.0.0.0/8` or `::1`.
+pub fn is_loopback_address(addr: &str) -> bool {
+    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host = match authority.strip_prefix('[') {
+        // [v6]:port
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The leader's address a standby put in its answer, if any.
@@ -558,6 +582,27 @@ mod tests {
             e.contains("--tls-client-ca") && e.contains("--tls-cert"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn loopback_addresses_are_recognized() {
+        for a in [
+            "127.0.0.1:50051",
+            "localhost:1",
+            "http://127.0.0.2:5",
+            "[::1]:7",
+            "http://[::1]:7/",
+        ] {
+            assert!(is_loopback_address(a), "{a}");
+        }
+        for a in [
+            "10.0.0.1:50051",
+            "gpu-node:1",
+            "https://example.org:443",
+            "[fe80::1]:7",
+        ] {
+            assert!(!is_loopback_address(a), "{a}");
+        }
     }
 
     #[tokio::test]

@@ -66,6 +66,12 @@ pub struct CoordinatorConfig {
     pub adopt_window: Duration,
     /// Where the coordinator's metrics go (shared with the `/metrics` endpoint).
     pub metrics: Arc<CoordMetrics>,
+    /// Most workers registered at once; a Register beyond is refused (RESOURCE_EXHAUSTED).
+    pub max_workers: usize,
+    /// Most bytes of strings the registered workers may hold together (each counted with
+    /// room for its heartbeat texts), so that a status listing every worker stays far
+    /// below the message limit; a Register beyond is refused (RESOURCE_EXHAUSTED).
+    pub max_worker_bytes: usize,
 }
 
 impl Default for CoordinatorConfig {
@@ -76,6 +82,8 @@ impl Default for CoordinatorConfig {
             manifest_interval: Duration::from_secs(2),
             adopt_window: Duration::ZERO,
             metrics: Arc::default(),
+            max_workers: registry::MAX_WORKERS,
+            max_worker_bytes: registry::MAX_WORKER_BYTES,
         }
     }
 }
@@ -99,6 +107,9 @@ pub enum CoordError {
     JobNotFound(String),
     #[error("unknown worker {0:?}: register again")]
     UnknownWorker(String),
+    /// The registry is full (too many workers, or too many bytes of their strings).
+    #[error("{0}")]
+    RegistryFull(String),
     #[error(transparent)]
     State(#[from] StateError),
     /// The object store failed; the operation can be retried.

@@ -1,18 +1,44 @@
 //! The worker registry: agents register (adopting the rounds they still run from an earlier
 //! coordinator), renew their leases with heartbeats, and are forgotten when they go quiet.
+//!
+//! The registry is bounded: at most [`CoordinatorConfig::max_workers`] workers, whose strings
+//! take at most [`CoordinatorConfig::max_worker_bytes`] together (each worker counted with
+//! room for its heartbeat texts), so that a status listing every worker always fits in a gRPC
+//! message. The service checks each string's own bound before calling in.
+//!
+//! [`CoordinatorConfig::max_workers`]: super::CoordinatorConfig::max_workers
+//! [`CoordinatorConfig::max_worker_bytes`]: super::CoordinatorConfig::max_worker_bytes
 
 use std::time::Instant;
 
 use quarry_common::storage::keys;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
-use super::{Coordinator, GpuHealth, GpuInfo, Lease, RunningRound, WorkerInfo};
+use super::{CoordError, Coordinator, GpuHealth, GpuInfo, Lease, RunningRound, WorkerInfo};
 use crate::state::JobState;
 
+/// Default bound on the workers registered at once.
+pub const MAX_WORKERS: usize = 10_000;
+
+/// Default bound on the bytes of the registered workers' strings together (6 MiB: a status
+/// that lists every worker stays well below the 16 MiB message limit).
+pub const MAX_WORKER_BYTES: usize = 6 << 20;
+
+/// Room counted per worker for the texts its heartbeats may set later (agent state and GPU
+/// health reason), so that heartbeats can never push the registry past its byte bound. Equal
+/// to the service's bound on each of the two.
+pub const HEARTBEAT_TEXT_RESERVE: usize = 2 * 256;
+
+/// Bytes one worker's record counts against [`MAX_WORKER_BYTES`].
+fn worker_bytes(id: &str, host: &str, gpu: &str, info: Option<&GpuInfo>) -> usize {
+    let info = info.map_or(0, |i| i.uuid.len() + i.name.len() + i.driver_version.len());
+    id.len() + host.len() + gpu.len() + info + HEARTBEAT_TEXT_RESERVE
+}
+
 impl Coordinator {
-    /// Registers an agent; `running` are rounds it still runs from a previous coordinator,
-    /// adopted when they can still commit (answered in the returned list of lease ids to
-    /// stop otherwise).
+    /// [`Coordinator::try_register`] for tests, where the registry never fills up.
+    #[cfg(test)]
+    #[allow(clippy::unwrap_used)]
     pub fn register(
         &self,
         host: &str,
@@ -21,10 +47,26 @@ impl Coordinator {
         gpu_info: Option<GpuInfo>,
         running: &[RunningRound],
     ) -> (String, Vec<u64>) {
-        let id = self.register_worker(host, gpu, name, gpu_info);
+        self.try_register(host, gpu, name, gpu_info, running)
+            .unwrap()
+    }
+
+    /// Registers an agent; `running` are rounds it still runs from a previous coordinator,
+    /// adopted when they can still commit (answered in the returned list of lease ids to
+    /// stop otherwise). Refused with [`CoordError::RegistryFull`] when the registry is at its
+    /// bound (see the module's doc).
+    pub fn try_register(
+        &self,
+        host: &str,
+        gpu: &str,
+        name: &str,
+        gpu_info: Option<GpuInfo>,
+        running: &[RunningRound],
+    ) -> Result<(String, Vec<u64>), CoordError> {
+        let id = self.register_worker(host, gpu, name, gpu_info)?;
         let mut refused = Vec::new();
         for l in running {
-            if !self.adopt(&id, l) {
+            if !self.adopt(&id, host, gpu, l) {
                 refused.push(l.lease_id);
             }
         }
@@ -32,20 +74,38 @@ impl Coordinator {
             info!(worker = %id, adopted = running.len() - refused.len(), refused = refused.len(), "running rounds reported at registration");
             self.bump();
         }
-        (id, refused)
+        Ok((id, refused))
     }
 
     /// Takes over `l`, a round a worker runs under a lease of an earlier coordinator: it keeps
     /// its lease id and attempt, so its commit goes through as if nothing had happened.
     /// Refused when the round is resolved, the job is not running, or the lease does not
     /// match the job's plan.
-    fn adopt(&self, worker: &str, l: &RunningRound) -> bool {
+    ///
+    /// A lease this coordinator knows already moves to the registrant (an agent registering
+    /// again after losing its connection) only with the same attempt, and, while the worker
+    /// holding it is alive (heard from within the lease TTL), only when the registrant is that
+    /// worker's agent again: the same host and GPU. One worker cannot take another's running
+    /// rounds away.
+    fn adopt(&self, worker: &str, host: &str, gpu: &str, l: &RunningRound) -> bool {
         let now = Instant::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
         if let Some(existing) = inner.leases.get_mut(&l.lease_id) {
             // Known already (the worker re-registered with this coordinator): move it.
             if existing.attempt != l.attempt {
+                return false;
+            }
+            if let Some(holder) = inner.workers.get(&existing.worker)
+                && now.saturating_duration_since(holder.last_seen) <= self.cfg.lease_ttl
+                && (holder.host != host || holder.gpu != gpu)
+            {
+                warn!(
+                    lease = l.lease_id,
+                    holder = %existing.worker,
+                    registrant = worker,
+                    "refused to move a lease held by a live worker on another host or GPU"
+                );
                 return false;
             }
             existing.worker = worker.to_string();
@@ -96,16 +156,36 @@ impl Coordinator {
         gpu: &str,
         name: &str,
         gpu_info: Option<GpuInfo>,
-    ) -> String {
+    ) -> Result<String, CoordError> {
         let mut inner = self.lock();
-        let n = inner.next_worker;
-        inner.next_worker += 1;
         let base = if name.is_empty() {
             format!("{host}-gpu{gpu}")
         } else {
             name.to_string()
         };
-        let id = format!("{base}-{}.{n}", self.epoch);
+        let id = format!("{base}-{}.{}", self.epoch, inner.next_worker);
+        if inner.workers.len() >= self.cfg.max_workers {
+            return Err(CoordError::RegistryFull(format!(
+                "{} workers are registered, the most this coordinator accepts ({}); quiet \
+                 workers are forgotten after twice the lease TTL",
+                inner.workers.len(),
+                self.cfg.max_workers
+            )));
+        }
+        let held: usize = inner
+            .workers
+            .iter()
+            .map(|(id, w)| worker_bytes(id, &w.host, &w.gpu, w.gpu_info.as_ref()))
+            .sum();
+        let adding = worker_bytes(&id, host, gpu, gpu_info.as_ref());
+        if held + adding > self.cfg.max_worker_bytes {
+            return Err(CoordError::RegistryFull(format!(
+                "the registered workers' names and GPU descriptions take {held} bytes; this \
+                 worker's {adding} more would pass the bound of {} bytes",
+                self.cfg.max_worker_bytes
+            )));
+        }
+        inner.next_worker += 1;
         inner.workers.insert(
             id.clone(),
             WorkerInfo {
@@ -121,7 +201,7 @@ impl Coordinator {
         info!(worker = %id, gpu, "worker registered");
         drop(inner);
         self.bump();
-        id
+        Ok(id)
     }
 
     /// Renews the worker's listed leases and records its GPU health and state; returns leases

@@ -9,7 +9,9 @@
 //!
 //! [`Coordinator`]: crate::coordinator::Coordinator
 
+mod bounds;
 pub mod convert;
+mod incoming;
 mod job_api;
 mod leadership;
 mod worker_api;
@@ -26,6 +28,7 @@ use tonic::service::interceptor::InterceptedService;
 use tracing::warn;
 
 pub use convert::to_status;
+pub use incoming::{DEFAULT_IDLE_TIMEOUT, ServeOptions};
 pub use leadership::Leadership;
 
 use job_api::JobApi;
@@ -35,26 +38,66 @@ use worker_api::WorkerApi;
 pub const LIVENESS: &str = "liveness";
 
 /// Serves the services on `listener` until `shutdown` is cancelled, with `security`'s TLS
-/// and token check on the Quarry services (the health service stays open for probes).
+/// and token check on the Quarry services (the health service stays open for probes), and the
+/// default [`ServeOptions`].
 pub async fn serve(
     leadership: Arc<Leadership>,
     listener: TcpListener,
     security: ServerSecurity,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    if let Ok(addr) = listener.local_addr()
-        && !addr.ip().is_loopback()
-    {
-        if security.tls.is_none() && security.token.is_none() {
+    serve_with(
+        leadership,
+        listener,
+        security,
+        ServeOptions::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// What the operator is told about the listener's security at start: every way a caller
+/// could act without proving who it is, or a token could be read on the network.
+fn warn_about(addr: std::net::SocketAddr, security: &ServerSecurity) {
+    let loopback = addr.ip().is_loopback();
+    if !security.authenticates() {
+        if loopback {
+            warn!(
+                %addr,
+                "listening without an auth token or client certificates: any user of this \
+                 machine can submit jobs (their programs run as this user) and cancel yours. \
+                 Pass --auth-token-file (a file only you can read) or --tls-client-ca"
+            );
+        } else if security.tls.is_none() {
             warn!(
                 %addr,
                 "LISTENING ON A NON-LOOPBACK ADDRESS WITHOUT TLS OR AN AUTH TOKEN: anyone who \
                  reaches this port can submit jobs that run programs on your workers. Pass \
                  --tls-cert/--tls-key and --auth-token-file (or --tls-client-ca)"
             );
-        } else if !security.authenticates() {
+        } else {
             warn!(%addr, "TLS without client authentication: pass --auth-token-file or --tls-client-ca");
         }
+    } else if !loopback && security.tls.is_none() {
+        warn!(
+            %addr,
+            "the auth token travels in clear text on a non-loopback address: anyone who can \
+             watch this network can read it and act as a worker or a user. Pass \
+             --tls-cert/--tls-key"
+        );
+    }
+}
+
+/// [`serve`] with explicit [`ServeOptions`] (the idle timeout of a connection).
+pub async fn serve_with(
+    leadership: Arc<Leadership>,
+    listener: TcpListener,
+    security: ServerSecurity,
+    options: ServeOptions,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    if let Ok(addr) = listener.local_addr() {
+        warn_about(addr, &security);
     }
     let check = security.checker();
     let workers = InterceptedService::new(
@@ -73,7 +116,9 @@ pub async fn serve(
         tonic_health::server::HealthService::from_health_reporter(leadership.health.clone()),
     );
     let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        // A quiet connection is pinged well inside the idle timeout: a live peer answers,
+        // which counts as traffic, and a dead one is closed by the keepalive timeout.
+        .http2_keepalive_interval(Some(options.keepalive_interval()))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)));
     if let Some(tls) = security.tls.clone() {
         builder = builder.tls_config(tls)?;
@@ -83,9 +128,7 @@ pub async fn serve(
         .add_service(workers)
         .add_service(jobs)
         .serve_with_incoming_shutdown(
-            // Nagle would hold the second small write of each response for the peer's
-            // delayed ACK (~40 ms per round): small RPCs need TCP_NODELAY.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            incoming::incoming(listener, options.idle_timeout),
             shutdown.cancelled_owned(),
         )
         .await

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, field::Empty, info_span};
 
 use super::Leadership;
+use super::bounds;
 use super::convert::{self, to_status};
 use crate::coordinator::{Coordinator, ReportedFile, RunningRound};
 
@@ -72,9 +73,12 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::RegisterResponse>, Status> {
         let r = req.into_inner();
         let c = self.0.current()?;
+        bounds::register(&r)?;
         let running: Vec<RunningRound> = r.running.iter().map(RunningRound::from).collect();
         let gpu_info = r.gpu_info.map(Into::into);
-        let (worker_id, refused) = c.register(&r.host, &r.gpu, &r.agent_name, gpu_info, &running);
+        let (worker_id, refused) = c
+            .try_register(&r.host, &r.gpu, &r.agent_name, gpu_info, &running)
+            .map_err(to_status)?;
         let cfg = c.config();
         Ok(Response::new(pb::RegisterResponse {
             worker_id,
@@ -91,6 +95,7 @@ impl WorkerService for WorkerApi {
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
+        bounds::heartbeat(&r)?;
         Ok(Response::new(
             match self.0.current()?.heartbeat(
                 &r.worker_id,
