@@ -18,6 +18,10 @@ pub enum NameError {
     },
     #[error("{what} {name:?} may not be '.', contain '..' or start with '-'")]
     Reserved { what: String, name: String },
+    #[error(
+        "{what} {name:?} may not contain '__' or begin or end with '_': round directories are named <exp>__<object>__r<round>_s<seed>, so such a name could be another job's round directory"
+    )]
+    RoundSeparator { what: String, name: String },
 }
 
 /// Accepts `[A-Za-z0-9._-]+` of bounded length, refusing `.`, anything with `..` (so a name can
@@ -44,6 +48,22 @@ pub fn validate(what: &str, name: &str) -> Result<(), NameError> {
     }
     if name == "." || name.contains("..") || name.starts_with('-') {
         return Err(NameError::Reserved {
+            what: what.into(),
+            name: name.into(),
+        });
+    }
+    Ok(())
+}
+
+/// [`validate`], and the name is one part of a round name `<exp>__<object>__r<round>_s<seed>`
+/// (an experiment or object name): it may not contain `__` nor begin or end with `_`. Then an
+/// experiment's name is never another job's round name (those always hold `__`), and a round
+/// name splits back into its parts in exactly one way, so two jobs' round directories never
+/// coincide.
+pub fn validate_round_part(what: &str, name: &str) -> Result<(), NameError> {
+    validate(what, name)?;
+    if name.contains("__") || name.starts_with('_') || name.ends_with('_') {
+        return Err(NameError::RoundSeparator {
             what: what.into(),
             name: name.into(),
         });
@@ -92,6 +112,22 @@ mod tests {
         assert!(matches!(
             validate("o", &"x".repeat(201)),
             Err(NameError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn round_name_parts_refuse_the_separator() {
+        validate_round_part("exp_name", "demo_2024-01").unwrap();
+        validate_round_part("object", "Curver_Storage_Bin_Black_Small").unwrap();
+        for bad in ["demo__mug__r0_s12345", "a__b", "_a", "a_", "__"] {
+            let e = validate_round_part("exp_name", bad).unwrap_err();
+            assert!(matches!(e, NameError::RoundSeparator { .. }), "{bad}: {e}");
+            assert!(e.to_string().contains("'__'"), "{e}");
+        }
+        // The plain rules still come first.
+        assert!(matches!(
+            validate_round_part("o", "a/b"),
+            Err(NameError::BadChar { .. })
         ));
     }
 }

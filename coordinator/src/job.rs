@@ -292,6 +292,16 @@ impl ObjectRt {
         self.tally.advance(&self.commits, &self.quarantined);
     }
 
+    /// A committed round whose files could not be merged is quarantined instead: its commit
+    /// leaves the plan (and the sums), so the next round takes its place.
+    pub fn quarantine_committed(&mut self, q: QuarantineRecord) {
+        self.commits.remove(&q.round);
+        self.failures.remove(&q.round);
+        self.retry.remove(&q.round);
+        self.quarantined.insert(q.round, q);
+        self.tally = Tally::of(&self.commits, &self.quarantined);
+    }
+
     /// The schema of the object's sample files, fixed by its first committed round that has
     /// samples (an empty object array says nothing about its keys).
     pub fn schema(&self) -> Option<&str> {

@@ -44,6 +44,15 @@ pub enum MergeError {
         #[source]
         source: std::io::Error,
     },
+    /// The committed round's own bytes cannot be merged (malformed, cut short, or holding
+    /// other than its committed count): the round, not the infrastructure, is at fault, so
+    /// retrying cannot help; the coordinator quarantines it and plans again.
+    #[error("{object}: committed round {round} cannot be merged: {reason}")]
+    BadRound {
+        object: String,
+        round: u32,
+        reason: String,
+    },
     #[error("{object}: committed round {round} records no files")]
     NoFiles { object: String, round: u32 },
     #[error("the job's spec no longer validates: {0}")]
@@ -161,6 +170,7 @@ async fn write_final(
     let job = Job {
         object: object.to_string(),
         format,
+        rounds: plan.rounds.iter().map(|c| c.round).collect(),
         counts,
         options: MergeOptions {
             limit: plan.limit,
@@ -192,6 +202,8 @@ async fn write_final(
 struct Job {
     object: String,
     format: Format,
+    /// The round of each input.
+    rounds: Vec<u32>,
     /// Samples in each input, as committed.
     counts: Vec<u64>,
     options: MergeOptions,
@@ -229,7 +241,7 @@ async fn merge_local(
         let dir = first.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(io_err("create", dir))?;
         let scratch = Scratch::new(dir, &job.object)?;
-        let inputs = scratch.unpacked(job.format, inputs)?;
+        let inputs = scratch.unpacked(&job, inputs)?;
         let tmp = scratch.path.join("final");
         let summary = merge_into(&job, &inputs, &tmp)?;
         let sha = digest(&tmp)?;
@@ -279,7 +291,7 @@ async fn merge_remote(
             path: root.join("work"),
         };
         std::fs::create_dir(&s.path).map_err(io_err("create", &s.path))?;
-        let inputs = s.unpacked(job.format, inputs)?;
+        let inputs = s.unpacked(&job, inputs)?;
         let merged = s.path.join("final");
         let summary = merge_into(&job, &inputs, &merged)?;
         let sha = digest(&merged)?;
@@ -340,8 +352,8 @@ impl Scratch {
 
     /// The merge inputs: the staged files themselves, or, for directory formats, each
     /// archive unpacked into the scratch directory.
-    fn unpacked(&self, format: Format, inputs: Vec<PathBuf>) -> Result<Vec<PathBuf>, MergeError> {
-        if !format.is_directory() {
+    fn unpacked(&self, job: &Job, inputs: Vec<PathBuf>) -> Result<Vec<PathBuf>, MergeError> {
+        if !job.format.is_directory() {
             return Ok(inputs);
         }
         let dir = self.path.join("in");
@@ -351,9 +363,16 @@ impl Scratch {
             .enumerate()
             .map(|(i, ar)| {
                 let to = dir.join(i.to_string());
-                archive::unpack(ar, &to).map_err(|source| MergeError::Format {
-                    object: format!("round archive {}", ar.display()),
-                    source,
+                archive::unpack(ar, &to).map_err(|source| match round_at_fault(&source) {
+                    true => MergeError::BadRound {
+                        object: job.object.clone(),
+                        round: job.rounds[i],
+                        reason: format!("its archive does not unpack: {source}"),
+                    },
+                    false => MergeError::Format {
+                        object: format!("round archive {}", ar.display()),
+                        source,
+                    },
                 })?;
                 Ok(to)
             })
@@ -373,15 +392,84 @@ fn remove_any(path: &Path) -> Result<(), MergeError> {
     }
 }
 
-/// Runs the format's merge into `out` and makes the result durable.
+/// Runs the format's merge into `out` and makes the result durable. A merge that fails on
+/// the data is blamed on the first round whose own file is malformed or holds other than its
+/// committed count ([`MergeError::BadRound`]); one no round explains stays a
+/// [`MergeError::Format`] and is retried.
 fn merge_into(job: &Job, inputs: &[PathBuf], out: &Path) -> Result<MergeSummary, MergeError> {
-    let summary = quarry_formats::merge(job.format, inputs, &job.counts, &job.options, out)
-        .map_err(|source| MergeError::Format {
-            object: job.object.clone(),
-            source,
-        })?;
+    let summary = match quarry_formats::merge(job.format, inputs, &job.counts, &job.options, out) {
+        Ok(s) => s,
+        Err(source) => {
+            return Err(match culprit(job, inputs, &source) {
+                Some((i, reason)) => MergeError::BadRound {
+                    object: job.object.clone(),
+                    round: job.rounds[i],
+                    reason,
+                },
+                None => MergeError::Format {
+                    object: job.object.clone(),
+                    source,
+                },
+            });
+        }
+    };
     sync_tree(out)?;
     Ok(summary)
+}
+
+/// The input (and why) that a failed merge is the fault of: the first whose own inspection
+/// fails on its bytes or counts other than its commit says; failing that, the input a
+/// mismatch names (it disagrees with the rounds before it). `None` when the failure lies
+/// elsewhere (the output's disk, a read error of the machine).
+fn culprit(job: &Job, inputs: &[PathBuf], failure: &DatasetError) -> Option<(usize, String)> {
+    if !round_at_fault(failure) {
+        return None;
+    }
+    let filter = job.options.filter.as_ref();
+    for (i, path) in inputs.iter().enumerate() {
+        match quarry_formats::inspect(job.format, path, filter) {
+            Ok(got) if got.count != job.counts[i] => {
+                return Some((
+                    i,
+                    format!(
+                        "its file holds {} samples but {} were committed ({failure})",
+                        got.count, job.counts[i]
+                    ),
+                ));
+            }
+            Ok(_) => {}
+            Err(e) if round_at_fault(&e) => return Some((i, e.to_string())),
+            // The machine, not the file: no verdict on this round.
+            Err(_) => return None,
+        }
+    }
+    let named = match failure {
+        DatasetError::Mismatch { input, .. } => Some(*input),
+        DatasetError::Npy(e) => e.input_index(),
+        _ => None,
+    };
+    named
+        .filter(|i| *i < inputs.len())
+        .map(|i| (i, failure.to_string()))
+}
+
+/// Whether a dataset error lies in the data rather than in the machine: everything but an
+/// I/O error other than a missing file or one that ends too soon.
+fn round_at_fault(e: &DatasetError) -> bool {
+    let io = match e {
+        DatasetError::Io { source, .. } => source,
+        DatasetError::Npy(f) => match f.root() {
+            quarry_formats::npy::FormatError::Io(source) => source,
+            _ => return true,
+        },
+        _ => return true,
+    };
+    matches!(
+        io.kind(),
+        std::io::ErrorKind::NotFound
+            | std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::InvalidData
+    )
 }
 
 /// A directory tree as one walk sees it.

@@ -277,13 +277,8 @@ impl JobSpec {
 
     /// Checks everything that can be checked before a round runs.
     pub fn validate(&self) -> Result<(), SpecError> {
-        names::validate("exp_name", &self.exp_name).map_err(|e| {
-            spec_err(
-                "exp_name",
-                e.to_string(),
-                "use letters, digits, '.', '_' and '-' only",
-            )
-        })?;
+        names::validate_round_part("exp_name", &self.exp_name)
+            .map_err(|e| spec_err("exp_name", e.to_string(), name_fix(&e, "the experiment")))?;
         if self.objects.is_empty() {
             return Err(spec_err(
                 "object_code_list",
@@ -293,11 +288,11 @@ impl JobSpec {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, o) in self.objects.iter().enumerate() {
-            names::validate("object code", o).map_err(|e| {
+            names::validate_round_part("object code", o).map_err(|e| {
                 spec_err(
                     format!("object_code_list[{i}]"),
                     e.to_string(),
-                    "object codes may hold letters, digits, '.', '_' and '-' only",
+                    name_fix(&e, "the object"),
                 )
             })?;
             if !seen.insert(o.as_str()) {
@@ -606,6 +601,16 @@ fn check_round_path(field: &str, p: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// How to fix a refused experiment or object name.
+fn name_fix(e: &names::NameError, whose: &str) -> String {
+    match e {
+        names::NameError::RoundSeparator { .. } => format!(
+            "rename {whose} with single '_' or '-' between words (e.g. \"demo_mug\" or \"demo-mug\"), not '__' and not at either end"
+        ),
+        _ => "use letters, digits, '.', '_' and '-' only".into(),
+    }
+}
+
 fn check_placeholders(field: &str, s: &str) -> Result<(), SpecError> {
     let mut rest = s;
     while let Some(open) = rest.find('{') {
@@ -713,6 +718,31 @@ mod tests {
         assert_eq!(s.seed(0, 0), 12345);
         assert_eq!(s.seed(1, 3), 12345 + 100_000 + 3);
         assert_eq!(s.round_name("b", 3, s.seed(1, 3)), "exp__b__r3_s112348");
+    }
+
+    #[test]
+    fn names_that_could_be_a_round_directory_are_refused() {
+        // Job `demo`'s round 0 of `mug` runs in `demo__mug__r0_s12345`: an experiment of that
+        // name would have its directory removed with the round's.
+        let mut s = spec();
+        s.exp_name = "demo__mug__r0_s12345".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "exp_name", "{e}");
+        assert!(
+            e.problem.contains("'__'") && e.fix.contains("single '_'"),
+            "{e}"
+        );
+        let mut s = spec();
+        s.objects = vec!["ok".into(), "mug__r0".into()];
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "object_code_list[1]", "{e}");
+        assert!(e.problem.contains("'__'"), "{e}");
+        let mut s = spec();
+        s.objects = vec!["_mug".into()];
+        assert_eq!(s.validate().unwrap_err().field, "object_code_list[0]");
+        let mut s = spec();
+        s.exp_name = "demo_mug_r0".into();
+        s.validate().unwrap();
     }
 
     #[test]

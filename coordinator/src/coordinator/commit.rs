@@ -1,6 +1,10 @@
 //! Outcomes applied: a completion is judged (`judgement.rs`) and committed exactly once, or
 //! rejected as a failed attempt; failed attempts are retried with backoff and quarantined past
-//! the job's retries; a losing attempt's files are deleted.
+//! the job's retries; a losing attempt's files are deleted. What a round commits (its sample
+//! count, schema, filtered count) is read back from the stored bytes (`rederive.rs`), never
+//! taken on the worker's word alone.
+
+pub(super) mod rederive;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -64,6 +68,7 @@ impl Coordinator {
                     o.schema().map(str::to_string),
                     o.phase == Phase::Running,
                     job.spec.merge.filter.is_some(),
+                    (job.spec.format().ok(), job.spec.merge.parsed_filter()),
                 )
             })
         };
@@ -78,11 +83,11 @@ impl Coordinator {
                 span.record("object", name.as_str());
             }
         }
-        let (object_name, schema, filtered) = match known {
-            Some((name, schema, true, filtered)) => (name, schema, filtered),
+        let (object_name, schema, filtered, (format, filter)) = match known {
+            Some((name, schema, true, filtered, how)) => (name, schema, filtered, how),
             // The object's final is fixed (merging or merged; its staging is being or was
             // deleted): a round that finishes now, e.g. one a worker prefetched, is surplus.
-            Some((_, _, false, _)) | None => {
+            Some((_, _, false, _, _)) | None => {
                 self.cfg.metrics.rounds_duplicate.inc();
                 self.settle(&lease);
                 self.delete_files(Some(&lease), &doomed).await;
@@ -110,6 +115,30 @@ impl Coordinator {
             };
             if let Err(Rejection { kind, message }) = judgement::check_stored(f, held.as_ref()) {
                 self.delete_files(Some(&lease), &files).await;
+                self.fail_lease(lease, kind, message.clone(), String::new())
+                    .await;
+                return Ok((Verdict::Rejected, message));
+            }
+        }
+        // The merge reads the first file: what it holds is what the round commits.
+        if let Some(format) = format {
+            let f = &files[0];
+            let derived = rederive::derive(&self.store, format, filter, &f.key, f.size).await;
+            let judged = match derived {
+                Ok(d) => judgement::check_derived(f, &d, filtered),
+                Err(rederive::DeriveError::Invalid(why)) => Err(Rejection {
+                    kind: FailureKind::OutputInvalid,
+                    message: format!("file {:?}: {why}", f.key),
+                }),
+                Err(rederive::DeriveError::Infrastructure(e)) => {
+                    self.cfg.metrics.store_errors.inc();
+                    warn!(job = %lease.job, round = lease.round, error = %e, "cannot read back an uploaded file");
+                    self.requeue(&lease);
+                    return Err(CoordError::Store(e));
+                }
+            };
+            if let Err(Rejection { kind, message }) = judged {
+                self.delete_files(Some(&lease), &doomed).await;
                 self.fail_lease(lease, kind, message.clone(), String::new())
                     .await;
                 return Ok((Verdict::Rejected, message));
@@ -358,18 +387,24 @@ impl Coordinator {
         }
     }
 
-    /// Whether `key` (`<job>/rounds/<object>/r<round>_s<seed>/<attempt>/<file>`) belongs to the
-    /// committed attempt of its round, or to a round still in flight.
+    /// Whether `key` (`<job>/rounds/<object>/r<round>_s<seed>/<attempt>/<file>`) must survive a
+    /// lease-less report: it belongs to the committed attempt of its round, to a round still in
+    /// flight, or to a job that is not running here.
     fn is_protected_file(&self, key: &str) -> bool {
         let Some((job, object, round, attempt)) = judgement::parse_staging_key(key) else {
             return false;
         };
         let inner = self.lock();
-        inner
-            .jobs
-            .get(job)
-            .and_then(|j| j.objects.iter().find(|o| o.name == object))
-            .is_some_and(|o| {
+        // A job this coordinator does not hold as running (finished, stopped, unknown, or
+        // not loaded after a restart) has no commits in memory to tell a committed attempt
+        // or kept staging from a loser's: nothing of it is deleted on a lease-less report.
+        let Some(job) = inner.jobs.get(job).filter(|j| j.state == JobState::Running) else {
+            return true;
+        };
+        job.objects
+            .iter()
+            .find(|o| o.name == object)
+            .is_none_or(|o| {
                 o.in_flight.contains_key(&round)
                     || o.commits.get(&round).is_some_and(|c| c.attempt == attempt)
             })

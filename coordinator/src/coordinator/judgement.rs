@@ -4,6 +4,7 @@
 
 use quarry_common::storage::Uploaded;
 
+use super::commit::rederive::Derived;
 use super::{CompleteExtras, FailureKind, ReportedFile};
 use crate::state::CommitRecord;
 
@@ -81,6 +82,47 @@ pub fn check_schema(expected: Option<&str>, got: &str) -> Result<(), Rejection> 
         )),
         _ => Ok(()),
     }
+}
+
+/// What the coordinator derived from the stored sample file must agree with the worker's
+/// report: its sample count, its schema and, when the job has a filter (`filtered`), the
+/// samples passing it. Fields it could not derive (see `commit/rederive.rs`) are not compared.
+pub fn check_derived(
+    reported: &ReportedFile,
+    derived: &Derived,
+    filtered: bool,
+) -> Result<(), Rejection> {
+    let (count, schema, kept) = match derived {
+        Derived::Full(i) => (i.count, i.schema.as_str(), filtered.then_some(i.kept)),
+        Derived::Header { count, schema } => (*count, schema.as_str(), None),
+        Derived::Unverified => return Ok(()),
+    };
+    let lie = |field: &str, said: String, holds: String| {
+        Rejection::new(
+            FailureKind::OutputInvalid,
+            format!(
+                "file {:?}: the worker reported {field} {said}, but the stored file holds {holds}",
+                reported.key
+            ),
+        )
+    };
+    if reported.count != count {
+        return Err(lie("count", reported.count.to_string(), count.to_string()));
+    }
+    if reported.schema != schema {
+        return Err(lie(
+            "schema",
+            format!("`{}`", reported.schema),
+            format!("`{schema}`"),
+        ));
+    }
+    if let Some(kept) = kept
+        && reported.kept != Some(kept)
+    {
+        let said = reported.kept.map_or("nothing".into(), |k| k.to_string());
+        return Err(lie("kept", said, kept.to_string()));
+    }
+    Ok(())
 }
 
 /// The attempt being committed, as the lease names it.
@@ -229,6 +271,37 @@ mod tests {
         // An empty round of the same format fits.
         let empty = format!("npy{}", quarry_formats::EMPTY_SCHEMA_SUFFIX);
         assert!(check_schema(Some("npy <f4 (*, 3)"), &empty).is_ok());
+    }
+
+    #[test]
+    fn what_the_coordinator_derives_must_match_the_report() {
+        let f = file(&format!("{PREFIX}/mug.npy"));
+        let full = |count, kept, schema: &str| {
+            Derived::Full(quarry_formats::Inspection {
+                count,
+                kept,
+                schema: schema.into(),
+            })
+        };
+        assert!(check_derived(&f, &full(7, 5, "npy <f4 (*, 3)"), true).is_ok());
+        let err = check_derived(&f, &full(2, 2, "npy <f4 (*, 3)"), true).unwrap_err();
+        assert_eq!(err.kind, FailureKind::OutputInvalid);
+        assert!(
+            err.message.contains("reported count 7") && err.message.contains("holds 2"),
+            "{err:?}"
+        );
+        let err = check_derived(&f, &full(7, 5, "npy <f8 (*, 3)"), true).unwrap_err();
+        assert!(err.message.contains("schema"), "{err:?}");
+        let err = check_derived(&f, &full(7, 6, "npy <f4 (*, 3)"), true).unwrap_err();
+        assert!(err.message.contains("kept 5"), "{err:?}");
+        // Without a filter `kept` is not compared; a header check compares count and schema.
+        assert!(check_derived(&f, &full(7, 6, "npy <f4 (*, 3)"), false).is_ok());
+        let header = Derived::Header {
+            count: 8,
+            schema: "npy <f4 (*, 3)".into(),
+        };
+        assert!(check_derived(&f, &header, true).is_err());
+        assert!(check_derived(&f, &Derived::Unverified, true).is_ok());
     }
 
     #[test]

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
-use super::Coordinator;
+use super::{Coordinator, FailureKind, unix_ms};
 use crate::job::Phase;
 use crate::merge;
-use crate::state::JobState;
+use crate::state::{JobState, QuarantineRecord};
 
 impl Coordinator {
     /// Starts merging `object` of `job_id` if its merge plan is ready (no-op otherwise): its
@@ -70,6 +70,9 @@ impl Coordinator {
                         {
                             let mut inner = c.lock();
                             if let Some(job) = inner.jobs.get_mut(&job_id) {
+                                if job.message.starts_with(&format!("merging {name}: retrying")) {
+                                    job.message.clear();
+                                }
                                 let o = &mut job.objects[object];
                                 o.phase = Phase::Done { complete: record.complete };
                                 o.merge = Some(record.clone());
@@ -87,11 +90,19 @@ impl Coordinator {
                         }
                         return;
                     }
+                    Err(merge::MergeError::BadRound { round, reason, .. }) => {
+                        // The round's own bytes cannot be merged: retrying cannot help.
+                        c.cfg.metrics.merges_failed.inc();
+                        tracing::Span::current().record("outcome", "round quarantined");
+                        c.quarantine_committed(&job_id, object, round, reason).await;
+                        return;
+                    }
                     Err(e) => {
-                        // A merge failure is an infrastructure problem (disk full, store down):
-                        // retry with backoff rather than lose the object.
+                        // Otherwise the failure lies in the infrastructure (disk full, store
+                        // down): retry with backoff rather than lose the object.
                         warn!(job = %job_id, object = %name, error = %e, "merge failed; will retry");
                         c.cfg.metrics.merges_failed.inc();
+                        c.set_message(&job_id, format!("merging {name}: retrying after: {e}"));
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
                             _ = c.shutdown.cancelled() => return,
@@ -101,5 +112,92 @@ impl Coordinator {
                 }
             }
         }, span));
+    }
+
+    /// Why the job is held up, for status (while it runs; `stop_job` and the end say theirs).
+    fn set_message(&self, job_id: &str, message: String) {
+        let mut inner = self.lock();
+        if let Some(job) = inner.jobs.get_mut(job_id)
+            && job.state == JobState::Running
+        {
+            job.message = message;
+        }
+        drop(inner);
+        self.bump();
+    }
+
+    /// Quarantines committed `round` of `object`, whose files could not be merged, durably
+    /// (retried until the state store takes it or the coordinator stops), and plans the
+    /// object again: the next rounds take its place, exactly as for a round quarantined after
+    /// failed attempts, so the plan stays deterministic.
+    async fn quarantine_committed(
+        self: &Arc<Self>,
+        job_id: &str,
+        object: usize,
+        round: u32,
+        reason: String,
+    ) {
+        let Some((name, commit)) = ({
+            let inner = self.lock();
+            inner.jobs.get(job_id).map(|j| {
+                let o = &j.objects[object];
+                (o.name.clone(), o.commits.get(&round).cloned())
+            })
+        }) else {
+            return;
+        };
+        let Some(commit) = commit else {
+            return;
+        };
+        let q = QuarantineRecord {
+            round,
+            seed: commit.seed,
+            reason: format!(
+                "{}: committed attempt {} (worker {}) cannot be merged: {reason}",
+                FailureKind::OutputInvalid,
+                commit.attempt,
+                commit.worker
+            ),
+            log_tail: String::new(),
+            attempts: 1,
+            unix_ms: unix_ms(),
+        };
+        warn!(job = %job_id, object = %name, round, attempt = %commit.attempt, %reason, "committed round cannot be merged; quarantined");
+        let mut delay = Duration::from_millis(500);
+        loop {
+            match self
+                .state
+                .quarantine_committed(job_id, &name, &commit.attempt, &q)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) => {
+                    warn!(job = %job_id, object = %name, round, error = %e, "could not quarantine a committed round; will retry");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.cancelled() => return,
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        self.cfg.metrics.rounds_quarantined.inc();
+        let merge_now = {
+            let mut inner = self.lock();
+            let Some(job) = inner.jobs.get_mut(job_id) else {
+                return;
+            };
+            job.message = format!("{name} r{round} quarantined at merge: {}", q.reason);
+            let o = &mut job.objects[object];
+            o.quarantine_committed(q);
+            o.phase = Phase::Running;
+            o.merge_plan(&job.spec).is_some()
+        };
+        if merge_now {
+            self.start_merge(job_id, object);
+        }
+        self.work.notify_waiters();
+        self.manifest_dirty.notify_one();
+        self.bump();
     }
 }

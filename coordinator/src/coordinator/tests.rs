@@ -448,17 +448,35 @@ async fn upload(
     stored: &'static [u8],
     reported: &'static [u8],
 ) -> Vec<ReportedFile> {
+    // Real `.npy` files of 10 rows, their data drawn from the given bytes, so that the
+    // coordinator's own reading of the stored file agrees with an honest report.
+    let (stored, reported) = (npy_rows(10, stored), npy_rows(10, reported));
     let key = files_key(staging_prefix);
     store.put_bytes(&key, stored).await.unwrap();
     vec![ReportedFile {
         name: "a.npy".into(),
         key,
         size: reported.len() as u64,
-        sha256: hex(&sha2::Sha256::digest(reported)),
+        sha256: hex(&sha2::Sha256::digest(&reported)),
         count: 10,
         schema: "npy <f4 (*, 3)".into(),
         kept: None,
     }]
+}
+
+/// A `<f4` `.npy` of `rows` × 3 as numpy writes it, its data `fill` repeated.
+fn npy_rows(rows: u64, fill: &[u8]) -> Vec<u8> {
+    let dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({rows}, 3), }}");
+    let mut header = dict.into_bytes();
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(b' ');
+    }
+    header.push(b'\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(&header);
+    out.extend((0..rows * 12).map(|i| fill[i as usize % fill.len()]));
+    out
 }
 
 /// The staging prefix of a lease as the wire carries it.
@@ -527,5 +545,416 @@ async fn a_quiet_worker_is_forgotten_after_twice_the_lease_ttl() {
     // Registering again works as for any new agent.
     let (back, _) = c.register("host", "0", "quiet", None, &[]);
     assert!(listed(&c).contains(&back));
+    c.close().await;
+}
+
+/// A coordinator serving WorkerService on a loopback socket, and a client of it.
+async fn serve_grpc(
+    c: &Arc<Coordinator>,
+    stop: &CancellationToken,
+) -> (
+    quarry_proto::v1::worker_service_client::WorkerServiceClient<
+        quarry_common::transport::AuthChannel,
+    >,
+    tokio::task::JoinHandle<()>,
+) {
+    use quarry_common::transport::{ClientSecurity, ServerSecurity};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let server = tokio::spawn({
+        let (c, stop) = (Arc::clone(c), stop.clone());
+        async move {
+            let _ = crate::service::serve(
+                crate::service::Leadership::leading(c),
+                listener,
+                ServerSecurity::default(),
+                stop,
+            )
+            .await;
+        }
+    });
+    let client = quarry_proto::v1::worker_service_client::WorkerServiceClient::new(
+        ClientSecurity::plain().channel(&addr).unwrap(),
+    );
+    (client, server)
+}
+
+/// Registers a worker over gRPC and returns its id.
+async fn register_grpc(
+    client: &mut quarry_proto::v1::worker_service_client::WorkerServiceClient<
+        quarry_common::transport::AuthChannel,
+    >,
+) -> String {
+    client
+        .register(pb::RegisterRequest {
+            host: "h".into(),
+            gpu: "0".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id
+}
+
+/// A worker over real gRPC that uploads a 2-row `.npy` with its true size and sha256 but
+/// reports 10 rows is refused: the coordinator counts the stored file itself. The attempt is
+/// a failed `output_invalid` naming the file and the field; nothing is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_overstates_its_count_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
+    let store = Store::open_dir(&dir.path().join("store")).unwrap();
+    let stop = CancellationToken::new();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(state),
+        store.clone(),
+        stop.child_token(),
+    )
+    .await
+    .unwrap();
+    c.submit(spec(dir.path())).await.unwrap();
+    let (mut client, server) = serve_grpc(&c, &stop).await;
+    let worker_id = register_grpc(&mut client).await;
+    let lease = client
+        .acquire(pb::AcquireRequest {
+            worker_id: worker_id.clone(),
+            wait_ms: 5000,
+            max_leases: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let bytes = npy_rows(2, b"two rows");
+    let key = files_key(prefix(&lease));
+    store.put_bytes(&key, bytes.clone()).await.unwrap();
+    let lie = pb::UploadedFile {
+        name: "a.npy".into(),
+        key: key.clone(),
+        size: bytes.len() as u64,
+        sha256: hex(&sha2::Sha256::digest(&bytes)),
+        count: 10,
+        schema: "npy <f4 (*, 3)".into(),
+        kept: None,
+    };
+    let resp = client
+        .complete(pb::CompleteRequest {
+            worker_id: worker_id.clone(),
+            lease_id: lease.lease_id,
+            files: vec![lie],
+            generator_ms: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.outcome(), pb::CommitOutcome::Rejected, "{resp:?}");
+    assert!(
+        resp.message.contains(&key)
+            && resp.message.contains("count 10")
+            && resp.message.contains("holds 2"),
+        "{}",
+        resp.message
+    );
+    let st = c.status("verify").unwrap();
+    assert_eq!((st.rounds_committed, st.failed_attempts), (0, 1));
+    // A truncated file with its real sha256 (cut after the header) is refused as well.
+    let retry = client
+        .acquire(pb::AcquireRequest {
+            worker_id: worker_id.clone(),
+            wait_ms: 5000,
+            max_leases: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .lease
+        .unwrap();
+    let full = npy_rows(10, b"ten rows");
+    let cut = full[..full.len() - 7].to_vec();
+    let key = files_key(prefix(&retry));
+    store.put_bytes(&key, cut.clone()).await.unwrap();
+    let resp = client
+        .complete(pb::CompleteRequest {
+            worker_id: worker_id.clone(),
+            lease_id: retry.lease_id,
+            files: vec![pb::UploadedFile {
+                name: "a.npy".into(),
+                key: key.clone(),
+                size: cut.len() as u64,
+                sha256: hex(&sha2::Sha256::digest(&cut)),
+                count: 10,
+                schema: "npy <f4 (*, 3)".into(),
+                kept: None,
+            }],
+            generator_ms: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.outcome(), pb::CommitOutcome::Rejected, "{resp:?}");
+    assert!(resp.message.contains("truncated"), "{}", resp.message);
+    assert_eq!(c.status("verify").unwrap().rounds_committed, 0);
+    stop.cancel();
+    let _ = server.await;
+    c.close().await;
+}
+
+/// Drives job `verify` (3 rounds of 10 rows for a quota of 30) with one in-process worker;
+/// after rounds 0 and 1 commit, round 1's stored file is replaced by garbage (a lie that
+/// passed the commit checks). The merge finds it, quarantines round 1 durably, and round 3
+/// takes its place; the job finishes with its quota. Returns the final's bytes and the
+/// manifest.
+async fn run_with_a_poisoned_round(dir: &std::path::Path) -> (Vec<u8>, String) {
+    let state = Arc::new(EmbeddedStore::open(&dir.join("state.redb")).unwrap());
+    let store = Store::open_dir(&dir.join("store")).unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        state.clone(),
+        store.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let mut job = spec(dir);
+    job.target_count_per_object = 30;
+    c.submit(job).await.unwrap();
+    let (worker, _) = c.register("host", "0", "", None, &[]);
+    let fills: [&'static [u8]; 4] = [b"round 0", b"round 1", b"round 2", b"round 3"];
+    let mut poisoned_key = None;
+    let until = Instant::now() + Duration::from_secs(30);
+    while c.status("verify").unwrap().state == crate::state::JobState::Running {
+        assert!(
+            Instant::now() < until,
+            "the job did not finish: {:?}",
+            c.status("verify")
+        );
+        let Some(g) = c
+            .acquire(&worker, Duration::from_millis(200))
+            .await
+            .unwrap()
+        else {
+            continue;
+        };
+        let round = g.lease.round;
+        let files = upload(
+            &store,
+            &g.lease.task.staging_prefix,
+            fills[round as usize],
+            fills[round as usize],
+        )
+        .await;
+        let key = files[0].key.clone();
+        if round == 2 {
+            // Round 1 committed; its bytes go bad before the merge reads them.
+            let k: &String = poisoned_key.as_ref().unwrap();
+            store
+                .put_bytes(k, b"not an npy file at all".to_vec())
+                .await
+                .unwrap();
+        }
+        let (v, msg) = c
+            .complete(
+                &worker,
+                g.lease.lease_id,
+                files,
+                1,
+                CompleteExtras::default(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(v, Verdict::Committed, "round {round}: {msg}");
+        if round == 1 {
+            poisoned_key = Some(key);
+        }
+    }
+    let st = c.status("verify").unwrap();
+    assert_eq!(st.state, crate::state::JobState::Done, "{st:?}");
+    assert_eq!(
+        (st.samples_collected, st.rounds_quarantined),
+        (30, 1),
+        "{st:?}"
+    );
+    assert!(
+        st.message.contains("r1 quarantined at merge"),
+        "{}",
+        st.message
+    );
+    let rec = state.load_object("verify", "a").await.unwrap();
+    let merge = rec.merge.unwrap();
+    assert_eq!(merge.rounds, [0, 2, 3]);
+    assert!(!rec.commits.contains_key(&1), "{:?}", rec.commits.keys());
+    assert!(
+        rec.quarantined[&1].reason.contains("cannot be merged"),
+        "{:?}",
+        rec.quarantined
+    );
+    let final_bytes = store
+        .get_bytes(&merge.finals[0])
+        .await
+        .unwrap()
+        .unwrap()
+        .to_vec();
+    let mut expected = npy_rows(30, b"x")[..128].to_vec();
+    for r in [0, 2, 3] {
+        expected.extend_from_slice(&npy_rows(10, fills[r])[128..]);
+    }
+    assert_eq!(final_bytes, expected, "the final holds rounds 0, 2 and 3");
+    c.close().await;
+    let manifest = store
+        .get_bytes(&quarry_common::storage::keys::manifest("verify"))
+        .await
+        .unwrap()
+        .unwrap();
+    (final_bytes, String::from_utf8(manifest.to_vec()).unwrap())
+}
+
+/// A committed round whose stored file later turns out to be garbage is quarantined at the
+/// merge (not retried forever), with its reason in status, state and manifest; the object is
+/// planned again and the job completes its quota from the other rounds. A rerun gives the
+/// same final, byte for byte, and a restart over the finished state leaves it as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_round_that_cannot_merge_is_quarantined_and_replaced() {
+    let first = tempfile::tempdir().unwrap();
+    let (final1, manifest) = run_with_a_poisoned_round(first.path()).await;
+    assert!(
+        manifest.contains("cannot be merged") && manifest.contains("\"done\": true"),
+        "{manifest}"
+    );
+    let rerun = tempfile::tempdir().unwrap();
+    let (final2, _) = run_with_a_poisoned_round(rerun.path()).await;
+    assert_eq!(final1, final2, "the rerun's final is byte-identical");
+    // A restart over the first run's state and store: the job stays done, the final intact.
+    let state = Arc::new(EmbeddedStore::open(&first.path().join("state.redb")).unwrap());
+    let store = Store::open_dir(&first.path().join("store")).unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        state.clone(),
+        store.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let rec = state.load_object("verify", "a").await.unwrap();
+    let merge = rec.merge.unwrap();
+    assert_eq!(merge.rounds, [0, 2, 3]);
+    let again = store.get_bytes(&merge.finals[0]).await.unwrap().unwrap();
+    assert_eq!(again.to_vec(), final1);
+    c.close().await;
+}
+
+/// After a restart, a Complete for an unknown lease that names the kept round file of a
+/// finished `keep_intermediate` job deletes nothing: the job is not running here, so nothing
+/// tells its committed attempt from a loser's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_less_report_after_a_restart_leaves_kept_rounds_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    let store = Store::open_dir(&dir.path().join("store")).unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(EmbeddedStore::open(&path).unwrap()),
+        store.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let mut job = spec(dir.path());
+    job.keep_intermediate = true;
+    c.submit(job).await.unwrap();
+    let (worker, _) = c.register("host", "0", "", None, &[]);
+    let g = c
+        .acquire(&worker, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let files = upload(&store, &g.lease.task.staging_prefix, b"kept", b"kept").await;
+    let kept = files[0].clone();
+    let (v, msg) = c
+        .complete(
+            &worker,
+            g.lease.lease_id,
+            files,
+            1,
+            CompleteExtras::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v, Verdict::Committed, "{msg}");
+    let until = Instant::now() + Duration::from_secs(20);
+    while c.status("verify").unwrap().state == crate::state::JobState::Running {
+        assert!(Instant::now() < until, "the job did not finish");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.close().await;
+
+    // A new coordinator over the same state and store; a confused worker reports a lease it
+    // never had, naming the kept file.
+    let stop = CancellationToken::new();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(EmbeddedStore::open(&path).unwrap()),
+        store.clone(),
+        stop.child_token(),
+    )
+    .await
+    .unwrap();
+    let (mut client, server) = serve_grpc(&c, &stop).await;
+    let worker_id = register_grpc(&mut client).await;
+    let resp = client
+        .complete(pb::CompleteRequest {
+            worker_id,
+            lease_id: 424_242,
+            files: wire(vec![kept.clone()]),
+            generator_ms: 1,
+            log_key: kept.key.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.outcome(), pb::CommitOutcome::Duplicate, "{resp:?}");
+    let held = store.hash_object(&kept.key).await.unwrap();
+    assert_eq!(
+        held.map(|h| h.sha256),
+        Some(kept.sha256.clone()),
+        "the kept round file survives"
+    );
+    stop.cancel();
+    let _ = server.await;
+    c.close().await;
+}
+
+/// An experiment named like another job's round directory (`verify__a__r0_s12345`, where job
+/// `verify` runs round 0 of `a`) is refused at submit, naming the field and the fix, so job
+/// `verify`'s round cleanup can never remove its finals, manifest or state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_experiment_named_like_a_round_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(&dir.path().join("store")).unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap()),
+        store.clone(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let job = spec(dir.path());
+    let round_dir = job.round_name("a", 0, job.seed(0, 0));
+    let mut other = spec(dir.path());
+    other.exp_name = round_dir.clone();
+    let err = c.submit(other).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("exp_name: ") && text.contains("'__'") && text.contains(&round_dir),
+        "{text}"
+    );
+    assert!(c.list().is_empty(), "nothing was created");
+    assert!(store.list(&round_dir).await.unwrap().is_empty());
     c.close().await;
 }

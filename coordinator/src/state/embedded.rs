@@ -628,6 +628,54 @@ impl StateStore for EmbeddedStore {
         .await
     }
 
+    async fn quarantine_committed(
+        &self,
+        job: &str,
+        object: &str,
+        attempt: &str,
+        quarantine: &QuarantineRecord,
+    ) -> Result<QuarantineOutcome, StateError> {
+        check_names(job, object)?;
+        let job = job.to_string();
+        let attempt = attempt.to_string();
+        let k = key(&job, Some(object), &[quarantine.round]);
+        let bytes = encode("quarantine", quarantine)?;
+        self.write("quarantine_committed", move |txn| {
+            require_job(txn, &job)?;
+            let mut quarantines = txn
+                .open_table(QUARANTINES)
+                .map_err(backend("opening table quarantines"))?;
+            if quarantines
+                .get(k.as_str())
+                .map_err(backend("reading table quarantines"))?
+                .is_some()
+            {
+                return Ok(Txn::Abort(QuarantineOutcome::AlreadyQuarantined));
+            }
+            let mut commits = txn
+                .open_table(COMMITS)
+                .map_err(backend("opening table commits"))?;
+            let existing = commits
+                .get(k.as_str())
+                .map_err(backend("reading table commits"))?
+                .map(|v| decode::<CommitRecord>(|| format!("commit {k:?}"), v.value()))
+                .transpose()?;
+            if let Some(first) = existing {
+                if first.attempt != attempt {
+                    return Ok(Txn::Abort(QuarantineOutcome::AlreadyCommitted(first)));
+                }
+                commits
+                    .remove(k.as_str())
+                    .map_err(backend("writing table commits"))?;
+            }
+            quarantines
+                .insert(k.as_str(), bytes.as_slice())
+                .map_err(backend("writing table quarantines"))?;
+            Ok(Txn::Commit(QuarantineOutcome::Quarantined))
+        })
+        .await
+    }
+
     async fn record_merge(
         &self,
         job: &str,

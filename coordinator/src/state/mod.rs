@@ -226,7 +226,8 @@ pub enum StateError {
 ///   any coordinator process sharing the store) sees its effect.
 /// - `commit_round` is a create-if-absent on `(job, object, round)`: of concurrent commits of
 ///   one round exactly one gets `Committed`; a round that is quarantined is never committed.
-/// - `quarantine_round` is the mirror: it never overwrites a commit.
+/// - `quarantine_round` is the mirror: it never overwrites a commit. Only
+///   `quarantine_committed` replaces a commit (of the attempt it names) with a quarantine.
 /// - Writes to a job that does not exist fail with [`StateError::JobNotFound`], except
 ///   `create_job`.
 #[async_trait]
@@ -257,6 +258,20 @@ pub trait StateStore: Send + Sync + 'static {
         &self,
         job: &str,
         object: &str,
+        quarantine: &QuarantineRecord,
+    ) -> Result<QuarantineOutcome, StateError>;
+    /// Quarantines a round that was committed but whose committed files cannot be merged
+    /// (a lie or damage that passed the commit checks): atomically, the commit of `attempt`
+    /// is removed and the quarantine stored, so the round is skipped by every later plan
+    /// exactly as a round quarantined after failed attempts. A commit of another attempt is
+    /// left alone (`AlreadyCommitted`); an uncommitted round is quarantined as by
+    /// `quarantine_round`; a quarantined one answers `AlreadyQuarantined`. The stored records
+    /// are the ones `quarantine_round` writes, so older coordinators read them as they are.
+    async fn quarantine_committed(
+        &self,
+        job: &str,
+        object: &str,
+        attempt: &str,
         quarantine: &QuarantineRecord,
     ) -> Result<QuarantineOutcome, StateError>;
     /// Stores (or replaces) the object's merge record.

@@ -60,6 +60,7 @@ where
     property!(commit_blocks_quarantine);
     property!(quarantine_is_idempotent);
     property!(commit_and_quarantine_race_has_one_winner);
+    property!(a_committed_round_that_cannot_merge_is_quarantined);
     property!(failures_count_per_round);
     property!(merge_is_stored_and_replaced);
     property!(untouched_object_is_empty);

@@ -605,3 +605,71 @@ pub async fn writes_to_unknown_job_fail(store: Arc<dyn StateStore>) {
         QuarantineOutcome::Quarantined
     );
 }
+
+/// `quarantine_committed` replaces the commit of the attempt it names with a quarantine, in
+/// one step; the round is then never committed again. A commit of another attempt stays; an
+/// uncommitted round is simply quarantined; a second call is `AlreadyQuarantined`.
+pub async fn a_committed_round_that_cannot_merge_is_quarantined(store: Arc<dyn StateStore>) {
+    create(&*store, "j").await;
+    let c = commit(2, "e1-a");
+    assert_eq!(
+        ok("commit", store.commit_round("j", "obj", &c).await),
+        CommitOutcome::Committed
+    );
+    let q = quarantine(2);
+    assert_eq!(
+        ok(
+            "quarantine of another attempt's commit",
+            store.quarantine_committed("j", "obj", "e1-b", &q).await
+        ),
+        QuarantineOutcome::AlreadyCommitted(c.clone())
+    );
+    assert_eq!(
+        load(&*store, "j", "obj").await.commits,
+        BTreeMap::from([(2, c)])
+    );
+    assert_eq!(
+        ok(
+            "quarantine of the committed attempt",
+            store.quarantine_committed("j", "obj", "e1-a", &q).await
+        ),
+        QuarantineOutcome::Quarantined
+    );
+    let object = load(&*store, "j", "obj").await;
+    assert!(
+        object.commits.is_empty(),
+        "the commit is gone: {:?}",
+        object.commits
+    );
+    assert_eq!(object.quarantined, BTreeMap::from([(2, q.clone())]));
+    assert_eq!(
+        ok(
+            "again",
+            store.quarantine_committed("j", "obj", "e1-a", &q).await
+        ),
+        QuarantineOutcome::AlreadyQuarantined
+    );
+    assert_eq!(
+        ok(
+            "a later commit of the round",
+            store.commit_round("j", "obj", &commit(2, "e2-a")).await
+        ),
+        CommitOutcome::Quarantined
+    );
+    // A round never committed is quarantined as quarantine_round would.
+    assert_eq!(
+        ok(
+            "quarantine of an uncommitted round",
+            store
+                .quarantine_committed("j", "obj", "e1-a", &quarantine(5))
+                .await
+        ),
+        QuarantineOutcome::Quarantined
+    );
+    assert!(matches!(
+        store
+            .quarantine_committed("ghost", "obj", "e1-a", &quarantine(1))
+            .await,
+        Err(StateError::JobNotFound(_))
+    ));
+}

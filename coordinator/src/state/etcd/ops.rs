@@ -250,6 +250,73 @@ impl StateStore for EtcdStore {
         )))
     }
 
+    async fn quarantine_committed(
+        &self,
+        job: &str,
+        object: &str,
+        attempt: &str,
+        quarantine: &QuarantineRecord,
+    ) -> Result<QuarantineOutcome, StateError> {
+        check_names(job, object)?;
+        let op = "quarantine_committed";
+        let jk = self.job_key(job);
+        let ck = self.round_key("commits", job, object, quarantine.round);
+        let qk = self.round_key("quarantines", job, object, quarantine.round);
+        let bytes = encode("quarantine", quarantine)?;
+        for _ in 0..MAX_CONFLICTS {
+            // The commit as it stands; the transaction applies only if it is still that one.
+            let seen = self.get(op, ck.clone(), GetOptions::new()).await?;
+            let (revision, commit) = match seen.kvs().first() {
+                None => (0, None),
+                Some(kv) => (
+                    kv.mod_revision(),
+                    Some(decode::<CommitRecord>(
+                        || format!("commit {ck:?}"),
+                        kv.value(),
+                    )?),
+                ),
+            };
+            let mut apply = vec![TxnOp::put(qk.clone(), bytes.clone(), None)];
+            if let Some(c) = &commit {
+                if c.attempt != attempt {
+                    // Answered below after the same checks as a refused transaction.
+                    apply.clear();
+                } else {
+                    apply.push(TxnOp::delete(ck.clone(), None));
+                }
+            }
+            let txn = self
+                .guarded([
+                    Compare::version(jk.clone(), CompareOp::Greater, 0),
+                    Compare::create_revision(qk.clone(), CompareOp::Equal, 0),
+                    Compare::mod_revision(ck.clone(), CompareOp::Equal, revision),
+                ])
+                .and_then(apply.clone())
+                .or_else([
+                    TxnOp::get(jk.clone(), Some(GetOptions::new().with_keys_only())),
+                    TxnOp::get(qk.clone(), Some(GetOptions::new().with_keys_only())),
+                ]);
+            let resp = self.txn(op, txn).await?;
+            if resp.succeeded() {
+                return Ok(match commit {
+                    Some(c) if apply.is_empty() => QuarantineOutcome::AlreadyCommitted(c),
+                    _ => QuarantineOutcome::Quarantined,
+                });
+            }
+            let ops = resp.op_responses();
+            if !job_in(&ops, 0, op)? {
+                return Err(StateError::JobNotFound(job.to_string()));
+            }
+            if txn_get(&ops, 1, op)?.is_some() {
+                return Ok(QuarantineOutcome::AlreadyQuarantined);
+            }
+            // The commit changed in between: read it again.
+        }
+        Err(StateError::Backend(format!(
+            "{op}: gave up after {MAX_CONFLICTS} conflicting writers to {ck:?}"
+        )))
+    }
+
     async fn record_merge(
         &self,
         job: &str,
