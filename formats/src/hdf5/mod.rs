@@ -294,7 +294,7 @@ pub fn merge(
 pub fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetError> {
     let h = lock()?;
     let src = Source::open(&h, path)?;
-    let names = h.links(&src.data).map_err(at(&src.file, "data"))?;
+    let names = src.links_of(&src.data, "data")?;
     let mut demos: Vec<tree::DemoName> = Vec::new();
     for name in names {
         match tree::demo_number(&name) {
@@ -311,8 +311,11 @@ pub fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetE
     for (index, d) in demos.iter().enumerate() {
         observer.sample(index as u64);
         let place = format!("data/{}", d.name);
-        if let Err(e) = examine_demo(&src, &d.name, &place, &mut first, &mut total, observer) {
-            observer.problem(&src.place(&place), &e.to_string());
+        match examine_demo(&src, &d.name, &place, &mut first, &mut total, observer) {
+            Ok(()) => {}
+            // Reported at the place inside the demo the error names.
+            Err(DatasetError::Invalid { path, reason }) => observer.problem(&path, &reason),
+            Err(e) => observer.problem(&src.place(&place), &e.to_string()),
         }
     }
     match src.numeric_attr_if_present("total") {
