@@ -45,6 +45,9 @@ const H5I_GROUP: c_int = 2;
 const H5I_DATATYPE: c_int = 3;
 const H5I_DATASET: c_int = 5;
 const H5T_STR_NULLPAD: c_int = 1;
+const H5L_TYPE_HARD: c_int = 0;
+const H5L_TYPE_SOFT: c_int = 1;
+const H5L_TYPE_EXTERNAL: c_int = 64;
 
 /// Where the library is looked for, in order, after `QUARRY_HDF5_LIB`.
 pub const CANDIDATES: &[&str] = &[
@@ -64,6 +67,9 @@ type AttrOp =
     Option<unsafe extern "C" fn(hid_t, *const c_char, *const c_void, *mut c_void) -> herr_t>;
 type WalkOp = Option<unsafe extern "C" fn(c_uint, *const ErrorEntry, *mut c_void) -> herr_t>;
 type AutoOp = Option<unsafe extern "C" fn(hid_t, *mut c_void) -> herr_t>;
+/// `H5Literate2`/`H5Literate`: the callback has `AttrOp`'s shape (its info pointer not read).
+type LinkIterate =
+    unsafe extern "C" fn(hid_t, c_int, c_int, *mut hsize_t, AttrOp, *mut c_void) -> herr_t;
 
 /// `H5E_error2_t`.
 #[repr(C)]
@@ -88,6 +94,60 @@ struct GroupInfo {
     spare: [u64; 4],
 }
 
+/// The variant of `H5Oget_info` the loaded library has. Every variant's struct starts with
+/// `unsigned long fileno` and then the object's place in that file: an `H5O_token_t` (16
+/// bytes, 1.12+) or an `haddr_t` (8 bytes, 1.10); the rest is not read.
+#[derive(Clone, Copy)]
+enum ObjectInfoCall {
+    /// `H5Oget_info3(obj, H5O_info2_t *, fields)` or `H5Oget_info2(obj, H5O_info1_t *, fields)`.
+    WithFields(unsafe extern "C" fn(hid_t, *mut c_void, c_uint) -> herr_t),
+    /// `H5Oget_info1(obj, H5O_info1_t *)`: fills the whole (larger) struct.
+    Plain(unsafe extern "C" fn(hid_t, *mut c_void) -> herr_t),
+}
+
+/// `H5O_INFO_BASIC`: fileno, address or token, type, reference count.
+const H5O_INFO_BASIC: c_uint = 0x0001;
+/// Room for any `H5O_info*_t` (the largest, 1.10's with header info, is under 200 bytes).
+const OBJECT_INFO_WORDS: usize = 64;
+
+impl ObjectInfoCall {
+    fn find(lib: &Library) -> Option<ObjectInfoCall> {
+        for name in [&b"H5Oget_info3\0"[..], &b"H5Oget_info2\0"[..]] {
+            // SAFETY: both are herr_t (hid_t obj, H5O_info*_t *info, unsigned fields).
+            if let Ok(f) = unsafe {
+                lib.get::<unsafe extern "C" fn(hid_t, *mut c_void, c_uint) -> herr_t>(name)
+            } {
+                return Some(ObjectInfoCall::WithFields(*f));
+            }
+        }
+        // SAFETY: herr_t H5Oget_info1(hid_t obj, H5O_info1_t *info).
+        unsafe { lib.get::<unsafe extern "C" fn(hid_t, *mut c_void) -> herr_t>(b"H5Oget_info1\0") }
+            .ok()
+            .map(|f| ObjectInfoCall::Plain(*f))
+    }
+}
+
+/// Where an object lives: the file it is in and its place there. Two paths lead to one object
+/// exactly when their addresses are equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ObjectAddr {
+    fileno: u64,
+    token: [u8; 16],
+}
+
+/// What kind of link a name in a group is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// A hard link: the name is the object (an object may have several).
+    Hard,
+    /// A soft link: a path inside the file, resolved when opened.
+    Soft,
+    /// An external link: a path in another file.
+    External,
+    /// A user-defined link class.
+    Other(c_int),
+}
+
 macro_rules! api {
     ($($name:ident : fn($($arg:ty),*) -> $ret:ty;)*) => {
         /// The library's entry points.
@@ -100,6 +160,15 @@ macro_rules! api {
             set_file_locking: Option<unsafe extern "C" fn(hid_t, c_uint, c_uint) -> herr_t>,
             /// `H5FD_sec2_init`: the id of the default (POSIX) file driver.
             sec2_init: Option<unsafe extern "C" fn() -> hid_t>,
+            /// How to learn an object's address: `H5Oget_info3` (1.12+), else `H5Oget_info2`
+            /// (1.10.3+), else `H5Oget_info1` (see [`ObjectInfoCall`]).
+            object_info: Option<ObjectInfoCall>,
+            /// `H5Lget_info2` (1.12+) or `H5Lget_info` (1.10): same signature, and both
+            /// structs start with the link's `H5L_type_t`.
+            link_info: Option<unsafe extern "C" fn(hid_t, *const c_char, *mut c_void, hid_t) -> herr_t>,
+            /// `H5Literate2` (1.12+) or `H5Literate` (1.10): same signature, the callback's
+            /// info struct (not read) differing.
+            link_iterate: Option<LinkIterate>,
             t_c_s1: hid_t,
             t_std_i64le: hid_t,
             t_native_llong: hid_t,
@@ -153,11 +222,35 @@ macro_rules! api {
                 }
                 .ok()
                 .map(|f| *f);
+                let object_info = ObjectInfoCall::find(&lib);
+                let mut link_info = None;
+                for name in [&b"H5Lget_info2\0"[..], &b"H5Lget_info\0"[..]] {
+                    // SAFETY: both are herr_t (hid_t loc, const char *name, H5L_info*_t *info,
+                    // hid_t lapl); the structs differ only after their first field.
+                    if let Ok(f) = unsafe {
+                        lib.get::<unsafe extern "C" fn(hid_t, *const c_char, *mut c_void, hid_t) -> herr_t>(name)
+                    } {
+                        link_info = Some(*f);
+                        break;
+                    }
+                }
+                let mut link_iterate = None;
+                for name in [&b"H5Literate2\0"[..], &b"H5Literate\0"[..]] {
+                    // SAFETY: both are herr_t (hid_t group, H5_index_t, H5_iter_order_t,
+                    // hsize_t *idx, callback, void *data); see `LinkIterate`.
+                    if let Ok(f) = unsafe { lib.get::<LinkIterate>(name) } {
+                        link_iterate = Some(*f);
+                        break;
+                    }
+                }
                 let mut api = Api {
                     $($name,)*
                     reclaim,
                     set_file_locking,
                     sec2_init,
+                    object_info,
+                    link_info,
+                    link_iterate,
                     t_c_s1: -1,
                     t_std_i64le: -1,
                     t_native_llong: -1,
@@ -497,7 +590,7 @@ unsafe extern "C" fn collect_name(
     _info: *const c_void,
     data: *mut c_void,
 ) -> herr_t {
-    // SAFETY: `data` is the `&mut Vec<Vec<u8>>` `attr_names` passed; `name` is a C string
+    // SAFETY: `data` is the `&mut Vec<Vec<u8>>` `attr_names` or `links` passed; `name` is a C string
     // valid for the call. The info struct is not read (its layout differs between versions).
     unsafe {
         let out = &mut *(data as *mut Vec<Vec<u8>>);
@@ -717,8 +810,94 @@ impl Hdf5 {
         Ok((id, kind))
     }
 
+    /// Where an open object lives (equal for every path to it); `None` when the library has
+    /// no `H5Oget_info` this module knows.
+    pub fn object_addr(&self, obj: &Id<'_>) -> Result<Option<ObjectAddr>, H5Error> {
+        let Some(call) = self.api.object_info else {
+            return Ok(None);
+        };
+        let mut buf = [0u64; OBJECT_INFO_WORDS];
+        let p = buf.as_mut_ptr() as *mut c_void;
+        // SAFETY: an open object; `buf` is larger than any H5O_info*_t and 8-byte aligned.
+        let ret = unsafe {
+            match call {
+                ObjectInfoCall::WithFields(f) => f(obj.id, p, H5O_INFO_BASIC),
+                ObjectInfoCall::Plain(f) => f(obj.id, p),
+            }
+        };
+        self.check("H5Oget_info", ret)?;
+        let mut token = [0u8; 16];
+        token[..8].copy_from_slice(&buf[1].to_ne_bytes());
+        token[8..].copy_from_slice(&buf[2].to_ne_bytes());
+        // With 1.10's struct the second 8 bytes are the object's type and reference count
+        // rather than the rest of a token: the same for every path to one object, so equality
+        // still means "the same object".
+        Ok(Some(ObjectAddr {
+            fileno: buf[0],
+            token,
+        }))
+    }
+
+    /// What kind of link `name` in `loc` is, without following it.
+    pub fn link_kind(&self, loc: &Id<'_>, name: &str) -> Result<LinkKind, H5Error> {
+        let Some(f) = self.api.link_info else {
+            return Ok(LinkKind::Hard);
+        };
+        let c = cstring("H5Lget_info", name)?;
+        let mut buf = [0u64; 8];
+        // SAFETY: open location, valid C string, `buf` larger than any H5L_info*_t.
+        let ret = unsafe { f(loc.id, c.as_ptr(), buf.as_mut_ptr() as *mut c_void, DEFAULT) };
+        self.check("H5Lget_info", ret)?;
+        // The first field, `H5L_type_t`, an int.
+        let kind = buf[0].to_ne_bytes();
+        let kind = c_int::from_ne_bytes([kind[0], kind[1], kind[2], kind[3]]);
+        Ok(match kind {
+            H5L_TYPE_HARD => LinkKind::Hard,
+            H5L_TYPE_SOFT => LinkKind::Soft,
+            H5L_TYPE_EXTERNAL => LinkKind::External,
+            other => LinkKind::Other(other),
+        })
+    }
+
+    /// How many links a group holds.
+    pub fn link_count(&self, group: &Id<'_>) -> Result<u64, H5Error> {
+        let mut info = GroupInfo::default();
+        // SAFETY: open group; `info` is at least as large as H5G_info_t.
+        self.check("H5Gget_info", unsafe {
+            (self.api.H5Gget_info)(group.id, &mut info)
+        })?;
+        Ok(info.nlinks)
+    }
+
     /// The names of the links in a group, in name order.
     pub fn links(&self, group: &Id<'_>) -> Result<Vec<String>, H5Error> {
+        let Some(iterate) = self.api.link_iterate else {
+            return self.links_by_index(group);
+        };
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        let mut idx: hsize_t = 0;
+        // SAFETY: open group; the callback only pushes names into `names`, which outlives
+        // the call. One pass: asking for each name by index costs a sort of the group's
+        // links per call when it has no name index, quadratic in its size.
+        let ret = unsafe {
+            iterate(
+                group.id,
+                H5_INDEX_NAME,
+                H5_ITER_INC,
+                &mut idx,
+                Some(collect_name),
+                &mut names as *mut Vec<Vec<u8>> as *mut c_void,
+            )
+        };
+        self.check("H5Literate", ret)?;
+        Ok(names
+            .into_iter()
+            .map(|n| String::from_utf8_lossy(&n).into_owned())
+            .collect())
+    }
+
+    /// [`Hdf5::links`] one name at a time, for a library without `H5Literate`.
+    fn links_by_index(&self, group: &Id<'_>) -> Result<Vec<String>, H5Error> {
         let mut info = GroupInfo::default();
         // SAFETY: open group; `info` is at least as large as H5G_info_t.
         self.check("H5Gget_info", unsafe {

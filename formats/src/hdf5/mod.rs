@@ -10,7 +10,13 @@
 //! - [`inspect`] opens the file, requires `data`, demo names `demo_<number>`, every dataset's
 //!   first axis equal to its demo's `num_samples` (when the demo has one), the same datasets
 //!   (paths, dtypes, shapes after the first axis) in every demo, and masks naming existing
-//!   demos. The schema lists one demo's datasets: `hdf5 robomimic [actions <f4 (*,7);
+//!   demos. A demo's groups are walked with bounds (`MAX_DEPTH` and its neighbours in
+//!   `tree.rs`): a hard link back to a group containing it (a cycle), nesting deeper than 32
+//!   groups, more than 16,384 links followed in one demo, more than 2^20 links in one group,
+//!   and soft or external links are errors naming the place (`link cycle at
+//!   data/demo_0/obs/loop → data/demo_0`). A dataset reached by two hard links inside a demo
+//!   is listed under both paths, and the merge's `H5Ocopy` keeps it shared inside the copied
+//!   demo. The schema lists one demo's datasets: `hdf5 robomimic [actions <f4 (*,7);
 //!   obs/eef_pos <f8 (*,3)]` (`hdf5 robomimic empty` without demos).
 //! - [`merge`] takes the inputs in order and each input's demos in numeric order (demo_2 before
 //!   demo_10); drops demos failing the filter, then duplicates, then stops at the limit (inputs
@@ -294,7 +300,7 @@ pub fn merge(
 pub fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetError> {
     let h = lock()?;
     let src = Source::open(&h, path)?;
-    let names = h.links(&src.data).map_err(at(&src.file, "data"))?;
+    let names = src.links_of(&src.data, "data")?;
     let mut demos: Vec<tree::DemoName> = Vec::new();
     for name in names {
         match tree::demo_number(&name) {
@@ -311,8 +317,11 @@ pub fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetE
     for (index, d) in demos.iter().enumerate() {
         observer.sample(index as u64);
         let place = format!("data/{}", d.name);
-        if let Err(e) = examine_demo(&src, &d.name, &place, &mut first, &mut total, observer) {
-            observer.problem(&src.place(&place), &e.to_string());
+        match examine_demo(&src, &d.name, &place, &mut first, &mut total, observer) {
+            Ok(()) => {}
+            // Reported at the place inside the demo the error names.
+            Err(DatasetError::Invalid { path, reason }) => observer.problem(&path, &reason),
+            Err(e) => observer.problem(&src.place(&place), &e.to_string()),
         }
     }
     match src.numeric_attr_if_present("total") {

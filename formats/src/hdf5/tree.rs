@@ -5,11 +5,22 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use super::ffi::{Extent, H5Error, Hdf5, Id, ObjectKind, TypeClass, TypeInfo};
+use super::ffi::{
+    Extent, H5Error, Hdf5, Id, LinkKind, ObjectAddr, ObjectKind, TypeClass, TypeInfo,
+};
 use crate::DatasetError;
 
 /// Bytes read from a dataset at a time (hashing, examining).
 pub const BLOCK_BYTES: usize = 8 << 20;
+
+/// Deepest nesting of groups inside a demo (robomimic's is 1: `obs/<key>`).
+pub const MAX_DEPTH: usize = 32;
+/// Most links one walk of a demo follows. A group reached by several paths (a legal hard
+/// link to a group that is not an ancestor) is walked once per path, so this also bounds a
+/// "diamond" of shared groups, whose paths double at every level.
+pub const MAX_DEMO_LINKS: usize = 16_384;
+/// Most links any one group may hold (`data`, a demo, a group in a demo, `mask`).
+pub const MAX_GROUP_LINKS: u64 = 1 << 20;
 
 /// The error for a failed call at `place` inside `file`.
 pub fn at(file: &str, place: &str) -> impl FnOnce(H5Error) -> DatasetError {
@@ -27,6 +38,8 @@ pub struct Source<'h> {
     /// The file's name as given, for messages.
     pub file: String,
     pub data: Id<'h>,
+    /// Where the root and `data` live, the first two ancestors of every demo's walk.
+    ancestors: Vec<(Option<ObjectAddr>, String)>,
     // Declared last: dropped (closed) after the groups in it.
     pub root: Id<'h>,
 }
@@ -172,11 +185,20 @@ impl<'h> Source<'h> {
                 "no `data` group: a robomimic file keeps its demos in data/demo_<i>",
             ));
         }
+        hard_link(h, &root, "data", &file, "data")?;
         let data = h.open_group(&root, "data").map_err(at(&file, "data"))?;
+        let ancestors = vec![
+            (h.object_addr(&root).map_err(at(&file, ""))?, "/".into()),
+            (
+                h.object_addr(&data).map_err(at(&file, "data"))?,
+                "data".into(),
+            ),
+        ];
         Ok(Source {
             h,
             file,
             data,
+            ancestors,
             root,
         })
     }
@@ -193,7 +215,7 @@ impl<'h> Source<'h> {
     /// The demos under `data`, in numeric order (demo_2 before demo_10). Anything else there
     /// is an error.
     pub fn demos(&self) -> Result<Vec<DemoName>, DatasetError> {
-        let names = self.h.links(&self.data).map_err(at(&self.file, "data"))?;
+        let names = self.links_of(&self.data, "data")?;
         let mut demos = Vec::with_capacity(names.len());
         for name in names {
             match demo_number(&name) {
@@ -219,6 +241,7 @@ impl<'h> Source<'h> {
     /// Opens demo `name`, which must be a group.
     pub fn demo(&self, name: &str) -> Result<Id<'h>, DatasetError> {
         let place = format!("data/{name}");
+        hard_link(self.h, &self.data, name, &self.file, &place)?;
         let (g, kind) = self
             .h
             .open_object(&self.data, name)
@@ -229,12 +252,70 @@ impl<'h> Source<'h> {
         Ok(g)
     }
 
-    /// Every dataset under `group` (recursively), sorted by path; `place` is the group's.
+    /// The names of the links in `group` (at `place`), refusing more than
+    /// [`MAX_GROUP_LINKS`].
+    pub fn links_of(&self, group: &Id<'h>, place: &str) -> Result<Vec<String>, DatasetError> {
+        let n = self.h.link_count(group).map_err(at(&self.file, place))?;
+        if n > MAX_GROUP_LINKS {
+            return Err(self.invalid(
+                place,
+                format!("holds {n} links; Quarry reads at most {MAX_GROUP_LINKS} in one group"),
+            ));
+        }
+        self.h.links(group).map_err(at(&self.file, place))
+    }
+
+    /// Every dataset under demo `group` (recursively, following hard links only), sorted by
+    /// path; `place` is the demo's.
+    ///
+    /// The walk is bounded: a link back to a group containing it (a cycle, which h5py writes
+    /// with `demo["obs"]["loop"] = demo`) is an error naming both places, as are groups
+    /// nested deeper than [`MAX_DEPTH`], more than [`MAX_DEMO_LINKS`] links followed, and
+    /// soft or external links. A dataset (or group) reached by two hard-link paths that do
+    /// not form a cycle is listed under each path, as h5py shows it; the merge copies the demo
+    /// whole with `H5Ocopy`, which keeps such an object shared inside the copied demo.
     pub fn layout(&self, group: &Id<'h>, place: &str) -> Result<Vec<Entry>, DatasetError> {
-        let mut out = Vec::new();
-        self.walk(group, place, "", &mut out)?;
+        let mut walk = Walk {
+            ancestors: self.ancestors.clone(),
+            links: 0,
+            out: Vec::new(),
+        };
+        let addr = self.h.object_addr(group).map_err(at(&self.file, place))?;
+        self.enter(&mut walk, addr, place)?;
+        self.walk(group, place, "", &mut walk)?;
+        let mut out = walk.out;
         out.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(out)
+    }
+
+    /// Pushes the group at `place` on the walk's ancestors, refusing a cycle or too deep a
+    /// nesting.
+    fn enter(
+        &self,
+        walk: &mut Walk,
+        addr: Option<ObjectAddr>,
+        place: &str,
+    ) -> Result<(), DatasetError> {
+        if let Some(a) = addr
+            && let Some((_, up)) = walk.ancestors.iter().find(|(b, _)| *b == Some(a))
+        {
+            return Err(self.invalid(
+                place,
+                format!(
+                    "link cycle at {place} → {up}: a hard link back to a group that contains \
+                     it (the group's tree would never end)"
+                ),
+            ));
+        }
+        // The root and `data` are not counted: depth is nesting inside the demo.
+        if walk.ancestors.len() > MAX_DEPTH + 2 {
+            return Err(self.invalid(
+                place,
+                format!("groups nested more than {MAX_DEPTH} deep inside one demo"),
+            ));
+        }
+        walk.ancestors.push((addr, place.to_string()));
+        Ok(())
     }
 
     fn walk(
@@ -242,16 +323,32 @@ impl<'h> Source<'h> {
         group: &Id<'h>,
         place: &str,
         prefix: &str,
-        out: &mut Vec<Entry>,
+        walk: &mut Walk,
     ) -> Result<(), DatasetError> {
         let h = self.h;
-        let names = h.links(group).map_err(at(&self.file, place))?;
+        let names = self.links_of(group, place)?;
         for name in names {
             let path = format!("{prefix}{name}");
             let here = format!("{place}/{name}");
+            walk.links += 1;
+            if walk.links > MAX_DEMO_LINKS {
+                return Err(self.invalid(
+                    &here,
+                    format!(
+                        "more than {MAX_DEMO_LINKS} links in one demo (a group reached by \
+                         several paths counts once per path)"
+                    ),
+                ));
+            }
+            hard_link(h, group, &name, &self.file, &here)?;
             let (obj, kind) = h.open_object(group, &name).map_err(at(&self.file, &here))?;
             match kind {
-                ObjectKind::Group => self.walk(&obj, &here, &format!("{path}/"), out)?,
+                ObjectKind::Group => {
+                    let addr = h.object_addr(&obj).map_err(at(&self.file, &here))?;
+                    self.enter(walk, addr, &here)?;
+                    self.walk(&obj, &here, &format!("{path}/"), walk)?;
+                    walk.ancestors.pop();
+                }
                 ObjectKind::Dataset => {
                     let t = h.dataset_type(&obj).map_err(at(&self.file, &here))?;
                     let info = h.type_info(&t).map_err(at(&self.file, &here))?;
@@ -265,7 +362,7 @@ impl<'h> Source<'h> {
                             );
                         }
                     };
-                    out.push(Entry {
+                    walk.out.push(Entry {
                         path,
                         descr: descr(&info),
                         dims,
@@ -329,6 +426,13 @@ impl<'h> Source<'h> {
             let loc = current.as_ref().unwrap_or(group);
             if part.is_empty() || !self.h.exists(loc, part)? {
                 return Ok(None);
+            }
+            let link = self.h.link_kind(loc, part)?;
+            if link != LinkKind::Hard {
+                return Err(H5Error {
+                    call: "H5Lget_info",
+                    detail: format!("{part} is a {} link, not a hard link", link_name(link)),
+                });
             }
             let (obj, kind) = self.h.open_object(loc, part)?;
             let last = parts.peek().is_none();
@@ -508,8 +612,9 @@ impl<'h> Source<'h> {
             return Err(self.invalid("mask", "`mask` must be a group of demo name lists"));
         }
         let mut out = Vec::new();
-        for key in h.links(&mask).map_err(at(&self.file, "mask"))? {
+        for key in self.links_of(&mask, "mask")? {
             let here = format!("mask/{key}");
+            hard_link(h, &mask, &key, &self.file, &here)?;
             let (ds, kind) = h.open_object(&mask, &key).map_err(at(&self.file, &here))?;
             if kind != ObjectKind::Dataset {
                 return Err(self.invalid(&here, "a mask must be a dataset of demo names"));
@@ -547,6 +652,51 @@ impl<'h> Source<'h> {
             return Err(self.invalid(&here, format!("holds {} strings, not one", v.len())));
         }
         Ok(v.pop())
+    }
+}
+
+/// The state of one walk of a demo's groups.
+struct Walk {
+    /// The groups from the root down to the one being walked, with their places.
+    ancestors: Vec<(Option<ObjectAddr>, String)>,
+    /// Links followed so far.
+    links: usize,
+    out: Vec<Entry>,
+}
+
+fn link_name(kind: LinkKind) -> &'static str {
+    match kind {
+        LinkKind::Hard => "hard",
+        LinkKind::Soft => "soft",
+        LinkKind::External => "external",
+        LinkKind::Other(_) => "user-defined",
+    }
+}
+
+/// Refuses `name` in `loc` (at `place` in `file`) unless it is a hard link: a soft link may
+/// point anywhere in the file (and elsewhere once the merge renames its demo), an external one
+/// into another file on the machine reading it.
+fn hard_link(
+    h: &Hdf5,
+    loc: &Id<'_>,
+    name: &str,
+    file: &str,
+    place: &str,
+) -> Result<(), DatasetError> {
+    match h.link_kind(loc, name).map_err(at(file, place))? {
+        LinkKind::Hard => Ok(()),
+        LinkKind::External => Err(DatasetError::invalid(
+            format!("{file}:{place}"),
+            "an external link (into another file): a robomimic file must hold its own data",
+        )),
+        other => Err(DatasetError::invalid(
+            format!("{file}:{place}"),
+            format!(
+                "a {} link: Quarry reads hard links only (a soft link's target path would \
+                 point elsewhere once the merge renames the demo)",
+                link_name(other)
+            ),
+        )),
     }
 }
 

@@ -56,6 +56,34 @@ fn bad(op: &Op, reason: impl Into<String>) -> FormatError {
     }
 }
 
+/// The error for an opcode that would make `what` hold itself (directly or through values it
+/// holds): a recursive value, legal Python but not a tree.
+fn recursive(op: &Op, what: &Value) -> FormatError {
+    FormatError::Unsupported {
+        reason: format!(
+            "a recursive value at pickle byte {}: {} {} a {} that is already inside another \
+             value, or is its own item (Python's pickler writes that only for a value that \
+             holds itself); Quarry reads only values without cycles",
+            op.offset,
+            name(op.code),
+            match op.code {
+                op::BUILD => "sets the state of",
+                _ => "adds to",
+            },
+            what.type_name()
+        ),
+    }
+}
+
+/// Refuses to change `container` (about to receive `items`) when it is already inside
+/// another value or is one of the items: either would close a cycle (see [`Value::nest`]).
+fn check_growth(op: &Op, container: &Value, items: &[Value]) -> Result<(), FormatError> {
+    if container.is_nested() || items.iter().any(|it| it.same_container(container)) {
+        return Err(recursive(op, container));
+    }
+    Ok(())
+}
+
 fn unsupported(op: &Op) -> FormatError {
     FormatError::Unsupported {
         reason: format!(
@@ -299,7 +327,18 @@ impl Decoder {
             op::BUILD => {
                 let state = self.pop(op)?;
                 let state = Self::capped(state);
+                let array = self.array.clone();
                 if let Value::Object(o) = self.top(op)? {
+                    let target = Value::Object(o.clone());
+                    // The array's own BUILD (its state holds the data list, not the elements)
+                    // may follow elements that refer to the array.
+                    if state.same_container(&target) {
+                        return Err(recursive(op, &target));
+                    }
+                    if !array.as_ref().is_some_and(|a| Rc::ptr_eq(a, o)) {
+                        check_growth(op, &target, std::slice::from_ref(&state))?;
+                    }
+                    state.nest();
                     let mut o = o.borrow_mut();
                     o.depth = o.depth.max(state.depth() + 1);
                     o.state = Some(state);
@@ -357,6 +396,7 @@ impl Decoder {
                 let k = self.pop(op)?;
                 if let Value::Dict(m) = self.top(op)? {
                     let m = m.clone();
+                    check_growth(op, &Value::Dict(m.clone()), &[k.clone(), v.clone()])?;
                     Self::set_items(op, &m, vec![k, v])?;
                 }
                 return Ok(Step::Continue);
@@ -365,6 +405,7 @@ impl Decoder {
                 let items = self.pop_mark(op)?;
                 if let Value::Dict(m) = self.top(op)? {
                     let m = m.clone();
+                    check_growth(op, &Value::Dict(m.clone()), &items)?;
                     Self::set_items(op, &m, items)?;
                 }
                 return Ok(Step::Continue);
@@ -429,6 +470,7 @@ impl Decoder {
             op::ADDITEMS => {
                 let items = self.pop_mark(op)?;
                 if let Value::Set(s) = self.top(op)? {
+                    check_growth(op, &Value::Set(s.clone()), &items)?;
                     let mut s = s.borrow_mut();
                     for it in items {
                         Self::push_capped(&mut s, it);
@@ -455,7 +497,9 @@ impl Decoder {
         }
     }
 
+    /// Appends `v` (which must not be `s`'s own container, and is nested from now on).
     fn push_capped(s: &mut Seq, v: Value) {
+        v.nest();
         let v = Self::capped(v);
         s.depth = s.depth.max(v.depth() + 1);
         s.items.push(v);
@@ -465,6 +509,7 @@ impl Decoder {
         let mut s = Seq {
             items: Vec::with_capacity(items.len()),
             depth: 1,
+            nested: false,
         };
         for it in items {
             Self::push_capped(&mut s, it);
@@ -477,6 +522,8 @@ impl Decoder {
     }
 
     fn object(&self, callable: Value, args: Value, call: Call) -> Value {
+        callable.nest();
+        args.nest();
         let (callable, args) = (Self::capped(callable), Self::capped(args));
         let depth = callable.depth().max(args.depth()) + 1;
         Value::Object(Rc::new(RefCell::new(Obj {
@@ -485,12 +532,17 @@ impl Decoder {
             state: None,
             call,
             depth,
+            nested: false,
         })))
     }
 
     fn set_items(op: &Op, m: &Rc<RefCell<Map>>, items: Vec<Value>) -> Result<(), FormatError> {
         if !items.len().is_multiple_of(2) {
             return Err(bad(op, "odd number of items for a dict"));
+        }
+        // Nested before `m` is borrowed: no item is `m` itself (see `check_growth`).
+        for it in &items {
+            it.nest();
         }
         let mut m = m.borrow_mut();
         let mut it = items.into_iter();
@@ -509,6 +561,7 @@ impl Decoder {
                 Ok(Step::Elements)
             }
             Value::List(l) => {
+                check_growth(op, &Value::List(l.clone()), &items)?;
                 let mut l = l.borrow_mut();
                 for it in items {
                     Self::push_capped(&mut l, it);
@@ -570,6 +623,57 @@ mod tests {
         data.push(b'.');
         let v = decode(&data);
         assert!(v.depth() <= MAX_NEST);
+    }
+
+    fn decode_err(data: &[u8]) -> FormatError {
+        let mut d = Decoder::default();
+        let mut r = OpReader::new(data);
+        while let Some(op) = r.next_op().unwrap() {
+            match d.apply(&op, &mut r) {
+                Ok(Step::Stop(_)) => panic!("decoded"),
+                Ok(_) => {}
+                Err(e) => return e,
+            }
+        }
+        panic!("no STOP");
+    }
+
+    #[test]
+    fn refuses_values_that_hold_themselves() {
+        // d = {}; d['s'] = d: EMPTY_DICT MEMOIZE 's' GET0 SETITEM.
+        let e = decode_err(b"\x80\x04}\x94\x8c\x01s\x94h\x00s.");
+        assert!(e.to_string().contains("a recursive value"), "{e}");
+        // l = []; l.append(l).
+        let e = decode_err(b"\x80\x04]\x94h\x00a.");
+        assert!(e.to_string().contains("a recursive value"), "{e}");
+        // s = set(); s.add(s) (unhashable in Python, but a stream can say it).
+        let e = decode_err(b"\x80\x04\x8f\x94(h\x00\x90.");
+        assert!(e.to_string().contains("a recursive value"), "{e}");
+    }
+
+    #[test]
+    fn refuses_growing_a_nested_list() {
+        // 100,000 empty lists memoized first, then each appended to the one before: a chain
+        // whose recorded depth would stay 2 (each list nested before it grew), so dropping it
+        // would recurse 100,000 deep. The second APPEND already grows a nested list.
+        let n = 100_000u32;
+        let mut data = b"\x80\x04".to_vec();
+        for i in 0..n {
+            data.push(b']');
+            data.push(b'r'); // LONG_BINPUT
+            data.extend_from_slice(&i.to_le_bytes());
+        }
+        for i in 0..n - 1 {
+            data.push(b'j'); // LONG_BINGET
+            data.extend_from_slice(&i.to_le_bytes());
+            data.push(b'j');
+            data.extend_from_slice(&(i + 1).to_le_bytes());
+            data.push(b'a'); // APPEND
+            data.push(b'0'); // POP
+        }
+        data.push(b'.');
+        let e = decode_err(&data);
+        assert!(e.to_string().contains("a recursive value"), "{e}");
     }
 
     #[test]

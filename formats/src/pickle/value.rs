@@ -52,12 +52,16 @@ impl Kind {
 pub(crate) struct Seq {
     pub items: Vec<Value>,
     pub(super) depth: u16,
+    /// Placed inside another value: no longer changed (see [`Value::nest`]).
+    pub(super) nested: bool,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct Map {
     pub items: Vec<(Value, Value)>,
     pub(super) depth: u16,
+    /// Placed inside another value: no longer changed (see [`Value::nest`]).
+    pub(super) nested: bool,
 }
 
 /// A recorded call: `callable(*args)` (or `cls.__new__(cls, *args)`), then `__setstate__`.
@@ -68,6 +72,8 @@ pub(crate) struct Obj {
     pub state: Option<Value>,
     pub call: Call,
     pub(super) depth: u16,
+    /// Placed inside another value: no longer changed (see [`Value::nest`]).
+    pub(super) nested: bool,
 }
 
 /// Which opcode made an [`Obj`].
@@ -112,6 +118,40 @@ pub(crate) enum Value {
 pub(crate) type KeySet = BTreeSet<String>;
 
 impl Value {
+    /// Marks a mutable container as placed inside another value. The decoder refuses to
+    /// change a nested container: Python's pickler only does so to close a cycle (`d = {};
+    /// d["self"] = d`, or two dicts holding each other), and a container grown after it was
+    /// nested would make its holders' [`MAX_NEST`] depth stale. So every value the decoder
+    /// builds is a finite tree (a DAG where memo entries are shared), and its depth is exact.
+    pub(super) fn nest(&self) {
+        match self {
+            Value::List(s) | Value::Set(s) => s.borrow_mut().nested = true,
+            Value::Dict(m) => m.borrow_mut().nested = true,
+            Value::Object(o) => o.borrow_mut().nested = true,
+            _ => {}
+        }
+    }
+
+    /// Whether this is a mutable container already placed inside another value.
+    pub(super) fn is_nested(&self) -> bool {
+        match self {
+            Value::List(s) | Value::Set(s) => s.borrow().nested,
+            Value::Dict(m) => m.borrow().nested,
+            Value::Object(o) => o.borrow().nested,
+            _ => false,
+        }
+    }
+
+    /// Whether `self` and `other` are the same mutable container.
+    pub(super) fn same_container(&self, other: &Value) -> bool {
+        match (self, other) {
+            (Value::List(a), Value::List(b)) | (Value::Set(a), Value::Set(b)) => Rc::ptr_eq(a, b),
+            (Value::Dict(a), Value::Dict(b)) => Rc::ptr_eq(a, b),
+            (Value::Object(a), Value::Object(b)) => Rc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
     pub(super) fn depth(&self) -> u16 {
         match self {
             Value::Tuple(s) | Value::FrozenSet(s) => s.depth,
