@@ -264,13 +264,30 @@ impl Store {
     /// future is dropped midway (the abort then runs in a task spawned on the current tokio
     /// runtime). Only a killed process leaves one open, for the bucket's lifecycle rule.
     pub async fn put_file(&self, key: &str, file: &Path) -> Result<Uploaded, StoreError> {
+        let f = std::fs::File::open(file).map_err(|source| StoreError::Io {
+            op: "read",
+            path: file.display().to_string(),
+            source,
+        })?;
+        self.put_open_file(key, f, file).await
+    }
+
+    /// [`Store::put_file`] from a file already open, read from its start: the bytes uploaded
+    /// are those of this handle's file, whatever `file` (named in errors) points at now.
+    pub async fn put_open_file(
+        &self,
+        key: &str,
+        mut f: std::fs::File,
+        file: &Path,
+    ) -> Result<Uploaded, StoreError> {
+        use std::io::Seek;
         let k = Self::key(key)?;
         let io = |source| StoreError::Io {
             op: "read",
             path: file.display().to_string(),
             source,
         };
-        let mut f = std::fs::File::open(file).map_err(io)?;
+        f.rewind().map_err(io)?;
         let len = f.metadata().map_err(io)?.len();
         if len <= CHUNK as u64 {
             let mut data = Vec::with_capacity(len as usize);

@@ -9,9 +9,11 @@
 //!
 //! Stopping a run: SIGTERM to the group, up to `kill_grace` for it to exit, then SIGKILL.
 //! After the leader is gone, leftover members are SIGKILLed and the runner waits, bounded,
-//! until the group is empty.
+//! until the group is empty. Processes that left the group (`setsid`) are found by the mark
+//! in their environment and killed too (see `leftovers`): nothing of a run outlives it.
 
 mod group;
+mod leftovers;
 mod log;
 
 use std::io;
@@ -26,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use self::group::ProcessGroup;
+pub use self::leftovers::MARK_VAR;
+use self::leftovers::RunMark;
 pub use self::log::BoundedLog;
 
 /// How long to wait for SIGKILLed processes to disappear before giving up on them. SIGKILL is
@@ -118,10 +122,12 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
         });
     }
 
+    let mut mark = RunMark::new();
     let mut cmd = Command::new(program);
     cmd.args(&spec.argv[1..])
         .current_dir(&spec.cwd)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .env(MARK_VAR, mark.value())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -145,6 +151,11 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
         });
     };
     debug!(program = %program, pgid = group.id(), "generator started");
+    if let Some(pid) = child.id() {
+        mark.started(pid);
+    }
+    // Like the group guard: a dropped run's escaped processes are swept from a thread.
+    let mut sweep_on_drop = SweepOnDrop(Some(mark.clone()));
 
     let mut log = BoundedLog::new(spec.log_limit);
     let stdout = child.stdout.take();
@@ -156,6 +167,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
         let mut supervise = std::pin::pin!(supervise(
             &mut child,
             &group,
+            &mark,
             deadline,
             spec.kill_grace,
             &cancel
@@ -179,6 +191,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
     // The leader is reaped and the group was SIGKILLed and waited for: from here the group id
     // may be reused, so the guard must not fire.
     group.disarm();
+    sweep_on_drop.0 = None;
 
     let outcome = result.map_err(|source| RunError::Wait {
         program: program.clone(),
@@ -211,6 +224,7 @@ async fn check_cwd(spec: &RunSpec) -> Result<(), RunError> {
 async fn supervise(
     child: &mut Child,
     group: &ProcessGroup,
+    mark: &RunMark,
     deadline: Option<Instant>,
     kill_grace: Duration,
     cancel: &CancellationToken,
@@ -241,6 +255,14 @@ async fn supervise(
             Ok(outcome)
         }
     };
+    // Whatever left the group goes too: its processes may hold the GPU or still write the
+    // outputs that are about to be inspected.
+    if !mark.kill_all(Instant::now() + KILL_CONFIRM_TIMEOUT).await {
+        warn!(
+            pgid = group.id(),
+            "processes the generator left outside its group are still alive after SIGKILL"
+        );
+    }
     if !group
         .wait_empty(Instant::now() + KILL_CONFIRM_TIMEOUT)
         .await
@@ -275,6 +297,17 @@ async fn stop(child: &mut Child, group: &ProcessGroup, grace: Duration) {
             pgid = group.id(),
             "generator did not exit after SIGKILL; leaving it to be reaped in the background"
         );
+    }
+}
+
+/// Sweeps a run's escaped processes when the run's future is dropped before its own sweep.
+struct SweepOnDrop(Option<RunMark>);
+
+impl Drop for SweepOnDrop {
+    fn drop(&mut self) {
+        if let Some(mark) = self.0.take() {
+            mark.kill_all_detached(KILL_CONFIRM_TIMEOUT);
+        }
     }
 }
 

@@ -524,3 +524,95 @@ async fn hanging_example_generator_is_killed_on_timeout() {
     assert!(log.contains("hanging"), "{log}");
     assert!(!dir.path().join("exp/results/o.npy").exists());
 }
+
+/// A generator that detaches a sleeper from its process group and session (`setsid` in a
+/// double fork, as a daemon does), records the sleeper's pid in `name`, and exits 0 at once
+/// (or after `linger` seconds).
+fn detaching_generator(name: &str, linger: f64) -> Vec<String> {
+    let code = format!(
+        r#"
+import os, sys, time
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    if os.fork() == 0:
+        with open("{name}.tmp", "w") as f:
+            f.write(f"{{os.getpid()}}\n")
+        os.rename("{name}.tmp", "{name}")
+        time.sleep(60)
+    os._exit(0)
+os.waitpid(pid, 0)
+while not os.path.exists("{name}"):
+    time.sleep(0.01)
+time.sleep({linger})
+"#
+    );
+    vec!["python3".into(), "-c".into(), code]
+}
+
+#[tokio::test]
+async fn a_setsid_detached_child_dies_with_the_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let report = run_ok(
+        &spec(dir.path(), detaching_generator("sleeper.pid", 0.0)),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(
+        report.outcome,
+        RunOutcome::Exited(0),
+        "{}",
+        log_text(&report)
+    );
+    let sleeper = read_pid(&dir.path().join("sleeper.pid")).await;
+    // It left the group: only the run's own sweep can have killed it.
+    eventually("the detached sleeper to be gone", || !alive(sleeper)).await;
+}
+
+#[tokio::test]
+async fn a_setsid_detached_child_dies_with_a_cancelled_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cancel = CancellationToken::new();
+    let spec = spec(dir.path(), detaching_generator("sleeper.pid", 60.0));
+    let run = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { run_ok(&spec, cancel).await }
+    });
+    let sleeper = read_pid(&dir.path().join("sleeper.pid")).await;
+    cancel.cancel();
+    let report = run.await.expect("run task");
+    assert_eq!(report.outcome, RunOutcome::Cancelled);
+    eventually("the detached sleeper to be gone", || !alive(sleeper)).await;
+}
+
+#[tokio::test]
+async fn one_runs_sweep_leaves_another_runs_processes_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).expect("mkdir");
+    std::fs::create_dir_all(&b).expect("mkdir");
+    // Run A keeps running with a detached sleeper of its own while run B ends and sweeps.
+    let cancel_a = CancellationToken::new();
+    let spec_a = spec(&a, detaching_generator("sleeper.pid", 60.0));
+    let run_a = tokio::spawn({
+        let cancel = cancel_a.clone();
+        async move { run_ok(&spec_a, cancel).await }
+    });
+    let sleeper_a = read_pid(&a.join("sleeper.pid")).await;
+    let report_b = run_ok(
+        &spec(&b, detaching_generator("sleeper.pid", 0.0)),
+        CancellationToken::new(),
+    )
+    .await;
+    assert_eq!(report_b.outcome, RunOutcome::Exited(0));
+    let sleeper_b = read_pid(&b.join("sleeper.pid")).await;
+    eventually("run B's sleeper to be gone", || !alive(sleeper_b)).await;
+    assert!(
+        alive(sleeper_a),
+        "run B's sweep killed run A's process {sleeper_a}"
+    );
+    cancel_a.cancel();
+    let report_a = run_a.await.expect("run task");
+    assert_eq!(report_a.outcome, RunOutcome::Cancelled);
+    eventually("run A's sleeper to be gone", || !alive(sleeper_a)).await;
+}

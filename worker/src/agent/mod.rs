@@ -15,6 +15,7 @@ mod outbox;
 mod output;
 mod round;
 mod session;
+mod staged;
 
 use std::path::PathBuf;
 use std::sync::Arc;

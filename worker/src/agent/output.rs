@@ -1,21 +1,53 @@
-//! A round's outputs before upload: each is checked in its format (and its samples counted,
-//! those passing the job's filter too); a directory dataset is archived into one tar file
-//! beside it so it travels as one object. The generator's yield sidecar is read here as well.
+//! A round's outputs before upload: each is moved aside into a private staging directory,
+//! opened once and hashed, checked in its format (its samples counted, those passing the
+//! job's filter too) and then uploaded from that same handle (see `staged`). A directory
+//! dataset is archived into one tar file so it travels as one object; the archive's contents
+//! are what is checked. The generator's yield sidecar is read here as well.
+//!
+//! Nothing is followed or blocked on: an output or sidecar that is a symlink, a FIFO or a
+//! device is refused (the round fails as `output_invalid`, naming it), and a sidecar larger
+//! than [`SIDECAR_LIMIT`] is refused unread.
 
 use std::path::{Path, PathBuf};
 
+use quarry_common::storage::Uploaded;
 use quarry_formats::{Filter, Format, archive};
 use quarry_proto::v1 as pb;
 
-/// An output ready to upload.
+use super::staged::{self, Hashed, Staging};
+
+/// The most bytes read of a yield sidecar.
+pub(super) const SIDECAR_LIMIT: u64 = 64 * 1024;
+
+/// An output ready to upload. Dropping it puts the output back where the generator wrote it
+/// and removes the staging directory.
 pub(super) struct Checked {
-    /// The file to upload: the output itself, or its archive.
-    pub upload: PathBuf,
-    /// Set when `upload` is an archive made here (removed after upload).
-    pub archive: Option<PathBuf>,
+    /// The output's path, for messages.
+    pub path: PathBuf,
+    /// The file to upload (the output itself, or its archive), open, with the size and sha256
+    /// it had when it was inspected.
+    pub hashed: Hashed,
     pub count: u64,
     pub kept: u64,
     pub schema: String,
+    /// Declared last: dropped after the handle above is closed.
+    _staging: Staging,
+}
+
+impl Checked {
+    /// Checks that `uploaded` (what the upload read from [`Checked::hashed`]) is what was
+    /// inspected.
+    pub fn verify(&self, rel: &str, uploaded: &Uploaded) -> Result<(), Refused> {
+        self.hashed.verify(uploaded).map_err(|why| {
+            refused(
+                pb::FailureKind::OutputInvalid,
+                format!(
+                    "{rel} changed after it was inspected ({why}); a process the generator left \
+                     behind may still be writing it"
+                ),
+            )
+        })
+    }
 }
 
 /// Why an output cannot be uploaded.
@@ -28,6 +60,10 @@ fn refused(kind: pb::FailureKind, message: String) -> Refused {
     Refused { kind, message }
 }
 
+fn invalid(message: String) -> Refused {
+    refused(pb::FailureKind::OutputInvalid, message)
+}
+
 /// Checks one output at `path` (blocking: run it off the runtime).
 pub(super) fn check(spec: &pb::OutputFile, path: &Path) -> Result<Checked, Refused> {
     let name = if spec.format.is_empty() {
@@ -36,101 +72,114 @@ pub(super) fn check(spec: &pb::OutputFile, path: &Path) -> Result<Checked, Refus
         spec.format.as_str()
     };
     let format = Format::from_name(name).ok_or_else(|| {
-        refused(
-            pb::FailureKind::OutputInvalid,
-            format!(
-                "this worker does not know the format {name:?}; upgrade it to the coordinator's version"
-            ),
-        )
+        invalid(format!(
+            "this worker does not know the format {name:?}; upgrade it to the coordinator's version"
+        ))
     })?;
     let filter = match spec.filter.as_str() {
         "" => None,
-        f => Some(
-            Filter::parse(f)
-                .map_err(|e| refused(pb::FailureKind::OutputInvalid, format!("job filter: {e}")))?,
-        ),
+        f => Some(Filter::parse(f).map_err(|e| invalid(format!("job filter: {e}")))?),
     };
-    let exists = if format.is_directory() {
-        path.is_dir()
+    let rel = &spec.path;
+    let what = if format.is_directory() {
+        "directory"
     } else {
-        path.is_file()
+        "file"
     };
-    if !exists {
-        let what = if format.is_directory() {
-            "directory"
-        } else {
-            "file"
-        };
-        return Err(refused(
-            pb::FailureKind::OutputMissing,
-            format!("generator exited 0 but wrote no {what} {}", spec.path),
-        ));
-    }
-    let info = quarry_formats::inspect(format, path, filter.as_ref()).map_err(|e| {
+    let missing = |detail: String| {
         refused(
-            pb::FailureKind::OutputInvalid,
-            format!("{}: {e}", spec.path),
+            pb::FailureKind::OutputMissing,
+            format!("generator exited 0 but wrote no {what} {rel}{detail}"),
         )
-    })?;
-    let (upload, archive) = if format.is_directory() {
-        let ar = archive_path(path);
-        let _ = std::fs::remove_file(&ar);
-        archive::pack_dir(path, &ar).map_err(|e| {
-            let _ = std::fs::remove_file(&ar);
-            refused(
-                pb::FailureKind::OutputInvalid,
-                format!("{}: {e}", spec.path),
-            )
-        })?;
-        (ar.clone(), Some(ar))
-    } else {
-        (path.to_path_buf(), None)
     };
+    // Looked at, not followed: a link could point anywhere (another round, /dev/zero).
+    let ft = match std::fs::symlink_metadata(path) {
+        Ok(m) => m.file_type(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(missing(String::new())),
+        Err(e) => return Err(invalid(format!("{rel}: {e}"))),
+    };
+    let kind = staged::kind_of(ft);
+    if ft.is_symlink() {
+        return Err(invalid(format!(
+            "{rel} is a symbolic link; write the output itself, not a link to it"
+        )));
+    }
+    if !(ft.is_dir() || ft.is_file()) {
+        return Err(invalid(format!("{rel} is {kind}, not a {what}")));
+    }
+    if ft.is_dir() != format.is_directory() {
+        return Err(missing(format!(" ({rel} is {kind})")));
+    }
+    let staging = Staging::move_aside(path).map_err(|e| {
+        invalid(format!(
+            "{rel}: could not move it aside for inspection: {e}"
+        ))
+    })?;
+    let opened = |p: &Path| {
+        staged::open_regular(p)
+            .and_then(|f| staged::hash(f).map_err(Into::into))
+            .map_err(|e| invalid(format!("{rel}: {e}")))
+    };
+    let (hashed, inspected) = if format.is_directory() {
+        // Archived first, then the archive's own contents are inspected: the object uploaded
+        // is exactly the tree that was checked, whatever happens to the directory meanwhile.
+        let ar = staging.scratch("archive.tar");
+        let copy = staging.scratch("inspected");
+        let unstaged = |e: String| invalid(staging.unstage(&format!("{rel}: {e}"), &copy));
+        archive::pack_dir(staging.staged(), &ar).map_err(|e| unstaged(e.to_string()))?;
+        let hashed = opened(&ar)?;
+        archive::unpack(&ar, &copy).map_err(|e| unstaged(e.to_string()))?;
+        (hashed, copy)
+    } else {
+        (opened(staging.staged())?, staging.staged().to_path_buf())
+    };
+    let info = quarry_formats::inspect(format, &inspected, filter.as_ref())
+        .map_err(|e| invalid(staging.unstage(&format!("{rel}: {e}"), &inspected)))?;
+    if format.is_directory() {
+        let _ = std::fs::remove_dir_all(&inspected);
+    } else if !std::fs::symlink_metadata(&inspected).is_ok_and(|m| hashed.is_file_of(&m)) {
+        return Err(invalid(format!(
+            "{rel} was replaced while it was inspected"
+        )));
+    }
     Ok(Checked {
-        upload,
-        archive,
+        path: path.to_path_buf(),
+        hashed,
         count: info.count,
         kept: info.kept,
         schema: info.schema,
+        _staging: staging,
     })
 }
 
-/// Where a directory output's archive is written: beside it, on the same disk.
-pub(super) fn archive_path(output: &Path) -> PathBuf {
-    let mut name = output.file_name().unwrap_or_default().to_os_string();
-    name.push(".quarry.tar");
-    output.with_file_name(name)
+/// The staging directory `output` is moved into while it is checked and uploaded.
+pub(super) fn staging_dir(output: &Path) -> PathBuf {
+    Staging::dir_of(output)
 }
 
-/// Removes a previous attempt's output (file or directory) so it cannot pass for this one's.
+/// Removes a previous attempt's output (file or directory) and its staging directory, so they
+/// cannot pass for this attempt's.
 pub(super) fn remove_stale(path: &Path) {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => {
-            let _ = std::fs::remove_dir_all(path);
-        }
-        Ok(_) => {
-            let _ = std::fs::remove_file(path);
-        }
-        Err(_) => {}
-    }
-    let _ = std::fs::remove_file(archive_path(path));
+    staged::remove_any(path);
+    staged::remove_any(&Staging::dir_of(path));
 }
 
 /// Reads the generator's yield sidecar: `{"attempts": A, "successes": S}`, whole numbers with
 /// `successes <= attempts`. A sidecar the job names but the generator did not write is an
 /// error: the round's yield would be unknown.
 pub(super) fn read_yield(path: &Path, rel: &str) -> Result<pb::RoundYield, Refused> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        let kind = if e.kind() == std::io::ErrorKind::NotFound {
-            pb::FailureKind::OutputMissing
-        } else {
-            pb::FailureKind::OutputInvalid
-        };
-        refused(
-            kind,
-            format!("yield sidecar {rel}: {e} (the job's generator.stats names it)"),
-        )
-    })?;
+    let why = |e: String| format!("yield sidecar {rel}: {e} (the job's generator.stats names it)");
+    let data = staged::open_regular(path)
+        .map_err(|e| {
+            let kind = if e.not_found() {
+                pb::FailureKind::OutputMissing
+            } else {
+                pb::FailureKind::OutputInvalid
+            };
+            refused(kind, why(e.to_string()))
+        })
+        .and_then(|f| staged::read_limited(f, SIDECAR_LIMIT).map_err(|e| invalid(why(e))))?;
+    let text = String::from_utf8(data).map_err(|_| invalid(why("not UTF-8 text".into())))?;
     let bad = |why: &str| {
         refused(
             pb::FailureKind::OutputInvalid,
@@ -203,5 +252,159 @@ mod tests {
         let e = check(&spec("zarr"), &t.path().join("out")).err().unwrap();
         assert_eq!(e.kind, pb::FailureKind::OutputMissing);
         assert!(e.message.contains("no directory"), "{}", e.message);
+    }
+
+    fn mkfifo(p: &Path) {
+        let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo(3) reads only it.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn hostile_sidecars_are_refused_unread() {
+        let t = tempfile::tempdir().unwrap();
+        // A link to /dev/zero would fill memory; a FIFO would block forever; a huge file
+        // (valid JSON padded with spaces) would be read whole.
+        let zero = t.path().join("zero.json");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        let fifo = t.path().join("fifo.json");
+        mkfifo(&fifo);
+        let huge = t.path().join("huge.json");
+        let mut text = " ".repeat(1 << 20);
+        text.push_str(r#"{"attempts": 1, "successes": 1}"#);
+        std::fs::write(&huge, text).unwrap();
+        for (p, why) in [
+            (&zero, "is a symbolic link"),
+            (&fifo, "is a FIFO, not a regular file"),
+            (&huge, "is larger than 64 KiB"),
+        ] {
+            let e = read_yield(p, "s.json").err().unwrap();
+            assert_eq!(e.kind, pb::FailureKind::OutputInvalid, "{}", e.message);
+            assert!(e.message.contains(why), "{}", e.message);
+            assert!(
+                e.message.starts_with("yield sidecar s.json: "),
+                "{}",
+                e.message
+            );
+        }
+    }
+
+    fn jsonl() -> pb::OutputFile {
+        pb::OutputFile {
+            path: "out.jsonl".into(),
+            name: "out.jsonl".into(),
+            format: "jsonl".into(),
+            filter: String::new(),
+        }
+    }
+
+    #[test]
+    fn hostile_outputs_are_refused_before_they_are_opened() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out.jsonl");
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("secret.jsonl");
+        std::fs::write(&target, "{\"a\": 1}\n").unwrap();
+        for (make, why) in [
+            (
+                Box::new(|p: &Path| std::os::unix::fs::symlink("/dev/zero", p).unwrap())
+                    as Box<dyn Fn(&Path)>,
+                "out.jsonl is a symbolic link",
+            ),
+            (
+                Box::new(|p: &Path| std::os::unix::fs::symlink(&target, p).unwrap()),
+                "out.jsonl is a symbolic link",
+            ),
+            (
+                Box::new(|p: &Path| mkfifo(p)),
+                "out.jsonl is a FIFO, not a file",
+            ),
+        ] {
+            remove_stale(&out);
+            make(&out);
+            let e = check(&jsonl(), &out).err().unwrap();
+            assert_eq!(e.kind, pb::FailureKind::OutputInvalid, "{}", e.message);
+            assert!(e.message.contains(why), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn an_output_is_checked_aside_and_put_back() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out.jsonl");
+        std::fs::write(&out, "{\"a\": 1}\n{\"a\": 2}\n").unwrap();
+        let c = check(&jsonl(), &out).map_err(|r| r.message).unwrap();
+        assert_eq!(c.count, 2);
+        // While it is checked, nothing is at the generator's path: a leftover writer that
+        // re-opens the path by name writes a new file, not the one inspected.
+        assert!(!out.exists());
+        std::fs::write(&out, "not json\n").unwrap();
+        let mut f = c.hashed.file.try_clone().unwrap();
+        std::io::Seek::rewind(&mut f).unwrap();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
+        assert_eq!(bytes, b"{\"a\": 1}\n{\"a\": 2}\n");
+        drop(c);
+        assert_eq!(std::fs::read(&out).unwrap(), b"{\"a\": 1}\n{\"a\": 2}\n");
+        assert!(!staging_dir(&out).exists());
+        // Inspection errors name the output, not the staging copy.
+        std::fs::write(&out, "{\"a\": 1}\nnope\n").unwrap();
+        let e = check(&jsonl(), &out).err().unwrap();
+        assert!(!e.message.contains("quarry-staging"), "{}", e.message);
+        assert!(e.message.starts_with("out.jsonl: "), "{}", e.message);
+        assert!(out.exists());
+    }
+
+    #[test]
+    fn a_directory_output_is_inspected_from_its_own_archive() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("data");
+        std::fs::create_dir_all(out.join("episodes")).unwrap();
+        std::fs::create_dir_all(out.join("metadata")).unwrap();
+        for i in 0..2 {
+            std::fs::write(out.join(format!("episodes/episode_{i:05}.bin")), b"x").unwrap();
+            std::fs::write(
+                out.join(format!("metadata/episode_{i:05}_meta.json")),
+                format!("{{\"episode_idx\": {i}, \"statistics\": {{\"n\": 1}}}}"),
+            )
+            .unwrap();
+        }
+        std::fs::write(
+            out.join("metadata/collection_summary.json"),
+            r#"{"total_episodes": 2, "successful_episodes": 2}"#,
+        )
+        .unwrap();
+        let spec = pb::OutputFile {
+            path: "data".into(),
+            name: "data.tar".into(),
+            format: "episodes".into(),
+            filter: String::new(),
+        };
+        let c = check(&spec, &out).map_err(|r| r.message).unwrap();
+        assert_eq!(c.count, 2);
+        // The handle is the archive, whose contents were inspected.
+        let mut f = c.hashed.file.try_clone().unwrap();
+        std::io::Seek::rewind(&mut f).unwrap();
+        let copy = t.path().join("copy.tar");
+        std::io::copy(&mut { f }, &mut std::fs::File::create(&copy).unwrap()).unwrap();
+        let unpacked = t.path().join("unpacked");
+        archive::unpack(&copy, &unpacked).unwrap();
+        assert_eq!(
+            std::fs::read(unpacked.join("episodes/episode_00001.bin")).unwrap(),
+            b"x"
+        );
+        drop(c);
+        assert!(out.join("episodes/episode_00000.bin").is_file());
+        assert!(!staging_dir(&out).exists());
+        // A symlink inside the tree is refused by the archiver, naming the output's path.
+        std::os::unix::fs::symlink("/dev/zero", out.join("episodes/episode_00002.bin")).unwrap();
+        let e = check(&spec, &out).err().unwrap();
+        assert_eq!(e.kind, pb::FailureKind::OutputInvalid);
+        assert!(!e.message.contains("quarry-staging"), "{}", e.message);
+        assert!(
+            e.message.contains("symlinks are not archived"),
+            "{}",
+            e.message
+        );
     }
 }

@@ -283,9 +283,9 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
             let _ = std::fs::remove_file(p);
         }
     }
-    // An archive is a transport copy, never kept.
+    // A staging directory (with an archive, a transport copy) is never kept.
     for o in &paths.outs {
-        let _ = std::fs::remove_file(output::archive_path(o));
+        let _ = std::fs::remove_dir_all(output::staging_dir(o));
     }
 }
 
@@ -407,10 +407,26 @@ async fn upload(
             }
         };
         let key = format!("{}/{}", task.staging_prefix, spec.name);
-        let put = s.store.put_file(&key, &checked.upload).await;
-        if let Some(a) = &checked.archive {
-            let _ = std::fs::remove_file(a);
+        // Uploaded from the handle that was hashed before inspection, never re-opened by name.
+        let put = match checked.hashed.file.try_clone() {
+            Ok(f) => s.store.put_open_file(&key, f, &checked.path).await,
+            Err(e) => Err(quarry_common::storage::StoreError::Io {
+                op: "read",
+                path: checked.path.display().to_string(),
+                source: e,
+            }),
+        };
+        if let Ok(up) = &put
+            && let Err(r) = checked.verify(&spec.path, up)
+        {
+            warn!(object = %lease.object, round = lease.round, reason = %r.message, "output changed after inspection");
+            let _ = s.store.delete_prefix(&task.staging_prefix).await;
+            return Outcome::Failed {
+                kind: r.kind,
+                message: r.message,
+            };
         }
+        drop(checked.hashed.file);
         match put {
             Ok(up) => {
                 s.cfg.metrics.uploaded(up.size);
