@@ -10,8 +10,10 @@ use quarry_common::transport::MAX_MESSAGE_BYTES;
 use quarry_common::transport::{
     AuthChannel, ClientSecurity, ClientSecurityArgs, Coordinators, is_failover,
 };
+use quarry_coordinator::spec::JobSpec;
+use quarry_proto::v1 as pb;
 use quarry_proto::v1::job_service_client::JobServiceClient;
-use tonic::Status;
+use tonic::{Status, Streaming};
 
 /// The address of `coordinator serve` when none is given.
 pub const DEFAULT_COORDINATOR: &str = "127.0.0.1:50051";
@@ -144,6 +146,31 @@ impl JobClient {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(2));
         }
+    }
+
+    /// Submits `spec` (creates the job, or resumes it when its plan is unchanged).
+    pub async fn submit(&mut self, spec: &JobSpec) -> anyhow::Result<pb::SubmitResponse> {
+        let spec_json = serde_json::to_string(spec)?;
+        let resp = self
+            .call(|mut c| {
+                let spec_json = spec_json.clone();
+                async move { c.submit(pb::SubmitRequest { spec_json }).await }
+            })
+            .await
+            .map_err(rpc_err)?;
+        Ok(resp.into_inner())
+    }
+
+    /// The stream of `job`'s status, one message per change (and at least one every 2 s).
+    pub async fn watch(&mut self, job: &str) -> anyhow::Result<Streaming<pb::JobStatus>> {
+        let resp = self
+            .call(|mut c| {
+                let job_id = job.to_string();
+                async move { c.watch_job(pb::GetJobRequest { job_id }).await }
+            })
+            .await
+            .map_err(rpc_err)?;
+        Ok(resp.into_inner())
     }
 
     /// Whether a failed call is worth re-issuing (the leader changed or is restarting).

@@ -23,16 +23,8 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<i32> {
     }
     let spec = spec_from(&a.legacy, a.job.as_deref(), a.root.as_deref())?;
     spec.validate()?;
-    let spec_json = serde_json::to_string(&spec)?;
     let mut c = JobClient::new(&a.client)?;
-    let resp = c
-        .call(|mut c| {
-            let spec_json = spec_json.clone();
-            async move { c.submit(pb::SubmitRequest { spec_json }).await }
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
+    let resp = c.submit(&spec).await?;
     if a.json {
         println!(
             "{}",
@@ -68,14 +60,7 @@ async fn watch(
     // A failover ends the stream; pick it up again from the new leader (bounded).
     let mut reconnects = 0u32;
     loop {
-        let mut stream = c
-            .call(|mut c| {
-                let job_id = job.to_string();
-                async move { c.watch_job(pb::GetJobRequest { job_id }).await }
-            })
-            .await
-            .map_err(rpc_err)?
-            .into_inner();
+        let mut stream = c.watch(job).await?;
         let ended = loop {
             match stream.message().await {
                 Ok(Some(s)) => {

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::RunArgs;
-use crate::client::{ClientArgs, JobClient, rpc_err};
+use crate::client::{ClientArgs, JobClient};
 use crate::endpoint;
 use crate::job_input::spec_from_flags;
 use crate::progress::{self, Progress, ProgressMode};
@@ -123,15 +123,7 @@ async fn drive(
 ) -> anyhow::Result<RunOutcome> {
     let mut client =
         JobClient::with_security(&ClientArgs::plain(&addr.to_string()), security.clone())?;
-    let spec_json = serde_json::to_string(spec)?;
-    let resp = client
-        .call(|mut c| {
-            let spec_json = spec_json.clone();
-            async move { c.submit(pb::SubmitRequest { spec_json }).await }
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
+    let resp = client.submit(spec).await?;
     if !resp.created {
         eprintln!("resuming experiment {} from its saved state", resp.job_id);
     }
@@ -146,15 +138,7 @@ async fn drive(
 
     let started = Instant::now();
     let mut progress = Progress::new(a.progress);
-    let job_id = resp.job_id.clone();
-    let mut stream = client
-        .call(|mut c| {
-            let job_id = job_id.clone();
-            async move { c.watch_job(pb::GetJobRequest { job_id }).await }
-        })
-        .await
-        .map_err(rpc_err)?
-        .into_inner();
+    let mut stream = client.watch(&resp.job_id).await?;
     let mut last = None;
     let mut interrupted = false;
     loop {

@@ -36,6 +36,17 @@ const SMALL_DOWNLOAD: u64 = 1 << 20;
 /// Parts of one multipart upload sent at once.
 const PARTS_IN_FLIGHT: usize = 4;
 
+/// What [`Store::download_hashed`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Download {
+    /// No object at the key.
+    Missing,
+    /// The object holds more than the limit (its size); nothing was copied.
+    TooLarge(u64),
+    /// Copied; the size and sha256 of the bytes written.
+    Copied(Uploaded),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -432,6 +443,50 @@ impl Store {
         }))
     }
 
+    /// Streams the object at `key` into the local file `dest`, hashing it on the way, when it
+    /// holds at most `max_bytes`: one read of the store gives both the copy and its hash.
+    pub async fn download_hashed(
+        &self,
+        key: &str,
+        dest: &Path,
+        max_bytes: u64,
+    ) -> Result<Download, StoreError> {
+        let k = Self::key(key)?;
+        let got = match self.inner.get(&k).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Download::Missing),
+            Err(e) => return Err(StoreError::store("get", key, e)),
+        };
+        if got.meta.size > max_bytes {
+            return Ok(Download::TooLarge(got.meta.size));
+        }
+        let io = |op| {
+            move |source| StoreError::Io {
+                op,
+                path: dest.display().to_string(),
+                source,
+            }
+        };
+        let mut stream = got.into_stream();
+        let mut out = tokio::fs::File::create(dest).await.map_err(io("create"))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream
+            .try_next()
+            .await
+            .map_err(|e| StoreError::store("get", key, e))?
+        {
+            hasher.update(&chunk);
+            out.write_all(&chunk).await.map_err(io("write"))?;
+            size += chunk.len() as u64;
+        }
+        out.flush().await.map_err(io("write"))?;
+        Ok(Download::Copied(Uploaded {
+            size,
+            sha256: hex(&hasher.finalize()),
+        }))
+    }
+
     /// Streams the object at `key` into the local file `dest` (created or truncated, parent
     /// directories created); memory stays at one network chunk (the whole object when it is at
     /// most 1 MiB). Returns the bytes written.
@@ -716,12 +771,16 @@ fn same_or_conflict(
 
 /// Size and sha256 of a local file, read a chunk at a time.
 pub fn hash_file(file: &Path) -> std::io::Result<Uploaded> {
-    let mut f = std::fs::File::open(file)?;
+    hash_reader(std::fs::File::open(file)?)
+}
+
+/// Size and sha256 of everything `r` yields, read a chunk at a time.
+pub fn hash_reader(mut r: impl Read) -> std::io::Result<Uploaded> {
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = match f.read(&mut buf) {
+        let n = match r.read(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -777,6 +836,40 @@ pub mod keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One read gives the copy and its hash; a missing object and one over the limit copy
+    /// nothing.
+    #[tokio::test]
+    async fn a_hashed_download_copies_and_hashes_in_one_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::in_memory();
+        let data: Vec<u8> = (0..(3 << 20)).map(|i| (i % 251) as u8).collect();
+        store.put_bytes("a/b.npy", data.clone()).await.unwrap();
+        let dest = dir.path().join("copy");
+        let got = store
+            .download_hashed("a/b.npy", &dest, 4 << 20)
+            .await
+            .unwrap();
+        let expected = hash_reader(data.as_slice()).unwrap();
+        assert_eq!(got, Download::Copied(expected.clone()));
+        assert_eq!(hash_file(&dest).unwrap(), expected);
+        let small = dir.path().join("small");
+        assert_eq!(
+            store
+                .download_hashed("a/b.npy", &small, 1 << 20)
+                .await
+                .unwrap(),
+            Download::TooLarge(3 << 20)
+        );
+        assert!(!small.exists(), "nothing is copied over the limit");
+        assert_eq!(
+            store
+                .download_hashed("a/none", &small, 1 << 20)
+                .await
+                .unwrap(),
+            Download::Missing
+        );
+    }
 
     #[tokio::test]
     async fn put_file_hashes_and_lists_and_deletes() {

@@ -49,14 +49,9 @@ impl Coordinator {
                 "lease expired or unknown; files deleted".into(),
             ));
         };
-        if files.is_empty() {
-            self.fail_lease(
-                lease,
-                FailureKind::OutputMissing,
-                "worker reported no files".into(),
-                String::new(),
-            )
-            .await;
+        if let Err(r) = judgement::check_present(&files) {
+            self.fail_lease(lease, r.kind, r.message, String::new())
+                .await;
             return Ok((Verdict::Rejected, "no files".into()));
         }
         let known = {
@@ -102,8 +97,29 @@ impl Coordinator {
                 .await;
             return Ok((Verdict::Rejected, "bad key".into()));
         }
-        for f in &files {
-            let held = match self.store.hash_object(&f.key).await {
+        // A remote store's first file, small enough to inspect whole, is read once: copied
+        // into scratch and hashed on the way; the check below and the inspection use the copy.
+        let mut first = match format {
+            Some(_) => match rederive::fetch(&self.store, &files[0].key, files[0].size).await {
+                Ok(copy) => copy,
+                Err(
+                    rederive::DeriveError::Infrastructure(e) | rederive::DeriveError::Invalid(e),
+                ) => {
+                    self.cfg.metrics.store_errors.inc();
+                    warn!(job = %lease.job, round = lease.round, error = %e, "cannot verify uploaded files");
+                    self.requeue(&lease);
+                    return Err(CoordError::Store(e));
+                }
+            },
+            None => None,
+        };
+        for (i, f) in files.iter().enumerate() {
+            let fetched = first.as_ref().filter(|_| i == 0).map(|c| c.held.clone());
+            let held = match fetched {
+                Some(held) => Ok(held),
+                None => self.store.hash_object(&f.key).await,
+            };
+            let held = match held {
                 Ok(held) => held,
                 Err(e) => {
                     self.cfg.metrics.store_errors.inc();
@@ -123,7 +139,8 @@ impl Coordinator {
         // The merge reads the first file: what it holds is what the round commits.
         if let Some(format) = format {
             let f = &files[0];
-            let derived = rederive::derive(&self.store, format, filter, &f.key, f.size).await;
+            let derived =
+                rederive::derive(&self.store, format, filter, &f.key, f.size, first.take()).await;
             let judged = match derived {
                 Ok(d) => judgement::check_derived(f, &d, filtered),
                 Err(rederive::DeriveError::Invalid(why)) => Err(Rejection {

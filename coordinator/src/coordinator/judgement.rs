@@ -28,14 +28,20 @@ pub fn inside_staging(key: &str, staging_prefix: &str) -> bool {
         && key.as_bytes()[staging_prefix.len()] == b'/'
 }
 
-/// A completion must name at least one file, every one inside the attempt's staging prefix.
-pub fn check_report(files: &[ReportedFile], staging_prefix: &str) -> Result<(), Rejection> {
+/// A completion must name at least one file.
+pub fn check_present(files: &[ReportedFile]) -> Result<(), Rejection> {
     if files.is_empty() {
         return Err(Rejection::new(
             FailureKind::OutputMissing,
             "worker reported no files".into(),
         ));
     }
+    Ok(())
+}
+
+/// A completion must name at least one file, every one inside the attempt's staging prefix.
+pub fn check_report(files: &[ReportedFile], staging_prefix: &str) -> Result<(), Rejection> {
+    check_present(files)?;
     for f in files {
         if !inside_staging(&f.key, staging_prefix) {
             return Err(Rejection::new(

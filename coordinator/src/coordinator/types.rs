@@ -68,21 +68,6 @@ pub struct RunningRound {
     pub attempt: String,
 }
 
-impl RunningRound {
-    /// What a worker lists of `lease` when it registers again.
-    pub fn of(lease: &RoundLease) -> RunningRound {
-        RunningRound {
-            lease_id: lease.lease_id,
-            job_id: lease.job_id.clone(),
-            object: lease.object.clone(),
-            object_index: lease.object_index,
-            round: lease.round,
-            seed: lease.seed,
-            attempt: lease.attempt.clone(),
-        }
-    }
-}
-
 /// A file a worker reports as uploaded: the same fields the commit records.
 pub type ReportedFile = FileRecord;
 
@@ -145,7 +130,8 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
-    /// Every kind, for exhaustive tests and metric pre-registration.
+    /// Every kind (the tests check their labels are distinct).
+    #[cfg(test)]
     pub const ALL: [FailureKind; 9] = [
         FailureKind::Exit,
         FailureKind::Timeout,

@@ -397,6 +397,28 @@ mod tests {
             (task.threads_per_gpu, task.min_free_gpu_memory_mib),
             (2, 100)
         );
-        assert_eq!(RunningRound::from(&wire), RunningRound::of(&lease));
+        let running = RunningRound::from(&wire);
+        assert_eq!(
+            (
+                running.lease_id,
+                running.job_id.as_str(),
+                running.object.as_str()
+            ),
+            (lease.lease_id, lease.job_id.as_str(), lease.object.as_str())
+        );
+        assert_eq!(
+            (
+                running.object_index,
+                running.round,
+                running.seed,
+                running.attempt.as_str()
+            ),
+            (
+                lease.object_index,
+                lease.round,
+                lease.seed,
+                lease.attempt.as_str()
+            )
+        );
     }
 }

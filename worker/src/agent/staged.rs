@@ -10,8 +10,7 @@ use std::io::{self, Read, Seek};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use quarry_common::storage::{Uploaded, hex};
-use sha2::{Digest, Sha256};
+use quarry_common::storage::{Uploaded, hash_reader};
 
 /// Why a file from the generator's directory cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -117,27 +116,10 @@ pub(super) struct Hashed {
 pub(super) fn hash(mut file: File) -> io::Result<Hashed> {
     let stamp = Stamp::of(&file.metadata()?);
     file.rewind()?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = match file.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
+    let digest = hash_reader(&mut file)?;
     Ok(Hashed {
         file,
-        digest: Uploaded {
-            size,
-            sha256: hex(&hasher.finalize()),
-        },
+        digest,
         stamp,
     })
 }

@@ -14,9 +14,9 @@
 //! cannot be merged (`merging.rs`).
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use quarry_common::storage::{Store, StoreError};
+use quarry_common::storage::{Download, Store, StoreError, Uploaded};
 use quarry_formats::{Filter, Format, Inspection, archive, npy};
 
 /// Round files up to this size are inspected whole at commit.
@@ -52,23 +52,60 @@ impl From<StoreError> for DeriveError {
     }
 }
 
-/// Derives what `key` (`size` bytes, already checked against the report) holds.
+/// A remote store's round file read once for the commit's checks: copied into scratch and
+/// hashed on the way, so the hash compared with the report and the inspection read the same
+/// bytes, and the store is read once.
+pub struct Fetched {
+    /// Size and sha256 of the stored object; `None` when it is not in the store.
+    pub held: Option<Uploaded>,
+    path: PathBuf,
+    _scratch: tempfile::TempDir,
+}
+
+/// Fetches `key` when the store is remote and the file (`reported` bytes, by the worker's
+/// word) is small enough to inspect whole; `None` otherwise (a local store's file is read in
+/// place; a larger one is hashed as it streams, see `Store::hash_object`).
+pub async fn fetch(
+    store: &Store,
+    key: &str,
+    reported: u64,
+) -> Result<Option<Fetched>, DeriveError> {
+    if store.local_path(key).is_some() || reported > FULL_CHECK_MAX_BYTES {
+        return Ok(None);
+    }
+    let scratch = scratch_dir()?;
+    let path = scratch.path().join("round");
+    let held = match store
+        .download_hashed(key, &path, FULL_CHECK_MAX_BYTES)
+        .await?
+    {
+        Download::Missing => None,
+        Download::Copied(held) => Some(held),
+        // Bigger than the worker said: hashed as it streams, and refused for its size.
+        Download::TooLarge(_) => return Ok(None),
+    };
+    Ok(Some(Fetched {
+        held,
+        path,
+        _scratch: scratch,
+    }))
+}
+
+/// Derives what `key` (`size` bytes, already checked against the report) holds; `fetched`
+/// is its copy from [`fetch`], if one was made.
 pub async fn derive(
     store: &Store,
     format: Format,
     filter: Option<Filter>,
     key: &str,
     size: u64,
+    fetched: Option<Fetched>,
 ) -> Result<Derived, DeriveError> {
-    let (path, scratch) = match store.local_path(key) {
-        Some(p) => (p, None),
-        None if size <= FULL_CHECK_MAX_BYTES => {
-            let dir = scratch_dir()?;
-            let p = dir.path().join("round");
-            store.download_to(key, &p).await?;
-            (p, Some(dir))
-        }
-        None => return Ok(Derived::Unverified),
+    let (path, scratch) = match (fetched, store.local_path(key)) {
+        (Some(f), _) => (f.path, Some(f._scratch)),
+        (None, Some(p)) => (p, None),
+        // A remote file above the size limit.
+        (None, None) => return Ok(Derived::Unverified),
     };
     tokio::task::spawn_blocking(move || {
         let derived = derive_file(format, filter.as_ref(), &path, size);
