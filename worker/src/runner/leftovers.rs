@@ -194,7 +194,20 @@ struct Stat {
 }
 
 fn read_stat(path: &str) -> Option<Stat> {
-    let stat = std::fs::read_to_string(path).ok()?;
+    // One read of a stack buffer: the sweep reads every process's stat after every round, and
+    // `read_to_string` on procfs (no size hint) costs a stat and several probing reads each.
+    let mut buf = [0u8; 1024];
+    let mut f = std::fs::File::open(path).ok()?;
+    let n = f.read(&mut buf).ok()?;
+    let mut long = Vec::new();
+    let bytes = if n < buf.len() {
+        &buf[..n]
+    } else {
+        long.extend_from_slice(&buf);
+        f.read_to_end(&mut long).ok()?;
+        long.as_slice()
+    };
+    let stat = std::str::from_utf8(bytes).ok()?;
     // `pid (comm) state ppid pgrp session tty_nr tpgid flags minflt cminflt majflt cmajflt
     // utime stime cutime cstime priority nice num_threads itrealvalue starttime ...`; comm may
     // itself hold spaces and parentheses.
