@@ -605,6 +605,16 @@ impl Store {
         Ok(keys.len())
     }
 
+    /// Copies the object at `from` to `to` inside the store (server-side on S3), replacing
+    /// what `to` held.
+    pub async fn copy(&self, from: &str, to: &str) -> Result<(), StoreError> {
+        let (f, t) = (Self::key(from)?, Self::key(to)?);
+        self.inner
+            .copy(&f, &t)
+            .await
+            .map_err(|e| StoreError::store("copy", from, e))
+    }
+
     /// Deletes one object; a missing object is not an error.
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let k = Self::key(key)?;

@@ -4,6 +4,7 @@
 
 pub mod coordinator;
 pub mod election;
+pub mod final_layout;
 pub mod job;
 pub mod manifest;
 pub mod merge;

@@ -83,15 +83,23 @@ pub fn final_name(spec: &JobSpec, object: &str) -> String {
     }
 }
 
-/// The final keys of an object for the job's `final_dir_mode`.
+/// Where an object's final is written when it completes: `final/<object>/<name>`, or for
+/// `seed_per_object` its own `final_seed_<min>-<max>/<object>/<name>`. In `seed_only` and
+/// `both` the run's finals move (or are copied) under one seed-tagged directory when the run
+/// ends ([`crate::final_layout`]).
 pub fn final_keys(spec: &JobSpec, object: &str, seed_min: i64, seed_max: i64) -> Vec<String> {
     let name = final_name(spec, object);
-    let seed = keys::final_seed(&spec.exp_name, object, seed_min, seed_max, &name);
-    let plain = keys::final_plain(&spec.exp_name, object, &name);
     match spec.final_dir_mode {
-        FinalDirMode::SeedOnly => vec![seed],
-        FinalDirMode::PlainOnly => vec![plain],
-        FinalDirMode::Both => vec![seed, plain],
+        FinalDirMode::SeedPerObject => vec![keys::final_seed(
+            &spec.exp_name,
+            object,
+            seed_min,
+            seed_max,
+            &name,
+        )],
+        FinalDirMode::SeedOnly | FinalDirMode::Both | FinalDirMode::PlainOnly => {
+            vec![keys::final_plain(&spec.exp_name, object, &name)]
+        }
     }
 }
 
@@ -150,6 +158,7 @@ async fn write_final(
             unix_ms,
             filtered: 0,
             duplicates: 0,
+            publish_to: None,
         });
     }
     let seed_min = plan.rounds.iter().map(|c| c.seed).min().unwrap_or_default();
@@ -195,6 +204,7 @@ async fn write_final(
         unix_ms,
         filtered: summary.filtered,
         duplicates: summary.duplicates,
+        publish_to: None,
     })
 }
 
@@ -384,7 +394,7 @@ impl Scratch {
     }
 }
 
-fn remove_any(path: &Path) -> Result<(), MergeError> {
+pub(crate) fn remove_any(path: &Path) -> Result<(), MergeError> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).map_err(io_err("remove", path)),
         Ok(_) => std::fs::remove_file(path).map_err(io_err("remove", path)),
@@ -515,7 +525,7 @@ fn files_under(dir: &Path) -> Result<Vec<(String, PathBuf)>, MergeError> {
 }
 
 /// fsyncs a file, or every file and directory under a directory.
-fn sync_tree(path: &Path) -> Result<(), MergeError> {
+pub(crate) fn sync_tree(path: &Path) -> Result<(), MergeError> {
     if !path.is_dir() {
         return sync_path(path);
     }
@@ -526,7 +536,7 @@ fn sync_tree(path: &Path) -> Result<(), MergeError> {
     Ok(())
 }
 
-fn sync_path(p: &Path) -> Result<(), MergeError> {
+pub(crate) fn sync_path(p: &Path) -> Result<(), MergeError> {
     File::open(p)
         .and_then(|f| f.sync_all())
         .map_err(io_err("sync", p))
@@ -561,7 +571,7 @@ fn publish(tmp: &Path, outs: &[PathBuf], directory: bool) -> Result<(), MergeErr
     sync_path(first.parent().unwrap_or(Path::new(".")))
 }
 
-fn copy_tree(from: &Path, to: &Path) -> Result<(), MergeError> {
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<(), MergeError> {
     if !from.is_dir() {
         std::fs::copy(from, to).map_err(io_err("copy", to))?;
         return Ok(());

@@ -12,20 +12,37 @@ use serde::{Deserialize, Serialize};
 /// Seeds of object `i` start at `seed_base + i * seed_stride` (the legacy tool's 100000).
 pub const DEFAULT_SEED_STRIDE: u64 = 100_000;
 
-/// Where the seed-tagged and plain finals go (scale_runner's `--final_dir_mode`).
+/// Where the finals go (scale_runner's `--final_dir_mode`). In `seed_only`, `both` and
+/// `plain_only` every object's final is written to `final/<object>/` as the object completes,
+/// as scale_runner does; in `seed_only` and `both`, when the run ends (every object merged or
+/// out of rounds) the run's finals are published under one `final_seed_<min>-<max>/` whose
+/// range covers the seeds of the rounds those finals hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum FinalDirMode {
-    /// Only `final_seed_<min>-<max>/<object>/<object>.npy`.
+    /// `final/` is renamed to `final_seed_<min>-<max>/` when the run ends (scale_runner's
+    /// default).
     #[default]
     #[value(name = "seed_only")]
     SeedOnly,
-    /// Both the seed-tagged and the plain `final/<object>/<object>.npy`.
+    /// `final/` stays and is copied to `final_seed_<min>-<max>/` when the run ends.
     #[value(name = "both")]
     Both,
-    /// Only `final/<object>/<object>.npy`.
+    /// Only `final/<object>/`.
     #[value(name = "plain_only")]
     PlainOnly,
+    /// Quarry's own: each object's final goes straight to its own
+    /// `final_seed_<object min>-<object max>/<object>/` when it completes, for cluster jobs
+    /// whose consumers take objects before the run ends.
+    #[value(name = "seed_per_object")]
+    SeedPerObject,
+}
+
+impl FinalDirMode {
+    /// Whether the run's finals are published under one seed-tagged directory at its end.
+    pub fn publishes_at_end(self) -> bool {
+        matches!(self, FinalDirMode::SeedOnly | FinalDirMode::Both)
+    }
 }
 
 impl fmt::Display for FinalDirMode {
@@ -34,6 +51,7 @@ impl fmt::Display for FinalDirMode {
             FinalDirMode::SeedOnly => "seed_only",
             FinalDirMode::Both => "both",
             FinalDirMode::PlainOnly => "plain_only",
+            FinalDirMode::SeedPerObject => "seed_per_object",
         })
     }
 }

@@ -50,6 +50,7 @@ async fn exact_quota_per_object_with_uneven_yields() {
     );
     assert_eq!(out.exit_code(), 0);
     let m = manifest(root.path(), "quota");
+    let (mut all_seeds, mut finals_seen) = (Vec::new(), Vec::new());
     for (i, o) in OBJECTS.iter().enumerate() {
         let f = finals(root.path(), "quota", o);
         assert_eq!(f.len(), 1, "seed_only keeps one final");
@@ -75,21 +76,33 @@ async fn exact_quota_per_object_with_uneven_yields() {
         for (s, r) in seeds.iter().zip(&rounds) {
             assert_eq!(*s, 7 + i as i64 * 100_000 + r);
         }
-        let dir = format!(
-            "final_seed_{}-{}",
-            seeds.iter().min().unwrap(),
-            seeds.iter().max().unwrap()
-        );
-        assert!(
-            f[0].to_str().unwrap().contains(&dir),
-            "{} should be under {dir}",
-            f[0].display()
-        );
+        all_seeds.extend(seeds);
+        finals_seen.push(f[0].clone());
         // Uneven yields: more than ceil(150/40) rounds were needed for some object.
         assert!(rounds.len() >= 4, "{o}: {rounds:?}");
     }
-    // Intermediates are gone: no staging, no per-round generator directories.
+    // scale_runner's layout: one directory for the whole run, named by the seeds of every
+    // object's rounds (seed_only: `final/` renamed to it when the run ends).
     let exp_dir = experiments(root.path());
+    let dir = format!(
+        "final_seed_{}-{}",
+        all_seeds.iter().min().unwrap(),
+        all_seeds.iter().max().unwrap()
+    );
+    for (o, f) in OBJECTS.iter().zip(&finals_seen) {
+        assert_eq!(*f, exp_dir.join(format!("quota/{dir}/{o}/{o}.npy")));
+    }
+    assert!(
+        !exp_dir.join("quota/final").exists(),
+        "seed_only leaves no final/"
+    );
+    let tagged: Vec<String> = std::fs::read_dir(exp_dir.join("quota"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("final"))
+        .collect();
+    assert_eq!(tagged, vec![dir]);
+    // Intermediates are gone: no staging, no per-round generator directories.
     assert!(
         !exp_dir.join("quota/rounds").exists(),
         "{:?}",

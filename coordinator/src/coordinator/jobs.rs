@@ -103,7 +103,8 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Records the job's end state, removes leftover staging and writes the last manifest.
+    /// Publishes the run's finals (`seed_only`, `both`), records the job's end state, removes
+    /// leftover staging and writes the last manifest.
     /// The job shows as ended only once its last manifest is written, so a client that reads
     /// the manifest when `status` says the job ended reads the final one.
     pub(super) async fn finish_job(self: &Arc<Self>, job_id: &str) {
@@ -124,6 +125,12 @@ impl Coordinator {
             inner.finishing.insert(job_id.to_string());
             record
         };
+        // The run's finals reach their seed-tagged directory before the job is recorded as
+        // ended: a coordinator that restarts in between finds the job running and finishes it.
+        if !self.publish_finals_until_done(job_id).await {
+            self.lock().finishing.remove(job_id);
+            return;
+        }
         if let Err(e) = self.state.update_job(&record).await {
             warn!(job = %job_id, error = %e, "could not store the job's end state");
         }

@@ -115,7 +115,7 @@ impl Coordinator {
     }
 
     /// Why the job is held up, for status (while it runs; `stop_job` and the end say theirs).
-    fn set_message(&self, job_id: &str, message: String) {
+    pub(super) fn set_message(&self, job_id: &str, message: String) {
         let mut inner = self.lock();
         if let Some(job) = inner.jobs.get_mut(job_id)
             && job.state == JobState::Running

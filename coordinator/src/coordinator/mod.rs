@@ -24,6 +24,7 @@ mod commit;
 mod jobs;
 pub mod judgement;
 mod merging;
+mod publishing;
 mod registry;
 mod scheduling;
 mod status;

@@ -161,6 +161,11 @@ pub struct MergeRecord {
     pub filtered: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub duplicates: u64,
+    /// The run's seed-tagged directory (`final_seed_<min>-<max>`) this final is being moved
+    /// or copied into at the end of the run: recorded for every such final before the first
+    /// one moves, so that a coordinator that restarts midway finishes into the same directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_to: Option<String>,
 }
 
 fn is_zero(n: &u64) -> bool {

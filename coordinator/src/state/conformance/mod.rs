@@ -173,6 +173,8 @@ pub fn merge(complete: bool) -> MergeRecord {
         unix_ms: 1_700_000_000_000,
         filtered: 7,
         duplicates: 2,
+        // A final marked for the run's seed-tagged directory: the mark must survive a restart.
+        publish_to: Some("final_seed_12345-212360".into()),
     }
 }
 
