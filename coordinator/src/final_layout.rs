@@ -207,3 +207,179 @@ pub fn remove_empty_plain_dir(store: &Store, spec: &JobSpec) {
         let _ = std::fs::remove_dir(dir);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::tests::spec;
+
+    fn record(finals: &[&str], seeds: (i64, i64)) -> MergeRecord {
+        MergeRecord {
+            finals: finals.iter().map(|s| s.to_string()).collect(),
+            count: 10,
+            rounds: vec![0, 1],
+            seed_min: seeds.0,
+            seed_max: seeds.1,
+            sha256: String::new(),
+            bytes: 1,
+            cleaned: true,
+            complete: true,
+            unix_ms: 0,
+            filtered: 0,
+            duplicates: 0,
+            publish_to: None,
+        }
+    }
+
+    #[test]
+    fn the_directory_covers_every_waiting_final_and_skips_empty_ones() {
+        let a = record(&["exp/final/a/a.npy"], (11, 14));
+        let b = record(&["exp/final/b/b.npy"], (100_011, 100_019));
+        let mut empty = record(&[], (0, 0));
+        empty.rounds.clear();
+        assert_eq!(
+            run_dir_name([&a, &b, &empty]).as_deref(),
+            Some("final_seed_11-100019")
+        );
+        assert_eq!(run_dir_name([&empty]), None);
+    }
+
+    #[test]
+    fn which_finals_wait_and_where_they_go() {
+        let mut s = spec();
+        let a = record(&["exp/final/a/a.npy"], (11, 14));
+        assert!(awaits_publish(&s, "a", &a));
+        // A final elsewhere (published, or written per object) does not move again; a
+        // prefix of another object's name is not its directory.
+        assert!(!awaits_publish(
+            &s,
+            "a",
+            &record(&["exp/final_seed_1-2/a/a.npy"], (1, 2))
+        ));
+        assert!(!awaits_publish(
+            &s,
+            "a",
+            &record(&["exp/final/ab/ab.npy"], (1, 2))
+        ));
+        assert!(!awaits_publish(&s, "a", &record(&[], (0, 0))));
+        let mut marked = record(&["exp/final/a/a.npy"], (11, 14));
+        marked.publish_to = Some("final_seed_1-9".into());
+        assert!(awaits_publish(&s, "a", &marked));
+        assert_eq!(
+            published_keys(&s, "a", "final_seed_11-99", &a),
+            vec!["exp/final_seed_11-99/a/a.npy"]
+        );
+        s.final_dir_mode = FinalDirMode::Both;
+        assert_eq!(
+            published_keys(&s, "a", "final_seed_11-99", &a),
+            vec!["exp/final_seed_11-99/a/a.npy", "exp/final/a/a.npy"]
+        );
+        s.final_dir_mode = FinalDirMode::PlainOnly;
+        assert!(!awaits_publish(&s, "a", &a));
+        s.final_dir_mode = FinalDirMode::SeedPerObject;
+        assert!(!awaits_publish(&s, "a", &a));
+    }
+
+    fn write(root: &Path, rel: &str, bytes: &[u8]) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, bytes).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_local_move_is_one_rename_and_can_be_redone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(dir.path()).unwrap();
+        let s = spec();
+        write(dir.path(), "exp/final/a/a.npy", b"final a");
+        // A final of an earlier run with the same range is replaced, as scale_runner does.
+        write(dir.path(), "exp/final_seed_1-9/a/old.npy", b"old");
+        publish_object(&store, &s, "a", "final_seed_1-9")
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("exp/final_seed_1-9/a/a.npy")).unwrap(),
+            b"final a"
+        );
+        assert!(!dir.path().join("exp/final_seed_1-9/a/old.npy").exists());
+        assert!(!dir.path().join("exp/final/a").exists());
+        // Redone (a restart after the move, before the record): nothing to do, no error.
+        publish_object(&store, &s, "a", "final_seed_1-9")
+            .await
+            .unwrap();
+        remove_empty_plain_dir(&store, &s);
+        assert!(!dir.path().join("exp/final").exists());
+        // Gone from both places: an error naming both, not a silent success.
+        let e = publish_object(&store, &s, "b", "final_seed_1-9")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, LayoutError::Missing { .. }), "{e}");
+        assert!(
+            e.to_string().contains("final/b") && e.to_string().contains("final_seed_1-9/b"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_local_copy_keeps_the_plain_final() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_dir(dir.path()).unwrap();
+        let mut s = spec();
+        s.final_dir_mode = FinalDirMode::Both;
+        write(dir.path(), "exp/final/a/a.zarr/.zarray", b"{}");
+        write(dir.path(), "exp/final/a/a.zarr/0.0", b"chunk");
+        publish_object(&store, &s, "a", "final_seed_1-9")
+            .await
+            .unwrap();
+        for rel in ["exp/final/a/a.zarr/0.0", "exp/final_seed_1-9/a/a.zarr/0.0"] {
+            assert_eq!(
+                std::fs::read(dir.path().join(rel)).unwrap(),
+                b"chunk",
+                "{rel}"
+            );
+        }
+        assert!(!dir.path().join("exp/final_seed_1-9/.a.quarry-tmp").exists());
+    }
+
+    #[tokio::test]
+    async fn a_remote_move_copies_every_key_then_deletes() {
+        let store = Store::in_memory();
+        let s = spec();
+        store
+            .put_bytes("exp/final/a/a.zarr/.zarray", "{}")
+            .await
+            .unwrap();
+        store
+            .put_bytes("exp/final/a/a.zarr/0.0", "chunk")
+            .await
+            .unwrap();
+        store
+            .put_bytes("exp/final/ab/ab.npy", "other")
+            .await
+            .unwrap();
+        publish_object(&store, &s, "a", "final_seed_1-9")
+            .await
+            .unwrap();
+        let mut moved = store.list("exp/final_seed_1-9").await.unwrap();
+        moved.sort();
+        assert_eq!(
+            moved,
+            vec![
+                "exp/final_seed_1-9/a/a.zarr/.zarray",
+                "exp/final_seed_1-9/a/a.zarr/0.0"
+            ]
+        );
+        // Only object a moved; object ab, whose name starts with a, stays.
+        assert_eq!(
+            store.list("exp/final").await.unwrap(),
+            vec!["exp/final/ab/ab.npy"]
+        );
+        publish_object(&store, &s, "a", "final_seed_1-9")
+            .await
+            .unwrap();
+        assert!(matches!(
+            publish_object(&store, &s, "c", "final_seed_1-9").await,
+            Err(LayoutError::Missing { .. })
+        ));
+    }
+}

@@ -707,7 +707,7 @@ pub fn render(template: &str, v: &RoundVars<'_>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn spec() -> JobSpec {

@@ -238,6 +238,12 @@ pub async fn assert_store_finals_match(
         assert_eq!(keys.len(), reference_finals.len(), "{manifest}");
         for (key, reference_final) in keys.iter().zip(&reference_finals) {
             let key = key.as_str().expect("final keys are strings");
+            // The same names under the store's prefix as in the local run's directory.
+            assert_eq!(
+                experiments(reference).join(key),
+                *reference_final,
+                "{manifest}"
+            );
             let local = scratch.path().join(key);
             store
                 .download_to(key, &local)

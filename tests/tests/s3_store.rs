@@ -149,9 +149,25 @@ async fn serve_and_worker_on_s3_give_the_same_finals_as_a_local_run() {
     let store = moto.store("team/runs");
     let manifest =
         assert_store_finals_match(&store, "served", &["obj_a", "obj_b"], reference.path()).await;
+    // scale_runner's layout under the bucket's prefix: one run-wide seed-tagged directory
+    // (both objects' seeds) beside final/.
+    let tagged: Vec<&str> = ["obj_a", "obj_b"]
+        .iter()
+        .map(|o| manifest["objects"][o]["final"][0].as_str().unwrap())
+        .collect();
+    assert!(
+        tagged[0].starts_with("served/final_seed_") && tagged[1].starts_with("served/final_seed_"),
+        "{tagged:?}"
+    );
+    assert_eq!(
+        tagged[0].split('/').nth(1),
+        tagged[1].split('/').nth(1),
+        "{tagged:?}"
+    );
     for o in ["obj_a", "obj_b"] {
         let keys = manifest["objects"][o]["final"].as_array().unwrap();
         assert_eq!(keys.len(), 2, "final_dir_mode both: {manifest}");
+        assert_eq!(keys[1], format!("served/final/{o}/{o}.npy"), "{manifest}");
         assert_eq!(manifest["objects"][o]["collected"], 90, "{manifest}");
     }
     // No upload was left open.

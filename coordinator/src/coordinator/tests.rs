@@ -958,3 +958,91 @@ async fn an_experiment_named_like_a_round_directory_is_refused() {
     assert!(store.list(&round_dir).await.unwrap().is_empty());
     c.close().await;
 }
+
+/// A coordinator that stopped midway through publishing the run's finals (every final marked
+/// with the run's directory, one already moved, one not) finishes into the same directory when
+/// it starts again, records the new keys, and only then shows the job as done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishing_interrupted_midway_is_finished_after_a_restart() {
+    use crate::state::{CreateJob, JobRecord, JobState, MergeRecord};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("store");
+    let store = Store::open_dir(&root).unwrap();
+    let state = Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap());
+    let mut s = spec(dir.path());
+    s.exp_name = "pub".into();
+    s.objects = vec!["a".into(), "b".into()];
+    let created = state
+        .create_job(&JobRecord {
+            id: "pub".into(),
+            spec: s,
+            created_unix_ms: 0,
+            state: JobState::Running,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(created, CreateJob::Created));
+    // The directory was chosen from both finals (seeds 12345.. and 112345..) before the stop.
+    let tagged = "final_seed_12345-112346";
+    for (o, seeds) in [("a", (12_345, 12_346)), ("b", (112_345, 112_346))] {
+        let m = MergeRecord {
+            finals: vec![format!("pub/final/{o}/{o}.npy")],
+            count: 10,
+            rounds: vec![0, 1],
+            seed_min: seeds.0,
+            seed_max: seeds.1,
+            sha256: String::new(),
+            bytes: 7,
+            cleaned: true,
+            complete: true,
+            unix_ms: 0,
+            filtered: 0,
+            duplicates: 0,
+            publish_to: Some(tagged.into()),
+        };
+        state.record_merge("pub", o, &m).await.unwrap();
+    }
+    // a moved before the stop, b did not.
+    let a_dst = root.join(format!("pub/{tagged}/a/a.npy"));
+    std::fs::create_dir_all(a_dst.parent().unwrap()).unwrap();
+    std::fs::write(&a_dst, b"final a").unwrap();
+    let b_src = root.join("pub/final/b/b.npy");
+    std::fs::create_dir_all(b_src.parent().unwrap()).unwrap();
+    std::fs::write(&b_src, b"final b").unwrap();
+
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        state.clone(),
+        store,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.status("pub").unwrap().state == JobState::Running {
+        assert!(Instant::now() < deadline, "the job did not end");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(c.status("pub").unwrap().state, JobState::Done);
+    assert_eq!(std::fs::read(&a_dst).unwrap(), b"final a");
+    assert_eq!(
+        std::fs::read(root.join(format!("pub/{tagged}/b/b.npy"))).unwrap(),
+        b"final b"
+    );
+    assert!(
+        !root.join("pub/final").exists(),
+        "seed_only leaves no final/"
+    );
+    for o in ["a", "b"] {
+        let m = state.load_object("pub", o).await.unwrap().merge.unwrap();
+        assert_eq!(m.finals, vec![format!("pub/{tagged}/{o}/{o}.npy")]);
+        assert_eq!(m.publish_to, None);
+    }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root.join("pub/manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["objects"]["b"]["final"][0],
+        format!("pub/{tagged}/b/b.npy")
+    );
+    c.close().await;
+}
