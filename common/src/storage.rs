@@ -7,9 +7,11 @@
 //! ```text
 //! <exp>/manifest.json
 //! <exp>/rounds/<object>/r<round>_s<seed>/<attempt>/<file>     staging, deleted after the final
-//! <exp>/final_seed_<min>-<max>/<object>/<object>.npy           final (seed_only | both); the
-//!                                                             extension is the format's
-//! <exp>/final/<object>/<object>.npy                            final (plain_only | both)
+//! <exp>/final/<object>/<object>.npy                            final as the object completes
+//!                                                             (the extension is the format's)
+//! <exp>/final_seed_<min>-<max>/<object>/<object>.npy           the run's finals once it ends
+//!                                                             (seed_only: moved, both: copied;
+//!                                                             seed_per_object: per object)
 //! <exp>/logs/<object>/r<round>_s<seed>/<attempt>.log           generator logs of failed attempts
 //! ```
 
