@@ -14,7 +14,8 @@ use crate::progress::ProgressMode;
 #[command(
     name = "coordinator",
     version,
-    about = "Quarry coordinator: turns every GPU into one data factory."
+    about = "Quarry coordinator: turns every GPU into one data factory.",
+    after_help = crate::exit::HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -28,10 +29,12 @@ pub struct Cli {
 pub enum Command {
     /// Run a job on this machine: coordinator plus one worker agent per GPU, in one process.
     /// Accepts scale_runner.py's flags as they are spelled.
+    #[command(after_help = crate::exit::HELP)]
     Run(RunArgs),
     /// Serve the coordinator for remote workers and `submit`.
     Serve(ServeArgs),
     /// Submit a job (a job file, or scale_runner-style flags) to a running coordinator.
+    #[command(after_help = crate::exit::HELP)]
     Submit(SubmitArgs),
     /// Show a job's progress (or every job's).
     Status(StatusArgs),
@@ -97,10 +100,10 @@ pub struct LegacyFlags {
 pub struct RunArgs {
     #[command(flatten)]
     pub legacy: LegacyFlags,
-    /// Single GPU id.
+    /// Single GPU id: an index, a UUID (GPU-..., MIG-...) or all.
     #[arg(long = "gpu", default_value = "0", conflicts_with = "gpus")]
     pub gpu: String,
-    /// Comma-separated GPU ids, one worker agent each (e.g. 0,1,2).
+    /// Comma-separated GPU ids, one worker agent each (e.g. 0,1,2), each named once.
     #[arg(long = "gpus", value_delimiter = ',')]
     pub gpus: Option<Vec<String>>,
     /// Continue a previous run of the same experiment (the default when its state exists).
@@ -132,6 +135,10 @@ pub struct RunArgs {
         value_parser = quarry_worker::parse_lease_batch
     )]
     pub lease_batch: u32,
+    /// The coordinator's and the agents' metrics on one endpoint, as `serve` and `worker`
+    /// serve them between them.
+    #[command(flatten)]
+    pub metrics: quarry_common::metrics::MetricsArgs,
 }
 
 #[derive(Debug, Args)]

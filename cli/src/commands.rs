@@ -9,6 +9,7 @@ use quarry_proto::v1 as pb;
 
 use crate::args::{CancelArgs, JobsArgs, StatusArgs, SubmitArgs};
 use crate::client::{ClientArgs, JobClient, rpc_err};
+use crate::exit;
 use crate::job_input::spec_from;
 use crate::progress::{self, Progress, ProgressMode};
 use crate::render::{object_line, status_json, worker_line};
@@ -16,13 +17,13 @@ use crate::render::{object_line, status_json, worker_line};
 /// `coordinator submit`: sends the job; with `--watch`, follows it until it ends.
 pub async fn submit(a: SubmitArgs) -> anyhow::Result<i32> {
     if a.job.is_none() && a.legacy.exp_name.is_none() {
-        bail!(
+        return Err(exit::usage(anyhow::anyhow!(
             "nothing to submit: give a job file (coordinator submit job.toml) or scale_runner-style \
              flags (--exp_name --object_code_list --target_count_per_object ...)"
-        );
+        )));
     }
-    let spec = spec_from(&a.legacy, a.job.as_deref(), a.root.as_deref())?;
-    spec.validate()?;
+    let spec = spec_from(&a.legacy, a.job.as_deref(), a.root.as_deref()).map_err(exit::usage)?;
+    spec.validate().map_err(exit::usage)?;
     let mut c = JobClient::new(&a.client)?;
     let resp = c.submit(&spec).await?;
     if a.json {
@@ -47,7 +48,7 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Follows a job until it ends, across leader changes; 0 when done, 2 otherwise.
+/// Follows a job until it ends, across leader changes; exits as [`exit::of_job`] says.
 async fn watch(
     c: &mut JobClient,
     job: &str,
@@ -105,11 +106,7 @@ async fn watch(
             progress::summary(&s, started.elapsed(), s.workers.len())
         );
     }
-    Ok(if s.state == pb::JobState::Done as i32 {
-        0
-    } else {
-        2
-    })
+    Ok(exit::of_job(s.state).code())
 }
 
 async fn fetch_jobs(c: &mut JobClient, job: Option<&str>) -> anyhow::Result<Vec<pb::JobStatus>> {
@@ -171,7 +168,10 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<i32> {
 async fn status_of(a: StatusArgs, client: ClientArgs) -> anyhow::Result<i32> {
     let mut c = JobClient::new(&client)?;
     if a.watch {
-        let job = a.job.context("--watch needs a job id")?;
+        let job = a
+            .job
+            .context("--watch needs a job id: coordinator status <job> --watch")
+            .map_err(exit::usage)?;
         let mode = if a.json {
             ProgressMode::Off
         } else {

@@ -1,5 +1,6 @@
 //! The `coordinator` binary: parses the command line, starts telemetry and runs the command
-//! ([`quarry_cli::main`]); the exit code is the command's.
+//! ([`quarry_cli::main`]); the exit code is the command's, or for an error the one
+//! [`quarry_cli::exit::of_error`] gives (usage errors 2, others 1).
 
 use clap::Parser;
 use quarry_common::telemetry::{self, TelemetryConfig};
@@ -16,14 +17,14 @@ async fn main() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
-            std::process::exit(2);
+            std::process::exit(quarry_common::exit::ExitStatus::Usage.code());
         }
     };
     let code = match quarry_cli::main(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            1
+            quarry_cli::exit::of_error(&e).code()
         }
     };
     // Spans of the last rounds and merges go out before the exit (bounded).

@@ -7,19 +7,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use quarry_common::metrics::Registry;
 use quarry_common::storage::Store;
 use quarry_common::transport::{ClientSecurity, ServerSecurity};
 use quarry_coordinator::coordinator::{Coordinator, CoordinatorConfig};
+use quarry_coordinator::metrics::CoordMetrics;
 use quarry_coordinator::service::Leadership;
 use quarry_coordinator::spec::JobSpec;
 use quarry_coordinator::state::embedded::EmbeddedStore;
 use quarry_proto::v1 as pb;
+use quarry_worker::gpu::GpuInfo;
+use quarry_worker::metrics::WorkerMetrics;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::RunArgs;
 use crate::client::{ClientArgs, JobClient};
 use crate::endpoint;
+use crate::exit::{self, ExitStatus, StopSignal};
 use crate::job_input::spec_from_flags;
 use crate::progress::{self, Progress, ProgressMode};
 use crate::shutdown_on_signal;
@@ -29,18 +34,32 @@ use crate::shutdown_on_signal;
 pub struct RunOutcome {
     pub status: pb::JobStatus,
     pub interrupted: bool,
+    /// The signal that interrupted it; `None` when the caller's token did (or nothing did).
+    pub signal: Option<StopSignal>,
 }
 
 impl RunOutcome {
-    /// 0 done, 2 incomplete (a quota not met), 130 interrupted.
-    pub fn exit_code(&self) -> i32 {
+    /// How the process exits: interrupted (130 SIGINT, also a stop through the caller's
+    /// token; 143 SIGTERM), else by the job's end state (0 done, 3 exhausted, 1 cancelled).
+    pub fn exit_status(&self) -> ExitStatus {
         if self.interrupted {
-            130
-        } else if self.status.state == pb::JobState::Done as i32 {
-            0
+            ExitStatus::Interrupted(self.signal.unwrap_or(StopSignal::Interrupt))
         } else {
-            2
+            exit::of_job(self.status.state)
         }
+    }
+
+    /// [`Self::exit_status`] as the process exit code.
+    pub fn exit_code(&self) -> i32 {
+        self.exit_status().code()
+    }
+}
+
+/// The GPU flag the user gave (`--gpus` or `--gpu`) and its values.
+fn gpu_flag(a: &RunArgs) -> (&'static str, Vec<String>) {
+    match &a.gpus {
+        Some(ids) => ("--gpus", ids.clone()),
+        None => ("--gpu", vec![a.gpu.clone()]),
     }
 }
 
@@ -49,30 +68,44 @@ impl RunOutcome {
 /// shows progress until it ends, and stops everything. Every call to the port must carry a
 /// token generated now and written owner-only beside the experiment's state, with the
 /// address, so that `coordinator status/cancel` of the same user find them.
+///
+/// What the user typed is checked before anything starts, and refused as an
+/// [`exit::UsageError`]: the flags and job file, the GPU ids, where the generator is.
 pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::Result<RunOutcome> {
-    let spec = spec_from_flags(&a)?;
-    spec.validate()?;
-    let gpus: Vec<String> = a.gpus.clone().unwrap_or_else(|| vec![a.gpu.clone()]);
-    for g in &gpus {
-        quarry_common::names::validate("--gpu", g).map_err(|e| anyhow::anyhow!("{e}"))?;
-    }
-    preflight(&spec)?;
+    let spec = spec_from_flags(&a).map_err(exit::usage)?;
+    spec.validate().map_err(exit::usage)?;
+    let (flag, ids) = gpu_flag(&a);
+    let (inventory, gpus) = quarry_worker::select_gpus(None, flag, &ids).map_err(exit::usage)?;
+    preflight(&spec).map_err(exit::usage)?;
     let experiments = spec.root.join("data").join("experiments");
     let state_dir = endpoint::state_dir(&spec.root, &spec.exp_name);
     let state_path = state_dir.join("state.redb");
     let state = EmbeddedStore::open(&state_path)?;
     let store = Store::open_dir(&experiments)?;
     let shutdown = CancellationToken::new();
+    let mut signal = None;
     if signals {
         let s = shutdown_on_signal();
         let st = stop.clone();
+        signal = Some(s.signal);
+        let token = s.token;
         tokio::spawn(async move {
-            s.cancelled().await;
+            token.cancelled().await;
             st.cancel();
         });
     }
+    // One registry for the coordinator's and the agents' series: the endpoint serves what
+    // `serve` and `worker` serve between them.
+    let registry = Registry::new();
+    let coord_metrics = Arc::new(CoordMetrics::new(Arc::clone(&registry)));
+    let worker_metrics = Arc::new(WorkerMetrics::new(Arc::clone(&registry)));
+    a.metrics
+        .start(registry, shutdown.clone())
+        .await
+        .map_err(|e| anyhow::anyhow!(e))?;
     let cfg = CoordinatorConfig {
         lease_ttl: Duration::from_secs(a.lease_ttl.max(1)),
+        metrics: Arc::clone(&coord_metrics),
         ..Default::default()
     };
     let coord = Coordinator::start(cfg, Arc::new(state), store, shutdown.clone()).await?;
@@ -88,8 +121,10 @@ pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::
             return Err(e);
         }
     };
+    let leadership = Leadership::leading(Arc::clone(&coord));
+    leadership.track(coord_metrics.leader.clone());
     let server = tokio::spawn(quarry_coordinator::service::serve(
-        Leadership::leading(Arc::clone(&coord)),
+        leadership,
         listener,
         ServerSecurity {
             token: Some(Arc::from(token.as_str())),
@@ -99,7 +134,27 @@ pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::
     ));
     let agents_stop = CancellationToken::new();
     let security = ClientSecurity::plain().with_token(&token);
-    let result = drive(&a, &spec, &gpus, addr, security, &coord, &agents_stop, stop).await;
+    let mut base = quarry_worker::AgentConfig::new(addr.to_string(), "0");
+    base.security = security.clone();
+    base.lease_batch = a.lease_batch;
+    base.metrics = worker_metrics;
+    base.inventory = Some(inventory);
+    let result = drive(
+        &a,
+        &spec,
+        base,
+        gpus,
+        addr,
+        security,
+        &coord,
+        &agents_stop,
+        stop,
+    )
+    .await;
+    let result = result.map(|mut o| {
+        o.signal = signal.and_then(|s| s.get().copied());
+        o
+    });
     // Order matters: agents first (they stop their generators and release their leases over
     // gRPC), then the server, then the background tasks; the state file is released after.
     agents_stop.cancel();
@@ -114,7 +169,8 @@ pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::
 async fn drive(
     a: &RunArgs,
     spec: &JobSpec,
-    gpus: &[String],
+    base: quarry_worker::AgentConfig,
+    gpus: Vec<GpuInfo>,
     addr: std::net::SocketAddr,
     security: ClientSecurity,
     coord: &Arc<Coordinator>,
@@ -127,13 +183,10 @@ async fn drive(
     if !resp.created {
         eprintln!("resuming experiment {} from its saved state", resp.job_id);
     }
-    let mut base = quarry_worker::AgentConfig::new(addr.to_string(), "0");
-    base.security = security;
-    base.lease_batch = a.lease_batch;
-    let agents = {
-        let gpus = gpus.to_vec();
+    let n_agents = gpus.len();
+    let mut agents = {
         let t = agents_stop.clone();
-        tokio::spawn(async move { quarry_worker::run(base, &gpus, t).await })
+        tokio::spawn(async move { quarry_worker::run(base, gpus, t).await })
     };
 
     let started = Instant::now();
@@ -153,6 +206,16 @@ async fn drive(
                 Ok(None) => break,
                 Err(e) => { progress.finish(); bail!("lost the job's status stream: {}", e.message()); }
             },
+            // Agents only end on their own when they cannot work at all (the coordinator
+            // refused them, a setting out of range): the job would never move again.
+            ended = &mut agents => {
+                progress.finish();
+                let errors: Vec<String> = match ended {
+                    Ok(results) => results.into_iter().filter_map(|r| r.err().map(|e| e.to_string())).collect(),
+                    Err(e) => vec![e.to_string()],
+                };
+                bail!("every worker agent stopped before the job ended: {}", errors.join("; "));
+            }
             _ = stop.cancelled() => { interrupted = true; break; }
         }
     }
@@ -171,12 +234,13 @@ async fn drive(
     {
         eprintln!(
             "{}",
-            progress::summary(&status, started.elapsed(), gpus.len())
+            progress::summary(&status, started.elapsed(), n_agents)
         );
     }
     Ok(RunOutcome {
         status,
         interrupted,
+        signal: None,
     })
 }
 

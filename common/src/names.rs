@@ -3,25 +3,59 @@
 /// Longest accepted name, in bytes.
 pub const MAX_NAME_LEN: usize = 200;
 
-/// Why a name was refused.
+/// Why a name was refused. Its message is one sentence: `<what> <name> <problem>; <fix>`;
+/// [`NameError::problem`] and [`NameError::fix`] give the two halves to callers that name
+/// the field themselves (the job spec's `field: problem; fix`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
-    #[error("{what} is empty")]
+    #[error("{what} is empty; {}", self.fix())]
     Empty { what: String },
-    #[error("{what} {name:?} is longer than {MAX_NAME_LEN} bytes")]
+    #[error("{what} {}; {}", self.problem(), self.fix())]
     TooLong { what: String, name: String },
-    #[error("{what} {name:?} contains {bad:?}; only letters, digits, '.', '_' and '-' are allowed")]
+    #[error("{what} {}; {}", self.problem(), self.fix())]
     BadChar {
         what: String,
         name: String,
         bad: char,
     },
-    #[error("{what} {name:?} may not be '.', contain '..' or start with '-'")]
+    #[error("{what} {}; {}", self.problem(), self.fix())]
     Reserved { what: String, name: String },
-    #[error(
-        "{what} {name:?} may not contain '__' or begin or end with '_': round directories are named <exp>__<object>__r<round>_s<seed>, so such a name could be another job's round directory"
-    )]
+    #[error("{what} {}; {}", self.problem(), self.fix())]
     RoundSeparator { what: String, name: String },
+}
+
+impl NameError {
+    /// What is wrong with the name, quoting it, without saying whose it is.
+    pub fn problem(&self) -> String {
+        match self {
+            NameError::Empty { .. } => "is empty".into(),
+            NameError::TooLong { name, .. } => {
+                format!("{name:?} is longer than {MAX_NAME_LEN} bytes")
+            }
+            NameError::BadChar { name, bad, .. } => format!("{name:?} contains {bad:?}"),
+            NameError::Reserved { name, .. } => {
+                format!("{name:?} is '.', contains '..' or starts with '-'")
+            }
+            NameError::RoundSeparator { name, .. } => format!(
+                "{name:?} contains '__' or begins or ends with '_', so it could be read as part of a round directory <exp>__<object>__r<round>_s<seed>"
+            ),
+        }
+    }
+
+    /// How to fix it.
+    pub fn fix(&self) -> &'static str {
+        match self {
+            NameError::Empty { .. } => "give a name of letters, digits, '.', '_' and '-'",
+            NameError::TooLong { .. } => "shorten it",
+            NameError::BadChar { .. } => "use only letters, digits, '.', '_' and '-'",
+            NameError::Reserved { .. } => {
+                "use a name that starts with a letter or digit, without '..'"
+            }
+            NameError::RoundSeparator { .. } => {
+                "separate words with single '_' or '-' (e.g. demo_mug or demo-mug)"
+            }
+        }
+    }
 }
 
 /// Accepts `[A-Za-z0-9._-]+` of bounded length, refusing `.`, anything with `..` (so a name can
@@ -113,6 +147,42 @@ mod tests {
             validate("o", &"x".repeat(201)),
             Err(NameError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn each_message_is_one_sentence_naming_the_name_and_the_fix() {
+        let cases = [
+            (
+                validate("object code", "a/b"),
+                "object code \"a/b\" contains '/'; use only letters, digits, '.', '_' and '-'",
+            ),
+            (
+                validate("--gpu", ""),
+                "--gpu is empty; give a name of letters, digits, '.', '_' and '-'",
+            ),
+            (
+                validate("job", "-x"),
+                "job \"-x\" is '.', contains '..' or starts with '-'; use a name that starts with a letter or digit, without '..'",
+            ),
+        ];
+        for (r, want) in cases {
+            assert_eq!(r.unwrap_err().to_string(), want);
+        }
+        let e = validate_round_part("exp_name", "a__b")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("exp_name \"a__b\" contains '__'"), "{e}");
+        // No message says its rule twice.
+        for e in [
+            validate("o", "a b").unwrap_err(),
+            validate("o", "..").unwrap_err(),
+            validate("o", &"x".repeat(201)).unwrap_err(),
+            validate_round_part("o", "_a").unwrap_err(),
+        ] {
+            let text = e.to_string();
+            assert_eq!(text.matches("letters, digits").count().max(1), 1, "{text}");
+            assert_eq!(text.matches("'__'").count().max(1), 1, "{text}");
+        }
     }
 
     #[test]

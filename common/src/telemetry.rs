@@ -7,6 +7,7 @@
 //! [`Telemetry::shutdown`] flushes what is queued, bounded in time.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -119,6 +120,13 @@ impl Telemetry {
     }
 }
 
+/// Whether text logs are coloured: only when stderr is a terminal (a file or a pipe would
+/// keep the escape codes), and not when `NO_COLOR` is set to anything but the empty string
+/// (no-color.org).
+fn colour(stderr_is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    stderr_is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber. Call once, inside the tokio runtime (the gRPC exporter
 /// spawns its connection there).
 pub fn init(cfg: TelemetryConfig) -> Result<Telemetry, TelemetryError> {
@@ -131,10 +139,15 @@ pub fn init(cfg: TelemetryConfig) -> Result<Telemetry, TelemetryError> {
     let fmt: Box<dyn Layer<Registry> + Send + Sync> = match cfg.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(colour(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
+            .with_ansi(false)
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
@@ -359,6 +372,14 @@ impl Extractor for MapCarrier<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour(true, None));
+        assert!(colour(true, Some("".into())));
+        assert!(!colour(true, Some("1".into())));
+        assert!(!colour(false, None));
+    }
 
     #[test]
     fn traceparent_round_trips_and_parents() {

@@ -114,7 +114,7 @@ impl CoordMetrics {
             ),
             store_errors: r.counter(
                 "quarry_store_errors_total",
-                "Object-store requests of the coordinator that failed.",
+                "Object-store requests that failed, by side (coordinator or worker).",
                 &[("side", "coordinator")],
             ),
             leader: r.gauge(

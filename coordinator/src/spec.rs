@@ -296,7 +296,7 @@ impl JobSpec {
     /// Checks everything that can be checked before a round runs.
     pub fn validate(&self) -> Result<(), SpecError> {
         names::validate_round_part("exp_name", &self.exp_name)
-            .map_err(|e| spec_err("exp_name", e.to_string(), name_fix(&e, "the experiment")))?;
+            .map_err(|e| spec_err("exp_name", e.problem(), e.fix()))?;
         if self.objects.is_empty() {
             return Err(spec_err(
                 "object_code_list",
@@ -306,13 +306,8 @@ impl JobSpec {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, o) in self.objects.iter().enumerate() {
-            names::validate_round_part("object code", o).map_err(|e| {
-                spec_err(
-                    format!("object_code_list[{i}]"),
-                    e.to_string(),
-                    name_fix(&e, "the object"),
-                )
-            })?;
+            names::validate_round_part("object code", o)
+                .map_err(|e| spec_err(format!("object_code_list[{i}]"), e.problem(), e.fix()))?;
             if !seen.insert(o.as_str()) {
                 return Err(spec_err(
                     format!("object_code_list[{i}]"),
@@ -619,16 +614,6 @@ fn check_round_path(field: &str, p: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// How to fix a refused experiment or object name.
-fn name_fix(e: &names::NameError, whose: &str) -> String {
-    match e {
-        names::NameError::RoundSeparator { .. } => format!(
-            "rename {whose} with single '_' or '-' between words (e.g. \"demo_mug\" or \"demo-mug\"), not '__' and not at either end"
-        ),
-        _ => "use letters, digits, '.', '_' and '-' only".into(),
-    }
-}
-
 fn check_placeholders(field: &str, s: &str) -> Result<(), SpecError> {
     let mut rest = s;
     while let Some(open) = rest.find('{') {
@@ -736,6 +721,22 @@ pub(crate) mod tests {
         assert_eq!(s.seed(0, 0), 12345);
         assert_eq!(s.seed(1, 3), 12345 + 100_000 + 3);
         assert_eq!(s.round_name("b", 3, s.seed(1, 3)), "exp__b__r3_s112348");
+    }
+
+    #[test]
+    fn a_bad_name_is_refused_in_one_sentence_naming_the_field_and_the_fix() {
+        let mut s = spec();
+        s.exp_name = "a/b".into();
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "exp_name: \"a/b\" contains '/'; use only letters, digits, '.', '_' and '-'"
+        );
+        let mut s = spec();
+        s.objects = vec!["ok".into(), "m ug".into()];
+        assert_eq!(
+            s.validate().unwrap_err().to_string(),
+            "object_code_list[1]: \"m ug\" contains ' '; use only letters, digits, '.', '_' and '-'"
+        );
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub mod cluster;
 pub mod etcd;
 pub mod faultproxy;
 pub mod netns;
+pub mod process;
+pub mod prometheus;
 pub mod s3;
 use tokio_util::sync::CancellationToken;
 

@@ -11,11 +11,17 @@ use tracing::{info, warn};
 use crate::agent::{AgentConfig, Shutdown};
 use crate::connect::coordinators;
 use crate::gpu::{self, INVENTORY_ENV};
+use quarry_common::exit::ExitStatus;
 use quarry_common::transport::ClientSecurityArgs;
 
 /// Quarry worker agent: runs the job's generator on its GPU(s) for a coordinator.
 #[derive(Debug, Parser)]
-#[command(name = "worker", version, subcommand_negates_reqs = true)]
+#[command(
+    name = "worker",
+    version,
+    subcommand_negates_reqs = true,
+    after_help = quarry_common::exit::WORKER_HELP
+)]
 pub struct Args {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -78,8 +84,13 @@ pub enum Command {
     },
 }
 
-/// Runs the parsed command; returns the process exit code: 0 done (also after a drain),
-/// 1 an agent failed, 2 a usage error (bad `--gpu`, unusable inventory, bad address).
+/// Runs the parsed command; returns the process exit code ([`ExitStatus`]): 0 stopped after a
+/// drain, 1 an agent failed, 2 a usage error (bad `--gpu`, unusable inventory, bad address).
+///
+/// A worker only ends when it is told to (a signal) or fails, so a signal is its normal stop
+/// and exits 0, as service managers expect of a clean shutdown (systemd and Kubernetes count
+/// 143 as a failure); the interrupted statuses are for `coordinator run`, whose job is left
+/// unfinished.
 pub async fn main(args: Args) -> i32 {
     if let Some(Command::Gpus { gpu_inventory }) = &args.command {
         return list_gpus(gpu_inventory.as_deref());
@@ -88,27 +99,27 @@ pub async fn main(args: Args) -> i32 {
         Ok(i) => i,
         Err(e) => {
             eprintln!("error: {e}");
-            return 2;
+            return ExitStatus::Usage.code();
         }
     };
-    let gpus = match gpu::resolve(inventory.as_ref(), &args.gpu) {
+    let gpus = match gpu::resolve(inventory.as_ref(), "--gpu", &args.gpu) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e}");
-            return 2;
+            return ExitStatus::Usage.code();
         }
     };
     let security = match args.security.load() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
-            return 2;
+            return ExitStatus::Usage.code();
         }
     };
     let addrs = args.coordinator.clone();
     if let Err(e) = coordinators(&addrs, &security) {
         eprintln!("error: {e}");
-        return 2;
+        return ExitStatus::Usage.code();
     }
     let metrics = std::sync::Arc::new(crate::metrics::WorkerMetrics::default());
     if let Err(e) = args
@@ -120,7 +131,7 @@ pub async fn main(args: Args) -> i32 {
         .await
     {
         eprintln!("error: {e}");
-        return 2;
+        return ExitStatus::Usage.code();
     }
     info!(
         inventory = %inventory.describe(),
@@ -142,17 +153,17 @@ pub async fn main(args: Args) -> i32 {
     cfg.lease_batch = args.lease_batch;
     let shutdown = Shutdown::new();
     drain_on_signals(&shutdown, Duration::from_secs(args.drain_grace));
-    let mut code = 0;
+    let mut status = ExitStatus::Done;
     for r in crate::run_gpus(cfg, gpus, shutdown).await {
         match r {
             Ok(stats) => info!(?stats, "agent stopped"),
             Err(e) => {
                 eprintln!("error: {e}");
-                code = 1;
+                status = ExitStatus::Error;
             }
         }
     }
-    code
+    status.code()
 }
 
 fn list_gpus(inventory: Option<&std::path::Path>) -> i32 {
@@ -160,23 +171,23 @@ fn list_gpus(inventory: Option<&std::path::Path>) -> i32 {
         Ok(i) => i,
         Err(e) => {
             eprintln!("error: {e}");
-            return 2;
+            return ExitStatus::Usage.code();
         }
     };
     match inv.list() {
         Ok(gpus) if gpus.is_empty() => {
             println!("no GPUs ({})", inv.describe());
-            0
+            ExitStatus::Done.code()
         }
         Ok(gpus) => {
             print!("{}", gpu::table(inv.as_ref(), &gpus));
-            0
+            ExitStatus::Done.code()
         }
         Err(e) => {
             eprintln!(
                 "error: {e}: cannot list GPUs; explicit ids still work (worker --gpu 0,1), with health unknown"
             );
-            1
+            ExitStatus::Error.code()
         }
     }
 }

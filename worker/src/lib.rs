@@ -18,30 +18,30 @@ use tokio_util::sync::CancellationToken;
 
 pub use agent::{AgentConfig, AgentError, AgentStats, Shutdown, parse_lease_batch, run_agent};
 
-/// Runs one agent per GPU in `gpus` (ids as `--gpu` takes them) until `shutdown` is
-/// cancelled, which stops them at once; returns each agent's stats. GPUs are resolved
-/// against `base.inventory` (NVML when it loads, see [`gpu::detect`]); ids it does not list
-/// are used as given ([`gpu::resolve_lenient`]).
+/// The GPUs the values of `flag` name (ids as `--gpu` takes them), resolved against
+/// `inventory`, or the host's when `None` (NVML when it loads, see [`gpu::detect`]); ids it
+/// does not list are used as given ([`gpu::resolve_lenient`]). Returns the inventory used.
+pub fn select_gpus(
+    inventory: Option<Arc<dyn gpu::Inventory>>,
+    flag: &str,
+    values: &[String],
+) -> Result<(Arc<dyn gpu::Inventory>, Vec<gpu::GpuInfo>), gpu::GpuError> {
+    let inventory = match inventory {
+        Some(i) => i,
+        None => gpu::detect()?,
+    };
+    let gpus = gpu::resolve_lenient(inventory.as_ref(), flag, values)?;
+    Ok((inventory, gpus))
+}
+
+/// Runs one agent per GPU of `gpus` (from [`select_gpus`]) until `shutdown` is cancelled,
+/// which stops them at once; returns each agent's stats.
 pub async fn run(
     base: AgentConfig,
-    gpus: &[String],
+    gpus: Vec<gpu::GpuInfo>,
     shutdown: CancellationToken,
 ) -> Vec<Result<AgentStats, AgentError>> {
-    let inventory = match &base.inventory {
-        Some(i) => Arc::clone(i),
-        None => match gpu::detect() {
-            Ok(i) => i,
-            Err(e) => return vec![Err(e.into())],
-        },
-    };
-    match gpu::resolve_lenient(inventory.as_ref(), gpus) {
-        Ok(resolved) => {
-            let mut base = base;
-            base.inventory = Some(inventory);
-            run_gpus(base, resolved, Shutdown::immediate(shutdown)).await
-        }
-        Err(e) => vec![Err(e.into())],
-    }
+    run_gpus(base, gpus, Shutdown::immediate(shutdown)).await
 }
 
 /// Runs one agent per resolved GPU until `shutdown`; returns each agent's stats.

@@ -14,7 +14,7 @@ async fn main() {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e}");
-            std::process::exit(2);
+            std::process::exit(quarry_common::exit::ExitStatus::Usage.code());
         }
     };
     let code = quarry_worker::cli::main(args).await;

@@ -61,7 +61,7 @@ impl WorkerMetrics {
             ),
             store_errors: r.counter(
                 "quarry_store_errors_total",
-                "Object-store requests of the worker that failed.",
+                "Object-store requests that failed, by side (coordinator or worker).",
                 &[("side", "worker")],
             ),
             registry,

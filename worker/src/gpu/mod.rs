@@ -10,6 +10,7 @@
 //! it unhealthy; its agent then stops acquiring rounds.
 
 pub mod file;
+pub mod ids;
 pub mod nvml;
 mod stats;
 
@@ -161,17 +162,20 @@ pub enum GpuError {
     #[error("no NVML on this host ({0})")]
     NoNvml(String),
     #[error(
-        "--gpu all needs NVML to list this host's GPUs, and {0}; list the ids instead, e.g. --gpu 0,1,2,3"
+        "{flag} all needs NVML to list this host's GPUs, and {why}; list the ids instead, e.g. {flag} 0,1,2,3"
     )]
-    AllWithoutNvml(String),
-    #[error("--gpu {id}: no such GPU here; this host has {available}")]
-    NotFound { id: String, available: String },
-    #[error("--gpu {0} is given twice")]
-    Duplicate(String),
-    #[error("--gpu: no GPUs given")]
-    Empty,
-    #[error("--gpu {id:?}: {detail}")]
-    BadId { id: String, detail: String },
+    AllWithoutNvml { flag: String, why: String },
+    #[error("{flag} {id}: no such GPU here; this host has {available}")]
+    NotFound {
+        flag: String,
+        id: String,
+        available: String,
+    },
+    #[error("{flag} {id} names a GPU given earlier in the list; name each GPU once")]
+    Duplicate { flag: String, id: String },
+    /// The ids are not GPU ids at all (see [`ids::parse`]).
+    #[error(transparent)]
+    Id(#[from] ids::GpuIdError),
     #[error("GPU inventory file {path}: {detail}")]
     File { path: String, detail: String },
     #[error("NVML: {0}")]
@@ -243,71 +247,73 @@ pub fn open(spec: Option<&std::path::Path>) -> Result<Arc<dyn Inventory>, GpuErr
     }
 }
 
-/// Resolves `--gpu` values against the inventory: `all` (every listed GPU), indices and
-/// UUIDs. Without a listing, explicit ids pass through as [`GpuInfo::unlisted`].
-pub fn resolve(inv: &dyn Inventory, ids: &[String]) -> Result<Vec<GpuInfo>, GpuError> {
-    let ids: Vec<&str> = ids
-        .iter()
-        .flat_map(|s| s.split(','))
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .collect();
-    if ids.is_empty() {
-        return Err(GpuError::Empty);
-    }
+/// Resolves the values of `flag` (`--gpu`, `--gpus`) against the inventory: `all` (every
+/// listed GPU), indices and UUIDs, checked by [`ids::parse`] first. Without a listing,
+/// explicit ids pass through as [`GpuInfo::unlisted`]. Messages name `flag`.
+pub fn resolve(
+    inv: &dyn Inventory,
+    flag: &str,
+    values: &[String],
+) -> Result<Vec<GpuInfo>, GpuError> {
+    let parsed = ids::parse(flag, values, true)?;
     let listed = inv.list();
-    if ids.contains(&"all") {
-        if ids.len() > 1 {
-            return Err(GpuError::BadId {
-                id: ids.join(","),
-                detail: "`all` cannot be combined with ids".into(),
-            });
-        }
+    if parsed == [ids::GpuId::All] {
         return match listed {
             Ok(gpus) if gpus.is_empty() => Err(GpuError::NotFound {
+                flag: flag.into(),
                 id: "all".into(),
                 available: "no GPUs".into(),
             }),
             Ok(gpus) => Ok(gpus),
-            Err(GpuError::NoNvml(why)) => Err(GpuError::AllWithoutNvml(why)),
+            Err(GpuError::NoNvml(why)) => Err(GpuError::AllWithoutNvml {
+                flag: flag.into(),
+                why,
+            }),
             Err(e) => Err(e),
         };
     }
-    let mut out: Vec<GpuInfo> = Vec::with_capacity(ids.len());
-    for id in ids {
-        quarry_common::names::validate("--gpu", id).map_err(|e| GpuError::BadId {
-            id: id.to_string(),
-            detail: e.to_string(),
-        })?;
+    let mut out: Vec<GpuInfo> = Vec::with_capacity(parsed.len());
+    for id in parsed {
+        let id = match id {
+            ids::GpuId::Index(i) => i.to_string(),
+            ids::GpuId::Uuid(u) => u,
+            // `all` is alone when it is given (ids::parse).
+            ids::GpuId::All => continue,
+        };
         let gpu = match &listed {
             Ok(gpus) => {
                 let found = gpus.iter().find(|g| {
                     g.index.is_some_and(|i| id.parse::<u32>() == Ok(i))
                         || g.uuid
                             .as_deref()
-                            .is_some_and(|u| u.eq_ignore_ascii_case(id))
+                            .is_some_and(|u| u.eq_ignore_ascii_case(&id))
                 });
                 match found {
                     Some(g) => GpuInfo {
-                        id: id.to_string(),
+                        id: id.clone(),
                         ..g.clone()
                     },
                     None => {
                         return Err(GpuError::NotFound {
-                            id: id.to_string(),
+                            flag: flag.into(),
+                            id,
                             available: describe_available(gpus),
                         });
                     }
                 }
             }
-            Err(GpuError::NoNvml(_)) => GpuInfo::unlisted(id),
+            Err(GpuError::NoNvml(_)) => GpuInfo::unlisted(&id),
             Err(e) => return Err(e.clone()),
         };
+        // The same GPU by index and by UUID.
         if out
             .iter()
             .any(|g| g.id == gpu.id || (g.uuid.is_some() && g.uuid == gpu.uuid))
         {
-            return Err(GpuError::Duplicate(id.to_string()));
+            return Err(GpuError::Duplicate {
+                flag: flag.into(),
+                id,
+            });
         }
         out.push(gpu);
     }
@@ -317,15 +323,20 @@ pub fn resolve(inv: &dyn Inventory, ids: &[String]) -> Result<Vec<GpuInfo>, GpuE
 /// [`resolve`], except that ids the inventory does not list are used as given (with a
 /// warning) rather than refused: `coordinator run --gpus` keeps the legacy tool's behaviour
 /// of trusting the operator's ids.
-pub fn resolve_lenient(inv: &dyn Inventory, ids: &[String]) -> Result<Vec<GpuInfo>, GpuError> {
-    match resolve(inv, ids) {
-        Err(GpuError::NotFound { id, available }) if id != "all" => {
+pub fn resolve_lenient(
+    inv: &dyn Inventory,
+    flag: &str,
+    values: &[String],
+) -> Result<Vec<GpuInfo>, GpuError> {
+    match resolve(inv, flag, values) {
+        Err(GpuError::NotFound { id, available, .. }) if id != "all" => {
             tracing::warn!(gpu = %id, %available, "GPU not listed by the inventory; using the ids as given");
             resolve(
                 &NoInventory {
                     reason: String::new(),
                 },
-                ids,
+                flag,
+                values,
             )
         }
         other => other,
@@ -408,7 +419,7 @@ mod tests {
         let none = NoInventory {
             reason: "libnvidia-ml.so not found".into(),
         };
-        let got = resolve(&none, &ids(&["3", "0,2"])).unwrap();
+        let got = resolve(&none, "--gpu", &ids(&["3", "0,2"])).unwrap();
         assert_eq!(
             got.iter().map(|g| g.id.as_str()).collect::<Vec<_>>(),
             ["3", "0", "2"]
@@ -416,35 +427,38 @@ mod tests {
         assert_eq!(got[0].index, Some(3));
         assert_eq!(got[0].uuid, None);
         assert_eq!(got[0].visible_devices(), "3");
-        let e = resolve(&none, &ids(&["all"])).unwrap_err();
-        assert!(matches!(e, GpuError::AllWithoutNvml(_)), "{e}");
+        let e = resolve(&none, "--gpu", &ids(&["all"])).unwrap_err();
+        assert!(matches!(e, GpuError::AllWithoutNvml { .. }), "{e}");
         assert!(e.to_string().contains("--gpu 0,1"), "{e}");
         assert!(e.to_string().contains("libnvidia-ml.so"), "{e}");
         assert!(matches!(
-            resolve(&none, &ids(&["1", "1"])).unwrap_err(),
-            GpuError::Duplicate(_)
+            resolve(&none, "--gpu", &ids(&["1", "1"])).unwrap_err(),
+            GpuError::Id(ids::GpuIdError::Duplicate { .. })
         ));
         assert!(matches!(
-            resolve(&none, &ids(&["$(id)"])).unwrap_err(),
-            GpuError::BadId { .. }
+            resolve(&none, "--gpu", &ids(&["$(id)"])).unwrap_err(),
+            GpuError::Id(ids::GpuIdError::Bad { .. })
         ));
-        assert_eq!(resolve(&none, &ids(&[])).unwrap_err(), GpuError::Empty);
+        assert!(matches!(
+            resolve(&none, "--gpu", &ids(&[])).unwrap_err(),
+            GpuError::Id(ids::GpuIdError::Empty { .. })
+        ));
     }
 
     #[test]
     fn listed_gpus_resolve_by_index_or_uuid() {
         let inv = Listed(vec![gpu(0), gpu(1)]);
-        let all = resolve(&inv, &ids(&["all"])).unwrap();
+        let all = resolve(&inv, "--gpu", &ids(&["all"])).unwrap();
         assert_eq!(all.len(), 2);
-        let one = resolve(&inv, &ids(&["gpu-00000001-AAAA"])).unwrap();
+        let one = resolve(&inv, "--gpu", &ids(&["gpu-00000001-AAAA"])).unwrap();
         assert_eq!(one[0].index, Some(1));
         assert_eq!(one[0].visible_devices(), "GPU-00000001-aaaa");
-        let e = resolve(&inv, &ids(&["7"])).unwrap_err();
+        let e = resolve(&inv, "--gpu", &ids(&["7"])).unwrap_err();
         assert!(e.to_string().contains("GPUs 0 (GPU-00000000-aaaa)"), "{e}");
         // The same GPU by index and by UUID is a duplicate.
         assert!(matches!(
-            resolve(&inv, &ids(&["1", "GPU-00000001-aaaa"])).unwrap_err(),
-            GpuError::Duplicate(_)
+            resolve(&inv, "--gpu", &ids(&["1", "GPU-00000001-aaaa"])).unwrap_err(),
+            GpuError::Duplicate { .. }
         ));
     }
 

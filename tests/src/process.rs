@@ -1,0 +1,52 @@
+//! Running a real binary to its end within a bound: its exit code and what it printed. A
+//! process that outlives the bound is killed and the test fails with its output, so a
+//! command that should be refused at once can never hang a test.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cluster::Killed;
+
+/// How a process ended.
+#[derive(Debug)]
+pub struct Ended {
+    /// `None` when a signal ended it.
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` (stdout and stderr to files under `dir`, so both are pipes-not-terminals and
+/// nothing blocks on a full pipe) until it exits; panics with its output after `limit`.
+pub fn run_within(cmd: &mut Command, dir: &Path, limit: Duration) -> Ended {
+    let (out_path, err_path) = (dir.join("stdout"), dir.join("stderr"));
+    let out = std::fs::File::create(&out_path).expect("create stdout file");
+    let err = std::fs::File::create(&err_path).expect("create stderr file");
+    let mut child = Killed(
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}")),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.0.try_wait().expect("poll the child") {
+            break st;
+        }
+        if Instant::now() >= deadline {
+            drop(child);
+            panic!(
+                "{cmd:?} still running after {limit:?}; stderr:\n{}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ended {
+        code: status.code(),
+        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+    }
+}
