@@ -1,34 +1,66 @@
-//! Copying an input's data list into the merged stream: whole ([`copy_whole`], checking its
-//! element count), or only its first elements ([`copy_prefix`], for the input the limit cuts),
-//! complete common ops taken straight out of the read buffer and the rest one op at a time.
+//! Copying an input's data list into the merged stream one element at a time: its first
+//! elements ([`copy_prefix`]; all of them for an input used whole, after which
+//! [`finish_list`] checks nothing follows), complete common ops taken straight out of the read
+//! buffer and the rest one op at a time. The input's own `MARK ... APPENDS` batches are
+//! dropped and the merged list batched afresh by [`Batches`], as the pickler batches the
+//! merged list.
 
 use std::io::{BufRead, Write};
 
-use super::translate::{Output, Translator, rewritten, translate};
-use super::{Input, element_count, ended_early, stack_error, unit_end};
+use super::translate::{Output, Translator, translate};
+use super::{Input, element_count, ended_early, finish_input, stack_error, unit_end};
 use crate::npy::FormatError;
-use crate::pickle::{Decoder, Depth, Op, complete_len, op};
+use crate::pickle::{Decoder, Depth, complete_len, op};
 
-/// Copies a whole data list, checking it holds `expected` elements; returns the opcode that
-/// ended it (the first of the epilogue).
-///
-/// [`copy_run`] takes ops straight out of the read buffer for as long as it can; the op it
-/// stops at (cut by the buffer's end, or not a plain element op) goes the general way, one
-/// [`crate::pickle::OpReader::next_op`] at a time, and then the fast path resumes.
-pub(super) fn copy_whole<R: BufRead, W: Write>(
+/// CPython's `_pickle` appends list items in batches of this many (`BATCHSIZE`).
+const BATCH: u64 = 1000;
+
+/// The `MARK ... APPENDS` batches of the merged data list, as CPython's `_pickle`
+/// (`batch_list_exact`) writes a list of `total` items: one item is followed by `APPEND`
+/// alone; more go in batches of 1000, each opened by `MARK` and closed by `APPENDS`; an empty
+/// list gets neither.
+pub(in crate::npy) struct Batches {
+    total: u64,
+    written: u64,
+}
+
+impl Batches {
+    pub fn new(total: u64) -> Self {
+        Batches { total, written: 0 }
+    }
+
+    /// Opens or closes batches as needed before the next element.
+    pub fn before_element(&mut self, out: &mut Vec<u8>) {
+        if self.total >= 2 {
+            if self.written == 0 {
+                out.push(op::MARK);
+            } else if self.written.is_multiple_of(BATCH) {
+                out.extend_from_slice(&[op::APPENDS, op::MARK]);
+            }
+        }
+        self.written += 1;
+    }
+
+    /// Closes the last batch.
+    pub fn finish(&self, out: &mut Vec<u8>) {
+        match self.total {
+            0 => {}
+            1 => out.push(op::APPEND),
+            _ => out.push(op::APPENDS),
+        }
+    }
+}
+
+/// After [`copy_prefix`] took all `expected` elements of an input: checks the data list ends
+/// there and the epilogue builds the array, counting any further elements for the error.
+pub(super) fn finish_list<R: BufRead>(
     inp: &mut Input<R>,
     tr: &mut Translator,
     expected: u64,
-    out: &mut Output<W>,
-) -> Result<Op, FormatError> {
+) -> Result<(), FormatError> {
     let mut d = Depth::default();
-    let mut count = 0u64;
+    let mut count = expected;
     loop {
-        let buf = inp.rd.buffered()?;
-        let done = copy_run(buf, &mut d, &mut count, tr, &inp.dec, &mut out.buf)?;
-        inp.rd.consume(done);
-        out.spill()?;
-
         let Some(op) = inp.rd.next_op()? else {
             return Err(ended_early(&inp.rd));
         };
@@ -47,56 +79,11 @@ pub(super) fn copy_whole<R: BufRead, W: Write>(
             if count != expected {
                 return Err(element_count(expected, count));
             }
-            return Ok(op);
+            return finish_input(inp, op);
         }
-        tr.copy_op(&op, &mut inp.rd, &inp.dec, out)?;
+        inp.rd.skip_payload()?;
         count += end.unwrap_or(0);
     }
-}
-
-/// The fast path of [`copy_whole`]: copies the ops at the start of `s` (the read buffer) to
-/// `out`, each unchanged stretch as one slice, and returns how many bytes it used. It stops
-/// before, and changes nothing for, the first op it cannot take on its own: one cut by the
-/// end of `s` or that [`complete_len`] leaves to `next_op`, a read [`Translator::rewrite_fast`]
-/// leaves to `copy_op`, a memo write or `FRAME` at the list's own level (which the caller
-/// drops), and one [`Depth::apply_fast`] refuses (the end of the list, or a stack error).
-fn copy_run(
-    s: &[u8],
-    d: &mut Depth,
-    count: &mut u64,
-    tr: &mut Translator,
-    dec: &Decoder,
-    out: &mut Vec<u8>,
-) -> Result<usize, FormatError> {
-    // `s[run..i]` is copied but not yet written.
-    let (mut i, mut run) = (0, 0);
-    while let Some(len) = complete_len(&s[i..]) {
-        let code = s[i];
-        if rewritten(code) {
-            if d.depth == 0 && !matches!(code, op::BINGET | op::LONG_BINGET) {
-                break;
-            }
-            out.extend_from_slice(&s[run..i]);
-            run = i;
-            if !tr.rewrite_fast(&s[i..i + len], dec, out)? {
-                break;
-            }
-            run = i + len;
-            // What `apply` would do: reads push an item; writes and frames leave the stack be.
-            if matches!(code, op::BINGET | op::LONG_BINGET) {
-                d.depth += 1;
-            }
-        } else {
-            let end = unit_end(code, d);
-            if !d.apply_fast(code) {
-                break;
-            }
-            *count += end.unwrap_or(0);
-        }
-        i += len;
-    }
-    out.extend_from_slice(&s[run..i]);
-    Ok(i)
 }
 
 /// The unit of the data list (one `MARK ... APPENDS` batch, or one item and its `APPEND`)
@@ -125,45 +112,53 @@ impl Unit {
         self.last_at[self.d.depth] = self.bytes.len();
     }
 
-    /// Copies the unit just closed, which appends `n` elements, or only its first `room` when
-    /// fewer, cutting the batch there and closing it with `APPENDS`. Returns the number copied.
-    /// `at` is the offset of the closing op, for errors.
+    /// Copies the elements of the unit just closed, which appends `n` elements, or only its
+    /// first `room` when fewer, each preceded by what [`Batches`] opens or closes; the unit's
+    /// own `MARK` and closing op are left out. Returns the number copied. `at` is the offset
+    /// of the closing op, for errors.
+    #[allow(clippy::too_many_arguments)]
     fn emit<W: Write>(
         &self,
         n: u64,
         room: u64,
         at: u64,
         tr: &mut Translator,
+        batches: &mut Batches,
         dec: &Decoder,
         out: &mut Output<W>,
     ) -> Result<u64, FormatError> {
         let k = n.min(room);
-        let cut = if k == n {
-            self.bytes.len()
-        } else {
-            // k < n only happens for a MARK batch, where the depth passed every 1 + k.
-            self.last_at
-                .get(1 + k as usize)
-                .copied()
-                .ok_or_else(|| FormatError::BadPickle {
-                    offset: at,
-                    reason: "bad batch".into(),
-                })?
+        let bad = || FormatError::BadPickle {
+            offset: at,
+            reason: "bad batch".into(),
         };
-        translate(&self.bytes[..cut], tr, dec, out)?;
-        if k < n {
-            out.buf.push(op::APPENDS);
+        // A MARK batch: element j lies between the last points the depth was 1 + j and
+        // 2 + j. An APPEND unit: its one element is everything before the APPEND.
+        let marked = self.bytes.first() == Some(&op::MARK);
+        for j in 0..k as usize {
+            let (a, b) = if marked {
+                let a = *self.last_at.get(1 + j).ok_or_else(bad)?;
+                (a, *self.last_at.get(2 + j).ok_or_else(bad)?)
+            } else {
+                (0, *self.last_at.get(1).ok_or_else(bad)?)
+            };
+            if a > b || b > self.bytes.len() {
+                return Err(bad());
+            }
+            batches.before_element(&mut out.buf);
+            translate(&self.bytes[a..b], tr, dec, out)?;
         }
         Ok(k)
     }
 }
 
 /// Copies the first `take` elements of a data list, one buffered unit at a time, and stops
-/// reading there. Like [`copy_whole`], it takes complete common ops straight out of the read
-/// buffer and leaves the rest to `next_op`.
+/// reading there. It takes complete common ops straight out of the read buffer and leaves the
+/// rest to `next_op`.
 pub(super) fn copy_prefix<R: BufRead, W: Write>(
     inp: &mut Input<R>,
     tr: &mut Translator,
+    batches: &mut Batches,
     take: u64,
     out: &mut Output<W>,
 ) -> Result<(), FormatError> {
@@ -191,7 +186,7 @@ pub(super) fn copy_prefix<R: BufRead, W: Write>(
             u.bytes.extend_from_slice(&s[i..i + len]);
             u.op_done();
             if let Some(n) = end {
-                taken += u.emit(n, take - taken, base + i as u64, tr, &inp.dec, out)?;
+                taken += u.emit(n, take - taken, base + i as u64, tr, batches, &inp.dec, out)?;
             }
             i += len;
         }
@@ -221,7 +216,7 @@ pub(super) fn copy_prefix<R: BufRead, W: Write>(
         inp.rd.copy_payload(&mut u.bytes)?;
         u.op_done();
         if let Some(n) = end {
-            taken += u.emit(n, take - taken, op.offset, tr, &inp.dec, out)?;
+            taken += u.emit(n, take - taken, op.offset, tr, batches, &inp.dec, out)?;
         }
     }
     Ok(())

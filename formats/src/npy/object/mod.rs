@@ -3,30 +3,32 @@
 //! numpy pickles such an array as
 //! `_reconstruct(ndarray, (0,), b'b')` BUILT with the state `(1, (n,), dtype('O8'), False, [..])`.
 //! Everything before the data list (the prologue) and after it (the epilogue) is evaluated by
-//! [`Decoder`]; the opcodes that append elements to the list are copied verbatim into one
-//! output list, with three rewrites that keep them meaningful in the new stream:
-//! - memo writes get fresh output indices 0, 1, 2, ... in output order (explicit
-//!   `BINPUT`/`LONG_BINPUT`, or `MEMOIZE` when the output declares protocol 4: the output memo
-//!   is dense, so its length is the next index) and memo reads follow a per-input table;
-//! - reads of memo entries the input's prologue made (numpy 2 reuses its module-name string,
-//!   numpy 1 its `numpy dtype` global) are replaced by a fresh copy of that value;
+//! [`Decoder`]; the elements' opcodes are copied into one output list, laid out as Python's
+//! pickler writes the concatenation of the rounds once `np.load` has read them (what the legacy
+//! tool saves), so rounds written by numpy 1.x merge into numpy 1.x's own bytes:
+//! - the prologue memoizes as numpy 1.x's does (`BINPUT 0..13` below protocol 4), the
+//!   epilogue memoizes the state tuple;
+//! - memo writes get fresh output indices in output order (explicit `BINPUT`/`LONG_BINPUT`,
+//!   or `MEMOIZE` when the output declares protocol 4) and memo reads follow a per-input
+//!   table: loaded rounds are separate objects, so sharing stays within a round;
+//! - except for objects CPython keeps as one ([`Shared`]: globals, empty and one-character
+//!   strings, empty bytes), memoized once for the whole output and read after, the header's
+//!   `'|'` and globals included;
+//! - reads of other memo entries the input's prologue made are replaced by a fresh copy;
+//! - the inputs' `MARK ... APPENDS` batches are dropped and the list batched afresh
+//!   ([`Batches`]: 1000 per batch, a lone `APPEND` for a one-element list);
 //! - `FRAME` and `PROTO` are dropped, since frame lengths no longer hold.
 //!
-//! Almost every op of a numpy pickle is a few bytes and needs no rewriting, so the copy works
-//! straight out of the read buffer: complete ops of a common form are scanned there (argument
-//! lengths and stack effects are table lookups) and unchanged stretches are copied as one
-//! slice; anything else (an op cut by the buffer's end, a large payload, a read of the
-//! prologue's memo, a malformed op) goes one at a time through [`OpReader::next_op`], which
-//! also gives the errors. Both paths write the same bytes.
-//!
-//! Cutting an input short needs element boundaries. Inside one `MARK ... APPENDS` batch the
+//! Elements are found one append batch at a time: inside one `MARK ... APPENDS` batch the
 //! elements are the stack entries above the mark; counting marks and items alike, no opcode
 //! raises the depth by more than one, so the last point at which the depth was `1 + k` is
-//! exactly where element `k` begins. Only the input that gets cut is buffered, one batch at a
-//! time (pickle batches 1000 elements).
+//! exactly where element `k` begins. Only one batch (pickle batches 1000 elements) is buffered.
+//! Complete ops of a common form are scanned straight out of the read buffer; anything else
+//! (an op cut by the buffer's end, a large payload, a malformed op) goes through
+//! [`OpReader::next_op`], which also gives the errors.
 //!
 //! The parts: `translate.rs` rewrites one input's data-list opcodes for the output stream
-//! ([`Translator`], [`Output`]); `copy.rs` copies a whole data list or its first elements;
+//! ([`Translator`], [`Output`]); `copy.rs` copies a data list's first (or all) elements;
 //! `inspect.rs` checks an object array and derives its schema; this file opens inputs, writes
 //! the merged pickle's prologue and epilogue, and runs the merge.
 
@@ -40,10 +42,11 @@ use std::rc::Rc;
 use super::header::{Descr, Header, write_header};
 use super::{FormatError, MergeSummary};
 use crate::pickle::{Decoder, Depth, Op, OpReader, Step, Value, emit, op};
-use copy::{copy_prefix, copy_whole};
+pub(super) use copy::Batches;
+use copy::{copy_prefix, finish_list};
 
 pub(crate) use inspect::inspect;
-pub(super) use translate::{Output, Translator, translate};
+pub(super) use translate::{Output, Shared, Translator, translate};
 
 pub(super) const READ_BUF: usize = 1 << 16;
 
@@ -147,14 +150,34 @@ pub(super) fn finish_input<R: BufRead>(inp: &mut Input<R>, first: Op) -> Result<
 
 /// The opening of the merged pickle, as numpy writes it for a fresh `(total,)` object array:
 /// `_reconstruct(ndarray, (0,), b'b')`, then the state tuple up to its empty data list.
+///
+/// Below protocol 4 (numpy 1.x) the pickler memoizes as it goes: `BINPUT 0` to `12` after the
+/// header's globals, strings, bytes, tuples and objects, `BINPUT 13` after the data list, so
+/// elements start at [`header_memo`]`(proto)`. At protocol 4 the header carries no memo writes.
 pub(super) fn prologue(proto: u8, module: &str, total: u64) -> Vec<u8> {
+    let memo = proto < 4;
+    let mut next = 0u32;
     let mut p = vec![op::PROTO, proto];
+    let mut put = |p: &mut Vec<u8>| {
+        if memo {
+            emit::put(p, next);
+            next += 1;
+        }
+    };
     emit::global(&mut p, module, "_reconstruct");
+    put(&mut p);
     emit::global(&mut p, "numpy", "ndarray");
+    put(&mut p);
     emit::int(&mut p, 0);
     p.push(op::TUPLE1);
+    put(&mut p);
     emit::bytes(&mut p, b"b");
-    p.extend_from_slice(&[op::TUPLE3, op::REDUCE, op::MARK]);
+    put(&mut p);
+    p.push(op::TUPLE3);
+    put(&mut p);
+    p.push(op::REDUCE);
+    put(&mut p);
+    p.push(op::MARK);
     emit::int(&mut p, 1);
     match i64::try_from(total) {
         Ok(t) => emit::int(&mut p, t),
@@ -165,23 +188,61 @@ pub(super) fn prologue(proto: u8, module: &str, total: u64) -> Vec<u8> {
         }
     }
     p.push(op::TUPLE1);
+    put(&mut p);
     emit::global(&mut p, "numpy", "dtype");
+    put(&mut p);
     emit::unicode(&mut p, "O8");
-    p.extend_from_slice(&[op::NEWFALSE, op::NEWTRUE, op::TUPLE3, op::REDUCE, op::MARK]);
+    put(&mut p);
+    p.extend_from_slice(&[op::NEWFALSE, op::NEWTRUE, op::TUPLE3]);
+    put(&mut p);
+    p.push(op::REDUCE);
+    put(&mut p);
+    p.push(op::MARK);
     // dtype('O').__reduce__()[2]: (version, byteorder, subarray, names, fields, elsize,
     // alignment, flags).
     emit::int(&mut p, 3);
     emit::unicode(&mut p, "|");
+    put(&mut p);
     p.extend_from_slice(&[op::NONE, op::NONE, op::NONE]);
     emit::int(&mut p, -1);
     emit::int(&mut p, -1);
     emit::int(&mut p, 63);
-    p.extend_from_slice(&[op::TUPLE, op::BUILD, op::NEWFALSE, op::EMPTY_LIST]);
+    p.push(op::TUPLE);
+    put(&mut p);
+    p.extend_from_slice(&[op::BUILD, op::NEWFALSE, op::EMPTY_LIST]);
+    put(&mut p);
     p
 }
 
-/// Closes the state tuple, builds the array, ends the pickle.
-pub(super) const EPILOGUE: [u8; 3] = [op::TUPLE, op::BUILD, op::STOP];
+/// The first memo index the elements get after [`prologue`]`(proto, ..)`.
+pub(super) fn header_memo(proto: u8) -> u32 {
+    if proto < 4 { 14 } else { 0 }
+}
+
+/// The objects of [`prologue`]`(proto, module, ..)` that elements may share, by memo index:
+/// the pickler writes a read of these wherever an element holds the same object (the globals,
+/// and `'|'`, a one-character string, which CPython keeps as one object).
+pub(super) fn header_shared(proto: u8, module: &str) -> Vec<(Shared, u32)> {
+    if proto >= 4 {
+        return Vec::new();
+    }
+    let g = |m: &str, n: &str| Shared::Global(m.into(), n.into());
+    vec![
+        (g(module, "_reconstruct"), 0),
+        (g("numpy", "ndarray"), 1),
+        (g("numpy", "dtype"), 7),
+        (Shared::Str("|".into()), 11),
+    ]
+}
+
+/// Closes the state tuple (memoized, as the pickler does every tuple), builds the array, ends
+/// the pickle.
+pub(super) fn epilogue(tr: &mut Translator) -> Result<Vec<u8>, FormatError> {
+    let mut e = vec![op::TUPLE];
+    tr.put_fresh(&mut e)?;
+    e.extend_from_slice(&[op::BUILD, op::STOP]);
+    Ok(e)
+}
 
 /// Which entry of the body's stack an `APPEND`/`APPENDS` closes a unit of the data list with,
 /// and how many elements it appends.
@@ -226,7 +287,8 @@ pub(crate) fn merge<R: Read, W: Write>(
     let mut out = Output::new(out);
     let mut used = vec![0u64; counts.len()];
     let mut written = 0u64;
-    let mut tr = Translator::new();
+    let mut tr = None;
+    let mut batches = Batches::new(total);
     let mut first = Some(first);
     for (i, &count) in counts.iter().enumerate() {
         if i > 0 && written == total {
@@ -275,20 +337,26 @@ pub(crate) fn merge<R: Read, W: Write>(
             };
             out.write_all(&write_header(&Descr::Object, &[total])?)?;
             out.write_all(&prologue(inp.dec.proto, module, total))?;
-            tr.memoize = inp.dec.proto >= 4;
+            tr = Some(Translator::new(inp.dec.proto, module));
         }
+        let Some(tr) = tr.as_mut() else {
+            return Err(not_numpy_layout());
+        };
         tr.start_input(&inp.dec);
         let take = count.min(total - written);
+        copy_prefix(&mut inp, tr, &mut batches, take, &mut out).map_err(in_input)?;
         if take == count {
-            let end = copy_whole(&mut inp, &mut tr, count, &mut out).map_err(in_input)?;
-            finish_input(&mut inp, end).map_err(in_input)?;
-        } else {
-            copy_prefix(&mut inp, &mut tr, take, &mut out).map_err(in_input)?;
+            finish_list(&mut inp, tr, count).map_err(in_input)?;
         }
         used[i] = take;
         written += take;
     }
-    out.write_all(&EPILOGUE)?;
+    let Some(tr) = tr.as_mut() else {
+        return Err(not_numpy_layout());
+    };
+    batches.finish(&mut out.buf);
+    let tail = epilogue(tr)?;
+    out.write_all(&tail)?;
     out.flush()?;
     let bytes_written = out.n;
     Ok(MergeSummary {

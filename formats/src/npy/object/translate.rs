@@ -1,12 +1,14 @@
 //! Rewriting one object-array input's data-list opcodes for the merged stream: memo writes
 //! renumbered densely in output order, memo reads following a per-input table, reads of the
 //! input's prologue replaced by a fresh copy of the value, `FRAME` and `PROTO` dropped (see
-//! the parent module's docs); and [`Output`], the buffer the merged file goes out through.
+//! the parent module's docs); objects CPython keeps as one (see [`Shared`]) memoized once for
+//! the whole output; and [`Output`], the buffer the merged file goes out through.
 
+use std::collections::HashMap;
 use std::io::{BufRead, Write};
 
 use crate::npy::FormatError;
-use crate::pickle::{Decoder, IndexMap32, Op, OpReader, complete_len, emit, memo_index, op};
+use crate::pickle::{Decoder, IndexMap32, Op, OpReader, Value, complete_len, emit, memo_index, op};
 
 const WRITE_BUF: usize = 1 << 18;
 
@@ -18,6 +20,76 @@ const DATA_LIST: u32 = u32::MAX - 1;
 /// leaves out of the output (see `npy/select/`), which no element in the output may read.
 const DROPPED: u32 = u32::MAX - 2;
 
+/// A value that is one object however often it is unpickled, so that pickling the merged list
+/// writes it once and reads it from the memo after, even across inputs (loaded separately,
+/// every other string is a new object per input): globals (module attributes), the empty
+/// string and one-character strings below U+0100 (CPython's cached strings; unpickling gives
+/// them back), and empty bytes. One-byte bytes are not: the unpickler makes them fresh.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(in crate::npy) enum Shared {
+    Global(String, String),
+    Str(String),
+    EmptyBytes,
+}
+
+impl Shared {
+    fn of_str(p: &[u8]) -> Option<Shared> {
+        if p.len() > 2 {
+            return None;
+        }
+        let s = std::str::from_utf8(p).ok()?;
+        let mut c = s.chars();
+        match (c.next(), c.next()) {
+            (None, _) => Some(Shared::Str(String::new())),
+            (Some(ch), None) if u32::from(ch) < 0x100 => Some(Shared::Str(s.into())),
+            _ => None,
+        }
+    }
+
+    /// The shared value the whole op `b` pushes, if any, and the op's length.
+    fn of_op(b: &[u8]) -> Option<(Shared, usize)> {
+        match *b.first()? {
+            op::GLOBAL => {
+                let nl1 = b.iter().position(|&c| c == b'\n')?;
+                let nl2 = nl1 + 1 + b[nl1 + 1..].iter().position(|&c| c == b'\n')?;
+                let m = std::str::from_utf8(&b[1..nl1]).ok()?;
+                let n = std::str::from_utf8(&b[nl1 + 1..nl2]).ok()?;
+                Some((Shared::Global(m.into(), n.into()), nl2 + 1))
+            }
+            op::BINUNICODE | op::SHORT_BINUNICODE | op::BINUNICODE8 => {
+                let len = complete_len(b)?;
+                let w = if b[0] == op::SHORT_BINUNICODE {
+                    1
+                } else if b[0] == op::BINUNICODE {
+                    4
+                } else {
+                    8
+                };
+                Some((Shared::of_str(&b[1 + w..len])?, len))
+            }
+            op::SHORT_BINBYTES | op::BINBYTES | op::BINBYTES8 => {
+                let len = complete_len(b)?;
+                let w = match b[0] {
+                    op::SHORT_BINBYTES => 1,
+                    op::BINBYTES => 4,
+                    _ => 8,
+                };
+                (len == 1 + w).then_some((Shared::EmptyBytes, len))
+            }
+            _ => None,
+        }
+    }
+
+    fn of_value(v: &Value) -> Option<Shared> {
+        match v {
+            Value::Global(g) => Some(Shared::Global(g.0.clone(), g.1.clone())),
+            Value::Str(s) => Shared::of_str(s.as_bytes()),
+            Value::Bytes(b) if b.is_empty() => Some(Shared::EmptyBytes),
+            _ => None,
+        }
+    }
+}
+
 /// Rewrites one input's data-list opcodes for the output stream.
 pub(in crate::npy) struct Translator {
     /// Next free output memo index; shared by all inputs.
@@ -28,19 +100,79 @@ pub(in crate::npy) struct Translator {
     in_len: u32,
     /// Write memo entries with `MEMOIZE` rather than `BINPUT`/`LONG_BINPUT`; see
     /// [`put`].
-    pub memoize: bool,
+    memoize: bool,
+    /// Output memo index of each [`Shared`] value written so far.
+    shared: HashMap<Shared, u32>,
     scratch: Vec<u8>,
 }
 
 impl Translator {
-    pub fn new() -> Self {
+    /// For an output that declares protocol `proto` and opens with
+    /// [`super::prologue`]`(proto, module, ..)`.
+    pub fn new(proto: u8, module: &str) -> Self {
         Translator {
-            next_out: 0,
+            next_out: u64::from(super::header_memo(proto)),
             map: IndexMap32::default(),
             in_len: 0,
-            memoize: false,
+            memoize: proto >= 4,
+            shared: super::header_shared(proto, module).into_iter().collect(),
             scratch: Vec::new(),
         }
+    }
+
+    /// Writes a memo entry for the object just written.
+    pub fn put_fresh(&mut self, out: &mut Vec<u8>) -> Result<(), FormatError> {
+        let o = self.fresh()?;
+        put(out, o, self.memoize);
+        Ok(())
+    }
+
+    /// Handles an op pushing a [`Shared`] value (`b` is the op and what follows it in the
+    /// element): the first time, copied and memoized; after, a memo read, as the pickler
+    /// writes an object it has seen. The memo write after the op, if any, maps the input's
+    /// entry. Returns how many bytes of `b` it used, or `None`, having changed nothing, when
+    /// `b` does not start with such an op.
+    fn shared_op(
+        &mut self,
+        b: &[u8],
+        dec: &Decoder,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<usize>, FormatError> {
+        let Some((key, len)) = Shared::of_op(b) else {
+            return Ok(None);
+        };
+        let rest = &b[len..];
+        let input_put = match (rest.first(), complete_len(rest)) {
+            (Some(&op::MEMOIZE), _) => Some((self.in_len, 1)),
+            (Some(&op::BINPUT), Some(n)) => Some((u32::from(rest[1]), n)),
+            (Some(&op::LONG_BINPUT), Some(n)) => {
+                Some((u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]), n))
+            }
+            _ => None,
+        };
+        let o = match self.shared.get(&key) {
+            Some(&o) => {
+                emit::get(out, o);
+                o
+            }
+            None => {
+                out.extend_from_slice(&b[..len]);
+                if input_put.is_none() {
+                    return Ok(Some(len));
+                }
+                let o = self.fresh()?;
+                put(out, o, self.memoize);
+                self.shared.insert(key, o);
+                o
+            }
+        };
+        Ok(Some(match input_put {
+            Some((idx, n)) => {
+                self.define(dec, idx, o);
+                len + n
+            }
+            None => len,
+        }))
     }
 
     /// [`Translator::copy_op`] for what is common in a data list: a memo write, a memo read of
@@ -193,6 +325,13 @@ impl Translator {
                             offset: op.offset,
                             reason: format!("memo entry {idx} read before it is written"),
                         })?;
+                        let key = Shared::of_value(&v);
+                        if let Some(&o) = key.as_ref().and_then(|k| self.shared.get(k)) {
+                            emit::get(&mut self.scratch, o);
+                            self.map.insert(idx, o);
+                            out.write_all(&self.scratch)?;
+                            return Ok(());
+                        }
                         emit::value(&mut self.scratch, &v, dec.array.as_ref(), 0).map_err(
                             |what| FormatError::Unsupported {
                                 reason: format!(
@@ -206,6 +345,9 @@ impl Translator {
                         let o = self.fresh()?;
                         put(&mut self.scratch, o, self.memoize);
                         self.map.insert(idx, o);
+                        if let Some(k) = key {
+                            self.shared.insert(k, o);
+                        }
                     }
                     Some(o) => emit::get(&mut self.scratch, o),
                 }
@@ -301,6 +443,25 @@ pub(in crate::npy) fn translate<W: Write>(
     // `s[run..i]` is copied but not yet written.
     let (mut i, mut run) = (0, 0);
     while i < s.len() {
+        if matches!(
+            s[i],
+            op::GLOBAL
+                | op::BINUNICODE
+                | op::SHORT_BINUNICODE
+                | op::BINUNICODE8
+                | op::SHORT_BINBYTES
+                | op::BINBYTES
+                | op::BINBYTES8
+        ) {
+            out.buf.extend_from_slice(&s[run..i]);
+            run = i;
+            if let Some(n) = tr.shared_op(&s[i..], dec, &mut out.buf)? {
+                i += n;
+                run = i;
+                out.spill()?;
+                continue;
+            }
+        }
         if let Some(len) = complete_len(&s[i..]) {
             if !rewritten(s[i]) {
                 i += len;

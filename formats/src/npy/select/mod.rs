@@ -63,8 +63,8 @@ use std::path::{Path, PathBuf};
 use super::FormatError;
 use super::header::{Descr, Header, read_header, shape_repr, write_header};
 use super::object::{
-    CORE_MODULE_V1, CORE_MODULE_V2, EPILOGUE, Output, READ_BUF, Translator, kind_name, open_input,
-    prologue,
+    Batches, CORE_MODULE_V1, CORE_MODULE_V2, Output, READ_BUF, Translator, epilogue, kind_name,
+    open_input, prologue,
 };
 use crate::{DatasetError, Filter, MergeOptions, MergeSummary};
 use judge::{Judge, RowRules, row_rules};
@@ -252,8 +252,8 @@ pub(super) fn merge_selected(
     let header = write_header(&h0.descr, &shape)?;
     match h0.descr {
         Descr::Object => {
-            let mut tr = Translator::new();
-            tr.memoize = style.0 >= 4;
+            let mut tr = Translator::new(style.0, style.1);
+            let mut batches = Batches::new(kept);
             out.write_all(&header)
                 .and_then(|_| out.write_all(&prologue(style.0, style.1, kept)))
                 .map_err(werr)?;
@@ -265,9 +265,11 @@ pub(super) fn merge_selected(
                 let (r, h, _) = open_file(&inputs[i])?;
                 let mut inp = open_input(r, &h).map_err(wrap)?;
                 tr.start_input(&inp.dec);
-                write_object(&mut inp, &mut tr, plan, &mut out).map_err(wrap)?;
+                write_object(&mut inp, &mut tr, &mut batches, plan, &mut out).map_err(wrap)?;
             }
-            out.write_all(&EPILOGUE)
+            batches.finish(&mut out.buf);
+            let tail = epilogue(&mut tr).map_err(DatasetError::from)?;
+            out.write_all(&tail)
                 .and_then(|_| out.flush())
                 .map_err(io_err("write", out_path))?;
         }

@@ -13,7 +13,8 @@ use crate::DatasetError;
 use crate::npy::FormatError;
 use crate::npy::header::Header;
 use crate::npy::object::{
-    Input, Output, Translator, element_count, ended_early, stack_error, translate, unit_end,
+    Batches, Input, Output, Translator, element_count, ended_early, stack_error, translate,
+    unit_end,
 };
 use crate::pickle::{Depth, op};
 
@@ -90,6 +91,7 @@ pub(super) fn plan_object<R: BufRead>(
 pub(super) fn write_object<R: BufRead, W: Write>(
     inp: &mut Input<R>,
     tr: &mut Translator,
+    batches: &mut Batches,
     plan: &Plan,
     out: &mut Output<W>,
 ) -> Result<(), FormatError> {
@@ -138,28 +140,20 @@ pub(super) fn write_object<R: BufRead, W: Write>(
         };
         let upto = n.min(walk_to - e) as usize;
         let states = &plan.states[e as usize..e as usize + upto];
-        let used = states.iter().any(|&s| s != SKIP);
-        // The batch's MARK (and any frame after it).
-        let head = &bytes[..ranges[0].0];
-        if used {
-            translate(head, tr, &inp.dec, out)?;
-        } else {
-            tr.skip(head, &inp.dec)?;
-        }
+        // The batch's MARK (and any frame after it): the output is batched afresh.
+        tr.skip(&bytes[..ranges[0].0], &inp.dec)?;
         for (&(a, b), &state) in ranges.iter().zip(states) {
             match state {
-                KEEP => translate(&bytes[a..b], tr, &inp.dec, out)?,
+                KEEP => {
+                    batches.before_element(&mut out.buf);
+                    translate(&bytes[a..b], tr, &inp.dec, out)?;
+                }
                 NEEDED => {
                     translate(&bytes[a..b], tr, &inp.dec, out)?;
                     out.buf.push(op::POP);
                 }
                 _ => tr.skip(&bytes[a..b], &inp.dec)?,
             }
-        }
-        if batch && used {
-            out.buf.push(op::APPENDS);
-        } else if !batch && states == [KEEP] {
-            out.buf.push(op::APPEND);
         }
         out.spill()?;
         e += n;
