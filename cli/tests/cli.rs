@@ -50,7 +50,8 @@ fn missing_required_flag_names_it() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    // A refused job is a usage error (exit 2), as clap's and argparse's are.
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--exp_name is required"), "{err}");
 }
@@ -71,7 +72,8 @@ fn non_positive_quota_is_refused_naming_the_field() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    // A refused job is a usage error (exit 2), as clap's and argparse's are.
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("target_count_per_object: must be positive"),
@@ -102,7 +104,10 @@ fn unknown_final_dir_mode_lists_the_choices() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("seed_only") && err.contains("both") && err.contains("plain_only"),
+        err.contains("seed_only")
+            && err.contains("both")
+            && err.contains("plain_only")
+            && err.contains("seed_per_object"),
         "{err}"
     );
 }
@@ -123,7 +128,8 @@ fn running_outside_the_legacy_layout_says_where_main_py_should_be() {
         ])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    // A refused job is a usage error (exit 2), as clap's and argparse's are.
+    assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("BimanGrasp-Optimization") && err.contains("--root"),

@@ -163,7 +163,9 @@ async fn a_stale_attempt_after_the_round_was_recommitted_is_rejected_and_deleted
     let state = EmbeddedStore::open(&dir.path().join("state.redb")).unwrap();
     let store = Store::open_dir(&dir.path().join("store")).unwrap();
     let cfg = CoordinatorConfig {
-        lease_ttl: Duration::from_millis(200),
+        // Long enough that the fast worker's lease (never renewed here) outlives its upload on a
+        // loaded machine; the slow one's still expires well inside the 10 s wait below.
+        lease_ttl: Duration::from_millis(1000),
         ..Default::default()
     };
     let c = Coordinator::start(
