@@ -49,6 +49,17 @@ pub enum Download {
     Copied(Uploaded),
 }
 
+/// What [`Store::get_hashed`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Got {
+    /// No object at the key.
+    Missing,
+    /// The object holds more than the limit (its size); nothing was read.
+    TooLarge(u64),
+    /// The object's bytes, with their size and sha256.
+    Read { data: Bytes, digest: Uploaded },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(
@@ -445,6 +456,32 @@ impl Store {
         }))
     }
 
+    /// Reads the object at `key` into memory and hashes it, when it holds at most `max_bytes`
+    /// (meant for small limits: the whole object is held at once). Nothing touches a disk.
+    pub async fn get_hashed(&self, key: &str, max_bytes: u64) -> Result<Got, StoreError> {
+        let k = Self::key(key)?;
+        let got = match self.inner.get(&k).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Got::Missing),
+            Err(e) => return Err(StoreError::store("get", key, e)),
+        };
+        if got.meta.size > max_bytes {
+            return Ok(Got::TooLarge(got.meta.size));
+        }
+        let data = got
+            .bytes()
+            .await
+            .map_err(|e| StoreError::store("get", key, e))?;
+        if data.len() as u64 > max_bytes {
+            return Ok(Got::TooLarge(data.len() as u64));
+        }
+        let digest = Uploaded {
+            size: data.len() as u64,
+            sha256: hex(&Sha256::digest(&data)),
+        };
+        Ok(Got::Read { data, digest })
+    }
+
     /// Streams the object at `key` into the local file `dest`, hashing it on the way, when it
     /// holds at most `max_bytes`: one read of the store gives both the copy and its hash.
     pub async fn download_hashed(
@@ -786,11 +823,13 @@ pub fn hash_file(file: &Path) -> std::io::Result<Uploaded> {
     hash_reader(std::fs::File::open(file)?)
 }
 
-/// Size and sha256 of everything `r` yields, read a chunk at a time.
+/// Size and sha256 of everything `r` yields, read [`HASH_BUF`] bytes at a time.
 pub fn hash_reader(mut r: impl Read) -> std::io::Result<Uploaded> {
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
+    // On the stack: no allocation (a 1 MiB heap buffer is mapped, zeroed and unmapped anew on
+    // every call, which cost a small file's hash more than the hashing).
+    let mut buf = [0u8; HASH_BUF];
     loop {
         let n = match r.read(&mut buf) {
             Ok(n) => n,
@@ -808,6 +847,9 @@ pub fn hash_reader(mut r: impl Read) -> std::io::Result<Uploaded> {
         sha256: hex(&hasher.finalize()),
     })
 }
+
+/// Bytes read per step by [`hash_reader`]: past this, larger reads do not hash faster.
+pub const HASH_BUF: usize = 64 << 10;
 
 /// Lower-case hex of a digest.
 pub fn hex(bytes: &[u8]) -> String {
@@ -848,6 +890,32 @@ pub mod keys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A small object is read into memory and hashed; a missing one and one over the limit
+    /// are told apart.
+    #[tokio::test]
+    async fn a_hashed_get_reads_small_objects_into_memory() {
+        let store = Store::in_memory();
+        let data: Vec<u8> = (0..100_000).map(|i| (i % 251) as u8).collect();
+        store.put_bytes("a/b.npy", data.clone()).await.unwrap();
+        let got = store.get_hashed("a/b.npy", 100_000).await.unwrap();
+        let want = hash_reader(data.as_slice()).unwrap();
+        assert_eq!(
+            got,
+            Got::Read {
+                data: Bytes::from(data),
+                digest: want
+            }
+        );
+        assert_eq!(
+            store.get_hashed("a/b.npy", 99_999).await.unwrap(),
+            Got::TooLarge(100_000)
+        );
+        assert_eq!(
+            store.get_hashed("a/none", 1 << 20).await.unwrap(),
+            Got::Missing
+        );
+    }
 
     /// One read gives the copy and its hash; a missing object and one over the limit copy
     /// nothing.

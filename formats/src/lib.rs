@@ -132,6 +132,12 @@ impl Format {
     pub fn is_directory(self) -> bool {
         matches!(self, Format::Zarr | Format::Episodes)
     }
+
+    /// Whether [`inspect_bytes`] inspects this format from bytes in memory (`.npy` and JSON
+    /// Lines; the others are read with seeks, through libhdf5 or as directories).
+    pub fn inspects_bytes(self) -> bool {
+        matches!(self, Format::Npy | Format::Jsonl)
+    }
 }
 
 impl fmt::Display for Format {
@@ -263,6 +269,24 @@ pub fn inspect(
         Format::Episodes => episodes::inspect(path, filter),
         Format::Npz => npz::inspect(path, filter),
         Format::Jsonl => jsonl::inspect(path, filter),
+    }
+}
+
+/// [`inspect`] on a file's bytes already in memory (`name` stands for the file in messages),
+/// for callers that read a small file once and must inspect exactly those bytes (a worker's
+/// output before upload, a round read back at commit): the same checks and the same result
+/// as [`inspect`] on a file holding them. `None` for formats inspected only from a file (see
+/// [`Format::inspects_bytes`]).
+pub fn inspect_bytes(
+    format: Format,
+    name: &Path,
+    bytes: &[u8],
+    filter: Option<&Filter>,
+) -> Option<Result<Inspection, DatasetError>> {
+    match format {
+        Format::Npy => Some(npy::inspect_dataset_bytes(name, bytes, filter)),
+        Format::Jsonl => Some(jsonl::inspect_bytes(name, bytes, filter)),
+        Format::Hdf5 | Format::Zarr | Format::Episodes | Format::Npz => None,
     }
 }
 

@@ -29,10 +29,10 @@ use crate::{DatasetError, Filter, Inspection, MergeOptions, MergeSummary, Observ
 const READ_BUF: usize = 1 << 16;
 const WRITE_BUF: usize = 1 << 18;
 
-/// Reads a JSON Lines file line by line.
-struct Lines {
+/// Reads a JSON Lines file (or its bytes, named `path` in messages) line by line.
+struct Lines<R = BufReader<File>> {
     path: PathBuf,
-    r: BufReader<File>,
+    r: R,
     buf: Vec<u8>,
     /// 1-based number of the line in `buf`.
     n: u64,
@@ -41,19 +41,27 @@ struct Lines {
 impl Lines {
     fn open(path: &Path) -> Result<Lines, DatasetError> {
         let f = File::open(path).map_err(DatasetError::io("open", path))?;
-        Ok(Lines {
+        Ok(Lines::new(path, BufReader::with_capacity(READ_BUF, f)))
+    }
+}
+
+impl<R> Lines<R> {
+    fn new(path: &Path, r: R) -> Lines<R> {
+        Lines {
             path: path.to_path_buf(),
-            r: BufReader::with_capacity(READ_BUF, f),
+            r,
             buf: Vec::new(),
             n: 0,
-        })
+        }
     }
 
     /// `file:line N` of the current line.
     fn place(&self) -> String {
         format!("{}:line {}", self.path.display(), self.n)
     }
+}
 
+impl<R: BufRead> Lines<R> {
     /// The next line, its `\n` included when it has one; `None` at the end of the file.
     fn next_raw(&mut self) -> Result<Option<&[u8]>, DatasetError> {
         self.buf.clear();
@@ -133,7 +141,22 @@ fn key_difference(m: &Map<String, Value>, keys: &[String]) -> Option<String> {
 /// [`crate::inspect`] for JSON Lines: every line parsed and checked against line 1's keys,
 /// the filter applied to each.
 pub fn inspect(path: &Path, filter: Option<&Filter>) -> Result<Inspection, DatasetError> {
-    let mut lines = Lines::open(path)?;
+    inspect_lines(Lines::open(path)?, filter)
+}
+
+/// [`inspect`] on a file's bytes in memory; `name` stands for the file in messages.
+pub fn inspect_bytes(
+    name: &Path,
+    bytes: &[u8],
+    filter: Option<&Filter>,
+) -> Result<Inspection, DatasetError> {
+    inspect_lines(Lines::new(name, bytes), filter)
+}
+
+fn inspect_lines<R: BufRead>(
+    mut lines: Lines<R>,
+    filter: Option<&Filter>,
+) -> Result<Inspection, DatasetError> {
     let mut keys: Option<Vec<String>> = None;
     let (mut count, mut kept) = (0u64, 0u64);
     while let Some(m) = lines.next()? {
@@ -163,10 +186,10 @@ pub fn inspect(path: &Path, filter: Option<&Filter>) -> Result<Inspection, Datas
     })
 }
 
-fn keeps(
+fn keeps<R>(
     filter: Option<&Filter>,
     m: &Map<String, Value>,
-    at: &Lines,
+    at: &Lines<R>,
 ) -> Result<bool, DatasetError> {
     let Some(f) = filter else {
         return Ok(true);

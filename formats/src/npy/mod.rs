@@ -228,6 +228,24 @@ pub fn inspect_dataset(
     })
 }
 
+/// [`inspect_dataset`] on a file's bytes in memory; `name` stands for the file in messages.
+pub fn inspect_dataset_bytes(
+    name: &Path,
+    bytes: &[u8],
+    filter: Option<&crate::Filter>,
+) -> Result<crate::Inspection, crate::DatasetError> {
+    let i = inspect(bytes, bytes.len() as u64)?;
+    let kept = match filter {
+        Some(f) => select::count_kept_bytes(name, bytes, f)?,
+        None => i.count,
+    };
+    Ok(crate::Inspection {
+        count: i.count,
+        kept,
+        schema: i.schema,
+    })
+}
+
 /// [`crate::merge`] for `.npy`: without a filter or de-duplication, [`merge`] into a new file
 /// at `out`; with them, a two-phase merge (plan, then write) that keeps the pickle of object
 /// arrays valid however the left-out elements shared memo entries with kept ones (see

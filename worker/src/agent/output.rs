@@ -1,44 +1,71 @@
-//! A round's outputs before upload: each is moved aside into a private staging directory,
-//! opened once and hashed, checked in its format (its samples counted, those passing the
-//! job's filter too) and then uploaded from that same handle (see `staged`). A directory
-//! dataset is archived into one tar file so it travels as one object; the archive's contents
-//! are what is checked. The generator's yield sidecar is read here as well.
+//! A round's outputs before upload, each checked in its format (its samples counted, those
+//! passing the job's filter too) so that what is uploaded is exactly what was checked:
+//!
+//! - a file of a format inspected from memory (`.npy`, JSON Lines) up to [`IN_MEMORY_MAX`]
+//!   is read once through one handle; those bytes are hashed, inspected and uploaded, so
+//!   nothing done to the file afterwards reaches the upload (most outputs: no directory is
+//!   made or removed, the file is read once);
+//! - any other output is moved aside into a private staging directory, opened once and
+//!   hashed, inspected, and uploaded from that same handle with its hash checked again (see
+//!   `staged`). A directory dataset is archived into one tar file so it travels as one object;
+//!   the archive's contents are what is checked.
+//!
+//! The generator's yield sidecar is read here as well.
 //!
 //! Nothing is followed or blocked on: an output or sidecar that is a symlink, a FIFO or a
 //! device is refused (the round fails as `output_invalid`, naming it), and a sidecar larger
 //! than [`SIDECAR_LIMIT`] is refused unread.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use quarry_common::storage::Uploaded;
+use bytes::Bytes;
+use quarry_common::storage::{Uploaded, hex};
 use quarry_formats::{Filter, Format, archive};
 use quarry_proto::v1 as pb;
+use sha2::{Digest, Sha256};
 
 use super::staged::{self, Hashed, Staging};
 
 /// The most bytes read of a yield sidecar.
 pub(super) const SIDECAR_LIMIT: u64 = 64 * 1024;
 
-/// An output ready to upload. Dropping it puts the output back where the generator wrote it
-/// and removes the staging directory.
+/// Outputs up to this size, of a format inspected from memory, are read into memory once
+/// (the store uploads a file up to this size from one buffer anyway).
+pub(super) const IN_MEMORY_MAX: u64 = 8 << 20;
+
+/// An output ready to upload. Dropping it puts a staged output back where the generator wrote
+/// it and removes the staging directory.
 pub(super) struct Checked {
     /// The output's path, for messages.
     pub path: PathBuf,
-    /// The file to upload (the output itself, or its archive), open, with the size and sha256
-    /// it had when it was inspected.
-    pub hashed: Hashed,
+    pub upload: Upload,
     pub count: u64,
     pub kept: u64,
     pub schema: String,
-    /// Declared last: dropped after the handle above is closed.
-    _staging: Staging,
+}
+
+/// What is uploaded for a checked output.
+pub(super) enum Upload {
+    /// The output's bytes, read once: hashed, inspected and uploaded from this buffer.
+    Memory { data: Bytes, digest: Uploaded },
+    /// The file to upload (the output itself, or its archive), open, with the size and sha256
+    /// it had when it was inspected.
+    Staged {
+        hashed: Hashed,
+        /// Declared last: dropped after the handle above is closed.
+        _staging: Staging,
+    },
 }
 
 impl Checked {
-    /// Checks that `uploaded` (what the upload read from [`Checked::hashed`]) is what was
-    /// inspected.
+    /// Checks that `uploaded` (what the upload read from a staged file) is what was
+    /// inspected; bytes uploaded from memory are the inspected ones.
     pub fn verify(&self, rel: &str, uploaded: &Uploaded) -> Result<(), Refused> {
-        self.hashed.verify(uploaded).map_err(|why| {
+        let Upload::Staged { hashed, .. } = &self.upload else {
+            return Ok(());
+        };
+        hashed.verify(uploaded).map_err(|why| {
             refused(
                 pb::FailureKind::OutputInvalid,
                 format!(
@@ -66,6 +93,11 @@ fn invalid(message: String) -> Refused {
 
 /// Checks one output at `path` (blocking: run it off the runtime).
 pub(super) fn check(spec: &pb::OutputFile, path: &Path) -> Result<Checked, Refused> {
+    check_with(spec, path, IN_MEMORY_MAX)
+}
+
+/// [`check`], reading outputs of up to `in_memory_max` bytes into memory.
+fn check_with(spec: &pb::OutputFile, path: &Path, in_memory_max: u64) -> Result<Checked, Refused> {
     let name = if spec.format.is_empty() {
         "npy"
     } else {
@@ -110,6 +142,33 @@ pub(super) fn check(spec: &pb::OutputFile, path: &Path) -> Result<Checked, Refus
     if ft.is_dir() != format.is_directory() {
         return Err(missing(format!(" ({rel} is {kind})")));
     }
+    if format.inspects_bytes()
+        && let Some(data) =
+            read_small(path, in_memory_max).map_err(|e| invalid(format!("{rel}: {e}")))?
+    {
+        let digest = Uploaded {
+            size: data.len() as u64,
+            sha256: hex(&Sha256::digest(&data)),
+        };
+        let info = match quarry_formats::inspect_bytes(format, path, &data, filter.as_ref()) {
+            Some(inspected) => inspected.map_err(|e| invalid(format!("{rel}: {e}")))?,
+            None => {
+                return Err(invalid(format!(
+                    "{rel}: {format} is not inspected from memory"
+                )));
+            }
+        };
+        return Ok(Checked {
+            path: path.to_path_buf(),
+            upload: Upload::Memory {
+                data: Bytes::from(data),
+                digest,
+            },
+            count: info.count,
+            kept: info.kept,
+            schema: info.schema,
+        });
+    }
     let staging = Staging::move_aside(path).map_err(|e| {
         invalid(format!(
             "{rel}: could not move it aside for inspection: {e}"
@@ -144,12 +203,28 @@ pub(super) fn check(spec: &pb::OutputFile, path: &Path) -> Result<Checked, Refus
     }
     Ok(Checked {
         path: path.to_path_buf(),
-        hashed,
+        upload: Upload::Staged {
+            hashed,
+            _staging: staging,
+        },
         count: info.count,
         kept: info.kept,
         schema: info.schema,
-        _staging: staging,
     })
+}
+
+/// Reads the regular file at `path` whole through one handle (a symlink, FIFO or device is
+/// refused unread) when it holds at most `max` bytes; `None` when it is larger, also when it
+/// grew past `max` while it was read.
+fn read_small(path: &Path, max: u64) -> Result<Option<Vec<u8>>, staged::OpenError> {
+    let f = staged::open_regular(path)?;
+    let len = f.metadata()?.len();
+    if len > max {
+        return Ok(None);
+    }
+    let mut data = Vec::with_capacity(len as usize);
+    f.take(max + 1).read_to_end(&mut data)?;
+    Ok((data.len() as u64 <= max).then_some(data))
 }
 
 /// The staging directory `output` is moved into while it is checked and uploaded.
@@ -328,18 +403,28 @@ mod tests {
         }
     }
 
+    /// The open handle a staged output is uploaded from.
+    fn staged_file(c: &Checked) -> std::fs::File {
+        match &c.upload {
+            Upload::Staged { hashed, .. } => hashed.file.try_clone().unwrap(),
+            Upload::Memory { .. } => panic!("read into memory, not staged"),
+        }
+    }
+
     #[test]
     fn an_output_is_checked_aside_and_put_back() {
         let t = tempfile::tempdir().unwrap();
         let out = t.path().join("out.jsonl");
         std::fs::write(&out, "{\"a\": 1}\n{\"a\": 2}\n").unwrap();
-        let c = check(&jsonl(), &out).map_err(|r| r.message).unwrap();
+        let c = check_with(&jsonl(), &out, 0)
+            .map_err(|r| r.message)
+            .unwrap();
         assert_eq!(c.count, 2);
         // While it is checked, nothing is at the generator's path: a leftover writer that
         // re-opens the path by name writes a new file, not the one inspected.
         assert!(!out.exists());
         std::fs::write(&out, "not json\n").unwrap();
-        let mut f = c.hashed.file.try_clone().unwrap();
+        let mut f = staged_file(&c);
         std::io::Seek::rewind(&mut f).unwrap();
         let mut bytes = Vec::new();
         std::io::Read::read_to_end(&mut f, &mut bytes).unwrap();
@@ -349,10 +434,52 @@ mod tests {
         assert!(!staging_dir(&out).exists());
         // Inspection errors name the output, not the staging copy.
         std::fs::write(&out, "{\"a\": 1}\nnope\n").unwrap();
-        let e = check(&jsonl(), &out).err().unwrap();
+        let e = check_with(&jsonl(), &out, 0).err().unwrap();
         assert!(!e.message.contains("quarry-staging"), "{}", e.message);
         assert!(e.message.starts_with("out.jsonl: "), "{}", e.message);
         assert!(out.exists());
+    }
+
+    #[test]
+    fn a_small_output_is_read_once_and_later_writes_do_not_reach_the_upload() {
+        use std::io::Write;
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("out.jsonl");
+        let lines = b"{\"a\": 1}\n{\"a\": 2}\n";
+        std::fs::write(&out, lines).unwrap();
+        // A process the generator left behind, holding the output open for writing.
+        let mut writer = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
+        let c = check(&jsonl(), &out).map_err(|r| r.message).unwrap();
+        assert_eq!((c.count, c.kept), (2, 2));
+        // Read in place: nothing was moved, no staging directory was made.
+        assert!(out.exists());
+        assert!(!staging_dir(&out).exists());
+        writer.write_all(b"CHANGED").unwrap();
+        writer.sync_all().unwrap();
+        let Upload::Memory { data, digest } = &c.upload else {
+            panic!("a small output is read into memory");
+        };
+        assert_eq!(data.as_ref(), lines);
+        assert_eq!(
+            *digest,
+            quarry_common::storage::hash_reader(&lines[..]).unwrap()
+        );
+        assert!(c.verify("out.jsonl", digest).is_ok());
+        drop(c);
+        // Inspection errors name the output.
+        std::fs::write(&out, "{\"a\": 1}\nnope\n").unwrap();
+        let e = check(&jsonl(), &out).err().unwrap();
+        assert!(e.message.starts_with("out.jsonl: "), "{}", e.message);
+        assert!(e.message.contains("line 2"), "{}", e.message);
+        // A file over the limit, or one that became a link, is not read into memory.
+        std::fs::write(&out, lines).unwrap();
+        assert!(read_small(&out, 5).unwrap().is_none());
+        let link = t.path().join("link.jsonl");
+        std::os::unix::fs::symlink(&out, &link).unwrap();
+        assert!(matches!(
+            read_small(&link, 1 << 20),
+            Err(staged::OpenError::Symlink)
+        ));
     }
 
     #[test]
@@ -383,7 +510,7 @@ mod tests {
         let c = check(&spec, &out).map_err(|r| r.message).unwrap();
         assert_eq!(c.count, 2);
         // The handle is the archive, whose contents were inspected.
-        let mut f = c.hashed.file.try_clone().unwrap();
+        let mut f = staged_file(&c);
         std::io::Seek::rewind(&mut f).unwrap();
         let copy = t.path().join("copy.tar");
         std::io::copy(&mut { f }, &mut std::fs::File::create(&copy).unwrap()).unwrap();

@@ -407,14 +407,23 @@ async fn upload(
             }
         };
         let key = format!("{}/{}", task.staging_prefix, spec.name);
-        // Uploaded from the handle that was hashed before inspection, never re-opened by name.
-        let put = match checked.hashed.file.try_clone() {
-            Ok(f) => s.store.put_open_file(&key, f, &checked.path).await,
-            Err(e) => Err(quarry_common::storage::StoreError::Io {
-                op: "read",
-                path: checked.path.display().to_string(),
-                source: e,
-            }),
+        let put = match &checked.upload {
+            // The bytes that were hashed and inspected.
+            output::Upload::Memory { data, digest } => s
+                .store
+                .put_bytes(&key, data.clone())
+                .await
+                .map(|()| digest.clone()),
+            // Uploaded from the handle that was hashed before inspection, never re-opened by
+            // name.
+            output::Upload::Staged { hashed, .. } => match hashed.file.try_clone() {
+                Ok(f) => s.store.put_open_file(&key, f, &checked.path).await,
+                Err(e) => Err(quarry_common::storage::StoreError::Io {
+                    op: "read",
+                    path: checked.path.display().to_string(),
+                    source: e,
+                }),
+            },
         };
         if let Ok(up) = &put
             && let Err(r) = checked.verify(&spec.path, up)
@@ -426,7 +435,6 @@ async fn upload(
                 message: r.message,
             };
         }
-        drop(checked.hashed.file);
         match put {
             Ok(up) => {
                 s.cfg.metrics.uploaded(up.size);

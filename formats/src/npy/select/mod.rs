@@ -57,7 +57,7 @@ mod plan;
 mod walk;
 
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use super::FormatError;
@@ -304,15 +304,37 @@ pub(super) fn merge_selected(
 /// How many samples of `path` (already inspected) pass `filter`.
 pub(super) fn count_kept(path: &Path, filter: &Filter) -> Result<u64, DatasetError> {
     let (r, h, len) = open_file(path)?;
+    count_kept_in(path, r, &h, len, filter)
+}
+
+/// [`count_kept`] on a file's bytes in memory; `name` stands for the file in messages.
+pub(super) fn count_kept_bytes(
+    name: &Path,
+    bytes: &[u8],
+    filter: &Filter,
+) -> Result<u64, DatasetError> {
+    let mut r = bytes;
+    let h = read_header(&mut r)?;
+    count_kept_in(name, r, &h, bytes.len() as u64, filter)
+}
+
+/// Counts the samples of an input (positioned after its header `h`) that pass `filter`.
+fn count_kept_in<R: BufRead>(
+    path: &Path,
+    r: R,
+    h: &Header,
+    len: u64,
+    filter: &Filter,
+) -> Result<u64, DatasetError> {
     let mut judge = Judge::new(Some(filter), &[]);
     let plan = match h.descr {
         Descr::Object => {
-            let mut inp = open_input(r, &h)?;
+            let mut inp = open_input(r, h)?;
             plan_object_count(path, &mut inp, h.shape[0], &mut judge)?
         }
         Descr::Numeric { .. } => {
-            let rules = row_rules(path, &h, Some(filter), &[])?;
-            plan_numeric(path, r, &h, len, &rules, &mut judge, u64::MAX)?.kept
+            let rules = row_rules(path, h, Some(filter), &[])?;
+            plan_numeric(path, r, h, len, &rules, &mut judge, u64::MAX)?.kept
         }
     };
     Ok(plan)

@@ -2,8 +2,7 @@
 //! must still be written for the memo entries kept ones read) and writing its planned
 //! elements.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 
 use super::judge::{Judge, RowRules};
@@ -21,7 +20,7 @@ use crate::pickle::{Depth, op};
 /// Plans a numeric input: reads and judges rows until `room` are kept.
 pub(super) fn plan_numeric(
     path: &Path,
-    mut r: BufReader<File>,
+    mut r: impl Read,
     h: &Header,
     len: u64,
     rules: &RowRules,
