@@ -14,6 +14,9 @@ George121380/BimanGrasp-Generation (HEAD of its default branch as of 2026-12; si
     round's samples are appended to the object's buffer, cut to the quota, and the buffer is
     written with np.save(object array) to <exp>/final/<o>/<o>.npy;
   * a finished object's round directories are removed unless --keep_intermediate;
+  * `<exp>/manifest.json` records each object's `done`; with --resume an object done in an
+    earlier session is skipped (its final stays where that session published it), so a run
+    resumed with objects appended publishes the new objects alone;
   * when the loop ends and any round of this session gave samples: `seed_only` renames
     final/ to final_seed_<min>-<max>/ (over those rounds' seeds, replacing a directory of that
     name), `both` copies it there, `plain_only` leaves it.
@@ -26,6 +29,7 @@ reference keeps every sample, as Quarry does when no `[merge] dedup` fields are 
 """
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -47,6 +51,7 @@ def main():
     p.add_argument("--gpu", default="0")
     p.add_argument("--final_dir_mode", default="seed_only", choices=["both", "seed_only", "plain_only"])
     p.add_argument("--keep_intermediate", action="store_true")
+    p.add_argument("--resume", action="store_true")
     p.add_argument("extra", nargs=argparse.REMAINDER)
     a = p.parse_args()
     extra = a.extra[1:] if a.extra[:1] == ["--"] else a.extra
@@ -54,8 +59,16 @@ def main():
     base = os.path.join(a.root, "data", "experiments")
     exp_root = os.path.join(base, a.exp_name)
     gen_dir = os.path.join(a.root, "BimanGrasp-Optimization")
+    manifest_path = os.path.join(exp_root, "manifest.json")
+    manifest = {"objects": {}}
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as f:
+            manifest = json.load(f)
     session_seeds = []
     for index, obj in enumerate(a.object_code_list):
+        state = manifest["objects"].setdefault(obj, {"done": False})
+        if a.resume and state["done"]:
+            continue
         items = []
         round_id = 0
         while len(items) < a.target_count_per_object and round_id < a.max_rounds:
@@ -77,7 +90,11 @@ def main():
                 os.makedirs(out, exist_ok=True)
                 np.save(os.path.join(out, f"{obj}.npy"), np.array(items, dtype=object), allow_pickle=True)
             round_id += 1
-        if len(items) >= a.target_count_per_object and not a.keep_intermediate:
+        state["done"] = len(items) >= a.target_count_per_object
+        os.makedirs(exp_root, exist_ok=True)
+        with open(manifest_path, "w") as f:
+            json.dump(manifest, f)
+        if state["done"] and not a.keep_intermediate:
             for entry in os.listdir(base):
                 if entry.startswith(f"{a.exp_name}__{obj}__r"):
                     shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
