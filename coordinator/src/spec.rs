@@ -528,6 +528,11 @@ impl JobSpec {
 
     /// Differences in fields that change the plan or the bytes of the finals; empty when a
     /// stored job may be resumed with this spec.
+    /// Whether this spec's objects are the stored spec's followed by more.
+    pub fn appends_objects(&self, stored: &JobSpec) -> bool {
+        self.objects.len() > stored.objects.len() && self.objects.starts_with(&stored.objects)
+    }
+
     pub fn plan_differences(&self, stored: &JobSpec) -> Vec<String> {
         let mut d = Vec::new();
         macro_rules! cmp {
@@ -537,7 +542,11 @@ impl JobSpec {
                 }
             };
         }
-        cmp!("object_code_list", &self.objects, &stored.objects);
+        // Objects appended at the end keep every earlier object's index and seeds: a resumed
+        // run may add them, as scale_runner's may.
+        if !self.appends_objects(stored) {
+            cmp!("object_code_list", &self.objects, &stored.objects);
+        }
         cmp!(
             "target_count_per_object",
             self.target_count_per_object,
@@ -897,6 +906,14 @@ pub(crate) mod tests {
         b.keep_intermediate = true;
         let d = b.plan_differences(&a);
         assert_eq!(d, vec!["round_batch_size: was 32, now 64".to_string()]);
+        // Objects appended keep the plan of the others; any other change of the list does not.
+        let mut more = spec();
+        more.objects.push("c".into());
+        assert!(more.plan_differences(&a).is_empty());
+        assert!(!a.plan_differences(&more).is_empty(), "objects removed");
+        let mut reordered = more.clone();
+        reordered.objects.swap(0, 1);
+        assert!(reordered.plan_differences(&a)[0].starts_with("object_code_list"));
     }
 
     #[test]

@@ -240,3 +240,81 @@ async fn resuming_a_published_run_changes_nothing() {
     hashes.sort();
     assert_eq!(listed, hashes);
 }
+
+/// A run resumed with an object appended: the objects done before stay in the directory their
+/// run published, and the new object's final gets a directory of its own seeds, as scale_runner
+/// does (it publishes only what its session merged). The earlier objects' seeds do not move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_resumed_with_an_object_appended_publishes_it_like_the_legacy_loop() {
+    let (python, numpy1) = legacy_python();
+    let legacy = legacy_root();
+    let quarry = legacy_root();
+    let two = |extra: &[&'static str]| {
+        let mut v = vec![
+            "--exp_name",
+            "grow",
+            "--object_code_list",
+            OBJECTS[0],
+            OBJECTS[1],
+        ];
+        v.extend_from_slice(extra);
+        v.extend_from_slice(&[
+            "--target_count_per_object",
+            "100",
+            "--round_batch_size",
+            "40",
+            "--num_iterations",
+            "2",
+            "--seed_base",
+            "11",
+            "--",
+            "--yield_mode",
+            "uneven",
+        ]);
+        v
+    };
+    let first = two(&[]);
+    let second = two(&[OBJECTS[2], "--resume"]);
+    run_legacy(&python, legacy.path(), &first);
+    assert_eq!(run_quarry(quarry.path(), &first).await.exit_code(), 0);
+    let before = layout(quarry.path(), "grow");
+    run_legacy(&python, legacy.path(), &second);
+    let out = run_quarry(quarry.path(), &second).await;
+    assert_eq!(out.exit_code(), 0, "{:?}", out.status);
+
+    let want = layout(legacy.path(), "grow");
+    let got = layout(quarry.path(), "grow");
+    assert_eq!(got, want);
+    // The first run's finals did not move; the new one's directory starts at object 2's seeds.
+    assert!(
+        before.iter().all(|f| got.contains(f)),
+        "{before:?} / {got:?}"
+    );
+    let new: Vec<&String> = got.iter().filter(|f| !before.contains(f)).collect();
+    assert_eq!(new.len(), 1, "{got:?}");
+    assert!(new[0].starts_with("final_seed_200011-"), "{new:?}");
+    for f in &want {
+        let a = experiments(legacy.path()).join("grow").join(f);
+        let b = experiments(quarry.path()).join("grow").join(f);
+        let n = run_python(
+            &python,
+            SAME_SAMPLES,
+            &[a.to_str().unwrap(), b.to_str().unwrap()],
+        );
+        assert_eq!(n.trim(), "100", "{f}");
+        if numpy1 {
+            assert_eq!(
+                sha256_file(&a),
+                sha256_file(&b),
+                "{f}: not the legacy bytes"
+            );
+        }
+    }
+    // The manifest lists all three objects where they are.
+    let m = manifest(quarry.path(), "grow");
+    for o in OBJECTS {
+        let key = m["objects"][o]["final"][0].as_str().unwrap().to_string();
+        let rel = key.strip_prefix("grow/").unwrap().to_string();
+        assert!(want.contains(&rel), "{key} not in {want:?}");
+    }
+}

@@ -12,7 +12,8 @@ use crate::spec::JobSpec;
 use crate::state::{CreateJob, JobRecord, JobState};
 
 impl Coordinator {
-    /// Creates the job, or resumes the stored job of that name if its plan is unchanged.
+    /// Creates the job, or resumes the stored job of that name if its plan is unchanged (or
+    /// only has objects appended, which run as the job resumes).
     pub async fn submit(self: &Arc<Self>, spec: JobSpec) -> Result<(String, bool), CoordError> {
         spec.validate()?;
         let id = spec.exp_name.clone();
@@ -29,10 +30,12 @@ impl Coordinator {
                 if !changes.is_empty() {
                     return Err(CoordError::SpecChanged { job: id, changes });
                 }
+                let appended = spec.appends_objects(&stored.spec);
                 let mut updated = stored.clone();
                 // Fields that do not change the plan follow the newest submission.
                 updated.spec = spec;
-                if updated.state == JobState::Cancelled {
+                // Cancelled, or ended with objects appended since: it runs again.
+                if updated.state == JobState::Cancelled || appended {
                     updated.state = JobState::Running;
                 }
                 if updated != stored {
@@ -41,12 +44,22 @@ impl Coordinator {
                 (updated, false)
             }
         };
-        let loaded = self.lock().jobs.contains_key(&id);
-        if loaded {
+        let known = self.lock().jobs.get(&id).map(|j| j.objects.len());
+        if let Some(known) = known {
+            // Objects appended to a job in memory start from their stored records (none yet).
+            let now = Instant::now();
+            let mut added = Vec::new();
+            for (i, name) in record.spec.objects.iter().enumerate().skip(known) {
+                let rec = self.state.load_object(&id, name).await?;
+                added.push(ObjectRt::from_record(i, name, rec, now));
+            }
             let mut inner = self.lock();
             if let Some(job) = inner.jobs.get_mut(&id) {
                 job.spec = record.spec.clone();
-                if job.state == JobState::Cancelled {
+                if job.objects.len() == known {
+                    job.objects.extend(added);
+                }
+                if record.state == JobState::Running {
                     job.state = JobState::Running;
                 }
             }

@@ -1048,3 +1048,39 @@ async fn publishing_interrupted_midway_is_finished_after_a_restart() {
     );
     c.close().await;
 }
+
+/// A job held in memory (as by `serve`) that ended takes objects appended by a new submission:
+/// it runs again with them, and the earlier objects keep their index (and so their seeds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_appended_to_an_ended_job_in_memory_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(&dir.path().join("store")).unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap()),
+        store,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let s = spec(dir.path());
+    c.submit(s.clone()).await.unwrap();
+    c.cancel("verify").await.unwrap();
+    {
+        // Ended as a finished job would be: appending must bring it back.
+        let mut inner = c.lock();
+        inner.jobs.get_mut("verify").unwrap().state = JobState::Done;
+    }
+    let mut more = s.clone();
+    more.objects.push("b".into());
+    let (_, created) = c.submit(more).await.unwrap();
+    assert!(!created);
+    let st = c.status("verify").unwrap();
+    assert_eq!(st.state, JobState::Running);
+    let names: Vec<&str> = st.objects.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["a", "b"]);
+    // Removing an object is still a changed plan.
+    let err = c.submit(s).await.unwrap_err();
+    assert!(err.to_string().contains("object_code_list"), "{err}");
+    c.close().await;
+}
