@@ -84,6 +84,35 @@ assert a.tolist() == b.tolist()
 print(len(a))
 "#;
 
+/// Every final in `files` holds the same 100 samples in both runs, and with numpy 1.x the
+/// same bytes.
+fn assert_same_finals(
+    python: &str,
+    numpy1: bool,
+    legacy: &Path,
+    quarry: &Path,
+    exp: &str,
+    files: &[String],
+) {
+    for f in files {
+        let a = experiments(legacy).join(exp).join(f);
+        let b = experiments(quarry).join(exp).join(f);
+        let n = run_python(
+            python,
+            SAME_SAMPLES,
+            &[a.to_str().unwrap(), b.to_str().unwrap()],
+        );
+        assert_eq!(n.trim(), "100", "{exp}: {f}");
+        if numpy1 {
+            assert_eq!(
+                sha256_file(&a),
+                sha256_file(&b),
+                "{exp}: {f}: not the legacy bytes"
+            );
+        }
+    }
+}
+
 /// The interpreter the legacy loop runs with, and whether its numpy is 1.x: the numpy the
 /// example generator's rounds imitate (protocol-3 pickles), for which Quarry's finals are the
 /// legacy tool's bytes. CI has a numpy 1.x interpreter in `QUARRY_TEST_PYTHONS`.
@@ -124,23 +153,7 @@ async fn run_and_the_legacy_loop_give_the_same_names_and_bytes_in_every_mode() {
             _ => (0, 3),
         };
         assert_eq!((tagged, plain), expected, "{mode}: {want:?}");
-        for f in &want {
-            let a = experiments(legacy.path()).join(&exp).join(f);
-            let b = experiments(quarry.path()).join(&exp).join(f);
-            let n = run_python(
-                &python,
-                SAME_SAMPLES,
-                &[a.to_str().unwrap(), b.to_str().unwrap()],
-            );
-            assert_eq!(n.trim(), "100", "{mode}: {f}");
-            if numpy1 {
-                assert_eq!(
-                    sha256_file(&a),
-                    sha256_file(&b),
-                    "{mode}: {f}: not the legacy bytes"
-                );
-            }
-        }
+        assert_same_finals(&python, numpy1, legacy.path(), quarry.path(), &exp, &want);
         // The manifest says where every final is.
         let m = manifest(quarry.path(), &exp);
         for o in OBJECTS {
@@ -293,23 +306,7 @@ async fn a_run_resumed_with_an_object_appended_publishes_it_like_the_legacy_loop
     let new: Vec<&String> = got.iter().filter(|f| !before.contains(f)).collect();
     assert_eq!(new.len(), 1, "{got:?}");
     assert!(new[0].starts_with("final_seed_200011-"), "{new:?}");
-    for f in &want {
-        let a = experiments(legacy.path()).join("grow").join(f);
-        let b = experiments(quarry.path()).join("grow").join(f);
-        let n = run_python(
-            &python,
-            SAME_SAMPLES,
-            &[a.to_str().unwrap(), b.to_str().unwrap()],
-        );
-        assert_eq!(n.trim(), "100", "{f}");
-        if numpy1 {
-            assert_eq!(
-                sha256_file(&a),
-                sha256_file(&b),
-                "{f}: not the legacy bytes"
-            );
-        }
-    }
+    assert_same_finals(&python, numpy1, legacy.path(), quarry.path(), "grow", &want);
     // The manifest lists all three objects where they are.
     let m = manifest(quarry.path(), "grow");
     for o in OBJECTS {
