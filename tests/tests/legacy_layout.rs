@@ -5,6 +5,7 @@
 //! `seed_per_object` keeps Quarry's per-object directories; a run that ends with objects out of
 //! rounds is published over the rounds its finals hold, as scale_runner does.
 
+#![allow(clippy::unwrap_used)] // tests may unwrap
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
