@@ -432,14 +432,23 @@ impl Store {
         }
     }
 
+    /// The object at `key`, opened for reading; `None` when it does not exist. The one place
+    /// a read's missing object and errors are told apart.
+    async fn open_object(&self, key: &str) -> Result<Option<object_store::GetResult>, StoreError> {
+        let k = Self::key(key)?;
+        match self.inner.get(&k).await {
+            Ok(got) => Ok(Some(got)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(StoreError::store("get", key, e)),
+        }
+    }
+
     /// Size and sha256 of the object at `key`, streamed; `None` when it does not exist.
     pub async fn hash_object(&self, key: &str) -> Result<Option<Uploaded>, StoreError> {
-        let k = Self::key(key)?;
-        let mut stream = match self.inner.get(&k).await {
-            Ok(r) => r.into_stream(),
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(StoreError::store("get", key, e)),
+        let Some(got) = self.open_object(key).await? else {
+            return Ok(None);
         };
+        let mut stream = got.into_stream();
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         while let Some(chunk) = stream
@@ -459,11 +468,8 @@ impl Store {
     /// Reads the object at `key` into memory and hashes it, when it holds at most `max_bytes`
     /// (meant for small limits: the whole object is held at once). Nothing touches a disk.
     pub async fn get_hashed(&self, key: &str, max_bytes: u64) -> Result<Got, StoreError> {
-        let k = Self::key(key)?;
-        let got = match self.inner.get(&k).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => return Ok(Got::Missing),
-            Err(e) => return Err(StoreError::store("get", key, e)),
+        let Some(got) = self.open_object(key).await? else {
+            return Ok(Got::Missing);
         };
         if got.meta.size > max_bytes {
             return Ok(Got::TooLarge(got.meta.size));
@@ -490,11 +496,8 @@ impl Store {
         dest: &Path,
         max_bytes: u64,
     ) -> Result<Download, StoreError> {
-        let k = Self::key(key)?;
-        let got = match self.inner.get(&k).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => return Ok(Download::Missing),
-            Err(e) => return Err(StoreError::store("get", key, e)),
+        let Some(got) = self.open_object(key).await? else {
+            return Ok(Download::Missing);
         };
         if got.meta.size > max_bytes {
             return Ok(Download::TooLarge(got.meta.size));
@@ -596,15 +599,13 @@ impl Store {
 
     /// Reads a whole object; `None` when it does not exist.
     pub async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        let k = Self::key(key)?;
-        match self.inner.get(&k).await {
-            Ok(r) => Ok(Some(
-                r.bytes()
+        match self.open_object(key).await? {
+            Some(got) => Ok(Some(
+                got.bytes()
                     .await
                     .map_err(|e| StoreError::store("get", key, e))?,
             )),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(StoreError::store("get", key, e)),
+            None => Ok(None),
         }
     }
 

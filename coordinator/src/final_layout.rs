@@ -70,6 +70,18 @@ pub fn run_dir_name<'a>(records: impl IntoIterator<Item = &'a MergeRecord>) -> O
     Some(format!("final_seed_{min}-{max}"))
 }
 
+/// Whether `dir` is a name [`run_dir_name`] gives (`final_seed_<i64>-<i64>`): a mark read back
+/// from the state store is checked before it reaches a key or a path.
+pub fn is_run_dir_name(dir: &str) -> bool {
+    let Some(range) = dir.strip_prefix("final_seed_") else {
+        return false;
+    };
+    range
+        .char_indices()
+        .filter(|&(i, c)| c == '-' && i > 0)
+        .any(|(i, _)| range[..i].parse::<i64>().is_ok() && range[i + 1..].parse::<i64>().is_ok())
+}
+
 /// The final keys of `record` once published into `dir`: the seed-tagged key, and for `both`
 /// the plain one too (seed-tagged first, as a merge of `seed_per_object` lists them).
 pub fn published_keys(
@@ -242,6 +254,23 @@ mod tests {
             Some("final_seed_11-100019")
         );
         assert_eq!(run_dir_name([&empty]), None);
+        for good in [
+            "final_seed_11-100019",
+            "final_seed_-5-3",
+            "final_seed_-9--2",
+        ] {
+            assert!(is_run_dir_name(good), "{good}");
+        }
+        for bad in [
+            "final",
+            "final_seed_1",
+            "final_seed_1-",
+            "final_seed_../x-1",
+            "final_seed_1-2/../..",
+            "x/final_seed_1-2",
+        ] {
+            assert!(!is_run_dir_name(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -103,11 +103,9 @@ impl Coordinator {
                         warn!(job = %job_id, object = %name, error = %e, "merge failed; will retry");
                         c.cfg.metrics.merges_failed.inc();
                         c.set_message(&job_id, format!("merging {name}: retrying after: {e}"));
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = c.shutdown.cancelled() => return,
+                        if !c.back_off(&mut delay).await {
+                            return;
                         }
-                        delay = (delay * 2).min(Duration::from_secs(30));
                     }
                 }
             }
@@ -173,11 +171,9 @@ impl Coordinator {
                 Ok(_) => break,
                 Err(e) => {
                     warn!(job = %job_id, object = %name, round, error = %e, "could not quarantine a committed round; will retry");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.cancelled() => return,
+                    if !self.back_off(&mut delay).await {
+                        return;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(30));
                 }
             }
         }

@@ -30,6 +30,19 @@ mod scheduling;
 mod status;
 mod types;
 
+impl Coordinator {
+    /// Waits `delay` before a retry, then doubles it (at most 30 s); false when the
+    /// coordinator stops first. The one backoff of merges, quarantines and publishing.
+    pub(super) async fn back_off(&self, delay: &mut Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(*delay) => {}
+            _ = self.shutdown.cancelled() => return false,
+        }
+        *delay = (*delay * 2).min(Duration::from_secs(30));
+        true
+    }
+}
+
 #[cfg(test)]
 mod tests;
 

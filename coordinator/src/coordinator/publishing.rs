@@ -37,11 +37,9 @@ impl Coordinator {
                         job_id,
                         format!("publishing the finals: retrying after: {e}"),
                     );
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.cancelled() => return false,
+                    if !self.back_off(&mut delay).await {
+                        return false;
                     }
-                    delay = (delay * 2).min(Duration::from_secs(30));
                 }
             }
         }
@@ -69,7 +67,12 @@ impl Coordinator {
         }
         // The directory already chosen, if a coordinator began this step before; otherwise the
         // seed range of every final waiting.
-        let dir = match waiting.iter().find_map(|(_, _, m)| m.publish_to.clone()) {
+        // A mark that is not such a name (a damaged record) is not followed into a path.
+        let marked = waiting
+            .iter()
+            .filter_map(|(_, _, m)| m.publish_to.clone())
+            .find(|d| final_layout::is_run_dir_name(d));
+        let dir = match marked {
             Some(d) => d,
             None => match final_layout::run_dir_name(waiting.iter().map(|(_, _, m)| m)) {
                 Some(d) => d,
@@ -78,9 +81,9 @@ impl Coordinator {
         };
         for (_, name, m) in &waiting {
             if m.publish_to.as_deref() != Some(dir.as_str()) {
-                let mut marked = m.clone();
-                marked.publish_to = Some(dir.clone());
-                self.state.record_merge(job_id, name, &marked).await?;
+                let mut mark = m.clone();
+                mark.publish_to = Some(dir.clone());
+                self.state.record_merge(job_id, name, &mark).await?;
             }
         }
         for (index, name, m) in waiting {
