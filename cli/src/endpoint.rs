@@ -11,11 +11,12 @@
 //! current directory). The files are removed when the run ends.
 
 use std::fs::{self, OpenOptions, Permissions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use quarry_common::secret;
 
 const ADDR_FILE: &str = "coordinator.addr";
 const TOKEN_FILE: &str = "coordinator.token";
@@ -30,11 +31,7 @@ pub fn state_dir(root: &Path, exp: &str) -> PathBuf {
 
 /// A fresh random token: 32 bytes from the kernel's generator, as hex.
 pub fn new_token() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 32];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom for the coordinator's token")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    secret::random_hex(32).context("reading /dev/urandom for the coordinator's token")
 }
 
 /// Writes `contents` to `dir/name` readable by the owner only, replacing it atomically.

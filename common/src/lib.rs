@@ -3,6 +3,7 @@
 pub mod exit;
 pub mod metrics;
 pub mod names;
+pub mod secret;
 pub mod storage;
 pub mod telemetry;
 pub mod transport;

@@ -18,6 +18,8 @@ use tonic::transport::{
 };
 use tonic::{Request, Status};
 
+use crate::secret::constant_time_eq;
+
 /// Largest gRPC message accepted or sent by either side (a job spec with thousands of
 /// objects, a status with thousands of rows, fit easily).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -500,15 +502,6 @@ impl Interceptor for CheckToken {
             )),
         }
     }
-}
-
-/// Compares without returning early on the first difference, so that the time taken does not
-/// tell an attacker how much of a guess was right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]

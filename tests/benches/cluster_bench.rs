@@ -336,7 +336,7 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
             let channel = ClientSecurity::plain().channel(&addr).expect("channel");
             let mut c =
                 WorkerServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
-            let id = c
+            let me = c
                 .register(pb::RegisterRequest {
                     host: "bench".into(),
                     gpu: i.to_string(),
@@ -344,8 +344,8 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
                 })
                 .await
                 .expect("register")
-                .into_inner()
-                .worker_id;
+                .into_inner();
+            let (id, secret) = (me.worker_id, me.worker_secret);
             ready.wait().await;
             go.wait().await;
             let mut next = period.map(|p| {
@@ -362,6 +362,7 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
                 let got = c
                     .acquire(pb::AcquireRequest {
                         worker_id: id.clone(),
+                        worker_secret: secret.clone(),
                         wait_ms: 200,
                         max_leases: batch as u32,
                     })
@@ -383,6 +384,7 @@ async fn bench(state: Arc<dyn StateStore>, store: Store, dir: &Path, load: &Load
                         .expect("upload");
                     completions.push(pb::CompleteRequest {
                         worker_id: id.clone(),
+                        worker_secret: secret.clone(),
                         lease_id: lease.lease_id,
                         files: vec![pb::UploadedFile {
                             name: "out.npy".into(),

@@ -372,20 +372,27 @@ async fn the_registry_is_bounded_and_a_full_one_keeps_status_small() {
     assert!(admitted >= 5, "{admitted}");
 }
 
+/// Worker ids are guessable (`<host>-gpu<id>-<epoch>.<n>`) and every worker holds the
+/// cluster's token, so neither proves who a caller is: the secret Register returned does. A
+/// caller naming another live worker without its secret can neither act as it nor take its
+/// running rounds away, even claiming the same host and GPU; the holder's own agent, proving
+/// itself with its previous id and secret, carries its rounds over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cannot_take_over_a_live_workers_lease() {
     let s = serve(CoordinatorConfig::default(), ServeOptions::default()).await;
     let mut w = workers(&s.addr);
-    let reg = |host: &str, running: Vec<pb::Lease>| pb::RegisterRequest {
-        host: host.into(),
+    let reg = |running: Vec<pb::Lease>| pb::RegisterRequest {
+        host: "a".into(),
         gpu: "0".into(),
         running,
         ..Default::default()
     };
-    let holder = w.register(reg("a", vec![])).await.unwrap().into_inner();
+    let holder = w.register(reg(vec![])).await.unwrap().into_inner();
+    assert_eq!(holder.worker_secret.len(), 64, "{holder:?}");
     let lease = w
         .acquire(pb::AcquireRequest {
             worker_id: holder.worker_id.clone(),
+            worker_secret: holder.worker_secret.clone(),
             wait_ms: 5000,
             max_leases: 1,
         })
@@ -394,16 +401,99 @@ async fn a_worker_cannot_take_over_a_live_workers_lease() {
         .into_inner()
         .lease
         .expect("a round is leased");
-    // Another host names the lease it does not hold: refused, told to stop it.
+    // Another agent claiming the holder's host and GPU names the lease: refused, told to stop.
     let thief = w
-        .register(reg("b", vec![lease.clone()]))
+        .register(reg(vec![lease.clone()]))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(thief.cancel_lease_ids, [lease.lease_id]);
+    assert_ne!(thief.worker_secret, holder.worker_secret);
+    // Naming the holder as its previous self with a guessed secret changes nothing.
+    let guess = w
+        .register(pb::RegisterRequest {
+            previous_worker_id: holder.worker_id.clone(),
+            previous_worker_secret: "0".repeat(64),
+            ..reg(vec![lease.clone()])
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(guess.cancel_lease_ids, [lease.lease_id]);
+    // Acting as the holder without its secret: every call naming it is refused.
+    let denied = |st: tonic::Status| {
+        assert_eq!(st.code(), tonic::Code::PermissionDenied, "{st:?}");
+        assert!(st.message().contains(&holder.worker_id), "{}", st.message());
+    };
+    denied(
+        w.heartbeat(pb::HeartbeatRequest {
+            worker_id: holder.worker_id.clone(),
+            worker_secret: thief.worker_secret.clone(),
+            lease_ids: vec![],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    denied(
+        w.fail(pb::FailRequest {
+            worker_id: holder.worker_id.clone(),
+            lease_id: lease.lease_id,
+            message: "sabotage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    denied(
+        w.release(pb::ReleaseRequest {
+            worker_id: holder.worker_id.clone(),
+            lease_id: lease.lease_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    denied(
+        w.complete(pb::CompleteRequest {
+            worker_id: holder.worker_id.clone(),
+            lease_id: lease.lease_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    denied(
+        w.acquire(pb::AcquireRequest {
+            worker_id: holder.worker_id.clone(),
+            wait_ms: 10,
+            max_leases: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err(),
+    );
+    let batch = w
+        .complete_batch(pb::CompleteBatchRequest {
+            completions: vec![pb::CompleteRequest {
+                worker_id: holder.worker_id.clone(),
+                lease_id: lease.lease_id,
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        batch.results[0].error_code,
+        tonic::Code::PermissionDenied as i32,
+        "{batch:?}"
+    );
+    // The holder still holds its round.
     let hb = w
         .heartbeat(pb::HeartbeatRequest {
             worker_id: holder.worker_id.clone(),
+            worker_secret: holder.worker_secret.clone(),
             lease_ids: vec![lease.lease_id],
             ..Default::default()
         })
@@ -414,9 +504,12 @@ async fn a_worker_cannot_take_over_a_live_workers_lease() {
         hb.cancel_lease_ids.is_empty(),
         "the holder lost its lease: {hb:?}"
     );
+    let status = get_job(&s.addr).await.unwrap();
+    assert_eq!(status.failed_attempts, 0, "{status:?}");
     let hb = w
         .heartbeat(pb::HeartbeatRequest {
             worker_id: thief.worker_id,
+            worker_secret: thief.worker_secret,
             lease_ids: vec![lease.lease_id],
             ..Default::default()
         })
@@ -424,9 +517,13 @@ async fn a_worker_cannot_take_over_a_live_workers_lease() {
         .unwrap()
         .into_inner();
     assert_eq!(hb.cancel_lease_ids, [lease.lease_id]);
-    // The holder's own agent registering again (same host and GPU) carries it over.
+    // The holder's own agent registering again, proving itself, carries the round over.
     let again = w
-        .register(reg("a", vec![lease.clone()]))
+        .register(pb::RegisterRequest {
+            previous_worker_id: holder.worker_id.clone(),
+            previous_worker_secret: holder.worker_secret.clone(),
+            ..reg(vec![lease.clone()])
+        })
         .await
         .unwrap()
         .into_inner();
@@ -464,7 +561,7 @@ async fn a_silent_connection_is_closed_and_a_live_one_is_not() {
     // A live client: a long-poll lasting several idle timeouts (the job is cancelled, so
     // there is nothing to hand out) is answered, not cut: the server's pings keep it alive.
     let mut w = workers(&s.addr);
-    let id = w
+    let me = w
         .register(pb::RegisterRequest {
             host: "h".into(),
             gpu: "0".into(),
@@ -472,8 +569,7 @@ async fn a_silent_connection_is_closed_and_a_live_one_is_not() {
         })
         .await
         .unwrap()
-        .into_inner()
-        .worker_id;
+        .into_inner();
     let mut j = jobs(&s.addr);
     j.cancel_job(pb::CancelJobRequest {
         job_id: "served".into(),
@@ -483,7 +579,8 @@ async fn a_silent_connection_is_closed_and_a_live_one_is_not() {
     let t = Instant::now();
     let got = w
         .acquire(pb::AcquireRequest {
-            worker_id: id,
+            worker_id: me.worker_id,
+            worker_secret: me.worker_secret,
             wait_ms: 3000,
             max_leases: 1,
         })

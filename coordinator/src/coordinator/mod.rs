@@ -61,6 +61,7 @@ use crate::metrics::CoordMetrics;
 use crate::spec::SpecError;
 use crate::state::{JobState, StateError, StateStore};
 
+pub use registry::{Registration, WorkerProof};
 pub use types::{
     CompleteExtras, FailureKind, GpuHealth, GpuHealthState, GpuInfo, JobStatus, ObjectState,
     ObjectStatus, OutputSpec, ReportedFile, RoundLease, RoundTask, RunningRound, Verdict,
@@ -124,6 +125,14 @@ pub enum CoordError {
     /// The registry is full (too many workers, or too many bytes of their strings).
     #[error("{0}")]
     RegistryFull(String),
+    /// A call named a registered worker without that worker's secret.
+    #[error(
+        "worker {0:?} is registered with another secret: only the agent that registered it may act as it"
+    )]
+    WrongWorkerSecret(String),
+    /// The kernel's random generator could not be read.
+    #[error("no random secret for a worker: {0}")]
+    Random(String),
     #[error(transparent)]
     State(#[from] StateError),
     /// The object store failed; the operation can be retried.
@@ -158,6 +167,8 @@ struct WorkerInfo {
     /// them (an unhealthy GPU stops acquiring) is the agent's job, not the coordinator's.
     health: Option<GpuHealth>,
     agent_state: String,
+    /// Returned at Register and required on every later call naming this worker.
+    secret: String,
 }
 
 #[derive(Default)]

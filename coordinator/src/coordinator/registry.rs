@@ -11,6 +11,7 @@
 
 use std::time::Instant;
 
+use quarry_common::secret;
 use quarry_common::storage::keys;
 use tracing::{debug, info, warn};
 
@@ -28,6 +29,27 @@ pub const MAX_WORKER_BYTES: usize = 6 << 20;
 /// health reason), so that heartbeats can never push the registry past its byte bound. Equal
 /// to the service's bound on each of the two.
 pub const HEARTBEAT_TEXT_RESERVE: usize = 2 * 256;
+
+/// Bytes of the random secret each registration gets (as hex: twice as many characters).
+const SECRET_BYTES: usize = 32;
+
+/// A registration's identity and secret, presented by an agent registering again to show that
+/// the rounds it lists are its own.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerProof<'a> {
+    pub worker: &'a str,
+    pub secret: &'a str,
+}
+
+/// What Register answers.
+#[derive(Debug)]
+pub struct Registration {
+    pub worker: String,
+    /// Required on every later call naming `worker` (see [`Coordinator::check_worker`]).
+    pub secret: String,
+    /// Lease ids of the listed running rounds that were not adopted: the agent stops them.
+    pub refused: Vec<u64>,
+}
 
 /// Bytes one worker's record counts against [`MAX_WORKER_BYTES`].
 fn worker_bytes(id: &str, host: &str, gpu: &str, info: Option<&GpuInfo>) -> usize {
@@ -47,14 +69,17 @@ impl Coordinator {
         gpu_info: Option<GpuInfo>,
         running: &[RunningRound],
     ) -> (String, Vec<u64>) {
-        self.try_register(host, gpu, name, gpu_info, running)
-            .unwrap()
+        let r = self
+            .try_register(host, gpu, name, gpu_info, running, None)
+            .unwrap();
+        (r.worker, r.refused)
     }
 
     /// Registers an agent; `running` are rounds it still runs from a previous coordinator,
     /// adopted when they can still commit (answered in the returned list of lease ids to
-    /// stop otherwise). Refused with [`CoordError::RegistryFull`] when the registry is at its
-    /// bound (see the module's doc).
+    /// stop otherwise); `previous` is the registration the agent held until now, if any.
+    /// Refused with [`CoordError::RegistryFull`] when the registry is at its bound (see the
+    /// module's doc).
     pub fn try_register(
         &self,
         host: &str,
@@ -62,11 +87,14 @@ impl Coordinator {
         name: &str,
         gpu_info: Option<GpuInfo>,
         running: &[RunningRound],
-    ) -> Result<(String, Vec<u64>), CoordError> {
-        let id = self.register_worker(host, gpu, name, gpu_info)?;
+        previous: Option<WorkerProof<'_>>,
+    ) -> Result<Registration, CoordError> {
+        let secret =
+            secret::random_hex(SECRET_BYTES).map_err(|e| CoordError::Random(e.to_string()))?;
+        let id = self.register_worker(host, gpu, name, gpu_info, secret.clone())?;
         let mut refused = Vec::new();
         for l in running {
-            if !self.adopt(&id, host, gpu, l) {
+            if !self.adopt(&id, previous, l) {
                 refused.push(l.lease_id);
             }
         }
@@ -74,7 +102,23 @@ impl Coordinator {
             info!(worker = %id, adopted = running.len() - refused.len(), refused = refused.len(), "running rounds reported at registration");
             self.bump();
         }
-        Ok((id, refused))
+        Ok(Registration {
+            worker: id,
+            secret,
+            refused,
+        })
+    }
+
+    /// Checks that `secret` is the one registered worker `worker` was given. A worker this
+    /// coordinator does not know passes: the call itself then answers that it must register
+    /// again (after a restart or failover, or once it was forgotten).
+    pub fn check_worker(&self, worker: &str, secret: &str) -> Result<(), CoordError> {
+        match self.lock().workers.get(worker) {
+            Some(w) if !secret::constant_time_eq(w.secret.as_bytes(), secret.as_bytes()) => {
+                Err(CoordError::WrongWorkerSecret(worker.to_string()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Takes over `l`, a round a worker runs under a lease of an earlier coordinator: it keeps
@@ -84,10 +128,10 @@ impl Coordinator {
     ///
     /// A lease this coordinator knows already moves to the registrant (an agent registering
     /// again after losing its connection) only with the same attempt, and, while the worker
-    /// holding it is alive (heard from within the lease TTL), only when the registrant is that
-    /// worker's agent again: the same host and GPU. One worker cannot take another's running
-    /// rounds away.
-    fn adopt(&self, worker: &str, host: &str, gpu: &str, l: &RunningRound) -> bool {
+    /// holding it is alive (heard from within the lease TTL), only when the registrant proves
+    /// it is that worker's agent: `previous` names the holder with its secret. One worker
+    /// cannot take another's running rounds away, whatever host and GPU it claims.
+    fn adopt(&self, worker: &str, previous: Option<WorkerProof<'_>>, l: &RunningRound) -> bool {
         let now = Instant::now();
         let mut guard = self.lock();
         let inner = &mut *guard;
@@ -98,13 +142,17 @@ impl Coordinator {
             }
             if let Some(holder) = inner.workers.get(&existing.worker)
                 && now.saturating_duration_since(holder.last_seen) <= self.cfg.lease_ttl
-                && (holder.host != host || holder.gpu != gpu)
+                && !previous.is_some_and(|p| {
+                    p.worker == existing.worker
+                        && secret::constant_time_eq(p.secret.as_bytes(), holder.secret.as_bytes())
+                })
             {
                 warn!(
                     lease = l.lease_id,
                     holder = %existing.worker,
                     registrant = worker,
-                    "refused to move a lease held by a live worker on another host or GPU"
+                    "refused to move a lease held by a live worker: the registrant did not prove \
+                     it is that worker's agent"
                 );
                 return false;
             }
@@ -156,6 +204,7 @@ impl Coordinator {
         gpu: &str,
         name: &str,
         gpu_info: Option<GpuInfo>,
+        secret: String,
     ) -> Result<String, CoordError> {
         let mut inner = self.lock();
         let base = if name.is_empty() {
@@ -196,6 +245,7 @@ impl Coordinator {
                 gpu_info,
                 health: None,
                 agent_state: String::new(),
+                secret,
             },
         );
         info!(worker = %id, gpu, "worker registered");

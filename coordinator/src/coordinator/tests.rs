@@ -363,7 +363,7 @@ async fn a_complete_batch_judges_each_completion_alone() {
         stop.clone(),
     ));
     let mut client = WorkerServiceClient::new(ClientSecurity::plain().channel(&addr).unwrap());
-    let worker_id = client
+    let registered = client
         .register(pb::RegisterRequest {
             host: "h".into(),
             gpu: "0".into(),
@@ -371,11 +371,12 @@ async fn a_complete_batch_judges_each_completion_alone() {
         })
         .await
         .unwrap()
-        .into_inner()
-        .worker_id;
+        .into_inner();
+    let (worker_id, secret) = (registered.worker_id, registered.worker_secret);
     let got = client
         .acquire(pb::AcquireRequest {
             worker_id: worker_id.clone(),
+            worker_secret: secret.clone(),
             wait_ms: 5000,
             max_leases: 3,
         })
@@ -386,6 +387,7 @@ async fn a_complete_batch_judges_each_completion_alone() {
     assert_eq!(leases.len(), 3);
     let report = |lease: &pb::Lease, files: Vec<pb::UploadedFile>| pb::CompleteRequest {
         worker_id: worker_id.clone(),
+        worker_secret: secret.clone(),
         lease_id: lease.lease_id,
         files,
         generator_ms: 1,
@@ -586,8 +588,8 @@ async fn register_grpc(
     client: &mut quarry_proto::v1::worker_service_client::WorkerServiceClient<
         quarry_common::transport::AuthChannel,
     >,
-) -> String {
-    client
+) -> (String, String) {
+    let r = client
         .register(pb::RegisterRequest {
             host: "h".into(),
             gpu: "0".into(),
@@ -595,8 +597,8 @@ async fn register_grpc(
         })
         .await
         .unwrap()
-        .into_inner()
-        .worker_id
+        .into_inner();
+    (r.worker_id, r.worker_secret)
 }
 
 /// A worker over real gRPC that uploads a 2-row `.npy` with its true size and sha256 but
@@ -618,10 +620,11 @@ async fn a_worker_that_overstates_its_count_is_rejected() {
     .unwrap();
     c.submit(spec(dir.path())).await.unwrap();
     let (mut client, server) = serve_grpc(&c, &stop).await;
-    let worker_id = register_grpc(&mut client).await;
+    let (worker_id, secret) = register_grpc(&mut client).await;
     let lease = client
         .acquire(pb::AcquireRequest {
             worker_id: worker_id.clone(),
+            worker_secret: secret.clone(),
             wait_ms: 5000,
             max_leases: 1,
         })
@@ -645,6 +648,7 @@ async fn a_worker_that_overstates_its_count_is_rejected() {
     let resp = client
         .complete(pb::CompleteRequest {
             worker_id: worker_id.clone(),
+            worker_secret: secret.clone(),
             lease_id: lease.lease_id,
             files: vec![lie],
             generator_ms: 1,
@@ -667,6 +671,7 @@ async fn a_worker_that_overstates_its_count_is_rejected() {
     let retry = client
         .acquire(pb::AcquireRequest {
             worker_id: worker_id.clone(),
+            worker_secret: secret.clone(),
             wait_ms: 5000,
             max_leases: 1,
         })
@@ -682,6 +687,7 @@ async fn a_worker_that_overstates_its_count_is_rejected() {
     let resp = client
         .complete(pb::CompleteRequest {
             worker_id: worker_id.clone(),
+            worker_secret: secret.clone(),
             lease_id: retry.lease_id,
             files: vec![pb::UploadedFile {
                 name: "a.npy".into(),
@@ -906,10 +912,11 @@ async fn a_lease_less_report_after_a_restart_leaves_kept_rounds_alone() {
     .await
     .unwrap();
     let (mut client, server) = serve_grpc(&c, &stop).await;
-    let worker_id = register_grpc(&mut client).await;
+    let (worker_id, secret) = register_grpc(&mut client).await;
     let resp = client
         .complete(pb::CompleteRequest {
             worker_id,
+            worker_secret: secret.clone(),
             lease_id: 424_242,
             files: wire(vec![kept.clone()]),
             generator_ms: 1,

@@ -76,6 +76,12 @@ pub fn register(r: &pb::RegisterRequest) -> Result<(), Status> {
             MAX_ID_BYTES,
         )?;
     }
+    text("previous_worker_id", &r.previous_worker_id, MAX_FIELD_BYTES)?;
+    text(
+        "previous_worker_secret",
+        &r.previous_worker_secret,
+        MAX_FIELD_BYTES,
+    )?;
     count("running", r.running.len())?;
     Ok(())
 }

@@ -21,6 +21,8 @@ pub fn to_status(e: CoordError) -> Status {
         e @ CoordError::JobNotFound(_) => Status::not_found(e.to_string()),
         e @ CoordError::UnknownWorker(_) => Status::failed_precondition(e.to_string()),
         e @ CoordError::RegistryFull(_) => Status::resource_exhausted(e.to_string()),
+        e @ CoordError::WrongWorkerSecret(_) => Status::permission_denied(e.to_string()),
+        e @ CoordError::Random(_) => Status::internal(e.to_string()),
         CoordError::State(e) => match e {
             StateError::JobNotFound(_) => Status::not_found(e.to_string()),
             StateError::Corrupt { .. } => Status::data_loss(e.to_string()),

@@ -13,7 +13,7 @@ use tracing::{Instrument, field::Empty, info_span};
 use super::Leadership;
 use super::bounds;
 use super::convert::{self, to_status};
-use crate::coordinator::{Coordinator, ReportedFile, RunningRound};
+use crate::coordinator::{Coordinator, ReportedFile, RunningRound, WorkerProof};
 
 /// Longest long-poll an agent may ask for.
 const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
@@ -42,6 +42,9 @@ async fn judge(
     span: tracing::Span,
 ) -> Result<pb::CompleteResponse, Status> {
     span.record("worker", r.worker_id.as_str());
+    coord
+        .check_worker(&r.worker_id, &r.worker_secret)
+        .map_err(to_status)?;
     span.record("bytes", r.files.iter().map(|f| f.size).sum::<u64>());
     if let Some(f) = r.files.first() {
         span.record("samples", f.count);
@@ -76,17 +79,22 @@ impl WorkerService for WorkerApi {
         bounds::register(&r)?;
         let running: Vec<RunningRound> = r.running.iter().map(RunningRound::from).collect();
         let gpu_info = r.gpu_info.map(Into::into);
-        let (worker_id, refused) = c
-            .try_register(&r.host, &r.gpu, &r.agent_name, gpu_info, &running)
+        let previous = (!r.previous_worker_id.is_empty()).then(|| WorkerProof {
+            worker: &r.previous_worker_id,
+            secret: &r.previous_worker_secret,
+        });
+        let reg = c
+            .try_register(&r.host, &r.gpu, &r.agent_name, gpu_info, &running, previous)
             .map_err(to_status)?;
         let cfg = c.config();
         Ok(Response::new(pb::RegisterResponse {
-            worker_id,
+            worker_id: reg.worker,
+            worker_secret: reg.secret,
             lease_ttl_ms: cfg.lease_ttl.as_millis() as u64,
             // Three heartbeats per lease TTL at least, so one lost heartbeat costs no lease.
             heartbeat_interval_ms: cfg.heartbeat_interval.min(cfg.lease_ttl / 3).as_millis() as u64,
             store_url: c.store().url().to_string(),
-            cancel_lease_ids: refused,
+            cancel_lease_ids: reg.refused,
         }))
     }
 
@@ -96,8 +104,11 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         bounds::heartbeat(&r)?;
+        let c = self.0.current()?;
+        c.check_worker(&r.worker_id, &r.worker_secret)
+            .map_err(to_status)?;
         Ok(Response::new(
-            match self.0.current()?.heartbeat(
+            match c.heartbeat(
                 &r.worker_id,
                 &r.lease_ids,
                 r.health.map(Into::into),
@@ -122,9 +133,10 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<pb::AcquireResponse>, Status> {
         let r = req.into_inner();
         let wait = Duration::from_millis(r.wait_ms).min(MAX_ACQUIRE_WAIT);
-        let grants = self
-            .0
-            .current()?
+        let c = self.0.current()?;
+        c.check_worker(&r.worker_id, &r.worker_secret)
+            .map_err(to_status)?;
+        let grants = c
             .acquire_many(&r.worker_id, r.max_leases as usize, wait)
             .await
             .map_err(to_status)?;
@@ -234,9 +246,10 @@ impl WorkerService for WorkerApi {
         // In the round's trace, like `commit` (the worker reports from the round's span).
         let span = info_span!("fail", worker = %r.worker_id, kind = kind.label());
         telemetry::set_parent_from_metadata(&span, &md);
-        self.0
-            .current()?
-            .fail(&r.worker_id, r.lease_id, kind, r.message, r.log_tail)
+        let c = self.0.current()?;
+        c.check_worker(&r.worker_id, &r.worker_secret)
+            .map_err(to_status)?;
+        c.fail(&r.worker_id, r.lease_id, kind, r.message, r.log_tail)
             .instrument(span)
             .await;
         Ok(Response::new(pb::FailResponse {}))
@@ -247,7 +260,10 @@ impl WorkerService for WorkerApi {
         req: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
         let r = req.into_inner();
-        self.0.current()?.release(&r.worker_id, r.lease_id);
+        let c = self.0.current()?;
+        c.check_worker(&r.worker_id, &r.worker_secret)
+            .map_err(to_status)?;
+        c.release(&r.worker_id, r.lease_id);
         Ok(Response::new(pb::ReleaseResponse {}))
     }
 }

@@ -255,6 +255,9 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             agent_name: String::new(),
             gpu_info: Some(cfg.gpu.to_proto()),
             running: Vec::new(),
+            // A first registration: nothing to prove.
+            previous_worker_id: String::new(),
+            previous_worker_secret: String::new(),
         };
         let reg = tokio::select! {
             r = register(&mut coords, &req, RPC_TIMEOUT) => r,

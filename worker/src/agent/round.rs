@@ -323,6 +323,7 @@ async fn complete(s: &Arc<Session>, held: &Held, reported: Reported, stats: &Rou
             let req = pb::CompleteRequest {
                 // Filled in by the sender, for the coordinator it reaches.
                 worker_id: String::new(),
+                worker_secret: String::new(),
                 lease_id: lease.lease_id,
                 files: files.clone(),
                 generator_ms,

@@ -19,6 +19,7 @@ impl Session {
             let lease_ids: Vec<u64> = lock(&self.running).keys().copied().collect();
             let req = pb::HeartbeatRequest {
                 worker_id: conn.worker_id.clone(),
+                worker_secret: conn.worker_secret.clone(),
                 lease_ids,
                 health: Some(sample.to_proto()),
                 agent_state: self.state_for_heartbeat(),

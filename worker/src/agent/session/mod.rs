@@ -98,6 +98,8 @@ enum Block {
 pub(super) struct Conn {
     pub client: Client,
     pub worker_id: String,
+    /// The secret Register gave `worker_id`; every call naming the worker carries it.
+    pub worker_secret: String,
     pub addr: String,
     /// Bumped by every rebind, so that concurrent callers rebind once.
     pub generation: u64,
@@ -166,6 +168,7 @@ impl Session {
             conn: Mutex::new(Conn {
                 client,
                 worker_id: reg.worker_id,
+                worker_secret: reg.worker_secret,
                 addr,
                 generation: 0,
             }),
@@ -297,12 +300,17 @@ impl Session {
             .values()
             .map(|(l, _)| l.clone())
             .collect();
+        // Proof that the listed rounds are this agent's own, should the coordinator still
+        // count its old registration as alive.
+        let previous = self.conn();
         let req = pb::RegisterRequest {
             host: self.cfg.host.clone(),
             gpu: self.cfg.gpu.id.clone(),
             agent_name: String::new(),
             gpu_info: Some(self.cfg.gpu.to_proto()),
             running,
+            previous_worker_id: previous.worker_id,
+            previous_worker_secret: previous.worker_secret,
         };
         let mut coords = lock(&self.coords).clone();
         let timeout = (self.ttl / 2).max(Duration::from_millis(200));
@@ -334,6 +342,7 @@ impl Session {
                 *conn = Conn {
                     client,
                     worker_id: resp.worker_id,
+                    worker_secret: resp.worker_secret,
                     addr,
                     generation: seen + 1,
                 };
@@ -465,6 +474,7 @@ impl Session {
             let conn = self.conn();
             let req = pb::AcquireRequest {
                 worker_id: conn.worker_id.clone(),
+                worker_secret: conn.worker_secret.clone(),
                 wait_ms: self.cfg.acquire_wait.as_millis() as u64,
                 max_leases: self.cfg.lease_batch.max(1),
             };

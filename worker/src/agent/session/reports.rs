@@ -17,6 +17,7 @@ impl Session {
         let conn = self.conn();
         let req = pb::ReleaseRequest {
             worker_id: conn.worker_id.clone(),
+            worker_secret: conn.worker_secret.clone(),
             lease_id: held.lease.lease_id,
             reason: reason.to_string(),
         };
@@ -53,6 +54,7 @@ impl Session {
             .report("reporting a failure", &held.span, RPC_TIMEOUT, |conn| {
                 let req = pb::FailRequest {
                     worker_id: conn.worker_id.clone(),
+                    worker_secret: conn.worker_secret.clone(),
                     lease_id: held.lease.lease_id,
                     kind: kind as i32,
                     message: message.clone(),
@@ -146,6 +148,7 @@ impl Session {
                 if let [one] = batch.as_slice() {
                     let mut req = one.req.clone();
                     req.worker_id = conn.worker_id.clone();
+                    req.worker_secret = conn.worker_secret.clone();
                     // The round's trace context travels in the metadata (the interceptor
                     // reads the current span).
                     let r = client.complete(req).instrument(one.span.clone()).await;
@@ -155,6 +158,7 @@ impl Session {
                     .iter()
                     .map(|w| pb::CompleteRequest {
                         worker_id: conn.worker_id.clone(),
+                        worker_secret: conn.worker_secret.clone(),
                         traceparent: quarry_common::telemetry::traceparent(&w.span)
                             .unwrap_or_default(),
                         ..w.req.clone()
