@@ -14,6 +14,7 @@
 mod outbox;
 mod output;
 mod round;
+mod round_dir;
 mod session;
 mod staged;
 

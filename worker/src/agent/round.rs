@@ -271,7 +271,9 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
     if !task.keep_intermediate {
         match &paths.round_dir {
             Some(d) => {
-                let _ = std::fs::remove_dir_all(d);
+                if let Err(kept) = super::round_dir::remove(d, &paths.root) {
+                    warn!(dir = %d.display(), why = ?kept, "not removing the round directory: it is not a round's (an experiment's or the job root)");
+                }
             }
             None => {
                 for o in &paths.outs {
