@@ -198,6 +198,9 @@ impl Store {
         }
         builder = builder.with_bucket_name(bucket);
         let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
+        if let Some(warning) = endpoint.as_deref().and_then(plaintext_endpoint_warning) {
+            tracing::warn!("{warning}");
+        }
         if endpoint.is_some_and(|e| e.starts_with("http://")) && !allow_http_given {
             // The operator asked for this endpoint by name; refusing it would only push them to
             // set a second variable.
@@ -888,9 +891,59 @@ pub mod keys {
     }
 }
 
+/// The warning an S3 endpoint deserves when it is plain HTTP on a host other than this one:
+/// requests are signed, so the credentials do not travel, but the datasets do, unencrypted,
+/// and anyone on the path can read them. `None` for `https://` and for loopback endpoints.
+pub fn plaintext_endpoint_warning(endpoint: &str) -> Option<String> {
+    let rest = endpoint.strip_prefix("http://")?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host.strip_prefix('[') {
+        v6.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    (!loopback).then(|| {
+        format!(
+            "the S3 endpoint {endpoint} is plain HTTP: every dataset byte crosses the network \
+             unencrypted (requests are signed, so the keys do not); use an https:// endpoint \
+             unless this network is trusted"
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plain_http_endpoint_off_this_host_is_warned_about() {
+        for warned in [
+            "http://s3.lab.internal:9000",
+            "http://10.0.0.5:9000/",
+            "http://user@minio:9000",
+            "http://[2001:db8::1]:9000",
+        ] {
+            let w = plaintext_endpoint_warning(warned);
+            assert!(
+                w.as_deref()
+                    .is_some_and(|w| w.contains(warned) && w.contains("https://")),
+                "{warned}: {w:?}"
+            );
+        }
+        for quiet in [
+            "https://s3.amazonaws.com",
+            "http://127.0.0.1:9000",
+            "http://localhost:9000",
+            "http://[::1]:9000",
+        ] {
+            assert_eq!(plaintext_endpoint_warning(quiet), None, "{quiet}");
+        }
+    }
 
     /// A small object is read into memory and hashed; a missing one and one over the limit
     /// are told apart.
