@@ -17,6 +17,7 @@ pub mod netns;
 pub mod process;
 pub mod prometheus;
 pub mod s3;
+pub mod slurm;
 use tokio_util::sync::CancellationToken;
 
 /// The repository root.

@@ -177,6 +177,20 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
     let generator_ms = report.duration.as_millis() as u64;
     let outcome = match report.outcome {
         RunOutcome::Cancelled => Outcome::Stopped,
+        // The agent drains because it was told to stop (SIGTERM, Ctrl-C), and the same signal
+        // reached the generator: Slurm's scancel and preemption, and service managers that
+        // signal every process of a job or unit, do that. The round stopped with the agent;
+        // it is given back, not failed.
+        RunOutcome::Signaled(sig @ (libc::SIGTERM | libc::SIGINT))
+            if s.shutdown.drain.is_cancelled() =>
+        {
+            info!(object = %lease.object, round = lease.round, signal = sig, "the generator was stopped by the signal that drains this agent; giving the round back");
+            Outcome::Stopped
+        }
+        RunOutcome::Exited(code @ (130 | 143)) if s.shutdown.drain.is_cancelled() => {
+            info!(object = %lease.object, round = lease.round, code, "the generator exited on the signal that drains this agent; giving the round back");
+            Outcome::Stopped
+        }
         RunOutcome::TimedOut => Outcome::Failed {
             kind: pb::FailureKind::Timeout,
             message: format!(
@@ -259,6 +273,8 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
                 "agent shutting down"
             } else if s.is_lost() {
                 "agent fenced"
+            } else if s.shutdown.drain.is_cancelled() && !held.stop.is_cancelled() {
+                "agent draining: the generator was stopped by the same signal"
             } else {
                 "stopped by the coordinator"
             };
