@@ -168,6 +168,11 @@ pub struct ServeArgs {
     pub metrics: quarry_common::metrics::MetricsArgs,
     #[command(flatten)]
     pub security: ServerSecurityArgs,
+    /// Serve the Quarry services without a bearer token or client certificates: anyone who
+    /// reaches --listen can submit jobs (programs that run on the workers) and cancel them.
+    /// Without this flag `serve` refuses to start unauthenticated.
+    #[arg(long = "allow-unauthenticated")]
+    pub allow_unauthenticated: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use quarry_common::storage::Store;
+use quarry_common::transport::ServerSecurity;
 use quarry_coordinator::coordinator::{Coordinator, CoordinatorConfig};
 use quarry_coordinator::election::Election;
 use quarry_coordinator::service::Leadership;
@@ -81,6 +82,20 @@ fn advertised(a: &ServeArgs, local: std::net::SocketAddr) -> String {
     local.to_string()
 }
 
+/// Refuses a listener that would answer anyone: without a token or client certificates the
+/// operator must say so with `--allow-unauthenticated` (a usage error, exit status 2).
+fn refuse_unauthenticated(security: &ServerSecurity, allowed: bool) -> anyhow::Result<()> {
+    if security.authenticates() || allowed {
+        return Ok(());
+    }
+    Err(crate::exit::usage(anyhow::anyhow!(
+        "coordinator serve needs callers to authenticate: pass --auth-token-file FILE (a \
+         token only you can read; workers and the CLI pass the same file) or --tls-client-ca \
+         PEM (client certificates), or --allow-unauthenticated to let anyone who reaches \
+         --listen submit and cancel jobs"
+    )))
+}
+
 /// How a `serve` process starts: leading at once (embedded store), or campaigning (etcd).
 enum Role<'a> {
     Leading(Arc<Coordinator>),
@@ -97,6 +112,7 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
     let state_url = StateUrl::parse(&a.state)?;
     let store = open_store(&a.store)?;
     let security = a.security.load()?;
+    refuse_unauthenticated(&security, a.allow_unauthenticated)?;
     let lease_ttl = Duration::from_secs(a.lease_ttl.max(1));
     let listener = TcpListener::bind(&a.listen)
         .await

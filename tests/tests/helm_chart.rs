@@ -832,6 +832,67 @@ fn compose_commands() -> Vec<(String, Vec<String>)> {
 }
 
 #[test]
+fn the_coordinator_authenticates_its_callers_unless_told_not_to() {
+    // Every variant: a token, client certificates, or the explicit flag (never silence).
+    for (variant, r) in rendered_variants() {
+        let ca = argv(container(
+            r.get("Deployment", &name("coordinator")),
+            "coordinator",
+        ));
+        let says = ca.iter().any(|a| {
+            [
+                "--auth-token-file",
+                "--tls-client-ca",
+                "--allow-unauthenticated",
+            ]
+            .contains(&a.as_str())
+        });
+        assert!(
+            says,
+            "chart {variant}: the coordinator's argv names no caller authentication: {ca:?}"
+        );
+        assert!(
+            !ca.iter().any(|a| a == "--allow-unauthenticated"),
+            "chart {variant} serves unauthenticated: {ca:?}"
+        );
+    }
+    // The defaults: a token the chart generates, given to the coordinator and the workers.
+    let r = variant("default");
+    let ca = argv(container(
+        r.get("Deployment", &name("coordinator")),
+        "coordinator",
+    ));
+    assert_eq!(
+        arg_after(&ca, "--auth-token-file"),
+        "/etc/quarry/auth/token"
+    );
+    let w = argv(container(r.get("DaemonSet", &name("worker")), "worker"));
+    assert_eq!(arg_after(&w, "--auth-token-file"), "/etc/quarry/auth/token");
+    let token = r.get("Secret", &name("auth"))["stringData"]["token"]
+        .as_str()
+        .expect("a generated token")
+        .to_string();
+    assert!(
+        token.len() >= 32 && token.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{token:?}"
+    );
+    assert!(r.notes.contains("--auth-token-file"), "{}", r.notes);
+    // Off on purpose: the flag that says so, and a warning in the notes.
+    let r = render(
+        None,
+        Some(r#"{"auth":{"enabled":false,"allowUnauthenticated":true}}"#),
+    )
+    .expect("auth off on purpose renders");
+    let ca = argv(container(
+        r.get("Deployment", &name("coordinator")),
+        "coordinator",
+    ));
+    assert!(ca.iter().any(|a| a == "--allow-unauthenticated"), "{ca:?}");
+    assert!(r.find("Secret", &name("auth")).is_none());
+    assert!(r.notes.contains("WARNING"), "{}", r.notes);
+}
+
+#[test]
 fn values_schema_rejects_bad_values() {
     // Helm's own schema check, as `helm install` runs it.
     for (values, path) in [
@@ -857,7 +918,7 @@ fn values_schema_rejects_bad_values() {
     // Combinations the schema cannot express fail the render with a message naming the fix.
     for (values, msg) in [
         (r#"{"tls":{"enabled":true}}"#, "tls.serverSecret"),
-        (r#"{"auth":{"enabled":true}}"#, "auth.token"),
+        (r#"{"auth":{"enabled":false}}"#, "auth.allowUnauthenticated"),
         (r#"{"etcd":{"enabled":false}}"#, "etcd.external.endpoints"),
     ] {
         let err = match render(None, Some(values)) {

@@ -132,8 +132,8 @@ DNS name, so the client fails over between members by itself. */}}
 {{- if and .Values.tls.clientAuth (not .Values.tls.clientSecret) }}
 {{- fail "tls.clientAuth needs tls.clientSecret (the workers' tls.crt, tls.key and the client CA as ca.crt)" }}
 {{- end }}
-{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.token) }}
-{{- fail "auth.enabled needs auth.existingSecret or auth.token" }}
+{{- if and (not .Values.auth.enabled) (not .Values.tls.clientAuth) (not .Values.auth.allowUnauthenticated) }}
+{{- fail "auth.enabled=false without tls.clientAuth leaves the coordinator open to anyone who reaches it: keep auth.enabled (the chart generates a token), or set auth.allowUnauthenticated=true to run that way on purpose" }}
 {{- end }}
 {{- if and (not .Values.etcd.enabled) (not .Values.etcd.external.endpoints) }}
 {{- fail "etcd.enabled=false needs etcd.external.endpoints (host:port of an existing etcd)" }}
@@ -214,6 +214,8 @@ checksum/secret: {{ printf "%s%s" (include (print .Template.BasePath "/secret-st
 {{- if .Values.auth.enabled }}
 - --auth-token-file
 - {{ include "quarry.authDir" . }}/{{ .Values.auth.secretKey }}
+{{- else if and .Values.auth.allowUnauthenticated (not .Values.tls.clientAuth) }}
+- --allow-unauthenticated
 {{- end }}
 {{- end }}
 
