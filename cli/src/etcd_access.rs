@@ -86,13 +86,16 @@ fn read(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| usage(anyhow!("{flag} {}: {e}", path.display())))
 }
 
-/// Reads a file that holds a secret, refusing one that its group or others may read.
+/// Reads a file that holds a secret, refusing one that others may read, or its group unless
+/// root owns it: the rule PostgreSQL applies to its key, which admits a Kubernetes Secret
+/// volume (owned by root, group-readable by the pod's fsGroup) and refuses a `chmod 644` file.
 fn read_secret(flag: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let meta =
         std::fs::metadata(path).map_err(|e| usage(anyhow!("{flag} {}: {e}", path.display())))?;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    let allowed = if meta.uid() == 0 { 0o740 } else { 0o700 };
+    if mode & !allowed != 0 {
         return Err(usage(anyhow!(
             "{flag} {}: the file holds a secret but its group or others may read it (mode \
              {mode:03o}); make it owner-only with chmod 600",

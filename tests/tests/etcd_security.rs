@@ -220,7 +220,7 @@ async fn serve_runs_a_job_on_etcd_with_auth_and_names_the_flag_when_the_password
     // No user at all.
     refused(&base, &[], &["--etcd-user", "--etcd-password-file"]);
     // A password file its group or others may read: exit status 2 before connecting.
-    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
     let mut a = base.to_vec();
     a.extend([
         "--etcd-user",
