@@ -107,7 +107,7 @@ impl EtcdAccess {
 
     /// One sentence on why connecting failed with `e`, naming the flag that fixes it when the
     /// cause is recognized (TLS trust, a missing client certificate, the user or password),
-    /// followed by etcd's own words.
+    /// followed by etcd's own words in parentheses; the caller names the endpoints.
     pub fn explain(&self, e: &(dyn std::error::Error + 'static)) -> String {
         let detail = chain(e);
         let d = detail.to_ascii_lowercase();
@@ -188,9 +188,9 @@ impl EtcdAccess {
             "etcd does not speak TLS at this address; use --state etcd://... without TLS"
                 .to_string()
         } else {
-            return format!("connecting to etcd at {}: {detail}", self.shown());
+            return detail;
         };
-        format!("connecting to etcd at {}: {hint} ({detail})", self.shown())
+        format!("{hint} ({detail})")
     }
 }
 

@@ -222,7 +222,12 @@ impl EtcdStore {
         let client =
             match tokio::time::timeout(timeout, Client::connect(endpoints, Some(options))).await {
                 Ok(Ok(client)) => client,
-                Ok(Err(e)) => return Err(StateError::Backend(access.explain(&e))),
+                Ok(Err(e)) => {
+                    return Err(StateError::Backend(format!(
+                        "connecting to etcd at {shown}: {}",
+                        access.explain(&e)
+                    )));
+                }
                 Err(_) => {
                     return Err(StateError::Backend(format!(
                         "connecting to etcd at {shown}: no answer within {timeout:?}"
@@ -247,7 +252,12 @@ impl EtcdStore {
         let probe = kv.get(store.epoch_key(), Some(GetOptions::new().with_keys_only()));
         match tokio::time::timeout(timeout, probe).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(StateError::Backend(access.explain(&e))),
+            Ok(Err(e)) => {
+                return Err(StateError::Backend(format!(
+                    "connecting to etcd at {shown}: {}",
+                    access.explain(&e)
+                )));
+            }
             Err(_) => {
                 return Err(StateError::Backend(format!(
                     "connecting to etcd at {shown}: no answer within {timeout:?}"
