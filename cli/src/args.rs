@@ -146,7 +146,8 @@ pub struct ServeArgs {
     /// Address to listen on for workers and the CLI.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: String,
-    /// State store: file://<path> (embedded file) or etcd://host:2379[,host2:2379]/<prefix>.
+    /// State store: file://<path> (embedded file), etcd://host:2379[,host2:2379]/<prefix>, or
+    /// etcd+tls://... (TLS to etcd; needs --etcd-ca).
     #[arg(long, default_value = "file://./quarry-state.redb")]
     pub state: String,
     /// Object store for staging, finals and manifests: file://<directory> or s3://bucket/prefix
@@ -168,6 +169,41 @@ pub struct ServeArgs {
     pub metrics: quarry_common::metrics::MetricsArgs,
     #[command(flatten)]
     pub security: ServerSecurityArgs,
+    /// Serve the Quarry services without a bearer token or client certificates: anyone who
+    /// reaches --listen can submit jobs (programs that run on the workers) and cancel them.
+    /// Without this flag `serve` refuses to start unauthenticated.
+    #[arg(long = "allow-unauthenticated")]
+    pub allow_unauthenticated: bool,
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// How `serve` reaches an etcd `--state` that requires TLS or a user. The password comes from
+/// a file or the environment, never the command line (other users can read argv).
+#[derive(Debug, Clone, Default, Args)]
+pub struct EtcdArgs {
+    /// CA (PEM) that signed etcd's server certificate; turns on TLS to etcd (as
+    /// --state etcd+tls://...).
+    #[arg(long = "etcd-ca", env = "QUARRY_ETCD_CA", value_name = "PEM")]
+    pub ca: Option<PathBuf>,
+    /// This coordinator's client certificate (PEM) for an etcd run with --client-cert-auth;
+    /// needs --etcd-key and TLS.
+    #[arg(long = "etcd-cert", env = "QUARRY_ETCD_CERT", value_name = "PEM")]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM), readable by its owner only.
+    #[arg(long = "etcd-key", env = "QUARRY_ETCD_KEY", value_name = "PEM")]
+    pub key: Option<PathBuf>,
+    /// etcd user (etcd's auth enabled); the password from --etcd-password-file or the
+    /// QUARRY_ETCD_PASSWORD variable.
+    #[arg(long = "etcd-user", env = "QUARRY_ETCD_USER", value_name = "NAME")]
+    pub user: Option<String>,
+    /// File holding the etcd user's password (one line), readable by its owner only.
+    #[arg(
+        long = "etcd-password-file",
+        env = "QUARRY_ETCD_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
+    pub password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -8,6 +8,7 @@
 //! - [`serve`](mod@serve): `coordinator serve`, with the etcd leadership loop;
 //! - [`commands`]: `submit`, `status`, `jobs`, `cancel` over the job service ([`client`]);
 //! - [`endpoint`]: the address and token a `coordinator run` publishes for its user;
+//! - [`etcd_access`]: `serve`'s etcd TLS and user flags, read and checked;
 //! - [`exit`]: the exit statuses (usage error, exhausted, interrupted...);
 //! - [`job_input`]: job files and scale_runner-style flags to a [`JobSpec`];
 //! - [`render`] and [`progress`]: what the commands print.
@@ -18,6 +19,7 @@ pub mod args;
 pub mod client;
 pub mod commands;
 pub mod endpoint;
+pub mod etcd_access;
 pub mod exit;
 pub mod job_input;
 pub mod progress;

@@ -1,6 +1,7 @@
 //! `coordinator serve`: the coordinator for remote workers and the client commands. With
-//! `--state file://...` it leads at once; with `--state etcd://...` it campaigns, serves as a
-//! standby until elected, and leads until shut down or until leadership is lost.
+//! `--state file://...` it leads at once; with `--state etcd://...` (or `etcd+tls://...`) it
+//! campaigns, serves as a standby until elected, and leads until shut down or until leadership
+//! is lost.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,11 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use quarry_common::storage::Store;
+use quarry_common::transport::ServerSecurity;
 use quarry_coordinator::coordinator::{Coordinator, CoordinatorConfig};
 use quarry_coordinator::election::Election;
 use quarry_coordinator::service::Leadership;
 use quarry_coordinator::state::embedded::EmbeddedStore;
-use quarry_coordinator::state::etcd::EtcdStore;
+use quarry_coordinator::state::etcd::{DEFAULT_TIMEOUT, EtcdAccess, EtcdStore};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -24,10 +26,11 @@ enum StateUrl {
     /// `file://<path>`: the embedded store; this process always leads.
     File(PathBuf),
     /// `etcd://host:port[,host:port...]/<prefix>`: processes elect a leader (the prefix keeps
-    /// deployments apart).
+    /// deployments apart); `etcd+tls://` the same over TLS.
     Etcd {
         endpoints: Vec<String>,
         prefix: String,
+        tls: bool,
     },
 }
 
@@ -36,8 +39,13 @@ impl StateUrl {
         if let Some(path) = url.strip_prefix("file://") {
             return Ok(StateUrl::File(std::path::absolute(path)?));
         }
-        let Some(rest) = url.strip_prefix("etcd://") else {
-            bail!("--state {url:?}: use file://<path> or etcd://host:2379[,host2:2379]/prefix")
+        let (rest, tls) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcd+tls://")) {
+            (Some(rest), _) => (rest, false),
+            (None, Some(rest)) => (rest, true),
+            (None, None) => bail!(
+                "--state {url:?}: use file://<path> or etcd://host:2379[,host2:2379]/prefix \
+                 (etcd+tls:// for TLS to etcd)"
+            ),
         };
         let (hosts, prefix) = rest.split_once('/').unwrap_or((rest, "quarry"));
         let endpoints: Vec<String> = hosts
@@ -51,6 +59,7 @@ impl StateUrl {
         Ok(StateUrl::Etcd {
             endpoints,
             prefix: format!("/{}", prefix.trim_matches('/')),
+            tls,
         })
     }
 }
@@ -81,11 +90,31 @@ fn advertised(a: &ServeArgs, local: std::net::SocketAddr) -> String {
     local.to_string()
 }
 
+/// Refuses a listener that would answer anyone: without a token or client certificates the
+/// operator must say so with `--allow-unauthenticated` (a usage error, exit status 2).
+fn refuse_unauthenticated(security: &ServerSecurity, allowed: bool) -> anyhow::Result<()> {
+    if security.authenticates() || allowed {
+        return Ok(());
+    }
+    Err(crate::exit::usage(anyhow::anyhow!(
+        "coordinator serve needs callers to authenticate: pass --auth-token-file FILE (a \
+         token only you can read; workers and the CLI pass the same file) or --tls-client-ca \
+         PEM (client certificates), or --allow-unauthenticated to let anyone who reaches \
+         --listen submit and cancel jobs"
+    )))
+}
+
+/// `--state` with its etcd flags read: what the process opens.
+enum State {
+    File(PathBuf),
+    Etcd { access: EtcdAccess, prefix: String },
+}
+
 /// How a `serve` process starts: leading at once (embedded store), or campaigning (etcd).
 enum Role<'a> {
     Leading(Arc<Coordinator>),
     Campaign {
-        endpoints: &'a [String],
+        access: &'a EtcdAccess,
         prefix: &'a str,
     },
 }
@@ -97,6 +126,24 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
     let state_url = StateUrl::parse(&a.state)?;
     let store = open_store(&a.store)?;
     let security = a.security.load()?;
+    refuse_unauthenticated(&security, a.allow_unauthenticated)?;
+    // The etcd flags are checked before anything listens.
+    let state = match state_url {
+        StateUrl::File(path) => State::File(path),
+        StateUrl::Etcd {
+            endpoints,
+            prefix,
+            tls,
+        } => State::Etcd {
+            access: crate::etcd_access::load(
+                &a.etcd,
+                &endpoints,
+                tls,
+                std::env::var(crate::etcd_access::PASSWORD_ENV).ok(),
+            )?,
+            prefix,
+        },
+    };
     let lease_ttl = Duration::from_secs(a.lease_ttl.max(1));
     let listener = TcpListener::bind(&a.listen)
         .await
@@ -120,8 +167,8 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
     };
     // The embedded store has no election: lead before serving, so the first call finds a
     // leader. With etcd, serve as a standby while campaigning.
-    let leading = match &state_url {
-        StateUrl::File(path) => {
+    let leading = match &state {
+        State::File(path) => {
             let state = Arc::new(EmbeddedStore::open(path)?);
             let coord =
                 Coordinator::start(cfg.clone(), state, store.clone(), shutdown.child_token())
@@ -129,7 +176,7 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
             leadership.lead(Arc::clone(&coord));
             Role::Leading(coord)
         }
-        StateUrl::Etcd { endpoints, prefix } => Role::Campaign { endpoints, prefix },
+        State::Etcd { access, prefix } => Role::Campaign { access, prefix },
     };
     let server = tokio::spawn(quarry_coordinator::service::serve(
         Arc::clone(&leadership),
@@ -150,9 +197,9 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
                 coord.close().await;
                 Ok(())
             }
-            Role::Campaign { endpoints, prefix } => {
+            Role::Campaign { access, prefix } => {
                 lead_with_etcd(
-                    endpoints,
+                    access,
                     prefix,
                     Duration::from_secs(a.election_ttl.max(2)),
                     &advertise,
@@ -204,7 +251,7 @@ pub async fn serve(a: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<
 /// standby takes over at once) or with an error when leadership is lost.
 #[allow(clippy::too_many_arguments)]
 async fn lead_with_etcd(
-    endpoints: &[String],
+    access: &EtcdAccess,
     prefix: &str,
     election_ttl: Duration,
     advertise: &str,
@@ -213,7 +260,7 @@ async fn lead_with_etcd(
     leadership: &Arc<Leadership>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let election = Arc::new(Election::connect(endpoints, prefix, election_ttl).await?);
+    let election = Arc::new(Election::connect_with(access, prefix, election_ttl).await?);
     // While campaigning, keep the leader's address current for the standby's answers.
     let hints = {
         let (e, l, stop) = (
@@ -241,7 +288,7 @@ async fn lead_with_etcd(
     hints.abort();
     let leader = leader?;
     leadership.set_leader_hint(Some(advertise.to_string()));
-    let state = EtcdStore::connect(endpoints, prefix)
+    let state = EtcdStore::connect_with(access, prefix, DEFAULT_TIMEOUT)
         .await?
         .with_fence(leader.fence());
     let coord_stop = shutdown.child_token();
@@ -282,14 +329,24 @@ mod tests {
             StateUrl::parse("etcd://a:2379,b:2379/lab/").unwrap(),
             StateUrl::Etcd {
                 endpoints: vec!["http://a:2379".into(), "http://b:2379".into()],
-                prefix: "/lab".into()
+                prefix: "/lab".into(),
+                tls: false,
             }
         );
         assert_eq!(
             StateUrl::parse("etcd://a:2379").unwrap(),
             StateUrl::Etcd {
                 endpoints: vec!["http://a:2379".into()],
-                prefix: "/quarry".into()
+                prefix: "/quarry".into(),
+                tls: false,
+            }
+        );
+        assert_eq!(
+            StateUrl::parse("etcd+tls://a:2379/lab").unwrap(),
+            StateUrl::Etcd {
+                endpoints: vec!["http://a:2379".into()],
+                prefix: "/lab".into(),
+                tls: true,
             }
         );
         assert_eq!(

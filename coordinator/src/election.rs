@@ -9,11 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions, LeaderKey, ResignOptions};
+use etcd_client::{Client, LeaderKey, ResignOptions};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::state::etcd::Fence;
+use crate::state::etcd::{EtcdAccess, Fence};
 
 /// Errors of the election; all are failures to talk to etcd.
 #[derive(Debug, thiserror::Error)]
@@ -58,27 +58,46 @@ impl Election {
         prefix: &str,
         ttl: Duration,
     ) -> Result<Election, ElectionError> {
-        let shown = endpoints.join(",");
+        Election::connect_with(&EtcdAccess::plain(endpoints), prefix, ttl).await
+    }
+
+    /// [`Election::connect`] with TLS and credentials (`access`); asks etcd for the leader
+    /// once, so that a TLS or credentials problem fails here, explained naming the flag.
+    pub async fn connect_with(
+        access: &EtcdAccess,
+        prefix: &str,
+        ttl: Duration,
+    ) -> Result<Election, ElectionError> {
+        let shown = access.shown();
         let err = |detail: String| ElectionError {
             endpoints: shown.clone(),
             detail,
         };
-        let options = ConnectOptions::new()
+        let options = access
+            .options()
             .with_connect_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(5));
         let client = tokio::time::timeout(
             Duration::from_secs(10),
-            Client::connect(endpoints, Some(options)),
+            Client::connect(access.endpoints(), Some(options)),
         )
         .await
         .map_err(|_| err("no answer within 10 s".into()))?
-        .map_err(|e| err(e.to_string()))?;
-        Ok(Election {
+        .map_err(|e| err(access.explain(&e)))?;
+        let election = Election {
             client,
             name: format!("{}/leader", prefix.trim_end_matches('/')),
-            endpoints: shown,
+            endpoints: shown.clone(),
             ttl: ttl.max(Duration::from_secs(2)),
-        })
+        };
+        let mut c = election.client.clone();
+        match tokio::time::timeout(Duration::from_secs(10), c.leader(election.name.clone())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.to_string().contains("no leader") => {}
+            Ok(Err(e)) => return Err(err(access.explain(&e))),
+            Err(_) => return Err(err("no answer within 10 s".into())),
+        }
+        Ok(election)
     }
 
     fn err(&self, what: &str, e: impl std::fmt::Display) -> ElectionError {

@@ -99,20 +99,45 @@ pub fn start_serve_on(
     )
 }
 
-/// `coordinator serve --listen 127.0.0.1:0 ARGS...`, as [`start_serve`].
+/// `coordinator serve --listen 127.0.0.1:0 ARGS...`, as [`start_serve`] (with
+/// `--allow-unauthenticated` unless ARGS authenticate callers).
 pub fn start_serve_with(args: &[&str], env: &[(&str, String)], log: &Path) -> (Killed, String) {
     spawn_serve("127.0.0.1:0", args, env, log)
 }
 
+/// Whether `args`/`env` say how `serve` treats unauthenticated callers: a token, client
+/// certificates, or `--allow-unauthenticated` already.
+fn says_who_may_call(args: &[&str], env: &[(&str, String)]) -> bool {
+    const FLAGS: [&str; 3] = [
+        "--auth-token-file",
+        "--tls-client-ca",
+        "--allow-unauthenticated",
+    ];
+    args.iter()
+        .any(|a| FLAGS.contains(&a.split('=').next().unwrap_or(a)))
+        || env
+            .iter()
+            .any(|(k, _)| ["QUARRY_AUTH_TOKEN_FILE", "QUARRY_TLS_CLIENT_CA"].contains(k))
+}
+
+/// `coordinator serve --listen LISTEN ARGS...`. A test that gives neither a token nor client
+/// certificates is one about something else, on loopback: it gets `--allow-unauthenticated`,
+/// the flag `serve` requires to start without them.
 fn spawn_serve(
     listen: &str,
     args: &[&str],
     env: &[(&str, String)],
     log: &Path,
 ) -> (Killed, String) {
+    let open: &[&str] = if says_who_may_call(args, env) {
+        &[]
+    } else {
+        &["--allow-unauthenticated"]
+    };
     let mut serve = Command::new(bin("coordinator"))
         .args(["serve", "--listen", listen])
         .args(args)
+        .args(open)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stderr(Stdio::piped())
         .spawn()
@@ -137,6 +162,51 @@ fn spawn_serve(
         .recv_timeout(Duration::from_secs(20))
         .expect("coordinator printed its address");
     (Killed(serve), addr)
+}
+
+/// `coordinator serve --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 ARGS...` (exactly
+/// these flags, nothing added) run to its exit, which must come within 30 s: for tests of how
+/// it refuses to start or stops on a bad setting. A process still running then is killed and
+/// the test fails.
+pub fn serve_exits(args: &[&str], env: &[(&str, String)]) -> Output {
+    let child = Command::new(bin("coordinator"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordinator");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(out) => out.expect("wait for coordinator"),
+        Err(_) => {
+            // SAFETY: kill(2) on the pid of our own child, not yet reaped (the thread still
+            // waits for it).
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+            panic!("coordinator serve {args:?} was still running after 30 s instead of exiting");
+        }
+    }
+}
+
+/// The line of a process's stderr that starts with `error:` (the binaries' one-sentence
+/// failure), or a panic showing all of it.
+pub fn error_line(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    err.lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no `error:` line (status {:?}):\n{err}", out.status))
+        .to_string()
 }
 
 /// Starts `worker --gpu gpus --coordinator addr`, its stderr to `log` (discarded if `None`).

@@ -1,13 +1,14 @@
 //! A real etcd for tests (Debian package `etcd-server`): started on free loopback ports with
-//! its own data directory, killed when its guard is dropped. A missing etcd fails the test with
-//! what to install; nothing is skipped.
+//! its own data directory, killed when its guard is dropped; optionally serving its clients
+//! over TLS and requiring client certificates ([`Etcd::start_tls`]). A missing etcd fails the
+//! test with what to install; nothing is skipped.
 
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use quarry_coordinator::state::etcd::EtcdStore;
+use quarry_coordinator::state::etcd::{EtcdAccess, EtcdStore};
 
 use crate::{free_port, log_tail};
 
@@ -16,6 +17,19 @@ const HEALTHY_WITHIN: Duration = Duration::from_secs(10);
 /// Fresh ports are tried this many times when etcd cannot start (a port taken in between).
 const START_TRIES: usize = 5;
 
+/// PEM files of an etcd that serves its clients over TLS and requires client certificates
+/// (`--cert-file --key-file --client-cert-auth --trusted-ca-file`).
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The CA that signed the server's certificate and that client certificates must chain to.
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    /// A client certificate and key the CA signed (for the harness's own probe).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
 /// One etcd server, killed when dropped.
 pub struct Etcd {
     bin: PathBuf,
@@ -23,18 +37,29 @@ pub struct Etcd {
     client_port: u16,
     peer_port: u16,
     child: Option<Child>,
+    tls: Option<TlsFiles>,
 }
 
 impl Etcd {
     /// Starts etcd on free loopback ports with a fresh data directory and waits until it
     /// answers.
     pub async fn start() -> Etcd {
+        Etcd::start_with(None).await
+    }
+
+    /// [`Etcd::start`] serving clients over TLS only, with client certificates required.
+    pub async fn start_tls(tls: TlsFiles) -> Etcd {
+        Etcd::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<TlsFiles>) -> Etcd {
         let mut etcd = Etcd {
             bin: find_etcd(),
             dir: tempfile::tempdir().expect("temp dir for etcd"),
             client_port: 0,
             peer_port: 0,
             child: None,
+            tls,
         };
         let mut errors = Vec::new();
         for _ in 0..START_TRIES {
@@ -55,8 +80,31 @@ impl Etcd {
         );
     }
 
+    /// `http://127.0.0.1:PORT`, or `https://` with TLS.
     pub fn endpoints(&self) -> Vec<String> {
-        vec![format!("http://127.0.0.1:{}", self.client_port)]
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        vec![format!("{scheme}://127.0.0.1:{}", self.client_port)]
+    }
+
+    /// `127.0.0.1:PORT`, for `--state etcd://...` and `etcd+tls://...`.
+    pub fn host_port(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// How a client reaches this etcd: with TLS, trusting its CA and presenting the client
+    /// certificate.
+    pub fn access(&self) -> EtcdAccess {
+        let plain = EtcdAccess::plain(&[format!("http://{}", self.host_port())]);
+        match &self.tls {
+            None => plain,
+            Some(t) => {
+                let read = |p: &PathBuf| std::fs::read(p).expect("read a test certificate");
+                plain.with_tls(
+                    read(&t.ca),
+                    Some((read(&t.client_cert), read(&t.client_key))),
+                )
+            }
+        }
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -68,7 +116,7 @@ impl Etcd {
     }
 
     async fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoints().remove(0);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = File::options()
             .create(true)
@@ -84,6 +132,14 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=quarry-test={peer}"))
+            .args(self.tls.iter().flat_map(|t| {
+                [
+                    format!("--cert-file={}", t.server_cert.display()),
+                    format!("--key-file={}", t.server_key.display()),
+                    format!("--trusted-ca-file={}", t.ca.display()),
+                    "--client-cert-auth".to_string(),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("etcd log file"))
             .stderr(log)
@@ -105,12 +161,8 @@ impl Etcd {
                     log_tail(&self.log_path())
                 ));
             }
-            let probe = EtcdStore::connect_with_timeout(
-                &self.endpoints(),
-                "/probe",
-                Duration::from_secs(1),
-            )
-            .await;
+            let probe =
+                EtcdStore::connect_with(&self.access(), "/probe", Duration::from_secs(1)).await;
             if probe.is_ok() {
                 return Ok(());
             }

@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod faultproxy;
 pub mod netns;
+pub mod pki;
 pub mod process;
 pub mod prometheus;
 pub mod s3;

@@ -472,7 +472,7 @@ fn chart_variants_do_what_they_say() {
     );
     assert_eq!(
         arg_after(&args, "--state"),
-        format!("etcd://{etcd0}/quarry")
+        format!("etcd+tls://{etcd0}/quarry")
     );
     assert_eq!(arg_after(&args, "--advertise"), "$(POD_IP):50051");
     let ds = r.get("DaemonSet", &name("worker"));
@@ -558,7 +558,7 @@ fn chart_variants_do_what_they_say() {
         .expect("etcd env")
         .to_string();
     assert!(
-        env.contains(&format!("{}-2=http://", name("etcd"))),
+        env.contains(&format!("{}-2=https://", name("etcd"))),
         "{env}"
     );
 
@@ -832,6 +832,203 @@ fn compose_commands() -> Vec<(String, Vec<String>)> {
 }
 
 #[test]
+fn the_coordinator_authenticates_its_callers_unless_told_not_to() {
+    // Every variant: a token, client certificates, or the explicit flag (never silence).
+    for (variant, r) in rendered_variants() {
+        let ca = argv(container(
+            r.get("Deployment", &name("coordinator")),
+            "coordinator",
+        ));
+        let says = ca.iter().any(|a| {
+            [
+                "--auth-token-file",
+                "--tls-client-ca",
+                "--allow-unauthenticated",
+            ]
+            .contains(&a.as_str())
+        });
+        assert!(
+            says,
+            "chart {variant}: the coordinator's argv names no caller authentication: {ca:?}"
+        );
+        assert!(
+            !ca.iter().any(|a| a == "--allow-unauthenticated"),
+            "chart {variant} serves unauthenticated: {ca:?}"
+        );
+    }
+    // The defaults: a token the chart generates, given to the coordinator and the workers.
+    let r = variant("default");
+    let ca = argv(container(
+        r.get("Deployment", &name("coordinator")),
+        "coordinator",
+    ));
+    assert_eq!(
+        arg_after(&ca, "--auth-token-file"),
+        "/etc/quarry/auth/token"
+    );
+    let w = argv(container(r.get("DaemonSet", &name("worker")), "worker"));
+    assert_eq!(arg_after(&w, "--auth-token-file"), "/etc/quarry/auth/token");
+    let token = r.get("Secret", &name("auth"))["stringData"]["token"]
+        .as_str()
+        .expect("a generated token")
+        .to_string();
+    assert!(
+        token.len() >= 32 && token.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{token:?}"
+    );
+    assert!(r.notes.contains("--auth-token-file"), "{}", r.notes);
+    // Off on purpose: the flag that says so, and a warning in the notes.
+    let r = render(
+        None,
+        Some(r#"{"auth":{"enabled":false,"allowUnauthenticated":true}}"#),
+    )
+    .expect("auth off on purpose renders");
+    let ca = argv(container(
+        r.get("Deployment", &name("coordinator")),
+        "coordinator",
+    ));
+    assert!(ca.iter().any(|a| a == "--allow-unauthenticated"), "{ca:?}");
+    assert!(r.find("Secret", &name("auth")).is_none());
+    assert!(r.notes.contains("WARNING"), "{}", r.notes);
+}
+
+/// The value of environment variable `name` in container `c`.
+fn env_value<'a>(c: &'a Value, name: &str) -> &'a str {
+    c["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == name))
+        .and_then(|e| e["value"].as_str())
+        .unwrap_or_else(|| panic!("no env {name} in {}", c["env"]))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bundled_etcd_serves_tls_to_the_coordinator_with_certificates_that_work() {
+    let r = variant("default");
+    let etcd_set = r.get("StatefulSet", &name("etcd"));
+    let etcd = container(etcd_set, "etcd");
+    assert_eq!(
+        env_value(etcd, "ETCD_LISTEN_CLIENT_URLS"),
+        "https://0.0.0.0:2379"
+    );
+    assert_eq!(env_value(etcd, "ETCD_CLIENT_CERT_AUTH"), "true");
+    assert_eq!(env_value(etcd, "ETCD_PEER_CLIENT_CERT_AUTH"), "true");
+    assert!(env_value(etcd, "ETCD_INITIAL_CLUSTER").contains("=https://"));
+    assert_eq!(
+        env_value(etcd, "ETCD_TRUSTED_CA_FILE"),
+        "/etc/etcd/tls/ca.crt"
+    );
+    let vols = etcd_set["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(vols.contains(&name("etcd-tls")), "{vols}");
+    // The coordinator: etcd+tls:// and its client certificate, mounted from the same Secret.
+    let c = r.get("Deployment", &name("coordinator"));
+    let ca = argv(container(c, "coordinator"));
+    assert!(
+        arg_after(&ca, "--state").starts_with("etcd+tls://"),
+        "{ca:?}"
+    );
+    assert_eq!(arg_after(&ca, "--etcd-ca"), "/etc/quarry/etcd-tls/ca.crt");
+    assert_eq!(
+        arg_after(&ca, "--etcd-cert"),
+        "/etc/quarry/etcd-tls/client.crt"
+    );
+    assert_eq!(
+        arg_after(&ca, "--etcd-key"),
+        "/etc/quarry/etcd-tls/client.key"
+    );
+    let mounts = container(c, "coordinator")["volumeMounts"].to_string();
+    assert!(mounts.contains("/etc/quarry/etcd-tls"), "{mounts}");
+    let vols = c["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(
+        vols.contains(&name("etcd-tls")) && vols.contains("client.key"),
+        "{vols}"
+    );
+
+    // The generated certificates work: a real etcd serves with the server's, requires client
+    // certificates, and admits the coordinator's; the server's names cover the members.
+    let secret = &r.get("Secret", &name("etcd-tls"))["stringData"];
+    let dir = tempfile::tempdir().unwrap();
+    for key in [
+        "ca.crt",
+        "server.crt",
+        "server.key",
+        "client.crt",
+        "client.key",
+    ] {
+        let p = dir.path().join(key);
+        std::fs::write(&p, secret[key].as_str().expect(key)).unwrap();
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    }
+    let member = format!("{RELEASE}-quarry-etcd-0.{RELEASE}-quarry-etcd-headless.{NAMESPACE}.svc");
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-checkhost", &member, "-in"])
+        .arg(dir.path().join("server.crt"))
+        .output()
+        .expect("the openssl command");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("does match"), "{member}: {said}");
+    let etcd = quarry_tests::etcd::Etcd::start_tls(quarry_tests::etcd::TlsFiles {
+        ca: dir.path().join("ca.crt"),
+        server_cert: dir.path().join("server.crt"),
+        server_key: dir.path().join("server.key"),
+        client_cert: dir.path().join("client.crt"),
+        client_key: dir.path().join("client.key"),
+    })
+    .await;
+    quarry_coordinator::state::etcd::EtcdStore::connect_with(
+        &etcd.access(),
+        "/chart",
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("the chart's client certificate is admitted");
+
+    // TLS off: plaintext as before, no Secret, no etcd flags.
+    let r = render(None, Some(r#"{"etcd":{"tls":{"enabled":false}}}"#)).unwrap();
+    let ca = argv(container(
+        r.get("Deployment", &name("coordinator")),
+        "coordinator",
+    ));
+    assert!(arg_after(&ca, "--state").starts_with("etcd://"), "{ca:?}");
+    assert!(!ca.iter().any(|a| a.starts_with("--etcd-")), "{ca:?}");
+    assert!(r.find("Secret", &name("etcd-tls")).is_none());
+    let etcd = container(r.get("StatefulSet", &name("etcd")), "etcd");
+    assert_eq!(
+        env_value(etcd, "ETCD_LISTEN_CLIENT_URLS"),
+        "http://0.0.0.0:2379"
+    );
+
+    // An external etcd with TLS and a user: the operator's Secrets, mounted and named.
+    let r = render(
+        None,
+        Some(
+            r#"{"etcd":{"enabled":false,"external":{"endpoints":["etcd.db:2379"],
+                "tlsSecret":"etcd-client","authSecret":"etcd-pw","user":"quarry"}}}"#,
+        ),
+    )
+    .unwrap();
+    let c = r.get("Deployment", &name("coordinator"));
+    let ca = argv(container(c, "coordinator"));
+    assert_eq!(arg_after(&ca, "--state"), "etcd+tls://etcd.db:2379/quarry");
+    assert_eq!(arg_after(&ca, "--etcd-user"), "quarry");
+    assert_eq!(
+        arg_after(&ca, "--etcd-password-file"),
+        "/etc/quarry/etcd-auth/password"
+    );
+    let vols = c["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(
+        vols.contains("etcd-client") && vols.contains("etcd-pw"),
+        "{vols}"
+    );
+    let err = render(
+        None,
+        Some(r#"{"etcd":{"enabled":false,"external":{"endpoints":["e:2379"],"authSecret":"pw"}}}"#),
+    )
+    .err()
+    .expect("authSecret without user is refused");
+    assert!(err.contains("etcd.external.user"), "{err}");
+}
+
+#[test]
 fn values_schema_rejects_bad_values() {
     // Helm's own schema check, as `helm install` runs it.
     for (values, path) in [
@@ -857,7 +1054,7 @@ fn values_schema_rejects_bad_values() {
     // Combinations the schema cannot express fail the render with a message naming the fix.
     for (values, msg) in [
         (r#"{"tls":{"enabled":true}}"#, "tls.serverSecret"),
-        (r#"{"auth":{"enabled":true}}"#, "auth.token"),
+        (r#"{"auth":{"enabled":false}}"#, "auth.allowUnauthenticated"),
         (r#"{"etcd":{"enabled":false}}"#, "etcd.external.endpoints"),
     ] {
         let err = match render(None, Some(values)) {

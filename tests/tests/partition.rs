@@ -53,6 +53,8 @@ async fn a_worker_cut_off_past_its_ttl_stops_its_run_and_comes_back() {
             &format!("file://{}", store.display()),
             "--lease-ttl",
             "3",
+            // The test is about the network: the link is private to it.
+            "--allow-unauthenticated",
         ],
         &log("coordinator.log"),
     );

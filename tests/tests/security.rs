@@ -11,110 +11,10 @@ use quarry_common::transport::{ClientSecurity, MAX_MESSAGE_BYTES};
 use quarry_proto::v1 as pb;
 use quarry_proto::v1::job_service_client::JobServiceClient;
 use quarry_tests::bin;
-use quarry_tests::cluster::start_serve_with;
+use quarry_tests::cluster::{error_line, serve_exits, start_serve_with};
+use quarry_tests::pki::Pki;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("the openssl command (Debian package openssl) is needed by this test");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA, a server certificate for localhost/127.0.0.1 and a client certificate, all signed
-/// by the CA; plus a second CA that signed nothing the server trusts.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        for ca in ["ca", "other-ca"] {
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    &format!("/CN=quarry test {ca}"),
-                    "-keyout",
-                    &format!("{ca}.key"),
-                    "-out",
-                    &format!("{ca}.pem"),
-                ],
-            );
-        }
-        std::fs::write(
-            d.join("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-        for (name, ca) in [("server", "ca"), ("client", "ca"), ("stranger", "other-ca")] {
-            let ext = if name == "server" {
-                "server.ext"
-            } else {
-                "client.ext"
-            };
-            openssl(
-                d,
-                &[
-                    "req",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-subj",
-                    &format!("/CN={name}"),
-                    "-keyout",
-                    &format!("{name}.key"),
-                    "-out",
-                    &format!("{name}.csr"),
-                ],
-            );
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &format!("{name}.csr"),
-                    "-CA",
-                    &format!("{ca}.pem"),
-                    "-CAkey",
-                    &format!("{ca}.key"),
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    ext,
-                    "-out",
-                    &format!("{name}.pem"),
-                ],
-            );
-        }
-        std::fs::write(d.join("token"), "quarry-test-token-1\n").unwrap();
-        std::fs::write(d.join("wrong-token"), "not-the-token\n").unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-}
 
 fn cli(args: &[&str]) -> Output {
     Command::new(bin("coordinator"))
@@ -138,7 +38,7 @@ fn serve_args(work: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn mutual_tls_and_token_admit_only_the_right_client() {
-    let pki = Pki::new();
+    let pki = Pki::generate();
     let work = tempfile::tempdir().unwrap();
     let (state, store) = serve_args(work.path());
     let state = format!("file://{}", state.display());
@@ -271,7 +171,7 @@ fn mutual_tls_and_token_admit_only_the_right_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_without_the_token_is_unauthenticated_but_probes_pass() {
-    let pki = Pki::new();
+    let pki = Pki::generate();
     let work = tempfile::tempdir().unwrap();
     let (state, store) = serve_args(work.path());
     let state = format!("file://{}", state.display());
@@ -324,4 +224,50 @@ async fn a_call_without_the_token_is_unauthenticated_but_probes_pass() {
             "service {service:?}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_to_start_unauthenticated_unless_told_to() {
+    let work = tempfile::tempdir().unwrap();
+    let (state, store) = serve_args(work.path());
+    let state = format!("file://{}", state.display());
+    let store = format!("file://{}", store.display());
+    let base = ["--state", state.as_str(), "--store", store.as_str()];
+
+    // Neither a token nor client certificates: exit status 2 and one sentence naming the
+    // flags that fix it; nothing listens.
+    let o = serve_exits(&base, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    let line = error_line(&o);
+    for flag in [
+        "--auth-token-file",
+        "--tls-client-ca",
+        "--allow-unauthenticated",
+    ] {
+        assert!(line.contains(flag), "{flag} not named: {line}");
+    }
+    assert!(!err.contains("coordinator listening on"), "{}", text(&o));
+    // TLS alone does not authenticate callers either.
+    let pki = Pki::generate();
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let mut with_tls = base.to_vec();
+    with_tls.extend(["--tls-cert", &cert, "--tls-key", &key]);
+    let o = serve_exits(&with_tls, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+
+    // Said explicitly, it serves, and answers a call without a token.
+    let log = work.path().join("open.log");
+    let mut open = base.to_vec();
+    open.push("--allow-unauthenticated");
+    let (_serve, addr) = start_serve_with(&open, &[], &log);
+    let mut c = JobServiceClient::new(ClientSecurity::plain().channel(&addr).unwrap());
+    assert!(
+        c.list_jobs(pb::ListJobsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
 }

@@ -107,8 +107,27 @@ DNS name, so the client fails over between members by itself. */}}
 {{- end }}
 {{- $hosts = .Values.etcd.external.endpoints }}
 {{- end }}
-{{- printf "etcd://%s/%s" (join "," $hosts) .Values.etcd.prefix }}
+{{- printf "%s://%s/%s" (ternary "etcd+tls" "etcd" (eq (include "quarry.etcdTls" .) "true")) (join "," $hosts) .Values.etcd.prefix }}
 {{- end }}
+
+{{/* "true" when the coordinator reaches etcd over TLS: the bundled etcd with etcd.tls, or an
+external one with etcd.external.tlsSecret. */}}
+{{- define "quarry.etcdTls" -}}
+{{- if .Values.etcd.enabled }}{{ .Values.etcd.tls.enabled }}{{ else }}{{ not (empty .Values.etcd.external.tlsSecret) }}{{ end }}
+{{- end }}
+
+{{/* The Secret with the etcd CA and certificates (ca.crt, client.crt, client.key; for the
+bundled etcd also server.crt, server.key). */}}
+{{- define "quarry.etcdTlsSecretName" -}}
+{{- if .Values.etcd.enabled }}
+{{- default (printf "%s-etcd-tls" (include "quarry.fullname" .)) .Values.etcd.tls.existingSecret }}
+{{- else }}
+{{- .Values.etcd.external.tlsSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "quarry.etcdTlsDir" -}}/etc/quarry/etcd-tls{{- end }}
+{{- define "quarry.etcdAuthDir" -}}/etc/quarry/etcd-auth{{- end }}
 
 {{/* The Secret with AWS_* settings, or "" when the store is not S3. */}}
 {{- define "quarry.storeSecretName" -}}
@@ -132,8 +151,11 @@ DNS name, so the client fails over between members by itself. */}}
 {{- if and .Values.tls.clientAuth (not .Values.tls.clientSecret) }}
 {{- fail "tls.clientAuth needs tls.clientSecret (the workers' tls.crt, tls.key and the client CA as ca.crt)" }}
 {{- end }}
-{{- if and .Values.auth.enabled (not .Values.auth.existingSecret) (not .Values.auth.token) }}
-{{- fail "auth.enabled needs auth.existingSecret or auth.token" }}
+{{- if and (not .Values.auth.enabled) (not .Values.tls.clientAuth) (not .Values.auth.allowUnauthenticated) }}
+{{- fail "auth.enabled=false without tls.clientAuth leaves the coordinator open to anyone who reaches it: keep auth.enabled (the chart generates a token), or set auth.allowUnauthenticated=true to run that way on purpose" }}
+{{- end }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.authSecret (not .Values.etcd.external.user) }}
+{{- fail "etcd.external.authSecret needs etcd.external.user (the etcd user whose password it holds)" }}
 {{- end }}
 {{- if and (not .Values.etcd.enabled) (not .Values.etcd.external.endpoints) }}
 {{- fail "etcd.enabled=false needs etcd.external.endpoints (host:port of an existing etcd)" }}
@@ -143,7 +165,7 @@ DNS name, so the client fails over between members by itself. */}}
 {{/* Checksums of the config and of the Secrets the chart writes: a change rolls the pods. */}}
 {{- define "quarry.checksums" -}}
 checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
-checksum/secret: {{ printf "%s%s" (include (print .Template.BasePath "/secret-store.yaml") .) (include (print .Template.BasePath "/secret-auth.yaml") .) | sha256sum }}
+checksum/secret: {{ printf "%s%s%s" (include (print .Template.BasePath "/secret-store.yaml") .) (include (print .Template.BasePath "/secret-auth.yaml") .) (include (print .Template.BasePath "/secret-etcd-tls.yaml") .) | sha256sum }}
 {{- end }}
 
 {{/* Environment every Quarry container gets besides the ConfigMap's. */}}
@@ -197,6 +219,20 @@ checksum/secret: {{ printf "%s%s" (include (print .Template.BasePath "/secret-st
 - {{ .Values.store.url }}
 - --lease-ttl
 - {{ .Values.coordinator.leaseTtlSeconds | quote }}
+{{- if eq (include "quarry.etcdTls" .) "true" }}
+- --etcd-ca
+- {{ include "quarry.etcdTlsDir" . }}/ca.crt
+- --etcd-cert
+- {{ include "quarry.etcdTlsDir" . }}/client.crt
+- --etcd-key
+- {{ include "quarry.etcdTlsDir" . }}/client.key
+{{- end }}
+{{- if and (not .Values.etcd.enabled) .Values.etcd.external.authSecret }}
+- --etcd-user
+- {{ .Values.etcd.external.user }}
+- --etcd-password-file
+- {{ include "quarry.etcdAuthDir" . }}/password
+{{- end }}
 {{- if .Values.coordinator.metrics.enabled }}
 - --metrics-listen
 - 0.0.0.0:{{ .Values.coordinator.metrics.port }}
@@ -214,6 +250,8 @@ checksum/secret: {{ printf "%s%s" (include (print .Template.BasePath "/secret-st
 {{- if .Values.auth.enabled }}
 - --auth-token-file
 - {{ include "quarry.authDir" . }}/{{ .Values.auth.secretKey }}
+{{- else if and .Values.auth.allowUnauthenticated (not .Values.tls.clientAuth) }}
+- --allow-unauthenticated
 {{- end }}
 {{- end }}
 
@@ -449,6 +487,28 @@ The coordinator takes only the client CA from the client Secret, never the worke
     items:
       - key: {{ $v.auth.secretKey }}
         path: {{ $v.auth.secretKey }}
+{{- end }}
+{{- if and (eq .role "coordinator") (eq (include "quarry.etcdTls" .ctx) "true") }}
+- name: etcd-tls
+  secret:
+    secretName: {{ include "quarry.etcdTlsSecretName" .ctx }}
+    defaultMode: 0440
+    items:
+      - key: ca.crt
+        path: ca.crt
+      - key: client.crt
+        path: client.crt
+      - key: client.key
+        path: client.key
+{{- end }}
+{{- if and (eq .role "coordinator") (not $v.etcd.enabled) $v.etcd.external.authSecret }}
+- name: etcd-auth
+  secret:
+    secretName: {{ $v.etcd.external.authSecret }}
+    defaultMode: 0440
+    items:
+      - key: password
+        path: password
 {{- end }}
 {{- end }}
 

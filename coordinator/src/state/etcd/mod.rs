@@ -28,15 +28,18 @@
 //! This file holds the store's handle, key layout, fence and request plumbing; the
 //! [`StateStore`] operations themselves are in `ops.rs`.
 
+mod access;
 mod ops;
+
+pub use access::{EtcdAccess, flags};
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, KvClient, SortOrder,
-    SortTarget, Txn, TxnOp, TxnOpResponse, TxnResponse,
+    Client, Compare, CompareOp, GetOptions, KeyValue, KvClient, SortOrder, SortTarget, Txn, TxnOp,
+    TxnOpResponse, TxnResponse,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -192,13 +195,25 @@ impl EtcdStore {
         prefix: &str,
         timeout: Duration,
     ) -> Result<EtcdStore, StateError> {
-        let shown = endpoints.join(",");
+        EtcdStore::connect_with(&EtcdAccess::plain(endpoints), prefix, timeout).await
+    }
+
+    /// [`EtcdStore::connect_with_timeout`] with TLS and credentials (`access`). A failure
+    /// to connect is explained naming the flag to fix ([`EtcdAccess::explain`]).
+    pub async fn connect_with(
+        access: &EtcdAccess,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<EtcdStore, StateError> {
+        let endpoints = access.endpoints();
+        let shown = access.shown();
         if endpoints.is_empty() {
             return Err(StateError::Backend(
                 "no etcd endpoints given for the state store".into(),
             ));
         }
-        let options = ConnectOptions::new()
+        let options = access
+            .options()
             .with_connect_timeout(timeout)
             .with_timeout(timeout)
             .with_keep_alive(Duration::from_secs(10), timeout)
@@ -209,7 +224,8 @@ impl EtcdStore {
                 Ok(Ok(client)) => client,
                 Ok(Err(e)) => {
                     return Err(StateError::Backend(format!(
-                        "connecting to etcd at {shown}: {e}"
+                        "connecting to etcd at {shown}: {}",
+                        access.explain(&e)
                     )));
                 }
                 Err(_) => {
@@ -223,21 +239,31 @@ impl EtcdStore {
                 .kv_client()
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
             prefix: prefix.trim_end_matches('/').to_string(),
-            endpoints: shown,
+            endpoints: shown.clone(),
             timeout,
             fence: None,
             commits: None,
             batched: Arc::default(),
         };
         // The client connects lazily: one read proves that etcd answers (and that this prefix
-        // may be read) before the coordinator relies on it.
-        store
-            .get(
-                "connect",
-                store.epoch_key(),
-                GetOptions::new().with_keys_only(),
-            )
-            .await?;
+        // may be read) before the coordinator relies on it; a TLS or permission failure shows
+        // here first, and is explained.
+        let mut kv = store.kv.clone();
+        let probe = kv.get(store.epoch_key(), Some(GetOptions::new().with_keys_only()));
+        match tokio::time::timeout(timeout, probe).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                return Err(StateError::Backend(format!(
+                    "connecting to etcd at {shown}: {}",
+                    access.explain(&e)
+                )));
+            }
+            Err(_) => {
+                return Err(StateError::Backend(format!(
+                    "connecting to etcd at {shown}: no answer within {timeout:?}"
+                )));
+            }
+        }
         Ok(store.with_batcher())
     }
 
