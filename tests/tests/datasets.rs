@@ -634,3 +634,26 @@ fn isaaclab_mimic_runs_with_the_round_seed_under_the_launcher() {
         "{out}"
     );
 }
+
+#[test]
+fn the_isaaclab_mimic_and_mimicgen_job_examples_are_valid_jobs() {
+    for (file, stats) in [
+        ("isaaclab_mimic_job.toml", None),
+        (
+            "mimicgen_job.toml",
+            Some("out/{name}/gen/important_stats.json"),
+        ),
+    ] {
+        let path = repo_root().join("deploy/examples").join(file);
+        let spec = quarry_cli::read_job_file(&path).expect("job file");
+        spec.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(spec.generator.stats.as_deref(), stats, "{file}");
+        assert!(
+            spec.generator
+                .argv
+                .iter()
+                .any(|a| a.contains("{batch_size}")),
+            "{file}"
+        );
+    }
+}
