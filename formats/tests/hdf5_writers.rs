@@ -56,8 +56,9 @@ for i, (r, name) in enumerate(kept):
     same_tree("demo_%d" % i, data["demo_%d" % i], src)
     total += int(src.attrs["num_samples"])
 assert int(data.attrs["total"]) == total, (data.attrs["total"], total)
-# Root attributes are the first round's (MimicGen's timestamps differ from round to round).
-want = dict(srcs[0]["data"].attrs)
+# Root attributes are the first round's holding a demo (MimicGen's timestamps differ from round
+# to round; a MimicGen run that kept no demo writes env_args "").
+want = dict(next((s for s in srcs if len(s["data"])), srcs[0])["data"].attrs)
 want.pop("total")
 got = dict(data.attrs)
 got.pop("total")
@@ -87,7 +88,8 @@ for mask in [None] + list(out.get("mask", {})):
 # array, seed and success from the attributes, env_name from env_args.
 def load(group):
     return {k: load(group[k]) if isinstance(group[k], h5py.Group) else np.array(group[k]) for k in group}
-env_name = json.loads(data.attrs["env_args"]).get("env_name")
+# (get_env_name runs per episode loaded: an empty file's env_args may be "".)
+env_name = json.loads(data.attrs["env_args"]).get("env_name") if kept else None
 assert len(data) == len(kept)
 for i, (r, name) in enumerate(kept):
     ep, src = data["demo_%d" % i], srcs[r]["data"][name]
@@ -149,6 +151,7 @@ impl Rounds {
         let code = "import sys, h5py; print('\\n'.join(sorted(h5py.File(sys.argv[1], 'r')['data'], key=lambda n: int(n[5:]))))";
         pyhelp::run_code(&self.py, code, &[self.paths[i].display().to_string()])
             .lines()
+            .filter(|l| !l.is_empty())
             .map(String::from)
             .collect()
     }
@@ -284,4 +287,39 @@ fn robomimic_rounds_with_split_train_val_masks() {
     assert_eq!(n, 27);
     // CHECK rebuilds mask/train and mask/valid from the rounds' and compares.
     r.check(&merged, &r.first(27));
+}
+
+/// What MimicGen's `merge_all_hdf5` writes when a run kept no demo: an empty `data` with
+/// `total` 0 and `env_args` "".
+const EMPTY_MIMICGEN: &str = r#"
+import sys, h5py
+with h5py.File(sys.argv[1], "w") as f:
+    g = f.create_group("data")
+    g.attrs["total"] = 0
+    g.attrs["env_args"] = ""
+"#;
+
+#[test]
+fn a_mimicgen_round_without_demos_merges_with_the_others() {
+    let mut r = rounds("mimicgen", "nut", &[(4, 3), (5, 4)]);
+    let empty = r.dir.path().join("empty.hdf5");
+    pyhelp::run_code(&r.py, EMPTY_MIMICGEN, &[empty.display().to_string()]);
+    assert_eq!(hdf5::inspect(&empty, None).unwrap().count, 0);
+    let (a, b) = (r.paths[0].clone(), r.paths[1].clone());
+    for (tag, order) in [
+        ("first", vec![empty.clone(), a.clone(), b.clone()]),
+        ("middle", vec![a.clone(), empty.clone(), b.clone()]),
+    ] {
+        r.paths = order;
+        let all = r.first(100);
+        let (merged, n) = r.merge(tag, 100, None);
+        assert_eq!(n as usize, all.len(), "{tag}");
+        // CHECK: the final's data attributes are the first round's that holds a demo.
+        r.check(&merged, &all);
+    }
+    // Alone, it merges to an empty final with its own attributes.
+    r.paths = vec![empty];
+    let (merged, n) = r.merge("alone", 100, None);
+    assert_eq!(n, 0);
+    r.check(&merged, &[]);
 }

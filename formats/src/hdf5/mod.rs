@@ -35,10 +35,12 @@
 //!   demo_10); drops demos failing the filter, then duplicates, then stops at the limit (inputs
 //!   after the one that reaches it are not opened, input 0 always is); copies each kept demo
 //!   whole (`H5Ocopy`: datasets with their chunking and compression, attributes) to
-//!   `data/demo_<k>`, k counting from 0; writes `data.total`; copies `env_args` (which must be
-//!   equal in every input opened) and input 0's other `data` attributes, so attributes that
-//!   differ from round to round (MimicGen's `timestamp` and `readable_timestamp`) are the first
-//!   round's in merge order, the same whenever the same rounds are merged; rebuilds each
+//!   `data/demo_<k>`, k counting from 0; writes `data.total`; copies the `data` attributes of
+//!   the first input holding a demo (input 0 when none does), so attributes that differ from
+//!   round to round (MimicGen's `timestamp` and `readable_timestamp`) are the first round's in
+//!   merge order, the same whenever the same rounds are merged; requires `env_args` equal in
+//!   every input opened that holds a demo (an input without demos is not compared: MimicGen
+//!   writes `env_args` "" when a run kept none); rebuilds each
 //!   `mask/<key>` (keys of every input opened, in first-seen order) with the kept demos' new
 //!   names in merged order.
 //! - [`examine`] walks every demo, reporting numeric attributes as `attrs.<name>` and numeric
@@ -178,6 +180,8 @@ pub fn merge(
     let mut summary = MergeSummary::default();
     let mut total = 0u64;
     let mut env_args: Option<Vec<u8>> = None;
+    // The input (its file name) whose `data` attributes the final has.
+    let mut attrs_from: Option<String> = None;
     let mut layout0: Option<(usize, String, Vec<Entry>)> = None;
     let mut seen: HashSet<[u8; 32]> = HashSet::new();
     // Mask keys in first-seen order, with the new names of the kept demos they list.
@@ -198,25 +202,29 @@ pub fn merge(
                 format!("holds {} demos but was committed with {want}", demos.len()),
             ));
         }
-        let args = src.data_string_attr("env_args")?;
-        if i == 0 {
-            for name in h.attr_names(&src.data).map_err(at(&src.file, "data"))? {
-                if name != "total" {
-                    h.copy_attr(&src.data, &name, &dst_data)
-                        .map_err(at(&src.file, &format!("data.{name}")))?;
+        // A round without demos neither sets nor must match the data attributes: MimicGen's
+        // merge_all_hdf5 writes env_args "" when a run kept no demo.
+        if !demos.is_empty() {
+            let args = src.data_string_attr("env_args")?;
+            match &attrs_from {
+                None => {
+                    copy_data_attrs(&h, &src, &dst_data)?;
+                    attrs_from = Some(src.file.clone());
+                    env_args = args;
                 }
+                Some(first) if args != env_args => {
+                    return Err(DatasetError::Mismatch {
+                        input: i,
+                        what: format!(
+                            "data.env_args differs: {} in {first}, {} in {}",
+                            excerpt(&env_args),
+                            excerpt(&args),
+                            src.file
+                        ),
+                    });
+                }
+                Some(_) => {}
             }
-            env_args = args;
-        } else if args != env_args {
-            return Err(DatasetError::Mismatch {
-                input: i,
-                what: format!(
-                    "data.env_args differs: {} in input 0, {} in {}",
-                    excerpt(&env_args),
-                    excerpt(&args),
-                    src.file
-                ),
-            });
         }
         let input_masks = src.masks()?;
         any_mask_group |= h.exists(&src.root, "mask").map_err(at(&src.file, "mask"))?;
@@ -288,6 +296,10 @@ pub fn merge(
         }
     }
 
+    if attrs_from.is_none() {
+        // No input holds a demo: the final is empty, with input 0's attributes.
+        copy_data_attrs(&h, &Source::open(&h, &inputs[0])?, &dst_data)?;
+    }
     let total = i64::try_from(total).map_err(|_| DatasetError::Unsupported {
         reason: format!("{total} samples overflow data.total"),
     })?;
@@ -310,6 +322,21 @@ pub fn merge(
         .map_err(DatasetError::io("stat", out))?
         .len();
     Ok(summary)
+}
+
+/// Copies the `data` attributes of `src` but `total` to `dst_data`.
+fn copy_data_attrs(
+    h: &ffi::Hdf5,
+    src: &Source<'_>,
+    dst_data: &ffi::Id<'_>,
+) -> Result<(), DatasetError> {
+    for name in h.attr_names(&src.data).map_err(at(&src.file, "data"))? {
+        if name != "total" {
+            h.copy_attr(&src.data, &name, dst_data)
+                .map_err(at(&src.file, &format!("data.{name}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// [`crate::examine`] for robomimic HDF5 (see the module documentation).
