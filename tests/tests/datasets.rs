@@ -418,3 +418,242 @@ for k in parts[0].files:
 "#;
     run_format_job("nz", "npz_gen.py", "batch.npz", None, check).await;
 }
+
+/// A job running `deploy/examples/mimic_layouts_gen.py --layout LAYOUT` (rounds laid out as
+/// IsaacLab Mimic or MimicGen write them); 2 objects, quota 25, batch 10, `extra` appended to
+/// `[generator]`.
+fn layout_job(exp: &str, root: &Path, layout: &str, extra: &str) -> String {
+    format!(
+        r#"
+exp_name = "{exp}"
+objects = ["cube", "nut"]
+target_count_per_object = 25
+round_batch_size = 10
+seed_base = 11
+root = "{root}"
+
+[generator]
+argv = ["{py}", "{generator}", "--layout", "{layout}", "--seed", "{{seed}}", "--object", "{{object}}",
+        "--batch_size", "{{batch_size}}", "--out", "out/{{name}}/demo.hdf5"]
+output = "out/{{name}}/demo.hdf5"
+round_dir = "out/{{name}}"
+{extra}
+"#,
+        root = root.display(),
+        py = python(),
+        generator = repo_root()
+            .join("deploy/examples/mimic_layouts_gen.py")
+            .display(),
+    )
+}
+
+/// `check FINAL GEN LAYOUT OBJECT BATCH SEEDS LIMIT`: regenerates the rounds of SEEDS, and
+/// checks that the final holds their first LIMIT demos renumbered `demo_0...` in round order,
+/// every group, dataset (values, dtype, shape, compression) and attribute equal to its source
+/// round's, `data.total` their num_samples summed, the other `data` attributes the first
+/// round's. Prints the number of demos each round held.
+const LAYOUT_CHECK: &str = r#"
+import json, os, subprocess, sys, tempfile
+import numpy as np, h5py
+final, gen, layout, obj, batch, seeds, limit = sys.argv[1:8]
+seeds, limit = json.loads(seeds), int(limit)
+tmp = tempfile.mkdtemp()
+rounds = []
+for s in seeds:
+    p = os.path.join(tmp, str(s), "demo.hdf5")
+    subprocess.run([sys.executable, gen, "--layout", layout, "--seed", str(s), "--object", obj,
+                    "--batch_size", batch, "--out", p], check=True, capture_output=True)
+    rounds.append(h5py.File(p, "r"))
+src = [(f, n) for f in rounds for n in sorted(f["data"], key=lambda n: int(n[5:]))]
+out = h5py.File(final, "r")
+names = sorted(out["data"], key=lambda n: int(n[5:]))
+assert names == ["demo_%d" % i for i in range(limit)], names
+def attrs_equal(where, a, b):
+    assert sorted(a.keys()) == sorted(b.keys()), where
+    for k in a.keys():
+        assert type(a[k]) is type(b[k]) and np.array_equal(a[k], b[k]), (where, k)
+def same(where, a, b):
+    assert sorted(a.keys()) == sorted(b.keys()), where
+    attrs_equal(where, a.attrs, b.attrs)
+    for k in a.keys():
+        if isinstance(a[k], h5py.Group):
+            same(where + "/" + k, a[k], b[k])
+        else:
+            x, y = a[k], b[k]
+            assert (x.dtype, x.shape, x.compression) == (y.dtype, y.shape, y.compression), (where, k)
+            assert np.array_equal(x[()], y[()]), (where, k)
+total = 0
+for i, (f, n) in enumerate(src[:limit]):
+    same("demo_%d" % i, out["data"]["demo_%d" % i], f["data"][n])
+    total += int(f["data"][n].attrs["num_samples"])
+assert int(out["data"].attrs["total"]) == total, (out["data"].attrs["total"], total)
+want = {k: v for k, v in rounds[0]["data"].attrs.items() if k != "total"}
+got = {k: v for k, v in out["data"].attrs.items() if k != "total"}
+attrs_equal("data", got, want)
+print(json.dumps([len(f["data"]) for f in rounds]))
+"#;
+
+/// Runs a [`layout_job`] to the end and checks both finals with [`LAYOUT_CHECK`]; returns the
+/// manifest and, per object, the demos each of its rounds held.
+async fn run_layout_job(
+    exp: &str,
+    layout: &str,
+    extra: &str,
+) -> (serde_json::Value, Vec<Vec<u64>>) {
+    let root = tempfile::tempdir().expect("tempdir");
+    let toml = layout_job(exp, root.path(), layout, extra);
+    let out = run_job(root.path(), &toml, &["--gpus", "0,1"]).await;
+    assert_eq!(
+        out.status.state,
+        pb::JobState::Done as i32,
+        "{:?}",
+        out.status
+    );
+    let m = manifest(root.path(), exp);
+    let generator = repo_root().join("deploy/examples/mimic_layouts_gen.py");
+    let mut held = Vec::new();
+    for o in ["cube", "nut"] {
+        let entry = &m["objects"][o];
+        assert_eq!(entry["collected"], 25, "{entry}");
+        let f = finals(root.path(), exp, o);
+        assert_eq!(entry["final_sha256"], sha256_file(&f[0]), "{o}");
+        let printed = run_python(
+            &python(),
+            LAYOUT_CHECK,
+            &[
+                f[0].to_str().expect("path"),
+                generator.to_str().expect("path"),
+                layout,
+                o,
+                "10",
+                &serde_json::to_string(&seeds_of(&m, o)).expect("json"),
+                "25",
+            ],
+        );
+        held.push(serde_json::from_str(printed.trim()).expect("counts"));
+    }
+    assert!(
+        files_under(&root.path().join("out")).is_empty(),
+        "{:?}",
+        files_under(&root.path().join("out"))
+    );
+    (m, held)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isaaclab_mimic_rounds_merge_demo_for_demo() {
+    let (m, held) = run_layout_job("isaac", "isaaclab", "").await;
+    for (o, counts) in ["cube", "nut"].iter().zip(held) {
+        // Three rounds of 10 demos, the last cut to the quota.
+        assert_eq!(counts, [10, 10, 10], "{o}: {}", m["objects"][o]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mimicgen_rounds_merge_and_report_their_important_stats() {
+    // The job names MimicGen's own important_stats.json as the yield sidecar: no wrapper.
+    let (m, held) = run_layout_job(
+        "mimicgen",
+        "mimicgen",
+        r#"stats = "out/{name}/important_stats.json""#,
+    )
+    .await;
+    for (o, counts) in ["cube", "nut"].iter().zip(held) {
+        let entry = &m["objects"][o];
+        let commits = entry["commits"].as_array().expect("commits");
+        let written: u64 = commits
+            .iter()
+            .map(|c| c["count"].as_u64().expect("count"))
+            .sum();
+        // The rounds the final holds (more may have been committed) hold the demos their
+        // commits counted.
+        let counted: Vec<u64> = seeds_of(&m, o)
+            .iter()
+            .map(|s| {
+                let c = commits.iter().find(|c| c["seed"] == *s).expect("commit");
+                c["count"].as_u64().expect("count")
+            })
+            .collect();
+        assert_eq!(counts, counted, "{o}: {entry}");
+        // num_attempts is the batch size, num_success the demos in demo.hdf5.
+        assert_eq!(entry["attempts"], 10 * commits.len() as u64, "{entry}");
+        assert_eq!(entry["successes"], written, "{entry}");
+        assert!(written < 10 * commits.len() as u64, "{entry}");
+    }
+}
+
+/// Stands in for IsaacLab: `isaaclab_mimic.datagen.generation.setup_env_config` returning a
+/// config whose datagen seed is the task's fixed 1, and a `generate_dataset.py` that imports it
+/// the way the real script does and prints the seeds it would generate with.
+const FAKE_ISAACLAB: &str = r#"
+import os, subprocess, sys, tempfile
+launcher = sys.argv[1]
+d = tempfile.mkdtemp()
+os.makedirs(os.path.join(d, "isaaclab_mimic", "datagen"))
+for p in ("isaaclab_mimic", "isaaclab_mimic/datagen"):
+    open(os.path.join(d, p, "__init__.py"), "w").close()
+with open(os.path.join(d, "isaaclab_mimic/datagen/generation.py"), "w") as f:
+    f.write("""
+import types
+def setup_env_config(env_name, output_dir, output_file_name, num_envs, device, generation_num_trials=None):
+    cfg = types.SimpleNamespace(seed=None, datagen_config=types.SimpleNamespace(seed=1))
+    return cfg, "success"
+""")
+with open(os.path.join(d, "generate_dataset.py"), "w") as f:
+    f.write("""
+import sys
+from isaaclab_mimic.datagen.generation import setup_env_config
+cfg, term = setup_env_config("Task", "out", "gen", 1, "cuda")
+print(cfg.datagen_config.seed, cfg.seed, term, sys.argv[1:])
+""")
+env = dict(os.environ, PYTHONPATH=d, QUARRY_SEED="4217")
+run = lambda *a: subprocess.run([sys.executable, *a], env=env, check=True, capture_output=True, text=True).stdout.strip()
+script = os.path.join(d, "generate_dataset.py")
+print(run(script, "--headless"))
+print(run(launcher, script, "--headless", "--num_envs", "2"))
+print(run(launcher, "--seed", "7", script))
+"#;
+
+#[test]
+fn isaaclab_mimic_runs_with_the_round_seed_under_the_launcher() {
+    let launcher = repo_root().join("deploy/examples/isaaclab_mimic_seed.py");
+    let out = run_python(
+        &python(),
+        FAKE_ISAACLAB,
+        &[launcher.to_str().expect("path")],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            // Unwrapped, every round would use the task's fixed seed.
+            "1 None success ['--headless']",
+            "4217 4217 success ['--headless', '--num_envs', '2']",
+            "7 7 success []",
+        ],
+        "{out}"
+    );
+}
+
+#[test]
+fn the_isaaclab_mimic_and_mimicgen_job_examples_are_valid_jobs() {
+    for (file, stats) in [
+        ("isaaclab_mimic_job.toml", None),
+        (
+            "mimicgen_job.toml",
+            Some("out/{name}/gen/important_stats.json"),
+        ),
+    ] {
+        let path = repo_root().join("deploy/examples").join(file);
+        let spec = quarry_cli::read_job_file(&path).expect("job file");
+        spec.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(spec.generator.stats.as_deref(), stats, "{file}");
+        assert!(
+            spec.generator
+                .argv
+                .iter()
+                .any(|a| a.contains("{batch_size}")),
+            "{file}"
+        );
+    }
+}

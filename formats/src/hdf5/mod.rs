@@ -1,16 +1,29 @@
-//! The robomimic HDF5 format (as robomimic and MimicGen write it): a sample is a demo.
+//! The robomimic HDF5 format, as robomimic, MimicGen and IsaacLab (Mimic) write it: a sample
+//! is a demo.
 //!
 //! ```text
-//! data                 attrs: total (sum of the demos' num_samples), env_args (JSON string)
-//! data/demo_<i>        attrs: num_samples (and any others, e.g. success)
-//!     actions, rewards, dones, states, obs/<key>, next_obs/<key>, ...   first axis: num_samples
-//! mask/<filter key>    1-D fixed-length byte strings naming demos (b"demo_3")
+//! data                 attrs: total (sum of the demos' num_samples), env_args (JSON string),
+//!                             any others (MimicGen: timestamp, readable_timestamp)
+//! data/demo_<i>        attrs: num_samples (the rows of actions) and any others (success, seed,
+//!                             model_file)
+//!     time-indexed, first axis num_samples: actions, rewards, dones, states, obs/<key>,
+//!         next_obs/<key>, states/articulation/<name>/joint_position (IsaacLab),
+//!         datagen_info/object_poses/<obj> (MimicGen), src_demo_labels (T, 1), ...
+//!     per-episode, any other shape: initial_state/... (IsaacLab, first axis 1),
+//!         src_demo_inds (MimicGen, one row per subtask), scalars
+//!     groups nest to any depth (up to MAX_DEPTH)
+//! mask/<filter key>    1-D fixed-length byte strings naming demos (b"demo_3"); optional
 //! ```
 //!
-//! - [`inspect`] opens the file, requires `data`, demo names `demo_<number>`, every dataset's
-//!   first axis equal to its demo's `num_samples` (when the demo has one), the same datasets
-//!   (paths, dtypes, shapes after the first axis) in every demo, and masks naming existing
-//!   demos. A demo's groups are walked with bounds (`MAX_DEPTH` and its neighbours in
+//! - [`inspect`] opens the file, requires `data`, demo names `demo_<number>`, `actions` (when
+//!   the demo has it) with `num_samples` rows (every writer sets `num_samples` from it), the
+//!   same datasets (paths, dtypes, shapes after the first axis) in every demo, and masks naming
+//!   existing demos. Other datasets may be time-indexed or per-episode: the two cannot be told
+//!   apart in general (a one-step demo's `initial_state` looks time-indexed), so both are held
+//!   to the same rule, dtype and trailing shape equal in every demo, and copied whole. A
+//!   per-episode dataset's first axis may therefore differ between demos (MimicGen's
+//!   `src_demo_inds` is as long as the task has subtasks; two tasks would still agree on
+//!   everything else). A demo's groups are walked with bounds (`MAX_DEPTH` and its neighbours in
 //!   `tree.rs`): a hard link back to a group containing it (a cycle), nesting deeper than 32
 //!   groups, more than 16,384 links followed in one demo, more than 2^20 links in one group,
 //!   and soft or external links are errors naming the place (`link cycle at
@@ -22,16 +35,21 @@
 //!   demo_10); drops demos failing the filter, then duplicates, then stops at the limit (inputs
 //!   after the one that reaches it are not opened, input 0 always is); copies each kept demo
 //!   whole (`H5Ocopy`: datasets with their chunking and compression, attributes) to
-//!   `data/demo_<k>`, k counting from 0; writes `data.total`; copies `env_args` (which must be
-//!   equal in every input opened) and input 0's other `data` attributes; rebuilds each
+//!   `data/demo_<k>`, k counting from 0; writes `data.total`; copies the `data` attributes of
+//!   the first input holding a demo (input 0 when none does), so attributes that differ from
+//!   round to round (MimicGen's `timestamp` and `readable_timestamp`) are the first round's in
+//!   merge order, the same whenever the same rounds are merged; requires `env_args` equal in
+//!   every input opened that holds a demo (an input without demos is not compared: MimicGen
+//!   writes `env_args` "" when a run kept none); rebuilds each
 //!   `mask/<key>` (keys of every input opened, in first-seen order) with the kept demos' new
 //!   names in merged order.
 //! - [`examine`] walks every demo, reporting numeric attributes as `attrs.<name>` and numeric
 //!   datasets as their path (those over [`EXAMINE_MAX_ELEMENTS`] elements are checked but not
-//!   reported), and problems: a first axis that is not `num_samples`, NaN or infinite floats,
-//!   a missing `num_samples`, a demo laid out unlike the first, a wrong `data.total`.
+//!   reported), and problems: `actions` whose first axis is not `num_samples`, NaN or infinite
+//!   floats, a missing `num_samples`, a demo laid out unlike the first, a wrong `data.total`.
 //!
-//! Filter fields are a demo attribute (`num_samples`, `success`) or else a one-element numeric
+//! Filter fields are a numeric or boolean demo attribute (`num_samples`, `seed`, `success`:
+//! h5py stores a bool as an enum of FALSE = 0 and TRUE = 1) or else a one-element numeric
 //! dataset in the demo (`obs.success` for `obs/success`). De-duplication fields are datasets of
 //! the demo (`actions`, `obs/eef_pos`): two demos are duplicates when those datasets have the
 //! same dtypes, shapes and bytes.
@@ -162,6 +180,8 @@ pub fn merge(
     let mut summary = MergeSummary::default();
     let mut total = 0u64;
     let mut env_args: Option<Vec<u8>> = None;
+    // The input (its file name) whose `data` attributes the final has.
+    let mut attrs_from: Option<String> = None;
     let mut layout0: Option<(usize, String, Vec<Entry>)> = None;
     let mut seen: HashSet<[u8; 32]> = HashSet::new();
     // Mask keys in first-seen order, with the new names of the kept demos they list.
@@ -182,25 +202,29 @@ pub fn merge(
                 format!("holds {} demos but was committed with {want}", demos.len()),
             ));
         }
-        let args = src.data_string_attr("env_args")?;
-        if i == 0 {
-            for name in h.attr_names(&src.data).map_err(at(&src.file, "data"))? {
-                if name != "total" {
-                    h.copy_attr(&src.data, &name, &dst_data)
-                        .map_err(at(&src.file, &format!("data.{name}")))?;
+        // A round without demos neither sets nor must match the data attributes: MimicGen's
+        // merge_all_hdf5 writes env_args "" when a run kept no demo.
+        if !demos.is_empty() {
+            let args = src.data_string_attr("env_args")?;
+            match &attrs_from {
+                None => {
+                    copy_data_attrs(&h, &src, &dst_data)?;
+                    attrs_from = Some(src.file.clone());
+                    env_args = args;
                 }
+                Some(first) if args != env_args => {
+                    return Err(DatasetError::Mismatch {
+                        input: i,
+                        what: format!(
+                            "data.env_args differs: {} in {first}, {} in {}",
+                            excerpt(&env_args),
+                            excerpt(&args),
+                            src.file
+                        ),
+                    });
+                }
+                Some(_) => {}
             }
-            env_args = args;
-        } else if args != env_args {
-            return Err(DatasetError::Mismatch {
-                input: i,
-                what: format!(
-                    "data.env_args differs: {} in input 0, {} in {}",
-                    excerpt(&env_args),
-                    excerpt(&args),
-                    src.file
-                ),
-            });
         }
         let input_masks = src.masks()?;
         any_mask_group |= h.exists(&src.root, "mask").map_err(at(&src.file, "mask"))?;
@@ -272,6 +296,10 @@ pub fn merge(
         }
     }
 
+    if attrs_from.is_none() {
+        // No input holds a demo: the final is empty, with input 0's attributes.
+        copy_data_attrs(&h, &Source::open(&h, &inputs[0])?, &dst_data)?;
+    }
     let total = i64::try_from(total).map_err(|_| DatasetError::Unsupported {
         reason: format!("{total} samples overflow data.total"),
     })?;
@@ -294,6 +322,21 @@ pub fn merge(
         .map_err(DatasetError::io("stat", out))?
         .len();
     Ok(summary)
+}
+
+/// Copies the `data` attributes of `src` but `total` to `dst_data`.
+fn copy_data_attrs(
+    h: &ffi::Hdf5,
+    src: &Source<'_>,
+    dst_data: &ffi::Id<'_>,
+) -> Result<(), DatasetError> {
+    for name in h.attr_names(&src.data).map_err(at(&src.file, "data"))? {
+        if name != "total" {
+            h.copy_attr(&src.data, &name, dst_data)
+                .map_err(at(&src.file, &format!("data.{name}")))?;
+        }
+    }
+    Ok(())
 }
 
 /// [`crate::examine`] for robomimic HDF5 (see the module documentation).
@@ -393,13 +436,8 @@ fn examine_demo(
     }
     for e in &layout {
         let here = src.place(&format!("{place}/{}", e.path));
-        if let (Some(n), Some(&rows)) = (ns, e.dims.first())
-            && rows != n
-        {
-            observer.problem(
-                &here,
-                &format!("first axis is {rows} but the demo's num_samples is {n}"),
-            );
+        if let Some(why) = ns.and_then(|n| tree::length_problem(e, n)) {
+            observer.problem(&here, &why);
         }
         if !tree::is_numeric(&e.info) {
             continue;

@@ -700,7 +700,28 @@ fn hard_link(
     }
 }
 
-/// Checks that every dataset's first axis is `num_samples` (when the demo has one).
+/// The dataset whose rows every known writer counts into `num_samples` (robomimic,
+/// MimicGen's `write_demo_to_hdf5`, IsaacLab's `HDF5DatasetFileHandler.write_episode`).
+pub const STEP_DATASET: &str = "actions";
+
+/// Why `entry` cannot be in a demo of `num_samples` steps, if it cannot: only
+/// [`STEP_DATASET`] is held to `num_samples` rows. Every other dataset is either time-indexed
+/// (first axis `num_samples`: `obs/…`, `states/…`, `datagen_info/…`) or per-episode (any
+/// other shape: IsaacLab's `initial_state/…` with first axis 1, MimicGen's `src_demo_inds`
+/// with one row per subtask, scalars); the two cannot be told apart in general (a one-step
+/// demo's `initial_state` looks time-indexed), and both are copied whole.
+pub fn length_problem(entry: &Entry, num_samples: u64) -> Option<String> {
+    match entry.dims.first() {
+        Some(&rows) if entry.path == STEP_DATASET && rows != num_samples => Some(format!(
+            "first axis is {rows} but the demo's num_samples is {num_samples} (num_samples \
+             counts the rows of {STEP_DATASET})"
+        )),
+        _ => None,
+    }
+}
+
+/// Checks the demo's [`STEP_DATASET`] against its `num_samples` (when it has one); see
+/// [`length_problem`].
 pub fn check_lengths(
     src: &Source<'_>,
     place: &str,
@@ -711,13 +732,8 @@ pub fn check_lengths(
         return Ok(());
     };
     for e in layout {
-        if let Some(&first) = e.dims.first()
-            && first != n
-        {
-            return Err(src.invalid(
-                &format!("{place}/{}", e.path),
-                format!("first axis is {first} but the demo's num_samples is {n}"),
-            ));
+        if let Some(why) = length_problem(e, n) {
+            return Err(src.invalid(&format!("{place}/{}", e.path), why));
         }
     }
     Ok(())

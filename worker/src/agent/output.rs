@@ -27,6 +27,11 @@ use sha2::{Digest, Sha256};
 
 use super::staged::{self, Hashed, Staging};
 
+/// MimicGen's names for a run's trials and kept demos in `important_stats.json`
+/// (`mimicgen/scripts/generate_dataset.py`, `get_important_stats`).
+const MIMICGEN_ATTEMPTS: &str = "num_attempts";
+const MIMICGEN_SUCCESSES: &str = "num_success";
+
 /// The most bytes read of a yield sidecar.
 pub(super) const SIDECAR_LIMIT: u64 = 64 * 1024;
 
@@ -240,8 +245,10 @@ pub(super) fn remove_stale(path: &Path) {
 }
 
 /// Reads the generator's yield sidecar: `{"attempts": A, "successes": S}`, whole numbers with
-/// `successes <= attempts`. A sidecar the job names but the generator did not write is an
-/// error: the round's yield would be unknown.
+/// `successes <= attempts`, or MimicGen's `important_stats.json` as its `generate_dataset.py`
+/// writes it (`num_attempts`, `num_success`, used when `attempts` and `successes` are both
+/// absent), so a MimicGen run needs no wrapper to report its yield. A sidecar the job names
+/// but the generator did not write is an error: the round's yield would be unknown.
 pub(super) fn read_yield(path: &Path, rel: &str) -> Result<pb::RoundYield, Refused> {
     let why = |e: String| format!("yield sidecar {rel}: {e} (the job's generator.stats names it)");
     let data = staged::open_regular(path)
@@ -259,7 +266,8 @@ pub(super) fn read_yield(path: &Path, rel: &str) -> Result<pb::RoundYield, Refus
         refused(
             pb::FailureKind::OutputInvalid,
             format!(
-                "yield sidecar {rel}: {why}; write {{\"attempts\": <trials>, \"successes\": <kept>}}"
+                "yield sidecar {rel}: {why}; write {{\"attempts\": <trials>, \"successes\": <kept>}} \
+                 (or name MimicGen's important_stats.json)"
             ),
         )
     };
@@ -269,8 +277,14 @@ pub(super) fn read_yield(path: &Path, rel: &str) -> Result<pb::RoundYield, Refus
             .and_then(serde_json::Value::as_u64)
             .ok_or_else(|| bad(&format!("\"{k}\" is missing or not a whole number")))
     };
-    let attempts = field("attempts")?;
-    let successes = field("successes")?;
+    let mimicgen = v.get("attempts").is_none()
+        && v.get("successes").is_none()
+        && v.get(MIMICGEN_ATTEMPTS).is_some();
+    let (attempts, successes) = if mimicgen {
+        (field(MIMICGEN_ATTEMPTS)?, field(MIMICGEN_SUCCESSES)?)
+    } else {
+        (field("attempts")?, field("successes")?)
+    };
     if successes > attempts {
         return Err(bad(&format!(
             "{successes} successes of {attempts} attempts"
@@ -305,6 +319,23 @@ mod tests {
             assert!(e.message.contains(why), "{text}: {}", e.message);
             assert_eq!(e.kind, pb::FailureKind::OutputInvalid);
         }
+        // MimicGen's important_stats.json, as its generate_dataset.py writes it.
+        std::fs::write(
+            &p,
+            r#"{"generation_path": "/out/square", "success_rate": 70.0, "failure_rate": 30.0,
+                "num_success": 7, "num_failures": 3, "num_attempts": 10, "num_problematic": 1,
+                "ep_length_mean": 151.2, "time spent (hrs)": "0.02"}"#,
+        )
+        .unwrap();
+        let y = read_yield(&p, "s.json").map_err(|r| r.message).unwrap();
+        assert_eq!((y.attempts, y.successes), (10, 7));
+        std::fs::write(&p, r#"{"num_attempts": 10, "num_failures": 3}"#).unwrap();
+        let e = read_yield(&p, "s.json").err().unwrap();
+        assert!(
+            e.message.contains("\"num_success\" is missing"),
+            "{}",
+            e.message
+        );
         let e = read_yield(&t.path().join("none.json"), "none.json")
             .err()
             .unwrap();
