@@ -11,6 +11,7 @@
 //! that cannot reach the coordinator for longer than its lease TTL fences itself: it kills
 //! its run and discards its staging, because the coordinator has re-issued the round by then.
 
+mod deadline;
 mod outbox;
 mod output;
 mod round;
@@ -27,6 +28,8 @@ use quarry_common::storage::Store;
 use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+pub use deadline::Deadline;
 
 use crate::connect::{ConnectError, coordinators, register};
 use crate::gpu::{GpuInfo, Inventory, NoInventory};
@@ -70,6 +73,11 @@ pub struct AgentConfig {
     pub gpu_wait: Duration,
     /// Free space (MiB) needed under the task root before a round is accepted.
     pub min_scratch_mib: u64,
+    /// The name the agent registers under (`--name`; the coordinator makes the worker id
+    /// from it); empty: `<host>-gpu<id>`.
+    pub name: String,
+    /// The end of the allocation this worker runs in, shared by its agents.
+    pub deadline: Option<Arc<Deadline>>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -105,6 +113,8 @@ impl AgentConfig {
             sample_interval: Duration::from_secs(1),
             gpu_wait: Duration::from_secs(60),
             min_scratch_mib: 1024,
+            name: String::new(),
+            deadline: None,
         }
     }
 }
@@ -253,7 +263,7 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
         let req = pb::RegisterRequest {
             host: cfg.host.clone(),
             gpu: gpu.clone(),
-            agent_name: String::new(),
+            agent_name: cfg.name.clone(),
             gpu_info: Some(cfg.gpu.to_proto()),
             running: Vec::new(),
             // A first registration: nothing to prove.

@@ -175,6 +175,9 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
         }
     };
     let generator_ms = report.duration.as_millis() as u64;
+    if let Some(d) = &s.cfg.deadline {
+        d.observe(report.duration);
+    }
     let outcome = match report.outcome {
         RunOutcome::Cancelled => Outcome::Stopped,
         // The agent drains because it was told to stop (SIGTERM, Ctrl-C), and the same signal

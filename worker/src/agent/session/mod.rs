@@ -306,7 +306,7 @@ impl Session {
         let req = pb::RegisterRequest {
             host: self.cfg.host.clone(),
             gpu: self.cfg.gpu.id.clone(),
-            agent_name: String::new(),
+            agent_name: self.cfg.name.clone(),
             gpu_info: Some(self.cfg.gpu.to_proto()),
             running,
             previous_worker_id: previous.worker_id,
@@ -461,6 +461,17 @@ impl Session {
         let mut backoff = Backoff::new();
         loop {
             if self.shutdown.drain.is_cancelled() || self.lost.is_cancelled() {
+                return Vec::new();
+            }
+            if let Some(why) = self
+                .cfg
+                .deadline
+                .as_ref()
+                .and_then(|d| d.refuses(std::time::SystemTime::now()))
+            {
+                warn!(gpu = %self.cfg.gpu.id, reason = %why, "draining: no new rounds before the allocation ends");
+                self.set_state(format!("draining: {why}"));
+                self.shutdown.drain.cancel();
                 return Vec::new();
             }
             if let Some(why) = self.gate() {
