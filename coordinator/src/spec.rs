@@ -104,6 +104,39 @@ pub struct GeneratorSpec {
     /// agent waits (another process may be using the GPU). Not checked without NVML.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_free_gpu_memory_mib: Option<u64>,
+    /// `process` (default): one generator process per round. `warm`: one long-lived process
+    /// per agent, handed rounds one JSON line at a time (see `docs/job-file.md`, "Warm
+    /// generators"); its argv, cwd and env may not use per-round placeholders.
+    #[serde(default = "default_mode", skip_serializing_if = "is_process_mode")]
+    pub mode: String,
+    /// Warm mode: the generator process is restarted after this many rounds (a leak bound);
+    /// none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recycle_after_rounds: Option<u32>,
+}
+
+/// `generator.mode` of one process per round.
+pub const MODE_PROCESS: &str = "process";
+/// `generator.mode` of one long-lived process serving rounds.
+pub const MODE_WARM: &str = "warm";
+
+/// Placeholders whose value changes from round to round; a warm generator's argv, cwd and
+/// env cannot use them, since it is started once for many rounds.
+const PER_ROUND_PLACEHOLDERS: &[&str] = &["name", "seed", "object", "round"];
+
+fn default_mode() -> String {
+    MODE_PROCESS.to_string()
+}
+
+fn is_process_mode(m: &String) -> bool {
+    m == MODE_PROCESS
+}
+
+impl GeneratorSpec {
+    /// Whether rounds are served by one long-lived process (`mode = "warm"`).
+    pub fn is_warm(&self) -> bool {
+        self.mode == MODE_WARM
+    }
 }
 
 /// Most threads a job may ask for per generator run; more is a typo, not a machine.
@@ -285,6 +318,8 @@ impl JobSpec {
             min_free_gpu_memory_mib: None,
             format: None,
             stats: None,
+            mode: default_mode(),
+            recycle_after_rounds: None,
         }
     }
 
@@ -479,6 +514,62 @@ impl JobSpec {
                 "must be positive",
                 "omit it for no requirement",
             ));
+        }
+        self.validate_mode()
+    }
+
+    /// `generator.mode` is `process` or `warm`; a warm generator is started once, so what
+    /// starts it (argv, cwd, env) cannot depend on the round.
+    fn validate_mode(&self) -> Result<(), SpecError> {
+        let g = &self.generator;
+        if g.mode != MODE_PROCESS && g.mode != MODE_WARM {
+            return Err(spec_err(
+                "generator.mode",
+                format!("{:?} is not a mode", g.mode),
+                "use \"process\" (one process per round, the default) or \"warm\" (one process serving many rounds)",
+            ));
+        }
+        if g.recycle_after_rounds == Some(0) {
+            return Err(spec_err(
+                "generator.recycle_after_rounds",
+                "must be positive",
+                "omit it to keep a warm generator until it fails",
+            ));
+        }
+        if g.recycle_after_rounds.is_some() && !g.is_warm() {
+            return Err(spec_err(
+                "generator.recycle_after_rounds",
+                "only applies to warm generators",
+                "set generator.mode = \"warm\", or remove it",
+            ));
+        }
+        if !g.is_warm() {
+            return Ok(());
+        }
+        let cwd = std::slice::from_ref(&g.cwd);
+        let env: Vec<String> = g.env.values().cloned().collect();
+        for (field, values) in [
+            ("generator.argv", g.argv.as_slice()),
+            ("generator.extra_args", g.extra_args.as_slice()),
+            ("generator.cwd", cwd),
+            ("generator.env", env.as_slice()),
+        ] {
+            let used: Vec<String> = PER_ROUND_PLACEHOLDERS
+                .iter()
+                .map(|p| format!("{{{p}}}"))
+                .filter(|p| values.iter().any(|v| v.contains(p.as_str())))
+                .collect();
+            if !used.is_empty() {
+                return Err(spec_err(
+                    field,
+                    format!(
+                        "uses the per-round placeholder{} {} in a warm generator, which is started once for many rounds",
+                        if used.len() > 1 { "s" } else { "" },
+                        used.join(" ")
+                    ),
+                    "remove them: a warm generator reads each round's name, seed, object and round from the JSON line it is handed (see docs/job-file.md, \"Warm generators\"), or use mode = \"process\"",
+                ));
+            }
         }
         Ok(())
     }
@@ -771,6 +862,61 @@ pub(crate) mod tests {
         let mut s = spec();
         s.exp_name = "demo_mug_r0".into();
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn generator_mode_is_validated_and_warm_refuses_per_round_placeholders() {
+        let mut s = spec();
+        assert!(!s.generator.is_warm(), "process is the default");
+        s.generator.mode = "hot".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.mode", "{e}");
+        assert!(e.fix.contains("\"warm\""), "{e}");
+        // The legacy argv renders {name} {object} {seed} per round: a warm job refuses it,
+        // naming them.
+        s.generator.mode = MODE_WARM.into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.argv", "{e}");
+        assert!(e.problem.contains("{name}"), "{e}");
+        s.generator.argv = vec![
+            "python3".into(),
+            "main.py".into(),
+            "--seed".into(),
+            "{seed}".into(),
+        ];
+        let e = s.validate().unwrap_err();
+        assert!(
+            e.problem.contains("{seed}") && !e.problem.contains("{name}"),
+            "{e}"
+        );
+        // Per-job placeholders stay allowed.
+        s.generator.argv = vec![
+            "python3".into(),
+            "main.py".into(),
+            "--batch_size".into(),
+            "{batch_size}".into(),
+            "--gpu".into(),
+            "{gpu}".into(),
+        ];
+        s.validate().unwrap();
+        s.generator.env.insert("RUN".into(), "{object}".into());
+        assert_eq!(s.validate().unwrap_err().field, "generator.env");
+        s.generator.env.clear();
+        s.generator.recycle_after_rounds = Some(0);
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "generator.recycle_after_rounds"
+        );
+        s.generator.recycle_after_rounds = Some(50);
+        s.validate().unwrap();
+        s.generator.mode = MODE_PROCESS.into();
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "generator.recycle_after_rounds"
+        );
+        // A process-mode spec serializes as before (older readers see no new field).
+        let json = serde_json::to_string(&spec().generator).unwrap();
+        assert!(!json.contains("mode"), "{json}");
     }
 
     #[test]

@@ -40,6 +40,12 @@ pub struct RoundTask {
     pub bind_gpu: bool,
     pub threads_per_gpu: u32,
     pub min_free_gpu_memory_mib: u64,
+    /// `generator.mode` (`process` or `warm`).
+    pub mode: String,
+    pub batch_size: u64,
+    pub num_iterations: u64,
+    /// Warm mode: restart after this many rounds; 0: never.
+    pub recycle_after_rounds: u32,
 }
 
 /// One output file a round's generator writes.
