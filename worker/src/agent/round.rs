@@ -15,7 +15,17 @@ use super::output;
 use super::session::{COMPLETE_WAIT, Held, Session};
 use crate::binding;
 use crate::gpu::RoundStats;
+use crate::runner::warm::WarmSpec;
 use crate::runner::{self, RunError, RunOutcome, RunReport, RunSpec};
+
+/// Variables process mode sets per round; a warm process is started without them (its
+/// rounds carry these values in their JSON line).
+const PER_ROUND_VARS: &[&str] = &[
+    "QUARRY_SEED",
+    "QUARRY_ROUND",
+    "QUARRY_ATTEMPT",
+    "QUARRY_OBJECT",
+];
 
 /// Name of the generator's log under the attempt's staging prefix. Output names end in
 /// `.npy`, so it cannot collide with one.
@@ -110,21 +120,42 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
     env.push(("QUARRY_ROUND".into(), lease.round.to_string()));
     env.push(("QUARRY_ATTEMPT".into(), lease.attempt.clone()));
     env.push(("QUARRY_OBJECT".into(), lease.object.clone()));
-    let spec = RunSpec {
-        argv: task
-            .argv
-            .iter()
-            .map(|a| a.replace("{gpu}", &gpu.id))
-            .collect(),
-        cwd: paths.cwd.clone(),
-        env,
-        timeout: (task.timeout_ms > 0).then(|| Duration::from_millis(task.timeout_ms)),
-        kill_grace: s.cfg.kill_grace,
-        log_limit: s.cfg.log_limit,
-    };
+    let argv: Vec<String> = task
+        .argv
+        .iter()
+        .map(|a| a.replace("{gpu}", &gpu.id))
+        .collect();
+    let timeout = (task.timeout_ms > 0).then(|| Duration::from_millis(task.timeout_ms));
     debug!(object = %lease.object, round = lease.round, seed = lease.seed, "generator starting");
-    s.monitor.begin_round();
-    let run = runner::run(&spec, held.stop.clone()).await;
+    let run = if task.mode == "warm" {
+        // The process outlives the round: what it is started with must not name the round
+        // (the coordinator refuses per-round placeholders in a warm job's argv, cwd and env).
+        let line = super::warm::request(lease, &task, paths, &argv, &job_env);
+        let spec = WarmSpec {
+            argv,
+            cwd: paths.cwd.clone(),
+            env: env
+                .into_iter()
+                .filter(|(k, _)| !PER_ROUND_VARS.contains(&k.as_str()))
+                .collect(),
+            kill_grace: s.cfg.kill_grace,
+            log_limit: s.cfg.log_limit,
+        };
+        let mut slot = s.warm.lock().await;
+        s.monitor.begin_round();
+        slot.round(spec, &line, &task, timeout, &held.stop).await
+    } else {
+        let spec = RunSpec {
+            argv,
+            cwd: paths.cwd.clone(),
+            env,
+            timeout,
+            kill_grace: s.cfg.kill_grace,
+            log_limit: s.cfg.log_limit,
+        };
+        s.monitor.begin_round();
+        runner::run(&spec, held.stop.clone()).await
+    };
     let stats = s.monitor.end_round().await;
     tracing::Span::current().record(
         "outcome",
@@ -135,6 +166,7 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
                 RunOutcome::Signaled(sig) => format!("signal {sig}"),
                 RunOutcome::TimedOut => "timeout".into(),
                 RunOutcome::Cancelled => "cancelled".into(),
+                RunOutcome::Failed => "failed".into(),
             },
             Err(_) => "spawn".into(),
         },
@@ -208,6 +240,13 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
         RunOutcome::Signaled(sig) => Outcome::Failed {
             kind: pb::FailureKind::Exit,
             message: format!("generator killed by signal {sig}"),
+        },
+        RunOutcome::Failed => Outcome::Failed {
+            kind: pb::FailureKind::Exit,
+            message: format!(
+                "warm generator failed the round: {}",
+                report.reason.as_deref().unwrap_or("no reason given")
+            ),
         },
     };
     // Files uploaded by a lease that was stopped or lost before its Complete was sent are

@@ -1,0 +1,157 @@
+//! The agent's warm generator (`generator.mode = "warm"`): started once, handed the agent's
+//! rounds one JSON line at a time, and restarted whenever a fresh process would have been
+//! safer: after it died, timed out or was stopped mid-round, after `recycle_after_rounds`,
+//! and when a round of another generator (argv, cwd, environment) comes.
+//!
+//! A generator that dies before answering its first round, or cannot be spawned at all,
+//! failed to start; after [`MAX_START_FAILURES`] such failures in a row the agent leaves
+//! rotation (see [`Slot::out_of_rotation`]) rather than burn every round it is given.
+
+use std::time::Duration;
+
+use quarry_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::round::Paths;
+use crate::runner::warm::{WarmProcess, WarmSpec};
+use crate::runner::{RunError, RunOutcome, RunReport};
+
+/// Failed starts in a row after which the agent takes no more rounds.
+pub const MAX_START_FAILURES: u32 = 3;
+
+/// The agent's warm generator, kept across rounds (and sessions).
+#[derive(Default)]
+pub struct Slot {
+    process: Option<WarmProcess>,
+    /// Starts in a row that ended before the process answered a round.
+    start_failures: u32,
+    /// Whether the current process has answered a round yet.
+    answered: bool,
+    out_of_rotation: Option<String>,
+}
+
+impl Slot {
+    /// Set once the generator failed to start [`MAX_START_FAILURES`] times in a row: why the
+    /// agent takes no more rounds.
+    pub fn out_of_rotation(&self) -> Option<&str> {
+        self.out_of_rotation.as_deref()
+    }
+
+    /// Stops the warm generator, if one runs (shutdown).
+    pub async fn shut_down(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.shut_down().await;
+        }
+    }
+
+    /// Runs one round on the warm generator, starting (or restarting) it first when needed.
+    pub async fn round(
+        &mut self,
+        spec: WarmSpec,
+        request: &str,
+        task: &pb::Task,
+        limit: Option<Duration>,
+        stop: &CancellationToken,
+    ) -> Result<RunReport, RunError> {
+        let restart_why = match &self.process {
+            Some(p) if p.spec() != &spec => Some("another generator's round"),
+            Some(p) if task.recycle_after_rounds > 0 && p.served() >= task.recycle_after_rounds => {
+                Some("recycle_after_rounds reached")
+            }
+            _ => None,
+        };
+        if let Some(why) = restart_why
+            && let Some(p) = self.process.take()
+        {
+            info!(
+                reason = why,
+                served = p.served(),
+                "restarting the warm generator"
+            );
+            p.shut_down().await;
+        }
+        if self.process.is_none() {
+            match WarmProcess::start(spec).await {
+                Ok(p) => {
+                    self.process = Some(p);
+                    self.answered = false;
+                }
+                Err(e) => {
+                    self.start_failed(&e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        let Some(process) = self.process.as_mut() else {
+            return Err(RunError::EmptyArgv);
+        };
+        let ran = process.round(request, limit, stop).await;
+        let replied = matches!(
+            ran.report.outcome,
+            RunOutcome::Exited(0) | RunOutcome::Failed
+        ) && ran.alive;
+        if replied {
+            self.answered = true;
+            self.start_failures = 0;
+        } else {
+            self.process = None;
+            let died = matches!(
+                ran.report.outcome,
+                RunOutcome::Exited(_) | RunOutcome::Signaled(_)
+            );
+            if died && !self.answered {
+                let tail = ran.report.log.tail_lines(5);
+                self.start_failed(&format!(
+                    "it ended ({:?}) before answering a round; its output: {tail}",
+                    ran.report.outcome
+                ));
+            }
+        }
+        Ok(ran.report)
+    }
+
+    fn start_failed(&mut self, why: &str) {
+        self.start_failures += 1;
+        warn!(failures = self.start_failures, error = %why, "warm generator failed to start");
+        if self.start_failures >= MAX_START_FAILURES {
+            self.out_of_rotation = Some(format!(
+                "out of rotation: the warm generator failed to start {} times in a row; last: {why}. Fix the job's generator (try its argv by hand with QUARRY_WARM unset) and restart this worker",
+                self.start_failures
+            ));
+        }
+    }
+}
+
+/// The round line handed to a warm generator (see docs/job-file.md, "Warm generators").
+pub fn request(
+    lease: &pb::Lease,
+    task: &pb::Task,
+    paths: &Paths,
+    argv: &[String],
+    job_env: &[(String, String)],
+) -> String {
+    let outputs: Vec<String> = paths.outs.iter().map(|p| p.display().to_string()).collect();
+    let env: serde_json::Map<String, serde_json::Value> = job_env
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::json!({
+        "round_name": lease.round_name,
+        "seed": lease.seed,
+        "object": lease.object,
+        "object_index": lease.object_index,
+        "round": lease.round,
+        "attempt": lease.attempt,
+        "batch_size": task.batch_size,
+        "num_iterations": task.num_iterations,
+        "output": outputs.first(),
+        "outputs": outputs,
+        "stats": paths.stats.as_ref().map(|p| p.display().to_string()),
+        "round_dir": paths.round_dir.as_ref().map(|p| p.display().to_string()),
+        "cwd": paths.cwd.display().to_string(),
+        "argv": argv,
+        "env": env,
+    })
+    .to_string()
+}
