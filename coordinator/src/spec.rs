@@ -113,7 +113,20 @@ pub struct GeneratorSpec {
     /// none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recycle_after_rounds: Option<u32>,
+    /// Warm mode: the fraction (0 to 1) of rounds, chosen deterministically from the job,
+    /// object and round, re-run cold in a fresh process after they are done; their outputs'
+    /// sha256 must agree, or the job stops. None by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<Fraction>,
 }
+
+/// A number from 0 to 1 in a job file (`generator.audit`); validated, so never NaN, which
+/// makes it safe to compare as equal.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Fraction(pub f64);
+
+impl Eq for Fraction {}
 
 /// `generator.mode` of one process per round.
 pub const MODE_PROCESS: &str = "process";
@@ -320,7 +333,30 @@ impl JobSpec {
             stats: None,
             mode: default_mode(),
             recycle_after_rounds: None,
+            audit: None,
         }
+    }
+
+    /// Whether `generator.audit` picks this round: a hash of (exp, object, round) below the
+    /// fraction, so the same rounds are audited in every run of the job.
+    pub fn audited(&self, object: &str, round: u32) -> bool {
+        let Some(Fraction(fraction)) = self.generator.audit.filter(|f| f.0 > 0.0) else {
+            return false;
+        };
+        // FNV-1a: stable across builds and platforms, unlike the standard library's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self
+            .exp_name
+            .bytes()
+            .chain([0])
+            .chain(object.bytes())
+            .chain([0])
+            .chain(round.to_le_bytes())
+        {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
     }
 
     /// The effective round cap: `max_rounds` or, when unset, the seed stride.
@@ -542,6 +578,22 @@ impl JobSpec {
                 "only applies to warm generators",
                 "set generator.mode = \"warm\", or remove it",
             ));
+        }
+        if let Some(Fraction(a)) = g.audit {
+            if !(0.0..=1.0).contains(&a) {
+                return Err(spec_err(
+                    "generator.audit",
+                    format!("{a} is not a fraction from 0 to 1"),
+                    "give the fraction of warm rounds to re-run cold, e.g. 0.02",
+                ));
+            }
+            if !g.is_warm() {
+                return Err(spec_err(
+                    "generator.audit",
+                    "only applies to warm generators",
+                    "set generator.mode = \"warm\", or remove it",
+                ));
+            }
         }
         if !g.is_warm() {
             return Ok(());
@@ -914,6 +966,26 @@ pub(crate) mod tests {
             s.validate().unwrap_err().field,
             "generator.recycle_after_rounds"
         );
+        s.generator.mode = MODE_WARM.into();
+        s.generator.audit = Some(Fraction(1.5));
+        assert_eq!(s.validate().unwrap_err().field, "generator.audit");
+        s.generator.audit = Some(Fraction(0.25));
+        s.validate().unwrap();
+        // The audited rounds are a deterministic fraction.
+        let picked = (0..4000).filter(|r| s.audited("mug", *r)).count();
+        assert!((800..1200).contains(&picked), "{picked}");
+        assert_eq!(
+            (0..50).map(|r| s.audited("mug", r)).collect::<Vec<_>>(),
+            (0..50).map(|r| s.audited("mug", r)).collect::<Vec<_>>()
+        );
+        s.generator.audit = Some(Fraction(1.0));
+        assert!((0..100).all(|r| s.audited("bowl", r)));
+        s.generator.audit = Some(Fraction(0.0));
+        assert!(!(0..100).any(|r| s.audited("bowl", r)));
+        s.generator.mode = MODE_PROCESS.into();
+        s.generator.recycle_after_rounds = None;
+        s.generator.audit = Some(Fraction(0.5));
+        assert_eq!(s.validate().unwrap_err().field, "generator.audit");
         // A process-mode spec serializes as before (older readers see no new field).
         let json = serde_json::to_string(&spec().generator).unwrap();
         assert!(!json.contains("mode"), "{json}");

@@ -305,3 +305,104 @@ async fn a_warm_job_whose_argv_names_the_round_is_refused() {
     );
     assert_eq!(count(&pids), 0, "nothing ran");
 }
+
+/// `generator.audit = 1.0` re-runs every warm round cold: a generator whose rounds depend only
+/// on their inputs passes, and the finals are those of process mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_of_a_deterministic_warm_generator_passes() {
+    let reference = reference().await;
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    let job = job(root.path(), &pids, true, &[]);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("mode = \"warm\"\n", "mode = \"warm\"\naudit = 1.0\n");
+    std::fs::write(&job, text).unwrap();
+    run_job_to_end(&job, &["--gpu", "0"]).await;
+    assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
+    let m = manifest(root.path(), "warm");
+    let rounds: usize = OBJECTS
+        .iter()
+        .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
+        .sum();
+    // The warm process and one fresh process per audited round.
+    assert!(
+        count(&pids) > rounds,
+        "{} processes, {rounds} rounds",
+        count(&pids)
+    );
+    let leftovers: Vec<String> = files_under(root.path())
+        .into_iter()
+        .filter(|f| f.contains(".quarry-audit-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A warm generator that leaks a counter from round to round writes, from its second round
+/// on, what a fresh process would not: the audit stops the job naming the round and both
+/// hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_catches_a_generator_that_leaks_state_across_rounds() {
+    let root = tempfile::tempdir().unwrap();
+    let leaky = root.path().join("leaky.py");
+    std::fs::write(
+        &leaky,
+        r#"
+import os, struct
+from quarry_generator import serve
+
+served = 0  # leaks: the output depends on how many rounds this process ran
+
+def handler(r):
+    global served
+    served += 1
+    values = [float(r.seed * 10 + served + i) for i in range(r.batch_size)]
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % len(values)
+    raw = header.encode("latin1")
+    pad = 64 - ((10 + len(raw) + 1) % 64)
+    data = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw) + pad + 1) + raw + b" " * pad + b"\n"
+    os.makedirs(os.path.dirname(r.output), exist_ok=True)
+    with open(r.output, "wb") as f:
+        f.write(data + struct.pack("<%df" % len(values), *values))
+
+serve(handler)
+"#,
+    )
+    .unwrap();
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let job = root.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "exp_name = \"leak\"\nobjects = [\"obj\"]\ntarget_count_per_object = 40\n\
+             round_batch_size = 4\nnum_iterations = 1\nroot = {root}\n\n[generator]\n\
+             mode = \"warm\"\naudit = 1.0\nargv = [\"python3\", {leaky}]\n\
+             output = \"out/{{name}}/r.npy\"\nround_dir = \"out/{{name}}\"\n\
+             [generator.env]\nPYTHONPATH = {pythonpath}\n",
+            root = q(root.path().to_str().unwrap()),
+            leaky = q(leaky.to_str().unwrap()),
+            pythonpath = q(repo_root().join("deploy/python").to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        run(&[
+            "--job",
+            job.to_str().unwrap(),
+            "--progress",
+            "off",
+            "--gpu",
+            "0",
+        ]),
+    )
+    .await
+    .expect("the run ended")
+    .unwrap();
+    assert_ne!(out.exit_code(), 0, "{:?}", out.status);
+    let msg = &out.status.message;
+    assert!(msg.contains("determinism audit failed"), "{msg}");
+    // Round 0 is the process's first: warm and cold agree. Round 1 is where it leaks.
+    assert!(msg.contains("leak__obj__r1_s12346"), "{msg}");
+    assert_eq!(msg.matches("sha256 ").count(), 2, "{msg}");
+}

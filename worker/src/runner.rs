@@ -76,6 +76,9 @@ pub enum RunOutcome {
     /// A warm generator answered the round with `failed` (its reason in
     /// [`RunReport::reason`]).
     Failed,
+    /// The round's output differs from its cold re-run (`generator.audit`; both hashes in
+    /// [`RunReport::reason`]).
+    AuditMismatch,
 }
 
 /// The result of a run that was started (or cancelled before it started).

@@ -240,5 +240,6 @@ fn task_for(
         batch_size: spec.round_batch_size,
         num_iterations: spec.num_iterations,
         recycle_after_rounds: g.recycle_after_rounds.unwrap_or(0),
+        audit: g.is_warm() && spec.audited(object, round),
     }
 }

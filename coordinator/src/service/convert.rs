@@ -41,6 +41,7 @@ pub fn failure_kind(wire: i32) -> FailureKind {
         pb::FailureKind::OutputInvalid => FailureKind::OutputInvalid,
         pb::FailureKind::Upload => FailureKind::Upload,
         pb::FailureKind::Spawn => FailureKind::Spawn,
+        pb::FailureKind::AuditMismatch => FailureKind::AuditMismatch,
         pb::FailureKind::Unspecified => FailureKind::Unspecified,
     }
 }
@@ -97,6 +98,7 @@ impl From<RoundTask> for pb::Task {
             batch_size: t.batch_size,
             num_iterations: t.num_iterations,
             recycle_after_rounds: t.recycle_after_rounds,
+            audit: t.audit,
         }
     }
 }
@@ -397,6 +399,7 @@ mod tests {
                 batch_size: 40,
                 num_iterations: 3,
                 recycle_after_rounds: 7,
+                audit: true,
             },
         };
         let wire = pb::Lease::from(lease.clone());

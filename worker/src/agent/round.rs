@@ -131,6 +131,7 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
         // The process outlives the round: what it is started with must not name the round
         // (the coordinator refuses per-round placeholders in a warm job's argv, cwd and env).
         let line = super::warm::request(lease, &task, paths, &argv, &job_env);
+        let argv_for_audit = argv.clone();
         let spec = WarmSpec {
             argv,
             cwd: paths.cwd.clone(),
@@ -141,9 +142,30 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
             kill_grace: s.cfg.kill_grace,
             log_limit: s.cfg.log_limit,
         };
+        let audit = task
+            .audit
+            .then(|| (spec.clone(), super::warm::audit_paths(paths)));
         let mut slot = s.warm.lock().await;
         s.monitor.begin_round();
-        slot.round(spec, &line, &task, timeout, &held.stop).await
+        let ran = slot.round(spec, &line, &task, timeout, &held.stop).await;
+        match (ran, audit) {
+            (Ok(mut report), Some((spec, cold))) if report.outcome == RunOutcome::Exited(0) => {
+                let line = super::warm::request(lease, &task, &cold, &argv_for_audit, &job_env);
+                super::warm::audit(
+                    &mut report,
+                    spec,
+                    &line,
+                    paths,
+                    &cold,
+                    lease,
+                    timeout,
+                    &held.stop,
+                )
+                .await;
+                Ok(report)
+            }
+            (ran, _) => ran,
+        }
     } else {
         let spec = RunSpec {
             argv,
@@ -167,6 +189,7 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
                 RunOutcome::TimedOut => "timeout".into(),
                 RunOutcome::Cancelled => "cancelled".into(),
                 RunOutcome::Failed => "failed".into(),
+                RunOutcome::AuditMismatch => "audit mismatch".into(),
             },
             Err(_) => "spawn".into(),
         },
@@ -240,6 +263,10 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
         RunOutcome::Signaled(sig) => Outcome::Failed {
             kind: pb::FailureKind::Exit,
             message: format!("generator killed by signal {sig}"),
+        },
+        RunOutcome::AuditMismatch => Outcome::Failed {
+            kind: pb::FailureKind::AuditMismatch,
+            message: report.reason.clone().unwrap_or_default(),
         },
         RunOutcome::Failed => Outcome::Failed {
             kind: pb::FailureKind::Exit,
