@@ -406,3 +406,26 @@ serve(handler)
     assert!(msg.contains("leak__obj__r1_s12346"), "{msg}");
     assert_eq!(msg.matches("sha256 ").count(), 2, "{msg}");
 }
+
+/// `recycle_after_rounds = 2`: the warm process is replaced after every second round it
+/// served, and the finals do not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycle_after_rounds_restarts_the_warm_generator_between_rounds() {
+    let reference = reference().await;
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    let job = job(root.path(), &pids, true, &[]);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "mode = \"warm\"\n",
+        "mode = \"warm\"\nrecycle_after_rounds = 2\n",
+    );
+    std::fs::write(&job, text).unwrap();
+    run_job_to_end(&job, &["--gpu", "0"]).await;
+    assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
+    let m = manifest(root.path(), "warm");
+    let rounds: usize = OBJECTS
+        .iter()
+        .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(count(&pids), rounds.div_ceil(2), "{rounds} rounds");
+}
