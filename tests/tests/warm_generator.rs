@@ -429,3 +429,68 @@ async fn recycle_after_rounds_restarts_the_warm_generator_between_rounds() {
         .sum();
     assert_eq!(count(&pids), rounds.div_ceil(2), "{rounds} rounds");
 }
+
+/// deploy/python's quarry_generator on its own, for every interpreter of the test matrix:
+/// seeding makes `random` and numpy draws depend on the seed only; without the agent one
+/// round runs from the `QUARRY_*` variables (exit 1 when the handler raises); a warm loop
+/// answers on fd 3, fails a round whose handler raises without dying, and ends with status 0
+/// on SIGTERM between rounds.
+#[test]
+fn the_python_package_seeds_falls_back_to_one_round_and_stops_on_sigterm() {
+    const CODE: &str = r#"
+import json, os, random, signal, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import quarry_generator as qg
+
+qg.seed_everything(5)
+a = (random.random(), float(np.random.random()))
+random.random(); np.random.random()
+qg.seed_everything(5)
+assert (random.random(), float(np.random.random())) == a
+
+seen = []
+assert qg.run_once(lambda r: seen.append((r.seed, r.object, r.round)),
+                   environ={"QUARRY_SEED": "7", "QUARRY_OBJECT": "mug", "QUARRY_ROUND": "2"}) == 0
+assert seen == [(7, "mug", 2)], seen
+def boom(r):
+    raise ValueError("no grasp")
+assert qg.run_once(boom, environ={"QUARRY_SEED": "1"}) == 1
+assert not qg.is_warm()
+
+child = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import quarry_generator as qg
+def handler(r):
+    print("round", r.round_name, flush=True)
+    if r.seed == 13:
+        raise RuntimeError("bad seed")
+sys.exit(qg.serve(handler))
+'''
+rfd, wfd = os.pipe()
+p = subprocess.Popen([sys.executable, "-c", child, sys.argv[1]], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, close_fds=False,
+                     env=dict(os.environ, QUARRY_REPLY_FD="3"),
+                     preexec_fn=lambda: os.dup2(wfd, 3))
+os.close(wfd)
+replies = os.fdopen(rfd)
+for seed in (12, 13, 14):
+    p.stdin.write((json.dumps({"round_name": f"e__o__r0_s{seed}", "seed": seed}) + "\n").encode())
+    p.stdin.flush()
+    reply = json.loads(replies.readline())
+    assert reply["round"] == f"e__o__r0_s{seed}", reply
+    if seed == 13:
+        assert reply["status"] == "failed" and "bad seed" in reply["reason"], reply
+    else:
+        assert reply["status"] == "done", reply
+p.send_signal(signal.SIGTERM)
+assert p.wait(timeout=10) == 0
+print("OK")
+"#;
+    let package = repo_root().join("deploy/python");
+    for py in pythons() {
+        let out = run_python(&py, CODE, &[package.to_str().unwrap()]);
+        assert!(out.contains("OK"), "{py}: {out}");
+    }
+}

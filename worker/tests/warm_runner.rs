@@ -149,3 +149,22 @@ async fn a_round_past_its_timeout_or_cancelled_kills_the_process() {
     assert_eq!(r.report.outcome, RunOutcome::Cancelled);
     assert!(!r.alive);
 }
+
+#[tokio::test]
+async fn a_process_that_exited_between_rounds_is_seen_before_the_next_round() {
+    let dir = tempfile::tempdir().unwrap();
+    // Answers one round, then exits on its own.
+    let script = r#"read -r line; echo '{"status":"done"}' >&3; exit 0"#;
+    let mut p = WarmProcess::start(spec(dir.path(), script)).await.unwrap();
+    assert!(!p.exited());
+    assert_eq!(
+        round(&mut p, "A", None).await.report.outcome,
+        RunOutcome::Exited(0)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !p.exited() {
+        assert!(std::time::Instant::now() < deadline, "exit never seen");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    p.shut_down().await;
+}

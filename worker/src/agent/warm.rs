@@ -61,7 +61,9 @@ impl Slot {
         limit: Option<Duration>,
         stop: &CancellationToken,
     ) -> Result<RunReport, RunError> {
+        let exited = self.process.as_mut().is_some_and(WarmProcess::exited);
         let restart_why = match &self.process {
+            Some(_) if exited => Some("it exited between rounds"),
             Some(p) if p.spec() != &spec => Some("another generator's round"),
             Some(p) if task.recycle_after_rounds > 0 && p.served() >= task.recycle_after_rounds => {
                 Some("recycle_after_rounds reached")

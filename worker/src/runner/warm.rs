@@ -170,6 +170,13 @@ impl WarmProcess {
         self.served
     }
 
+    /// Whether it has exited (between rounds: killed by the OOM killer, crashed in a
+    /// background thread). Such a process is replaced before the next round is handed over,
+    /// so that the round is not charged with a death it did not cause.
+    pub fn exited(&mut self) -> bool {
+        !matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Hands it one round (`line`, one JSON object without a newline) and waits for its
     /// reply, its death, the timeout or `cancel`. A process that did not reply is stopped
     /// (SIGTERM, grace, SIGKILL, leftovers swept) before this returns.
