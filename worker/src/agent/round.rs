@@ -18,15 +18,6 @@ use crate::gpu::RoundStats;
 use crate::runner::warm::WarmSpec;
 use crate::runner::{self, RunError, RunOutcome, RunReport, RunSpec};
 
-/// Variables process mode sets per round; a warm process is started without them (its
-/// rounds carry these values in their JSON line).
-const PER_ROUND_VARS: &[&str] = &[
-    "QUARRY_SEED",
-    "QUARRY_ROUND",
-    "QUARRY_ATTEMPT",
-    "QUARRY_OBJECT",
-];
-
 /// Name of the generator's log under the attempt's staging prefix. Output names end in
 /// `.npy`, so it cannot collide with one.
 pub const LOG_NAME: &str = "generator.log";
@@ -116,10 +107,6 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
         s.cfg.agents_in_process,
         &job_env,
     );
-    env.push(("QUARRY_SEED".into(), lease.seed.to_string()));
-    env.push(("QUARRY_ROUND".into(), lease.round.to_string()));
-    env.push(("QUARRY_ATTEMPT".into(), lease.attempt.clone()));
-    env.push(("QUARRY_OBJECT".into(), lease.object.clone()));
     let argv: Vec<String> = task
         .argv
         .iter()
@@ -128,45 +115,24 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
     let timeout = (task.timeout_ms > 0).then(|| Duration::from_millis(task.timeout_ms));
     debug!(object = %lease.object, round = lease.round, seed = lease.seed, "generator starting");
     let run = if task.mode == "warm" {
-        // The process outlives the round: what it is started with must not name the round
-        // (the coordinator refuses per-round placeholders in a warm job's argv, cwd and env).
-        let line = super::warm::request(lease, &task, paths, &argv, &job_env);
-        let argv_for_audit = argv.clone();
+        // The process outlives the round: it gets no per-round variables (its rounds carry
+        // them in their JSON line).
         let spec = WarmSpec {
             argv,
             cwd: paths.cwd.clone(),
-            env: env
-                .into_iter()
-                .filter(|(k, _)| !PER_ROUND_VARS.contains(&k.as_str()))
-                .collect(),
+            env,
             kill_grace: s.cfg.kill_grace,
             log_limit: s.cfg.log_limit,
         };
-        let audit = task
-            .audit
-            .then(|| (spec.clone(), super::warm::audit_paths(paths)));
         let mut slot = s.warm.lock().await;
         s.monitor.begin_round();
-        let ran = slot.round(spec, &line, &task, timeout, &held.stop).await;
-        match (ran, audit) {
-            (Ok(mut report), Some((spec, cold))) if report.outcome == RunOutcome::Exited(0) => {
-                let line = super::warm::request(lease, &task, &cold, &argv_for_audit, &job_env);
-                super::warm::audit(
-                    &mut report,
-                    spec,
-                    &line,
-                    paths,
-                    &cold,
-                    lease,
-                    timeout,
-                    &held.stop,
-                )
-                .await;
-                Ok(report)
-            }
-            (ran, _) => ran,
-        }
+        slot.run(spec, lease, &task, paths, &job_env, timeout, &held.stop)
+            .await
     } else {
+        env.push(("QUARRY_SEED".into(), lease.seed.to_string()));
+        env.push(("QUARRY_ROUND".into(), lease.round.to_string()));
+        env.push(("QUARRY_ATTEMPT".into(), lease.attempt.clone()));
+        env.push(("QUARRY_OBJECT".into(), lease.object.clone()));
         let spec = RunSpec {
             argv,
             cwd: paths.cwd.clone(),

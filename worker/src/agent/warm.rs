@@ -5,7 +5,7 @@
 //!
 //! `generator.audit`: a round the coordinator marked is, once done, re-run cold in a fresh
 //! process with the same inputs (its outputs written beside the real ones, under
-//! `.quarry-audit-<name>`), and the outputs' sha256 compared (see [`audit`]).
+//! `.quarry-audit-<name>`), and the outputs' sha256 compared (see [`audit_round`]).
 //!
 //! A generator that dies before answering its first round, or cannot be spawned at all,
 //! failed to start; after [`MAX_START_FAILURES`] such failures in a row the agent leaves
@@ -52,8 +52,33 @@ impl Slot {
         }
     }
 
+    /// Runs one leased round on the warm generator started from `spec`, then, when the
+    /// coordinator marked it for audit and it is done, its cold re-run (see [`audit_round`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run(
+        &mut self,
+        spec: WarmSpec,
+        lease: &pb::Lease,
+        task: &pb::Task,
+        paths: &Paths,
+        job_env: &[(String, String)],
+        limit: Option<Duration>,
+        stop: &CancellationToken,
+    ) -> Result<RunReport, RunError> {
+        let line = request(lease, task, paths, &spec.argv, job_env);
+        let audit = task.audit.then(|| (spec.clone(), audit_paths(paths)));
+        let mut report = self.round(spec, &line, task, limit, stop).await?;
+        if let Some((spec, cold)) = audit
+            && report.outcome == RunOutcome::Exited(0)
+        {
+            let line = request(lease, task, &cold, &spec.argv, job_env);
+            audit_round(&mut report, spec, &line, paths, &cold, lease, limit, stop).await;
+        }
+        Ok(report)
+    }
+
     /// Runs one round on the warm generator, starting (or restarting) it first when needed.
-    pub async fn round(
+    async fn round(
         &mut self,
         spec: WarmSpec,
         request: &str,
@@ -93,6 +118,7 @@ impl Slot {
             }
         }
         let Some(process) = self.process.as_mut() else {
+            // Unreachable: a process was just started or kept above.
             return Err(RunError::EmptyArgv);
         };
         let ran = process.round(request, limit, stop).await;
@@ -133,7 +159,7 @@ impl Slot {
 }
 
 /// The round line handed to a warm generator (see docs/job-file.md, "Warm generators").
-pub fn request(
+fn request(
     lease: &pb::Lease,
     task: &pb::Task,
     paths: &Paths,
@@ -167,7 +193,7 @@ pub fn request(
 
 /// Where an audited round's cold re-run writes: beside each real file, under
 /// `.quarry-audit-<name>`; the round directory and working directory stay the round's.
-pub fn audit_paths(paths: &Paths) -> Paths {
+fn audit_paths(paths: &Paths) -> Paths {
     let aside = |p: &PathBuf| {
         let name = p
             .file_name()
@@ -190,7 +216,7 @@ pub fn audit_paths(paths: &Paths) -> Paths {
 /// both hashes; a cold run that fails (or outputs that are not plain files) into
 /// [`RunOutcome::Failed`], a retryable attempt. The cold run's files are removed either way.
 #[allow(clippy::too_many_arguments)]
-pub async fn audit(
+async fn audit_round(
     report: &mut RunReport,
     spec: WarmSpec,
     line: &str,
