@@ -18,6 +18,7 @@ mod round;
 mod round_dir;
 mod session;
 mod staged;
+mod warm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -78,6 +79,10 @@ pub struct AgentConfig {
     pub name: String,
     /// The end of the allocation this worker runs in, shared by its agents.
     pub deadline: Option<Arc<Deadline>>,
+    /// When its warm generator failed to start too often, end the agent with
+    /// [`AgentError::OutOfRotation`] rather than stay registered showing why (the choice of
+    /// `coordinator run`, whose agents are the only ones its job has).
+    pub end_when_out_of_rotation: bool,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -115,6 +120,7 @@ impl AgentConfig {
             min_scratch_mib: 1024,
             name: String::new(),
             deadline: None,
+            end_when_out_of_rotation: false,
         }
     }
 }
@@ -229,6 +235,9 @@ pub enum AgentError {
     /// A setting out of range; the message names it and its range.
     #[error("{0}")]
     Config(String),
+    /// The warm generator failed to start too many times in a row (the message says why).
+    #[error("gpu {gpu}: {why}")]
+    OutOfRotation { gpu: String, why: String },
 }
 
 fn hostname() -> String {
@@ -258,6 +267,9 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
     let counters = Arc::new(Counters::default());
     let mut backoff = Backoff::new();
     let gpu = cfg.gpu.id.clone();
+    // The warm generator (if a job asks for one) outlives sessions: a re-registration does
+    // not cost it its cold start.
+    let warm = Arc::new(tokio::sync::Mutex::new(warm::Slot::default()));
     // Drain between sessions means nothing is running: stop at once.
     while !shutdown.drain.is_cancelled() {
         let req = pb::RegisterRequest {
@@ -307,9 +319,14 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             monitor.clone(),
             Arc::clone(&counters),
             shutdown.clone(),
+            Arc::clone(&warm),
         );
         match session.run().await {
             session::End::Shutdown => break,
+            session::End::OutOfRotation(why) => {
+                warm.lock().await.shut_down().await;
+                return Err(AgentError::OutOfRotation { gpu, why });
+            }
             session::End::Lost(why, learned) => {
                 warn!(%gpu, reason = %why, "session lost; reconnecting");
                 if matches!(why, session::Lost::Fenced(_)) {
@@ -323,6 +340,7 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             }
         }
     }
+    warm.lock().await.shut_down().await;
     Ok(counters.snapshot())
 }
 
