@@ -50,7 +50,8 @@ fn main() {
         hdf5::merge(&inputs, &counts, &options, &out("here", i)).unwrap();
     });
     let merge_child = per_op(merges, |i| {
-        iso.merge(&inputs, &counts, &options, &out("child", i)).unwrap();
+        iso.merge(&inputs, &counts, &options, &out("child", i))
+            .unwrap();
     });
     println!("hdf5 in a child process, per operation ({n} inspects, {merges} merges):");
     println!(

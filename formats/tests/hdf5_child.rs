@@ -279,6 +279,18 @@ fn a_child_that_hangs_exits_or_babbles_is_an_error_saying_how_it_ended() {
         r,
         "libhdf5 was killed at its time limit of 2 s while reading it"
     );
+    // An answer, then no exit: still killed at the deadline, and not taken as an answer.
+    let lingers = script(
+        d.path(),
+        "lingers",
+        r"cat >/dev/null; printf 'O\002\000\000\000\000\000\000\00042'; exec sleep 60",
+    );
+    let t0 = Instant::now();
+    assert_eq!(
+        reason(lingers.examine(f, &mut Events::default()).unwrap_err()),
+        "libhdf5 was killed at its time limit of 2 s while reading it"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
     let exits = script(d.path(), "exits", "echo 'out of sorts' >&2; exit 3");
     assert_eq!(
         reason(exits.inspect(f, None).unwrap_err()),

@@ -7,6 +7,7 @@ use std::io::{BufReader, Read, Write};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use super::wire::{self, ErrorWire, Request};
 use super::{CHILD_ARG, Isolation};
@@ -57,17 +58,37 @@ pub fn call(
         let _ = child.wait();
         return Err(died("could not be given its pipes".into(), ""));
     };
-    let pid = child.id();
-    // The deadline: the watchdog kills the child unless told the answer is in. The child is
-    // reaped only after the watchdog is joined, so the pid it may signal is still ours.
-    let (done, deadline) = mpsc::channel::<()>();
+    // The reaper owns the child: it waits for its exit, and kills its group at the deadline
+    // or when asked (an answer that is garbage). Only it signals and only before it reaps,
+    // so the group it kills is always this child's.
+    let (kill_now, kill_asked) = mpsc::channel::<()>();
     let wall = iso.limits.wall;
-    let watchdog = std::thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = deadline.recv_timeout(wall) {
-            kill_group(pid);
-            return true;
+    let reaper = std::thread::spawn(move || -> (std::io::Result<ExitStatus>, bool) {
+        let deadline = Instant::now() + wall;
+        // Polled: a child is done in milliseconds, so the first polls are close together.
+        let mut pause = Duration::from_micros(200);
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return (Ok(status), false),
+                Ok(None) => {}
+                Err(e) => return (Err(e), false),
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                kill_group(child.id());
+                return (child.wait(), true);
+            }
+            match kill_asked.recv_timeout(pause.min(deadline - now)) {
+                Ok(()) => {
+                    kill_group(child.id());
+                    return (child.wait(), false);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // The parent has all it needs; the child is reaped as it ends.
+                Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(pause),
+            }
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
-        false
     });
     let writer = std::thread::spawn(move || {
         // A child that dies before reading all of it shows as a broken pipe here; its exit
@@ -90,14 +111,18 @@ pub fn call(
         String::from_utf8_lossy(&tail[start..]).trim().to_string()
     });
     let answer = read_answer(BufReader::new(stdout), events);
-    // Whatever came back, the child must be gone before its status is read: a child that
-    // answered garbage and goes on is killed here.
+    // A child that answered garbage and goes on is killed; one that answered waits for its
+    // exit, still under the deadline.
     if answer.is_err() {
-        kill_group(pid);
+        let _ = kill_now.send(());
     }
-    let _ = done.send(());
-    let timed_out = watchdog.join().unwrap_or(false);
-    let status = child.wait();
+    drop(kill_now);
+    let (status, timed_out) = reaper.join().unwrap_or_else(|_| {
+        (
+            Err(std::io::Error::other("the reaper thread panicked")),
+            false,
+        )
+    });
     let _ = writer.join();
     let stderr = err_reader.join().unwrap_or_default();
     let ended = match status {
@@ -127,8 +152,8 @@ pub fn call(
     }
 }
 
-/// SIGKILL to the child's process group. The child is reaped only after every caller of this
-/// is done, so its pid (the group's id) is still ours.
+/// SIGKILL to the child's process group (its pid is the group's id); called only by the
+/// thread that reaps it, before it does.
 fn kill_group(pid: u32) {
     // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
     unsafe {
