@@ -16,22 +16,19 @@ const EXIT_NO_STDOUT: i32 = 4;
 
 /// Answers one request on stdin/stdout and returns the exit status.
 pub fn answer() -> i32 {
-    // libhdf5 (or anything it loads) may print to stdout; answers go to a private copy of
-    // it and fd 1 becomes stderr, so nothing but frames reaches the parent.
-    // SAFETY: plain descriptor calls on this process's own stdio, before any other thread
-    // exists; `dup` returns a fresh descriptor that the `File` below owns alone.
+    // Descriptors a careless parent let through (all of Quarry's are close-on-exec) are
+    // closed before anything else; then libhdf5 (or anything it loads) may print to stdout,
+    // so answers go to a private copy of it and fd 1 becomes stderr: nothing but frames
+    // reaches the parent.
+    // SAFETY: plain descriptor calls on this process's own descriptors, before any other
+    // thread exists and before anything here opened one; `dup` returns a fresh descriptor
+    // that the `File` below owns alone.
     let out_fd = unsafe {
+        libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
         let fd = libc::dup(1);
         if fd < 0 || libc::dup2(2, 1) < 0 {
             return EXIT_NO_STDOUT;
         }
-        // Descriptors a careless parent let through are not the child's business.
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        );
         fd
     };
     // SAFETY: `out_fd` was just returned by `dup` and is owned by nothing else.
