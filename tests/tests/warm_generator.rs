@@ -318,13 +318,27 @@ async fn an_audit_of_a_deterministic_warm_generator_passes() {
         .unwrap()
         .replace("mode = \"warm\"\n", "mode = \"warm\"\naudit = 1.0\n");
     std::fs::write(&job, text).unwrap();
-    run_job_to_end(&job, &["--gpu", "0"]).await;
+    let out = run_job_to_end(&job, &["--gpu", "0"]).await;
     assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
     let m = manifest(root.path(), "warm");
     let rounds: usize = OBJECTS
         .iter()
         .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
         .sum();
+    // The outcome is in the status and the manifest: every committed round passed.
+    assert_eq!(
+        out.status.rounds_audited as usize, rounds,
+        "{:?}",
+        out.status
+    );
+    assert_eq!(m["audit"]["fraction"], 1.0, "{}", m["audit"]);
+    assert_eq!(m["audit"]["rounds_passed"], rounds, "{}", m["audit"]);
+    assert!(m["audit"].get("mismatch").is_none(), "{}", m["audit"]);
+    for o in OBJECTS {
+        for c in m["objects"][o]["commits"].as_array().unwrap() {
+            assert_eq!(c["audited"], true, "{c}");
+        }
+    }
     // The warm process and one fresh process per audited round.
     assert!(
         count(&pids) > rounds,
@@ -405,6 +419,14 @@ serve(handler)
     // Round 0 is the process's first: warm and cold agree. Round 1 is where it leaks.
     assert!(msg.contains("leak__obj__r1_s12346"), "{msg}");
     assert_eq!(msg.matches("sha256 ").count(), 2, "{msg}");
+    // The manifest keeps the mismatch beside the rounds that passed.
+    let m = manifest(root.path(), "leak");
+    let mismatch = m["audit"]["mismatch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(mismatch.starts_with("obj r1: "), "{mismatch}");
+    assert!(mismatch.contains("leak__obj__r1_s12346"), "{mismatch}");
+    assert_eq!(m["audit"]["fraction"], 1.0, "{}", m["audit"]);
 }
 
 /// `recycle_after_rounds = 2`: the warm process is replaced after every second round it
@@ -428,6 +450,34 @@ async fn recycle_after_rounds_restarts_the_warm_generator_between_rounds() {
         .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
         .sum();
     assert_eq!(count(&pids), rounds.div_ceil(2), "{rounds} rounds");
+}
+
+/// `recycle_above_memory_mib = 100` with a generator that keeps 48 MiB more per round: the
+/// process is replaced between rounds once it holds more than the ceiling (so it serves
+/// more than one round, but not all of them), and the finals do not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_generator_over_its_memory_ceiling_is_replaced_between_rounds() {
+    let reference = reference().await;
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    let job = job(root.path(), &pids, true, &["--hold_mb", "48"]);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "mode = \"warm\"\n",
+        "mode = \"warm\"\nrecycle_above_memory_mib = 100\n",
+    );
+    std::fs::write(&job, text).unwrap();
+    run_job_to_end(&job, &["--gpu", "0"]).await;
+    assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
+    let m = manifest(root.path(), "warm");
+    let rounds: usize = OBJECTS
+        .iter()
+        .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
+        .sum();
+    let processes = count(&pids);
+    assert!(
+        processes >= rounds.div_ceil(3) && processes < rounds,
+        "{processes} processes for {rounds} rounds"
+    );
 }
 
 /// deploy/python's quarry_generator on its own, for every interpreter of the test matrix:
