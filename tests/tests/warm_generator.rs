@@ -222,6 +222,26 @@ async fn warm_rounds_keep_separate_logs() {
     );
 }
 
+/// Job `cold` (one object, two rounds) whose warm generator exits before answering a round
+/// (`cannot import isaacsim`), allowed `retries`, written to `dir/job.toml` with `root`.
+fn cannot_start_job(dir: &Path, root: &Path, retries: u32) -> std::path::PathBuf {
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let job = dir.join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "exp_name = \"cold\"\nobjects = [\"obj\"]\ntarget_count_per_object = 8\n\
+             round_batch_size = 4\nnum_iterations = 1\nretries = {retries}\nretry_backoff_ms = 10\n\
+             root = {root}\n\n[generator]\nmode = \"warm\"\n\
+             argv = [\"python3\", \"-c\", \"import sys; sys.exit('cannot import isaacsim')\"]\n\
+             output = \"out/{{name}}/r.npy\"\n",
+            root = q(root.to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    job
+}
+
 /// A warm generator that dies before answering its first round, three times in a row, takes
 /// the agent out of rotation; `coordinator status` shows why.
 #[test]
@@ -236,20 +256,7 @@ fn a_warm_generator_that_cannot_start_takes_the_agent_out_of_rotation() {
         &[],
         &home.path().join("coordinator.log"),
     );
-    let q = |s: &str| serde_json::to_string(s).unwrap();
-    let job = home.path().join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "exp_name = \"cold\"\nobjects = [\"obj\"]\ntarget_count_per_object = 8\n\
-             round_batch_size = 4\nnum_iterations = 1\nretries = 5\nretry_backoff_ms = 10\n\
-             root = {root}\n\n[generator]\nmode = \"warm\"\n\
-             argv = [\"python3\", \"-c\", \"import sys; sys.exit('cannot import isaacsim')\"]\n\
-             output = \"out/{{name}}/r.npy\"\n",
-            root = q(root.to_str().unwrap()),
-        ),
-    )
-    .unwrap();
+    let job = cannot_start_job(home.path(), &root, 5);
     let _w = spawn_worker(&addr, "0", &[], Some(&home.path().join("worker.log")));
     let out = submit(&job, &addr, false);
     assert!(
@@ -294,20 +301,7 @@ fn a_warm_generator_that_cannot_start_takes_the_agent_out_of_rotation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_run_ends_with_the_reason_when_the_warm_generator_cannot_start() {
     let root = tempfile::tempdir().unwrap();
-    let q = |s: &str| serde_json::to_string(s).unwrap();
-    let job = root.path().join("job.toml");
-    std::fs::write(
-        &job,
-        format!(
-            "exp_name = \"cold\"\nobjects = [\"obj\"]\ntarget_count_per_object = 8\n\
-             round_batch_size = 4\nnum_iterations = 1\nretries = 20\nretry_backoff_ms = 10\n\
-             root = {root}\n\n[generator]\nmode = \"warm\"\n\
-             argv = [\"python3\", \"-c\", \"import sys; sys.exit('cannot import isaacsim')\"]\n\
-             output = \"out/{{name}}/r.npy\"\n",
-            root = q(root.path().to_str().unwrap()),
-        ),
-    )
-    .unwrap();
+    let job = cannot_start_job(root.path(), root.path(), 20);
     let job = job.to_str().unwrap();
     let err = tokio::time::timeout(
         Duration::from_secs(60),

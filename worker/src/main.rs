@@ -6,24 +6,10 @@ fn main() {
     // starts threads; every other start runs HDF5 operations in such children (a crash in
     // the C library then costs one round, not this process).
     quarry_formats::hdf5::child::answer_if_asked();
-    if let Err(e) = quarry_formats::hdf5::child::isolate_this_binary() {
-        eprintln!("error: {e}");
-        std::process::exit(quarry_common::exit::ExitStatus::Usage.code());
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    runtime.block_on(run());
+    quarry_common::binary::run(quarry_formats::hdf5::child::isolate_this_binary, run());
 }
 
-async fn run() {
+async fn run() -> i32 {
     let args = quarry_worker::cli::Args::parse();
     let telemetry = match telemetry::init(TelemetryConfig {
         service: "quarry-worker",
@@ -41,5 +27,5 @@ async fn run() {
     let code = quarry_worker::cli::main(args).await;
     // Spans of the last rounds go out before the exit (bounded).
     telemetry.shutdown().await;
-    std::process::exit(code);
+    code
 }

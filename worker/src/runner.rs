@@ -19,12 +19,12 @@ pub mod memory;
 pub mod warm;
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::process::{Child, Command};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -123,7 +123,7 @@ pub enum RunError {
 /// killed. Dropping the returned future SIGKILLs the group.
 pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport, RunError> {
     let program = spec.argv.first().ok_or(RunError::EmptyArgv)?;
-    check_cwd(spec).await?;
+    check_cwd(&spec.cwd).await?;
     if cancel.is_cancelled() {
         return Ok(RunReport {
             outcome: RunOutcome::Cancelled,
@@ -134,37 +134,14 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
     }
 
     let mut mark = RunMark::new();
-    let mut cmd = Command::new(program);
-    cmd.args(&spec.argv[1..])
-        .current_dir(&spec.cwd)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .env(MARK_VAR, mark.value())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        // Backstop for the leader; the group guard below covers the rest. Tokio also reaps a
-        // dropped child in the background, so dropping never leaves a zombie leader.
-        .kill_on_drop(true);
-    die_with_parent(&mut cmd);
+    let mut cmd = command(&spec.argv, &spec.cwd, &spec.env, &mark);
+    cmd.stdin(Stdio::null());
     let start = Instant::now();
-    let mut child = cmd.spawn().map_err(|source| RunError::Spawn {
-        program: program.clone(),
-        cwd: spec.cwd.clone(),
-        source,
-    })?;
-    let Some(mut group) = child.id().and_then(ProcessGroup::new) else {
-        // Unreachable for a freshly spawned child; refuse rather than signal a bogus group.
-        return Err(RunError::Spawn {
-            program: program.clone(),
-            cwd: spec.cwd.clone(),
-            source: io::Error::other("spawned child has no usable pid"),
-        });
-    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|source| spawn_error(program, &spec.cwd, source))?;
+    let mut group = group_of(&child, &mut mark, program, &spec.cwd)?;
     debug!(program = %program, pgid = group.id(), "generator started");
-    if let Some(pid) = child.id() {
-        mark.started(pid);
-    }
     // Like the group guard: a dropped run's escaped processes are swept from a thread.
     let mut sweep_on_drop = SweepOnDrop(Some(mark.clone()));
 
@@ -174,7 +151,8 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
     let deadline = spec.timeout.map(|t| start + t);
 
     let result = {
-        let mut drain = std::pin::pin!(drain(stdout, stderr, &mut log));
+        let (mut stdout, mut stderr) = (stdout, stderr);
+        let mut drain = std::pin::pin!(drain(&mut stdout, &mut stderr, &mut log));
         let mut supervise = std::pin::pin!(supervise(
             &mut child,
             &group,
@@ -216,12 +194,61 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
     })
 }
 
-async fn check_cwd(spec: &RunSpec) -> Result<(), RunError> {
+/// The generator's process, set up as every run's is: `argv` run directly (no shell) in
+/// `cwd` with `env` and the run mark, the leader of a new process group, stdout and stderr
+/// piped, killed if this process dies. Stdin is the caller's to set.
+fn command(argv: &[String], cwd: &Path, env: &[(String, String)], mark: &RunMark) -> Command {
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .current_dir(cwd)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env(MARK_VAR, mark.value())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        // Backstop for the leader; the group guard covers the rest. Tokio also reaps a
+        // dropped child in the background, so dropping never leaves a zombie leader.
+        .kill_on_drop(true);
+    die_with_parent(&mut cmd);
+    cmd
+}
+
+fn spawn_error(program: &str, cwd: &Path, source: io::Error) -> RunError {
+    RunError::Spawn {
+        program: program.to_string(),
+        cwd: cwd.to_path_buf(),
+        source,
+    }
+}
+
+/// The process group a freshly spawned `child` leads, with `mark` told its pid.
+fn group_of(
+    child: &Child,
+    mark: &mut RunMark,
+    program: &str,
+    cwd: &Path,
+) -> Result<ProcessGroup, RunError> {
+    // Unreachable for a freshly spawned child; refuse rather than signal a bogus group.
+    let Some((pid, group)) = child
+        .id()
+        .and_then(|pid| Some((pid, ProcessGroup::new(pid)?)))
+    else {
+        return Err(spawn_error(
+            program,
+            cwd,
+            io::Error::other("spawned child has no usable pid"),
+        ));
+    };
+    mark.started(pid);
+    Ok(group)
+}
+
+async fn check_cwd(cwd: &Path) -> Result<(), RunError> {
     let bad = |source| RunError::BadCwd {
-        cwd: spec.cwd.clone(),
+        cwd: cwd.to_path_buf(),
         source,
     };
-    let meta = tokio::fs::metadata(&spec.cwd).await.map_err(bad)?;
+    let meta = tokio::fs::metadata(cwd).await.map_err(bad)?;
     if !meta.is_dir() {
         return Err(bad(io::Error::new(
             io::ErrorKind::NotADirectory,
@@ -267,24 +294,30 @@ async fn supervise(
             Ok(outcome)
         }
     };
-    // Whatever left the group goes too: its processes may hold the GPU or still write the
-    // outputs that are about to be inspected.
+    confirm_gone(group, mark).await;
+    outcome
+}
+
+/// After the leader is gone: whatever left the group is killed too (its processes may hold
+/// the GPU or still write the outputs about to be inspected), and the group is waited for,
+/// bounded. True when the group is empty; what survives SIGKILL is reported.
+async fn confirm_gone(group: &ProcessGroup, mark: &RunMark) -> bool {
     if !mark.kill_all(Instant::now() + KILL_CONFIRM_TIMEOUT).await {
         warn!(
             pgid = group.id(),
             "processes the generator left outside its group are still alive after SIGKILL"
         );
     }
-    if !group
+    let empty = group
         .wait_empty(Instant::now() + KILL_CONFIRM_TIMEOUT)
-        .await
-    {
+        .await;
+    if !empty {
         warn!(
             pgid = group.id(),
             "process group still has live members after SIGKILL"
         );
     }
-    outcome
+    empty
 }
 
 /// SIGTERM, up to `grace` for the whole group to exit, then SIGKILL. Reaps the leader unless
@@ -339,22 +372,24 @@ fn outcome_of(status: ExitStatus) -> RunOutcome {
     }
 }
 
-/// Reads both pipes into `log` as data arrives until both reach EOF.
-async fn drain(stdout: Option<ChildStdout>, stderr: Option<ChildStderr>, log: &mut BoundedLog) {
-    let mut stdout = stdout;
-    let mut stderr = stderr;
+/// Reads both pipes into `log` as data arrives until both reach EOF (each is `None` then).
+async fn drain<O, E>(stdout: &mut Option<O>, stderr: &mut Option<E>, log: &mut BoundedLog)
+where
+    O: AsyncReadExt + Unpin,
+    E: AsyncReadExt + Unpin,
+{
     let mut out_buf = vec![0u8; READ_CHUNK];
     let mut err_buf = vec![0u8; READ_CHUNK];
     loop {
         // `read` is cancel safe: the branch that loses a select has consumed nothing.
         tokio::select! {
-            r = read_some(&mut stdout, &mut out_buf), if stdout.is_some() => match r {
+            r = read_some(stdout, &mut out_buf), if stdout.is_some() => match r {
                 Some(n) => log.push(&out_buf[..n]),
-                None => stdout = None,
+                None => *stdout = None,
             },
-            r = read_some(&mut stderr, &mut err_buf), if stderr.is_some() => match r {
+            r = read_some(stderr, &mut err_buf), if stderr.is_some() => match r {
                 Some(n) => log.push(&err_buf[..n]),
-                None => stderr = None,
+                None => *stderr = None,
             },
             else => break,
         }

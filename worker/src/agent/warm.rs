@@ -17,8 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
-
 use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -327,7 +325,7 @@ async fn compare(
 ) -> Verdict {
     let mut warm_hashes = Vec::with_capacity(warm.outs.len());
     for p in &warm.outs {
-        match sha256_file(p) {
+        match sha256_file(p).await {
             Ok(h) => warm_hashes.push(h),
             Err(e) => {
                 return Verdict::Inconclusive(format!(
@@ -356,7 +354,7 @@ async fn compare(
         ));
     }
     for ((w, c), warm_hash) in warm.outs.iter().zip(&cold.outs).zip(warm_hashes) {
-        let cold_hash = match sha256_file(c) {
+        let cold_hash = match sha256_file(c).await {
             Ok(h) => h,
             Err(e) => {
                 return Verdict::Inconclusive(format!(
@@ -380,21 +378,20 @@ async fn compare(
     Verdict::Same
 }
 
-fn sha256_file(p: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(p)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a plain file"));
-    }
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = std::io::Read::read(&mut f, &mut buf)?;
-        if n == 0 {
-            break;
+/// The sha256 of a plain file, by the store's one hashing loop, off the async threads.
+/// Anything else is an error, looked at before it is opened: only plain files are audited,
+/// and opening a FIFO a generator left would block until someone writes to it.
+async fn sha256_file(p: &Path) -> std::io::Result<String> {
+    let p = p.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        if !std::fs::symlink_metadata(&p)?.is_file() {
+            return Err(std::io::Error::other("not a plain file"));
         }
-        h.update(&buf[..n]);
-    }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+        let f = std::fs::File::open(&p)?;
+        Ok(quarry_common::storage::hash_reader(f)?.sha256)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 #[cfg(test)]
@@ -447,6 +444,65 @@ for line in sys.stdin:
         .await
         .expect("the round ended");
         ran.expect("the generator started").outcome
+    }
+
+    /// A generator that leaves a FIFO where its output should be: the audit refuses it
+    /// (without blocking on it) and the round fails with the reason, the agent goes on.
+    #[tokio::test]
+    async fn an_audited_round_whose_output_is_a_fifo_fails_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(WorkerMetrics::default());
+        let mut slot = Slot::new(Arc::clone(&metrics), "3".into());
+        let fifo = WarmSpec {
+            argv: vec![
+                "python3".into(),
+                "-c".into(),
+                r#"
+import json, os, sys
+reply = os.fdopen(int(os.environ["QUARRY_REPLY_FD"]), "w")
+for line in sys.stdin:
+    os.mkfifo(json.loads(line)["output"])
+    reply.write('{"status": "done"}\n')
+    reply.flush()
+"#
+                .into(),
+            ],
+            ..spec(dir.path())
+        };
+        let lease = pb::Lease {
+            round_name: "f".into(),
+            ..Default::default()
+        };
+        let paths = Paths {
+            root: dir.path().to_path_buf(),
+            cwd: dir.path().to_path_buf(),
+            outs: vec![dir.path().join("out.npy")],
+            round_dir: None,
+            stats: None,
+        };
+        let task = pb::Task {
+            audit: true,
+            ..Default::default()
+        };
+        let report = tokio::time::timeout(
+            Duration::from_secs(30),
+            slot.run(
+                fifo,
+                &lease,
+                &task,
+                &paths,
+                &[],
+                None,
+                &CancellationToken::new(),
+            ),
+        )
+        .await
+        .expect("the audit did not block")
+        .expect("the generator started");
+        assert_eq!(report.outcome, RunOutcome::Failed);
+        let reason = report.reason.unwrap_or_default();
+        assert!(reason.contains("only plain files are audited"), "{reason}");
+        slot.shut_down().await;
     }
 
     fn starts(metrics: &WorkerMetrics, reason: &str) -> u32 {

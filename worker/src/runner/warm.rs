@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::{Child, ChildStdin};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -25,8 +25,8 @@ use tracing::{debug, warn};
 use super::group::ProcessGroup;
 use super::leftovers::RunMark;
 use super::{
-    BoundedLog, KILL_CONFIRM_TIMEOUT, MARK_VAR, READ_CHUNK, RunError, RunOutcome, RunReport,
-    SweepOnDrop, die_with_parent, outcome_of, signal_group, stop,
+    BoundedLog, DRAIN_AFTER_EXIT, READ_CHUNK, RunError, RunOutcome, RunReport, SweepOnDrop,
+    check_cwd, command, confirm_gone, drain, group_of, outcome_of, signal_group, spawn_error, stop,
 };
 
 /// The descriptor a warm generator writes its replies to.
@@ -35,8 +35,6 @@ pub const REPLY_FD: i32 = 3;
 pub const REPLY_FD_VAR: &str = "QUARRY_REPLY_FD";
 /// Longest reply line accepted; a longer one is a broken generator, not a reply.
 const MAX_REPLY: usize = 64 * 1024;
-/// How long output is still read after a warm process died mid-round.
-const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 
 /// What starts a warm generator. Two tasks with equal specs can share a process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,38 +81,14 @@ impl WarmProcess {
     /// [`REPLY_FD_VAR`] and the run mark in its environment.
     pub async fn start(spec: WarmSpec) -> Result<WarmProcess, RunError> {
         let program = spec.argv.first().ok_or(RunError::EmptyArgv)?.clone();
-        let spawn_err = |source| RunError::Spawn {
-            program: program.clone(),
-            cwd: spec.cwd.clone(),
-            source,
-        };
-        let meta = tokio::fs::metadata(&spec.cwd)
-            .await
-            .map_err(|source| RunError::BadCwd {
-                cwd: spec.cwd.clone(),
-                source,
-            })?;
-        if !meta.is_dir() {
-            return Err(RunError::BadCwd {
-                cwd: spec.cwd.clone(),
-                source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
-            });
-        }
+        let spawn_err = |source| spawn_error(&program, &spec.cwd, source);
+        check_cwd(&spec.cwd).await?;
         let (reply_read, reply_write) = reply_pipe().map_err(spawn_err)?;
         let mut mark = RunMark::new();
-        let mut cmd = Command::new(&program);
-        cmd.args(&spec.argv[1..])
-            .current_dir(&spec.cwd)
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .env(MARK_VAR, mark.value())
-            .env("QUARRY_WARM", "1")
+        let mut cmd = command(&spec.argv, &spec.cwd, &spec.env, &mark);
+        cmd.env("QUARRY_WARM", "1")
             .env(REPLY_FD_VAR, REPLY_FD.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        die_with_parent(&mut cmd);
+            .stdin(Stdio::piped());
         let write_fd = reply_write.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only calls dup2, which
         // is async-signal-safe; `write_fd` stays open in the parent until after the spawn.
@@ -130,14 +104,7 @@ impl WarmProcess {
         let mut child = cmd.spawn().map_err(spawn_err)?;
         // The child has its copy: ours must go, or the reply pipe never sees EOF.
         drop(reply_write);
-        let Some(group) = child.id().and_then(ProcessGroup::new) else {
-            return Err(spawn_err(io::Error::other(
-                "spawned child has no usable pid",
-            )));
-        };
-        if let Some(pid) = child.id() {
-            mark.started(pid);
-        }
+        let group = group_of(&child, &mut mark, &program, &spec.cwd)?;
         debug!(program = %program, pgid = group.id(), "warm generator started");
         let receiver =
             |fd: Option<OwnedFd>| fd.and_then(|fd| pipe::Receiver::from_owned_fd(fd).ok());
@@ -312,42 +279,16 @@ impl WarmProcess {
     async fn sweep(&mut self) {
         self.sweep_on_drop.0 = None;
         signal_group(&self.group, libc::SIGKILL);
-        if !self
-            .mark
-            .kill_all(Instant::now() + KILL_CONFIRM_TIMEOUT)
-            .await
-        {
-            warn!(
-                pgid = self.group.id(),
-                "processes the warm generator left outside its group are still alive after SIGKILL"
-            );
-        }
-        if self
-            .group
-            .wait_empty(Instant::now() + KILL_CONFIRM_TIMEOUT)
-            .await
-        {
+        if confirm_gone(&self.group, &self.mark).await {
             self.group.disarm();
         }
     }
 
     async fn drain_to_end(&mut self, log: &mut BoundedLog) {
-        let mut out_buf = vec![0u8; READ_CHUNK];
-        let mut err_buf = vec![0u8; READ_CHUNK];
-        let drained = timeout(DRAIN_AFTER_EXIT, async {
-            while self.stdout.is_some() || self.stderr.is_some() {
-                tokio::select! {
-                    r = read_some(&mut self.stdout, &mut out_buf), if self.stdout.is_some() => match r {
-                        Some(n) => log.push(&out_buf[..n]),
-                        None => self.stdout = None,
-                    },
-                    r = read_some(&mut self.stderr, &mut err_buf), if self.stderr.is_some() => match r {
-                        Some(n) => log.push(&err_buf[..n]),
-                        None => self.stderr = None,
-                    },
-                }
-            }
-        })
+        let drained = timeout(
+            DRAIN_AFTER_EXIT,
+            drain(&mut self.stdout, &mut self.stderr, log),
+        )
         .await;
         if drained.is_err() {
             warn!(
