@@ -97,7 +97,10 @@ fn main() {
         .args([rounds.to_string(), frames.to_string()])
         .status()
         .unwrap();
-    assert!(status.success(), "{py} could not write the rounds (numpy, zarr, imagecodecs?)");
+    assert!(
+        status.success(),
+        "{py} could not write the rounds (numpy, zarr, imagecodecs?)"
+    );
     eprintln!(
         "wrote {rounds} rounds x {frames} steps in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -108,7 +111,11 @@ fn main() {
     inputs.sort();
     let counts: Vec<u64> = inputs
         .iter()
-        .map(|p| quarry_formats::inspect(Format::Zarr, p, None).unwrap().count)
+        .map(|p| {
+            quarry_formats::inspect(Format::Zarr, p, None)
+                .unwrap()
+                .count
+        })
         .collect();
     let options = MergeOptions {
         limit: u64::MAX,
@@ -147,7 +154,10 @@ fn main() {
         };
         // Run 0 warms up (and checks: every image chunk is in the final, byte for byte).
         if run == 0 {
-            assert_eq!(chunk_files(&out).len(), inputs.iter().map(|p| chunk_files(p).len()).sum::<usize>());
+            assert_eq!(
+                chunk_files(&out).len(),
+                inputs.iter().map(|p| chunk_files(p).len()).sum::<usize>()
+            );
         } else {
             merge_best = merge_best.min(m);
             copy_best = copy_best.min(c);

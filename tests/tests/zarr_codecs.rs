@@ -92,7 +92,7 @@ for j in range(rows):
 print("ok", rows)
 "#;
 
-fn job(root: &Path, gen: &Path) -> String {
+fn job(root: &Path, generator: &Path) -> String {
     format!(
         r#"
 exp_name = "jp2k"
@@ -112,17 +112,17 @@ round_dir = "out/{{name}}"
 "#,
         root = root.display(),
         py = python(),
-        gen = gen.display(),
+        gen = generator.display(),
     )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jpeg2k_replay_buffers_merge_and_a_damaged_round_alone_is_lost() {
     let root = tempfile::tempdir().expect("tempdir");
-    let gen = root.path().join("dp_gen.py");
-    std::fs::write(&gen, GEN).expect("write generator");
+    let generator = root.path().join("dp_gen.py");
+    std::fs::write(&generator, GEN).expect("write generator");
     let job_file = root.path().join("job.toml");
-    std::fs::write(&job_file, job(root.path(), &gen)).expect("write job");
+    std::fs::write(&job_file, job(root.path(), &generator)).expect("write job");
     let job_file = job_file.to_str().expect("utf-8 path").to_string();
     let out = run(&["--job", &job_file, "--progress", "off", "--gpus", "0,1"])
         .await
@@ -158,7 +158,7 @@ async fn jpeg2k_replay_buffers_merge_and_a_damaged_round_alone_is_lost() {
             CHECK,
             &[
                 f[0].to_str().expect("path"),
-                gen.to_str().expect("path"),
+                generator.to_str().expect("path"),
                 object,
                 "6",
                 &serde_json::to_string(&seeds).expect("json"),

@@ -657,6 +657,10 @@ mod tests {
             .ok()
             .expect("parses");
         assert_eq!(m.chunk_key(&[2, 0]), "2.0");
+        assert_eq!(m.parse_chunk_key("2.0"), Some(vec![2, 0]));
+        assert_eq!(m.parse_chunk_key("17.3.9"), Some(vec![17, 3, 9]));
+        assert_eq!(m.parse_chunk_key("x.0"), None);
+        assert_eq!(m.parse_chunk_key("2..0"), None);
         assert!(f32::from_le_bytes([m.fill[0], m.fill[1], m.fill[2], m.fill[3]]).is_nan());
         assert_eq!(m.grid(), vec![3, 1]);
         assert_eq!(m.row_bytes(), 28);

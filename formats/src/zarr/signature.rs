@@ -77,7 +77,7 @@ fn jpeg2k_samples(raw: &[u8]) -> Result<u64, String> {
     if x0 > x || y0 > y {
         return Err("JPEG 2000 image offset past its size".into());
     }
-    Ok((x - x0) * (y - y0) * c)
+    Ok((x - x0).saturating_mul(y - y0).saturating_mul(c))
 }
 
 /// The `jp2c` box's contents of a JP2 file whose boxes all lie inside it.
@@ -126,7 +126,7 @@ fn qoi_samples(raw: &[u8]) -> Result<u64, String> {
         return Err("QOI image without its end marker: truncated".into());
     }
     let (w, h) = (be32(raw, 4).unwrap_or(0), be32(raw, 8).unwrap_or(0));
-    Ok(w * h * raw[12] as u64)
+    Ok(w.saturating_mul(h).saturating_mul(raw[12] as u64))
 }
 
 #[cfg(test)]
