@@ -72,7 +72,9 @@ fn copy_all(inputs: &[PathBuf], out: &Path) -> u64 {
     }
     let mut offset = 0;
     for input in inputs {
-        let files = chunk_files(input);
+        // In step order, as the merge goes.
+        let mut files = chunk_files(input);
+        files.sort();
         let steps = files.iter().map(|f| f.1 + 1).max().unwrap_or(0);
         for (array, step, path) in files {
             let to = out.join(&array).join(format!("{}.0.0.0", offset + step));
