@@ -467,31 +467,6 @@ g.create_array('meta/episode_ends', shape=(2,), dtype='i8')[...] = [2, 4]
     );
 }
 
-#[test]
-fn unsupported_codecs_name_the_array() {
-    check_python();
-    let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("sharded.zarr");
-    run_py(
-        r#"
-import sys, numpy as np, zarr
-g = zarr.open_group(sys.argv[1], mode='w', zarr_format=3)
-g.create_array('data/action', shape=(8, 7), chunks=(2, 7), shards=(4, 7), dtype='f4')[...] = 1.0
-"#,
-        &[p.display().to_string()],
-    );
-    let err = quarry_formats::inspect(Format::Zarr, &p, None).unwrap_err();
-    match err {
-        DatasetError::Unsupported { reason } => {
-            assert!(
-                reason.contains("sharding_indexed") && reason.contains("data/action"),
-                "{reason}"
-            )
-        }
-        other => panic!("unexpected {other}"),
-    }
-}
-
 /// The example generator writes stores Quarry merges and zarr reads back.
 #[test]
 fn example_generator_rounds_merge() {

@@ -207,13 +207,22 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// A chunk row copied from an input of which only the first `rows` rows count: written as
+/// it is if the output ends inside it, decoded if rows follow.
+struct Held {
+    src: ArrayMeta,
+    row: u64,
+    rows: u64,
+}
+
 /// Writes rows into a new array directory laid out as `template` (chunks, codecs, keys),
-/// a chunk row at a time.
+/// a chunk row at a time: rows pushed are encoded, chunk rows copied are written as stored.
 pub(crate) struct Writer {
     meta: ArrayMeta,
     dir: PathBuf,
     block: Vec<u8>,
     rows_in_block: u64,
+    held: Option<Held>,
     next: u64,
     pub rows: u64,
     pub bytes_written: u64,
@@ -226,14 +235,84 @@ impl Writer {
             dir,
             block: Vec::new(),
             rows_in_block: 0,
+            held: None,
             next: 0,
             rows: 0,
             bytes_written: 0,
         }
     }
 
+    /// Rows of the output past its last chunk boundary.
+    pub fn offset(&self) -> u64 {
+        self.held.as_ref().map_or(self.rows_in_block, |h| h.rows)
+    }
+
+    /// Copies chunk row `row` of `src` (the output's encoding, at a chunk boundary of the
+    /// output: see `align.rs`) as the output's next chunk row, counting its first `rows`
+    /// rows. Chunk files `src` lacks (all fill value) stay missing.
+    pub fn copy_chunk_row(
+        &mut self,
+        src: &ArrayMeta,
+        row: u64,
+        rows: u64,
+    ) -> Result<(), DatasetError> {
+        self.rows += rows;
+        if rows < self.meta.chunks[0] {
+            self.held = Some(Held {
+                src: src.clone(),
+                row,
+                rows,
+            });
+            return Ok(());
+        }
+        self.write_stored(src, row)
+    }
+
+    fn write_stored(&mut self, src: &ArrayMeta, row: u64) -> Result<(), DatasetError> {
+        let mut grid = self.meta.grid();
+        if let Some(g) = grid.first_mut() {
+            *g = 1;
+        }
+        for tail in tail_positions(&grid) {
+            let (mut from, mut to) = (vec![row], vec![self.next]);
+            from.extend(&tail);
+            to.extend(&tail);
+            let from = src.dir.join(src.chunk_key(&from));
+            let to = self.dir.join(self.meta.chunk_key(&to));
+            if !from.is_file() {
+                continue;
+            }
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(DatasetError::io("create", parent))?;
+            }
+            self.bytes_written +=
+                std::fs::copy(&from, &to).map_err(DatasetError::io("copy", &from))?;
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Decodes a held chunk row's counted rows into the block, since rows follow it.
+    fn settle(&mut self) -> Result<(), DatasetError> {
+        let Some(h) = self.held.take() else {
+            return Ok(());
+        };
+        let mut block = Vec::new();
+        Cursor::new(&h.src, false)
+            .rows(h.row * h.src.chunks[0], h.rows, |b, _| {
+                block.extend_from_slice(b)
+            })
+            .map_err(|e| {
+                DatasetError::invalid(format!("{}/{}", h.src.dir.display(), e.key), e.reason)
+            })?;
+        self.block = block;
+        self.rows_in_block = h.rows;
+        Ok(())
+    }
+
     /// Appends whole rows.
     pub fn push(&mut self, mut data: &[u8]) -> Result<(), DatasetError> {
+        self.settle()?;
         let rb = self.meta.row_bytes();
         let c0 = self.meta.chunks[0];
         if rb == 0 {
@@ -257,7 +336,7 @@ impl Writer {
 
     /// Counts rows of zero bytes, which `push` cannot see.
     pub fn push_empty_rows(&mut self, n: u64) {
-        if self.meta.row_bytes() == 0 {
+        if self.meta.row_bytes() == 0 && n > 0 {
             self.rows += n;
         }
     }
@@ -315,6 +394,11 @@ impl Writer {
 
     /// Writes the last, partial chunk row (padded with the fill value); returns the rows.
     pub fn finish(&mut self) -> Result<u64, DatasetError> {
+        if let Some(h) = self.held.take() {
+            // The output ends inside this chunk row: its rows past the end lie outside the
+            // array's shape, where zarr never reads.
+            return self.write_stored(&h.src, h.row).map(|()| self.rows);
+        }
         self.flush()?;
         Ok(self.rows)
     }

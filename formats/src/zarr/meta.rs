@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use serde_json::Value;
 
 use super::codec::Codec;
+use super::signature::Signature;
 use crate::elem::{Elem, Kind};
 
 /// An array of a store.
@@ -25,6 +26,15 @@ pub(crate) struct ArrayMeta {
     pub order: Option<Vec<usize>>,
     /// Bytes-to-bytes codecs in encoding order.
     pub codecs: Vec<Codec>,
+    /// What keeps chunks from being decoded here (`codec "imagecodecs_jpeg2k"`, v2
+    /// `filters`, v3 `sharding_indexed`): such an array is merged by copying chunk files
+    /// whole, never decoded or encoded (see `align.rs`). `None`: [`Self::codecs`] is the chain.
+    pub opaque: Option<String>,
+    /// A codec whose chunks' structure Quarry checks without decoding them.
+    pub signature: Option<Signature>,
+    /// What must be equal for chunk files to be copied from one store's array into
+    /// another's: chunk shape, element type, codecs, filters, order, fill value.
+    pub encoding: Value,
     /// v3 `default` chunk keys (`c/0/1`) rather than v2's (`0.1`).
     pub key_prefix: bool,
     pub separator: char,
@@ -72,15 +82,35 @@ impl ArrayMeta {
             Some("F") => Some((0..shape.len()).rev().collect()),
             Some(o) => return Err(invalid(format!("order {o:?} is neither \"C\" nor \"F\""))),
         };
-        match doc.get("filters") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(f)) if f.is_empty() => {}
-            Some(f) => return Err(MetaError::Unsupported(format!("filters {f}"))),
-        }
+        let mut opaque = match doc.get("filters") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(f)) if f.is_empty() => None,
+            Some(Value::Array(f)) => Some(format!(
+                "filters [{}]",
+                f.iter()
+                    .map(|c| c.get("id").and_then(Value::as_str).unwrap_or("?"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            Some(f) => return Err(invalid(format!("filters {f} is not a list"))),
+        };
         let mut codecs = Vec::new();
+        let mut signature = None;
         match doc.get("compressor") {
             None | Some(Value::Null) => {}
-            Some(c) => codecs.push(Codec::from_v2(c, elem.size).map_err(MetaError::Unsupported)?),
+            Some(c) => match Codec::from_v2(c, elem.size) {
+                Ok(codec) => codecs.push(codec),
+                Err(what) => {
+                    signature = c
+                        .get("id")
+                        .and_then(Value::as_str)
+                        .and_then(Signature::from_id);
+                    opaque.get_or_insert(what);
+                }
+            },
+        }
+        if opaque.is_some() {
+            codecs.clear();
         }
         let separator = match doc.get("dimension_separator").and_then(Value::as_str) {
             None | Some(".") => '.',
@@ -88,6 +118,17 @@ impl ArrayMeta {
             Some(s) => return Err(invalid(format!("dimension_separator {s:?}"))),
         };
         let fill = fill_bytes(doc.get("fill_value").unwrap_or(&Value::Null), &elem)?;
+        let encoding = pick(
+            &doc,
+            &[
+                "chunks",
+                "dtype",
+                "compressor",
+                "filters",
+                "order",
+                "fill_value",
+            ],
+        );
         let m = ArrayMeta {
             name,
             dir,
@@ -98,6 +139,9 @@ impl ArrayMeta {
             fill,
             order,
             codecs,
+            opaque,
+            signature,
+            encoding,
             key_prefix: false,
             separator,
             doc,
@@ -156,6 +200,7 @@ impl ArrayMeta {
         let mut order: Option<Vec<usize>> = None;
         let mut big_endian = None;
         let mut codecs = Vec::new();
+        let mut opaque: Option<String> = None;
         let mut stage = 0; // 0: array-to-array, 1: after bytes
         let size = v3_size(&data_type)
             .ok_or_else(|| MetaError::Unsupported(format!("data_type {data_type:?}")))?;
@@ -198,22 +243,40 @@ impl ArrayMeta {
                         Some(e) => return Err(invalid(format!("bytes endian {e:?}"))),
                     };
                 }
-                (1, _) => {
-                    codecs.push(Codec::from_v3(c, size).map_err(MetaError::Unsupported)?);
+                (0, "sharding_indexed") => {
+                    // Shards are the stored objects: copied whole, their inner chunks and
+                    // index never read here.
+                    stage = 1;
+                    big_endian = Some(inner_big_endian(c));
+                    opaque.get_or_insert_with(|| "codec \"sharding_indexed\"".into());
                 }
+                (1, _) => match Codec::from_v3(c, size) {
+                    Ok(codec) => codecs.push(codec),
+                    Err(what) => {
+                        opaque.get_or_insert(what);
+                    }
+                },
                 (_, other) => {
-                    return Err(MetaError::Unsupported(format!("codec {other:?}")));
+                    opaque.get_or_insert_with(|| format!("codec {other:?}"));
                 }
             }
         }
-        let Some(big_endian) = big_endian else {
-            return Err(invalid("codecs has no array-to-bytes codec (\"bytes\")"));
+        let big_endian = match (big_endian, &opaque) {
+            (Some(b), _) => b,
+            (None, Some(_)) => false,
+            (None, None) => {
+                return Err(invalid("codecs has no array-to-bytes codec (\"bytes\")"));
+            }
         };
+        if opaque.is_some() {
+            codecs.clear();
+        }
         let np = v3_numpy(&data_type, big_endian)
             .ok_or_else(|| MetaError::Unsupported(format!("data_type {data_type:?}")))?;
         let elem = Elem::parse_numpy(&np)
             .ok_or_else(|| MetaError::Unsupported(format!("data_type {data_type:?}")))?;
         let fill = fill_bytes(doc.get("fill_value").unwrap_or(&Value::Null), &elem)?;
+        let encoding = pick(&doc, &["chunk_grid", "data_type", "codecs", "fill_value"]);
         let m = ArrayMeta {
             name,
             dir,
@@ -224,6 +287,9 @@ impl ArrayMeta {
             fill,
             order,
             codecs,
+            opaque,
+            signature: None,
+            encoding,
             key_prefix,
             separator,
             doc,
@@ -288,8 +354,39 @@ impl ArrayMeta {
         }
     }
 
+    /// Why chunks of this array cannot be decoded or encoded here, as an error reason.
+    fn opaque_reason(&self) -> Option<String> {
+        self.opaque
+            .as_ref()
+            .map(|what| format!("stored with {what}, which Quarry copies but does not decode"))
+    }
+
+    /// The grid position a stored key names (the inverse of [`Self::chunk_key`]), `None`
+    /// when the key is not made of chunk indices in this array's encoding.
+    pub fn parse_chunk_key(&self, key: &str) -> Option<Vec<u64>> {
+        let rest = if self.key_prefix {
+            match key.strip_prefix('c') {
+                Some("") => return Some(vec![]),
+                Some(r) => r.strip_prefix(self.separator)?,
+                None => return None,
+            }
+        } else {
+            key
+        };
+        rest.split(self.separator)
+            .map(|p| {
+                (!p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                    .then(|| p.parse().ok())
+                    .flatten()
+            })
+            .collect()
+    }
+
     /// A chunk's stored bytes decoded to its elements in C order.
     pub fn decode_chunk(&self, raw: &[u8]) -> Result<Vec<u8>, String> {
+        if let Some(why) = self.opaque_reason() {
+            return Err(why);
+        }
         let want = self.chunk_bytes().unwrap_or(0);
         let mut data = std::borrow::Cow::Borrowed(raw);
         for (i, c) in self.codecs.iter().enumerate().rev() {
@@ -319,6 +416,9 @@ impl ArrayMeta {
 
     /// A chunk's elements (C order) encoded as stored.
     pub fn encode_chunk(&self, data: &[u8]) -> Result<Vec<u8>, String> {
+        if let Some(why) = self.opaque_reason() {
+            return Err(why);
+        }
         let mut out = match &self.order {
             None => data.to_vec(),
             Some(order) => permute(data, &self.chunks, self.elem.size, order),
@@ -339,6 +439,31 @@ impl ArrayMeta {
         }
         doc
     }
+}
+
+/// The members `keys` of a metadata document, for comparing encodings.
+fn pick(doc: &Value, keys: &[&str]) -> Value {
+    Value::Object(
+        keys.iter()
+            .map(|k| (k.to_string(), doc.get(*k).cloned().unwrap_or(Value::Null)))
+            .collect(),
+    )
+}
+
+/// The byte order of a `sharding_indexed` codec's inner `bytes` codec (little if none).
+fn inner_big_endian(sharding: &Value) -> bool {
+    sharding
+        .get("configuration")
+        .and_then(|c| c.get("codecs"))
+        .and_then(Value::as_array)
+        .and_then(|cs| {
+            cs.iter()
+                .find(|c| c.get("name").and_then(Value::as_str) == Some("bytes"))
+        })
+        .and_then(|c| c.get("configuration"))
+        .and_then(|c| c.get("endian"))
+        .and_then(Value::as_str)
+        == Some("big")
 }
 
 fn inverse(order: &[usize]) -> Vec<usize> {
@@ -532,6 +657,10 @@ mod tests {
             .ok()
             .expect("parses");
         assert_eq!(m.chunk_key(&[2, 0]), "2.0");
+        assert_eq!(m.parse_chunk_key("2.0"), Some(vec![2, 0]));
+        assert_eq!(m.parse_chunk_key("17.3.9"), Some(vec![17, 3, 9]));
+        assert_eq!(m.parse_chunk_key("x.0"), None);
+        assert_eq!(m.parse_chunk_key("2..0"), None);
         assert!(f32::from_le_bytes([m.fill[0], m.fill[1], m.fill[2], m.fill[3]]).is_nan());
         assert_eq!(m.grid(), vec![3, 1]);
         assert_eq!(m.row_bytes(), 28);

@@ -8,18 +8,27 @@
 //! per-episode fields; other `meta/` arrays are constants. Without `meta/episode_ends` a
 //! sample is a row of axis 0, and every array must have the same length.
 //!
-//! Chunks are decoded and encoded here: no codec (v2 `compressor: null`, v3 `bytes` alone),
-//! zstd, gzip, zlib, numcodecs lz4, blosc (LZ4, Zstd or Zlib inside, byte or bit shuffle),
-//! v3 `crc32c`, little- or big-endian elements and C/F order or v3 `transpose`. Anything else
-//! (sharding, filters, string dtypes) is [`DatasetError::Unsupported`], naming the array.
+//! A merge copies chunk files byte for byte where they line up with the output's chunks
+//! (`align.rs`: the same encoding in every round, rows taken in whole chunks), so any codec
+//! merges there. Elsewhere chunks are decoded and encoded here: no codec (v2
+//! `compressor: null`, v3 `bytes` alone), zstd, gzip, zlib, numcodecs lz4, blosc (LZ4, Zstd or
+//! Zlib inside, byte or bit shuffle), v3 `crc32c`, little- or big-endian elements and C/F
+//! order or v3 `transpose`. Arrays with another codec (imagecodecs' `Jpeg2k`, `Qoi`, ...),
+//! v2 `filters` or v3 `sharding_indexed` are copied whole and never decoded: inspection
+//! checks their chunks' structure where it knows the codec (`signature.rs`) and that their
+//! rows fill whole chunks (`chunks.rs`); a merge that would have to decode them is refused,
+//! naming the array, the codec and the fix. String dtypes are [`DatasetError::Unsupported`].
 //!
 //! A merge streams each array a chunk row (the chunks sharing one index of axis 0) at a time:
 //! memory is a chunk row per array in flight, however large the inputs.
 
+mod align;
 mod array;
 mod blosc;
+mod chunks;
 mod codec;
 mod meta;
+mod signature;
 mod store;
 
 use std::collections::HashSet;
@@ -29,6 +38,7 @@ use serde_json::Value;
 
 use crate::elem::{FieldDigest, SampleDigest};
 use crate::{DatasetError, Filter, Inspection, MergeOptions, MergeSummary, Observer};
+use align::Piece;
 use array::{ChunkError, Cursor, Writer, read_chunk, write_file};
 use meta::ArrayMeta;
 use store::{Role, Store};
@@ -58,9 +68,20 @@ fn grid_positions(meta: &ArrayMeta) -> impl Iterator<Item = Vec<u64>> {
 /// full size; counts episodes (or rows) and those passing `filter`.
 pub fn inspect(path: &Path, filter: Option<&Filter>) -> Result<Inspection, DatasetError> {
     let store = Store::open(path)?;
-    for (a, _) in &store.arrays {
+    for (a, role) in &store.arrays {
+        let fail = |e| chunk_error(&store, &a.name, e);
+        chunks::check_keys(a).map_err(fail)?;
+        if a.opaque.is_none() {
+            for idx in grid_positions(a) {
+                read_chunk(a, &idx).map_err(fail)?;
+            }
+            continue;
+        }
+        if matches!(role, Role::Data | Role::Episode) {
+            chunks::check_rows_fill_chunks(a).map_err(fail)?;
+        }
         for idx in grid_positions(a) {
-            read_chunk(a, &idx).map_err(|e| chunk_error(&store, &a.name, e))?;
+            chunks::check_stored(a, &idx).map_err(fail)?;
         }
     }
     let kept = match filter {
@@ -101,6 +122,15 @@ fn filter_values(store: &Store, f: &Filter) -> Result<Vec<f64>, DatasetError> {
         Some(_) => *role == Role::Episode,
         None => *role == Role::Data,
     };
+    if let Some(what) = &a.opaque {
+        return Err(field_error(
+            store,
+            format!(
+                "filter field {} is {}, stored with {what}, which Quarry does not decode: filter on an array stored without it (blosc, zstd, gzip, zlib, lz4 or none)",
+                f.field, a.name
+            ),
+        ));
+    }
     if !ok_role || a.shape.len() != 1 || !a.elem.is_numeric() {
         let want = if store.ends.is_some() {
             "a 1-D numeric array under meta/ with one value per episode"
@@ -138,6 +168,15 @@ fn sample_digests(store: &Store, fields: &[String]) -> Result<Vec<[u8; 32]>, Dat
                 ),
             )
         })?;
+        if let Some(what) = &a.opaque {
+            return Err(field_error(
+                store,
+                format!(
+                    "de-duplication field {field} is {}, stored with {what}, which Quarry does not decode: de-duplicate on arrays stored without it (blosc, zstd, gzip, zlib, lz4 or none)",
+                    a.name
+                ),
+            ));
+        }
         if !matches!(role, Role::Data | Role::Episode) {
             return Err(field_error(
                 store,
@@ -322,9 +361,25 @@ pub fn merge(
                     } else {
                         &sample_runs
                     };
+                    let same = sa.encoding == ta.encoding;
+                    let c0 = ta.chunks[0];
+                    let pieces = align::plan(c0, sa.shape[0], list, w.offset(), same);
                     let mut cursor = Cursor::new(sa, false);
-                    let mut pushed = Ok(());
-                    for &(start, n) in list {
+                    for piece in pieces {
+                        let (start, n) = match piece {
+                            Piece::Copy { row, rows } => {
+                                w.copy_chunk_row(sa, row, rows)?;
+                                continue;
+                            }
+                            Piece::Decode { start, n } => (start, n),
+                        };
+                        if let Some(what) = sa.opaque.as_ref().or(ta.opaque.as_ref()) {
+                            return Err(DatasetError::Mismatch {
+                                input: i,
+                                what: misaligned(&sa.name, what, start, n, c0, same),
+                            });
+                        }
+                        let mut pushed = Ok(());
                         cursor
                             .rows(start, n, |b, _| {
                                 if pushed.is_ok() {
@@ -332,9 +387,9 @@ pub fn merge(
                                 }
                             })
                             .map_err(|e| chunk_error(store, &sa.name, e))?;
+                        pushed?;
                         w.push_empty_rows(n);
                     }
-                    pushed?;
                 }
                 Role::Const => {}
             }
@@ -353,6 +408,21 @@ pub fn merge(
     }
     summary.bytes_written += write_metadata(&template, &rows_of, out)?;
     Ok(summary)
+}
+
+/// Why rows of an array Quarry does not decode cannot be merged, with the fix.
+fn misaligned(array: &str, what: &str, start: u64, n: u64, c0: u64, same: bool) -> String {
+    let why = if same {
+        format!(
+            "its rows {start}..{} do not fall on whole chunks of {c0} rows at a chunk boundary of the final (a filter or de-duplication dropped rows inside a chunk, or an earlier round ended inside one)",
+            start + n
+        )
+    } else {
+        "its chunk shape, dtype, codecs, filters or fill value differ from input 0's".to_string()
+    };
+    format!(
+        "{array} is stored with {what}, which Quarry merges only by copying chunks whole, never decoding them, but {why}: write chunks that line up with episodes or rounds (chunks of one step, (1, ...)) with the same chunk shape and codec in every round, filter and de-duplicate on whole chunks, or use a codec Quarry decodes (blosc, zstd, gzip, zlib, lz4)"
+    )
 }
 
 fn copy_file(from: &Path, to: &Path) -> Result<u64, DatasetError> {
@@ -487,6 +557,15 @@ fn write_metadata(
 pub fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetError> {
     let store = Store::open(path)?;
     for (a, role) in &store.arrays {
+        // Arrays Quarry does not decode give no values, only their chunks' checks.
+        if a.opaque.is_some() {
+            for idx in grid_positions(a) {
+                if let Err(e) = chunks::check_stored(a, &idx) {
+                    observer.problem(&format!("{}/{}/{}", store.label, a.name, e.key), &e.reason);
+                }
+            }
+            continue;
+        }
         if *role == Role::Const {
             for idx in grid_positions(a) {
                 if let Err(e) = read_chunk(a, &idx) {
@@ -498,7 +577,7 @@ pub fn examine(path: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetE
     let mut fields: Vec<(&ArrayMeta, Role, String, Cursor)> = store
         .arrays
         .iter()
-        .filter(|(_, r)| matches!(r, Role::Data | Role::Episode))
+        .filter(|(a, r)| matches!(r, Role::Data | Role::Episode) && a.opaque.is_none())
         .map(|(a, r)| (a, *r, a.name.replace('/', "."), Cursor::new(a, true)))
         .collect();
     let mut values = Vec::new();
