@@ -636,13 +636,14 @@ fn isaaclab_mimic_runs_with_the_round_seed_under_the_launcher() {
 }
 
 #[test]
-fn the_isaaclab_mimic_and_mimicgen_job_examples_are_valid_jobs() {
+fn the_isaaclab_mimic_mimicgen_and_lerobot_job_examples_are_valid_jobs() {
     for (file, stats) in [
         ("isaaclab_mimic_job.toml", None),
         (
             "mimicgen_job.toml",
             Some("out/{name}/gen/important_stats.json"),
         ),
+        ("lerobot_job.toml", None),
     ] {
         let path = repo_root().join("deploy/examples").join(file);
         let spec = quarry_cli::read_job_file(&path).expect("job file");
