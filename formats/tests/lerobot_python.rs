@@ -433,3 +433,50 @@ fn rounds_that_record_differently_do_not_merge() {
         .to_string();
     assert!(e.contains("merge.filter"), "{e}");
 }
+
+/// Seeded corruption of every file of a round (bytes flipped, files cut short): inspect and
+/// merge answer with an error or a count, never a panic.
+#[test]
+fn corrupted_rounds_are_errors_never_panics() {
+    let t = tempfile::tempdir().unwrap();
+    let files: Vec<PathBuf> = pyhelp::tree(&rounds()[1])
+        .into_keys()
+        .map(PathBuf::from)
+        .collect();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut errors = 0;
+    for case in 0..240 {
+        let r = copy_round(t.path(), 1);
+        let file = r.join(&files[case % files.len()]);
+        let mut bytes = std::fs::read(&file).unwrap();
+        if bytes.is_empty() {
+            continue;
+        }
+        if case % 4 == 3 {
+            bytes.truncate((next() as usize) % bytes.len());
+        } else {
+            for _ in 0..1 + next() % 8 {
+                let at = (next() as usize) % bytes.len();
+                bytes[at] ^= 1 << (next() % 8);
+            }
+        }
+        std::fs::write(&file, &bytes).unwrap();
+        let got = std::panic::catch_unwind(|| {
+            let i = quarry_formats::inspect(Format::Lerobot, &r, None);
+            let out = r.with_extension("out");
+            let m = merge(&[rounds()[0].clone(), r.clone()], 100, &out);
+            (i.is_err(), m.is_err())
+        });
+        let (i, m) = got.unwrap_or_else(|_| panic!("case {case}: {} panicked", file.display()));
+        errors += usize::from(i) + usize::from(m);
+        std::fs::remove_dir_all(&r).unwrap();
+        let _ = std::fs::remove_dir_all(r.with_extension("out"));
+    }
+    assert!(errors > 100, "most corruptions are caught: {errors}");
+}
