@@ -434,6 +434,42 @@ fn rounds_that_record_differently_do_not_merge() {
     assert!(e.contains("merge.filter"), "{e}");
 }
 
+/// A round without episodes, as lerobot leaves it (`create` then `finalize`: `meta/info.json`
+/// alone, totals 0), counts 0 and merges as nothing, first or in the middle.
+#[test]
+fn rounds_without_episodes_count_zero_and_merge_as_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let empty = t.path().join("empty");
+    std::fs::create_dir_all(empty.join("meta")).unwrap();
+    std::fs::copy(
+        rounds()[0].join("meta/info.json"),
+        empty.join("meta/info.json"),
+    )
+    .unwrap();
+    edit_info(&empty, |v| {
+        for k in ["total_episodes", "total_frames", "total_tasks"] {
+            v.insert(k.into(), 0.into());
+        }
+        v.insert("splits".into(), serde_json::json!({}));
+    });
+    assert_eq!(
+        quarry_formats::inspect(Format::Lerobot, &empty, None)
+            .unwrap()
+            .count,
+        0
+    );
+    let inputs = vec![
+        empty.clone(),
+        rounds()[1].clone(),
+        empty,
+        rounds()[2].clone(),
+    ];
+    let out = t.path().join("out");
+    assert_eq!(merge(&inputs, 100, &out).unwrap(), 5);
+    let said = check_with_python(&out, &inputs);
+    assert_eq!(said.trim(), "ok 5 26 26", "{said}");
+}
+
 /// Seeded corruption of every file of a round (bytes flipped, files cut short): inspect and
 /// merge answer with an error or a count, never a panic.
 #[test]

@@ -107,8 +107,7 @@ pub fn merge(
         }
     }
 
-    std::fs::create_dir_all(out.join("meta/episodes/chunk-000"))
-        .map_err(DatasetError::io("create", out))?;
+    std::fs::create_dir_all(out.join("meta")).map_err(DatasetError::io("create", out))?;
     let ep_path = out.join("meta/episodes/chunk-000/file-000.parquet");
     let mut ep_writer: Option<(ArrowWriter<std::fs::File>, SchemaRef)> = None;
     let mut data_schema: Option<SchemaRef> = None;
@@ -187,6 +186,9 @@ pub fn merge(
             let (w, w_schema) = match &mut ep_writer {
                 Some(w) => w,
                 None => {
+                    if let Some(dir) = ep_path.parent() {
+                        std::fs::create_dir_all(dir).map_err(DatasetError::io("create", dir))?;
+                    }
                     let f = std::fs::File::create_new(&ep_path)
                         .map_err(DatasetError::io("create", &ep_path))?;
                     let w = ArrowWriter::try_new(f, schema.clone(), Some(data::props(&schema)))
@@ -300,8 +302,13 @@ pub fn merge(
             .map_err(|e| DatasetError::invalid(label(out, "meta/episodes"), e.to_string()))?;
     }
 
-    write_tasks(&rounds[0].root, out, &tasks)?;
-    let mut info = rounds[0].info.raw.clone();
+    // The first round that gives episodes gives the tables' columns and info.json (an empty
+    // round, as lerobot writes it, is info.json alone); a final without episodes is too.
+    let model = rounds.iter().find(|r| r.keep > 0).unwrap_or(first);
+    if model.keep > 0 {
+        write_tasks(&model.root, out, &tasks)?;
+    }
+    let mut info = model.info.raw.clone();
     info.insert("total_episodes".into(), json!(ep_offset));
     info.insert("total_frames".into(), json!(frame_offset));
     info.insert("total_tasks".into(), json!(tasks.len()));

@@ -223,6 +223,9 @@ pub fn int_column<'a>(
 pub fn read_tasks(root: &Path) -> Result<Vec<String>, DatasetError> {
     let rel = "meta/tasks.parquet";
     let at = label(root, rel);
+    if !root.join(rel).exists() {
+        return Ok(Vec::new());
+    }
     let (schema, batches) = read_all(root, rel)?;
     // pandas writes the task string as the frame's index; name it from the pandas metadata
     // or take the one string column.
@@ -298,6 +301,10 @@ pub struct Episode {
 pub fn episode_files(root: &Path) -> Result<Vec<String>, DatasetError> {
     let mut out = Vec::new();
     let dir = root.join("meta/episodes");
+    // lerobot writes no episode table (and no tasks) for a dataset without episodes.
+    if !dir.exists() {
+        return Ok(out);
+    }
     let mut chunks = list_sorted(&dir)?;
     chunks.retain(|c| c.starts_with("chunk-"));
     for c in chunks {
