@@ -70,12 +70,12 @@ pub struct GeneratorSpec {
     /// Extra environment for the generator.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
-    /// The round's dataset (a file, or a directory for zarr and episode datasets), relative
-    /// to the job root.
+    /// The round's dataset (a file, or a directory for zarr, episode and LeRobot datasets),
+    /// relative to the job root.
     pub output: String,
-    /// The dataset format: `npy`, `hdf5`, `zarr`, `episodes`, `npz` or `jsonl`. By default
-    /// the output's extension tells (`.npy`, `.hdf5`/`.h5`, `.zarr`, `.npz`, `.jsonl`); an
-    /// episode directory must be named here.
+    /// The dataset format: `npy`, `hdf5`, `zarr`, `episodes`, `npz`, `jsonl` or `lerobot`.
+    /// By default the output's extension tells (`.npy`, `.hdf5`/`.h5`, `.zarr`, `.npz`,
+    /// `.jsonl`); an episode directory or a LeRobot dataset must be named here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub format: Option<String>,
     /// A yield sidecar the generator writes each round, relative to the job root:
@@ -480,7 +480,22 @@ impl JobSpec {
         {
             check_round_path(field, p)?;
         }
-        self.format()?;
+        let format = self.format()?;
+        if format == Format::Lerobot {
+            let set = [
+                ("merge.filter", self.merge.filter.is_some()),
+                ("merge.dedup", !self.merge.dedup.is_empty()),
+            ];
+            if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
+                return Err(spec_err(
+                    *field,
+                    format!("{field} does not apply to generator.format \"lerobot\" yet"),
+                    format!(
+                        "remove {field} from the job file (LeRobot finals keep every episode up to the quota)"
+                    ),
+                ));
+            }
+        }
         if let Some(stats) = &g.stats {
             check_placeholders("generator.stats", stats)?;
             check_round_path("generator.stats", stats)?;
@@ -1078,11 +1093,24 @@ pub(crate) mod tests {
         assert!(e.fix.contains("episodes"), "{e}");
         s.generator.format = Some("episodes".into());
         s.validate().unwrap();
+        // A LeRobot dataset's root (parquet and mp4 files inside) is named by its format;
+        // "parquet" alone is still no format, and the fix lists lerobot.
+        s.generator.format = Some("lerobot".into());
+        s.validate().unwrap();
+        assert_eq!(s.format().unwrap(), Format::Lerobot);
+        s.merge.filter = Some("length >= 10".into());
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "merge.filter");
+        assert!(e.fix.contains("remove merge.filter"), "{e}");
+        s.merge.filter = None;
+        s.merge.dedup = vec!["length".into()];
+        assert_eq!(s.validate().unwrap_err().field, "merge.dedup");
+        s.merge.dedup.clear();
         s.generator.format = Some("parquet".into());
         let e = s.validate().unwrap_err();
         assert_eq!(e.field, "generator.format");
         assert!(
-            e.problem.contains("parquet") && e.fix.contains("zarr"),
+            e.problem.contains("parquet") && e.fix.contains("zarr") && e.fix.contains("lerobot"),
             "{e}"
         );
         s.generator.format = Some("zarr".into());

@@ -12,12 +12,13 @@
 //!   path inside the dataset.
 //!
 //! A *sample* is the unit the quota counts: a row of a `.npy`/`.npz`, a line of JSONL, a demo of
-//! a robomimic HDF5 file, an episode of a zarr replay buffer or of an episode directory.
+//! a robomimic HDF5 file, an episode of a zarr replay buffer, of an episode directory or of a LeRobot dataset.
 
 pub mod archive;
 pub mod episodes;
 pub mod hdf5;
 pub mod jsonl;
+pub mod lerobot;
 pub mod npy;
 pub mod npz;
 pub mod zarr;
@@ -50,16 +51,20 @@ pub enum Format {
     Npz,
     /// One JSON Lines file: one sample per line.
     Jsonl,
+    /// A LeRobot v3.0 dataset (a directory: `meta/`, `data/`, `videos/`); a sample is an
+    /// episode.
+    Lerobot,
 }
 
 impl Format {
-    pub const ALL: [Format; 6] = [
+    pub const ALL: [Format; 7] = [
         Format::Npy,
         Format::Hdf5,
         Format::Zarr,
         Format::Episodes,
         Format::Npz,
         Format::Jsonl,
+        Format::Lerobot,
     ];
 
     /// The name used in job files and on the command line.
@@ -71,6 +76,7 @@ impl Format {
             Format::Episodes => "episodes",
             Format::Npz => "npz",
             Format::Jsonl => "jsonl",
+            Format::Lerobot => "lerobot",
         }
     }
 
@@ -109,6 +115,9 @@ impl Format {
             {
                 return Some(Format::Zarr);
             }
+            if path.join("meta/info.json").is_file() {
+                return Some(Format::Lerobot);
+            }
             if path.join("episodes").is_dir() {
                 return Some(Format::Episodes);
             }
@@ -130,7 +139,7 @@ impl Format {
     /// Whether a dataset of this format is a directory (uploaded as one archive) rather than
     /// one file.
     pub fn is_directory(self) -> bool {
-        matches!(self, Format::Zarr | Format::Episodes)
+        matches!(self, Format::Zarr | Format::Episodes | Format::Lerobot)
     }
 
     /// Whether [`inspect_bytes`] inspects this format from bytes in memory (`.npy` and JSON
@@ -276,6 +285,7 @@ pub fn inspect(
         Format::Episodes => episodes::inspect(path, filter),
         Format::Npz => npz::inspect(path, filter),
         Format::Jsonl => jsonl::inspect(path, filter),
+        Format::Lerobot => lerobot::inspect(path, filter),
     }
 }
 
@@ -293,7 +303,7 @@ pub fn inspect_bytes(
     match format {
         Format::Npy => Some(npy::inspect_dataset_bytes(name, bytes, filter)),
         Format::Jsonl => Some(jsonl::inspect_bytes(name, bytes, filter)),
-        Format::Hdf5 | Format::Zarr | Format::Episodes | Format::Npz => None,
+        Format::Hdf5 | Format::Zarr | Format::Episodes | Format::Npz | Format::Lerobot => None,
     }
 }
 
@@ -322,6 +332,7 @@ pub fn merge(
         Format::Episodes => episodes::merge(inputs, counts, options, out),
         Format::Npz => npz::merge(inputs, counts, options, out),
         Format::Jsonl => jsonl::merge(inputs, counts, options, out),
+        Format::Lerobot => lerobot::merge(inputs, counts, options, out),
     }
 }
 
@@ -340,6 +351,7 @@ pub fn examine(
         Format::Episodes => episodes::examine(path, observer),
         Format::Npz => npz::examine(path, observer),
         Format::Jsonl => jsonl::examine(path, observer),
+        Format::Lerobot => lerobot::examine(path, observer),
     }
 }
 

@@ -636,13 +636,14 @@ fn isaaclab_mimic_runs_with_the_round_seed_under_the_launcher() {
 }
 
 #[test]
-fn the_isaaclab_mimic_and_mimicgen_job_examples_are_valid_jobs() {
+fn the_isaaclab_mimic_mimicgen_and_lerobot_job_examples_are_valid_jobs() {
     for (file, stats) in [
         ("isaaclab_mimic_job.toml", None),
         (
             "mimicgen_job.toml",
             Some("out/{name}/gen/important_stats.json"),
         ),
+        ("lerobot_job.toml", None),
     ] {
         let path = repo_root().join("deploy/examples").join(file);
         let spec = quarry_cli::read_job_file(&path).expect("job file");
@@ -656,4 +657,103 @@ fn the_isaaclab_mimic_and_mimicgen_job_examples_are_valid_jobs() {
             "{file}"
         );
     }
+}
+
+/// Checks a LeRobot final against the fixture rounds its seeds copied (round `r<seed % 3>`):
+/// the first `limit` episodes in round order, indices contiguous, tasks by name, every frame's
+/// values, and the videos byte for byte (copied whole, never re-encoded).
+const LEROBOT_CHECK: &str = r#"
+import json, os, sys, glob, hashlib
+import pyarrow.parquet as pq
+final, fixtures, seeds, limit = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+def rows(root, pattern):
+    out = []
+    for f in sorted(glob.glob(os.path.join(root, pattern))):
+        out += pq.read_table(f).to_pylist()
+    return out
+def tasks(root):
+    t = pq.read_table(os.path.join(root, "meta/tasks.parquet")).to_pydict()
+    return dict(zip(t["task_index"], t["__index_level_0__"]))
+src = []
+for s in seeds:
+    r = os.path.join(fixtures, "r%d" % (s % 3))
+    data, names = rows(r, "data/*/*.parquet"), tasks(r)
+    for e in rows(r, "meta/episodes/*/*.parquet"):
+        src.append((e, data[e["dataset_from_index"]:e["dataset_to_index"]], names))
+src = src[:limit]
+info = json.load(open(os.path.join(final, "meta/info.json")))
+eps, data, names = rows(final, "meta/episodes/*/*.parquet"), rows(final, "data/*/*.parquet"), tasks(final)
+assert info["total_episodes"] == len(eps) == limit, (info["total_episodes"], len(eps))
+assert info["total_frames"] == len(data) == sum(len(d) for _, d, _ in src)
+assert [r["index"] for r in data] == list(range(len(data)))
+for i, (e, (se, sd, sn)) in enumerate(zip(eps, src)):
+    assert e["episode_index"] == i and e["length"] == se["length"] and e["tasks"] == se["tasks"]
+    for a, b in zip(data[e["dataset_from_index"]:e["dataset_to_index"]], sd):
+        assert a["episode_index"] == i and names[a["task_index"]] == sn[b["task_index"]]
+        assert a["observation.state"] == b["observation.state"] and a["action"] == b["action"]
+vids = sorted(glob.glob(os.path.join(final, "videos/*/*/*.mp4")))
+used = []
+for s in seeds:
+    if s not in used:
+        used.append(s)
+assert len(vids) == len(used), (vids, used)
+for v, s in zip(vids, used):
+    want = glob.glob(os.path.join(fixtures, "r%d" % (s % 3), "videos/*/*/*.mp4"))[0]
+    assert open(v, "rb").read() == open(want, "rb").read(), v
+print("ok", len(eps), len(data))
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lerobot_rounds_merge_into_one_lerobot_dataset() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let fixtures = repo_root().join("tests/fixtures/lerobot");
+    let toml = format!(
+        r#"
+exp_name = "lr"
+objects = ["cube"]
+target_count_per_object = 6
+round_batch_size = 2
+seed_base = 0
+root = "{root}"
+
+[generator]
+argv = ["{py}", "{gen}", "--seed", "{{seed}}", "--out", "out/{{name}}/dataset"]
+output = "out/{{name}}/dataset"
+round_dir = "out/{{name}}"
+format = "lerobot"
+"#,
+        root = root.path().display(),
+        py = python(),
+        gen = fixtures.join("copy_round.py").display(),
+    );
+    let out = run_job(root.path(), &toml, &["--gpus", "0"]).await;
+    assert_eq!(
+        out.status.state,
+        pb::JobState::Done as i32,
+        "{:?}",
+        out.status
+    );
+    let m = manifest(root.path(), "lr");
+    assert_eq!(m["objects"]["cube"]["collected"], 6, "{m}");
+    let f = finals(root.path(), "lr", "cube");
+    assert!(f[0].join("meta/info.json").is_file(), "{}", f[0].display());
+    let said = run_python(
+        &python(),
+        LEROBOT_CHECK,
+        &[
+            f[0].to_str().expect("path"),
+            fixtures.join("rounds").to_str().expect("path"),
+            &serde_json::to_string(&seeds_of(&m, "cube")).expect("json"),
+            "6",
+        ],
+    );
+    assert!(said.starts_with("ok 6 "), "{said}");
+    // The final is itself a dataset Quarry accepts as a round.
+    let i = quarry_formats::inspect(quarry_formats::Format::Lerobot, &f[0], None)
+        .expect("the final inspects");
+    assert_eq!(i.count, 6);
+    assert!(
+        files_under(&root.path().join("out")).is_empty(),
+        "round directories left"
+    );
 }

@@ -266,7 +266,9 @@ fn signature(format: Format, head: &[u8]) -> Result<(), DeriveError> {
             .any(|at| head.get(at..).is_some_and(|h| h.starts_with(HDF5))),
         Format::Npz => head.starts_with(b"PK\x03\x04") || head.starts_with(b"PK\x05\x06"),
         // A round's directory dataset travels as a ustar archive.
-        Format::Zarr | Format::Episodes => head.get(257..262) == Some(b"ustar".as_slice()),
+        Format::Zarr | Format::Episodes | Format::Lerobot => {
+            head.get(257..262) == Some(b"ustar".as_slice())
+        }
         Format::Jsonl => true,
     };
     if ok {

@@ -1,0 +1,385 @@
+//! The merge of LeRobot rounds into one v3.0 dataset: episodes in round order, cut at the
+//! quota; frames, episode rows and videos renumbered; tasks unified; statistics combined.
+//!
+//! Each round's data file becomes one data file of the final and each of its video files one
+//! video file (copied whole), under the final's next (chunk, file) index; the episode table
+//! is one file. Memory is a record batch per file in flight, plus the episode rows of one
+//! round's episode table batch.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanArray, Int64Array, LargeStringArray, RecordBatch, StringArray,
+};
+use arrow::compute::filter_record_batch;
+use arrow::datatypes::{DataType, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use serde_json::{Value, json};
+
+use super::data::{self, DataWriter, Renumber, RowCheck};
+use super::meta::{self, Episode, Info, data_rel, label, nth_chunk_file};
+use super::{stats, videos};
+use crate::{DatasetError, MergeOptions, MergeSummary};
+
+/// One input as the merge sees it.
+struct Round {
+    root: PathBuf,
+    info: Info,
+    episodes: Vec<Episode>,
+    /// Episodes kept: the first `keep`.
+    keep: usize,
+}
+
+/// The fields every round must share with round 0, as lerobot's `validate_all_metadata`.
+fn agree(first: &Info, other: &Info, input: usize) -> Result<(), DatasetError> {
+    for (field, a, b) in [
+        ("fps", &first.fps, &other.fps),
+        ("robot_type", &first.robot_type, &other.robot_type),
+        ("features", &first.features, &other.features),
+    ] {
+        if a != b {
+            let (a, b) = (a.to_string(), b.to_string());
+            let cut = |s: &str| s.chars().take(300).collect::<String>();
+            return Err(DatasetError::Mismatch {
+                input,
+                what: format!(
+                    "meta/info.json {field} is {} in this round but {} in round 0; every round of a job must record the same {field}",
+                    cut(&b),
+                    cut(&a)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+pub fn merge(
+    inputs: &[PathBuf],
+    options: &MergeOptions,
+    out: &Path,
+) -> Result<MergeSummary, DatasetError> {
+    if options.filter.is_some() || !options.dedup.is_empty() {
+        return Err(DatasetError::Unsupported {
+            reason: "merge.filter and merge.dedup do not apply to lerobot datasets yet".into(),
+        });
+    }
+    // Read and check every contributing round first: a bad round fails before anything is
+    // written.
+    let mut rounds: Vec<Round> = Vec::new();
+    let mut left = options.limit;
+    for (i, root) in inputs.iter().enumerate() {
+        if left == 0 && !rounds.is_empty() {
+            break;
+        }
+        let info = Info::read(root)?;
+        if let Some(r0) = rounds.first() {
+            agree(&r0.info, &info, i)?;
+        }
+        let episodes = meta::read_episodes(root, &info)?;
+        let keep = (episodes.len() as u64).min(left) as usize;
+        left -= keep as u64;
+        rounds.push(Round {
+            root: root.clone(),
+            info,
+            episodes,
+            keep,
+        });
+    }
+    let Some(first) = rounds.first() else {
+        return Err(DatasetError::NoInputs);
+    };
+    let video_keys = first.info.video_keys.clone();
+    let chunks_size = first.info.chunks_size;
+
+    // Tasks in the order kept episodes first name them.
+    let mut tasks: Vec<String> = Vec::new();
+    let mut task_ix: HashMap<String, i64> = HashMap::new();
+    for r in &rounds {
+        for e in &r.episodes[..r.keep] {
+            for t in &e.tasks {
+                if !task_ix.contains_key(t) {
+                    task_ix.insert(t.clone(), tasks.len() as i64);
+                    tasks.push(t.clone());
+                }
+            }
+        }
+    }
+
+    std::fs::create_dir_all(out.join("meta")).map_err(DatasetError::io("create", out))?;
+    let ep_path = out.join("meta/episodes/chunk-000/file-000.parquet");
+    let mut ep_writer: Option<(ArrowWriter<std::fs::File>, SchemaRef)> = None;
+    let mut data_schema: Option<SchemaRef> = None;
+    let mut stat_parts: Vec<stats::Stats> = Vec::new();
+    let (mut ep_offset, mut frame_offset) = (0i64, 0i64);
+    let mut data_n = 0i64;
+    let mut video_n = vec![0i64; video_keys.len()];
+
+    for r in &rounds {
+        if r.keep == 0 {
+            continue;
+        }
+        let root = &r.root;
+        let kept = &r.episodes[..r.keep];
+        let src_tasks = meta::read_tasks(root)?;
+        for e in kept {
+            if let Some(t) = e.tasks.iter().find(|t| !src_tasks.contains(t)) {
+                return Err(DatasetError::invalid(
+                    label(root, "meta/tasks.parquet"),
+                    format!(
+                        "episode {} names task {t:?}, which is not listed here",
+                        e.index
+                    ),
+                ));
+            }
+        }
+        let renumber_tasks: Vec<Option<i64>> =
+            src_tasks.iter().map(|t| task_ix.get(t).copied()).collect();
+        let renumber_eps: Vec<Option<(i64, i64)>> = r
+            .episodes
+            .iter()
+            .enumerate()
+            .map(|(k, e)| (k < r.keep).then_some((ep_offset + e.index, frame_offset)))
+            .collect();
+        let renumber = Renumber {
+            episodes: &renumber_eps,
+            tasks: &renumber_tasks,
+        };
+
+        // Frames: one final data file per data file the kept episodes live in.
+        let mut check = RowCheck::new(&r.episodes);
+        let mut data_map: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
+        for src in meta::data_files(kept) {
+            let rel = data_rel(src.0, src.1);
+            let schema = meta::parquet_schema(root, &rel)?;
+            let schema = data_schema.get_or_insert(schema).clone();
+            let dst = nth_chunk_file(data_n, chunks_size);
+            data_n += 1;
+            let dst_rel = data_rel(dst.0, dst.1);
+            let mut w = DataWriter::create(&out.join(&dst_rel), schema)?;
+            data::copy_rows(root, src, &mut check, &renumber, &mut w)?;
+            w.close(&label(out, &dst_rel))?;
+            data_map.insert(src, dst);
+        }
+        check.finish(root, |e| (e.index as usize) < r.keep)?;
+
+        // Videos: whole files, under the final's next indices.
+        let mut video_maps: Vec<HashMap<(i64, i64), (i64, i64)>> = Vec::new();
+        for (k, key) in video_keys.iter().enumerate() {
+            let mut m = HashMap::new();
+            for src in meta::video_files(kept, k) {
+                let dst = nth_chunk_file(video_n[k], chunks_size);
+                video_n[k] += 1;
+                videos::copy(root, out, key, src, dst)?;
+                m.insert(src, dst);
+            }
+            video_maps.push(m);
+        }
+
+        // Episode rows, renumbered; the cut round's per-episode statistics.
+        let cut = r.keep < r.episodes.len();
+        for rel in meta::episode_files(root)? {
+            let at = label(root, &rel);
+            let b = meta::open_parquet(root, &rel)?;
+            let schema = b.schema().clone();
+            let (w, w_schema) = match &mut ep_writer {
+                Some(w) => w,
+                None => {
+                    if let Some(dir) = ep_path.parent() {
+                        std::fs::create_dir_all(dir).map_err(DatasetError::io("create", dir))?;
+                    }
+                    let f = std::fs::File::create_new(&ep_path)
+                        .map_err(DatasetError::io("create", &ep_path))?;
+                    let w = ArrowWriter::try_new(f, schema.clone(), Some(data::props(&schema)))
+                        .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+                    ep_writer.insert((w, schema.clone()))
+                }
+            };
+            if !data::same_fields(&schema, w_schema) {
+                return Err(DatasetError::invalid(
+                    &at,
+                    "its columns differ from the first round's episode table (the rounds record different features or statistics)",
+                ));
+            }
+            let reader = b
+                .build()
+                .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+            for batch in reader {
+                let batch = batch.map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+                let eps = meta::episodes_of(&batch, &r.info, &at)?;
+                let keep: Vec<bool> = eps.iter().map(|e| (e.index as usize) < r.keep).collect();
+                if cut {
+                    for (row, k) in keep.iter().enumerate() {
+                        if *k {
+                            stat_parts.push(stats::of_episode(&batch, row, &at)?);
+                        }
+                    }
+                }
+                let batch = filter_record_batch(&batch, &BooleanArray::from(keep))
+                    .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+                let eps: Vec<&Episode> =
+                    eps.iter().filter(|e| (e.index as usize) < r.keep).collect();
+                if eps.is_empty() {
+                    continue;
+                }
+                let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+                let mut set = |name: &str, v: Vec<i64>| -> Result<(), DatasetError> {
+                    if let Ok(i) = batch.schema().index_of(name) {
+                        cols[i] = Arc::new(Int64Array::from(v));
+                    }
+                    Ok(())
+                };
+                let missing = |what: &str, e: &Episode| {
+                    DatasetError::invalid(
+                        &at,
+                        format!("episode {}: {what} was not copied", e.index),
+                    )
+                };
+                set(
+                    "episode_index",
+                    eps.iter().map(|e| ep_offset + e.index).collect(),
+                )?;
+                set(
+                    "dataset_from_index",
+                    eps.iter().map(|e| frame_offset + e.from).collect(),
+                )?;
+                set(
+                    "dataset_to_index",
+                    eps.iter().map(|e| frame_offset + e.to).collect(),
+                )?;
+                let data_dst: Vec<(i64, i64)> = eps
+                    .iter()
+                    .map(|e| {
+                        data_map
+                            .get(&(e.data_chunk, e.data_file))
+                            .copied()
+                            .ok_or_else(|| missing("its data file", e))
+                    })
+                    .collect::<Result<_, _>>()?;
+                set("data/chunk_index", data_dst.iter().map(|d| d.0).collect())?;
+                set("data/file_index", data_dst.iter().map(|d| d.1).collect())?;
+                for (k, key) in video_keys.iter().enumerate() {
+                    let dst: Vec<(i64, i64)> = eps
+                        .iter()
+                        .map(|e| {
+                            let v = &e.videos[k];
+                            video_maps[k]
+                                .get(&(v.chunk, v.file))
+                                .copied()
+                                .ok_or_else(|| missing("its video file", e))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    set(
+                        &format!("videos/{key}/chunk_index"),
+                        dst.iter().map(|d| d.0).collect(),
+                    )?;
+                    set(
+                        &format!("videos/{key}/file_index"),
+                        dst.iter().map(|d| d.1).collect(),
+                    )?;
+                }
+                set("meta/episodes/chunk_index", vec![0; eps.len()])?;
+                set("meta/episodes/file_index", vec![0; eps.len()])?;
+                let rewritten = RecordBatch::try_new(w_schema.clone(), cols)
+                    .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+                let err =
+                    |e: parquet::errors::ParquetError| DatasetError::invalid(&at, e.to_string());
+                w.write(&rewritten).map_err(err)?;
+                if w.in_progress_size() >= 8 << 20 {
+                    w.flush().map_err(err)?;
+                }
+            }
+        }
+        if !cut {
+            stat_parts.push(stats::read_json(root)?);
+        }
+        ep_offset += r.keep as i64;
+        frame_offset += kept.last().map_or(0, |e| e.to);
+    }
+    if let Some((w, _)) = ep_writer {
+        w.close()
+            .map_err(|e| DatasetError::invalid(label(out, "meta/episodes"), e.to_string()))?;
+    }
+
+    // The first round that gives episodes gives the tables' columns and info.json (an empty
+    // round, as lerobot writes it, is info.json alone); a final without episodes is too.
+    let model = rounds.iter().find(|r| r.keep > 0).unwrap_or(first);
+    if model.keep > 0 {
+        write_tasks(&model.root, out, &tasks)?;
+    }
+    let mut info = model.info.raw.clone();
+    info.insert("total_episodes".into(), json!(ep_offset));
+    info.insert("total_frames".into(), json!(frame_offset));
+    info.insert("total_tasks".into(), json!(tasks.len()));
+    info.insert(
+        "splits".into(),
+        json!({ "train": format!("0:{ep_offset}") }),
+    );
+    let info_path = out.join("meta/info.json");
+    let text = serde_json::to_vec_pretty(&Value::Object(info))
+        .map_err(|e| DatasetError::invalid(label(out, "meta/info.json"), e.to_string()))?;
+    std::fs::write(&info_path, text).map_err(DatasetError::io("write", &info_path))?;
+    if !stat_parts.is_empty() {
+        let combined = stats::aggregate(&stat_parts, &label(out, "meta/stats.json"))?;
+        stats::write_json(out, &combined)?;
+    }
+    Ok(MergeSummary {
+        samples: ep_offset as u64,
+        bytes_written: tree_size(out)?,
+        filtered: 0,
+        duplicates: 0,
+    })
+}
+
+/// `meta/tasks.parquet` with round 0's columns (pandas writes the task as the frame's
+/// index, `__index_level_0__`, and its metadata says so).
+fn write_tasks(first: &Path, out: &Path, tasks: &[String]) -> Result<(), DatasetError> {
+    let rel = "meta/tasks.parquet";
+    let schema = meta::parquet_schema(first, rel)?;
+    let at = label(first, rel);
+    let mut cols: Vec<ArrayRef> = Vec::new();
+    for f in schema.fields() {
+        let col: ArrayRef = match (f.name().as_str(), f.data_type()) {
+            ("task_index", DataType::Int64) => {
+                Arc::new(Int64Array::from_iter_values(0..tasks.len() as i64))
+            }
+            (_, DataType::Utf8) => Arc::new(StringArray::from_iter_values(tasks)),
+            (_, DataType::LargeUtf8) => Arc::new(LargeStringArray::from_iter_values(tasks)),
+            (n, t) => {
+                return Err(DatasetError::Unsupported {
+                    reason: format!(
+                        "{at}: column {n} of type {t} (expected task_index and the task string)"
+                    ),
+                });
+            }
+        };
+        cols.push(col);
+    }
+    let batch = RecordBatch::try_new(schema.clone(), cols)
+        .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+    let path = out.join(rel);
+    let f = std::fs::File::create_new(&path).map_err(DatasetError::io("create", &path))?;
+    let mut w = ArrowWriter::try_new(f, schema.clone(), Some(data::props(&schema)))
+        .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+    w.write(&batch)
+        .and_then(|_| w.close().map(|_| ()))
+        .map_err(|e| DatasetError::invalid(label(out, rel), e.to_string()))
+}
+
+fn tree_size(dir: &Path) -> Result<u64, DatasetError> {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(DatasetError::io("list", &d))? {
+            let e = e.map_err(DatasetError::io("list", &d))?;
+            let m = e.metadata().map_err(DatasetError::io("read", &e.path()))?;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    Ok(total)
+}

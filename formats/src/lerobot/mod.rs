@@ -1,0 +1,101 @@
+//! The `lerobot` format: a LeRobot v3.0 dataset, as lerobot's `LeRobotDataset` writes it
+//! (checked against lerobot 0.4.4): `meta/info.json`, `meta/tasks.parquet`,
+//! `meta/episodes/chunk-*/file-*.parquet`, `meta/stats.json`, `data/chunk-*/file-*.parquet`
+//! and `videos/<key>/chunk-*/file-*.mp4`. A sample is an episode.
+//!
+//! `inspect` checks the layout (version, features, fps, every file the episode table names,
+//! every frame row where the table says it is, totals that agree) without trusting any count
+//! the round states; `merge` writes one v3.0 dataset (see [`merge`]); `examine` reports each
+//! episode's length. Reading v2.1 datasets, filtering and de-duplicating episodes, and
+//! remuxing videos into fewer files are not done yet.
+
+mod data;
+mod merge;
+mod meta;
+mod stats;
+mod videos;
+
+use std::path::{Path, PathBuf};
+
+use crate::{DatasetError, Filter, Inspection, MergeOptions, MergeSummary, Observer};
+use meta::{Episode, Info};
+
+/// Everything `inspect` checks; the info and episode table it read.
+fn check(root: &Path) -> Result<(Info, Vec<Episode>), DatasetError> {
+    if !root.join("meta/info.json").is_file() {
+        return Err(DatasetError::invalid(
+            root.display().to_string(),
+            "no meta/info.json: a LeRobot dataset's root holds meta/, data/ and videos/ (point generator.output at the dataset's root)",
+        ));
+    }
+    let info = Info::read(root)?;
+    let eps = meta::read_episodes(root, &info)?;
+    let tasks = meta::read_tasks(root)?;
+    for e in &eps {
+        if let Some(t) = e.tasks.iter().find(|t| !tasks.contains(t)) {
+            return Err(DatasetError::invalid(
+                meta::label(root, "meta/tasks.parquet"),
+                format!(
+                    "episode {} names task {t:?}, which is not listed here",
+                    e.index
+                ),
+            ));
+        }
+    }
+    let mut rows = data::RowCheck::new(&eps);
+    for f in meta::data_files(&eps) {
+        data::scan(root, f, &mut rows)?;
+    }
+    rows.finish(root, |_| true)?;
+    for (k, key) in info.video_keys.iter().enumerate() {
+        for f in meta::video_files(&eps, k) {
+            videos::check(root, key, f)?;
+        }
+    }
+    if !eps.is_empty() {
+        stats::read_json(root)?;
+    }
+    Ok((info, eps))
+}
+
+/// Checks a round's dataset and counts its episodes.
+pub fn inspect(root: &Path, filter: Option<&Filter>) -> Result<Inspection, DatasetError> {
+    if let Some(f) = filter {
+        return Err(DatasetError::Filter {
+            path: root.display().to_string(),
+            reason: format!(
+                "merge.filter ({}) does not apply to lerobot datasets yet; remove it from the job file",
+                f.field
+            ),
+        });
+    }
+    let (info, eps) = check(root)?;
+    let n = eps.len() as u64;
+    Ok(Inspection {
+        count: n,
+        kept: n,
+        schema: info.schema(),
+    })
+}
+
+/// Merges rounds into one LeRobot v3.0 dataset at `out` (see the `merge` module).
+pub fn merge(
+    inputs: &[PathBuf],
+    _counts: &[u64],
+    options: &MergeOptions,
+    out: &Path,
+) -> Result<MergeSummary, DatasetError> {
+    merge::merge(inputs, options, out)
+}
+
+/// Walks a dataset: every check of `inspect`, then each episode's `length` and number of
+/// tasks reported as its fields.
+pub fn examine(root: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetError> {
+    let (_, eps) = check(root)?;
+    for e in &eps {
+        observer.sample(e.index as u64);
+        observer.values("length", &[e.length as f64]);
+        observer.values("tasks", &[e.tasks.len() as f64]);
+    }
+    Ok(eps.len() as u64)
+}
