@@ -5,8 +5,29 @@
 use clap::Parser;
 use quarry_common::telemetry::{self, TelemetryConfig};
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // A re-executed libhdf5 child answers its one request and exits here, before a runtime
+    // starts threads; every other start runs HDF5 operations in such children (a crash in
+    // the C library then costs one round, not this process).
+    quarry_formats::hdf5::child::answer_if_asked();
+    if let Err(e) = quarry_formats::hdf5::child::isolate_this_binary() {
+        eprintln!("error: {e}");
+        std::process::exit(quarry_common::exit::ExitStatus::Usage.code());
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(run());
+}
+
+async fn run() {
     let cli = quarry_cli::Cli::parse();
     let telemetry = match telemetry::init(TelemetryConfig {
         service: "quarry-coordinator",

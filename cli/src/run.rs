@@ -139,6 +139,9 @@ pub async fn run(a: RunArgs, stop: CancellationToken, signals: bool) -> anyhow::
     base.lease_batch = a.lease_batch;
     base.metrics = worker_metrics;
     base.inventory = Some(inventory);
+    // Nobody else would take this run's rounds: an agent whose warm generator cannot start
+    // ends, so that the run ends with its error instead of waiting forever.
+    base.end_when_out_of_rotation = true;
     let result = drive(
         &a,
         &spec,

@@ -410,7 +410,7 @@ fn merge_into(job: &Job, inputs: &[PathBuf], out: &Path) -> Result<MergeSummary,
     let summary = match quarry_formats::merge(job.format, inputs, &job.counts, &job.options, out) {
         Ok(s) => s,
         Err(source) => {
-            return Err(match culprit(job, inputs, &source) {
+            return Err(match culprit(job, inputs, out, &source) {
                 Some((i, reason)) => MergeError::BadRound {
                     object: job.object.clone(),
                     round: job.rounds[i],
@@ -429,9 +429,16 @@ fn merge_into(job: &Job, inputs: &[PathBuf], out: &Path) -> Result<MergeSummary,
 
 /// The input (and why) that a failed merge is the fault of: the first whose own inspection
 /// fails on its bytes or counts other than its commit says; failing that, the input a
-/// mismatch names (it disagrees with the rounds before it). `None` when the failure lies
-/// elsewhere (the output's disk, a read error of the machine).
-fn culprit(job: &Job, inputs: &[PathBuf], failure: &DatasetError) -> Option<(usize, String)> {
+/// mismatch names (it disagrees with the rounds before it), or, when the library died in the
+/// merge ([`DatasetError::Crashed`]: a file that inspects but crashes libhdf5 when copied),
+/// the first input whose merge alone dies too. `None` when the failure lies elsewhere (the
+/// output's disk, a read error of the machine).
+fn culprit(
+    job: &Job,
+    inputs: &[PathBuf],
+    out: &Path,
+    failure: &DatasetError,
+) -> Option<(usize, String)> {
     if !round_at_fault(failure) {
         return None;
     }
@@ -453,6 +460,9 @@ fn culprit(job: &Job, inputs: &[PathBuf], failure: &DatasetError) -> Option<(usi
             Err(_) => return None,
         }
     }
+    if let DatasetError::Crashed { .. } = failure {
+        return crashes_alone(job, inputs, out);
+    }
     let named = match failure {
         DatasetError::Mismatch { input, .. } => Some(*input),
         DatasetError::Npy(e) => e.input_index(),
@@ -461,6 +471,35 @@ fn culprit(job: &Job, inputs: &[PathBuf], failure: &DatasetError) -> Option<(usi
     named
         .filter(|i| *i < inputs.len())
         .map(|i| (i, failure.to_string()))
+}
+
+/// The first input whose merge alone (its committed count, the job's filter and
+/// de-duplication) makes the library die, and how, beside `out`.
+fn crashes_alone(job: &Job, inputs: &[PathBuf], out: &Path) -> Option<(usize, String)> {
+    let alone = out.with_file_name(format!(
+        "{}.alone",
+        out.file_name()
+            .map_or("final".into(), |n| n.to_string_lossy())
+    ));
+    for (i, input) in inputs.iter().enumerate() {
+        let options = MergeOptions {
+            limit: job.counts[i],
+            ..job.options.clone()
+        };
+        let _ = remove_any(&alone);
+        let r = quarry_formats::merge(
+            job.format,
+            std::slice::from_ref(input),
+            &job.counts[i..=i],
+            &options,
+            &alone,
+        );
+        let _ = remove_any(&alone);
+        if let Err(DatasetError::Crashed { reason, .. }) = r {
+            return Some((i, format!("merged alone, {reason}")));
+        }
+    }
+    None
 }
 
 /// Whether a dataset error lies in the data rather than in the machine: everything but an

@@ -104,6 +104,52 @@ pub struct GeneratorSpec {
     /// agent waits (another process may be using the GPU). Not checked without NVML.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_free_gpu_memory_mib: Option<u64>,
+    /// `process` (default): one generator process per round. `warm`: one long-lived process
+    /// per agent, handed rounds one JSON line at a time (see `docs/job-file.md`, "Warm
+    /// generators"); its argv, cwd and env may not use per-round placeholders.
+    #[serde(default = "default_mode", skip_serializing_if = "is_process_mode")]
+    pub mode: String,
+    /// Warm mode: the generator process is restarted after this many rounds (a leak bound);
+    /// none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recycle_after_rounds: Option<u32>,
+    /// Warm mode: the fraction (0 to 1) of rounds, chosen deterministically from the job,
+    /// object and round, re-run cold in a fresh process after they are done; their outputs'
+    /// sha256 must agree, or the job stops. None by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit: Option<Fraction>,
+}
+
+/// A number from 0 to 1 in a job file (`generator.audit`); validated, so never NaN, which
+/// makes it safe to compare as equal.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Fraction(pub f64);
+
+impl Eq for Fraction {}
+
+/// `generator.mode` of one process per round.
+pub const MODE_PROCESS: &str = "process";
+/// `generator.mode` of one long-lived process serving rounds.
+pub const MODE_WARM: &str = "warm";
+
+/// Placeholders whose value changes from round to round; a warm generator's argv, cwd and
+/// env cannot use them, since it is started once for many rounds.
+const PER_ROUND_PLACEHOLDERS: &[&str] = &["name", "seed", "object", "round"];
+
+fn default_mode() -> String {
+    MODE_PROCESS.to_string()
+}
+
+fn is_process_mode(m: &String) -> bool {
+    m == MODE_PROCESS
+}
+
+impl GeneratorSpec {
+    /// Whether rounds are served by one long-lived process (`mode = "warm"`).
+    pub fn is_warm(&self) -> bool {
+        self.mode == MODE_WARM
+    }
 }
 
 /// Most threads a job may ask for per generator run; more is a typo, not a machine.
@@ -285,7 +331,32 @@ impl JobSpec {
             min_free_gpu_memory_mib: None,
             format: None,
             stats: None,
+            mode: default_mode(),
+            recycle_after_rounds: None,
+            audit: None,
         }
+    }
+
+    /// Whether `generator.audit` picks this round: a hash of (exp, object, round) below the
+    /// fraction, so the same rounds are audited in every run of the job.
+    pub fn audited(&self, object: &str, round: u32) -> bool {
+        let Some(Fraction(fraction)) = self.generator.audit.filter(|f| f.0 > 0.0) else {
+            return false;
+        };
+        // FNV-1a: stable across builds and platforms, unlike the standard library's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self
+            .exp_name
+            .bytes()
+            .chain([0])
+            .chain(object.bytes())
+            .chain([0])
+            .chain(round.to_le_bytes())
+        {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        ((h >> 11) as f64 / (1u64 << 53) as f64) < fraction
     }
 
     /// The effective round cap: `max_rounds` or, when unset, the seed stride.
@@ -479,6 +550,78 @@ impl JobSpec {
                 "must be positive",
                 "omit it for no requirement",
             ));
+        }
+        self.validate_mode()
+    }
+
+    /// `generator.mode` is `process` or `warm`; a warm generator is started once, so what
+    /// starts it (argv, cwd, env) cannot depend on the round.
+    fn validate_mode(&self) -> Result<(), SpecError> {
+        let g = &self.generator;
+        if g.mode != MODE_PROCESS && g.mode != MODE_WARM {
+            return Err(spec_err(
+                "generator.mode",
+                format!("{:?} is not a mode", g.mode),
+                "use \"process\" (one process per round, the default) or \"warm\" (one process serving many rounds)",
+            ));
+        }
+        if g.recycle_after_rounds == Some(0) {
+            return Err(spec_err(
+                "generator.recycle_after_rounds",
+                "must be positive",
+                "omit it to keep a warm generator until it fails",
+            ));
+        }
+        if g.recycle_after_rounds.is_some() && !g.is_warm() {
+            return Err(spec_err(
+                "generator.recycle_after_rounds",
+                "only applies to warm generators",
+                "set generator.mode = \"warm\", or remove it",
+            ));
+        }
+        if let Some(Fraction(a)) = g.audit {
+            if !(0.0..=1.0).contains(&a) {
+                return Err(spec_err(
+                    "generator.audit",
+                    format!("{a} is not a fraction from 0 to 1"),
+                    "give the fraction of warm rounds to re-run cold, e.g. 0.02",
+                ));
+            }
+            if !g.is_warm() {
+                return Err(spec_err(
+                    "generator.audit",
+                    "only applies to warm generators",
+                    "set generator.mode = \"warm\", or remove it",
+                ));
+            }
+        }
+        if !g.is_warm() {
+            return Ok(());
+        }
+        let cwd = std::slice::from_ref(&g.cwd);
+        let env: Vec<String> = g.env.values().cloned().collect();
+        for (field, values) in [
+            ("generator.argv", g.argv.as_slice()),
+            ("generator.extra_args", g.extra_args.as_slice()),
+            ("generator.cwd", cwd),
+            ("generator.env", env.as_slice()),
+        ] {
+            let used: Vec<String> = PER_ROUND_PLACEHOLDERS
+                .iter()
+                .map(|p| format!("{{{p}}}"))
+                .filter(|p| values.iter().any(|v| v.contains(p.as_str())))
+                .collect();
+            if !used.is_empty() {
+                return Err(spec_err(
+                    field,
+                    format!(
+                        "uses the per-round placeholder{} {} in a warm generator, which is started once for many rounds",
+                        if used.len() > 1 { "s" } else { "" },
+                        used.join(" ")
+                    ),
+                    "remove them: a warm generator reads each round's name, seed, object and round from the JSON line it is handed (see docs/job-file.md, \"Warm generators\"), or use mode = \"process\"",
+                ));
+            }
         }
         Ok(())
     }
@@ -771,6 +914,81 @@ pub(crate) mod tests {
         let mut s = spec();
         s.exp_name = "demo_mug_r0".into();
         s.validate().unwrap();
+    }
+
+    #[test]
+    fn generator_mode_is_validated_and_warm_refuses_per_round_placeholders() {
+        let mut s = spec();
+        assert!(!s.generator.is_warm(), "process is the default");
+        s.generator.mode = "hot".into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.mode", "{e}");
+        assert!(e.fix.contains("\"warm\""), "{e}");
+        // The legacy argv renders {name} {object} {seed} per round: a warm job refuses it,
+        // naming them.
+        s.generator.mode = MODE_WARM.into();
+        let e = s.validate().unwrap_err();
+        assert_eq!(e.field, "generator.argv", "{e}");
+        assert!(e.problem.contains("{name}"), "{e}");
+        s.generator.argv = vec![
+            "python3".into(),
+            "main.py".into(),
+            "--seed".into(),
+            "{seed}".into(),
+        ];
+        let e = s.validate().unwrap_err();
+        assert!(
+            e.problem.contains("{seed}") && !e.problem.contains("{name}"),
+            "{e}"
+        );
+        // Per-job placeholders stay allowed.
+        s.generator.argv = vec![
+            "python3".into(),
+            "main.py".into(),
+            "--batch_size".into(),
+            "{batch_size}".into(),
+            "--gpu".into(),
+            "{gpu}".into(),
+        ];
+        s.validate().unwrap();
+        s.generator.env.insert("RUN".into(), "{object}".into());
+        assert_eq!(s.validate().unwrap_err().field, "generator.env");
+        s.generator.env.clear();
+        s.generator.recycle_after_rounds = Some(0);
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "generator.recycle_after_rounds"
+        );
+        s.generator.recycle_after_rounds = Some(50);
+        s.validate().unwrap();
+        s.generator.mode = MODE_PROCESS.into();
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "generator.recycle_after_rounds"
+        );
+        s.generator.mode = MODE_WARM.into();
+        s.generator.audit = Some(Fraction(1.5));
+        assert_eq!(s.validate().unwrap_err().field, "generator.audit");
+        s.generator.audit = Some(Fraction(0.25));
+        s.validate().unwrap();
+        // The audited rounds are a deterministic fraction.
+        let picked = (0..4000).filter(|r| s.audited("mug", *r)).count();
+        assert!((800..1200).contains(&picked), "{picked}");
+        assert_eq!(
+            (0..50).map(|r| s.audited("mug", r)).collect::<Vec<_>>(),
+            (0..50).map(|r| s.audited("mug", r)).collect::<Vec<_>>()
+        );
+        s.generator.audit = Some(Fraction(1.0));
+        assert!((0..100).all(|r| s.audited("bowl", r)));
+        s.generator.audit = Some(Fraction(0.0));
+        assert!(!(0..100).any(|r| s.audited("bowl", r)));
+        s.generator.mode = MODE_PROCESS.into();
+        s.generator.recycle_after_rounds = None;
+        s.generator.audit = Some(Fraction(0.5));
+        assert_eq!(s.validate().unwrap_err().field, "generator.audit");
+        // A process-mode spec serializes as before (older readers see no new field).
+        let json = serde_json::to_string(&spec().generator).unwrap();
+        assert!(!json.contains("mode"), "{json}");
     }
 
     #[test]

@@ -44,6 +44,14 @@ empty, and the write is dtype- or truncate-faulted.
   --sleep_ms N          sleep N ms before writing (simulated GPU work)
   --stats_file P        write the yield sidecar {"attempts": B, "successes": n} to P
 
+  --sigkill_seeds L     with --state_dir D: SIGKILL itself mid-round the first time an
+                        (object, seed) pair is seen (a crash), succeed afterwards
+
+Warm mode: started by a Quarry agent with generator.mode = "warm" (QUARRY_REPLY_FD set), it
+serves rounds through the quarry_generator package (deploy/python): each round runs main()
+with the flags it was started with plus the round's --name, --object_code, --seed,
+--batch_size, --num_iterations, --output and --stats_file, so both modes write the same bytes.
+
 Unknown flags (the legacy optimizer's tuning knobs) are accepted and ignored.
 Exit codes: 0 success (or a requested empty/truncated result), 2 bad usage, 3 --fail_seeds,
 4 --flaky_seeds (first attempt).
@@ -116,6 +124,8 @@ def build_parser():
     p.add_argument("--yield_mode", choices=("full", "uneven"), default="full",
                    help="full: B samples; uneven: fewer, depending on the seed")
     p.add_argument("--state_dir", default=None, help="marker directory for --flaky_seeds")
+    p.add_argument("--output", default=None,
+                   help="write the results exactly here (default <out_root>/<name>/results/<object>.npy)")
     p.add_argument("--stats_file", default=None,
                    help="also write the round's yield sidecar here: {\"attempts\": B, "
                         "\"successes\": samples written} (Quarry's generator.stats)"),
@@ -126,6 +136,7 @@ def build_parser():
         ("empty", "exit 0 writing nothing"),
         ("truncate", "write a truncated file"),
         ("dtype", "write a '<f8' array instead"),
+        ("sigkill", "SIGKILL itself mid-round on the first attempt (needs --state_dir)"),
     ):
         p.add_argument(f"--{flag}_seeds", type=seed_list, default=frozenset(), metavar="L",
                        help=f"seeds that {what}")
@@ -301,9 +312,13 @@ def main(argv=None):
     args, unknown = parser.parse_known_args(argv)
     if args.batch_size < 0:
         parser.error("--batch_size must be >= 0")
-    if args.flaky_seeds and not args.state_dir:
-        parser.error("--flaky_seeds needs --state_dir")
+    if (args.flaky_seeds or args.sigkill_seeds) and not args.state_dir:
+        parser.error("--flaky_seeds and --sigkill_seeds need --state_dir")
     seed, obj = args.seed, args.object_code
+    pid_dir = os.environ.get("QUARRY_EXAMPLE_PID_DIR")
+    if pid_dir:  # tests count the processes that served rounds
+        os.makedirs(pid_dir, exist_ok=True)
+        open(os.path.join(pid_dir, str(os.getpid())), "a").close()
     log(f"name={args.name} object={obj} seed={seed} batch={args.batch_size} "
         f"iterations={args.num_iterations} gpu={args.gpu} "
         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
@@ -318,6 +333,9 @@ def main(argv=None):
         print(f"grasp_gen: injected flaky failure for seed {seed} (object {obj}), "
               "first attempt", file=sys.stderr, flush=True)
         return 4
+    if seed in args.sigkill_seeds and first_attempt(args.state_dir, obj, f"{seed}_kill"):
+        log("killing myself with SIGKILL (injected crash)")
+        os.kill(os.getpid(), 9)
     if seed in args.hang_seeds:
         log("hanging (injected)")
         while True:
@@ -341,10 +359,14 @@ def main(argv=None):
     else:
         header, payload = npy_object(samples)
 
-    out_root = args.out_root or os.path.join("..", "data", "experiments")
-    out_dir = os.path.join(out_root, args.name, "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{obj}.npy")
+    if args.output:
+        path = args.output
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    else:
+        out_root = args.out_root or os.path.join("..", "data", "experiments")
+        out_dir = os.path.join(out_root, args.name, "results")
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, f"{obj}.npy")
     if seed in args.truncate_seeds:
         with open(path, "wb") as f:
             f.write(header + payload[: len(payload) // 2])
@@ -360,5 +382,29 @@ def main(argv=None):
     return 0
 
 
+def serve_warm(base):
+    """Warm mode: one main() per round, the round's flags after the ones the process was
+    started with (argparse keeps the last), through quarry_generator's serve loop."""
+    from quarry_generator import serve
+
+    def handler(r):
+        argv = list(base) + [
+            "--name", r.round_name, "--object_code", r.object, "--seed", str(r.seed),
+            "--batch_size", str(r.batch_size), "--num_iterations", str(r.num_iterations),
+            "--output", r.output,
+        ]
+        if r.stats:
+            argv += ["--stats_file", r.stats]
+        code = main(argv)
+        if code != 0:
+            raise RuntimeError(f"grasp_gen ended the round with status {code}")
+
+    # Samples draw from their own random.Random(object:seed): seeding the globals is not
+    # needed for determinism, but costs nothing.
+    return serve(handler)
+
+
 if __name__ == "__main__":
+    if os.environ.get("QUARRY_REPLY_FD"):
+        sys.exit(serve_warm(sys.argv[1:]))
     sys.exit(main())

@@ -167,6 +167,13 @@ pub enum DatasetError {
     /// Well formed, but a layout or encoding Quarry does not handle.
     #[error("unsupported: {reason}")]
     Unsupported { reason: String },
+    /// The library reading the dataset died on it: libhdf5, run in a child process (see
+    /// [`hdf5::child`]), was killed by a signal, passed its limits or ended without a
+    /// readable answer. `path` is the file (a merge's output for a merge), `reason` how the
+    /// child ended. Like [`DatasetError::Invalid`] the data is at fault (the library does
+    /// not die on well-formed files); a merge's culprit is the input whose merge alone dies.
+    #[error("{path}: {reason}")]
+    Crashed { path: String, reason: String },
     /// The job's filter or de-duplication fields do not fit a sample.
     #[error("{path}: {reason}")]
     Filter { path: String, reason: String },
@@ -264,7 +271,7 @@ pub fn inspect(
 ) -> Result<Inspection, DatasetError> {
     match format {
         Format::Npy => npy::inspect_dataset(path, filter),
-        Format::Hdf5 => hdf5::inspect(path, filter),
+        Format::Hdf5 => hdf5::child::inspect(path, filter),
         Format::Zarr => zarr::inspect(path, filter),
         Format::Episodes => episodes::inspect(path, filter),
         Format::Npz => npz::inspect(path, filter),
@@ -310,7 +317,7 @@ pub fn merge(
     }
     match format {
         Format::Npy => npy::merge_dataset(inputs, counts, options, out),
-        Format::Hdf5 => hdf5::merge(inputs, counts, options, out),
+        Format::Hdf5 => hdf5::child::merge(inputs, counts, options, out),
         Format::Zarr => zarr::merge(inputs, counts, options, out),
         Format::Episodes => episodes::merge(inputs, counts, options, out),
         Format::Npz => npz::merge(inputs, counts, options, out),
@@ -328,7 +335,7 @@ pub fn examine(
 ) -> Result<u64, DatasetError> {
     match format {
         Format::Npy => npy::examine_dataset(path, observer),
-        Format::Hdf5 => hdf5::examine(path, observer),
+        Format::Hdf5 => hdf5::child::examine(path, observer),
         Format::Zarr => zarr::examine(path, observer),
         Format::Episodes => episodes::examine(path, observer),
         Format::Npz => npz::examine(path, observer),

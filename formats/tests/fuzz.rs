@@ -25,7 +25,8 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use quarry_formats::{Filter, Format, MergeOptions, Observer, archive};
+use quarry_formats::hdf5::child::{self, Limits};
+use quarry_formats::{DatasetError, Filter, Format, MergeOptions, Observer, archive};
 
 mod pyhelp;
 
@@ -201,6 +202,15 @@ struct Tally {
     inconsistent: Vec<String>,
     slow: Vec<String>,
     slowest: Duration,
+    /// Calls whose libhdf5 child died (byte-mutated HDF5 only).
+    deaths: u64,
+}
+
+/// Counts a child's death among `r`'s errors.
+fn note_death<T>(r: &Result<T, DatasetError>, tally: &mut Tally) {
+    if let Err(DatasetError::Crashed { .. }) = r {
+        tally.deaths += 1;
+    }
 }
 
 fn remove(p: &Path) {
@@ -238,6 +248,7 @@ fn exercise(
     if std::env::var_os("QUARRY_FUZZ_VERBOSE").is_some() {
         eprintln!("{} {}: {:?}", t.name, input.display(), inspected);
     }
+    note_death(&inspected, tally);
     if let Ok(i) = &inspected {
         tally.inspect_ok += 1;
         if i.kept != i.count {
@@ -282,7 +293,9 @@ fn exercise(
             .is_ok_and(|s| quarry_formats::schemas_compatible(&s.schema, &i.schema)),
         (Err(_), _) => false,
     };
-    if let Ok(s) = quarry_formats::merge(fmt, &inputs, &counts, &options, out) {
+    let merged = quarry_formats::merge(fmt, &inputs, &counts, &options, out);
+    note_death(&merged, tally);
+    if let Ok(s) = merged {
         tally.merge_ok += 1;
         if s.samples > options.limit {
             bad.push(format!(
@@ -302,7 +315,9 @@ fn exercise(
     }
     remove(out);
     let mut c = Count::default();
-    if let (Ok(n), Ok(i)) = (quarry_formats::examine(fmt, input, &mut c), &inspected)
+    let examined = quarry_formats::examine(fmt, input, &mut c);
+    note_death(&examined, tally);
+    if let (Ok(n), Ok(i)) = (examined, &inspected)
         && n != i.count
     {
         bad.push(format!("examine counted {n} samples, inspect {}", i.count));
@@ -708,6 +723,47 @@ fn fuzz_every_parser() {
             .map(|p| format!("INCONSISTENT {p}")),
     );
 
+    // HDF5 by bytes, every call in a libhdf5 child (on from here for this process): the
+    // first trees that inspect, mutated like the other seeds.
+    let byte_seeds: Vec<PathBuf> = {
+        let mut all: Vec<PathBuf> = std::fs::read_dir(&trees)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        all.sort();
+        all.into_iter()
+            .filter(|p| quarry_formats::inspect(Format::Hdf5, p, None).is_ok_and(|i| i.count > 0))
+            .take(2)
+            .collect()
+    };
+    assert!(!byte_seeds.is_empty(), "no h5py tree inspects");
+    child::isolate_in_child(
+        PathBuf::from(env!("CARGO_BIN_EXE_quarry-hdf5-child")),
+        Limits {
+            memory_bytes: 4 << 30,
+            cpu_seconds: 4,
+            wall: Duration::from_secs(4),
+        },
+    );
+    let t0 = Instant::now();
+    let t = Target {
+        name: "hdf5 bytes (child)",
+        format: Format::Hdf5,
+        seeds: byte_seeds,
+        filter: "success>0",
+        dedup: &["actions"],
+    };
+    let tally = run_target(&t, iters, seed, &work);
+    report.push(summary(t.name, &tally, t0.elapsed()));
+    failures.extend(tally.panics.iter().map(|p| format!("PANIC {p}")));
+    failures.extend(tally.slow.iter().map(|p| format!("SLOW {p}")));
+    failures.extend(
+        tally
+            .inconsistent
+            .iter()
+            .map(|p| format!("INCONSISTENT {p}")),
+    );
+
     std::panic::set_hook(prev_hook);
     println!(
         "fuzz seed {seed}, {iters} mutants per seed file, {:.1?} in all",
@@ -727,13 +783,14 @@ fn fuzz_every_parser() {
 fn summary(name: &str, t: &Tally, took: Duration) -> String {
     format!(
         "{name:<30} inputs {:>6}  inspect ok {:>6}  merge ok {:>6}  panics {}  slow {}  \
-         inconsistent {}  slowest {:.2?}  time {:.1?}",
+         inconsistent {}  deaths {}  slowest {:.2?}  time {:.1?}",
         t.inputs,
         t.inspect_ok,
         t.merge_ok,
         t.panics.len(),
         t.slow.len(),
         t.inconsistent.len(),
+        t.deaths,
         t.slowest,
         took
     )

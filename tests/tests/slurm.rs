@@ -195,3 +195,134 @@ async fn a_worker_array_under_slurm_survives_scancel_and_requeue_with_exact_fina
     );
     drop(slurm);
 }
+
+/// A worker that knows when its allocation ends (`--end-time`, or SLURM_JOB_END_TIME) takes
+/// rounds only while the longest one so far still fits, then drains and exits 0 before the
+/// end: no round is cut half-way, nothing fails. It registers under its `--name`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stops_taking_rounds_that_cannot_finish_before_its_allocation_ends() {
+    let home = tempfile::tempdir().unwrap();
+    let root = legacy_root();
+    let (_serve, addr) = start_serve_with(
+        &[
+            "--state",
+            &format!("file://{}", home.path().join("state.redb").display()),
+            "--store",
+            &format!("file://{}", home.path().join("store").display()),
+            "--allow-unauthenticated",
+        ],
+        &[],
+        &home.path().join("coordinator.log"),
+    );
+    let job_file = slow_job_file(home.path(), root.path(), SLEEP_MS);
+    let out = quarry_tests::cluster::submit(&job_file, &addr, false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // 15 s are kept for upload and report: with 24 s left the first round is taken, and a
+    // few more, until less than 2.5 s + 10% + 15 s remain.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let end = now + 24;
+    let log = home.path().join("worker.log");
+    let started = std::time::Instant::now();
+    let mut worker = Command::new(bin("worker"))
+        .args(["--gpu", "0", "--coordinator", &addr, "--name", "slurm-77_3"])
+        .arg("--end-time")
+        .arg(end.to_string())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = worker.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "the worker is still running past its allocation's end:\n{}",
+            log_tail(&log)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let ended = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(status.success(), "{status}\n{}", log_tail(&log));
+    assert!(ended <= end, "exited at {ended}, after the end {end}");
+    let text = log_tail(&log);
+    assert!(
+        text.contains("no new rounds before the allocation ends"),
+        "{text}"
+    );
+    assert!(text.contains("worker=slurm-77_3-"), "{text}");
+    let st = quarry_tests::cluster::status(&addr, "served").unwrap();
+    let committed = st["rounds_committed"].as_u64().unwrap();
+    assert!(committed >= 2, "{st}");
+    assert_eq!(st["failed_attempts"], 0, "{st}");
+    assert_eq!(st["rounds_in_flight"], 0, "{st}");
+}
+
+/// Recipe a: one allocation runs the coordinator on its first node, a worker per node
+/// (`srun`) and the job to its end, with state and finals on the shared file system; the
+/// finals equal `coordinator run`'s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_allocation_runs_a_whole_job_with_exact_finals() {
+    let slurm = Slurm::start(2, 8);
+    let shared = tempfile::tempdir().unwrap();
+    let root = legacy_root();
+    let job_file = slow_job_file(shared.path(), root.path(), 300);
+    let script = repo_root().join("deploy/slurm/quarry-allocation.sbatch");
+    let bin_dir = bin("coordinator").parent().unwrap().to_path_buf();
+    let out = slurm
+        .command("sbatch")
+        .args(["--parsable", "--nodes=1", "--gres=gpu:2", "--export=ALL"])
+        .arg(format!(
+            "--output={}/quarry-%j.log",
+            shared.path().display()
+        ))
+        .arg(&script)
+        .arg(&job_file)
+        .env("QUARRY_SHARED", shared.path())
+        .env("QUARRY_BIN", &bin_dir)
+        .env("QUARRY_GPUS", "0,1")
+        .env("QUARRY_PORT", free_port().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let log = shared.path().join(format!("quarry-{job}.log"));
+    let started = std::time::Instant::now();
+    while !slurm.tasks(&job).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "the allocation still runs after 180 s:\n{}\n{}",
+            log_tail(&log),
+            slurm.logs()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let text = log_tail(&log);
+    assert!(text.contains("job served: done"), "{text}");
+    assert_eq!(text.matches("agent registered").count(), 2, "{text}");
+    let reference = reference_run(300, &["--gpus", "0,1"]).await;
+    let store = quarry_common::storage::Store::open_dir(&shared.path().join("store")).unwrap();
+    let manifest =
+        assert_store_finals_match(&store, "served", &["obj_a", "obj_b"], reference.path()).await;
+    assert_eq!(manifest["state"], "done", "{manifest}");
+    // The allocation's token is gone with it.
+    let left: Vec<String> = std::fs::read_dir(shared.path().join(".quarry-slurm"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("token"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

@@ -66,6 +66,18 @@ pub struct Args {
     /// job's last rounds.
     #[arg(long, value_name = "N", default_value = "1", value_parser = crate::agent::parse_lease_batch)]
     pub lease_batch: u32,
+    /// The name this worker registers under, kept across restarts and requeues (status and
+    /// metrics show it; with several GPUs each agent adds `-gpu<id>`). Letters, digits, `.`,
+    /// `_`, `-`. Default: `<host>-gpu<id>`.
+    #[arg(long, env = "QUARRY_WORKER_NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+    /// When the allocation this worker runs in ends, in seconds since the Unix epoch (Slurm
+    /// 23.02+ sets SLURM_JOB_END_TIME; deploy/slurm's scripts pass it on older versions): no
+    /// round is taken that the longest round so far says cannot finish before it, and the
+    /// worker exits 0 once its last round is reported.
+    /// An empty value counts as none.
+    #[arg(long, env = "SLURM_JOB_END_TIME", value_name = "UNIX_SECONDS", value_parser = parse_end_time)]
+    pub end_time: Option<EndTime>,
     #[command(flatten)]
     pub metrics: quarry_common::metrics::MetricsArgs,
     #[command(flatten)]
@@ -151,6 +163,12 @@ pub async fn main(args: Args) -> i32 {
     cfg.sample_interval = Duration::from_millis(args.sample_interval_ms.max(10));
     cfg.prefetch = !args.no_prefetch;
     cfg.lease_batch = args.lease_batch;
+    cfg.name = args.name.unwrap_or_default();
+    cfg.deadline = args.end_time.and_then(|e| e.0).map(|s| {
+        std::sync::Arc::new(crate::agent::Deadline::new(
+            std::time::UNIX_EPOCH + Duration::from_secs(s),
+        ))
+    });
     let shutdown = Shutdown::new();
     drain_on_signals(&shutdown, Duration::from_secs(args.drain_grace));
     let mut status = ExitStatus::Done;
@@ -190,6 +208,30 @@ fn list_gpus(inventory: Option<&std::path::Path>) -> i32 {
             ExitStatus::Error.code()
         }
     }
+}
+
+/// `--end-time`: seconds since the Unix epoch; empty (an unset-but-exported variable) is none.
+#[derive(Debug, Clone, Copy)]
+pub struct EndTime(Option<u64>);
+
+fn parse_end_time(s: &str) -> Result<EndTime, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Ok(EndTime(None));
+    }
+    s.parse::<u64>().map(|v| EndTime(Some(v))).map_err(|_| {
+        format!("{s:?} is not a time in seconds since the Unix epoch (date +%s prints one)")
+    })
+}
+
+/// `--name`: a valid name short enough for the coordinator's bound.
+fn parse_name(s: &str) -> Result<String, String> {
+    let limit = crate::MAX_NAME_BYTES - 8;
+    if s.len() > limit {
+        return Err(format!("{} bytes; at most {limit}", s.len()));
+    }
+    quarry_common::names::validate("--name", s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
 }
 
 /// First SIGTERM/SIGINT: drain (stop acquiring, let running rounds finish) and stop after

@@ -46,6 +46,21 @@ pub async fn run(
 }
 
 /// Runs one agent per resolved GPU until `shutdown`; returns each agent's stats.
+/// The name of the agent of GPU `gpu` (the `i`th) when a worker named `name` drives several:
+/// `<name>-gpu<id>`, or `<name>-<i>` when the id does not make a valid name.
+fn agent_name(name: &str, gpu: &str, i: usize) -> String {
+    let named = format!("{name}-gpu{gpu}");
+    if named.len() <= MAX_NAME_BYTES && quarry_common::names::validate("--name", &named).is_ok() {
+        named
+    } else {
+        format!("{name}-{i}")
+    }
+}
+
+/// Longest `--name` (the coordinator accepts agent names of up to 64 bytes; room is left for
+/// a GPU suffix).
+pub const MAX_NAME_BYTES: usize = 64;
+
 pub async fn run_gpus(
     base: AgentConfig,
     gpus: Vec<gpu::GpuInfo>,
@@ -54,8 +69,12 @@ pub async fn run_gpus(
     let n = gpus.len();
     let handles: Vec<_> = gpus
         .into_iter()
-        .map(|g| {
+        .enumerate()
+        .map(|(i, g)| {
             let mut cfg = base.clone();
+            if !base.name.is_empty() && n > 1 {
+                cfg.name = agent_name(&base.name, &g.id, i);
+            }
             cfg.gpu = g;
             cfg.agents_in_process = n;
             tokio::spawn(run_agent(cfg, shutdown.clone()))

@@ -15,6 +15,7 @@
 mod group;
 mod leftovers;
 mod log;
+pub mod warm;
 
 use std::io;
 use std::path::PathBuf;
@@ -72,6 +73,12 @@ pub enum RunOutcome {
     TimedOut,
     /// The cancellation token fired and the run was killed.
     Cancelled,
+    /// A warm generator answered the round with `failed` (its reason in
+    /// [`RunReport::reason`]).
+    Failed,
+    /// The round's output differs from its cold re-run (`generator.audit`; both hashes in
+    /// [`RunReport::reason`]).
+    AuditMismatch,
 }
 
 /// The result of a run that was started (or cancelled before it started).
@@ -82,6 +89,8 @@ pub struct RunReport {
     pub duration: Duration,
     /// Interleaved stdout and stderr.
     pub log: BoundedLog,
+    /// Why a warm generator failed the round, in its own words.
+    pub reason: Option<String>,
 }
 
 impl RunReport {
@@ -119,6 +128,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
             outcome: RunOutcome::Cancelled,
             duration: Duration::ZERO,
             log: BoundedLog::new(spec.log_limit),
+            reason: None,
         });
     }
 
@@ -201,6 +211,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
         outcome,
         duration: start.elapsed(),
         log,
+        reason: None,
     })
 }
 

@@ -291,6 +291,19 @@ impl Coordinator {
         };
         warn!(job = %lease.job, %object, round = lease.round, attempt = %lease.attempt, %kind, %message, "attempt failed");
         self.cfg.metrics.failed(kind.label());
+        if kind == FailureKind::AuditMismatch {
+            // A retry cannot help: the generator's warm rounds depend on what ran before them,
+            // so no final of this job can be trusted to be byte-identical.
+            let why = format!(
+                "stopped: the determinism audit failed for {object} r{} (attempt {}): {message}",
+                lease.round, lease.attempt
+            );
+            self.stop_job(&lease.job, why).await;
+            self.work.notify_waiters();
+            self.manifest_dirty.notify_one();
+            self.bump();
+            return;
+        }
         let failure = FailureRecord {
             attempt: lease.attempt.clone(),
             kind: kind.label().to_string(),

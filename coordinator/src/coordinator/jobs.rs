@@ -161,7 +161,14 @@ impl Coordinator {
     /// Stops a job on the coordinator's own decision, saying why in its status.
     pub(super) async fn stop_job(&self, job_id: &str, why: String) {
         warn!(job = %job_id, "{why}");
-        if let Some(job) = self.lock().jobs.get_mut(job_id) {
+        // The first reason stands: a failure reported after the job stopped (another audited
+        // round of the same generator, say) must not replace the one that stopped it.
+        if let Some(job) = self
+            .lock()
+            .jobs
+            .get_mut(job_id)
+            .filter(|j| j.state == JobState::Running)
+        {
             job.message = why;
         }
         if let Err(e) = self.cancel(job_id).await {

@@ -236,5 +236,10 @@ fn task_for(
         bind_gpu: g.bind_gpu,
         threads_per_gpu: g.threads_per_gpu.unwrap_or(0),
         min_free_gpu_memory_mib: g.min_free_gpu_memory_mib.unwrap_or(0),
+        mode: g.mode.clone(),
+        batch_size: spec.round_batch_size,
+        num_iterations: spec.num_iterations,
+        recycle_after_rounds: g.recycle_after_rounds.unwrap_or(0),
+        audit: g.is_warm() && spec.audited(object, round),
     }
 }

@@ -1091,3 +1091,58 @@ async fn objects_appended_to_an_ended_job_in_memory_run() {
     assert!(err.to_string().contains("object_code_list"), "{err}");
     c.close().await;
 }
+
+/// A warm job with `generator.audit = 1`: every task is marked for audit, and an audit
+/// mismatch stops the job at once (no retry), its status message naming the first failing
+/// round even when another round's mismatch arrives after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_mismatch_stops_the_job_keeping_the_first_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_dir(&dir.path().join("store")).unwrap();
+    let c = Coordinator::start(
+        CoordinatorConfig::default(),
+        Arc::new(EmbeddedStore::open(&dir.path().join("state.redb")).unwrap()),
+        store,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let mut s = spec(dir.path());
+    s.target_count_per_object = 100;
+    s.generator.argv = vec!["python3".into(), "main.py".into()];
+    s.generator.mode = crate::spec::MODE_WARM.into();
+    s.generator.audit = Some(crate::spec::Fraction(1.0));
+    c.submit(s).await.unwrap();
+    let (worker, _) = c.register("host", "0", "", None, &[]);
+    let first = c
+        .acquire(&worker, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    let second = c
+        .acquire(&worker, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.lease.task.audit && first.lease.task.mode == "warm");
+    assert_eq!((first.lease.round, second.lease.round), (0, 1));
+    for l in [&first, &second] {
+        c.fail(
+            &worker,
+            l.lease.lease_id,
+            FailureKind::AuditMismatch,
+            format!("round r{} differs", l.lease.round),
+            String::new(),
+        )
+        .await;
+    }
+    let st = c.status("verify").unwrap();
+    assert_eq!(st.state, JobState::Cancelled);
+    assert!(
+        st.message.contains("determinism audit failed for a r0")
+            && st.message.contains("round r0 differs"),
+        "{}",
+        st.message
+    );
+    c.close().await;
+}

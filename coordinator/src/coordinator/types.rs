@@ -40,6 +40,14 @@ pub struct RoundTask {
     pub bind_gpu: bool,
     pub threads_per_gpu: u32,
     pub min_free_gpu_memory_mib: u64,
+    /// `generator.mode` (`process` or `warm`).
+    pub mode: String,
+    pub batch_size: u64,
+    pub num_iterations: u64,
+    /// Warm mode: restart after this many rounds; 0: never.
+    pub recycle_after_rounds: u32,
+    /// Warm mode: re-run this round cold and compare the outputs (`generator.audit`).
+    pub audit: bool,
 }
 
 /// One output file a round's generator writes.
@@ -125,6 +133,9 @@ pub enum FailureKind {
     SchemaMismatch,
     /// The worker stopped renewing the lease.
     LeaseExpired,
+    /// A warm round's output differs from its cold re-run (`generator.audit`): the generator
+    /// keeps state across rounds. Stops the job.
+    AuditMismatch,
     /// A worker that did not say why.
     Unspecified,
 }
@@ -132,7 +143,7 @@ pub enum FailureKind {
 impl FailureKind {
     /// Every kind (the tests check their labels are distinct).
     #[cfg(test)]
-    pub const ALL: [FailureKind; 9] = [
+    pub const ALL: [FailureKind; 10] = [
         FailureKind::Exit,
         FailureKind::Timeout,
         FailureKind::OutputMissing,
@@ -141,6 +152,7 @@ impl FailureKind {
         FailureKind::Spawn,
         FailureKind::SchemaMismatch,
         FailureKind::LeaseExpired,
+        FailureKind::AuditMismatch,
         FailureKind::Unspecified,
     ];
 
@@ -155,6 +167,7 @@ impl FailureKind {
             FailureKind::Spawn => "spawn",
             FailureKind::SchemaMismatch => "schema_mismatch",
             FailureKind::LeaseExpired => "lease_expired",
+            FailureKind::AuditMismatch => "audit_mismatch",
             FailureKind::Unspecified => "unspecified",
         }
     }

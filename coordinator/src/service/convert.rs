@@ -41,6 +41,7 @@ pub fn failure_kind(wire: i32) -> FailureKind {
         pb::FailureKind::OutputInvalid => FailureKind::OutputInvalid,
         pb::FailureKind::Upload => FailureKind::Upload,
         pb::FailureKind::Spawn => FailureKind::Spawn,
+        pb::FailureKind::AuditMismatch => FailureKind::AuditMismatch,
         pb::FailureKind::Unspecified => FailureKind::Unspecified,
     }
 }
@@ -93,6 +94,11 @@ impl From<RoundTask> for pb::Task {
             bind_gpu: t.bind_gpu,
             threads_per_gpu: t.threads_per_gpu,
             min_free_gpu_memory_mib: t.min_free_gpu_memory_mib,
+            mode: t.mode,
+            batch_size: t.batch_size,
+            num_iterations: t.num_iterations,
+            recycle_after_rounds: t.recycle_after_rounds,
+            audit: t.audit,
         }
     }
 }
@@ -389,6 +395,11 @@ mod tests {
                 bind_gpu: true,
                 threads_per_gpu: 2,
                 min_free_gpu_memory_mib: 100,
+                mode: "warm".into(),
+                batch_size: 40,
+                num_iterations: 3,
+                recycle_after_rounds: 7,
+                audit: true,
             },
         };
         let wire = pb::Lease::from(lease.clone());
@@ -398,6 +409,15 @@ mod tests {
         assert_eq!(
             (task.threads_per_gpu, task.min_free_gpu_memory_mib),
             (2, 100)
+        );
+        assert_eq!(
+            (
+                task.mode.as_str(),
+                task.batch_size,
+                task.num_iterations,
+                task.recycle_after_rounds
+            ),
+            ("warm", 40, 3, 7)
         );
         let running = RunningRound::from(&wire);
         assert_eq!(

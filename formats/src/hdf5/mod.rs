@@ -57,6 +57,7 @@
 //! The HDF5 library is loaded at run time (see [`ffi`]); without it every operation fails with
 //! [`DatasetError::Unsupported`] saying how to install it.
 
+pub mod child;
 mod ffi;
 mod tree;
 

@@ -11,12 +11,14 @@
 //! that cannot reach the coordinator for longer than its lease TTL fences itself: it kills
 //! its run and discards its staging, because the coordinator has re-issued the round by then.
 
+mod deadline;
 mod outbox;
 mod output;
 mod round;
 mod round_dir;
 mod session;
 mod staged;
+mod warm;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +29,8 @@ use quarry_common::storage::Store;
 use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+pub use deadline::Deadline;
 
 use crate::connect::{ConnectError, coordinators, register};
 use crate::gpu::{GpuInfo, Inventory, NoInventory};
@@ -70,6 +74,15 @@ pub struct AgentConfig {
     pub gpu_wait: Duration,
     /// Free space (MiB) needed under the task root before a round is accepted.
     pub min_scratch_mib: u64,
+    /// The name the agent registers under (`--name`; the coordinator makes the worker id
+    /// from it); empty: `<host>-gpu<id>`.
+    pub name: String,
+    /// The end of the allocation this worker runs in, shared by its agents.
+    pub deadline: Option<Arc<Deadline>>,
+    /// When its warm generator failed to start too often, end the agent with
+    /// [`AgentError::OutOfRotation`] rather than stay registered showing why (the choice of
+    /// `coordinator run`, whose agents are the only ones its job has).
+    pub end_when_out_of_rotation: bool,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -105,6 +118,9 @@ impl AgentConfig {
             sample_interval: Duration::from_secs(1),
             gpu_wait: Duration::from_secs(60),
             min_scratch_mib: 1024,
+            name: String::new(),
+            deadline: None,
+            end_when_out_of_rotation: false,
         }
     }
 }
@@ -219,6 +235,9 @@ pub enum AgentError {
     /// A setting out of range; the message names it and its range.
     #[error("{0}")]
     Config(String),
+    /// The warm generator failed to start too many times in a row (the message says why).
+    #[error("gpu {gpu}: {why}")]
+    OutOfRotation { gpu: String, why: String },
 }
 
 fn hostname() -> String {
@@ -248,12 +267,15 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
     let counters = Arc::new(Counters::default());
     let mut backoff = Backoff::new();
     let gpu = cfg.gpu.id.clone();
+    // The warm generator (if a job asks for one) outlives sessions: a re-registration does
+    // not cost it its cold start.
+    let warm = Arc::new(tokio::sync::Mutex::new(warm::Slot::default()));
     // Drain between sessions means nothing is running: stop at once.
     while !shutdown.drain.is_cancelled() {
         let req = pb::RegisterRequest {
             host: cfg.host.clone(),
             gpu: gpu.clone(),
-            agent_name: String::new(),
+            agent_name: cfg.name.clone(),
             gpu_info: Some(cfg.gpu.to_proto()),
             running: Vec::new(),
             // A first registration: nothing to prove.
@@ -297,9 +319,14 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             monitor.clone(),
             Arc::clone(&counters),
             shutdown.clone(),
+            Arc::clone(&warm),
         );
         match session.run().await {
             session::End::Shutdown => break,
+            session::End::OutOfRotation(why) => {
+                warm.lock().await.shut_down().await;
+                return Err(AgentError::OutOfRotation { gpu, why });
+            }
             session::End::Lost(why, learned) => {
                 warn!(%gpu, reason = %why, "session lost; reconnecting");
                 if matches!(why, session::Lost::Fenced(_)) {
@@ -313,6 +340,7 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             }
         }
     }
+    warm.lock().await.shut_down().await;
     Ok(counters.snapshot())
 }
 

@@ -15,6 +15,7 @@ use super::output;
 use super::session::{COMPLETE_WAIT, Held, Session};
 use crate::binding;
 use crate::gpu::RoundStats;
+use crate::runner::warm::WarmSpec;
 use crate::runner::{self, RunError, RunOutcome, RunReport, RunSpec};
 
 /// Name of the generator's log under the attempt's staging prefix. Output names end in
@@ -106,25 +107,43 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
         s.cfg.agents_in_process,
         &job_env,
     );
-    env.push(("QUARRY_SEED".into(), lease.seed.to_string()));
-    env.push(("QUARRY_ROUND".into(), lease.round.to_string()));
-    env.push(("QUARRY_ATTEMPT".into(), lease.attempt.clone()));
-    env.push(("QUARRY_OBJECT".into(), lease.object.clone()));
-    let spec = RunSpec {
-        argv: task
-            .argv
-            .iter()
-            .map(|a| a.replace("{gpu}", &gpu.id))
-            .collect(),
-        cwd: paths.cwd.clone(),
-        env,
-        timeout: (task.timeout_ms > 0).then(|| Duration::from_millis(task.timeout_ms)),
-        kill_grace: s.cfg.kill_grace,
-        log_limit: s.cfg.log_limit,
-    };
+    let argv: Vec<String> = task
+        .argv
+        .iter()
+        .map(|a| a.replace("{gpu}", &gpu.id))
+        .collect();
+    let timeout = (task.timeout_ms > 0).then(|| Duration::from_millis(task.timeout_ms));
     debug!(object = %lease.object, round = lease.round, seed = lease.seed, "generator starting");
-    s.monitor.begin_round();
-    let run = runner::run(&spec, held.stop.clone()).await;
+    let run = if task.mode == "warm" {
+        // The process outlives the round: it gets no per-round variables (its rounds carry
+        // them in their JSON line).
+        let spec = WarmSpec {
+            argv,
+            cwd: paths.cwd.clone(),
+            env,
+            kill_grace: s.cfg.kill_grace,
+            log_limit: s.cfg.log_limit,
+        };
+        let mut slot = s.warm.lock().await;
+        s.monitor.begin_round();
+        slot.run(spec, lease, &task, paths, &job_env, timeout, &held.stop)
+            .await
+    } else {
+        env.push(("QUARRY_SEED".into(), lease.seed.to_string()));
+        env.push(("QUARRY_ROUND".into(), lease.round.to_string()));
+        env.push(("QUARRY_ATTEMPT".into(), lease.attempt.clone()));
+        env.push(("QUARRY_OBJECT".into(), lease.object.clone()));
+        let spec = RunSpec {
+            argv,
+            cwd: paths.cwd.clone(),
+            env,
+            timeout,
+            kill_grace: s.cfg.kill_grace,
+            log_limit: s.cfg.log_limit,
+        };
+        s.monitor.begin_round();
+        runner::run(&spec, held.stop.clone()).await
+    };
     let stats = s.monitor.end_round().await;
     tracing::Span::current().record(
         "outcome",
@@ -135,6 +154,8 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
                 RunOutcome::Signaled(sig) => format!("signal {sig}"),
                 RunOutcome::TimedOut => "timeout".into(),
                 RunOutcome::Cancelled => "cancelled".into(),
+                RunOutcome::Failed => "failed".into(),
+                RunOutcome::AuditMismatch => "audit mismatch".into(),
             },
             Err(_) => "spawn".into(),
         },
@@ -175,6 +196,9 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
         }
     };
     let generator_ms = report.duration.as_millis() as u64;
+    if let Some(d) = &s.cfg.deadline {
+        d.observe(report.duration);
+    }
     let outcome = match report.outcome {
         RunOutcome::Cancelled => Outcome::Stopped,
         // The agent drains because it was told to stop (SIGTERM, Ctrl-C), and the same signal
@@ -222,6 +246,17 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
         RunOutcome::Signaled(sig) => Outcome::Failed {
             kind: pb::FailureKind::Exit,
             message: format!("generator killed by signal {sig}"),
+        },
+        RunOutcome::AuditMismatch => Outcome::Failed {
+            kind: pb::FailureKind::AuditMismatch,
+            message: report.reason.clone().unwrap_or_default(),
+        },
+        RunOutcome::Failed => Outcome::Failed {
+            kind: pb::FailureKind::Exit,
+            message: format!(
+                "warm generator failed the round: {}",
+                report.reason.as_deref().unwrap_or("no reason given")
+            ),
         },
     };
     // Files uploaded by a lease that was stopped or lost before its Complete was sent are

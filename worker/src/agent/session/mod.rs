@@ -55,6 +55,9 @@ pub(super) enum End {
     Shutdown,
     /// The session fenced itself: register again (with what it learned of the leader).
     Lost(Lost, Box<Coordinators>),
+    /// The warm generator failed to start too often and the agent ends
+    /// ([`AgentConfig::end_when_out_of_rotation`]).
+    OutOfRotation(String),
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +135,8 @@ pub(super) struct Session {
     last_run_end: Mutex<Option<Instant>>,
     /// Completions waiting for the Complete in flight (see [`Session::complete`]).
     outbox: Outbox,
+    /// The agent's warm generator (warm jobs only), shared with the agent's later sessions.
+    pub warm: Arc<tokio::sync::Mutex<super::warm::Slot>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -150,6 +155,7 @@ impl Session {
         monitor: Monitor,
         counters: Arc<Counters>,
         shutdown: Shutdown,
+        warm: Arc<tokio::sync::Mutex<super::warm::Slot>>,
     ) -> Arc<Session> {
         let ttl = if reg.lease_ttl_ms == 0 {
             DEFAULT_TTL
@@ -187,6 +193,7 @@ impl Session {
             block: Mutex::new(None),
             last_run_end: Mutex::new(None),
             outbox: Outbox::default(),
+            warm,
         })
     }
 
@@ -200,7 +207,22 @@ impl Session {
         let mut finishing: VecDeque<tokio::task::JoinHandle<()>> = VecDeque::new();
         // Leased rounds not started yet, in the order the coordinator granted them.
         let mut queue: VecDeque<Held> = VecDeque::new();
+        let mut out_of_rotation = None;
         loop {
+            if let Some(why) = self.warm.lock().await.out_of_rotation().map(str::to_owned) {
+                // No more rounds here: give back what is queued and stay registered, so that
+                // status shows why, until the agent is stopped.
+                warn!(gpu = %self.cfg.gpu.id, reason = %why, "agent out of rotation");
+                self.set_state(why.clone());
+                self.give_back_all(queue.drain(..), "agent out of rotation")
+                    .await;
+                if self.cfg.end_when_out_of_rotation {
+                    out_of_rotation = Some(why);
+                } else {
+                    self.shutdown.drain.cancelled().await;
+                }
+                break;
+            }
             if queue.is_empty() {
                 queue.extend(self.acquire().await);
             }
@@ -254,6 +276,9 @@ impl Session {
         }
         hb.abort();
         fence.abort();
+        if let Some(why) = out_of_rotation {
+            return End::OutOfRotation(why);
+        }
         let why = lock(&self.lost_why).clone();
         match why {
             Some(l) if !self.shutdown.drain.is_cancelled() => {
@@ -306,7 +331,7 @@ impl Session {
         let req = pb::RegisterRequest {
             host: self.cfg.host.clone(),
             gpu: self.cfg.gpu.id.clone(),
-            agent_name: String::new(),
+            agent_name: self.cfg.name.clone(),
             gpu_info: Some(self.cfg.gpu.to_proto()),
             running,
             previous_worker_id: previous.worker_id,
@@ -461,6 +486,17 @@ impl Session {
         let mut backoff = Backoff::new();
         loop {
             if self.shutdown.drain.is_cancelled() || self.lost.is_cancelled() {
+                return Vec::new();
+            }
+            if let Some(why) = self
+                .cfg
+                .deadline
+                .as_ref()
+                .and_then(|d| d.refuses(std::time::SystemTime::now()))
+            {
+                warn!(gpu = %self.cfg.gpu.id, reason = %why, "draining: no new rounds before the allocation ends");
+                self.set_state(format!("draining: {why}"));
+                self.shutdown.drain.cancel();
                 return Vec::new();
             }
             if let Some(why) = self.gate() {

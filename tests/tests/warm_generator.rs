@@ -1,0 +1,496 @@
+//! Warm generators (`generator.mode = "warm"`) end to end: the example grasp generator
+//! (deploy/examples/grasp_gen.py through deploy/python's quarry_generator) serving many rounds
+//! per process, against the same job run one process per round.
+#![allow(clippy::unwrap_used)] // tests may unwrap
+
+use std::path::Path;
+use std::time::Duration;
+
+use quarry_tests::cluster::{spawn_worker, start_serve, status, submit, wait_until};
+use quarry_tests::*;
+
+const OBJECTS: [&str; 2] = ["mug", "bowl"];
+
+/// The same job in process mode or in warm mode (`warm_flags` then being the flags the
+/// process is started with), under a fresh legacy root; `pids` collects one file per
+/// generator process that served a round.
+fn job(root: &Path, pids: &Path, warm: bool, flags: &[&str]) -> std::path::PathBuf {
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let flags: String = flags.iter().map(|f| format!(", {}", q(f))).collect();
+    let generator = if warm {
+        format!(
+            "mode = \"warm\"\nargv = [\"python3\", \"main.py\", \"--yield_mode\", \"uneven\", \
+             \"--num_iterations\", \"{{num_iterations}}\"{flags}]"
+        )
+    } else {
+        format!(
+            "argv = [\"python3\", \"main.py\", \"--name\", \"{{name}}\", \"--object_code\", \"{{object}}\", \
+             \"--batch_size\", \"{{batch_size}}\", \"--num_iterations\", \"{{num_iterations}}\", \
+             \"--seed\", \"{{seed}}\", \"--yield_mode\", \"uneven\"{flags}]"
+        )
+    };
+    let text = format!(
+        r#"
+exp_name = "warm"
+objects = ["mug", "bowl"]
+target_count_per_object = 130
+round_batch_size = 30
+num_iterations = 2
+seed_base = 11
+retries = 3
+retry_backoff_ms = 10
+root = {root}
+
+[generator]
+{generator}
+cwd = "BimanGrasp-Optimization"
+output = "data/experiments/{{name}}/results/{{object}}.npy"
+round_dir = "data/experiments/{{name}}"
+[generator.env]
+PYTHONPATH = {pythonpath}
+QUARRY_EXAMPLE_PID_DIR = {pids}
+"#,
+        root = q(root.to_str().unwrap()),
+        pythonpath = q(repo_root().join("deploy/python").to_str().unwrap()),
+        pids = q(pids.to_str().unwrap()),
+    );
+    let p = root.join("job.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn count(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// Process mode, one agent: the finals every warm run must equal.
+async fn reference() -> Vec<String> {
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    let job = job(root.path(), &pids, false, &[]);
+    run_job_to_end(&job, &["--gpu", "0"]).await;
+    // One process per round.
+    let m = manifest(root.path(), "warm");
+    let rounds: usize = OBJECTS
+        .iter()
+        .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
+        .sum();
+    assert!(count(&pids) > 1, "{} pids, {rounds} rounds", count(&pids));
+    final_hashes(root.path(), "warm", &OBJECTS)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_finals_are_byte_identical_to_process_mode_with_one_and_four_agents() {
+    let reference = reference().await;
+    for gpus in ["0", "0,1,2,3"] {
+        let root = legacy_root();
+        let pids = root.path().join("pids");
+        let job = job(root.path(), &pids, true, &[]);
+        run_job_to_end(&job, &["--gpus", gpus]).await;
+        assert_eq!(
+            final_hashes(root.path(), "warm", &OBJECTS),
+            reference,
+            "warm, gpus {gpus}"
+        );
+        // One process per agent served every round of this run.
+        let agents = gpus.split(',').count();
+        let m = manifest(root.path(), "warm");
+        let rounds: usize = OBJECTS
+            .iter()
+            .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
+            .sum();
+        assert!(rounds > agents, "{rounds} rounds");
+        assert!(
+            (1..=agents).contains(&count(&pids)),
+            "gpus {gpus}: {} generator processes for {rounds} rounds",
+            count(&pids)
+        );
+    }
+}
+
+/// A warm generator SIGKILLed in the middle of a round: that attempt fails, the process is
+/// started again, the round is retried, and the finals are those of process mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_generator_killed_mid_round_is_restarted_and_the_round_retried() {
+    let reference = reference().await;
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    let state = root.path().join("state");
+    // Round 1 of mug (seed 12) and round 0 of bowl (seed 100011) die on their first attempt.
+    let job = job(
+        root.path(),
+        &pids,
+        true,
+        &[
+            "--sigkill_seeds",
+            "12,100011",
+            "--state_dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    run_job_to_end(&job, &["--gpu", "0"]).await;
+    assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
+    assert_eq!(
+        count(&pids),
+        3,
+        "the first process and one restart per kill"
+    );
+    let m = manifest(root.path(), "warm");
+    for o in OBJECTS {
+        let q = &m["objects"][o]["quarantined"];
+        assert!(q.as_array().is_none_or(|q| q.is_empty()), "{o}: {m}");
+    }
+}
+
+/// Each round's log holds that round's output only, though one process wrote them all: the
+/// log of a failed attempt (kept under `<exp>/logs/`) names its own seed and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_rounds_keep_separate_logs() {
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    // Seed 12 (mug round 1) always fails, so the round is quarantined after its retries and
+    // every attempt's log is stored.
+    let job = job(root.path(), &pids, true, &["--fail_seeds", "12"]);
+    let job = job.to_str().unwrap();
+    run(&["--job", job, "--progress", "off", "--gpu", "0"])
+        .await
+        .unwrap();
+    let exp = experiments(root.path());
+    let logs: Vec<String> = files_under(&exp)
+        .into_iter()
+        .filter(|f| f.contains("logs/") && f.ends_with(".log"))
+        .collect();
+    assert_eq!(logs.len(), 4, "one log per attempt: {logs:?}");
+    for l in &logs {
+        let path = if Path::new(l).is_absolute() {
+            std::path::PathBuf::from(l)
+        } else {
+            exp.join(l)
+        };
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.contains("seed=12 "), "{l}: {text}");
+        assert!(text.contains("injected failure for seed 12"), "{l}: {text}");
+        assert_eq!(
+            text.matches("seed=").count(),
+            1,
+            "{l} holds another round's output: {text}"
+        );
+    }
+    assert_eq!(
+        count(&pids),
+        1,
+        "a failed round does not restart the process"
+    );
+}
+
+/// A warm generator that dies before answering its first round, three times in a row, takes
+/// the agent out of rotation; `coordinator status` shows why.
+#[test]
+fn a_warm_generator_that_cannot_start_takes_the_agent_out_of_rotation() {
+    let home = tempfile::tempdir().unwrap();
+    let root = home.path().join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let (_serve, addr) = start_serve(
+        &format!("file://{}", home.path().join("state.redb").display()),
+        &format!("file://{}", home.path().join("store").display()),
+        "10",
+        &[],
+        &home.path().join("coordinator.log"),
+    );
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let job = home.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "exp_name = \"cold\"\nobjects = [\"obj\"]\ntarget_count_per_object = 8\n\
+             round_batch_size = 4\nnum_iterations = 1\nretries = 5\nretry_backoff_ms = 10\n\
+             root = {root}\n\n[generator]\nmode = \"warm\"\n\
+             argv = [\"python3\", \"-c\", \"import sys; sys.exit('cannot import isaacsim')\"]\n\
+             output = \"out/{{name}}/r.npy\"\n",
+            root = q(root.to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    let _w = spawn_worker(&addr, "0", &[], Some(&home.path().join("worker.log")));
+    let out = submit(&job, &addr, false);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut last = serde_json::Value::Null;
+    wait_until(
+        "the agent to leave rotation",
+        Duration::from_secs(60),
+        || {
+            let Some(s) = status(&addr, "cold") else {
+                return false;
+            };
+            last = s.clone();
+            s["workers"].as_array().is_some_and(|ws| {
+                ws.iter().any(|w| {
+                    w["state"]
+                        .as_str()
+                        .is_some_and(|st| st.contains("out of rotation") && st.contains("3 times"))
+                })
+            })
+        },
+    );
+    let state = last["workers"][0]["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(state.contains("cannot import isaacsim"), "{state}");
+    // It stays out: no more rounds are started there.
+    let failed = |s: &serde_json::Value| s["objects"][0]["failed_attempts"].as_u64().unwrap_or(0);
+    let before = failed(&last);
+    assert!(before <= 3, "{last}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = status(&addr, "cold").unwrap();
+    assert_eq!(failed(&after), before, "{after}");
+}
+
+/// `coordinator run`'s agents are the only ones its job has: when their warm generator cannot
+/// start, the run ends with the reason rather than waiting forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_run_ends_with_the_reason_when_the_warm_generator_cannot_start() {
+    let root = tempfile::tempdir().unwrap();
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let job = root.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "exp_name = \"cold\"\nobjects = [\"obj\"]\ntarget_count_per_object = 8\n\
+             round_batch_size = 4\nnum_iterations = 1\nretries = 20\nretry_backoff_ms = 10\n\
+             root = {root}\n\n[generator]\nmode = \"warm\"\n\
+             argv = [\"python3\", \"-c\", \"import sys; sys.exit('cannot import isaacsim')\"]\n\
+             output = \"out/{{name}}/r.npy\"\n",
+            root = q(root.path().to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    let job = job.to_str().unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        run(&["--job", job, "--progress", "off", "--gpus", "0,1"]),
+    )
+    .await
+    .expect("the run ended")
+    .expect_err("the run fails");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("out of rotation"), "{msg}");
+    assert!(msg.contains("cannot import isaacsim"), "{msg}");
+    assert!(msg.contains("gpu 0") && msg.contains("gpu 1"), "{msg}");
+}
+
+/// A warm job whose argv names the round is refused before anything runs, naming the
+/// placeholders and the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_job_whose_argv_names_the_round_is_refused() {
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    let job = job(root.path(), &pids, false, &[]);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("[generator]\n", "[generator]\nmode = \"warm\"\n");
+    std::fs::write(&job, text).unwrap();
+    let err = run(&["--job", job.to_str().unwrap(), "--progress", "off"])
+        .await
+        .expect_err("refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("generator.argv"), "{msg}");
+    assert!(
+        msg.contains("{name}") && msg.contains("{object}") && msg.contains("{seed}"),
+        "{msg}"
+    );
+    assert_eq!(count(&pids), 0, "nothing ran");
+}
+
+/// `generator.audit = 1.0` re-runs every warm round cold: a generator whose rounds depend only
+/// on their inputs passes, and the finals are those of process mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_of_a_deterministic_warm_generator_passes() {
+    let reference = reference().await;
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    let job = job(root.path(), &pids, true, &[]);
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("mode = \"warm\"\n", "mode = \"warm\"\naudit = 1.0\n");
+    std::fs::write(&job, text).unwrap();
+    run_job_to_end(&job, &["--gpu", "0"]).await;
+    assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
+    let m = manifest(root.path(), "warm");
+    let rounds: usize = OBJECTS
+        .iter()
+        .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
+        .sum();
+    // The warm process and one fresh process per audited round.
+    assert!(
+        count(&pids) > rounds,
+        "{} processes, {rounds} rounds",
+        count(&pids)
+    );
+    let leftovers: Vec<String> = files_under(root.path())
+        .into_iter()
+        .filter(|f| f.contains(".quarry-audit-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A warm generator that leaks a counter from round to round writes, from its second round
+/// on, what a fresh process would not: the audit stops the job naming the round and both
+/// hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_catches_a_generator_that_leaks_state_across_rounds() {
+    let root = tempfile::tempdir().unwrap();
+    let leaky = root.path().join("leaky.py");
+    std::fs::write(
+        &leaky,
+        r#"
+import os, struct
+from quarry_generator import serve
+
+served = 0  # leaks: the output depends on how many rounds this process ran
+
+def handler(r):
+    global served
+    served += 1
+    values = [float(r.seed * 10 + served + i) for i in range(r.batch_size)]
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % len(values)
+    raw = header.encode("latin1")
+    pad = 64 - ((10 + len(raw) + 1) % 64)
+    data = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw) + pad + 1) + raw + b" " * pad + b"\n"
+    os.makedirs(os.path.dirname(r.output), exist_ok=True)
+    with open(r.output, "wb") as f:
+        f.write(data + struct.pack("<%df" % len(values), *values))
+
+serve(handler)
+"#,
+    )
+    .unwrap();
+    let q = |s: &str| serde_json::to_string(s).unwrap();
+    let job = root.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "exp_name = \"leak\"\nobjects = [\"obj\"]\ntarget_count_per_object = 40\n\
+             round_batch_size = 4\nnum_iterations = 1\nroot = {root}\n\n[generator]\n\
+             mode = \"warm\"\naudit = 1.0\nargv = [\"python3\", {leaky}]\n\
+             output = \"out/{{name}}/r.npy\"\nround_dir = \"out/{{name}}\"\n\
+             [generator.env]\nPYTHONPATH = {pythonpath}\n",
+            root = q(root.path().to_str().unwrap()),
+            leaky = q(leaky.to_str().unwrap()),
+            pythonpath = q(repo_root().join("deploy/python").to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        run(&[
+            "--job",
+            job.to_str().unwrap(),
+            "--progress",
+            "off",
+            "--gpu",
+            "0",
+        ]),
+    )
+    .await
+    .expect("the run ended")
+    .unwrap();
+    assert_ne!(out.exit_code(), 0, "{:?}", out.status);
+    let msg = &out.status.message;
+    assert!(msg.contains("determinism audit failed"), "{msg}");
+    // Round 0 is the process's first: warm and cold agree. Round 1 is where it leaks.
+    assert!(msg.contains("leak__obj__r1_s12346"), "{msg}");
+    assert_eq!(msg.matches("sha256 ").count(), 2, "{msg}");
+}
+
+/// `recycle_after_rounds = 2`: the warm process is replaced after every second round it
+/// served, and the finals do not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycle_after_rounds_restarts_the_warm_generator_between_rounds() {
+    let reference = reference().await;
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    let job = job(root.path(), &pids, true, &[]);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "mode = \"warm\"\n",
+        "mode = \"warm\"\nrecycle_after_rounds = 2\n",
+    );
+    std::fs::write(&job, text).unwrap();
+    run_job_to_end(&job, &["--gpu", "0"]).await;
+    assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
+    let m = manifest(root.path(), "warm");
+    let rounds: usize = OBJECTS
+        .iter()
+        .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
+        .sum();
+    assert_eq!(count(&pids), rounds.div_ceil(2), "{rounds} rounds");
+}
+
+/// deploy/python's quarry_generator on its own, for every interpreter of the test matrix:
+/// seeding makes `random` and numpy draws depend on the seed only; without the agent one
+/// round runs from the `QUARRY_*` variables (exit 1 when the handler raises); a warm loop
+/// answers on fd 3, fails a round whose handler raises without dying, and ends with status 0
+/// on SIGTERM between rounds.
+#[test]
+fn the_python_package_seeds_falls_back_to_one_round_and_stops_on_sigterm() {
+    const CODE: &str = r#"
+import json, os, random, signal, subprocess, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import quarry_generator as qg
+
+qg.seed_everything(5)
+a = (random.random(), float(np.random.random()))
+random.random(); np.random.random()
+qg.seed_everything(5)
+assert (random.random(), float(np.random.random())) == a
+
+seen = []
+assert qg.run_once(lambda r: seen.append((r.seed, r.object, r.round)),
+                   environ={"QUARRY_SEED": "7", "QUARRY_OBJECT": "mug", "QUARRY_ROUND": "2"}) == 0
+assert seen == [(7, "mug", 2)], seen
+def boom(r):
+    raise ValueError("no grasp")
+assert qg.run_once(boom, environ={"QUARRY_SEED": "1"}) == 1
+assert not qg.is_warm()
+
+child = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import quarry_generator as qg
+def handler(r):
+    print("round", r.round_name, flush=True)
+    if r.seed == 13:
+        raise RuntimeError("bad seed")
+sys.exit(qg.serve(handler))
+'''
+rfd, wfd = os.pipe()
+p = subprocess.Popen([sys.executable, "-c", child, sys.argv[1]], stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, close_fds=False,
+                     env=dict(os.environ, QUARRY_REPLY_FD="3"),
+                     preexec_fn=lambda: os.dup2(wfd, 3))
+os.close(wfd)
+replies = os.fdopen(rfd)
+for seed in (12, 13, 14):
+    p.stdin.write((json.dumps({"round_name": f"e__o__r0_s{seed}", "seed": seed}) + "\n").encode())
+    p.stdin.flush()
+    reply = json.loads(replies.readline())
+    assert reply["round"] == f"e__o__r0_s{seed}", reply
+    if seed == 13:
+        assert reply["status"] == "failed" and "bad seed" in reply["reason"], reply
+    else:
+        assert reply["status"] == "done", reply
+p.send_signal(signal.SIGTERM)
+assert p.wait(timeout=10) == 0
+print("OK")
+"#;
+    let package = repo_root().join("deploy/python");
+    for py in pythons() {
+        let out = run_python(&py, CODE, &[package.to_str().unwrap()]);
+        assert!(out.contains("OK"), "{py}: {out}");
+    }
+}

@@ -1,0 +1,338 @@
+//! The agent's warm generator (`generator.mode = "warm"`): started once, handed the agent's
+//! rounds one JSON line at a time, and restarted whenever a fresh process would have been
+//! safer: after it died, timed out or was stopped mid-round, after `recycle_after_rounds`,
+//! and when a round of another generator (argv, cwd, environment) comes.
+//!
+//! `generator.audit`: a round the coordinator marked is, once done, re-run cold in a fresh
+//! process with the same inputs (its outputs written beside the real ones, under
+//! `.quarry-audit-<name>`), and the outputs' sha256 compared (see [`audit_round`]).
+//!
+//! A generator that dies before answering its first round, or cannot be spawned at all,
+//! failed to start; after [`MAX_START_FAILURES`] such failures in a row the agent leaves
+//! rotation (see [`Slot::out_of_rotation`]) rather than burn every round it is given.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use quarry_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::round::Paths;
+use crate::runner::warm::{WarmProcess, WarmSpec};
+use crate::runner::{RunError, RunOutcome, RunReport};
+
+/// Failed starts in a row after which the agent takes no more rounds.
+pub const MAX_START_FAILURES: u32 = 3;
+
+/// The agent's warm generator, kept across rounds (and sessions).
+#[derive(Default)]
+pub struct Slot {
+    process: Option<WarmProcess>,
+    /// Starts in a row that ended before the process answered a round.
+    start_failures: u32,
+    /// Whether the current process has answered a round yet.
+    answered: bool,
+    out_of_rotation: Option<String>,
+}
+
+impl Slot {
+    /// Set once the generator failed to start [`MAX_START_FAILURES`] times in a row: why the
+    /// agent takes no more rounds.
+    pub fn out_of_rotation(&self) -> Option<&str> {
+        self.out_of_rotation.as_deref()
+    }
+
+    /// Stops the warm generator, if one runs (shutdown).
+    pub async fn shut_down(&mut self) {
+        if let Some(p) = self.process.take() {
+            p.shut_down().await;
+        }
+    }
+
+    /// Runs one leased round on the warm generator started from `spec`, then, when the
+    /// coordinator marked it for audit and it is done, its cold re-run (see [`audit_round`]).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn run(
+        &mut self,
+        spec: WarmSpec,
+        lease: &pb::Lease,
+        task: &pb::Task,
+        paths: &Paths,
+        job_env: &[(String, String)],
+        limit: Option<Duration>,
+        stop: &CancellationToken,
+    ) -> Result<RunReport, RunError> {
+        let line = request(lease, task, paths, &spec.argv, job_env);
+        let audit = task.audit.then(|| (spec.clone(), audit_paths(paths)));
+        let mut report = self.round(spec, &line, task, limit, stop).await?;
+        if let Some((spec, cold)) = audit
+            && report.outcome == RunOutcome::Exited(0)
+        {
+            let line = request(lease, task, &cold, &spec.argv, job_env);
+            audit_round(&mut report, spec, &line, paths, &cold, lease, limit, stop).await;
+        }
+        Ok(report)
+    }
+
+    /// Runs one round on the warm generator, starting (or restarting) it first when needed.
+    async fn round(
+        &mut self,
+        spec: WarmSpec,
+        request: &str,
+        task: &pb::Task,
+        limit: Option<Duration>,
+        stop: &CancellationToken,
+    ) -> Result<RunReport, RunError> {
+        let exited = self.process.as_mut().is_some_and(WarmProcess::exited);
+        let restart_why = match &self.process {
+            Some(_) if exited => Some("it exited between rounds"),
+            Some(p) if p.spec() != &spec => Some("another generator's round"),
+            Some(p) if task.recycle_after_rounds > 0 && p.served() >= task.recycle_after_rounds => {
+                Some("recycle_after_rounds reached")
+            }
+            _ => None,
+        };
+        if let Some(why) = restart_why
+            && let Some(p) = self.process.take()
+        {
+            info!(
+                reason = why,
+                served = p.served(),
+                "restarting the warm generator"
+            );
+            p.shut_down().await;
+        }
+        if self.process.is_none() {
+            match WarmProcess::start(spec).await {
+                Ok(p) => {
+                    self.process = Some(p);
+                    self.answered = false;
+                }
+                Err(e) => {
+                    self.start_failed(&e.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        let Some(process) = self.process.as_mut() else {
+            // Unreachable: a process was just started or kept above.
+            return Err(RunError::EmptyArgv);
+        };
+        let ran = process.round(request, limit, stop).await;
+        let replied = matches!(
+            ran.report.outcome,
+            RunOutcome::Exited(0) | RunOutcome::Failed
+        ) && ran.alive;
+        if replied {
+            self.answered = true;
+            self.start_failures = 0;
+        } else {
+            self.process = None;
+            let died = matches!(
+                ran.report.outcome,
+                RunOutcome::Exited(_) | RunOutcome::Signaled(_)
+            );
+            if died && !self.answered {
+                let tail = ran.report.log.tail_lines(5);
+                self.start_failed(&format!(
+                    "it ended ({:?}) before answering a round; its output: {tail}",
+                    ran.report.outcome
+                ));
+            }
+        }
+        Ok(ran.report)
+    }
+
+    fn start_failed(&mut self, why: &str) {
+        self.start_failures += 1;
+        warn!(failures = self.start_failures, error = %why, "warm generator failed to start");
+        if self.start_failures >= MAX_START_FAILURES {
+            self.out_of_rotation = Some(format!(
+                "out of rotation: the warm generator failed to start {} times in a row; last: {why}. Fix the job's generator (try its argv by hand with QUARRY_WARM unset) and restart this worker",
+                self.start_failures
+            ));
+        }
+    }
+}
+
+/// The round line handed to a warm generator (see docs/job-file.md, "Warm generators").
+fn request(
+    lease: &pb::Lease,
+    task: &pb::Task,
+    paths: &Paths,
+    argv: &[String],
+    job_env: &[(String, String)],
+) -> String {
+    let outputs: Vec<String> = paths.outs.iter().map(|p| p.display().to_string()).collect();
+    let env: serde_json::Map<String, serde_json::Value> = job_env
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::json!({
+        "round_name": lease.round_name,
+        "seed": lease.seed,
+        "object": lease.object,
+        "object_index": lease.object_index,
+        "round": lease.round,
+        "attempt": lease.attempt,
+        "batch_size": task.batch_size,
+        "num_iterations": task.num_iterations,
+        "output": outputs.first(),
+        "outputs": outputs,
+        "stats": paths.stats.as_ref().map(|p| p.display().to_string()),
+        "round_dir": paths.round_dir.as_ref().map(|p| p.display().to_string()),
+        "cwd": paths.cwd.display().to_string(),
+        "argv": argv,
+        "env": env,
+    })
+    .to_string()
+}
+
+/// Where an audited round's cold re-run writes: beside each real file, under
+/// `.quarry-audit-<name>`; the round directory and working directory stay the round's.
+fn audit_paths(paths: &Paths) -> Paths {
+    let aside = |p: &PathBuf| {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        p.with_file_name(format!(".quarry-audit-{name}"))
+    };
+    Paths {
+        root: paths.root.clone(),
+        cwd: paths.cwd.clone(),
+        outs: paths.outs.iter().map(aside).collect(),
+        round_dir: paths.round_dir.clone(),
+        stats: paths.stats.as_ref().map(aside),
+    }
+}
+
+/// Re-runs a done warm round cold, in a fresh process started from `spec` and handed
+/// `line` (the round with `cold`'s paths), and compares each output's sha256 with the warm
+/// run's. A mismatch turns `report` into [`RunOutcome::AuditMismatch`] naming the round and
+/// both hashes; a cold run that fails (or outputs that are not plain files) into
+/// [`RunOutcome::Failed`], a retryable attempt. The cold run's files are removed either way.
+#[allow(clippy::too_many_arguments)]
+async fn audit_round(
+    report: &mut RunReport,
+    spec: WarmSpec,
+    line: &str,
+    warm: &Paths,
+    cold: &Paths,
+    lease: &pb::Lease,
+    limit: Option<Duration>,
+    stop: &CancellationToken,
+) {
+    let verdict = compare(spec, line, warm, cold, limit, stop).await;
+    for p in cold.outs.iter().chain(cold.stats.iter()) {
+        let _ = std::fs::remove_file(p);
+    }
+    match verdict {
+        Verdict::Same => debug!(round = %lease.round_name, "audit: the cold re-run matches"),
+        Verdict::Differs { file, warm, cold } => {
+            warn!(round = %lease.round_name, %file, %warm, %cold, "audit: warm and cold outputs differ");
+            report.outcome = RunOutcome::AuditMismatch;
+            report.reason = Some(format!(
+                "round {} ({file}): the warm process wrote sha256 {warm}, a fresh process given the same round wrote sha256 {cold}; the generator keeps state from round to round (re-seed every RNG from the round's seed and reset what it changes; see docs/job-file.md, \"The determinism contract\")",
+                lease.round_name
+            ));
+        }
+        Verdict::Inconclusive(why) => {
+            report.outcome = RunOutcome::Failed;
+            report.reason = Some(format!("audit of round {}: {why}", lease.round_name));
+        }
+    }
+}
+
+enum Verdict {
+    Same,
+    Differs {
+        file: String,
+        warm: String,
+        cold: String,
+    },
+    Inconclusive(String),
+}
+
+async fn compare(
+    spec: WarmSpec,
+    line: &str,
+    warm: &Paths,
+    cold: &Paths,
+    limit: Option<Duration>,
+    stop: &CancellationToken,
+) -> Verdict {
+    let mut warm_hashes = Vec::with_capacity(warm.outs.len());
+    for p in &warm.outs {
+        match sha256_file(p) {
+            Ok(h) => warm_hashes.push(h),
+            Err(e) => {
+                return Verdict::Inconclusive(format!(
+                    "cannot hash {} (only plain files are audited): {e}",
+                    p.display()
+                ));
+            }
+        }
+    }
+    let mut fresh = match WarmProcess::start(spec).await {
+        Ok(p) => p,
+        Err(e) => return Verdict::Inconclusive(format!("the cold re-run did not start: {e}")),
+    };
+    let ran = fresh.round(line, limit, stop).await;
+    if ran.alive {
+        fresh.shut_down().await;
+    }
+    if ran.report.outcome != RunOutcome::Exited(0) {
+        return Verdict::Inconclusive(format!(
+            "the cold re-run ended {:?}{}",
+            ran.report.outcome,
+            ran.report
+                .reason
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ));
+    }
+    for ((w, c), warm_hash) in warm.outs.iter().zip(&cold.outs).zip(warm_hashes) {
+        let cold_hash = match sha256_file(c) {
+            Ok(h) => h,
+            Err(e) => {
+                return Verdict::Inconclusive(format!(
+                    "the cold re-run's output {} cannot be read: {e}",
+                    c.display()
+                ));
+            }
+        };
+        if cold_hash != warm_hash {
+            let file = w
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            return Verdict::Differs {
+                file,
+                warm: warm_hash,
+                cold: cold_hash,
+            };
+        }
+    }
+    Verdict::Same
+}
+
+fn sha256_file(p: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(p)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a plain file"));
+    }
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = std::io::Read::read(&mut f, &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
