@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 pub mod cluster;
 pub mod etcd;
 pub mod faultproxy;
+pub mod hdf5_crash;
 pub mod netns;
 pub mod pki;
 pub mod process;
