@@ -240,6 +240,12 @@ pub fn summary(s: &pb::JobStatus, wall: Duration, agents: usize) -> String {
     if let Some(rate) = success_rate(s.attempts, s.successes) {
         out.push_str(&format!("\n  yield     {rate} successful trials"));
     }
+    if s.rounds_audited > 0 {
+        out.push_str(&format!(
+            "\n  audit     {} committed warm round(s) re-run cold and matched",
+            s.rounds_audited
+        ));
+    }
     if !s.message.is_empty() {
         out.push_str(&format!("\n  {}", s.message));
     }

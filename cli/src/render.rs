@@ -105,6 +105,8 @@ pub fn status_json(s: &pb::JobStatus) -> serde_json::Value {
         "attempts": s.attempts,
         "successes": s.successes,
         "success_rate": RoundYield::rate(s.attempts, s.successes),
+        "rounds_audited": s.rounds_audited,
+        "message": s.message,
         "objects": s.objects.iter().map(|o| serde_json::json!({
             "name": o.name, "state": name(o.state), "collected": o.collected, "target": o.target,
             "rounds_committed": o.rounds_committed, "rounds_in_flight": o.rounds_in_flight,

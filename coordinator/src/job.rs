@@ -374,6 +374,9 @@ pub struct JobRt {
     pub samples_this_session: u64,
     /// Why the job stopped on its own, when it did.
     pub message: String,
+    /// The first determinism audit that failed (`generator.audit`), naming the round and
+    /// both hashes: it stopped the job.
+    pub audit_failure: Option<String>,
 }
 
 /// A job whose first rounds are all quarantined is stopped: the generator is failing on
@@ -381,6 +384,29 @@ pub struct JobRt {
 pub const FAILING_JOB_QUARANTINES: usize = 3;
 
 impl JobRt {
+    /// Whether round `round` of `object` is re-run cold to audit its warm run: warm mode
+    /// and picked by `generator.audit`. A committed audited round passed its audit (a
+    /// worker fails an attempt whose audit did not).
+    pub fn audited(&self, object: &str, round: u32) -> bool {
+        self.spec.generator.is_warm() && self.spec.audited(object, round)
+    }
+
+    /// Committed rounds that passed their audit.
+    pub fn rounds_audited(&self) -> u32 {
+        if !self.spec.generator.is_warm() || self.spec.generator.audit.is_none() {
+            return 0;
+        }
+        self.objects
+            .iter()
+            .map(|o| {
+                o.commits
+                    .keys()
+                    .filter(|r| self.spec.audited(&o.name, **r))
+                    .count() as u32
+            })
+            .sum()
+    }
+
     /// True when no round ever committed and enough rounds were quarantined to call the
     /// generator broken.
     pub fn generator_broken(&self) -> bool {

@@ -28,6 +28,9 @@ pub struct Manifest {
     pub filter: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dedup: Vec<String>,
+    /// The determinism audit of warm rounds (`generator.audit`), when the job has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audit: Option<AuditSummary>,
     /// Sums over every object (see [`ObjectEntry`]).
     pub totals: Totals,
     /// `running`, `done`, `incomplete` or `cancelled`.
@@ -70,6 +73,17 @@ pub struct ObjectEntry {
     pub duplicates: u64,
 }
 
+/// What the determinism audit found: the fraction of warm rounds re-run cold, how many
+/// committed rounds passed (each is marked `audited` in its commit record), and the first
+/// mismatch, which stopped the job.
+#[derive(Debug, Serialize)]
+pub struct AuditSummary {
+    pub fraction: f64,
+    pub rounds_passed: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mismatch: Option<String>,
+}
+
 /// Job-wide sums.
 #[derive(Debug, Default, Serialize)]
 pub struct Totals {
@@ -106,6 +120,9 @@ pub struct CommitEntry {
     /// The generator's log, beside the outputs (gone with the staging unless kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log: Option<String>,
+    /// The round's warm run was re-run cold and matched (`generator.audit`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub audited: bool,
 }
 
 pub fn build(job: &JobRt) -> Manifest {
@@ -132,6 +149,7 @@ pub fn build(job: &JobRt) -> Manifest {
                         gpu_utilization_mean_pct: c.gpu.as_ref().map(|g| g.utilization_mean_pct),
                         gpu_memory_peak_mib: c.gpu.as_ref().map(|g| g.memory_peak_mib),
                         log: c.log_key.clone(),
+                        audited: job.audited(&o.name, c.round),
                     }
                 })
                 .collect();
@@ -190,6 +208,16 @@ pub fn build(job: &JobRt) -> Manifest {
             .map_or_else(|_| String::new(), |f| f.name().to_string()),
         filter: job.spec.merge.filter.clone(),
         dedup: job.spec.merge.dedup.clone(),
+        audit: job
+            .spec
+            .generator
+            .audit
+            .filter(|f| job.spec.generator.is_warm() && f.0 > 0.0)
+            .map(|f| AuditSummary {
+                fraction: f.0,
+                rounds_passed: job.rounds_audited(),
+                mismatch: job.audit_failure.clone(),
+            }),
         totals,
         state: job.state,
         objects,

@@ -113,6 +113,10 @@ pub struct GeneratorSpec {
     /// none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recycle_after_rounds: Option<u32>,
+    /// Warm mode: the generator is restarted between rounds once its process group holds
+    /// more resident host memory than this (MiB); none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recycle_above_memory_mib: Option<u64>,
     /// Warm mode: the fraction (0 to 1) of rounds, chosen deterministically from the job,
     /// object and round, re-run cold in a fresh process after they are done; their outputs'
     /// sha256 must agree, or the job stops. None by default.
@@ -333,6 +337,7 @@ impl JobSpec {
             stats: None,
             mode: default_mode(),
             recycle_after_rounds: None,
+            recycle_above_memory_mib: None,
             audit: None,
         }
     }
@@ -575,6 +580,20 @@ impl JobSpec {
         if g.recycle_after_rounds.is_some() && !g.is_warm() {
             return Err(spec_err(
                 "generator.recycle_after_rounds",
+                "only applies to warm generators",
+                "set generator.mode = \"warm\", or remove it",
+            ));
+        }
+        if g.recycle_above_memory_mib == Some(0) {
+            return Err(spec_err(
+                "generator.recycle_above_memory_mib",
+                "must be positive",
+                "give the resident memory (MiB) above which a warm generator is restarted between rounds, or omit it",
+            ));
+        }
+        if g.recycle_above_memory_mib.is_some() && !g.is_warm() {
+            return Err(spec_err(
+                "generator.recycle_above_memory_mib",
                 "only applies to warm generators",
                 "set generator.mode = \"warm\", or remove it",
             ));
@@ -966,6 +985,22 @@ pub(crate) mod tests {
             s.validate().unwrap_err().field,
             "generator.recycle_after_rounds"
         );
+        s.generator.mode = MODE_WARM.into();
+        s.generator.recycle_above_memory_mib = Some(0);
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "generator.recycle_above_memory_mib"
+        );
+        s.generator.recycle_above_memory_mib = Some(4096);
+        s.validate().unwrap();
+        s.generator.recycle_after_rounds = None;
+        s.generator.mode = MODE_PROCESS.into();
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "generator.recycle_above_memory_mib"
+        );
+        s.generator.recycle_after_rounds = Some(50);
+        s.generator.recycle_above_memory_mib = None;
         s.generator.mode = MODE_WARM.into();
         s.generator.audit = Some(Fraction(1.5));
         assert_eq!(s.validate().unwrap_err().field, "generator.audit");

@@ -46,6 +46,8 @@ empty, and the write is dtype- or truncate-faulted.
 
   --sigkill_seeds L     with --state_dir D: SIGKILL itself mid-round the first time an
                         (object, seed) pair is seen (a crash), succeed afterwards
+  --hold_mb N           keep N MiB more in memory for every round this process serves (a
+                        leak, for generator.recycle_above_memory_mib)
 
 Warm mode: started by a Quarry agent with generator.mode = "warm" (QUARRY_REPLY_FD set), it
 serves rounds through the quarry_generator package (deploy/python): each round runs main()
@@ -124,6 +126,8 @@ def build_parser():
     p.add_argument("--yield_mode", choices=("full", "uneven"), default="full",
                    help="full: B samples; uneven: fewer, depending on the seed")
     p.add_argument("--state_dir", default=None, help="marker directory for --flaky_seeds")
+    p.add_argument("--hold_mb", type=int, default=0,
+                   help="keep this many MiB more per round served (a stand-in leak)")
     p.add_argument("--output", default=None,
                    help="write the results exactly here (default <out_root>/<name>/results/<object>.npy)")
     p.add_argument("--stats_file", default=None,
@@ -307,6 +311,10 @@ def optimize(args):
         time.sleep(pause)
 
 
+# What --hold_mb keeps, round after round, for as long as the process lives.
+HELD = []
+
+
 def main(argv=None):
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
@@ -342,6 +350,8 @@ def main(argv=None):
             time.sleep(3600)
 
     optimize(args)
+    if args.hold_mb > 0:
+        HELD.append(b"x" * (args.hold_mb << 20))
     if args.sleep_ms > 0:
         time.sleep(args.sleep_ms / 1000.0)
     if seed in args.empty_seeds:

@@ -56,6 +56,7 @@ import argparse
 import datetime
 import json
 import os
+import sys
 import zlib
 
 import h5py
@@ -228,17 +229,25 @@ def write_robomimic(args):
             f["mask/%s" % name] = np.array([demos[i] for i in inds], dtype="S")
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layout", choices=["isaaclab", "mimicgen", "robomimic"], required=True)
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--object", required=True)
     p.add_argument("--batch_size", type=int, required=True)
     p.add_argument("--out", required=True)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     {"isaaclab": write_isaaclab, "mimicgen": write_mimicgen, "robomimic": write_robomimic}[args.layout](args)
 
 
 if __name__ == "__main__":
-    main()
+    if os.environ.get("QUARRY_REPLY_FD"):
+        # Warm mode (generator.mode = "warm"): rounds come from the agent, through
+        # deploy/python's quarry_generator (installed, or found beside this directory).
+        sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+        from quarry_generator import round_flags, serve_cli
+
+        # Its yield sidecar is important_stats.json, written beside the output.
+        sys.exit(serve_cli(main, flags=lambda r: round_flags(r, stats=False)))
+    sys.exit(main())

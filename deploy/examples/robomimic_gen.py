@@ -145,7 +145,7 @@ def write(path, args):
     return len(demos), total
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -159,7 +159,7 @@ def main():
     p.add_argument("--min_len", type=int, default=20, help="shortest demo (steps)")
     p.add_argument("--max_len", type=int, default=80, help="longest demo (steps)")
     p.add_argument("--success_rate", type=float, default=0.7, help="chance a trial succeeds")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.batch_size < 0 or not 1 <= args.min_len <= args.max_len:
         p.error("need batch_size >= 0 and 1 <= min_len <= max_len")
     if os.path.dirname(args.out):
@@ -174,4 +174,11 @@ def main():
 
 
 if __name__ == "__main__":
+    if os.environ.get("QUARRY_REPLY_FD"):
+        # Warm mode (generator.mode = "warm"): rounds come from the agent, through
+        # deploy/python's quarry_generator (installed, or found beside this directory).
+        sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+        from quarry_generator import serve_cli
+
+        sys.exit(serve_cli(main))
     sys.exit(main())

@@ -102,4 +102,11 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if os.environ.get("QUARRY_REPLY_FD"):
+        # Warm mode (generator.mode = "warm"): rounds come from the agent, through
+        # deploy/python's quarry_generator (installed, or found beside this directory).
+        sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+        from quarry_generator import serve_cli
+
+        sys.exit(serve_cli(main))
     sys.exit(main())

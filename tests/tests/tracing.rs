@@ -313,6 +313,11 @@ async fn every_committed_round_is_one_trace_across_processes() {
             text(&one("generator").span.attributes, "outcome").as_deref(),
             Some("ok")
         );
+        // One process per round in this job: the cold start is inside the span.
+        assert_eq!(
+            text(&one("generator").span.attributes, "mode").as_deref(),
+            Some("process")
+        );
     }
     eprintln!("rounds ran on GPUs {gpus:?}");
     // Worker 1's spans carry its OTEL_RESOURCE_ATTRIBUTES; worker 0's and the coordinator's

@@ -79,6 +79,45 @@ async fn reference() -> Vec<String> {
     final_hashes(root.path(), "warm", &OBJECTS)
 }
 
+/// A warm run of [`job`] on one agent, its finals checked against process mode's.
+struct WarmRun {
+    root: tempfile::TempDir,
+    out: quarry_cli::RunOutcome,
+    manifest: serde_json::Value,
+    /// Rounds committed, over both objects.
+    rounds: usize,
+    /// Generator processes that served rounds.
+    processes: usize,
+}
+
+/// Runs the warm job with `setting` added to `[generator]` and `flags` to the generator's
+/// argv, on one agent, and checks that its finals are those of process mode.
+async fn warm_run_with(setting: &str, flags: &[&str]) -> WarmRun {
+    let reference = reference().await;
+    let root = legacy_root();
+    let pids = root.path().join("pids");
+    let job = job(root.path(), &pids, true, flags);
+    let text = std::fs::read_to_string(&job).unwrap().replace(
+        "mode = \"warm\"\n",
+        &format!("mode = \"warm\"\n{setting}\n"),
+    );
+    std::fs::write(&job, text).unwrap();
+    let out = run_job_to_end(&job, &["--gpu", "0"]).await;
+    assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
+    let m = manifest(root.path(), "warm");
+    let rounds: usize = OBJECTS
+        .iter()
+        .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
+        .sum();
+    WarmRun {
+        processes: count(&pids),
+        root,
+        out,
+        manifest: m,
+        rounds,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warm_finals_are_byte_identical_to_process_mode_with_one_and_four_agents() {
     let reference = reference().await;
@@ -310,27 +349,29 @@ async fn a_warm_job_whose_argv_names_the_round_is_refused() {
 /// on their inputs passes, and the finals are those of process mode.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_audit_of_a_deterministic_warm_generator_passes() {
-    let reference = reference().await;
-    let root = legacy_root();
-    let pids = root.path().join("pids");
-    let job = job(root.path(), &pids, true, &[]);
-    let text = std::fs::read_to_string(&job)
-        .unwrap()
-        .replace("mode = \"warm\"\n", "mode = \"warm\"\naudit = 1.0\n");
-    std::fs::write(&job, text).unwrap();
-    run_job_to_end(&job, &["--gpu", "0"]).await;
-    assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
-    let m = manifest(root.path(), "warm");
-    let rounds: usize = OBJECTS
-        .iter()
-        .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
-        .sum();
-    // The warm process and one fresh process per audited round.
-    assert!(
-        count(&pids) > rounds,
-        "{} processes, {rounds} rounds",
-        count(&pids)
+    let WarmRun {
+        root,
+        out,
+        manifest: m,
+        rounds,
+        processes,
+    } = warm_run_with("audit = 1.0", &[]).await;
+    // The outcome is in the status and the manifest: every committed round passed.
+    assert_eq!(
+        out.status.rounds_audited as usize, rounds,
+        "{:?}",
+        out.status
     );
+    assert_eq!(m["audit"]["fraction"], 1.0, "{}", m["audit"]);
+    assert_eq!(m["audit"]["rounds_passed"], rounds, "{}", m["audit"]);
+    assert!(m["audit"].get("mismatch").is_none(), "{}", m["audit"]);
+    for o in OBJECTS {
+        for c in m["objects"][o]["commits"].as_array().unwrap() {
+            assert_eq!(c["audited"], true, "{c}");
+        }
+    }
+    // The warm process and one fresh process per audited round.
+    assert!(processes > rounds, "{processes} processes, {rounds} rounds");
     let leftovers: Vec<String> = files_under(root.path())
         .into_iter()
         .filter(|f| f.contains(".quarry-audit-"))
@@ -405,29 +446,41 @@ serve(handler)
     // Round 0 is the process's first: warm and cold agree. Round 1 is where it leaks.
     assert!(msg.contains("leak__obj__r1_s12346"), "{msg}");
     assert_eq!(msg.matches("sha256 ").count(), 2, "{msg}");
+    // The manifest keeps the mismatch beside the rounds that passed.
+    let m = manifest(root.path(), "leak");
+    let mismatch = m["audit"]["mismatch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(mismatch.starts_with("obj r1: "), "{mismatch}");
+    assert!(mismatch.contains("leak__obj__r1_s12346"), "{mismatch}");
+    assert_eq!(m["audit"]["fraction"], 1.0, "{}", m["audit"]);
 }
 
 /// `recycle_after_rounds = 2`: the warm process is replaced after every second round it
 /// served, and the finals do not change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recycle_after_rounds_restarts_the_warm_generator_between_rounds() {
-    let reference = reference().await;
-    let root = legacy_root();
-    let pids = root.path().join("pids");
-    let job = job(root.path(), &pids, true, &[]);
-    let text = std::fs::read_to_string(&job).unwrap().replace(
-        "mode = \"warm\"\n",
-        "mode = \"warm\"\nrecycle_after_rounds = 2\n",
+    let run = warm_run_with("recycle_after_rounds = 2", &[]).await;
+    assert_eq!(
+        run.processes,
+        run.rounds.div_ceil(2),
+        "{} rounds",
+        run.rounds
     );
-    std::fs::write(&job, text).unwrap();
-    run_job_to_end(&job, &["--gpu", "0"]).await;
-    assert_eq!(final_hashes(root.path(), "warm", &OBJECTS), reference);
-    let m = manifest(root.path(), "warm");
-    let rounds: usize = OBJECTS
-        .iter()
-        .map(|o| m["objects"][o]["rounds"].as_array().unwrap().len())
-        .sum();
-    assert_eq!(count(&pids), rounds.div_ceil(2), "{rounds} rounds");
+}
+
+/// `recycle_above_memory_mib = 100` with a generator that keeps 48 MiB more per round: the
+/// process is replaced between rounds once it holds more than the ceiling (so it serves
+/// more than one round, but not all of them), and the finals do not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_generator_over_its_memory_ceiling_is_replaced_between_rounds() {
+    let run = warm_run_with("recycle_above_memory_mib = 100", &["--hold_mb", "48"]).await;
+    assert!(
+        run.processes >= run.rounds.div_ceil(3) && run.processes < run.rounds,
+        "{} processes for {} rounds",
+        run.processes,
+        run.rounds
+    );
 }
 
 /// deploy/python's quarry_generator on its own, for every interpreter of the test matrix:

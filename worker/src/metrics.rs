@@ -38,7 +38,62 @@ pub enum Outcome {
     Rejected,
 }
 
+/// Why an agent started its warm generator (`quarry_worker_generator_starts_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartReason {
+    /// The agent's first warm round, or the first after a start failed.
+    First,
+    /// The process died or was stopped during a round (crash, timeout, cancel, lease lost).
+    Died,
+    /// It exited between rounds.
+    Exited,
+    /// `recycle_after_rounds` reached.
+    Recycle,
+    /// `recycle_above_memory_mib` exceeded.
+    Memory,
+    /// A round of another generator (argv, cwd or environment) came.
+    OtherGenerator,
+    /// A cold re-run for the determinism audit.
+    Audit,
+}
+
+impl StartReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            StartReason::First => "first",
+            StartReason::Died => "died",
+            StartReason::Exited => "exited",
+            StartReason::Recycle => "recycle",
+            StartReason::Memory => "memory",
+            StartReason::OtherGenerator => "other_generator",
+            StartReason::Audit => "audit",
+        }
+    }
+}
+
 impl WorkerMetrics {
+    /// A warm generator started on `gpu`, and why.
+    pub fn generator_started(&self, gpu: &str, reason: StartReason) {
+        self.registry
+            .counter(
+                "quarry_worker_generator_starts_total",
+                "Warm generator processes started, by GPU and reason (first, died, exited, recycle, memory, other_generator, audit).",
+                &[("gpu", gpu), ("reason", reason.label())],
+            )
+            .inc();
+    }
+
+    /// A determinism audit's outcome: `matched`, `differed` or `inconclusive`.
+    pub fn audit(&self, outcome: &str) {
+        self.registry
+            .counter(
+                "quarry_worker_audits_total",
+                "Warm rounds re-run cold for the determinism audit, by outcome (matched, differed, inconclusive).",
+                &[("outcome", outcome)],
+            )
+            .inc();
+    }
+
     pub fn new(registry: Arc<Registry>) -> WorkerMetrics {
         let r = &registry;
         WorkerMetrics {

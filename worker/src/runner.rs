@@ -15,6 +15,7 @@
 mod group;
 mod leftovers;
 mod log;
+pub mod memory;
 pub mod warm;
 
 use std::io;

@@ -298,6 +298,11 @@ impl Coordinator {
                 "stopped: the determinism audit failed for {object} r{} (attempt {}): {message}",
                 lease.round, lease.attempt
             );
+            if let Some(job) = self.lock().jobs.get_mut(&lease.job)
+                && job.audit_failure.is_none()
+            {
+                job.audit_failure = Some(format!("{object} r{}: {message}", lease.round));
+            }
             self.stop_job(&lease.job, why).await;
             self.work.notify_waiters();
             self.manifest_dirty.notify_one();

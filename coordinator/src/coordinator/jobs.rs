@@ -88,6 +88,7 @@ impl Coordinator {
             started: now,
             generator_ms: 0,
             samples_this_session: 0,
+            audit_failure: None,
             message: String::new(),
         };
         let id = record.id;

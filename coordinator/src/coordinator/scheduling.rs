@@ -240,6 +240,7 @@ fn task_for(
         batch_size: spec.round_batch_size,
         num_iterations: spec.num_iterations,
         recycle_after_rounds: g.recycle_after_rounds.unwrap_or(0),
+        recycle_above_memory_mib: g.recycle_above_memory_mib.unwrap_or(0),
         audit: g.is_warm() && spec.audited(object, round),
     }
 }

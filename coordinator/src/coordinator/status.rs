@@ -112,5 +112,6 @@ fn status_of(inner: &Inner, job_id: &str, job: &JobRt) -> JobStatus {
         workers,
         message: job.message.clone(),
         samples_this_session: job.samples_this_session,
+        rounds_audited: job.rounds_audited(),
     }
 }

@@ -46,6 +46,8 @@ pub struct RoundTask {
     pub num_iterations: u64,
     /// Warm mode: restart after this many rounds; 0: never.
     pub recycle_after_rounds: u32,
+    /// Warm mode: restart once the process group holds more resident memory (MiB); 0: never.
+    pub recycle_above_memory_mib: u64,
     /// Warm mode: re-run this round cold and compare the outputs (`generator.audit`).
     pub audit: bool,
 }
@@ -246,6 +248,8 @@ pub struct JobStatus {
     pub samples_this_session: u64,
     pub attempts: u64,
     pub successes: u64,
+    /// Committed rounds a cold re-run matched (`generator.audit`).
+    pub rounds_audited: u32,
 }
 
 /// A snapshot of one object of a job.

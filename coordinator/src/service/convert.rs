@@ -98,6 +98,7 @@ impl From<RoundTask> for pb::Task {
             batch_size: t.batch_size,
             num_iterations: t.num_iterations,
             recycle_after_rounds: t.recycle_after_rounds,
+            recycle_above_memory_mib: t.recycle_above_memory_mib,
             audit: t.audit,
         }
     }
@@ -271,6 +272,7 @@ impl From<JobStatus> for pb::JobStatus {
             samples_this_session: s.samples_this_session,
             attempts: s.attempts,
             successes: s.successes,
+            rounds_audited: s.rounds_audited,
         }
     }
 }
@@ -399,6 +401,7 @@ mod tests {
                 batch_size: 40,
                 num_iterations: 3,
                 recycle_after_rounds: 7,
+                recycle_above_memory_mib: 512,
                 audit: true,
             },
         };
@@ -415,9 +418,10 @@ mod tests {
                 task.mode.as_str(),
                 task.batch_size,
                 task.num_iterations,
-                task.recycle_after_rounds
+                task.recycle_after_rounds,
+                task.recycle_above_memory_mib
             ),
-            ("warm", 40, 3, 7)
+            ("warm", 40, 3, 7, 512)
         );
         let running = RunningRound::from(&wire);
         assert_eq!(

@@ -29,7 +29,7 @@ import signal
 import sys
 import traceback
 
-__all__ = ["Round", "serve", "is_warm", "seed_everything"]
+__all__ = ["Round", "serve", "serve_cli", "round_flags", "is_warm", "seed_everything"]
 
 REPLY_FD_VAR = "QUARRY_REPLY_FD"
 
@@ -140,6 +140,33 @@ def serve(handler, seed=True):
     except _Stop:
         pass
     return 0
+
+
+def round_flags(r, stats=True):
+    """The flags most generators take for a round: ``--seed S --object O --batch_size B
+    --out OUTPUT``, and ``--stats STATS`` when the job names a yield sidecar (unless
+    ``stats=False``, for a generator that writes its own)."""
+    flags = ["--seed", str(r.seed), "--object", r.object, "--batch_size", str(r.batch_size),
+             "--out", r.output]
+    if stats and r.stats:
+        flags += ["--stats", r.stats]
+    return flags
+
+
+def serve_cli(main, base=None, flags=round_flags, seed=True):
+    """Serves rounds with a command-line generator's ``main(argv)``: each round calls it with
+    the flags the process was started with (``base``, default ``sys.argv[1:]``) followed by the
+    round's (``flags(round)``, default :func:`round_flags`; argparse keeps the last of a
+    repeated flag), so one script runs the same code in both modes and writes the same bytes.
+    A non-zero return fails the round; the process goes on."""
+    base = list(sys.argv[1:] if base is None else base)
+
+    def handler(r):
+        code = main(base + list(flags(r)))
+        if code:
+            raise RuntimeError(f"the generator ended the round with status {code}")
+
+    return serve(handler, seed=seed)
 
 
 def run_once(handler, seed=True, environ=None):

@@ -269,7 +269,10 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
     let gpu = cfg.gpu.id.clone();
     // The warm generator (if a job asks for one) outlives sessions: a re-registration does
     // not cost it its cold start.
-    let warm = Arc::new(tokio::sync::Mutex::new(warm::Slot::default()));
+    let warm = Arc::new(tokio::sync::Mutex::new(warm::Slot::new(
+        Arc::clone(&cfg.metrics),
+        gpu.clone(),
+    )));
     // Drain between sessions means nothing is running: stop at once.
     while !shutdown.drain.is_cancelled() {
         let req = pb::RegisterRequest {

@@ -1,7 +1,9 @@
 //! The agent's warm generator (`generator.mode = "warm"`): started once, handed the agent's
 //! rounds one JSON line at a time, and restarted whenever a fresh process would have been
 //! safer: after it died, timed out or was stopped mid-round, after `recycle_after_rounds`,
-//! and when a round of another generator (argv, cwd, environment) comes.
+//! once its process group holds more than `recycle_above_memory_mib` of host memory, and
+//! when a round of another generator (argv, cwd, environment) comes. Every start is counted
+//! by reason in `quarry_worker_generator_starts_total`.
 //!
 //! `generator.audit`: a round the coordinator marked is, once done, re-run cold in a fresh
 //! process with the same inputs (its outputs written beside the real ones, under
@@ -12,6 +14,7 @@
 //! rotation (see [`Slot::out_of_rotation`]) rather than burn every round it is given.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -21,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::round::Paths;
+use crate::metrics::{StartReason, WorkerMetrics};
 use crate::runner::warm::{WarmProcess, WarmSpec};
 use crate::runner::{RunError, RunOutcome, RunReport};
 
@@ -28,9 +32,13 @@ use crate::runner::{RunError, RunOutcome, RunReport};
 pub const MAX_START_FAILURES: u32 = 3;
 
 /// The agent's warm generator, kept across rounds (and sessions).
-#[derive(Default)]
 pub struct Slot {
     process: Option<WarmProcess>,
+    /// Why the next start happens when no process runs: first, or after one died mid-round.
+    next_start: StartReason,
+    metrics: Arc<WorkerMetrics>,
+    /// The agent's GPU, the metrics' label.
+    gpu: String,
     /// Starts in a row that ended before the process answered a round.
     start_failures: u32,
     /// Whether the current process has answered a round yet.
@@ -39,6 +47,18 @@ pub struct Slot {
 }
 
 impl Slot {
+    pub fn new(metrics: Arc<WorkerMetrics>, gpu: String) -> Slot {
+        Slot {
+            process: None,
+            next_start: StartReason::First,
+            metrics,
+            gpu,
+            start_failures: 0,
+            answered: false,
+            out_of_rotation: None,
+        }
+    }
+
     /// Set once the generator failed to start [`MAX_START_FAILURES`] times in a row: why the
     /// agent takes no more rounds.
     pub fn out_of_rotation(&self) -> Option<&str> {
@@ -72,7 +92,14 @@ impl Slot {
             && report.outcome == RunOutcome::Exited(0)
         {
             let line = request(lease, task, &cold, &spec.argv, job_env);
+            self.metrics
+                .generator_started(&self.gpu, StartReason::Audit);
             audit_round(&mut report, spec, &line, paths, &cold, lease, limit, stop).await;
+            self.metrics.audit(match report.outcome {
+                RunOutcome::Exited(0) => "matched",
+                RunOutcome::AuditMismatch => "differed",
+                _ => "inconclusive",
+            });
         }
         Ok(report)
     }
@@ -88,10 +115,13 @@ impl Slot {
     ) -> Result<RunReport, RunError> {
         let exited = self.process.as_mut().is_some_and(WarmProcess::exited);
         let restart_why = match &self.process {
-            Some(_) if exited => Some("it exited between rounds"),
-            Some(p) if p.spec() != &spec => Some("another generator's round"),
+            Some(_) if exited => Some(StartReason::Exited),
+            Some(p) if p.spec() != &spec => Some(StartReason::OtherGenerator),
             Some(p) if task.recycle_after_rounds > 0 && p.served() >= task.recycle_after_rounds => {
-                Some("recycle_after_rounds reached")
+                Some(StartReason::Recycle)
+            }
+            Some(p) if task.recycle_above_memory_mib > 0 => {
+                over_memory(p, task.recycle_above_memory_mib).then_some(StartReason::Memory)
             }
             _ => None,
         };
@@ -99,13 +129,15 @@ impl Slot {
             && let Some(p) = self.process.take()
         {
             info!(
-                reason = why,
+                reason = why.label(),
                 served = p.served(),
                 "restarting the warm generator"
             );
             p.shut_down().await;
+            self.next_start = why;
         }
         if self.process.is_none() {
+            self.metrics.generator_started(&self.gpu, self.next_start);
             match WarmProcess::start(spec).await {
                 Ok(p) => {
                     self.process = Some(p);
@@ -131,6 +163,11 @@ impl Slot {
             self.start_failures = 0;
         } else {
             self.process = None;
+            self.next_start = if self.answered {
+                StartReason::Died
+            } else {
+                StartReason::First
+            };
             let died = matches!(
                 ran.report.outcome,
                 RunOutcome::Exited(_) | RunOutcome::Signaled(_)
@@ -147,6 +184,7 @@ impl Slot {
     }
 
     fn start_failed(&mut self, why: &str) {
+        self.next_start = StartReason::First;
         self.start_failures += 1;
         warn!(failures = self.start_failures, error = %why, "warm generator failed to start");
         if self.start_failures >= MAX_START_FAILURES {
@@ -154,6 +192,28 @@ impl Slot {
                 "out of rotation: the warm generator failed to start {} times in a row; last: {why}. Fix the job's generator (try its argv by hand with QUARRY_WARM unset) and restart this worker",
                 self.start_failures
             ));
+        }
+    }
+}
+
+/// Whether the process group of `p` holds more resident memory than `ceiling_mib`. A
+/// `/proc` that cannot be read keeps the process (the ceiling is a bound on leaks, not a
+/// safety check).
+fn over_memory(p: &WarmProcess, ceiling_mib: u64) -> bool {
+    match p.resident_bytes() {
+        Ok(bytes) => {
+            let over = bytes > ceiling_mib.saturating_mul(1 << 20);
+            if over {
+                info!(
+                    resident_mib = bytes >> 20,
+                    ceiling_mib, "the warm generator is over its memory ceiling"
+                );
+            }
+            over
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the warm generator's memory; keeping it");
+            false
         }
     }
 }
@@ -335,4 +395,108 @@ fn sha256_file(p: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real warm generator (python3 speaking the protocol): a round named `grow` keeps
+    /// 96 MiB, one named `die` kills the process mid-round, any other answers done.
+    const GENERATOR: &str = r#"
+import json, os, sys
+keep = []
+reply = os.fdopen(int(os.environ["QUARRY_REPLY_FD"]), "w")
+for line in sys.stdin:
+    r = json.loads(line)
+    if r["round_name"] == "die":
+        os._exit(3)
+    if r["round_name"] == "grow":
+        keep.append(b"x" * (96 << 20))
+    reply.write('{"status": "done"}\n')
+    reply.flush()
+"#;
+
+    fn spec(dir: &Path) -> WarmSpec {
+        WarmSpec {
+            argv: vec!["python3".into(), "-c".into(), GENERATOR.into()],
+            cwd: dir.to_path_buf(),
+            env: Vec::new(),
+            kill_grace: Duration::from_millis(300),
+            log_limit: 1 << 16,
+        }
+    }
+
+    async fn round(slot: &mut Slot, dir: &Path, name: &str, task: &pb::Task) -> RunOutcome {
+        let lease = pb::Lease {
+            round_name: name.into(),
+            ..Default::default()
+        };
+        let paths = Paths {
+            root: dir.to_path_buf(),
+            cwd: dir.to_path_buf(),
+            outs: vec![dir.join("out.npy")],
+            round_dir: None,
+            stats: None,
+        };
+        let stop = CancellationToken::new();
+        let ran = tokio::time::timeout(
+            Duration::from_secs(30),
+            slot.run(spec(dir), &lease, task, &paths, &[], None, &stop),
+        )
+        .await
+        .expect("the round ended");
+        ran.expect("the generator started").outcome
+    }
+
+    fn starts(metrics: &WorkerMetrics, reason: &str) -> u32 {
+        let text = metrics.registry.render();
+        let needle =
+            format!("quarry_worker_generator_starts_total{{gpu=\"3\",reason=\"{reason}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u32)
+    }
+
+    /// Every start of the warm generator is counted with its reason, and a process over
+    /// `recycle_above_memory_mib` is replaced before the next round.
+    #[tokio::test]
+    async fn restarts_are_counted_by_reason_and_the_memory_ceiling_recycles() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(WorkerMetrics::default());
+        let mut slot = Slot::new(Arc::clone(&metrics), "3".into());
+        let plain = pb::Task::default();
+        let ceiling = pb::Task {
+            recycle_above_memory_mib: 64,
+            ..Default::default()
+        };
+        let done = RunOutcome::Exited(0);
+        assert_eq!(round(&mut slot, dir.path(), "a", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "first"), 1);
+        // Under the ceiling: kept.
+        assert_eq!(round(&mut slot, dir.path(), "grow", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "memory"), 0);
+        // Now over it: replaced before this round.
+        assert_eq!(round(&mut slot, dir.path(), "b", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "memory"), 1);
+        // Without a ceiling a grown process is kept.
+        assert_eq!(round(&mut slot, dir.path(), "grow", &plain).await, done);
+        assert_eq!(round(&mut slot, dir.path(), "c", &plain).await, done);
+        assert_eq!(starts(&metrics, "memory"), 1);
+        // Died mid-round: the next round starts a new one.
+        assert_eq!(
+            round(&mut slot, dir.path(), "die", &plain).await,
+            RunOutcome::Exited(3)
+        );
+        assert_eq!(round(&mut slot, dir.path(), "d", &plain).await, done);
+        assert_eq!(starts(&metrics, "died"), 1);
+        let recycle = pb::Task {
+            recycle_after_rounds: 1,
+            ..Default::default()
+        };
+        assert_eq!(round(&mut slot, dir.path(), "e", &recycle).await, done);
+        assert_eq!(starts(&metrics, "recycle"), 1);
+        assert_eq!(starts(&metrics, "first"), 1);
+        slot.shut_down().await;
+    }
 }

@@ -170,6 +170,13 @@ impl WarmProcess {
         self.served
     }
 
+    /// Resident host memory (bytes) of its process group: the generator and what it started.
+    pub fn resident_bytes(&self) -> std::io::Result<u64> {
+        let pgid = u32::try_from(self.group.id())
+            .map_err(|_| std::io::Error::other("the generator has no process group"))?;
+        super::memory::group_rss_bytes(pgid)
+    }
+
     /// Whether it has exited (between rounds: killed by the OOM killer, crashed in a
     /// background thread). Such a process is replaced before the next round is handed over,
     /// so that the round is not charged with a death it did not cause.

@@ -127,8 +127,7 @@ impl EtcdAccess {
             "certificate required",
             "bad certificate",
             "badcertificate",
-        ]) || (self.tls.is_some()
-            && has(&["connection closed", "broken pipe", "connection reset"]))
+        ]) || (self.tls.is_some() && has(CLOSED))
         {
             // Under TLS 1.3 etcd checks the client certificate after the handshake and, when
             // it refuses it, just closes the connection.
@@ -165,14 +164,7 @@ impl EtcdAccess {
                 flags::USER,
                 flags::PASSWORD
             )
-        } else if self.tls.is_none()
-            && has(&[
-                "connection closed",
-                "connection reset",
-                "broken pipe",
-                "h2 protocol",
-            ])
-        {
+        } else if self.tls.is_none() && (has(CLOSED) || has(&["h2 protocol"])) {
             format!(
                 "etcd closed the connection, as an etcd serving TLS does to plaintext; use \
                  --state etcd+tls://... with {}",
@@ -193,6 +185,18 @@ impl EtcdAccess {
         format!("{hint} ({detail})")
     }
 }
+
+/// How a connection the peer closed reads in an error chain: as a sentence, or as the
+/// `io::ErrorKind` that hyper's Debug output shows (`Kind(ConnectionReset)`), depending on
+/// where the close caught the client.
+const CLOSED: &[&str] = &[
+    "connection closed",
+    "connection reset",
+    "connectionreset",
+    "broken pipe",
+    "brokenpipe",
+    "connectionaborted",
+];
 
 /// `e` and its sources, joined by `: ` (tonic's transport errors hide the TLS cause in
 /// their sources).
@@ -225,5 +229,22 @@ mod tests {
             shown.contains("root") && !shown.contains("hunter2"),
             "{shown}"
         );
+    }
+
+    /// A plaintext client that a TLS etcd hung up on names the fix, however the close
+    /// surfaced: as a sentence or as hyper's Debug of the io error kind (seen in CI-like
+    /// runs under load: `hyper::Error(Io, Kind(ConnectionReset))`).
+    #[test]
+    fn a_closed_connection_names_the_tls_fix_in_every_wording() {
+        let plain = EtcdAccess::plain(&["http://a:1".into()]);
+        for words in [
+            "transport error: connection reset by peer",
+            "transport error: tonic::transport::Error(Transport, hyper::Error(Io, Kind(ConnectionReset)))",
+            "transport error: hyper::Error(Io, Kind(BrokenPipe))",
+        ] {
+            let e = std::io::Error::other(words);
+            let said = plain.explain(&e);
+            assert!(said.contains("etcd+tls://"), "{words}: {said}");
+        }
     }
 }

@@ -248,10 +248,17 @@ impl Session {
             if let Some(end) = lock(&self.last_run_end).take() {
                 self.cfg.metrics.idle_gap(started - end);
             }
+            // `mode`: `warm` for a round handed to a long-lived process, `process` for a
+            // fresh process (the cold start inside the span).
+            let mode = match held.lease.task.as_ref().map(|t| t.mode.as_str()) {
+                Some("warm") => "warm",
+                _ => "process",
+            };
             let generator = info_span!(
                 parent: &held.span,
                 "generator",
                 gpu = %self.cfg.gpu.id,
+                mode,
                 outcome = Empty,
             );
             let ran = round::run_generator(&self, &held, &paths)
