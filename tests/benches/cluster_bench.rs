@@ -30,7 +30,7 @@
 //! Last (`failover` in `QUARRY_BENCH_ONLY`): two `coordinator serve` processes on one etcd and
 //! a worker running rounds; the leader is killed with SIGKILL, and the time to the standby's
 //! election and to its first commit is printed. It runs the binaries of the bench's own
-//! profile: build them first (`cargo build --release -p quarry-cli -p quarry-worker`),
+//! profile: build them first (`cargo build --release -p quarry-cli`),
 //! and it needs Python with numpy for the example generator (`QUARRY_TEST_PYTHON`).
 
 use std::path::Path;

@@ -13,6 +13,7 @@ use sha2::{Digest, Sha256};
 pub mod cluster;
 pub mod etcd;
 pub mod faultproxy;
+pub mod hdf5_crash;
 pub mod netns;
 pub mod pki;
 pub mod process;
@@ -34,9 +35,25 @@ pub fn example_generator() -> PathBuf {
     repo_root().join("deploy/examples/grasp_gen.py")
 }
 
-/// A built binary of the workspace (`coordinator`, `worker`), next to the test executable's
-/// directory. Cargo builds them for the crates' own integration tests in the same run.
+/// Where tests take Quarry's binaries from instead of the workspace's build: a directory holding
+/// `coordinator` and `worker`, e.g. the `bin/` of a venv the pip wheel is installed in (.ci/run
+/// runs the Slurm test so).
+pub const BIN_DIR_ENV: &str = "QUARRY_BIN_DIR";
+
+/// A binary of Quarry (`coordinator`, `worker`): from [`BIN_DIR_ENV`] when that is set, else the
+/// workspace's build next to the test executable's directory (Cargo builds them for quarry-cli's
+/// own integration tests in the same run).
 pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV).filter(|d| !d.is_empty()) {
+        let p = Path::new(&dir).join(name);
+        assert!(
+            p.is_file(),
+            "{BIN_DIR_ENV}={} has no {name}: install the wheel into that venv \
+             (pip install quarry_data-*.whl, docs/slurm.md) or unset {BIN_DIR_ENV}",
+            Path::new(&dir).display()
+        );
+        return p;
+    }
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = dir.join(name);

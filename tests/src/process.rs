@@ -50,3 +50,23 @@ pub fn run_within(cmd: &mut Command, dir: &Path, limit: Duration) -> Ended {
         stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
     }
 }
+
+/// How many processes of this machine run the executable `exe` now (`/proc/PID/exe`, after
+/// resolving links): what proves that processes someone else started (Slurm, a batch script)
+/// are the binary a test meant them to be.
+pub fn running_instances_of(exe: &Path) -> usize {
+    let want = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
+        .filter(|e| std::fs::read_link(e.path().join("exe")).is_ok_and(|p| p == want))
+        .count()
+}

@@ -3,7 +3,7 @@
 //! checked against numpy's over the same data; the PNG report is parsed with Python's standard
 //! library (`zlib`, `struct`): chunk CRCs, size, and that it is not blank.
 //!
-//! Needs the `coordinator` binary built (`cargo build -p quarry-cli -p quarry-worker`)
+//! Needs the `coordinator` binary built (`cargo build -p quarry-cli`)
 //! and `QUARRY_TEST_PYTHON` with numpy; fails loudly without them.
 
 use std::path::Path;

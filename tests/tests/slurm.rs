@@ -15,6 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use quarry_tests::cluster::{reference_run, slow_job_file, start_serve_with, wait_until};
+use quarry_tests::process::running_instances_of;
 use quarry_tests::slurm::Slurm;
 use quarry_tests::*;
 
@@ -79,6 +80,19 @@ async fn a_worker_array_under_slurm_survives_scancel_and_requeue_with_exact_fina
     wait_until("4 workers registered", Duration::from_secs(60), || {
         (0..4).all(|i| log_tail(&task_log(i)).contains("agent registered"))
     });
+    // The workers Slurm started are the binary the harness resolved: with QUARRY_BIN_DIR (CI
+    // runs this test so with the pip wheel's venv) the installed one, not a workspace build.
+    let worker_bin = bin("worker");
+    eprintln!("the Slurm tasks run {}", worker_bin.display());
+    if let Some(dir) = std::env::var_os(BIN_DIR_ENV).filter(|d| !d.is_empty()) {
+        assert!(worker_bin.starts_with(&dir), "{}", worker_bin.display());
+    }
+    let running = running_instances_of(&worker_bin);
+    assert!(
+        running >= 4,
+        "{running} processes run {}, not the 4 tasks' workers",
+        worker_bin.display()
+    );
 
     let job_file = slow_job_file(home.path(), root.path(), SLEEP_MS);
     let out = Command::new(bin("coordinator"))

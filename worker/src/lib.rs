@@ -1,5 +1,6 @@
 //! Quarry's worker agent: runs the generator bound to its GPU, uploads outputs to object
-//! storage and reports back to the coordinator. `main` is a thin shell over [`cli::main`];
+//! storage and reports back to the coordinator. The `worker` binary (quarry-cli's
+//! `src/bin/worker.rs`) is a thin shell over [`cli::main`];
 //! [`run`] is what `coordinator run` uses in-process.
 
 pub mod agent;

@@ -1,3 +1,7 @@
+//! The `worker` binary: parses the command line, starts telemetry and runs the agent
+//! ([`quarry_worker::cli::main`]); the exit code is the agent's. It is built by this package
+//! (not quarry-worker) so that one package holds both of Quarry's binaries.
+
 use clap::Parser;
 use quarry_common::telemetry::{self, TelemetryConfig};
 
