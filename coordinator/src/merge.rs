@@ -53,6 +53,14 @@ pub enum MergeError {
         round: u32,
         reason: String,
     },
+    /// The job's `merge.filter` or `merge.dedup` fields do not fit what the generator writes:
+    /// every committed round of the object fails on them when merged alone (a field stored
+    /// with a codec Quarry does not decode, say). No retry or re-run can help; the
+    /// coordinator stops the job with this message.
+    #[error(
+        "merging {object}: the job's merge fields do not fit the rounds the generator writes: {reason}"
+    )]
+    JobFields { object: String, reason: String },
     #[error("{object}: committed round {round} records no files")]
     NoFiles { object: String, round: u32 },
     #[error("the job's spec no longer validates: {0}")]
@@ -410,6 +418,11 @@ fn merge_into(job: &Job, inputs: &[PathBuf], out: &Path) -> Result<MergeSummary,
     let summary = match quarry_formats::merge(job.format, inputs, &job.counts, &job.options, out) {
         Ok(s) => s,
         Err(source) => {
+            if let DatasetError::Filter { .. } = source
+                && let Some(e) = fields_misfit(job, inputs, out)
+            {
+                return Err(e);
+            }
             return Err(match culprit(job, inputs, out, &source) {
                 Some((i, reason)) => MergeError::BadRound {
                     object: job.object.clone(),
@@ -425,6 +438,35 @@ fn merge_into(job: &Job, inputs: &[PathBuf], out: &Path) -> Result<MergeSummary,
     };
     sync_tree(out)?;
     Ok(summary)
+}
+
+/// The verdict on a merge that failed on the job's filter or de-duplication fields
+/// ([`DatasetError::Filter`]): when every round fails on them merged alone, the job's fields
+/// are at fault ([`MergeError::JobFields`]); when only some do, the first of those is
+/// ([`MergeError::BadRound`]: its generator run wrote something the others did not). `None`
+/// when no round fails alone (the failure lies elsewhere).
+fn fields_misfit(job: &Job, inputs: &[PathBuf], out: &Path) -> Option<MergeError> {
+    let mut first = None;
+    let mut failing = 0;
+    for (i, r) in merged_alone(job, inputs, out) {
+        if let Err(e @ DatasetError::Filter { .. }) = r {
+            failing += 1;
+            first.get_or_insert((i, e.to_string()));
+        }
+    }
+    let (i, reason) = first?;
+    Some(if failing == inputs.len() {
+        MergeError::JobFields {
+            object: job.object.clone(),
+            reason,
+        }
+    } else {
+        MergeError::BadRound {
+            object: job.object.clone(),
+            round: job.rounds[i],
+            reason,
+        }
+    })
 }
 
 /// The input (and why) that a failed merge is the fault of: the first whose own inspection
@@ -461,7 +503,12 @@ fn culprit(
         }
     }
     if let DatasetError::Crashed { .. } = failure {
-        return crashes_alone(job, inputs, out);
+        return merged_alone(job, inputs, out).find_map(|(i, r)| match r {
+            Err(DatasetError::Crashed { reason, .. }) => {
+                Some((i, format!("merged alone, {reason}")))
+            }
+            _ => None,
+        });
     }
     let named = match failure {
         DatasetError::Mismatch { input, .. } => Some(*input),
@@ -473,15 +520,20 @@ fn culprit(
         .map(|i| (i, failure.to_string()))
 }
 
-/// The first input whose merge alone (its committed count, the job's filter and
-/// de-duplication) makes the library die, and how, beside `out`.
-fn crashes_alone(job: &Job, inputs: &[PathBuf], out: &Path) -> Option<(usize, String)> {
+/// Each input merged alone (its committed count, the job's filter and de-duplication) beside
+/// `out`, lazily, in input order: how each merge ended. The trial output is removed after
+/// each.
+fn merged_alone<'a>(
+    job: &'a Job,
+    inputs: &'a [PathBuf],
+    out: &Path,
+) -> impl Iterator<Item = (usize, Result<(), DatasetError>)> + 'a {
     let alone = out.with_file_name(format!(
         "{}.alone",
         out.file_name()
             .map_or("final".into(), |n| n.to_string_lossy())
     ));
-    for (i, input) in inputs.iter().enumerate() {
+    inputs.iter().enumerate().map(move |(i, input)| {
         let options = MergeOptions {
             limit: job.counts[i],
             ..job.options.clone()
@@ -495,11 +547,8 @@ fn crashes_alone(job: &Job, inputs: &[PathBuf], out: &Path) -> Option<(usize, St
             &alone,
         );
         let _ = remove_any(&alone);
-        if let Err(DatasetError::Crashed { reason, .. }) = r {
-            return Some((i, format!("merged alone, {reason}")));
-        }
-    }
-    None
+        (i, r.map(|_| ()))
+    })
 }
 
 /// Whether a dataset error lies in the data rather than in the machine: everything but an

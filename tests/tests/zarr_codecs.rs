@@ -92,7 +92,8 @@ for j in range(rows):
 print("ok", rows)
 "#;
 
-fn job(root: &Path, generator: &Path) -> String {
+/// The job; `bad` is the generator's `--bad` list, `tail` goes at the end of the job file.
+fn job(root: &Path, generator: &Path, bad: &str, tail: &str) -> String {
     format!(
         r#"
 exp_name = "jp2k"
@@ -106,9 +107,10 @@ root = "{root}"
 
 [generator]
 argv = ["{py}", "{gen}", "--seed", "{{seed}}", "--object", "{{object}}",
-        "--out", "out/{{name}}/replay.zarr", "--bad", "4:truncated,104:grid"]
+        "--out", "out/{{name}}/replay.zarr", "--bad", "{bad}"]
 output = "out/{{name}}/replay.zarr"
 round_dir = "out/{{name}}"
+{tail}
 "#,
         root = root.display(),
         py = python(),
@@ -122,7 +124,11 @@ async fn jpeg2k_replay_buffers_merge_and_a_damaged_round_alone_is_lost() {
     let generator = root.path().join("dp_gen.py");
     std::fs::write(&generator, GEN).expect("write generator");
     let job_file = root.path().join("job.toml");
-    std::fs::write(&job_file, job(root.path(), &generator)).expect("write job");
+    std::fs::write(
+        &job_file,
+        job(root.path(), &generator, "4:truncated,104:grid", ""),
+    )
+    .expect("write job");
     let job_file = job_file.to_str().expect("utf-8 path").to_string();
     let out = run(&["--job", &job_file, "--progress", "off", "--gpus", "0,1"])
         .await
@@ -165,5 +171,58 @@ async fn jpeg2k_replay_buffers_merge_and_a_damaged_round_alone_is_lost() {
             ],
         );
         assert!(said.trim().starts_with("ok"), "{said}");
+    }
+}
+
+/// De-duplicating on an array stored with a codec Quarry does not decode cannot work for any
+/// round: the job stops at the first merge with a message naming the field, the codec and the
+/// fix, instead of retrying the merge for ever or quarantining every round in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_on_an_undecoded_array_stops_the_job_naming_the_field() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let generator = root.path().join("dp_gen.py");
+    std::fs::write(&generator, GEN).expect("write generator");
+    let job_file = root.path().join("job.toml");
+    std::fs::write(
+        &job_file,
+        job(
+            root.path(),
+            &generator,
+            "",
+            "[merge]\ndedup = [\"data.camera0_rgb\"]\n",
+        ),
+    )
+    .expect("write job");
+    let job_file = job_file.to_str().expect("utf-8 path").to_string();
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        run(&["--job", &job_file, "--progress", "off", "--gpus", "0,1"]),
+    )
+    .await
+    .expect("the run ended instead of retrying the merge")
+    .expect("job runs");
+    assert_ne!(out.exit_code(), 0, "{:?}", out.status);
+    assert_eq!(
+        out.status.state,
+        pb::JobState::Cancelled as i32,
+        "{:?}",
+        out.status
+    );
+    let msg = &out.status.message;
+    for want in [
+        "stopped: merging",
+        "de-duplication field data.camera0_rgb",
+        "jpeg2k",
+        "merge.dedup",
+    ] {
+        assert!(msg.to_lowercase().contains(want), "{want:?} not in {msg}");
+    }
+    // No round was blamed: the rounds are fine, the job's field is not.
+    let m = manifest(root.path(), "jp2k");
+    for object in ["mug", "bowl"] {
+        let q = m["objects"][object]["quarantined"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(q, 0, "{}", m["objects"][object]);
     }
 }

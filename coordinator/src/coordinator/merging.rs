@@ -97,6 +97,20 @@ impl Coordinator {
                         c.quarantine_committed(&job_id, object, round, reason).await;
                         return;
                     }
+                    Err(e @ merge::MergeError::JobFields { .. }) => {
+                        // Every round fails on the job's own fields: a re-run writes the same.
+                        c.cfg.metrics.merges_failed.inc();
+                        tracing::Span::current().record("outcome", "job stopped");
+                        c.stop_job(
+                            &job_id,
+                            format!("stopped: {e}; fix merge.filter / merge.dedup in the job file and submit it again"),
+                        )
+                        .await;
+                        c.work.notify_waiters();
+                        c.manifest_dirty.notify_one();
+                        c.bump();
+                        return;
+                    }
                     Err(e) => {
                         // Otherwise the failure lies in the infrastructure (disk full, store
                         // down): retry with backoff rather than lose the object.
