@@ -171,11 +171,13 @@ async fn a_worker_array_under_slurm_survives_scancel_and_requeue_with_exact_fina
     let store = quarry_common::storage::Store::open_dir(&store).unwrap();
     let manifest =
         assert_store_finals_match(&store, "served", &["obj_a", "obj_b"], reference.path()).await;
-    // The rounds the stopped tasks ran were given back, not failed: Slurm's SIGTERM reached
-    // their generators too, and the draining workers knew why.
+    // The rounds the stopped tasks ran were given back, not failed (failed_attempts is 0
+    // below): Slurm's SIGTERM reached their generators too, and the draining workers knew
+    // why. A task whose signal came between two rounds had none to give back (one run in
+    // seven), so the logs are checked for the drain only.
     for i in [1, 2] {
         let log = log_tail(&task_log(i));
-        assert!(log.contains("giving the round back"), "task {i}:\n{log}");
+        assert!(log.contains("draining"), "task {i}:\n{log}");
     }
     for object in ["obj_a", "obj_b"] {
         let entry = &manifest["objects"][object];
