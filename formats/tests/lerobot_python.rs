@@ -145,7 +145,8 @@ fn merged_fixtures_read_back_with_pyarrow_and_pyav() {
     assert_eq!(merge(&rounds(), 100, &all).unwrap(), 7);
     let said = check_with_python(&all, &rounds());
     assert_eq!(said.trim(), "ok 7 35 35", "{said}");
-    // Cut at the quota inside round 1: its first two episodes only, its video copied whole.
+    // Cut at the quota inside round 1: its first two episodes only (its video cut after
+    // their frames: see video_files_lose_the_frames_of_their_trailing_dropped_episodes).
     let cut = t.path().join("cut");
     assert_eq!(merge(&rounds(), 4, &cut).unwrap(), 4);
     let said = check_with_python(&cut, &rounds());
@@ -764,4 +765,204 @@ fn corrupted_rounds_are_errors_never_panics() {
         let _ = std::fs::remove_dir_all(r.with_extension("out"));
     }
     assert!(errors > 100, "most corruptions are caught: {errors}");
+}
+
+/// argv: a video file of a final, the round's file it was cut from, how many frames it must
+/// hold. Decodes both with PyAV; prints `ok <frames>` when the final's frames are exactly
+/// the round's first ones, at the same timestamps.
+const SAME_PREFIX: &str = r#"
+import sys
+import av, numpy as np
+final, src, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def frames(p):
+    with av.open(p) as c:
+        return [(fr.pts, fr.to_ndarray(format='rgb24')) for fr in c.decode(video=0)]
+a, b = frames(final), frames(src)
+assert len(a) == n, (len(a), n, len(b))
+assert len(b) > n, (len(b), n)
+for (pa, x), (pb, y) in zip(a, b):
+    assert pa == pb and np.array_equal(x, y), (pa, pb)
+with av.open(final) as c:
+    s = c.streams.video[0]
+    assert s.frames in (0, n), s.frames
+    d = float(s.duration * s.time_base) if s.duration else None
+print('ok', len(a), d)
+"#;
+
+fn video(root: &Path, file: usize) -> PathBuf {
+    root.join(format!(
+        "videos/observation.images.cam/chunk-000/file-{file:03}.mp4"
+    ))
+}
+
+fn same_prefix(final_file: &Path, src: &Path, n: usize) -> String {
+    let py = python(&["av", "numpy"]);
+    run_code(
+        &py,
+        SAME_PREFIX,
+        &[
+            final_file.display().to_string(),
+            src.display().to_string(),
+            n.to_string(),
+        ],
+    )
+}
+
+/// A video file whose last episodes are dropped keeps exactly the kept episodes' frames,
+/// decoding equal to the round's; one whose dropped episode comes first is copied whole.
+#[test]
+fn video_files_lose_the_frames_of_their_trailing_dropped_episodes() {
+    let t = tempfile::tempdir().unwrap();
+    // Cut at the quota inside round 1: its first two episodes, 6 + 7 frames.
+    let cut = t.path().join("cut");
+    assert_eq!(merge(&rounds(), 4, &cut).unwrap(), 4);
+    let said = same_prefix(&video(&cut, 1), &video(&rounds()[1], 0), 13);
+    assert_eq!(
+        said.split(' ').take(2).collect::<Vec<_>>(),
+        ["ok", "13"],
+        "{said}"
+    );
+    assert!(
+        said.trim().ends_with("1.3"),
+        "the duration is the kept frames': {said}"
+    );
+    let said = check_with_python(&cut, &rounds());
+    assert_eq!(said.trim(), "ok 4 22 22", "{said}");
+    // Round 0 whole: copied byte for byte.
+    assert_eq!(
+        std::fs::read(video(&cut, 0)).unwrap(),
+        std::fs::read(video(&rounds()[0], 0)).unwrap()
+    );
+    // Filtered: every round's last episode is dropped (lengths 4), each file cut.
+    let long = t.path().join("long");
+    merge_with(&rounds(), 100, Some("length >= 5"), &[], &long).unwrap();
+    for (f, n) in [(0, 5), (1, 13), (2, 5)] {
+        let said = same_prefix(&video(&long, f), &video(&rounds()[f], 0), n);
+        assert!(said.starts_with(&format!("ok {n} ")), "file {f}: {said}");
+    }
+    let said = check_picked(&long, &[0, 2, 3, 5], &rounds());
+    assert_eq!(said.trim(), "ok 4 23 23", "{said}");
+    // Round 0's first episode dropped, its last kept: the file is copied whole.
+    let short = t.path().join("short");
+    merge_with(&rounds(), 100, Some("length < 5"), &[], &short).unwrap();
+    assert_eq!(
+        std::fs::read(video(&short, 0)).unwrap(),
+        std::fs::read(video(&rounds()[0], 0)).unwrap()
+    );
+}
+
+/// Round 1 with its video file's bytes changed by `f`, merged with a quota cutting it.
+fn merge_spoiled_video(t: &Path, f: impl FnOnce(&mut Vec<u8>)) -> String {
+    let r = copy_round(t, 1);
+    let p = video(&r, 0);
+    let mut bytes = std::fs::read(&p).unwrap();
+    f(&mut bytes);
+    std::fs::write(&p, &bytes).unwrap();
+    let out = r.with_extension("out");
+    let got = std::panic::catch_unwind(|| merge(&[rounds()[0].clone(), r.clone()], 4, &out));
+    got.expect("no panic").unwrap_err().to_string()
+}
+
+fn find_box(bytes: &[u8], typ: &[u8; 4]) -> usize {
+    bytes.windows(4).position(|w| w == typ).unwrap() - 4
+}
+
+#[test]
+fn hostile_video_files_are_errors_when_cut() {
+    let t = tempfile::tempdir().unwrap();
+    // Truncated in its mdat.
+    let e = merge_spoiled_video(t.path(), |b| b.truncate(b.len() - 500));
+    assert!(
+        e.contains("file-000.mp4") && e.contains("\"mdat\"") && e.contains("truncated"),
+        "{e}"
+    );
+    // Truncated inside a box header.
+    let e = merge_spoiled_video(t.path(), |b| b.truncate(36));
+    assert!(e.contains("file-000.mp4") && e.contains("cut short"), "{e}");
+    // A box inside moov claiming more than its parent holds.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stsd");
+        b[at..at + 4].copy_from_slice(&0x7fff_fff0u32.to_be_bytes());
+    });
+    assert!(e.contains("box \"stsd\"") && e.contains("claims"), "{e}");
+    // A top-level box bigger than the file.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"mdat");
+        b[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+    });
+    assert!(
+        e.contains("box \"mdat\"") && e.contains("claims 4294967295"),
+        "{e}"
+    );
+    // A sample count of 2^32 - 1.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stsz");
+        b[at + 16..at + 20].copy_from_slice(&u32::MAX.to_be_bytes());
+    });
+    assert!(
+        e.contains("stsz") && e.contains("claims 4294967295 entries"),
+        "{e}"
+    );
+    // The same with every sample of one size: more bytes than the file.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stsz");
+        b[at + 12..at + 16].copy_from_slice(&7u32.to_be_bytes());
+        b[at + 16..at + 20].copy_from_slice(&u32::MAX.to_be_bytes());
+    });
+    assert!(
+        e.contains("stsz claims 4294967295 samples of 7 bytes"),
+        "{e}"
+    );
+    // A chunk offset pointing past mdat.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stco");
+        b[at + 16..at + 20].copy_from_slice(&0x00ff_0000u32.to_be_bytes());
+    });
+    assert!(e.contains("lies outside mdat"), "{e}");
+}
+
+/// Seeded corruption of the video file of the round cut at the quota (bytes flipped in its
+/// boxes' headers and tables, the file cut short): the merge trims it, copies it whole or
+/// answers an error, never panics.
+#[test]
+fn corrupted_video_files_are_errors_never_panics_when_cut() {
+    let t = tempfile::tempdir().unwrap();
+    let orig = std::fs::read(video(&rounds()[1], 0)).unwrap();
+    // The moov box: where the tables are.
+    let moov = find_box(&orig, b"moov");
+    let moov_end = moov + u32::from_be_bytes(orig[moov..moov + 4].try_into().unwrap()) as usize;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut errors = 0;
+    for case in 0..300 {
+        let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let r = copy_round(t.path(), 1);
+            let mut b = orig.clone();
+            if case % 5 == 4 {
+                b.truncate((next() as usize) % b.len());
+            } else {
+                for _ in 0..1 + next() % 4 {
+                    let at = moov + (next() as usize) % (moov_end - moov);
+                    b[at] = match next() % 3 {
+                        0 => 0xff,
+                        1 => 0,
+                        _ => b[at] ^ (1 << (next() % 8)),
+                    };
+                }
+            }
+            std::fs::write(video(&r, 0), &b).unwrap();
+            let out = r.with_extension("out");
+            let m = merge(&[rounds()[0].clone(), r.clone()], 4, &out);
+            std::fs::remove_dir_all(&r).unwrap();
+            let _ = std::fs::remove_dir_all(&out);
+            m.is_err()
+        }));
+        errors += usize::from(e.unwrap_or_else(|_| panic!("case {case} panicked")));
+    }
+    assert!(errors > 50, "most corruptions are caught: {errors}");
 }

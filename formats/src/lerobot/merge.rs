@@ -1,8 +1,10 @@
-//! The merge of LeRobot rounds into one v3.0 dataset: episodes in round order, cut at the
-//! quota; frames, episode rows and videos renumbered; tasks unified; statistics combined.
+//! The merge of LeRobot rounds into one v3.0 dataset: episodes in round order, filtered,
+//! de-duplicated and cut at the quota; frames, episode rows and videos renumbered; tasks
+//! unified; statistics combined.
 //!
 //! Each round's data file becomes one data file of the final and each of its video files one
-//! video file (copied whole), under the final's next (chunk, file) index; the episode table
+//! video file (copied, its trailing dropped episodes' samples cut), under the final's next
+//! (chunk, file) index; the episode table
 //! is one file. Memory is a record batch per file in flight, plus the episode rows of one
 //! round's episode table batch.
 
@@ -224,14 +226,34 @@ pub fn merge(
         }
         check.finish(root, |e| r.keeps(e.index))?;
 
-        // Videos: whole files, under the final's next indices.
+        // Videos, under the final's next indices: a file whose last episodes are dropped
+        // loses their trailing samples (cut half a frame before the next episode's first).
+        let fps = r.info.fps.as_f64().unwrap_or(1.0);
         let mut video_maps: Vec<HashMap<(i64, i64), (i64, i64)>> = Vec::new();
         for (k, key) in video_keys.iter().enumerate() {
             let mut m = HashMap::new();
             for src in meta::video_files(&kept, k) {
                 let dst = nth_chunk_file(video_n[k], chunks_size);
                 video_n[k] += 1;
-                videos::copy(root, out, key, src, dst)?;
+                let in_file =
+                    |e: &&Episode| e.videos.get(k).is_some_and(|v| (v.chunk, v.file) == src);
+                let last_kept = kept
+                    .iter()
+                    .filter(in_file)
+                    .filter_map(|e| e.videos.get(k).map(|v| v.to_ts))
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let dropped_after = r
+                    .episodes
+                    .iter()
+                    .filter(|e| !r.keeps(e.index))
+                    .filter(in_file)
+                    .any(|e| {
+                        e.videos
+                            .get(k)
+                            .is_some_and(|v| v.from_ts >= last_kept - 0.5 / fps)
+                    });
+                let cut = dropped_after.then_some(last_kept - 0.5 / fps);
+                videos::copy(root, out, key, src, dst, cut)?;
                 m.insert(src, dst);
             }
             video_maps.push(m);

@@ -12,6 +12,7 @@
 mod data;
 mod merge;
 mod meta;
+mod mp4_trim;
 mod select;
 mod stats;
 mod videos;
