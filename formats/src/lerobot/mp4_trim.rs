@@ -883,3 +883,194 @@ fn copy_range(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code may unwrap
+    use super::*;
+
+    fn bx(typ: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        push_box(&mut out, typ, body);
+        out
+    }
+
+    fn fullbx(typ: &[u8; 4], body: &[u8]) -> Vec<u8> {
+        bx(typ, &[&[0u8, 0, 0, 0][..], body].concat())
+    }
+
+    fn be(v: &[u32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_be_bytes()).collect()
+    }
+
+    const SIZES: [u32; 6] = [10, 11, 12, 13, 14, 15];
+
+    /// A one-track movie of six samples of 0.1 s in three chunks of two, `stco` or `co64`
+    /// offsets, `moov` before or after `mdat`, and optionally a second track.
+    fn movie(co64: bool, moov_first: bool, two_tracks: bool) -> (Vec<u8>, Vec<u8>) {
+        let ftyp = bx(b"ftyp", b"isom\0\0\0\0");
+        let payload: Vec<u8> = (0..SIZES.iter().sum::<u32>()).map(|i| i as u8).collect();
+        let mdat = bx(b"mdat", &payload);
+        let moov_for = |base: u64| {
+            let starts = [0u64, 21, 46].map(|s| base + s);
+            let stco = if co64 {
+                fullbx(
+                    b"co64",
+                    &[
+                        be(&[3]),
+                        starts.iter().flat_map(|s| s.to_be_bytes()).collect(),
+                    ]
+                    .concat(),
+                )
+            } else {
+                fullbx(
+                    b"stco",
+                    &be(&[3, starts[0] as u32, starts[1] as u32, starts[2] as u32]),
+                )
+            };
+            let stbl = bx(
+                b"stbl",
+                &[
+                    fullbx(b"stsd", &be(&[0])),
+                    fullbx(b"stts", &be(&[1, 6, 100])),
+                    fullbx(b"stss", &be(&[2, 1, 4])),
+                    fullbx(b"stsc", &be(&[1, 1, 2, 1])),
+                    fullbx(b"stsz", &[be(&[0, 6]), be(&SIZES)].concat()),
+                    stco,
+                ]
+                .concat(),
+            );
+            let mdhd = fullbx(b"mdhd", &[be(&[0, 0, 1000, 600]), vec![0; 4]].concat());
+            let mdia = bx(b"mdia", &[mdhd, bx(b"minf", &stbl)].concat());
+            let tkhd = fullbx(b"tkhd", &[be(&[0, 0, 1, 0, 600]), vec![0; 60]].concat());
+            let elst = fullbx(b"elst", &be(&[1, 600, 0, 0x10000]));
+            let trak = bx(b"trak", &[tkhd, bx(b"edts", &elst), mdia].concat());
+            let mvhd = fullbx(b"mvhd", &[be(&[0, 0, 1000, 600]), vec![0; 80]].concat());
+            let mut body = [mvhd, trak.clone()].concat();
+            if two_tracks {
+                body.extend(trak);
+            }
+            bx(b"moov", &body)
+        };
+        let file = if moov_first {
+            let n = moov_for(0).len() as u64;
+            let base = (ftyp.len() as u64) + n + 8;
+            [ftyp, moov_for(base), mdat].concat()
+        } else {
+            let base = ftyp.len() as u64 + 8;
+            [ftyp.clone(), mdat.clone(), moov_for(base)].concat()
+        };
+        (file, payload)
+    }
+
+    fn run(file: &[u8], cut: f64) -> (Trimmed, Vec<u8>) {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dst) = (t.path().join("in.mp4"), t.path().join("out.mp4"));
+        std::fs::write(&src, file).unwrap();
+        let r = trim(&src, &dst, cut, "in.mp4").unwrap();
+        (r, std::fs::read(&dst).unwrap_or_default())
+    }
+
+    /// The output's moov tables and mdat, read back with the same checks.
+    fn read_back(file: &[u8]) -> (Samples, Vec<u8>, u64) {
+        let len = file.len() as u64;
+        let top = children(file, 0, len, "out").unwrap();
+        let moov_b = find(&top, b"moov")[0];
+        let mdat = find(&top, b"mdat")[0];
+        let moov = file[moov_b.start as usize..moov_b.end() as usize].to_vec();
+        let t = locate(&moov, "out").unwrap().unwrap();
+        let kids = inner(&moov, &t.stbl, "out").unwrap();
+        let s = read_samples(&moov, &kids, len, "out").unwrap().unwrap();
+        let mdhd = full(&moov, &t.mdhd, 20, "out").unwrap();
+        let dur = u64::from(u32_at(mdhd.body, 12));
+        (
+            s,
+            file[(mdat.start + mdat.header) as usize..mdat.end() as usize].to_vec(),
+            dur,
+        )
+    }
+
+    #[test]
+    fn trims_inside_a_chunk_and_moves_the_offsets() {
+        for (co64, moov_first) in [(false, true), (true, true), (false, false)] {
+            let (file, payload) = movie(co64, moov_first, false);
+            let (r, out) = run(&file, 0.25);
+            assert_eq!(
+                r,
+                Trimmed::Done {
+                    kept: 3,
+                    total: 6,
+                    bytes: out.len() as u64
+                }
+            );
+            let (s, mdat, dur) = read_back(&out);
+            assert_eq!(s.sizes, &SIZES[..3]);
+            assert_eq!(s.deltas, vec![100; 3]);
+            assert_eq!(s.stsc, vec![(1, 2, 1), (2, 1, 1)]);
+            assert_eq!(s.large_offsets, co64);
+            assert_eq!(mdat, &payload[..33]);
+            assert_eq!(dur, 300);
+            // The chunk offsets point at the kept bytes in the new file.
+            for (c, want) in s.chunk_offsets.iter().zip([0usize, 21]) {
+                assert_eq!(out[*c as usize..*c as usize + 5], payload[want..want + 5]);
+            }
+            // A cut on a chunk boundary, and none at all.
+            let (_, out) = run(&file, 0.35);
+            let (s, mdat, _) = read_back(&out);
+            assert_eq!(
+                (s.stsc, s.chunk_offsets.len(), mdat.len()),
+                (vec![(1, 2, 1)], 2, 46)
+            );
+            assert_eq!(run(&file, 10.0).0, Trimmed::Whole);
+        }
+    }
+
+    #[test]
+    fn layouts_it_does_not_edit_are_left_to_a_whole_copy() {
+        let (file, _) = movie(false, true, true);
+        assert!(matches!(run(&file, 0.25).0, Trimmed::Unsupported(w) if w.contains("2 tracks")));
+        let (mut file, _) = movie(false, true, false);
+        file.extend(bx(b"moof", &[0; 8]));
+        assert!(matches!(run(&file, 0.25).0, Trimmed::Unsupported(w) if w.contains("fragmented")));
+        let (file, _) = movie(false, true, false);
+        assert!(matches!(run(&file, 0.0).0, Trimmed::Unsupported(_)));
+    }
+
+    #[test]
+    fn lying_sizes_are_errors() {
+        let t = tempfile::tempdir().unwrap();
+        let (src, dst) = (t.path().join("in.mp4"), t.path().join("out.mp4"));
+        let (file, _) = movie(false, true, false);
+        let err = |f: &[u8]| {
+            std::fs::write(&src, f).unwrap();
+            let _ = std::fs::remove_file(&dst);
+            trim(&src, &dst, 0.25, "in.mp4").unwrap_err().to_string()
+        };
+        // A 64-bit box size past the end.
+        let mut f = file.clone();
+        let at = f.windows(4).position(|w| w == b"mdat").unwrap() - 4;
+        f[at..at + 4].copy_from_slice(&1u32.to_be_bytes());
+        f.splice(at + 8..at + 8, u64::MAX.to_be_bytes());
+        assert!(err(&f).contains("claims 18446744073709551615 bytes"));
+        // A box smaller than its header.
+        let mut f = file.clone();
+        let at = f.windows(4).position(|w| w == b"stts").unwrap() - 4;
+        f[at..at + 4].copy_from_slice(&3u32.to_be_bytes());
+        assert!(err(&f).contains("less than its header"));
+        // stts covering more samples than stsz.
+        let mut f = file.clone();
+        let at = f.windows(4).position(|w| w == b"stts").unwrap() + 12;
+        f[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(err(&f).contains("stts covers more samples"));
+        // stsc placing more samples than there are.
+        let mut f = file.clone();
+        let at = f.windows(4).position(|w| w == b"stsc").unwrap() + 16;
+        f[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(err(&f).contains("stsc places"));
+        // Boxes nested in a box that claims too little.
+        let mut f = file;
+        let at = f.windows(4).position(|w| w == b"trak").unwrap() - 4;
+        f[at..at + 4].copy_from_slice(&16u32.to_be_bytes());
+        assert!(!err(&f).is_empty());
+    }
+}
