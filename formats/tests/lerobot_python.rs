@@ -966,3 +966,56 @@ fn corrupted_video_files_are_errors_never_panics_when_cut() {
     }
     assert!(errors > 50, "most corruptions are caught: {errors}");
 }
+
+/// argv: a round's AV1 video file, the H.264 file to write: the same frames at the same
+/// timestamps, with B-frames (decode order differs from presentation order: `ctts`, and an
+/// edit list shifting the start), `moov` after `mdat`, as ffmpeg writes by default.
+const TO_H264: &str = r#"
+import sys
+import av
+src, dst = sys.argv[1], sys.argv[2]
+frames = [f.to_ndarray(format='rgb24') for f in av.open(src).decode(video=0)]
+out = av.open(dst, 'w')
+s = out.add_stream('libx264', rate=10)
+s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], 'yuv420p'
+s.options = {'bf': '2', 'g': '4'}
+for i, a in enumerate(frames):
+    f = av.VideoFrame.from_ndarray(a, format='rgb24')
+    f.pts = i
+    for p in s.encode(f):
+        out.mux(p)
+for p in s.encode():
+    out.mux(p)
+out.close()
+print('ok', len(frames))
+"#;
+
+/// A video with B-frames is cut after the last sample, in decode order, presented before the
+/// cut: the kept frames decode, equal to the round's.
+#[test]
+fn video_files_with_b_frames_are_cut_in_decode_order() {
+    let t = tempfile::tempdir().unwrap();
+    let r = copy_round(t.path(), 1);
+    let py = python(&["av"]);
+    let said = run_code(
+        &py,
+        TO_H264,
+        &[
+            video(&rounds()[1], 0).display().to_string(),
+            video(&r, 0).display().to_string(),
+        ],
+    );
+    assert_eq!(said.trim(), "ok 17", "{said}");
+    let bytes = std::fs::read(video(&r, 0)).unwrap();
+    assert!(bytes.windows(4).any(|w| w == b"ctts"), "B-frames written");
+    let inputs = vec![rounds()[0].clone(), r.clone()];
+    // Round 1's first two episodes (13 frames), then its first (6 frames).
+    for (limit, frames, rows) in [(4, 13, 22), (3, 6, 15)] {
+        let out = t.path().join(format!("h264_{limit}"));
+        assert_eq!(merge(&inputs, limit, &out).unwrap(), limit);
+        let said = same_prefix(&video(&out, 1), &video(&r, 0), frames);
+        assert!(said.starts_with(&format!("ok {frames} ")), "{said}");
+        let said = check_with_python(&out, &inputs);
+        assert_eq!(said.trim(), format!("ok {limit} {rows} {rows}"), "{said}");
+    }
+}

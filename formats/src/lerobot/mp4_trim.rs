@@ -571,7 +571,15 @@ pub fn trim(src: &Path, dst: &Path, cut: f64, at: &str) -> Result<Trimmed, Datas
             "no sample is presented before {cut} s"
         )));
     }
-    let media_dur: u64 = s.deltas[..keep].iter().map(|d| u64::from(*d)).sum();
+    // The kept samples' media duration: to the end of the last one presented (with
+    // B-frames, past the end of the last one decoded), as ffmpeg writes mdhd.
+    let mut dts = 0i128;
+    let mut media_end = 0i128;
+    for (d, o) in s.deltas[..keep].iter().zip(&s.offsets) {
+        dts += i128::from(*d);
+        media_end = media_end.max(dts.max(dts + i128::from(*o)));
+    }
+    let media_dur = u64::try_from(media_end).unwrap_or(0);
 
     // The kept samples' bytes: where the last one ends, all inside mdat.
     let (data_from, data_to) = (mdat.start + mdat.header, mdat.end());
@@ -715,6 +723,7 @@ pub fn trim(src: &Path, dst: &Path, cut: f64, at: &str) -> Result<Trimmed, Datas
     };
 
     // Durations: media (mdhd), presentation in the movie timescale (tkhd, mvhd, elst).
+    // The edit ends where the last kept frame's presentation does.
     let presented = media_dur.saturating_sub(media_time as u64);
     let scaled = ((u128::from(presented) * u128::from(movie_ts) + u128::from(timescale) / 2)
         / u128::from(timescale)) as u64;
