@@ -99,37 +99,38 @@ pub fn merge(
             agree(&r0.info, &info, i)?;
         }
         let episodes = meta::read_episodes(root, &info)?;
-        let mut keep = vec![true; episodes.len()];
-        if let (Some(f), false) = (&options.filter, episodes.is_empty()) {
-            for (k, v) in keep
-                .iter_mut()
-                .zip(select::filter_values(root, &episodes, f)?)
-            {
-                if !f.keeps(v) {
-                    *k = false;
-                    filtered += 1;
-                }
-            }
-        }
-        if !options.dedup.is_empty() && !episodes.is_empty() {
-            for (k, d) in keep
-                .iter_mut()
-                .zip(select::digests(root, &episodes, &options.dedup)?)
-            {
-                if *k && !seen.insert(d) {
-                    *k = false;
-                    duplicates += 1;
-                }
-            }
-        }
+        // Episode by episode until the quota is met, as the streaming formats count: those
+        // after it are neither filtered nor duplicates, just not reached.
+        let values = match (&options.filter, episodes.is_empty()) {
+            (Some(f), false) => Some(select::filter_values(root, &episodes, f)?),
+            _ => None,
+        };
+        let digests = if options.dedup.is_empty() || episodes.is_empty() {
+            None
+        } else {
+            Some(select::digests(root, &episodes, &options.dedup)?)
+        };
+        let mut keep = vec![false; episodes.len()];
         let mut kept = 0usize;
-        for k in keep.iter_mut().filter(|k| **k) {
+        for (e, k) in keep.iter_mut().enumerate() {
             if left == 0 {
-                *k = false;
-            } else {
-                left -= 1;
-                kept += 1;
+                break;
             }
+            if let (Some(f), Some(v)) = (&options.filter, values.as_ref().and_then(|v| v.get(e)))
+                && !f.keeps(*v)
+            {
+                filtered += 1;
+                continue;
+            }
+            if let Some(d) = digests.as_ref().and_then(|d| d.get(e))
+                && !seen.insert(*d)
+            {
+                duplicates += 1;
+                continue;
+            }
+            *k = true;
+            kept += 1;
+            left -= 1;
         }
         rounds.push(Round {
             root: root.clone(),

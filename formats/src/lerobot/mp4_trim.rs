@@ -552,12 +552,14 @@ pub fn trim(src: &Path, dst: &Path, cut: f64, at: &str) -> Result<Trimmed, Datas
         }
     }
 
-    // Kept: decode-order prefix up to the last sample presented before the cut.
+    // Kept: decode-order prefix up to the last sample presented before the cut (an empty
+    // edit first delays every sample).
+    let delay = empty_dur as f64 / f64::from(movie_ts);
     let mut dts = 0i128;
     let mut keep = 0usize;
     for (i, (d, o)) in s.deltas.iter().zip(&s.offsets).enumerate() {
         let pts = dts + i128::from(*o) - i128::from(media_time);
-        if (pts as f64) / f64::from(timescale) < cut {
+        if delay + (pts as f64) / f64::from(timescale) < cut {
             keep = i + 1;
         }
         dts += i128::from(*d);
