@@ -480,22 +480,7 @@ impl JobSpec {
         {
             check_round_path(field, p)?;
         }
-        let format = self.format()?;
-        if format == Format::Lerobot {
-            let set = [
-                ("merge.filter", self.merge.filter.is_some()),
-                ("merge.dedup", !self.merge.dedup.is_empty()),
-            ];
-            if let Some((field, _)) = set.iter().find(|(_, on)| *on) {
-                return Err(spec_err(
-                    *field,
-                    format!("{field} does not apply to generator.format \"lerobot\" yet"),
-                    format!(
-                        "remove {field} from the job file (LeRobot finals keep every episode up to the quota)"
-                    ),
-                ));
-            }
-        }
+        self.format()?;
         if let Some(stats) = &g.stats {
             check_placeholders("generator.stats", stats)?;
             check_round_path("generator.stats", stats)?;
@@ -1098,13 +1083,11 @@ pub(crate) mod tests {
         s.generator.format = Some("lerobot".into());
         s.validate().unwrap();
         assert_eq!(s.format().unwrap(), Format::Lerobot);
+        // Episodes are filtered and de-duplicated on their fields (checked at inspect).
         s.merge.filter = Some("length >= 10".into());
-        let e = s.validate().unwrap_err();
-        assert_eq!(e.field, "merge.filter");
-        assert!(e.fix.contains("remove merge.filter"), "{e}");
+        s.merge.dedup = vec!["action".into(), "observation.state".into()];
+        s.validate().unwrap();
         s.merge.filter = None;
-        s.merge.dedup = vec!["length".into()];
-        assert_eq!(s.validate().unwrap_err().field, "merge.dedup");
         s.merge.dedup.clear();
         s.generator.format = Some("parquet".into());
         let e = s.validate().unwrap_err();

@@ -40,14 +40,20 @@ fn merge(inputs: &[PathBuf], limit: u64, out: &Path) -> Result<u64, DatasetError
     quarry_formats::merge(Format::Lerobot, inputs, &counts, &o, out).map(|s| s.samples)
 }
 
-/// argv: final root, then the round roots in order. Checks the final against the rounds
-/// and prints `ok <episodes> <frames> <video frames compared>`.
+/// argv: final root, optionally `--src=I,J,...` (the final's episodes are the rounds'
+/// episodes number I, J, ... counted across the rounds in order; without it, their first
+/// ones), then the round roots in order. Checks the final against the rounds and prints
+/// `ok <episodes> <frames> <video frames compared>`.
 const CHECK: &str = r#"
 import sys, json, glob, os
 import pyarrow.parquet as pq
 import av, numpy as np
 
 final, rounds = sys.argv[1], sys.argv[2:]
+pick = None
+if rounds and rounds[0].startswith('--src='):
+    pick = [int(x) for x in rounds[0][6:].split(',') if x]
+    rounds = rounds[1:]
 
 def table(root, pattern):
     files = sorted(glob.glob(os.path.join(root, pattern)))
@@ -87,6 +93,9 @@ src = []
 for r in rounds:
     for e in table(r, 'meta/episodes/chunk-*/file-*.parquet'):
         src.append((r, e))
+if pick is not None:
+    assert len(pick) == len(eps), (pick, len(eps))
+    src = [src[i] for i in pick]
 assert len(eps) <= len(src)
 video_keys = [k for k, f in info['features'].items() if f['dtype'] == 'video']
 compared = 0
@@ -136,7 +145,8 @@ fn merged_fixtures_read_back_with_pyarrow_and_pyav() {
     assert_eq!(merge(&rounds(), 100, &all).unwrap(), 7);
     let said = check_with_python(&all, &rounds());
     assert_eq!(said.trim(), "ok 7 35 35", "{said}");
-    // Cut at the quota inside round 1: its first two episodes only, its video copied whole.
+    // Cut at the quota inside round 1: its first two episodes only (its video cut after
+    // their frames: see video_files_lose_the_frames_of_their_trailing_dropped_episodes).
     let cut = t.path().join("cut");
     assert_eq!(merge(&rounds(), 4, &cut).unwrap(), 4);
     let said = check_with_python(&cut, &rounds());
@@ -426,12 +436,254 @@ fn rounds_that_record_differently_do_not_merge() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("input 2") && e.contains("robot_type"), "{e}");
-    // A filter is refused with the field to remove.
-    let f = quarry_formats::Filter::parse("length >= 3").unwrap();
+}
+
+fn merge_with(
+    inputs: &[PathBuf],
+    limit: u64,
+    filter: Option<&str>,
+    dedup: &[&str],
+    out: &Path,
+) -> Result<quarry_formats::MergeSummary, DatasetError> {
+    let o = MergeOptions {
+        limit,
+        filter: filter.map(|f| quarry_formats::Filter::parse(f).unwrap()),
+        dedup: dedup.iter().map(|d| d.to_string()).collect(),
+    };
+    quarry_formats::merge(Format::Lerobot, inputs, &vec![0; inputs.len()], &o, out)
+}
+
+fn check_picked(out: &Path, picked: &[usize], inputs: &[PathBuf]) -> String {
+    let py = python(&["pyarrow", "av", "numpy"]);
+    let mut args = vec![out.display().to_string()];
+    let list: Vec<String> = picked.iter().map(usize::to_string).collect();
+    args.push(format!("--src={}", list.join(",")));
+    args.extend(inputs.iter().map(|p| p.display().to_string()));
+    run_code(&py, CHECK, &args)
+}
+
+/// argv: the rounds in order, then `--src=I,J,...` as for CHECK, where `rN` stands for round
+/// N whole. Prints, as JSON, the statistics of those parts combined (an episode's from its
+/// per-episode `stats/...` columns, a whole round's from its `meta/stats.json`) with lerobot
+/// 0.4.4's `aggregate_stats` formulas (compute_stats.py, transcribed).
+const AGGREGATE: &str = r#"
+import sys, json, glob, os
+import pyarrow.parquet as pq
+import numpy as np
+
+rounds = [a for a in sys.argv[1:] if not a.startswith('--src=')]
+pick = [x for a in sys.argv[1:] if a.startswith('--src=') for x in a[6:].split(',')]
+src = []
+for r in rounds:
+    for f in sorted(glob.glob(os.path.join(r, 'meta/episodes/chunk-*/file-*.parquet'))):
+        src += pq.read_table(f).to_pylist()
+parts = []
+for i in pick:
+    if i.startswith('r'):
+        st = json.load(open(os.path.join(rounds[int(i[1:])], 'meta/stats.json')))
+        parts.append({ft: {k: np.asarray(v, dtype=np.float64) for k, v in d.items()} for ft, d in st.items()})
+        continue
+    st = {}
+    for k, v in src[int(i)].items():
+        if k.startswith('stats/'):
+            ft, name = k[6:].rsplit('/', 1)
+            st.setdefault(ft, {})[name] = np.asarray(v, dtype=np.float64)
+    parts.append(st)
+out = {}
+for ft in parts[0]:
+    ps = [p[ft] for p in parts]
+    means = np.stack([p['mean'] for p in ps])
+    variances = np.stack([p['std'] ** 2 for p in ps])
+    counts = np.stack([p['count'] for p in ps])
+    total = counts.sum(axis=0)
+    while counts.ndim < means.ndim:
+        counts = np.expand_dims(counts, axis=-1)
+    mean = (means * counts).sum(axis=0) / total
+    var = ((variances + (means - mean) ** 2) * counts).sum(axis=0) / total
+    agg = {
+        'min': np.min(np.stack([p['min'] for p in ps]), axis=0),
+        'max': np.max(np.stack([p['max'] for p in ps]), axis=0),
+        'mean': mean, 'std': np.sqrt(var), 'count': total,
+    }
+    for q in [k for k in ps[0] if k.startswith('q')]:
+        agg[q] = (np.stack([p[q] for p in ps]) * counts).sum(axis=0) / total
+    out[ft] = {k: v.tolist() for k, v in agg.items()}
+print(json.dumps(out))
+"#;
+
+fn aggregate_of(inputs: &[PathBuf], picked: &[usize]) -> Value {
+    let list: Vec<String> = picked.iter().map(usize::to_string).collect();
+    aggregate_parts(inputs, &list.join(","))
+}
+
+fn aggregate_parts(inputs: &[PathBuf], parts: &str) -> Value {
+    let py = python(&["pyarrow", "numpy"]);
+    let mut args: Vec<String> = inputs.iter().map(|p| p.display().to_string()).collect();
+    args.push(format!("--src={parts}"));
+    serde_json::from_str(&run_code(&py, AGGREGATE, &args)).unwrap()
+}
+
+/// Numbers within float precision; integer-valued statistics may be written as integers or
+/// floats (lerobot's own writer keeps `count` and integer features' min/max as integers).
+fn assert_close_num(got: &Value, want: &Value, at: &str) {
+    match (got, want) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut ka: Vec<_> = a.keys().collect();
+            let mut kb: Vec<_> = b.keys().collect();
+            ka.sort();
+            kb.sort();
+            assert_eq!(ka, kb, "keys at {at}");
+            for (k, v) in b {
+                assert_close_num(&a[k], v, &format!("{at}.{k}"));
+            }
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "length at {at}");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_close_num(x, y, &format!("{at}[{i}]"));
+            }
+        }
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-12 * y.abs().max(1.0),
+                "{at}: {x} vs {y}"
+            );
+        }
+        _ => panic!("{at}: {got} vs {want}"),
+    }
+}
+
+/// Episode lengths: round 0 [5, 4], round 1 [6, 7, 4], round 2 [5, 4].
+#[test]
+fn a_filter_on_length_keeps_exactly_the_passing_episodes() {
+    let t = tempfile::tempdir().unwrap();
+    let out = t.path().join("long");
+    let s = merge_with(&rounds(), 100, Some("length >= 5"), &[], &out).unwrap();
+    assert_eq!((s.samples, s.filtered, s.duplicates), (4, 3, 0));
+    let said = check_picked(&out, &[0, 2, 3, 5], &rounds());
+    assert_eq!(said.trim(), "ok 4 23 23", "{said}");
+    // The statistics are the kept episodes' (every round lost one).
+    assert_close_num(
+        &json(&out.join("meta/stats.json")),
+        &aggregate_of(&rounds(), &[0, 2, 3, 5]),
+        "stats",
+    );
+    // Filtered, then cut at the quota.
+    let out = t.path().join("long3");
+    let s = merge_with(&rounds(), 3, Some("length > 4"), &[], &out).unwrap();
+    // Counted as the streaming formats count: round 1's last episode is past the quota,
+    // not filtered.
+    assert_eq!((s.samples, s.filtered), (3, 1));
+    let said = check_picked(&out, &[0, 2, 3], &rounds());
+    assert_eq!(said.trim(), "ok 3 18 18", "{said}");
+    // A filter dropping a round's every episode, and the first episode of the next.
+    let out = t.path().join("short");
+    let s = merge_with(&rounds(), 100, Some("length < 5"), &[], &out).unwrap();
+    assert_eq!((s.samples, s.filtered), (3, 4));
+    let said = check_picked(&out, &[1, 4, 6], &rounds());
+    assert_eq!(said.trim(), "ok 3 12 12", "{said}");
+    assert_close_num(
+        &json(&out.join("meta/stats.json")),
+        &aggregate_of(&rounds(), &[1, 4, 6]),
+        "stats",
+    );
+    // inspect counts the passing episodes.
+    let f = quarry_formats::Filter::parse("length >= 5").unwrap();
+    let i = quarry_formats::inspect(Format::Lerobot, &rounds()[1], Some(&f)).unwrap();
+    assert_eq!((i.count, i.kept), (3, 2));
+}
+
+/// A `success` column a generator adds to its episode table is a filter field.
+#[test]
+fn a_filter_on_an_added_episode_column() {
+    let t = tempfile::tempdir().unwrap();
+    let r = copy_round(t.path(), 1);
+    let py = python(&["pyarrow"]);
+    run_code(
+        &py,
+        "import sys, pyarrow as pa, pyarrow.parquet as pq\n\
+         p = sys.argv[1] + '/meta/episodes/chunk-000/file-000.parquet'\n\
+         t = pq.read_table(p)\n\
+         t = t.append_column('success', pa.array([True, False, True]))\n\
+         pq.write_table(t, p)\nprint('done')\n",
+        &[r.display().to_string()],
+    );
+    let f = quarry_formats::Filter::parse("success == 1").unwrap();
+    let i = quarry_formats::inspect(Format::Lerobot, &r, Some(&f)).unwrap();
+    assert_eq!((i.count, i.kept), (3, 2));
+    let out = t.path().join("ok");
+    let inputs = vec![r.clone()];
+    let s = merge_with(&inputs, 100, Some("success == 1"), &[], &out).unwrap();
+    assert_eq!((s.samples, s.filtered), (2, 1));
+    let said = check_picked(&out, &[0, 2], &inputs);
+    assert_eq!(said.trim(), "ok 2 10 10", "{said}");
+}
+
+#[test]
+fn dedup_on_a_frame_feature_drops_a_second_copy() {
+    let t = tempfile::tempdir().unwrap();
+    let again = copy_round(t.path(), 1);
+    let inputs = vec![rounds()[1].clone(), again, rounds()[2].clone()];
+    for fields in [&["action"][..], &["observation.state", "action"][..]] {
+        let out = t.path().join(format!("d{}", fields.len()));
+        let s = merge_with(&inputs, 100, None, fields, &out).unwrap();
+        assert_eq!((s.samples, s.duplicates), (5, 3), "{fields:?}");
+        let said = check_picked(&out, &[0, 1, 2, 6, 7], &inputs);
+        assert_eq!(said.trim(), "ok 5 26 26", "{said}");
+        // Round 1 whole and round 2 whole: their stats.json combined.
+        let want = aggregate_parts(&inputs, "r0,r2");
+        assert_close_num(&json(&out.join("meta/stats.json")), &want, "stats");
+    }
+    // An episode-table column: lengths 6, 7, 4 then 5, 4 (the 4 is a repeat).
+    let out = t.path().join("len");
+    let s = merge_with(&inputs, 100, None, &["length"], &out).unwrap();
+    assert_eq!((s.samples, s.duplicates), (4, 4));
+    let said = check_picked(&out, &[0, 1, 2, 6], &inputs);
+    assert_eq!(said.trim(), "ok 4 22 22", "{said}");
+    assert_close_num(
+        &json(&out.join("meta/stats.json")),
+        &aggregate_parts(&inputs, "r0,6"),
+        "stats",
+    );
+}
+
+#[test]
+fn unknown_or_unusable_fields_are_named() {
+    let t = tempfile::tempdir().unwrap();
+    let f = quarry_formats::Filter::parse("nope >= 1").unwrap();
+    let e = quarry_formats::inspect(Format::Lerobot, &rounds()[0], Some(&f)).unwrap_err();
+    let DatasetError::Filter { path, reason } = &e else {
+        panic!("{e}")
+    };
+    assert!(
+        path.ends_with("r0/meta/episodes/chunk-000/file-000.parquet"),
+        "{path}"
+    );
+    assert!(
+        reason.contains("filter field nope") && reason.contains("length, episode_index"),
+        "{reason}"
+    );
+    let out = t.path().join("o1");
+    let e = merge_with(&rounds(), 100, Some("nope >= 1"), &[], &out).unwrap_err();
+    assert!(matches!(e, DatasetError::Filter { .. }), "{e}");
+    // A column that is not one number per episode.
+    let f = quarry_formats::Filter::parse("tasks >= 1").unwrap();
     let e = quarry_formats::inspect(Format::Lerobot, &rounds()[0], Some(&f))
         .unwrap_err()
         .to_string();
-    assert!(e.contains("merge.filter"), "{e}");
+    assert!(e.contains("filter field tasks is a column of List"), "{e}");
+    let out = t.path().join("o2");
+    let e = merge_with(&rounds(), 100, None, &["action", "nope.x"], &out)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("de-duplication field nope.x is neither")
+            && e.contains("r0/meta/episodes/chunk-000/file-000.parquet")
+            && e.contains("observation.state")
+            && e.contains("action"),
+        "{e}"
+    );
 }
 
 /// A round without episodes, as lerobot leaves it (`create` then `finalize`: `meta/info.json`
@@ -515,4 +767,257 @@ fn corrupted_rounds_are_errors_never_panics() {
         let _ = std::fs::remove_dir_all(r.with_extension("out"));
     }
     assert!(errors > 100, "most corruptions are caught: {errors}");
+}
+
+/// argv: a video file of a final, the round's file it was cut from, how many frames it must
+/// hold. Decodes both with PyAV; prints `ok <frames>` when the final's frames are exactly
+/// the round's first ones, at the same timestamps.
+const SAME_PREFIX: &str = r#"
+import sys
+import av, numpy as np
+final, src, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def frames(p):
+    with av.open(p) as c:
+        return [(fr.pts, fr.to_ndarray(format='rgb24')) for fr in c.decode(video=0)]
+a, b = frames(final), frames(src)
+assert len(a) == n, (len(a), n, len(b))
+assert len(b) > n, (len(b), n)
+for (pa, x), (pb, y) in zip(a, b):
+    assert pa == pb and np.array_equal(x, y), (pa, pb)
+with av.open(final) as c:
+    s = c.streams.video[0]
+    assert s.frames in (0, n), s.frames
+    d = float(s.duration * s.time_base) if s.duration else None
+print('ok', len(a), d)
+"#;
+
+fn video(root: &Path, file: usize) -> PathBuf {
+    root.join(format!(
+        "videos/observation.images.cam/chunk-000/file-{file:03}.mp4"
+    ))
+}
+
+fn same_prefix(final_file: &Path, src: &Path, n: usize) -> String {
+    let py = python(&["av", "numpy"]);
+    run_code(
+        &py,
+        SAME_PREFIX,
+        &[
+            final_file.display().to_string(),
+            src.display().to_string(),
+            n.to_string(),
+        ],
+    )
+}
+
+/// A video file whose last episodes are dropped keeps exactly the kept episodes' frames,
+/// decoding equal to the round's; one whose dropped episode comes first is copied whole.
+#[test]
+fn video_files_lose_the_frames_of_their_trailing_dropped_episodes() {
+    let t = tempfile::tempdir().unwrap();
+    // Cut at the quota inside round 1: its first two episodes, 6 + 7 frames.
+    let cut = t.path().join("cut");
+    assert_eq!(merge(&rounds(), 4, &cut).unwrap(), 4);
+    let said = same_prefix(&video(&cut, 1), &video(&rounds()[1], 0), 13);
+    assert_eq!(
+        said.split(' ').take(2).collect::<Vec<_>>(),
+        ["ok", "13"],
+        "{said}"
+    );
+    assert!(
+        said.trim().ends_with("1.3"),
+        "the duration is the kept frames': {said}"
+    );
+    let said = check_with_python(&cut, &rounds());
+    assert_eq!(said.trim(), "ok 4 22 22", "{said}");
+    // Round 0 whole: copied byte for byte.
+    assert_eq!(
+        std::fs::read(video(&cut, 0)).unwrap(),
+        std::fs::read(video(&rounds()[0], 0)).unwrap()
+    );
+    // Filtered: every round's last episode is dropped (lengths 4), each file cut.
+    let long = t.path().join("long");
+    merge_with(&rounds(), 100, Some("length >= 5"), &[], &long).unwrap();
+    for (f, n) in [(0, 5), (1, 13), (2, 5)] {
+        let said = same_prefix(&video(&long, f), &video(&rounds()[f], 0), n);
+        assert!(said.starts_with(&format!("ok {n} ")), "file {f}: {said}");
+    }
+    let said = check_picked(&long, &[0, 2, 3, 5], &rounds());
+    assert_eq!(said.trim(), "ok 4 23 23", "{said}");
+    // Round 0's first episode dropped, its last kept: the file is copied whole.
+    let short = t.path().join("short");
+    merge_with(&rounds(), 100, Some("length < 5"), &[], &short).unwrap();
+    assert_eq!(
+        std::fs::read(video(&short, 0)).unwrap(),
+        std::fs::read(video(&rounds()[0], 0)).unwrap()
+    );
+}
+
+/// Round 1 with its video file's bytes changed by `f`, merged with a quota cutting it.
+fn merge_spoiled_video(t: &Path, f: impl FnOnce(&mut Vec<u8>)) -> String {
+    let r = copy_round(t, 1);
+    let p = video(&r, 0);
+    let mut bytes = std::fs::read(&p).unwrap();
+    f(&mut bytes);
+    std::fs::write(&p, &bytes).unwrap();
+    let out = r.with_extension("out");
+    let got = std::panic::catch_unwind(|| merge(&[rounds()[0].clone(), r.clone()], 4, &out));
+    got.expect("no panic").unwrap_err().to_string()
+}
+
+fn find_box(bytes: &[u8], typ: &[u8; 4]) -> usize {
+    bytes.windows(4).position(|w| w == typ).unwrap() - 4
+}
+
+#[test]
+fn hostile_video_files_are_errors_when_cut() {
+    let t = tempfile::tempdir().unwrap();
+    // Truncated in its mdat.
+    let e = merge_spoiled_video(t.path(), |b| b.truncate(b.len() - 500));
+    assert!(
+        e.contains("file-000.mp4") && e.contains("\"mdat\"") && e.contains("truncated"),
+        "{e}"
+    );
+    // Truncated inside a box header.
+    let e = merge_spoiled_video(t.path(), |b| b.truncate(36));
+    assert!(e.contains("file-000.mp4") && e.contains("cut short"), "{e}");
+    // A box inside moov claiming more than its parent holds.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stsd");
+        b[at..at + 4].copy_from_slice(&0x7fff_fff0u32.to_be_bytes());
+    });
+    assert!(e.contains("box \"stsd\"") && e.contains("claims"), "{e}");
+    // A top-level box bigger than the file.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"mdat");
+        b[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+    });
+    assert!(
+        e.contains("box \"mdat\"") && e.contains("claims 4294967295"),
+        "{e}"
+    );
+    // A sample count of 2^32 - 1.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stsz");
+        b[at + 16..at + 20].copy_from_slice(&u32::MAX.to_be_bytes());
+    });
+    assert!(
+        e.contains("stsz") && e.contains("claims 4294967295 entries"),
+        "{e}"
+    );
+    // The same with every sample of one size: more bytes than the file.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stsz");
+        b[at + 12..at + 16].copy_from_slice(&7u32.to_be_bytes());
+        b[at + 16..at + 20].copy_from_slice(&u32::MAX.to_be_bytes());
+    });
+    assert!(
+        e.contains("stsz claims 4294967295 samples of 7 bytes"),
+        "{e}"
+    );
+    // A chunk offset pointing past mdat.
+    let e = merge_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stco");
+        b[at + 16..at + 20].copy_from_slice(&0x00ff_0000u32.to_be_bytes());
+    });
+    assert!(e.contains("lies outside mdat"), "{e}");
+}
+
+/// Seeded corruption of the video file of the round cut at the quota (bytes flipped in its
+/// boxes' headers and tables, the file cut short): the merge trims it, copies it whole or
+/// answers an error, never panics.
+#[test]
+fn corrupted_video_files_are_errors_never_panics_when_cut() {
+    let t = tempfile::tempdir().unwrap();
+    let orig = std::fs::read(video(&rounds()[1], 0)).unwrap();
+    // The moov box: where the tables are.
+    let moov = find_box(&orig, b"moov");
+    let moov_end = moov + u32::from_be_bytes(orig[moov..moov + 4].try_into().unwrap()) as usize;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut errors = 0;
+    for case in 0..300 {
+        let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let r = copy_round(t.path(), 1);
+            let mut b = orig.clone();
+            if case % 5 == 4 {
+                b.truncate((next() as usize) % b.len());
+            } else {
+                for _ in 0..1 + next() % 4 {
+                    let at = moov + (next() as usize) % (moov_end - moov);
+                    b[at] = match next() % 3 {
+                        0 => 0xff,
+                        1 => 0,
+                        _ => b[at] ^ (1 << (next() % 8)),
+                    };
+                }
+            }
+            std::fs::write(video(&r, 0), &b).unwrap();
+            let out = r.with_extension("out");
+            let m = merge(&[rounds()[0].clone(), r.clone()], 4, &out);
+            std::fs::remove_dir_all(&r).unwrap();
+            let _ = std::fs::remove_dir_all(&out);
+            m.is_err()
+        }));
+        errors += usize::from(e.unwrap_or_else(|_| panic!("case {case} panicked")));
+    }
+    assert!(errors > 50, "most corruptions are caught: {errors}");
+}
+
+/// argv: a round's AV1 video file, the H.264 file to write: the same frames at the same
+/// timestamps, with B-frames (decode order differs from presentation order: `ctts`, and an
+/// edit list shifting the start), `moov` after `mdat`, as ffmpeg writes by default.
+const TO_H264: &str = r#"
+import sys
+import av
+src, dst = sys.argv[1], sys.argv[2]
+frames = [f.to_ndarray(format='rgb24') for f in av.open(src).decode(video=0)]
+out = av.open(dst, 'w')
+s = out.add_stream('libx264', rate=10)
+s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], 'yuv420p'
+s.options = {'bf': '2', 'g': '4'}
+for i, a in enumerate(frames):
+    f = av.VideoFrame.from_ndarray(a, format='rgb24')
+    f.pts = i
+    for p in s.encode(f):
+        out.mux(p)
+for p in s.encode():
+    out.mux(p)
+out.close()
+print('ok', len(frames))
+"#;
+
+/// A video with B-frames is cut after the last sample, in decode order, presented before the
+/// cut: the kept frames decode, equal to the round's.
+#[test]
+fn video_files_with_b_frames_are_cut_in_decode_order() {
+    let t = tempfile::tempdir().unwrap();
+    let r = copy_round(t.path(), 1);
+    let py = python(&["av"]);
+    let said = run_code(
+        &py,
+        TO_H264,
+        &[
+            video(&rounds()[1], 0).display().to_string(),
+            video(&r, 0).display().to_string(),
+        ],
+    );
+    assert_eq!(said.trim(), "ok 17", "{said}");
+    let bytes = std::fs::read(video(&r, 0)).unwrap();
+    assert!(bytes.windows(4).any(|w| w == b"ctts"), "B-frames written");
+    let inputs = vec![rounds()[0].clone(), r.clone()];
+    // Round 1's first two episodes (13 frames), then its first (6 frames).
+    for (limit, frames, rows) in [(4, 13, 22), (3, 6, 15)] {
+        let out = t.path().join(format!("h264_{limit}"));
+        assert_eq!(merge(&inputs, limit, &out).unwrap(), limit);
+        let said = same_prefix(&video(&out, 1), &video(&r, 0), frames);
+        assert!(said.starts_with(&format!("ok {frames} ")), "{said}");
+        let said = check_with_python(&out, &inputs);
+        assert_eq!(said.trim(), format!("ok {limit} {rows} {rows}"), "{said}");
+    }
 }

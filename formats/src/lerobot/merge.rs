@@ -1,12 +1,14 @@
-//! The merge of LeRobot rounds into one v3.0 dataset: episodes in round order, cut at the
-//! quota; frames, episode rows and videos renumbered; tasks unified; statistics combined.
+//! The merge of LeRobot rounds into one v3.0 dataset: episodes in round order, filtered,
+//! de-duplicated and cut at the quota; frames, episode rows and videos renumbered; tasks
+//! unified; statistics combined.
 //!
 //! Each round's data file becomes one data file of the final and each of its video files one
-//! video file (copied whole), under the final's next (chunk, file) index; the episode table
+//! video file (copied, its trailing dropped episodes' samples cut), under the final's next
+//! (chunk, file) index; the episode table
 //! is one file. Memory is a record batch per file in flight, plus the episode rows of one
 //! round's episode table batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -20,7 +22,7 @@ use serde_json::{Value, json};
 
 use super::data::{self, DataWriter, Renumber, RowCheck};
 use super::meta::{self, Episode, Info, data_rel, label, nth_chunk_file};
-use super::{stats, videos};
+use super::{select, stats, videos};
 use crate::{DatasetError, MergeOptions, MergeSummary};
 
 /// One input as the merge sees it.
@@ -28,8 +30,29 @@ struct Round {
     root: PathBuf,
     info: Info,
     episodes: Vec<Episode>,
-    /// Episodes kept: the first `keep`.
-    keep: usize,
+    /// Per episode, whether the final keeps it (it passes the filter, is no duplicate and
+    /// comes before the quota).
+    keep: Vec<bool>,
+    /// How many are kept.
+    kept: usize,
+}
+
+impl Round {
+    fn kept(&self) -> impl Iterator<Item = &Episode> {
+        self.episodes
+            .iter()
+            .zip(&self.keep)
+            .filter_map(|(e, k)| k.then_some(e))
+    }
+
+    /// Whether episode `index` is kept (false for an index the round does not have).
+    fn keeps(&self, index: i64) -> bool {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.keep.get(i))
+            .copied()
+            .unwrap_or(false)
+    }
 }
 
 /// The fields every round must share with round 0, as lerobot's `validate_all_metadata`.
@@ -60,15 +83,13 @@ pub fn merge(
     options: &MergeOptions,
     out: &Path,
 ) -> Result<MergeSummary, DatasetError> {
-    if options.filter.is_some() || !options.dedup.is_empty() {
-        return Err(DatasetError::Unsupported {
-            reason: "merge.filter and merge.dedup do not apply to lerobot datasets yet".into(),
-        });
-    }
-    // Read and check every contributing round first: a bad round fails before anything is
-    // written.
+    // Read and check every contributing round first, and choose its episodes: filtered,
+    // de-duplicated (first occurrence wins, in round order), then cut at the quota. A bad
+    // round fails before anything is written.
     let mut rounds: Vec<Round> = Vec::new();
     let mut left = options.limit;
+    let mut seen: HashSet<[u8; 32]> = HashSet::new();
+    let (mut filtered, mut duplicates) = (0u64, 0u64);
     for (i, root) in inputs.iter().enumerate() {
         if left == 0 && !rounds.is_empty() {
             break;
@@ -78,13 +99,45 @@ pub fn merge(
             agree(&r0.info, &info, i)?;
         }
         let episodes = meta::read_episodes(root, &info)?;
-        let keep = (episodes.len() as u64).min(left) as usize;
-        left -= keep as u64;
+        // Episode by episode until the quota is met, as the streaming formats count: those
+        // after it are neither filtered nor duplicates, just not reached.
+        let values = match (&options.filter, episodes.is_empty()) {
+            (Some(f), false) => Some(select::filter_values(root, &episodes, f)?),
+            _ => None,
+        };
+        let digests = if options.dedup.is_empty() || episodes.is_empty() {
+            None
+        } else {
+            Some(select::digests(root, &episodes, &options.dedup)?)
+        };
+        let mut keep = vec![false; episodes.len()];
+        let mut kept = 0usize;
+        for (e, k) in keep.iter_mut().enumerate() {
+            if left == 0 {
+                break;
+            }
+            if let (Some(f), Some(v)) = (&options.filter, values.as_ref().and_then(|v| v.get(e)))
+                && !f.keeps(*v)
+            {
+                filtered += 1;
+                continue;
+            }
+            if let Some(d) = digests.as_ref().and_then(|d| d.get(e))
+                && !seen.insert(*d)
+            {
+                duplicates += 1;
+                continue;
+            }
+            *k = true;
+            kept += 1;
+            left -= 1;
+        }
         rounds.push(Round {
             root: root.clone(),
             info,
             episodes,
             keep,
+            kept,
         });
     }
     let Some(first) = rounds.first() else {
@@ -97,7 +150,7 @@ pub fn merge(
     let mut tasks: Vec<String> = Vec::new();
     let mut task_ix: HashMap<String, i64> = HashMap::new();
     for r in &rounds {
-        for e in &r.episodes[..r.keep] {
+        for e in r.kept() {
             for t in &e.tasks {
                 if !task_ix.contains_key(t) {
                     task_ix.insert(t.clone(), tasks.len() as i64);
@@ -117,13 +170,13 @@ pub fn merge(
     let mut video_n = vec![0i64; video_keys.len()];
 
     for r in &rounds {
-        if r.keep == 0 {
+        if r.kept == 0 {
             continue;
         }
         let root = &r.root;
-        let kept = &r.episodes[..r.keep];
+        let kept: Vec<Episode> = r.kept().cloned().collect();
         let src_tasks = meta::read_tasks(root)?;
-        for e in kept {
+        for e in &kept {
             if let Some(t) = e.tasks.iter().find(|t| !src_tasks.contains(t)) {
                 return Err(DatasetError::invalid(
                     label(root, "meta/tasks.parquet"),
@@ -136,11 +189,21 @@ pub fn merge(
         }
         let renumber_tasks: Vec<Option<i64>> =
             src_tasks.iter().map(|t| task_ix.get(t).copied()).collect();
+        // Per source episode: its number and first frame index in the final, when kept.
+        let mut placed: Vec<Option<(i64, i64)>> = Vec::with_capacity(r.episodes.len());
+        let (mut next_ep, mut next_frame) = (ep_offset, frame_offset);
+        for (e, k) in r.episodes.iter().zip(&r.keep) {
+            placed.push(k.then_some((next_ep, next_frame)));
+            if *k {
+                next_ep += 1;
+                next_frame += e.length;
+            }
+        }
         let renumber_eps: Vec<Option<(i64, i64)>> = r
             .episodes
             .iter()
-            .enumerate()
-            .map(|(k, e)| (k < r.keep).then_some((ep_offset + e.index, frame_offset)))
+            .zip(&placed)
+            .map(|(e, p)| p.map(|(ep, from)| (ep, from - e.from)))
             .collect();
         let renumber = Renumber {
             episodes: &renumber_eps,
@@ -150,7 +213,7 @@ pub fn merge(
         // Frames: one final data file per data file the kept episodes live in.
         let mut check = RowCheck::new(&r.episodes);
         let mut data_map: HashMap<(i64, i64), (i64, i64)> = HashMap::new();
-        for src in meta::data_files(kept) {
+        for src in meta::data_files(&kept) {
             let rel = data_rel(src.0, src.1);
             let schema = meta::parquet_schema(root, &rel)?;
             let schema = data_schema.get_or_insert(schema).clone();
@@ -162,23 +225,43 @@ pub fn merge(
             w.close(&label(out, &dst_rel))?;
             data_map.insert(src, dst);
         }
-        check.finish(root, |e| (e.index as usize) < r.keep)?;
+        check.finish(root, |e| r.keeps(e.index))?;
 
-        // Videos: whole files, under the final's next indices.
+        // Videos, under the final's next indices: a file whose last episodes are dropped
+        // loses their trailing samples (cut half a frame before the next episode's first).
+        let fps = r.info.fps.as_f64().unwrap_or(1.0);
         let mut video_maps: Vec<HashMap<(i64, i64), (i64, i64)>> = Vec::new();
         for (k, key) in video_keys.iter().enumerate() {
             let mut m = HashMap::new();
-            for src in meta::video_files(kept, k) {
+            for src in meta::video_files(&kept, k) {
                 let dst = nth_chunk_file(video_n[k], chunks_size);
                 video_n[k] += 1;
-                videos::copy(root, out, key, src, dst)?;
+                let in_file =
+                    |e: &&Episode| e.videos.get(k).is_some_and(|v| (v.chunk, v.file) == src);
+                let last_kept = kept
+                    .iter()
+                    .filter(in_file)
+                    .filter_map(|e| e.videos.get(k).map(|v| v.to_ts))
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let dropped_after = r
+                    .episodes
+                    .iter()
+                    .filter(|e| !r.keeps(e.index))
+                    .filter(in_file)
+                    .any(|e| {
+                        e.videos
+                            .get(k)
+                            .is_some_and(|v| v.from_ts >= last_kept - 0.5 / fps)
+                    });
+                let cut = dropped_after.then_some(last_kept - 0.5 / fps);
+                videos::copy(root, out, key, src, dst, cut)?;
                 m.insert(src, dst);
             }
             video_maps.push(m);
         }
 
-        // Episode rows, renumbered; the cut round's per-episode statistics.
-        let cut = r.keep < r.episodes.len();
+        // Episode rows, renumbered; the per-episode statistics of a round not kept whole.
+        let cut = r.kept < r.episodes.len();
         for rel in meta::episode_files(root)? {
             let at = label(root, &rel);
             let b = meta::open_parquet(root, &rel)?;
@@ -208,7 +291,7 @@ pub fn merge(
             for batch in reader {
                 let batch = batch.map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
                 let eps = meta::episodes_of(&batch, &r.info, &at)?;
-                let keep: Vec<bool> = eps.iter().map(|e| (e.index as usize) < r.keep).collect();
+                let keep: Vec<bool> = eps.iter().map(|e| r.keeps(e.index)).collect();
                 if cut {
                     for (row, k) in keep.iter().enumerate() {
                         if *k {
@@ -218,8 +301,7 @@ pub fn merge(
                 }
                 let batch = filter_record_batch(&batch, &BooleanArray::from(keep))
                     .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
-                let eps: Vec<&Episode> =
-                    eps.iter().filter(|e| (e.index as usize) < r.keep).collect();
+                let eps: Vec<&Episode> = eps.iter().filter(|e| r.keeps(e.index)).collect();
                 if eps.is_empty() {
                     continue;
                 }
@@ -236,17 +318,24 @@ pub fn merge(
                         format!("episode {}: {what} was not copied", e.index),
                     )
                 };
-                set(
-                    "episode_index",
-                    eps.iter().map(|e| ep_offset + e.index).collect(),
-                )?;
-                set(
-                    "dataset_from_index",
-                    eps.iter().map(|e| frame_offset + e.from).collect(),
-                )?;
+                let place: Vec<(i64, i64)> = eps
+                    .iter()
+                    .map(|e| {
+                        usize::try_from(e.index)
+                            .ok()
+                            .and_then(|i| placed.get(i).copied().flatten())
+                            .ok_or_else(|| missing("its place in the final", e))
+                    })
+                    .collect::<Result<_, _>>()?;
+                set("episode_index", place.iter().map(|p| p.0).collect())?;
+                set("dataset_from_index", place.iter().map(|p| p.1).collect())?;
                 set(
                     "dataset_to_index",
-                    eps.iter().map(|e| frame_offset + e.to).collect(),
+                    place
+                        .iter()
+                        .zip(&eps)
+                        .map(|(p, e)| p.1 + e.length)
+                        .collect(),
                 )?;
                 let data_dst: Vec<(i64, i64)> = eps
                     .iter()
@@ -294,8 +383,8 @@ pub fn merge(
         if !cut {
             stat_parts.push(stats::read_json(root)?);
         }
-        ep_offset += r.keep as i64;
-        frame_offset += kept.last().map_or(0, |e| e.to);
+        ep_offset = next_ep;
+        frame_offset = next_frame;
     }
     if let Some((w, _)) = ep_writer {
         w.close()
@@ -304,8 +393,8 @@ pub fn merge(
 
     // The first round that gives episodes gives the tables' columns and info.json (an empty
     // round, as lerobot writes it, is info.json alone); a final without episodes is too.
-    let model = rounds.iter().find(|r| r.keep > 0).unwrap_or(first);
-    if model.keep > 0 {
+    let model = rounds.iter().find(|r| r.kept > 0).unwrap_or(first);
+    if model.kept > 0 {
         write_tasks(&model.root, out, &tasks)?;
     }
     let mut info = model.info.raw.clone();
@@ -327,8 +416,8 @@ pub fn merge(
     Ok(MergeSummary {
         samples: ep_offset as u64,
         bytes_written: tree_size(out)?,
-        filtered: 0,
-        duplicates: 0,
+        filtered,
+        duplicates,
     })
 }
 

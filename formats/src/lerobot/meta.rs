@@ -8,8 +8,8 @@ use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, Int64Array, RecordBatch};
-use arrow::datatypes::{DataType, Int64Type, SchemaRef};
+use arrow::array::{Array, AsArray, Float64Array, Int64Array, RecordBatch};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Map, Value};
 
@@ -219,6 +219,31 @@ pub fn int_column<'a>(
     Ok(col.as_primitive::<Int64Type>())
 }
 
+/// Column `name` of `batch` as float64 (float32 widened), or an error naming the file and
+/// column.
+pub fn float_column(
+    batch: &RecordBatch,
+    name: &str,
+    at: &str,
+) -> Result<Float64Array, DatasetError> {
+    let col = batch
+        .column_by_name(name)
+        .ok_or_else(|| DatasetError::invalid(at, format!("column {name} is missing")))?;
+    if !matches!(col.data_type(), DataType::Float64 | DataType::Float32) || col.null_count() > 0 {
+        return Err(DatasetError::invalid(
+            at,
+            format!(
+                "column {name} is {} with {} nulls, not float64 without nulls",
+                col.data_type(),
+                col.null_count()
+            ),
+        ));
+    }
+    let cast = arrow::compute::cast(col, &DataType::Float64)
+        .map_err(|e| DatasetError::invalid(at, format!("column {name}: {e}")))?;
+    Ok(cast.as_primitive::<Float64Type>().clone())
+}
+
 /// The task strings of `meta/tasks.parquet`, by `task_index` (which must be 0..n).
 pub fn read_tasks(root: &Path) -> Result<Vec<String>, DatasetError> {
     let rel = "meta/tasks.parquet";
@@ -276,11 +301,13 @@ pub fn read_tasks(root: &Path) -> Result<Vec<String>, DatasetError> {
 /// Most distinct tasks one dataset may list.
 const MAX_TASKS: usize = 1 << 20;
 
-/// Where one video of an episode lives.
+/// Where one video of an episode lives: its file and its time range in it, seconds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VideoRef {
     pub chunk: i64,
     pub file: i64,
+    pub from_ts: f64,
+    pub to_ts: f64,
 }
 
 /// One row of the episode table, the fields a merge rewrites or checks.
@@ -342,6 +369,8 @@ pub fn episodes_of(
         vids.push((
             int_column(batch, &format!("videos/{k}/chunk_index"), at)?,
             int_column(batch, &format!("videos/{k}/file_index"), at)?,
+            float_column(batch, &format!("videos/{k}/from_timestamp"), at)?,
+            float_column(batch, &format!("videos/{k}/to_timestamp"), at)?,
         ));
     }
     let tasks_col = batch
@@ -365,7 +394,7 @@ pub fn episodes_of(
             ));
         }
         let mut videos = Vec::new();
-        for (k, (c, fi)) in info.video_keys.iter().zip(&vids) {
+        for (k, (c, fi, t0, t1)) in info.video_keys.iter().zip(&vids) {
             let (c, fi) = (c.value(r), fi.value(r));
             if !(in_range(c) && in_range(fi)) {
                 return Err(DatasetError::invalid(
@@ -373,7 +402,21 @@ pub fn episodes_of(
                     format!("videos/{k}/chunk_index {c} or file_index {fi} is negative or huge"),
                 ));
             }
-            videos.push(VideoRef { chunk: c, file: fi });
+            let (t0, t1) = (t0.value(r), t1.value(r));
+            if !(t0.is_finite() && t1.is_finite() && 0.0 <= t0 && t0 <= t1) {
+                return Err(DatasetError::invalid(
+                    e_at(),
+                    format!(
+                        "videos/{k}/from_timestamp {t0} and to_timestamp {t1} are not a time range (finite, 0 <= from <= to)"
+                    ),
+                ));
+            }
+            videos.push(VideoRef {
+                chunk: c,
+                file: fi,
+                from_ts: t0,
+                to_ts: t1,
+            });
         }
         let (c, fi) = (dc.value(r), df.value(r));
         if !(in_range(c) && in_range(fi)) {

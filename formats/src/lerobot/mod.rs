@@ -6,12 +6,14 @@
 //! `inspect` checks the layout (version, features, fps, every file the episode table names,
 //! every frame row where the table says it is, totals that agree) without trusting any count
 //! the round states; `merge` writes one v3.0 dataset (see [`merge`]); `examine` reports each
-//! episode's length. Reading v2.1 datasets, filtering and de-duplicating episodes, and
-//! remuxing videos into fewer files are not done yet.
+//! episode's length. Episodes are filtered and de-duplicated on their fields (see
+//! [`select`]). Reading v2.1 datasets and remuxing videos into fewer files are not done yet.
 
 mod data;
 mod merge;
 mod meta;
+mod mp4_trim;
+mod select;
 mod stats;
 mod videos;
 
@@ -58,22 +60,20 @@ fn check(root: &Path) -> Result<(Info, Vec<Episode>), DatasetError> {
     Ok((info, eps))
 }
 
-/// Checks a round's dataset and counts its episodes.
+/// Checks a round's dataset and counts its episodes, and those passing `filter`.
 pub fn inspect(root: &Path, filter: Option<&Filter>) -> Result<Inspection, DatasetError> {
-    if let Some(f) = filter {
-        return Err(DatasetError::Filter {
-            path: root.display().to_string(),
-            reason: format!(
-                "merge.filter ({}) does not apply to lerobot datasets yet; remove it from the job file",
-                f.field
-            ),
-        });
-    }
     let (info, eps) = check(root)?;
     let n = eps.len() as u64;
+    let kept = match filter {
+        Some(f) if !eps.is_empty() => select::filter_values(root, &eps, f)?
+            .into_iter()
+            .filter(|v| f.keeps(*v))
+            .count() as u64,
+        _ => n,
+    };
     Ok(Inspection {
         count: n,
-        kept: n,
+        kept,
         schema: info.schema(),
     })
 }
