@@ -270,6 +270,12 @@ pub trait Observer {
     fn values(&mut self, field: &str, values: &[f64]);
     /// Something wrong at `path` (file and place inside it). Examining goes on where it can.
     fn problem(&mut self, path: &str, reason: &str);
+    /// A fact about the whole dataset, not about one sample (its frame rate, its task list,
+    /// a check that was not made), `key` short and stable, `value` one line of text. Formats
+    /// that know nothing beyond their samples never call it; observers may ignore it.
+    fn fact(&mut self, key: &str, value: &str) {
+        let _ = (key, value);
+    }
 }
 
 /// Checks one round's output of `format` and counts its samples (and those passing `filter`).

@@ -24,7 +24,7 @@ use quarry_formats::{DatasetError, Format, Observer};
 use serde::Serialize;
 use serde_json::Value;
 
-use stats::{Binner, FieldSummary, Problem, Stats};
+use stats::{Binner, Fact, FieldSummary, Problem, Stats};
 
 /// Every dataset examined is valid.
 pub const EXIT_VALID: i32 = 0;
@@ -105,6 +105,10 @@ pub struct DatasetReport {
     pub error: Option<String>,
     pub problem_count: u64,
     pub problems: Vec<Problem>,
+    /// What the format reports of the dataset as a whole (a LeRobot dataset's fps, tasks,
+    /// features...), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub facts: Vec<Fact>,
     pub fields: Vec<FieldSummary>,
 }
 
@@ -160,6 +164,10 @@ pub struct InspectOutcome {
     pub problem_count: u64,
     /// The first problems (all datasets together).
     pub problems: Vec<Problem>,
+    /// What the format reports of the dataset as a whole (one dataset only; an experiment's
+    /// are in each object's `dataset`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub facts: Vec<Fact>,
     /// All datasets together, with histograms of the per-sample fields.
     pub fields: Vec<FieldSummary>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -254,6 +262,7 @@ pub fn inspect(args: &InspectArgs, examine: ExamineFn) -> Result<InspectOutcome,
         samples: report.samples,
         problem_count: report.problem_count,
         problems: report.problems,
+        facts: report.facts,
         fields,
         experiment: None,
         bins,
@@ -313,6 +322,7 @@ fn dataset_report(
         error: walked.as_ref().err().cloned(),
         problem_count: stats.problem_count(),
         problems: stats.problems().to_vec(),
+        facts: stats.facts().to_vec(),
         fields,
     }
 }
@@ -469,6 +479,7 @@ fn inspect_experiment(
         samples,
         problem_count: all.problem_count(),
         problems: all.problems().to_vec(),
+        facts: Vec::new(),
         fields: all.summaries(bins, &binned),
         experiment: Some(ExperimentReport {
             exp_name,
@@ -615,6 +626,19 @@ pub fn render_text(o: &InspectOutcome) -> String {
     let w = head.iter().map(|r| r[0].len()).max().unwrap_or(0) + 2;
     for r in &head {
         out.push_str(&format!("{:<w$}{}\n", r[0], r[1]));
+    }
+    if !o.facts.is_empty() {
+        out.push_str("\ndataset:\n");
+        let w = o
+            .facts
+            .iter()
+            .map(|f| f.key.chars().count())
+            .max()
+            .unwrap_or(0)
+            + 2;
+        for f in &o.facts {
+            out.push_str(&format!("  {:<w$}{}\n", f.key, f.value));
+        }
     }
     if o.problem_count > 0 {
         out.push_str("\nproblems:\n");

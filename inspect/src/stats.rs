@@ -22,6 +22,16 @@ pub struct Problem {
     pub reason: String,
 }
 
+/// A fact about a whole dataset a format reported (its frame rate, its task list...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fact {
+    pub key: String,
+    pub value: String,
+}
+
+/// Facts kept per accumulator; the rest are dropped.
+pub const MAX_FACTS: usize = 1000;
+
 /// A field's running statistics.
 #[derive(Debug, Clone)]
 pub struct FieldStats {
@@ -231,6 +241,7 @@ pub struct Stats {
     index: HashMap<String, usize>,
     problems: Vec<Problem>,
     problem_count: u64,
+    facts: Vec<Fact>,
     kept: usize,
     cap: usize,
 }
@@ -250,6 +261,7 @@ impl Stats {
             index: HashMap::new(),
             problems: Vec::new(),
             problem_count: 0,
+            facts: Vec::new(),
             kept: 0,
             cap,
         }
@@ -272,6 +284,11 @@ impl Stats {
     /// The first [`MAX_KEPT_PROBLEMS`] problems.
     pub fn problems(&self) -> &[Problem] {
         &self.problems
+    }
+
+    /// The facts reported, in order (a key reported again replaces its value in place).
+    pub fn facts(&self) -> &[Fact] {
+        &self.facts
     }
 
     /// All problems reported, kept or not.
@@ -418,6 +435,17 @@ impl quarry_formats::Observer for Stats {
 
     fn problem(&mut self, path: &str, reason: &str) {
         self.add_problem(path, reason);
+    }
+
+    fn fact(&mut self, key: &str, value: &str) {
+        if let Some(f) = self.facts.iter_mut().find(|f| f.key == key) {
+            f.value = value.to_string();
+        } else if self.facts.len() < MAX_FACTS {
+            self.facts.push(Fact {
+                key: key.to_string(),
+                value: value.to_string(),
+            });
+        }
     }
 }
 

@@ -5,11 +5,13 @@
 //!
 //! `inspect` checks the layout (version, features, fps, every file the episode table names,
 //! every frame row where the table says it is, totals that agree) without trusting any count
-//! the round states; `merge` writes one v3.0 dataset (see [`merge`]); `examine` reports each
-//! episode's length. Episodes are filtered and de-duplicated on their fields (see
+//! the round states; `merge` writes one v3.0 dataset (see [`merge`]); `examine` reports the
+//! dataset's facts, each episode's fields and frame values, and checks every video file's
+//! structure without decoding it. Episodes are filtered and de-duplicated on their fields (see
 //! [`select`]). Reading v2.1 datasets and remuxing videos into fewer files are not done yet.
 
 mod data;
+mod examine;
 mod merge;
 mod meta;
 mod mp4_trim;
@@ -22,8 +24,9 @@ use std::path::{Path, PathBuf};
 use crate::{DatasetError, Filter, Inspection, MergeOptions, MergeSummary, Observer};
 use meta::{Episode, Info};
 
-/// Everything `inspect` checks; the info and episode table it read.
-fn check(root: &Path) -> Result<(Info, Vec<Episode>), DatasetError> {
+/// What `inspect` checks but the videos and `meta/stats.json`: the info, episode table and
+/// tasks it read.
+fn check_layout(root: &Path) -> Result<(Info, Vec<Episode>, Vec<String>), DatasetError> {
     if !root.join("meta/info.json").is_file() {
         return Err(DatasetError::invalid(
             root.display().to_string(),
@@ -49,6 +52,12 @@ fn check(root: &Path) -> Result<(Info, Vec<Episode>), DatasetError> {
         data::scan(root, f, &mut rows)?;
     }
     rows.finish(root, |_| true)?;
+    Ok((info, eps, tasks))
+}
+
+/// Everything `inspect` checks; the info and episode table it read.
+fn check(root: &Path) -> Result<(Info, Vec<Episode>), DatasetError> {
+    let (info, eps, _) = check_layout(root)?;
     for (k, key) in info.video_keys.iter().enumerate() {
         for f in meta::video_files(&eps, k) {
             videos::check(root, key, f)?;
@@ -88,14 +97,21 @@ pub fn merge(
     merge::merge(inputs, options, out)
 }
 
-/// Walks a dataset: every check of `inspect`, then each episode's `length` and number of
-/// tasks reported as its fields.
+/// Walks a dataset: the layout checks of `inspect` (a failure stops the walk), the
+/// dataset's facts (fps, robot type, totals, tasks, features, video keys), each episode as a
+/// sample (`length`, `tasks`, the episode table's scalar numeric columns, every element of its
+/// frames' numeric features), then every video file checked without decoding it and
+/// `meta/stats.json` read, each failure a problem (see the `examine` module).
 pub fn examine(root: &Path, observer: &mut dyn Observer) -> Result<u64, DatasetError> {
-    let (_, eps) = check(root)?;
-    for e in &eps {
-        observer.sample(e.index as u64);
-        observer.values("length", &[e.length as f64]);
-        observer.values("tasks", &[e.tasks.len() as f64]);
+    let (info, eps, tasks) = check_layout(root)?;
+    examine::examine(root, &info, &eps, &tasks, observer)?;
+    if !eps.is_empty()
+        && let Err(e) = stats::read_json(root)
+    {
+        match e {
+            DatasetError::Invalid { path, reason } => observer.problem(&path, &reason),
+            e => observer.problem(&meta::label(root, "meta/stats.json"), &e.to_string()),
+        }
     }
     Ok(eps.len() as u64)
 }

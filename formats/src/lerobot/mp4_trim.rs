@@ -27,6 +27,9 @@ const MAX_SAMPLES: u64 = 1 << 22;
 /// Deepest box nesting followed inside `moov`.
 const MAX_DEPTH: usize = 8;
 
+/// Ends the reason a file of several tracks (or none) is not read.
+const NOT_ONE_TRACK: &str = " tracks, not one";
+
 /// What [`trim`] did.
 #[derive(Debug, PartialEq)]
 pub enum Trimmed {
@@ -185,11 +188,137 @@ fn table<'a>(
     Ok((f, count, entries))
 }
 
+/// What [`probe`] found in a video file.
+#[derive(Debug, PartialEq)]
+pub enum Probe {
+    /// Read: its samples, its codec (the sample entry's fourcc: `av01`, `avc1`, `hvc1`...)
+    /// and what is wrong with it, each a reason (empty for a sound file).
+    Read {
+        samples: u64,
+        fourcc: String,
+        problems: Vec<String>,
+    },
+    /// A layout this does not read (a fragmented MP4, a huge moov): why.
+    NotChecked(String),
+}
+
+/// Checks a video file without decoding it: one track, and a video one; its sample tables
+/// consistent (every table covering the same samples, the chunks holding them all); its first
+/// sample a sync (key) frame; its first and last samples' bytes inside its `mdat` (a file cut
+/// short is read up to its end, and samples past it are reported). A file that cannot be
+/// parsed at all is [`DatasetError::Invalid`]; a fragmented one is [`Probe::NotChecked`].
+pub fn probe(src: &Path, at: &str) -> Result<Probe, DatasetError> {
+    let m = match Movie::open(src, at, true, false)? {
+        Ok(m) => m,
+        Err(why) if why.ends_with(NOT_ONE_TRACK) => {
+            return Ok(Probe::Read {
+                samples: 0,
+                fourcc: String::new(),
+                problems: vec![format!(
+                    "holds {why} (a LeRobot video file holds exactly one video track)"
+                )],
+            });
+        }
+        Err(why) if why.starts_with("a fragmented MP4") => {
+            return Ok(Probe::NotChecked("fragmented".into()));
+        }
+        Err(why) => return Ok(Probe::NotChecked(why)),
+    };
+    let mut problems = Vec::new();
+    if let Some(h) = &m.t.hdlr {
+        let f = full(&m.moov, h, 8, at)?;
+        let kind = &f.body[4..8];
+        if kind != b"vide" {
+            problems.push(format!(
+                "its one track is a {:?} track, not a video (vide) one",
+                String::from_utf8_lossy(kind)
+            ));
+        }
+    }
+    let stsd = one(&m.stbl_children, b"stsd", "stbl", at)?;
+    let f = full(&m.moov, &stsd, 12, at)?;
+    if u32_at(f.body, 0) == 0 {
+        return Err(DatasetError::invalid(at, "stsd lists no sample entry"));
+    }
+    let fourcc = String::from_utf8_lossy(&f.body[8..12]).into_owned();
+    let n = m.s.sizes.len();
+    if n == 0 {
+        problems.push("its track holds no samples".into());
+    }
+    match find(&m.stbl_children, b"stss").as_slice() {
+        [] => {}
+        [b] => {
+            let (_, count, e) = table(&m.moov, b, 0, 4, at)?;
+            if count == 0 && n > 0 {
+                problems.push("stss lists no sync (key) sample: no frame can be decoded".into());
+            } else if count > 0 && u32_at(e, 0) != 1 {
+                problems.push(format!(
+                    "its first sample is not a sync (key) frame (stss starts at sample {}): the first frame cannot be decoded",
+                    u32_at(e, 0)
+                ));
+            }
+        }
+        _ => return Err(DatasetError::invalid(at, "stbl holds several stss boxes")),
+    }
+    // Where the first and the last samples lie.
+    let (mut first, mut last) = (None, None);
+    let mut sample = 0usize;
+    for (&k, &off) in m.chunks.iter().zip(&m.s.chunk_offsets) {
+        let mut p = off;
+        for _ in 0..k {
+            let size = u64::from(m.s.sizes[sample]);
+            let range = (sample, p, p.saturating_add(size));
+            if sample == 0 {
+                first = Some(range);
+            }
+            if sample + 1 == n {
+                last = Some(range);
+            }
+            p = p.saturating_add(size);
+            sample += 1;
+        }
+    }
+    let len = m.top.last().map_or(0, BoxAt::end);
+    let (data_from, data_to) = (m.mdat.start + m.mdat.header, m.mdat.end());
+    let mut outside = false;
+    for (which, r) in [("first", first), ("last", last)] {
+        let Some((i, a, b)) = r else { continue };
+        if (which == "last" && n == 1) || outside {
+            continue;
+        }
+        if a < data_from || b > data_to {
+            outside = true;
+            let end = match m.truncated {
+                Some(claimed) if m.mdat.end() == len && b > len => format!(
+                    ", past the file's end at byte {len} (mdat claims to end at byte {claimed}): the file is truncated"
+                ),
+                _ => String::new(),
+            };
+            problems.push(format!(
+                "its {which} sample (sample {}, {} bytes at byte {a}) lies outside mdat (bytes {data_from}..{data_to}){end}",
+                i + 1,
+                b - a
+            ));
+        }
+    }
+    if let (Some(claimed), false) = (m.truncated, outside) {
+        problems.push(format!(
+            "the file ends at byte {len} but its last box claims to end at byte {claimed}: the file is truncated"
+        ));
+    }
+    Ok(Probe::Read {
+        samples: n as u64,
+        fourcc,
+        problems,
+    })
+}
+
 /// Where the boxes a trim edits lie in `moov` (offsets into the moov buffer).
 struct Track {
     mvhd: BoxAt,
     tkhd: BoxAt,
     mdhd: BoxAt,
+    hdlr: Option<BoxAt>,
     elst: Option<BoxAt>,
     stbl: BoxAt,
 }
@@ -223,7 +352,7 @@ fn locate(moov: &[u8], at: &str) -> Result<Result<Track, String>, DatasetError> 
     }
     let traks = find(&top, b"trak");
     if traks.len() != 1 {
-        return Ok(Err(format!("{} tracks, not one", traks.len())));
+        return Ok(Err(format!("{} tracks{NOT_ONE_TRACK}", traks.len())));
     }
     let mvhd = one(&top, b"mvhd", "moov", at)?;
     let trak = inner(moov, &traks[0], at)?;
@@ -235,12 +364,14 @@ fn locate(moov: &[u8], at: &str) -> Result<Result<Track, String>, DatasetError> 
     };
     let mdia = inner(moov, &one(&trak, b"mdia", "trak", at)?, at)?;
     let mdhd = one(&mdia, b"mdhd", "mdia", at)?;
+    let hdlr = find(&mdia, b"hdlr").first().copied();
     let minf = inner(moov, &one(&mdia, b"minf", "mdia", at)?, at)?;
     let stbl = one(&minf, b"stbl", "minf", at)?;
     Ok(Ok(Track {
         mvhd,
         tkhd,
         mdhd,
+        hdlr,
         elst,
         stbl,
     }))
@@ -295,11 +426,13 @@ fn read_samples(
     stbl: &[BoxAt],
     file_len: u64,
     at: &str,
+    editing: bool,
 ) -> Result<Result<Samples, String>, DatasetError> {
     for b in stbl {
         match &b.typ {
             b"stsd" | b"stts" | b"ctts" | b"stss" | b"stsc" | b"stsz" | b"stco" | b"co64"
             | b"sdtp" => {}
+            _ if !editing => {}
             other => {
                 return Ok(Err(format!(
                     "stbl holds a {} box",
@@ -429,75 +562,154 @@ fn per_chunk(s: &Samples, at: &str) -> Result<Vec<u32>, DatasetError> {
     Ok(out)
 }
 
+/// An MP4 file opened for reading its one track's sample tables: the top-level boxes, the
+/// `moov` (rebased so its own header is 8 bytes at offset 0), the track's boxes and its
+/// samples, every size and count checked against the bytes holding it.
+struct Movie {
+    file: File,
+    top: Vec<BoxAt>,
+    moov_box: BoxAt,
+    mdat: BoxAt,
+    moov: Vec<u8>,
+    t: Track,
+    stbl_children: Vec<BoxAt>,
+    s: Samples,
+    /// Samples per chunk (see [`per_chunk`]).
+    chunks: Vec<u32>,
+    /// Where the last top-level box claims to end when that is past the file's end (only
+    /// when opened with `clamp_tail`: the box is then cut at the end of the file).
+    truncated: Option<u64>,
+}
+
+impl Movie {
+    /// Opens `src` (`at` names it in errors). A well-formed layout this cannot read is
+    /// `Ok(Err(why))`. With `clamp_tail`, a last top-level box running past the end of the
+    /// file (a file cut short) is read up to the end of the file and noted in `truncated`;
+    /// with `editing`, boxes of `stbl` a trim would not carry over are layouts it cannot read.
+    fn open(
+        src: &Path,
+        at: &str,
+        clamp_tail: bool,
+        editing: bool,
+    ) -> Result<Result<Movie, String>, DatasetError> {
+        let mut f = File::open(src).map_err(DatasetError::io("open", src))?;
+        let len = f.metadata().map_err(DatasetError::io("read", src))?.len();
+        // Top-level boxes.
+        let mut top = Vec::new();
+        let mut truncated = None;
+        let mut pos = 0u64;
+        while pos < len {
+            if top.len() >= MAX_TOP_BOXES {
+                return Ok(Err(format!("over {MAX_TOP_BOXES} top-level boxes")));
+            }
+            let mut head = [0u8; 16];
+            let n = (len - pos).min(16) as usize;
+            f.seek(SeekFrom::Start(pos))
+                .map_err(DatasetError::io("seek", src))?;
+            f.read_exact(&mut head[..n])
+                .map_err(DatasetError::io("read", src))?;
+            let b = match header(&head[..n], pos, len, at) {
+                Ok(b) => b,
+                Err(e) if clamp_tail => {
+                    // Only a box whose header is whole and whose size runs past the end.
+                    let Ok(b) = header(&head[..n], pos, u64::MAX, at) else {
+                        return Err(e);
+                    };
+                    truncated = Some(b.end());
+                    BoxAt {
+                        size: len - pos,
+                        ..b
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            top.push(b);
+            pos = b.end();
+        }
+        if top.first().is_none_or(|b| &b.typ != b"ftyp") {
+            return Err(DatasetError::invalid(
+                at,
+                "not an MP4 file (no ftyp box at its start)",
+            ));
+        }
+        if !find(&top, b"moof").is_empty() {
+            return Ok(Err("a fragmented MP4 (moof)".into()));
+        }
+        let (moov_box, mdat) = match (
+            find(&top, b"moov").as_slice(),
+            find(&top, b"mdat").as_slice(),
+        ) {
+            ([m], [d]) => (*m, *d),
+            ([], _) => return Err(DatasetError::invalid(at, "no moov box")),
+            (_, []) => return Err(DatasetError::invalid(at, "no mdat box")),
+            _ => return Ok(Err("several moov or mdat boxes".into())),
+        };
+        if truncated.is_some() && moov_box.start == top[top.len() - 1].start {
+            return Err(DatasetError::invalid(
+                at,
+                format!(
+                    "the file ends at byte {len}, inside its moov box (which claims to end at byte {}): the file is truncated",
+                    truncated.unwrap_or(0)
+                ),
+            ));
+        }
+        if moov_box.size > MAX_MOOV {
+            return Ok(Err(format!("a moov of {} bytes", moov_box.size)));
+        }
+        // The moov, rebased so its own header is 8 bytes at offset 0.
+        let mut moov = vec![0u8; moov_box.size as usize];
+        f.seek(SeekFrom::Start(moov_box.start))
+            .map_err(DatasetError::io("seek", src))?;
+        f.read_exact(&mut moov)
+            .map_err(DatasetError::io("read", src))?;
+        if moov_box.header == 16 {
+            let body = moov.split_off(16);
+            moov = [[0u8; 8].as_slice(), body.as_slice()].concat();
+        }
+        let t = match locate(&moov, at)? {
+            Ok(t) => t,
+            Err(why) => return Ok(Err(why)),
+        };
+        let stbl_children = inner(&moov, &t.stbl, at)?;
+        let s = match read_samples(&moov, &stbl_children, truncated.unwrap_or(len), at, editing)? {
+            Ok(s) => s,
+            Err(why) => return Ok(Err(why)),
+        };
+        let chunks = per_chunk(&s, at)?;
+        Ok(Ok(Movie {
+            file: f,
+            top,
+            moov_box,
+            mdat,
+            moov,
+            t,
+            stbl_children,
+            s,
+            chunks,
+            truncated,
+        }))
+    }
+}
+
 /// Writes `src` with the samples presented from `cut` seconds on dropped (the prefix in
 /// decode order up to the last sample presented before `cut`) to `dst`; `at` names `src` in
 /// errors.
 pub fn trim(src: &Path, dst: &Path, cut: f64, at: &str) -> Result<Trimmed, DatasetError> {
-    let mut f = File::open(src).map_err(DatasetError::io("open", src))?;
-    let len = f.metadata().map_err(DatasetError::io("read", src))?.len();
-    // Top-level boxes.
-    let mut top = Vec::new();
-    let mut pos = 0u64;
-    while pos < len {
-        if top.len() >= MAX_TOP_BOXES {
-            return Ok(Trimmed::Unsupported(format!(
-                "over {MAX_TOP_BOXES} top-level boxes"
-            )));
-        }
-        let mut head = [0u8; 16];
-        let n = (len - pos).min(16) as usize;
-        f.seek(SeekFrom::Start(pos))
-            .map_err(DatasetError::io("seek", src))?;
-        f.read_exact(&mut head[..n])
-            .map_err(DatasetError::io("read", src))?;
-        let b = header(&head[..n], pos, len, at)?;
-        top.push(b);
-        pos = b.end();
-    }
-    if top.first().is_none_or(|b| &b.typ != b"ftyp") {
-        return Err(DatasetError::invalid(
-            at,
-            "not an MP4 file (no ftyp box at its start)",
-        ));
-    }
-    if !find(&top, b"moof").is_empty() {
-        return Ok(Trimmed::Unsupported("a fragmented MP4 (moof)".into()));
-    }
-    let (moov_box, mdat) = match (
-        find(&top, b"moov").as_slice(),
-        find(&top, b"mdat").as_slice(),
-    ) {
-        ([m], [d]) => (*m, *d),
-        ([], _) => return Err(DatasetError::invalid(at, "no moov box")),
-        (_, []) => return Err(DatasetError::invalid(at, "no mdat box")),
-        _ => return Ok(Trimmed::Unsupported("several moov or mdat boxes".into())),
-    };
-    if moov_box.size > MAX_MOOV {
-        return Ok(Trimmed::Unsupported(format!(
-            "a moov of {} bytes",
-            moov_box.size
-        )));
-    }
-    // The moov, rebased so its own header is 8 bytes at offset 0.
-    let mut moov = vec![0u8; moov_box.size as usize];
-    f.seek(SeekFrom::Start(moov_box.start))
-        .map_err(DatasetError::io("seek", src))?;
-    f.read_exact(&mut moov)
-        .map_err(DatasetError::io("read", src))?;
-    if moov_box.header == 16 {
-        let body = moov.split_off(16);
-        moov = [[0u8; 8].as_slice(), body.as_slice()].concat();
-    }
-    let t = match locate(&moov, at)? {
-        Ok(t) => t,
+    let Movie {
+        file: mut f,
+        top,
+        moov_box,
+        mdat,
+        moov,
+        t,
+        stbl_children,
+        s,
+        chunks,
+        truncated: _,
+    } = match Movie::open(src, at, false, true)? {
+        Ok(m) => m,
         Err(why) => return Ok(Trimmed::Unsupported(why)),
     };
-    let stbl_children = inner(&moov, &t.stbl, at)?;
-    let s = match read_samples(&moov, &stbl_children, len, at)? {
-        Ok(s) => s,
-        Err(why) => return Ok(Trimmed::Unsupported(why)),
-    };
-    let chunks = per_chunk(&s, at)?;
 
     // Time: media timescale, edit list.
     let mdhd = full(&moov, &t.mdhd, 20, at)?;
@@ -991,7 +1203,9 @@ mod tests {
         let moov = file[moov_b.start as usize..moov_b.end() as usize].to_vec();
         let t = locate(&moov, "out").unwrap().unwrap();
         let kids = inner(&moov, &t.stbl, "out").unwrap();
-        let s = read_samples(&moov, &kids, len, "out").unwrap().unwrap();
+        let s = read_samples(&moov, &kids, len, "out", true)
+            .unwrap()
+            .unwrap();
         let mdhd = full(&moov, &t.mdhd, 20, "out").unwrap();
         let dur = u64::from(u32_at(mdhd.body, 12));
         (
