@@ -1021,3 +1021,331 @@ fn video_files_with_b_frames_are_cut_in_decode_order() {
         assert_eq!(said.trim(), format!("ok {limit} {rows} {rows}"), "{said}");
     }
 }
+
+/// Everything `examine` reported: per sample its fields (values of repeated calls joined),
+/// the problems and the facts.
+/// One sample's fields: name and values.
+type Fields = Vec<(String, Vec<f64>)>;
+
+#[derive(Default)]
+struct Seen {
+    samples: Vec<(u64, Fields)>,
+    problems: Vec<(String, String)>,
+    facts: Vec<(String, String)>,
+}
+
+impl quarry_formats::Observer for Seen {
+    fn sample(&mut self, index: u64) {
+        self.samples.push((index, Vec::new()));
+    }
+    fn values(&mut self, field: &str, values: &[f64]) {
+        let s = &mut self.samples.last_mut().expect("a sample first").1;
+        match s.iter_mut().find(|(f, _)| f == field) {
+            Some((_, v)) => v.extend_from_slice(values),
+            None => s.push((field.to_string(), values.to_vec())),
+        }
+    }
+    fn problem(&mut self, path: &str, reason: &str) {
+        self.problems.push((path.to_string(), reason.to_string()));
+    }
+    fn fact(&mut self, key: &str, value: &str) {
+        self.facts.push((key.to_string(), value.to_string()));
+    }
+}
+
+impl Seen {
+    fn fact(&self, key: &str) -> &str {
+        self.facts
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no fact {key}: {:?}", self.facts))
+    }
+}
+
+fn examine(root: &Path) -> (u64, Seen) {
+    let mut seen = Seen::default();
+    let n = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        quarry_formats::examine(Format::Lerobot, root, &mut seen)
+    }))
+    .expect("no panic")
+    .unwrap();
+    (n, seen)
+}
+
+/// pyarrow's reading of a dataset: info.json's fps and totals, the tasks, and per episode
+/// its length, number of tasks and every frame's `observation.state` and `action` elements.
+const READ_EPISODES: &str = r#"
+import sys, json, glob, os
+import pyarrow.parquet as pq
+root = sys.argv[1]
+info = json.load(open(os.path.join(root, 'meta/info.json')))
+eps = pq.read_table(sorted(glob.glob(os.path.join(root, 'meta/episodes/*/*.parquet')))[0]).to_pylist()
+tasks = pq.read_table(os.path.join(root, 'meta/tasks.parquet'))
+names = [c for c in tasks.column_names if c != 'task_index']
+task_list = [r[names[0]] for r in sorted(tasks.to_pylist(), key=lambda r: r['task_index'])]
+data = pq.read_table(sorted(glob.glob(os.path.join(root, 'data/*/*.parquet')))[0]).to_pylist()
+out = []
+for e in eps:
+    rows = [r for r in data if r['episode_index'] == e['episode_index']]
+    o = {'index': e['episode_index'], 'length': e['length'], 'tasks': len(e['tasks'])}
+    for f in ['observation.state', 'action']:
+        o[f] = [x for r in rows for x in r[f]]
+    if 'success' in e:
+        o['success'] = float(e['success'])
+    out.append(o)
+print(json.dumps({'fps': info['fps'], 'frames': info['total_frames'], 'tasks': task_list, 'episodes': out}))
+"#;
+
+#[test]
+fn examine_reports_each_episode_as_pyarrow_reads_it() {
+    let py = python(&["pyarrow"]);
+    let t = tempfile::tempdir().unwrap();
+    // Round 1 with a `success` column added to its episode table.
+    let r1 = copy_round(t.path(), 1);
+    add_episode_column(&r1, "success", |i| i != 1);
+    for root in [rounds()[0].clone(), r1.clone(), rounds()[2].clone()] {
+        let want: Value = serde_json::from_str(
+            run_code(&py, READ_EPISODES, &[root.display().to_string()]).trim(),
+        )
+        .unwrap();
+        let (n, seen) = examine(&root);
+        let eps = want["episodes"].as_array().unwrap();
+        assert_eq!(n as usize, eps.len());
+        assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+        assert_eq!(seen.fact("fps"), want["fps"].to_string());
+        assert_eq!(seen.fact("frames"), want["frames"].to_string());
+        assert_eq!(seen.fact("robot_type"), "toyarm");
+        assert_eq!(seen.fact("video keys"), "observation.images.cam");
+        assert_eq!(seen.fact("video files"), "1 checked");
+        assert_eq!(seen.fact("feature action"), "float32 [3]");
+        assert_eq!(
+            seen.fact("feature observation.images.cam"),
+            "video [48, 64, 3] (av1, yuv420p, 64x48, 10 fps)"
+        );
+        let tasks: Vec<String> = want["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| format!("{t}"))
+            .collect();
+        assert_eq!(
+            seen.fact("tasks"),
+            format!("{}: {}", tasks.len(), tasks.join(", "))
+        );
+        assert_eq!(seen.samples.len(), eps.len());
+        for ((index, fields), e) in seen.samples.iter().zip(eps) {
+            assert_eq!(*index, e["index"].as_u64().unwrap());
+            let mut names: Vec<&str> = fields.iter().map(|(f, _)| f.as_str()).collect();
+            names.sort_unstable();
+            let mut want_names = vec!["action", "length", "observation.state", "tasks"];
+            if e.get("success").is_some() {
+                want_names.push("success");
+                want_names.sort_unstable();
+            }
+            assert_eq!(names, want_names, "{root:?}");
+            for (f, v) in fields {
+                let w: Vec<f64> = match &e[f.as_str()] {
+                    Value::Array(a) => a.iter().map(|x| x.as_f64().unwrap()).collect(),
+                    x => vec![x.as_f64().unwrap()],
+                };
+                assert_eq!(v, &w, "episode {index} field {f} of {root:?}");
+            }
+        }
+    }
+}
+
+/// Adds a boolean column to the round's episode table, `f(row)` per episode.
+fn add_episode_column(root: &Path, name: &str, f: impl Fn(usize) -> bool) {
+    use arrow::array::BooleanArray;
+    use arrow::datatypes::{Field, Schema};
+    let p = root.join("meta/episodes/chunk-000/file-000.parquet");
+    let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<RecordBatch> = r.map(|b| b.unwrap()).collect();
+    let old = batches[0].schema();
+    let mut fields: Vec<Field> = old.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new(name, arrow::datatypes::DataType::Boolean, false));
+    let schema = Arc::new(Schema::new_with_metadata(fields, old.metadata().clone()));
+    let mut w = ArrowWriter::try_new(File::create(&p).unwrap(), schema.clone(), None).unwrap();
+    let mut row = 0;
+    for b in batches {
+        let v: Vec<bool> = (0..b.num_rows()).map(|i| f(row + i)).collect();
+        row += b.num_rows();
+        let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+        cols.push(Arc::new(BooleanArray::from(v)));
+        w.write(&RecordBatch::try_new(schema.clone(), cols).unwrap())
+            .unwrap();
+    }
+    w.close().unwrap();
+}
+
+/// Rewrites a float64 column of the round's episode table.
+fn edit_episodes_f64(root: &Path, column: &str, f: impl Fn(usize, f64) -> f64) {
+    use arrow::array::Float64Array;
+    let p = root.join("meta/episodes/chunk-000/file-000.parquet");
+    let r = ParquetRecordBatchReaderBuilder::try_new(File::open(&p).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let batches: Vec<RecordBatch> = r.map(|b| b.unwrap()).collect();
+    let schema = batches[0].schema();
+    let i = schema.index_of(column).unwrap();
+    let mut w = ArrowWriter::try_new(File::create(&p).unwrap(), schema.clone(), None).unwrap();
+    let mut row = 0;
+    for b in batches {
+        let col = b
+            .column(i)
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap()
+            .clone();
+        let v: Vec<f64> = col
+            .values()
+            .iter()
+            .map(|x| {
+                row += 1;
+                f(row - 1, *x)
+            })
+            .collect();
+        let mut cols: Vec<ArrayRef> = b.columns().to_vec();
+        cols[i] = Arc::new(Float64Array::from(v));
+        w.write(&RecordBatch::try_new(schema.clone(), cols).unwrap())
+            .unwrap();
+    }
+    w.close().unwrap();
+}
+
+/// Round 0 with its video file changed by `f`, examined: the problems, all about the file,
+/// every episode still reported.
+fn examine_spoiled_video(t: &Path, f: impl FnOnce(&mut Vec<u8>)) -> Vec<String> {
+    let r = copy_round(t, 0);
+    let p = video(&r, 0);
+    let mut bytes = std::fs::read(&p).unwrap();
+    f(&mut bytes);
+    std::fs::write(&p, &bytes).unwrap();
+    let (n, seen) = examine(&r);
+    assert_eq!((n, seen.samples.len()), (2, 2));
+    for (at, _) in &seen.problems {
+        assert!(
+            at.ends_with("videos/observation.images.cam/chunk-000/file-000.mp4"),
+            "{at}"
+        );
+    }
+    seen.problems.into_iter().map(|(_, r)| r).collect()
+}
+
+#[test]
+fn hostile_video_files_are_problems_when_examined() {
+    let t = tempfile::tempdir().unwrap();
+    // Truncated in the middle of its mdat: the last sample lies past the end of the file.
+    let p = examine_spoiled_video(t.path(), |b| {
+        let mdat = find_box(b, b"mdat");
+        b.truncate(mdat + (b.len() - mdat) / 2);
+    });
+    assert!(
+        p.len() == 1 && p[0].contains("last sample") && p[0].contains("truncated"),
+        "{p:?}"
+    );
+    // Its first sample not a sync sample.
+    let p = examine_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stss");
+        b[at + 16..at + 20].copy_from_slice(&2u32.to_be_bytes());
+    });
+    assert!(
+        p.len() == 1 && p[0].contains("first sample is not a sync (key) frame"),
+        "{p:?}"
+    );
+    // Its codec not the one info.json names.
+    let p = examine_spoiled_video(t.path(), |b| {
+        // The sample entry (stsd's first), not the ftyp's compatible brand.
+        let at = find_box(b, b"stsd") + 16;
+        assert_eq!(&b[at + 4..at + 8], b"av01");
+        b[at + 4..at + 8].copy_from_slice(b"avc1");
+    });
+    assert!(
+        p.len() == 1 && p[0].contains("avc1") && p[0].contains("\"av1\""),
+        "{p:?}"
+    );
+    // A chunk offset pointing before mdat.
+    let p = examine_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stco");
+        b[at + 16..at + 20].copy_from_slice(&8u32.to_be_bytes());
+    });
+    assert!(
+        p.len() == 1 && p[0].contains("first sample") && p[0].contains("outside mdat"),
+        "{p:?}"
+    );
+    // Not an MP4 at all; cut inside a box header; garbage sizes: problems, never panics.
+    for f in [
+        (|b: &mut Vec<u8>| b[4..8].copy_from_slice(b"junk")) as fn(&mut Vec<u8>),
+        |b| b.truncate(36),
+        |b| b.truncate(0),
+        |b| {
+            let at = find_box(b, b"stsz");
+            b[at + 16..at + 20].copy_from_slice(&u32::MAX.to_be_bytes());
+        },
+        |b| {
+            let at = find_box(b, b"stsc");
+            b[at + 20..at + 24].copy_from_slice(&u32::MAX.to_be_bytes());
+        },
+    ] {
+        let p = examine_spoiled_video(t.path(), f);
+        assert_eq!(p.len(), 1, "{p:?}");
+    }
+    // Fragmented (an mvex box in moov): not checked, no problem.
+    let r = copy_round(t.path(), 0);
+    let p = video(&r, 0);
+    let mut b = std::fs::read(&p).unwrap();
+    let at = find_box(&b, b"udta");
+    b[at + 4..at + 8].copy_from_slice(b"mvex");
+    std::fs::write(&p, &b).unwrap();
+    let (_, seen) = examine(&r);
+    assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+    assert_eq!(seen.fact("video files"), "0 checked, 1 not checked");
+    assert!(
+        seen.facts
+            .iter()
+            .any(|(k, v)| k.ends_with("file-000.mp4") && v == "not checked (fragmented)"),
+        "{:?}",
+        seen.facts
+    );
+}
+
+#[test]
+fn episode_tables_promising_more_video_than_there_is_are_problems() {
+    let t = tempfile::tempdir().unwrap();
+    // A missing video file.
+    let r = copy_round(t.path(), 0);
+    std::fs::remove_file(video(&r, 0)).unwrap();
+    let (n, seen) = examine(&r);
+    assert_eq!((n, seen.samples.len()), (2, 2));
+    assert_eq!(seen.problems.len(), 1, "{:?}", seen.problems);
+    assert!(
+        seen.problems[0].0.ends_with("file-000.mp4")
+            && seen.problems[0].1.contains("does not exist"),
+        "{:?}",
+        seen.problems
+    );
+    // The last episode ending at 5 s: 50 frames at 10 fps, the file holds 9.
+    let r = copy_round(t.path(), 0);
+    edit_episodes_f64(&r, "videos/observation.images.cam/to_timestamp", |i, x| {
+        if i == 1 { 5.0 } else { x }
+    });
+    let (_, seen) = examine(&r);
+    assert_eq!(seen.problems.len(), 1, "{:?}", seen.problems);
+    let (at, why) = &seen.problems[0];
+    assert!(at.ends_with("file-000.mp4"), "{at}");
+    assert!(
+        why.contains("holds 9 frames") && why.contains("episode 1") && why.contains("50 frames"),
+        "{why}"
+    );
+    // Half a frame more than the file holds is within rounding.
+    let r = copy_round(t.path(), 0);
+    edit_episodes_f64(&r, "videos/observation.images.cam/to_timestamp", |i, x| {
+        if i == 1 { 0.94 } else { x }
+    });
+    assert!(examine(&r).1.problems.is_empty());
+}
