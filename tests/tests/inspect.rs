@@ -588,3 +588,129 @@ fn hdf5_and_zarr_datasets_are_examined() {
         text(&out.stdout)
     );
 }
+
+/// pyarrow's reading of a LeRobot dataset's frames: per numeric feature the count, min,
+/// max and mean of every element.
+const READ_LEROBOT: &str = r#"
+import sys, json, glob, os
+import pyarrow.parquet as pq
+root = sys.argv[1]
+out = {}
+for f in ['observation.state', 'action']:
+    vals = []
+    for p in sorted(glob.glob(os.path.join(root, 'data/*/*.parquet'))):
+        for row in pq.read_table(p, columns=[f]).column(f).to_pylist():
+            vals.extend(row)
+    out[f] = {'count': len(vals), 'min': min(vals), 'max': max(vals), 'mean': sum(vals) / len(vals)}
+print(json.dumps(out))
+"#;
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("list") {
+        let e = e.expect("entry");
+        let dst = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &dst);
+        } else {
+            std::fs::copy(e.path(), &dst).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn lerobot_datasets_report_their_facts_frames_and_videos() {
+    let root = repo_root().join("tests/fixtures/lerobot/rounds/r1");
+    let p = root.to_str().expect("utf-8");
+    let out = inspect(&[p, "--json"]);
+    assert_eq!(code(&out), 0, "{}{}", text(&out.stdout), text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["format"], "lerobot");
+    assert_eq!(v["samples"], 3);
+    let fact = |k: &str| {
+        v["facts"]
+            .as_array()
+            .expect("facts")
+            .iter()
+            .find(|f| f["key"] == k)
+            .unwrap_or_else(|| panic!("no fact {k} in {v}"))["value"]
+            .as_str()
+            .expect("text")
+            .to_string()
+    };
+    assert_eq!(fact("fps"), "10");
+    assert_eq!(fact("episodes"), "3");
+    assert_eq!(fact("frames"), "17");
+    assert_eq!(fact("tasks"), r#"2: "place the cube", "push the cube""#);
+    assert_eq!(fact("feature observation.state"), "float32 [4]");
+    assert_eq!(fact("video keys"), "observation.images.cam");
+    assert_eq!(fact("video files"), "1 checked");
+    let want: serde_json::Value =
+        serde_json::from_str(run_python(&python(), READ_LEROBOT, &[p]).trim()).expect("json");
+    let field = |name: &str| {
+        v["fields"]
+            .as_array()
+            .expect("fields")
+            .iter()
+            .find(|f| f["name"] == name)
+            .unwrap_or_else(|| panic!("no field {name} in {v}"))
+            .clone()
+    };
+    for name in ["observation.state", "action"] {
+        let (f, w) = (field(name), &want[name]);
+        assert_eq!(f["kind"], "array");
+        assert_eq!(f["samples"], 3);
+        assert_eq!(f["count"], w["count"], "{name}");
+        assert_eq!((&f["min"], &f["max"]), (&w["min"], &w["max"]), "{name}");
+        let d = f["mean"].as_f64().expect("mean") - w["mean"].as_f64().expect("mean");
+        assert!(d.abs() < 1e-9, "{name}: {f} vs {w}");
+    }
+    let length = field("length");
+    assert_eq!(
+        (length["min"].as_f64(), length["max"].as_f64()),
+        (Some(4.0), Some(7.0))
+    );
+    // The text report lists the facts.
+    let out = inspect(&[p]);
+    let stdout = text(&out.stdout);
+    assert_eq!(code(&out), 0, "{stdout}");
+    assert!(stdout.contains("\ndataset:\n"), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("  fps") && l.ends_with(" 10")),
+        "{stdout}"
+    );
+
+    // A video file cut in the middle of its mdat; a video file missing: problems naming them.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("r0");
+    copy_dir(&repo_root().join("tests/fixtures/lerobot/rounds/r0"), &bad);
+    let mp4 = bad.join("videos/observation.images.cam/chunk-000/file-000.mp4");
+    let len = std::fs::metadata(&mp4).expect("stat").len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&mp4)
+        .expect("open");
+    f.set_len(len - 600).expect("truncate");
+    let out = inspect(&[bad.to_str().expect("utf-8")]);
+    let stdout = text(&out.stdout);
+    assert_eq!(code(&out), 3, "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.lines().any(|l| l.starts_with("  ")
+            && l.contains("chunk-000/file-000.mp4")
+            && l.contains("truncated")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("samples  2"), "{stdout}");
+    std::fs::remove_file(&mp4).expect("remove");
+    let out = inspect(&[bad.to_str().expect("utf-8")]);
+    let stdout = text(&out.stdout);
+    assert_eq!(code(&out), 3, "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("file-000.mp4") && l.contains("does not exist")),
+        "{stdout}"
+    );
+}
