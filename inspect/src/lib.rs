@@ -52,8 +52,8 @@ pub struct InspectArgs {
     /// A dataset (a final file or directory) or an experiment directory (one holding
     /// manifest.json, as data/experiments/<exp_name>/).
     pub path: PathBuf,
-    /// The dataset's format: npy, hdf5, zarr, episodes, npz or jsonl [default: from the name or
-    /// the contents]. For an experiment: the format of every final.
+    /// The dataset's format: npy, hdf5, zarr, episodes, npz, jsonl or lerobot [default: from
+    /// the name or the contents]. For an experiment: the format of every final.
     #[arg(long, value_parser = parse_format)]
     pub format: Option<Format>,
     /// Also draw a PNG report here: histograms of the per-sample fields, per-object yields.

@@ -1,5 +1,6 @@
 //! `inspect` with a stand-in walk: a text file whose lines are samples
-//! (`field=v,v;field=v`), problems (`!place|reason`) or a walk that stops (`STOP reason`).
+//! (`field=v,v;field=v`), problems (`!place|reason`), facts (`@key|value`) or a walk that
+//! stops (`STOP reason`).
 
 use std::path::Path;
 
@@ -16,6 +17,9 @@ fn fake_examine(_f: Format, path: &Path, obs: &mut dyn Observer) -> Result<u64, 
         if let Some(p) = line.strip_prefix('!') {
             let (place, reason) = p.split_once('|').expect("place|reason");
             obs.problem(&format!("{name}:{place}"), reason);
+        } else if let Some(f) = line.strip_prefix('@') {
+            let (key, value) = f.split_once('|').expect("key|value");
+            obs.fact(key, value);
         } else if let Some(reason) = line.strip_prefix("STOP ") {
             return Err(DatasetError::invalid(
                 format!("{name}:line {}", i + 1),
@@ -369,4 +373,36 @@ fn numbers_are_short() {
     assert_eq!(fmt_num(2.5e7, 4), "2.5e7");
     assert_eq!(fmt_num(999.96, 4), "1000");
     assert_eq!(fmt_num(f64::NAN, 4), "NaN");
+}
+
+#[test]
+fn facts_are_listed_in_order_a_repeated_key_replacing_its_value() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("d.txt");
+    std::fs::write(&p, "@fps|10\nx=1\n@tasks|2: a, b\n@fps|30\nx=2\n").expect("write");
+    let o = inspect(&args(&p), fake_examine).expect("inspect");
+    let facts: Vec<(&str, &str)> = o
+        .facts
+        .iter()
+        .map(|f| (f.key.as_str(), f.value.as_str()))
+        .collect();
+    assert_eq!(facts, [("fps", "30"), ("tasks", "2: a, b")]);
+    assert!(o.valid);
+    let text = render_text(&o);
+    assert!(
+        text.contains("\ndataset:\n  fps    30\n  tasks  2: a, b\n"),
+        "{text}"
+    );
+    let json = serde_json::to_value(&o).expect("json");
+    assert_eq!(json["facts"][1]["key"], "tasks");
+    // A walk without facts prints no such block, and its JSON no `facts`.
+    std::fs::write(&p, "x=1\n").expect("write");
+    let o = inspect(&args(&p), fake_examine).expect("inspect");
+    assert!(!render_text(&o).contains("dataset:"));
+    assert!(
+        serde_json::to_value(&o)
+            .expect("json")
+            .get("facts")
+            .is_none()
+    );
 }
