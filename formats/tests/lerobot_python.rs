@@ -1349,3 +1349,26 @@ fn episode_tables_promising_more_video_than_there_is_are_problems() {
     });
     assert!(examine(&r).1.problems.is_empty());
 }
+
+/// Finals merged here, their video files cut or copied whole, examine clean.
+#[test]
+fn merged_finals_examine_without_problems() {
+    let t = tempfile::tempdir().unwrap();
+    let all = t.path().join("all");
+    merge(&rounds(), 100, &all).unwrap();
+    let cut = t.path().join("cut");
+    merge(&rounds(), 4, &cut).unwrap();
+    let long = t.path().join("long");
+    merge_with(&rounds(), 100, Some("length >= 5"), &[], &long).unwrap();
+    for (root, n, frames, files) in [
+        (&all, 7, "35", "3 checked"),
+        (&cut, 4, "22", "2 checked"),
+        (&long, 4, "23", "3 checked"),
+    ] {
+        let (got, seen) = examine(root);
+        assert_eq!(got, n, "{root:?}");
+        assert!(seen.problems.is_empty(), "{root:?}: {:?}", seen.problems);
+        assert_eq!(seen.fact("frames"), frames, "{root:?}");
+        assert_eq!(seen.fact("video files"), files, "{root:?}");
+    }
+}
