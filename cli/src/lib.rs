@@ -52,7 +52,7 @@ pub async fn main(cli: Cli) -> anyhow::Result<i32> {
         Command::Status(a) => commands::status(a).await,
         Command::Jobs(a) => commands::jobs(a).await,
         Command::Cancel(a) => commands::cancel(a).await,
-        Command::Inspect(a) => Ok(quarry_inspect::main(&a)),
+        Command::Inspect(a) => Ok(quarry_inspect::main(&a, &mut std::io::stdout().lock())),
     }
 }
 

@@ -185,22 +185,30 @@ impl InspectOutcome {
 /// How a dataset is walked ([`quarry_formats::examine`]; tests substitute their own).
 pub type ExamineFn = fn(Format, &Path, &mut dyn Observer) -> Result<u64, DatasetError>;
 
-/// The command: inspects, prints, writes the PNG; returns the exit status.
-pub fn main(args: &InspectArgs) -> i32 {
+/// The command: inspects, prints the report to `out`, writes the PNG; returns the exit
+/// status. A reader that went away (`coordinator inspect ... | head`) ends the report
+/// quietly.
+pub fn main(args: &InspectArgs, out: &mut dyn std::io::Write) -> i32 {
     match run(args) {
         Ok(outcome) => {
-            if args.json {
+            let text = if args.json {
                 match serde_json::to_string_pretty(&outcome) {
-                    Ok(s) => println!("{s}"),
+                    Ok(s) => s + "\n",
                     Err(e) => {
                         eprintln!("error: {e}");
                         return EXIT_ERROR;
                     }
                 }
             } else {
-                print!("{}", render_text(&outcome));
+                render_text(&outcome)
+            };
+            match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    eprintln!("error: writing the report: {e}");
+                    EXIT_ERROR
+                }
+                _ => outcome.exit_code(),
             }
-            outcome.exit_code()
         }
         Err(e) => {
             eprintln!("error: {e}");

@@ -714,3 +714,31 @@ fn lerobot_datasets_report_their_facts_frames_and_videos() {
         "{stdout}"
     );
 }
+
+/// `coordinator inspect ... | head`: a reader that goes away before the report is written
+/// ends the output quietly, with the dataset's exit status, not a panic.
+#[test]
+fn a_reader_that_goes_away_ends_the_report_quietly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("grasps.jsonl");
+    let d = data.to_str().expect("utf-8");
+    run_python(&python(), WRITE_JSONL, &[d]);
+    for json in [false, true] {
+        let mut cmd = Command::new(bin("coordinator"));
+        cmd.arg("inspect").arg(d);
+        if json {
+            cmd.arg("--json");
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the coordinator binary");
+        // The read end closes before anything is written.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let stderr = text(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert_eq!(code(&out), 0, "{stderr}");
+    }
+}
