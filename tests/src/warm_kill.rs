@@ -233,11 +233,10 @@ fn watch(
         died_starts: None,
         trace: Vec::new(),
     };
-    let gone = |report: &mut KillReport, why: &str| report.trace.push(why.to_string());
     // The first warm process.
     let pid = loop {
         if done.load(Ordering::SeqCst) || Instant::now() > deadline {
-            gone(&mut report, "no warm generator appeared");
+            report.trace.push("no warm generator appeared".into());
             return report;
         }
         if let Some(&p) = warm_generators(root).first() {
@@ -255,16 +254,20 @@ fn watch(
     let mut slice = Duration::from_millis(2);
     let killed_at = loop {
         if done.load(Ordering::SeqCst) || Instant::now() > deadline {
-            gone(&mut report, "gave up before a kill");
+            report.trace.push("gave up before a kill".into());
             signal(pid, libc::SIGCONT);
             return report;
         }
         if !wait_stopped(pid) {
-            gone(&mut report, "the generator ended before a kill");
+            report
+                .trace
+                .push("the generator ended before a kill".into());
             return report;
         }
         let Some(now) = observe(pid) else {
-            gone(&mut report, "cannot read the generator's /proc entries");
+            report
+                .trace
+                .push("cannot read the generator's /proc entries".into());
             signal(pid, libc::SIGCONT);
             return report;
         };
@@ -275,6 +278,17 @@ fn watch(
         match (prev, now) {
             (Some(Seen::Handed), Seen::Idle) => {
                 // A whole round between two looks.
+                answered += 1;
+                if answered > 1 {
+                    missed += 1;
+                    slice = (slice / 2).max(Duration::from_micros(100));
+                }
+            }
+            (Some(Seen::Idle), Seen::Idle) if !round_dirs(rounds).is_subset(&before_round) => {
+                // A whole round (handed, read, written, answered) between two looks.
+                report
+                    .trace
+                    .push(format!("a round passed unseen (answered {answered})"));
                 answered += 1;
                 if answered > 1 {
                     missed += 1;
