@@ -181,7 +181,6 @@ async fn finals_after_a_kill_mid_round(e: &Example) -> Vec<String> {
     )
     .await;
     let r = kill.finish();
-    eprintln!("{}: {:?}", e.script, r.trace);
     let what = format!("{}: {r:?}\n{m}", e.script);
     assert!(r.killed.is_some(), "no kill: {what}");
     assert!(r.answered_before >= 1, "{what}");
@@ -218,12 +217,18 @@ async fn finals_after_a_kill_mid_round(e: &Example) -> Vec<String> {
             .iter()
             .find(|c| c["round"] == round)
             .unwrap_or_else(|| panic!("round {name} not committed: {what}"));
-        // Attempt ids are `e<epoch>a<n>`, n from 0: a0 was killed.
+        // Attempt ids are `e<epoch>a<n>`, n from 0: a0 was killed; its log is kept.
         assert!(
             c["attempt"].as_str().unwrap().ends_with("a1"),
             "{c}: {what}"
         );
+        let tail = name.rsplit("__").next().unwrap();
+        let log = experiments(root.path()).join(format!("ex/logs/{object}/{tail}/e1a0.log"));
+        assert!(log.is_file(), "no {}: {what}", log.display());
     }
+    // Nothing of the killed attempt's partial output is left.
+    let left = files_under(&root.path().join("out"));
+    assert!(left.is_empty(), "left behind: {left:?}: {what}");
     final_shas(e, &m)
 }
 
