@@ -10,11 +10,15 @@
 //!   (`/proc/PID/syscall`);
 //! - in a round: nothing waits and it is elsewhere (it read the line and has not come back).
 //!
-//! The process is only ever stopped between two observations, so what it does (and the bytes it
-//! writes) is what it would do unstopped. The kill lands in the handler once the round's
-//! output has appeared (a file in a round directory that had none before it) when a step catches that moment (a partial output left
-//! for the retry to replace), else as soon as the handler runs; should every step overshoot a
-//! whole round, once a round is handed and unread (the agent waits for its answer either way).
+//! Observations are made while the process is stopped, and it runs between them in short
+//! steps; stopping changes when it runs, not what it writes. The kill lands in the handler:
+//! once a file appears in a round directory that held none before the round (a partial output
+//! the retry must replace) when a step catches that moment within a few rounds, else as soon as
+//! a handler runs; should the steps keep overshooting whole rounds, once a round is handed and
+//! unread (the agent is waiting for its answer either way).
+//!
+//! Needs `/proc/PID/syscall` (Linux) and the rights to signal the generator (the test's own
+//! child, as with `coordinator run` in-process).
 
 use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
@@ -24,8 +28,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{sample, scrape};
 use crate::process::pids;
+use crate::prometheus::http_get;
 
 /// Where the process stood when the kill landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +111,7 @@ impl Drop for MidRoundKill {
     }
 }
 
-/// Warm generators (their stdout's reply descriptor in the environment) leading their own
+/// Warm generators (the reply descriptor's variable in their environment) leading their own
 /// process group, working in `root`.
 fn warm_generators(root: &Path) -> Vec<u32> {
     pids()
@@ -360,11 +364,17 @@ fn watch(
         std::thread::sleep(Duration::from_millis(2));
     }
     if let (Some(_), Some((addr, gpu))) = (report.restarted_as, metrics) {
-        let text = scrape(&addr, "/metrics");
-        report.died_starts = Some(sample(
-            &text,
-            &format!("quarry_worker_generator_starts_total{{gpu=\"{gpu}\",reason=\"died\"}}"),
-        ));
+        // The run may end at any time now: a failed scrape is noted, not a panic here.
+        let series =
+            format!("quarry_worker_generator_starts_total{{gpu=\"{gpu}\",reason=\"died\"}} ");
+        match http_get(&addr, "/metrics") {
+            Ok((200, text)) => {
+                report.died_starts = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&series)?.parse().ok());
+            }
+            other => report.trace.push(format!("scraping {addr}: {other:?}")),
+        }
     }
     report
 }
