@@ -69,23 +69,27 @@ pub struct MidRoundKill {
 }
 
 impl MidRoundKill {
-    /// Starts watching for the warm generator whose working directory is `root` (the job's
-    /// default `cwd`), whose rounds write under `rounds` (the parent of the job's
-    /// `round_dir`). `metrics`: `(ADDR, GPU)` of the run's metrics endpoint and the agent's
-    /// GPU, scraped for the `died` start once the restart is seen. Gives up after `limit`.
+    /// Starts watching for the warm generator of the agent on `gpu` whose working directory
+    /// is `root` (the job's default `cwd`), whose rounds write under `rounds` (the parent of
+    /// the job's `round_dir`; a new directory there is taken for its round's, so that agent
+    /// should be the job's only one). `metrics`: the run's metrics endpoint, scraped for the
+    /// `died` start once the restart is seen. Gives up after `limit`.
     pub fn start(
         root: &Path,
         rounds: &Path,
-        metrics: Option<(String, String)>,
+        gpu: &str,
+        metrics: Option<String>,
         limit: Duration,
     ) -> MidRoundKill {
         let root = std::fs::canonicalize(root).expect("canonical root");
         let rounds = rounds.to_path_buf();
+        let gpu = gpu.to_string();
         let done = Arc::new(AtomicBool::new(false));
         let thread = {
             let done = Arc::clone(&done);
             std::thread::spawn(move || {
-                watch(&root, &rounds, metrics, &done, Instant::now() + limit)
+                let at = Instant::now() + limit;
+                watch(&root, &rounds, &gpu, metrics, &done, at)
             })
         };
         MidRoundKill {
@@ -111,9 +115,10 @@ impl Drop for MidRoundKill {
     }
 }
 
-/// Warm generators (the reply descriptor's variable in their environment) leading their own
-/// process group, working in `root`.
-fn warm_generators(root: &Path) -> Vec<u32> {
+/// Warm generators (the reply descriptor's variable in their environment) of the agent on
+/// `gpu` (`QUARRY_GPU`), leading their own process group, working in `root`.
+fn warm_generators(root: &Path, gpu: &str) -> Vec<u32> {
+    let gpu_entry = format!("QUARRY_GPU={gpu}");
     pids()
         .into_iter()
         .filter(|&pid| {
@@ -122,6 +127,7 @@ fn warm_generators(root: &Path) -> Vec<u32> {
                 && std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
                     env.split(|&b| b == 0)
                         .any(|v| v.starts_with(b"QUARRY_REPLY_FD="))
+                        && env.split(|&b| b == 0).any(|v| v == gpu_entry.as_bytes())
                 })
         })
         .collect()
@@ -225,7 +231,8 @@ const MISSES_BEFORE_HANDED: u32 = 6;
 fn watch(
     root: &Path,
     rounds: &Path,
-    metrics: Option<(String, String)>,
+    gpu: &str,
+    metrics: Option<String>,
     done: &AtomicBool,
     deadline: Instant,
 ) -> KillReport {
@@ -243,7 +250,7 @@ fn watch(
             report.trace.push("no warm generator appeared".into());
             return report;
         }
-        if let Some(&p) = warm_generators(root).first() {
+        if let Some(&p) = warm_generators(root, gpu).first() {
             break p;
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -357,13 +364,13 @@ fn watch(
     ));
     // The restart.
     while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
-        if let Some(&p) = warm_generators(root).iter().find(|&&p| p != pid) {
+        if let Some(&p) = warm_generators(root, gpu).iter().find(|&&p| p != pid) {
             report.restarted_as = Some(p);
             break;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    if let (Some(_), Some((addr, gpu))) = (report.restarted_as, metrics) {
+    if let (Some(_), Some(addr)) = (report.restarted_as, metrics) {
         // The run may end at any time now: a failed scrape is noted, not a panic here.
         let series =
             format!("quarry_worker_generator_starts_total{{gpu=\"{gpu}\",reason=\"died\"}} ");

@@ -170,7 +170,8 @@ async fn finals_after_a_kill_mid_round(e: &Example) -> Vec<String> {
     let kill = MidRoundKill::start(
         root.path(),
         &root.path().join("out"),
-        Some((metrics.clone(), "0".into())),
+        "0",
+        Some(metrics.clone()),
         Duration::from_secs(100),
     );
     let m = run_job(
