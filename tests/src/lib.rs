@@ -20,6 +20,7 @@ pub mod process;
 pub mod prometheus;
 pub mod s3;
 pub mod slurm;
+pub mod warm_kill;
 use tokio_util::sync::CancellationToken;
 
 /// The repository root.

@@ -56,17 +56,19 @@ pub fn run_within(cmd: &mut Command, dir: &Path, limit: Duration) -> Ended {
 /// are the binary a test meant them to be.
 pub fn running_instances_of(exe: &Path) -> usize {
     let want = std::fs::canonicalize(exe).unwrap_or_else(|_| exe.to_path_buf());
+    pids()
+        .into_iter()
+        .filter(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|p| p == want))
+        .count()
+}
+
+/// The ids of the processes of this machine now (`/proc`'s numeric entries).
+pub fn pids() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
+        return Vec::new();
     };
     entries
         .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .bytes()
-                .all(|b| b.is_ascii_digit())
-        })
-        .filter(|e| std::fs::read_link(e.path().join("exe")).is_ok_and(|p| p == want))
-        .count()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
 }
