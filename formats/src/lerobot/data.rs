@@ -11,12 +11,11 @@ use arrow::array::{ArrayRef, BooleanArray, Int64Array, RecordBatch};
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::SchemaRef;
 use parquet::arrow::ArrowWriter;
-use parquet::arrow::ProjectionMask;
 use parquet::basic::Compression;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
-use super::meta::{Episode, int_column, label, open_parquet};
+use super::meta::{Episode, each_batch, int_column, label, open_parquet};
 use crate::DatasetError;
 
 /// A row group is cut once this many bytes are buffered.
@@ -107,29 +106,12 @@ pub fn scan(
 ) -> Result<(), DatasetError> {
     let rel = super::meta::data_rel(chunk, file);
     let at = label(root, &rel);
-    let b = open_parquet(root, &rel)?;
-    let names = ["episode_index", "index"];
-    let roots: Vec<usize> = names
-        .iter()
-        .map(|n| {
-            b.schema()
-                .index_of(n)
-                .map_err(|_| DatasetError::invalid(&at, format!("column {n} is missing")))
-        })
-        .collect::<Result<_, _>>()?;
-    let mask = ProjectionMask::roots(b.parquet_schema(), roots);
-    let reader = b
-        .with_projection(mask)
-        .build()
-        .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
     let mut last = None;
-    for batch in reader {
-        let batch = batch.map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
-        let ep = int_column(&batch, "episode_index", &at)?;
-        let ix = int_column(&batch, "index", &at)?;
-        check.batch(&at, (chunk, file), ep, ix, &mut last)?;
-    }
-    Ok(())
+    each_batch(root, &rel, &["episode_index", "index"], |batch| {
+        let ep = int_column(batch, "episode_index", &at)?;
+        let ix = int_column(batch, "index", &at)?;
+        check.batch(&at, (chunk, file), ep, ix, &mut last)
+    })
 }
 
 /// How a merge renumbers the rows of one round: per source episode, its new number and

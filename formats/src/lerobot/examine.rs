@@ -7,7 +7,6 @@ use std::path::Path;
 
 use arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type};
-use parquet::arrow::ProjectionMask;
 use serde_json::Value;
 
 use super::meta::{self, Episode, Info, label};
@@ -107,13 +106,8 @@ fn episode_columns(
                 .index_of("episode_index")
                 .map_err(|_| DatasetError::invalid(&at, "column episode_index is missing"))?,
         );
-        let mask = ProjectionMask::roots(b.parquet_schema(), roots);
-        let reader = b
-            .with_projection(mask)
-            .build()
-            .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+        for batch in meta::projected(b, roots, &at)? {
+            let batch = batch?;
             let eps = meta::int_column(&batch, "episode_index", &at)?;
             for (field, col) in batch.schema().fields().iter().zip(batch.columns()) {
                 if field.name() == "episode_index" {
@@ -276,14 +270,8 @@ pub fn examine(
         }
         roots.sort_unstable();
         roots.dedup();
-        let mask = ProjectionMask::roots(b.parquet_schema(), roots);
-        let reader = b
-            .with_projection(mask)
-            .build()
-            .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
-        for batch in reader {
-            let batch: RecordBatch =
-                batch.map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+        for batch in meta::projected(b, roots, &at)? {
+            let batch: RecordBatch = batch?;
             let ep = meta::int_column(&batch, "episode_index", &at)?.clone();
             let cols: Vec<(String, ArrayRef)> = batch
                 .schema()

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use arrow::array::{Array, AsArray, Float64Array, Int64Array, RecordBatch};
 use arrow::datatypes::{DataType, Float64Type, Int64Type, SchemaRef};
+use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::{Map, Value};
 
@@ -182,6 +183,22 @@ pub fn open_parquet(
     ParquetRecordBatchReaderBuilder::try_new(f)
         .map(|b| b.with_batch_size(BATCH_ROWS))
         .map_err(|e| DatasetError::invalid(label(root, rel), format!("not a parquet file: {e}")))
+}
+
+/// The record batches of the columns `roots` (indices into the file's schema, in file order)
+/// of a parquet file opened with [`open_parquet`]; `at` names the file in errors.
+pub fn projected(
+    b: ParquetRecordBatchReaderBuilder<File>,
+    roots: impl IntoIterator<Item = usize>,
+    at: &str,
+) -> Result<impl Iterator<Item = Result<RecordBatch, DatasetError>>, DatasetError> {
+    let mask = ProjectionMask::roots(b.parquet_schema(), roots);
+    let reader = b
+        .with_projection(mask)
+        .build()
+        .map_err(|e| DatasetError::invalid(at, e.to_string()))?;
+    let at = at.to_string();
+    Ok(reader.map(move |batch| batch.map_err(|e| DatasetError::invalid(&at, e.to_string()))))
 }
 
 /// Every batch of a parquet file (small metadata tables only).
@@ -520,4 +537,38 @@ pub fn parquet_schema(
     rel: &str,
 ) -> Result<Arc<arrow::datatypes::Schema>, DatasetError> {
     Ok(open_parquet(root, rel)?.schema().clone())
+}
+
+/// Calls `f` with each batch of columns `cols` (in that order) of a parquet file.
+pub fn each_batch(
+    root: &Path,
+    rel: &str,
+    cols: &[&str],
+    mut f: impl FnMut(&RecordBatch) -> Result<(), DatasetError>,
+) -> Result<(), DatasetError> {
+    let at = label(root, rel);
+    let b = open_parquet(root, rel)?;
+    let roots: Vec<usize> = cols
+        .iter()
+        .map(|n| {
+            b.schema()
+                .index_of(n)
+                .map_err(|_| DatasetError::invalid(&at, format!("column {n} is missing")))
+        })
+        .collect::<Result<_, _>>()?;
+    for batch in projected(b, roots, &at)? {
+        let batch = batch?;
+        // The projection keeps file order; put the columns in the asked order.
+        let batch = batch
+            .project(
+                &cols
+                    .iter()
+                    .map(|n| batch.schema().index_of(n))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| DatasetError::invalid(&at, e.to_string()))?,
+            )
+            .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+        f(&batch)?;
+    }
+    Ok(())
 }

@@ -15,11 +15,10 @@
 
 use std::path::Path;
 
-use arrow::array::{Array, AsArray, RecordBatch};
+use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Field};
-use parquet::arrow::ProjectionMask;
 
-use super::meta::{self, Episode, data_rel, int_column, label, open_parquet};
+use super::meta::{self, Episode, data_rel, each_batch, int_column, label, open_parquet};
 use crate::elem::{FieldDigest, SampleDigest};
 use crate::{DatasetError, Filter};
 
@@ -113,13 +112,8 @@ pub fn filter_values(root: &Path, eps: &[Episode], f: &Filter) -> Result<Vec<f64
                 ),
             ));
         }
-        let mask = ProjectionMask::roots(b.parquet_schema(), [col_ix]);
-        let reader = b
-            .with_projection(mask)
-            .build()
-            .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
-        for batch in reader {
-            let batch = batch.map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
+        for batch in meta::projected(b, [col_ix], &at)? {
+            let batch = batch?;
             let col = arrow::compute::cast(batch.column(0), &DataType::Float64)
                 .map_err(|e| DatasetError::invalid(&at, format!("column {}: {e}", f.field)))?;
             let col = col.as_primitive::<arrow::datatypes::Float64Type>();
@@ -268,45 +262,6 @@ pub fn digests(
         }
     }
     Ok(out.into_iter().map(SampleDigest::finish).collect())
-}
-
-/// Calls `f` with each batch of columns `cols` (in that order) of a parquet file.
-fn each_batch(
-    root: &Path,
-    rel: &str,
-    cols: &[&str],
-    mut f: impl FnMut(&RecordBatch) -> Result<(), DatasetError>,
-) -> Result<(), DatasetError> {
-    let at = label(root, rel);
-    let b = open_parquet(root, rel)?;
-    let roots: Vec<usize> = cols
-        .iter()
-        .map(|n| {
-            b.schema()
-                .index_of(n)
-                .map_err(|_| DatasetError::invalid(&at, format!("column {n} is missing")))
-        })
-        .collect::<Result<_, _>>()?;
-    let mask = ProjectionMask::roots(b.parquet_schema(), roots);
-    let reader = b
-        .with_projection(mask)
-        .build()
-        .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
-    for batch in reader {
-        let batch = batch.map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
-        // The projection keeps file order; put the columns in the asked order.
-        let batch = batch
-            .project(
-                &cols
-                    .iter()
-                    .map(|n| batch.schema().index_of(n))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| DatasetError::invalid(&at, e.to_string()))?,
-            )
-            .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
-        f(&batch)?;
-    }
-    Ok(())
 }
 
 /// Feeds rows `start..start + len` of `a` into `fd`: a primitive's little-endian bytes, a
