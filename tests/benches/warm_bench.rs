@@ -30,6 +30,9 @@ struct Measured {
     wall: Duration,
     rounds: u64,
     busy: Option<f64>,
+    /// Milliseconds from one round's end to the next one's start, as the generator stamped
+    /// them (the cold-start generator only); in process mode they hold the cold start.
+    gaps: Vec<f64>,
     final_sha: String,
 }
 
@@ -81,6 +84,18 @@ fn main() {
             busy(&p),
             busy(&w)
         );
+        if !w.gaps.is_empty() {
+            let mut g = w.gaps.clone();
+            g.sort_by(f64::total_cmp);
+            let at = |q: f64| g[((g.len() - 1) as f64 * q).ceil() as usize];
+            println!(
+                "  warm: GPU idle between rounds (one round's end to the next one's start, {} gaps): median {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+                g.len(),
+                at(0.5),
+                at(0.99),
+                g[g.len() - 1]
+            );
+        }
     }
 }
 
@@ -112,23 +127,30 @@ fn measure(rt: &tokio::runtime::Runtime, generator: &Gen, rounds: u64, warm: boo
     let wall = t.elapsed();
     assert_eq!(outcome.exit_code(), 0, "run did not finish: {outcome:?}");
     let fin = &quarry_tests::finals(dir.path(), "wbench", "obj")[0];
-    let busy = std::fs::read_to_string(&spans).ok().map(|text| {
-        let spans: Vec<(f64, f64)> = text
-            .lines()
-            .filter_map(|l| {
-                let mut it = l.split_whitespace().map(|x| x.parse::<f64>().ok());
-                Some((it.next()??, it.next()??))
-            })
-            .collect();
+    let mut spans: Vec<(f64, f64)> = std::fs::read_to_string(&spans)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace().map(|x| x.parse::<f64>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .collect();
+    spans.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let busy = (!spans.is_empty()).then(|| {
         let inside: f64 = spans.iter().map(|(a, b)| b - a).sum();
         let first = spans.iter().map(|s| s.0).fold(f64::INFINITY, f64::min);
         let last = spans.iter().map(|s| s.1).fold(0.0, f64::max);
         inside / (last - first)
     });
+    let gaps = spans
+        .windows(2)
+        .map(|w| (w[1].0 - w[0].1) * 1000.0)
+        .collect();
     Measured {
         wall,
         rounds,
         busy,
+        gaps,
         final_sha: quarry_tests::sha256_file(fin),
     }
 }
