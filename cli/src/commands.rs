@@ -14,6 +14,20 @@ use crate::job_input::spec_from;
 use crate::progress::{self, Progress, ProgressMode};
 use crate::render::{object_line, status_json, worker_line};
 
+/// `println!` for the commands' output. A reader that went away (`coordinator status | head`)
+/// ends it quietly, the command's exit status standing, where `println!` would panic; any
+/// other write error is said once per line on stderr.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*)
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            eprintln!("error: writing to standard output: {e}");
+        }
+    }};
+}
+
 /// `coordinator submit`: sends the job; with `--watch`, follows it until it ends.
 pub async fn submit(a: SubmitArgs) -> anyhow::Result<i32> {
     if a.job.is_none() && a.legacy.exp_name.is_none() {
@@ -27,12 +41,12 @@ pub async fn submit(a: SubmitArgs) -> anyhow::Result<i32> {
     let mut c = JobClient::new(&a.client)?;
     let resp = c.submit(&spec).await?;
     if a.json {
-        println!(
+        out!(
             "{}",
             serde_json::json!({ "job": resp.job_id, "created": resp.created })
         );
     } else {
-        println!("{}", resp.job_id);
+        out!("{}", resp.job_id);
         if !resp.created {
             eprintln!("job {} existed with the same spec; resumed", resp.job_id);
         }
@@ -99,7 +113,7 @@ async fn watch(
         bail!("no status received")
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+        out!("{}", serde_json::to_string_pretty(&status_json(&s))?);
     } else {
         eprintln!(
             "{}",
@@ -182,16 +196,16 @@ async fn status_of(a: StatusArgs, client: ClientArgs) -> anyhow::Result<i32> {
     let jobs = fetch_jobs(&mut c, a.job.as_deref()).await?;
     if a.json {
         let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
     for s in &jobs {
-        println!("{}", progress::line(s, Duration::from_millis(s.elapsed_ms)));
+        out!("{}", progress::line(s, Duration::from_millis(s.elapsed_ms)));
         for o in &s.objects {
-            println!("{}", object_line(o));
+            out!("{}", object_line(o));
         }
         for w in &s.workers {
-            println!("{}", worker_line(w));
+            out!("{}", worker_line(w));
         }
     }
     Ok(0)
@@ -203,14 +217,14 @@ pub async fn jobs(a: JobsArgs) -> anyhow::Result<i32> {
     let jobs = fetch_jobs(&mut c, None).await?;
     if a.json {
         let v: Vec<serde_json::Value> = jobs.iter().map(status_json).collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(0);
     }
     if jobs.is_empty() {
-        println!("no jobs");
+        out!("no jobs");
     }
     for s in &jobs {
-        println!("{}", progress::line(s, Duration::from_millis(s.elapsed_ms)));
+        out!("{}", progress::line(s, Duration::from_millis(s.elapsed_ms)));
     }
     Ok(0)
 }
@@ -227,9 +241,9 @@ pub async fn cancel(a: CancelArgs) -> anyhow::Result<i32> {
     .await
     .map_err(|e| explain(rpc_err(e), &found))?;
     if a.json {
-        println!("{}", serde_json::json!({ "job": a.job, "cancelled": true }));
+        out!("{}", serde_json::json!({ "job": a.job, "cancelled": true }));
     } else {
-        println!("job {} cancelled", a.job);
+        out!("job {} cancelled", a.job);
     }
     Ok(0)
 }

@@ -37,6 +37,26 @@ async fn serve_worker_submit_status_as_processes() {
     assert_eq!(v[0]["state"], "done", "{v}");
     assert_eq!(v[0]["samples_collected"], 180);
     assert_eq!(v[0]["workers"].as_array().unwrap().len(), 2, "{v}");
+    // `coordinator status | head`: a reader that goes away before the output is written ends
+    // it quietly with the command's exit status, not a panic.
+    for args in [
+        vec!["status", "served"],
+        vec!["status", "served", "--json"],
+        vec!["jobs"],
+    ] {
+        let mut child = Command::new(bin("coordinator"))
+            .args(&args)
+            .args(["--coordinator", &addr])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.status.success(), "{args:?}: {stderr}");
+    }
 
     // The same job through `coordinator run` gives the same bytes.
     let reference = legacy_root();
