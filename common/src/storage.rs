@@ -347,16 +347,14 @@ impl Store {
             // (a chunk is milliseconds of work that would stall this runtime's other tasks:
             // its RPCs, the next round's start) while the parts in flight overlap the network.
             let Some(mut f) = file.take() else { break };
-            let read = tokio::task::spawn_blocking(move || {
+            let read = blocking(move || {
                 let mut buf = vec![0u8; CHUNK];
                 let n = read_full(&mut f, &mut buf)?;
                 buf.truncate(n);
                 hasher.update(&buf);
                 Ok::<_, std::io::Error>((f, hasher, buf))
             })
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|r| r);
+            .await;
             let buf = match read {
                 Ok((f, h, buf)) => {
                     file = Some(f);
@@ -412,7 +410,8 @@ impl Store {
         let len = std::fs::metadata(file).map_err(io)?.len();
         if len > CHUNK as u64 {
             if let Some(existing) = self.hash_object(key).await? {
-                let local = hash_file(file).map_err(io)?;
+                let path = file.to_path_buf();
+                let local = blocking(move || hash_file(&path)).await.map_err(io)?;
                 return same_or_conflict(key, existing, local);
             }
             return self.put_file(key, file).await;
@@ -471,14 +470,12 @@ impl Store {
         if let Some(path) = self.local_path(key) {
             Self::key(key)?;
             let shown = path.display().to_string();
-            let hashed = tokio::task::spawn_blocking(move || match std::fs::File::open(&path) {
-                Ok(f) => hash_reader(f).map(Some),
+            let hashed = blocking(move || match hash_file(&path) {
+                Ok(up) => Ok(Some(up)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),
             })
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|r| r);
+            .await;
             return hashed.map_err(|source| StoreError::Io {
                 op: "read",
                 path: shown,
@@ -595,15 +592,13 @@ impl Store {
                 .map_err(|e| StoreError::store("get", key, e))?;
             let size = bytes.len() as u64;
             let path = dest.to_path_buf();
-            tokio::task::spawn_blocking(move || {
+            blocking(move || {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
                 std::fs::write(&path, &bytes)
             })
             .await
-            .map_err(|e| std::io::Error::other(e.to_string()))
-            .and_then(|r| r)
             .map_err(io("write"))?;
             return Ok(size);
         }
@@ -857,6 +852,17 @@ fn same_or_conflict(
             sha256: local.sha256,
         })
     }
+}
+
+/// Runs `f` on a blocking thread: file work that would stall the runtime's threads. A panic
+/// or cancellation of that thread is an I/O error.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r)
 }
 
 /// Size and sha256 of a local file, read a chunk at a time.

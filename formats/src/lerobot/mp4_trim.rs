@@ -148,6 +148,21 @@ fn full<'a>(buf: &'a [u8], b: &BoxAt, fixed: usize, at: &str) -> Result<Full<'a>
     })
 }
 
+/// The timescale of an `mdhd` or `mvhd` box (after the creation and modification times, 4 or
+/// 8 bytes each by version), checked non-zero and followed by a whole duration field.
+fn timescale_of(buf: &[u8], b: &BoxAt, at: &str) -> Result<u32, DatasetError> {
+    let f = full(buf, b, 20, at)?;
+    let (ts_at, dur_w) = if f.version == 1 { (16, 8) } else { (8, 4) };
+    let timescale = u32_at(f.body, ts_at);
+    if timescale == 0 || f.body.len() < ts_at + 4 + dur_w {
+        return Err(DatasetError::invalid(
+            at,
+            format!("{}'s timescale is 0 or the box is cut short", b.name()),
+        ));
+    }
+    Ok(timescale)
+}
+
 fn u32_at(b: &[u8], i: usize) -> u32 {
     b.get(i..i + 4)
         .and_then(|s| <[u8; 4]>::try_from(s).ok())
@@ -712,24 +727,8 @@ pub fn trim(src: &Path, dst: &Path, cut: f64, at: &str) -> Result<Trimmed, Datas
     };
 
     // Time: media timescale, edit list.
-    let mdhd = full(&moov, &t.mdhd, 20, at)?;
-    let (ts_at, dur_w) = if mdhd.version == 1 { (16, 8) } else { (8, 4) };
-    let timescale = u32_at(mdhd.body, ts_at);
-    if timescale == 0 || mdhd.body.len() < ts_at + 4 + dur_w {
-        return Err(DatasetError::invalid(
-            at,
-            "mdhd's timescale is 0 or the box is cut short",
-        ));
-    }
-    let mvhd = full(&moov, &t.mvhd, 20, at)?;
-    let (mts_at, mdur_w) = if mvhd.version == 1 { (16, 8) } else { (8, 4) };
-    let movie_ts = u32_at(mvhd.body, mts_at);
-    if movie_ts == 0 || mvhd.body.len() < mts_at + 4 + mdur_w {
-        return Err(DatasetError::invalid(
-            at,
-            "mvhd's timescale is 0 or the box is cut short",
-        ));
-    }
+    let timescale = timescale_of(&moov, &t.mdhd, at)?;
+    let movie_ts = timescale_of(&moov, &t.mvhd, at)?;
     // The edit list: optionally one empty edit, then one edit from `media_time`.
     let mut media_time = 0i64;
     let mut empty_dur = 0u64;
