@@ -884,12 +884,22 @@ fn run_with_lease_batch(n: &str) -> (String, String) {
 #[test]
 fn lease_batch_leases_and_reports_rounds_together_with_the_same_final() {
     let (one, m1) = run_with_lease_batch("1");
-    let (four, m4) = run_with_lease_batch("4");
-    assert_eq!(one, four, "the finals differ");
+    let batches = |m: &str| sample(m, "quarry_complete_batch_rounds_count");
+    // Completions go together only when they are ready while another Complete is still in
+    // flight: with commits of a few milliseconds a whole run can miss that. Up to 5 runs,
+    // each checked for the same final; the assertions below hold for the last one.
+    let mut m4 = String::new();
+    for _ in 0..5 {
+        let (four, m) = run_with_lease_batch("4");
+        assert_eq!(one, four, "the finals differ");
+        m4 = m;
+        if batches(&m4) >= 1.0 {
+            break;
+        }
+    }
 
     let calls = |m: &str| sample(m, "quarry_acquire_seconds_count");
     let leased = |m: &str| sample(m, "quarry_rounds_leased_total");
-    let batches = |m: &str| sample(m, "quarry_complete_batch_rounds_count");
     let batched = |m: &str| sample(m, "quarry_complete_batch_rounds_sum");
     assert_eq!(calls(&m1), leased(&m1), "batch 1: one round per Acquire");
     assert_eq!(batches(&m1), 0.0, "batch 1: no CompleteBatch");
