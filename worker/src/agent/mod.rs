@@ -262,7 +262,12 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             reason: "no inventory configured".into(),
         })
     });
-    let monitor = Monitor::start(inventory, cfg.gpu.clone(), cfg.sample_interval).await;
+    let monitor = Monitor::start(
+        Arc::clone(&inventory),
+        cfg.gpu.clone(),
+        cfg.sample_interval,
+    )
+    .await;
     let cfg = Arc::new(cfg);
     let counters = Arc::new(Counters::default());
     let mut backoff = Backoff::new();
@@ -271,7 +276,8 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
     // not cost it its cold start.
     let warm = Arc::new(tokio::sync::Mutex::new(warm::Slot::new(
         Arc::clone(&cfg.metrics),
-        gpu.clone(),
+        cfg.gpu.clone(),
+        inventory,
     )));
     // Drain between sessions means nothing is running: stop at once.
     while !shutdown.drain.is_cancelled() {

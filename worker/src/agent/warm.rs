@@ -1,9 +1,10 @@
 //! The agent's warm generator (`generator.mode = "warm"`): started once, handed the agent's
 //! rounds one JSON line at a time, and restarted whenever a fresh process would have been
 //! safer: after it died, timed out or was stopped mid-round, after `recycle_after_rounds`,
-//! once its process group holds more than `recycle_above_memory_mib` of host memory, and
-//! when a round of another generator (argv, cwd, environment) comes. Every start is counted
-//! by reason in `quarry_worker_generator_starts_total`.
+//! once its process group holds more than `recycle_above_memory_mib` of host memory or more
+//! than `recycle_above_gpu_memory_mib` of the agent's GPU (as the GPU inventory lists its
+//! processes), and when a round of another generator (argv, cwd, environment) comes. Every
+//! start is counted by reason in `quarry_worker_generator_starts_total`.
 //!
 //! `generator.audit`: a round the coordinator marked is, once done, re-run cold in a fresh
 //! process with the same inputs (its outputs written beside the real ones, under
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::round::Paths;
+use crate::gpu::{GpuInfo, Inventory};
 use crate::metrics::{StartReason, WorkerMetrics};
 use crate::runner::warm::{WarmProcess, WarmSpec};
 use crate::runner::{RunError, RunOutcome, RunReport};
@@ -35,8 +37,11 @@ pub struct Slot {
     /// Why the next start happens when no process runs: first, or after one died mid-round.
     next_start: StartReason,
     metrics: Arc<WorkerMetrics>,
-    /// The agent's GPU, the metrics' label.
+    /// The agent's GPU id, the metrics' label.
     gpu: String,
+    /// The agent's GPU and where its processes are listed, for the GPU-memory ceiling.
+    gpu_info: GpuInfo,
+    inventory: Arc<dyn Inventory>,
     /// Starts in a row that ended before the process answered a round.
     start_failures: u32,
     /// Whether the current process has answered a round yet.
@@ -45,12 +50,14 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn new(metrics: Arc<WorkerMetrics>, gpu: String) -> Slot {
+    pub fn new(metrics: Arc<WorkerMetrics>, gpu: GpuInfo, inventory: Arc<dyn Inventory>) -> Slot {
         Slot {
             process: None,
             next_start: StartReason::First,
             metrics,
-            gpu,
+            gpu: gpu.id.clone(),
+            gpu_info: gpu,
+            inventory,
             start_failures: 0,
             answered: false,
             out_of_rotation: None,
@@ -113,15 +120,28 @@ impl Slot {
     ) -> Result<RunReport, RunError> {
         let exited = self.process.as_mut().is_some_and(WarmProcess::exited);
         let restart_why = match &self.process {
+            None => None,
             Some(_) if exited => Some(StartReason::Exited),
             Some(p) if p.spec() != &spec => Some(StartReason::OtherGenerator),
             Some(p) if task.recycle_after_rounds > 0 && p.served() >= task.recycle_after_rounds => {
                 Some(StartReason::Recycle)
             }
-            Some(p) if task.recycle_above_memory_mib > 0 => {
-                over_memory(p, task.recycle_above_memory_mib).then_some(StartReason::Memory)
+            Some(p) if task.recycle_above_memory_mib > 0
+                && over_memory(p, task.recycle_above_memory_mib) =>
+            {
+                Some(StartReason::Memory)
             }
-            _ => None,
+            Some(p) if task.recycle_above_gpu_memory_mib > 0 => {
+                let over = over_gpu_memory(
+                    p.group_id(),
+                    Arc::clone(&self.inventory),
+                    self.gpu_info.clone(),
+                    task.recycle_above_gpu_memory_mib,
+                )
+                .await;
+                over.then_some(StartReason::GpuMemory)
+            }
+            Some(_) => None,
         };
         if let Some(why) = restart_why
             && let Some(p) = self.process.take()
@@ -211,6 +231,53 @@ fn over_memory(p: &WarmProcess, ceiling_mib: u64) -> bool {
         }
         Err(e) => {
             warn!(error = %e, "cannot read the warm generator's memory; keeping it");
+            false
+        }
+    }
+}
+
+/// Whether the processes of group `pgid` hold more of `gpu`'s memory than `ceiling_mib`,
+/// as `inventory` lists them (off the async threads: NVML calls and `/proc` walks block). A
+/// figure that cannot be read (no inventory, an NVML error, a garbled inventory file, a
+/// member whose usage the driver does not report) keeps the process, as an unreadable
+/// `/proc` does for the host ceiling.
+async fn over_gpu_memory(
+    pgid: Option<u32>,
+    inventory: Arc<dyn Inventory>,
+    gpu: GpuInfo,
+    ceiling_mib: u64,
+) -> bool {
+    let Some(pgid) = pgid else {
+        return false;
+    };
+    let held = tokio::task::spawn_blocking(move || {
+        let pids = crate::runner::memory::group_pids(pgid)
+            .map_err(|e| format!("cannot list its process group in /proc: {e}"))?;
+        let on_gpu = inventory
+            .processes(&gpu)
+            .map_err(|e| format!("{} cannot list the GPU's processes: {e}", inventory.describe()))?;
+        crate::gpu::held_by(&on_gpu, &pids).map(|mib| (mib, pids.len())).ok_or_else(|| {
+            "the driver does not report the GPU memory of one of its processes".to_string()
+        })
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    match held {
+        Ok((held_mib, processes)) => {
+            let over = held_mib > ceiling_mib;
+            if over {
+                info!(
+                    gpu_memory_mib = held_mib,
+                    ceiling_mib,
+                    processes,
+                    "the warm generator is over its GPU memory ceiling"
+                );
+            }
+            over
+        }
+        Err(why) => {
+            warn!(error = %why, "cannot read the warm generator's GPU memory; keeping it");
             false
         }
     }
@@ -399,20 +466,51 @@ mod tests {
     use super::*;
 
     /// A real warm generator (python3 speaking the protocol): a round named `grow` keeps
-    /// 96 MiB, one named `die` kills the process mid-round, any other answers done.
+    /// 96 MiB, one named `die` kills the process mid-round, one named `gpu*` lists itself
+    /// and a child it starts in the GPU inventory file `inventory.json` (standing in for
+    /// the driver; see [`gpu_entries`]), any other answers done.
     const GENERATOR: &str = r#"
-import json, os, sys
+import json, os, subprocess, sys
 keep = []
 reply = os.fdopen(int(os.environ["QUARRY_REPLY_FD"]), "w")
 for line in sys.stdin:
     r = json.loads(line)
-    if r["round_name"] == "die":
+    name = r["round_name"]
+    if name == "die":
         os._exit(3)
-    if r["round_name"] == "grow":
+    if name == "grow":
         keep.append(b"x" * (96 << 20))
+    if name.startswith("gpu"):
+        child = subprocess.Popen(["sleep", "60"])
+        keep.append(child)
+        entries = name.split(":", 1)[1] % {"me": os.getpid(), "child": child.pid}
+        with open("inventory.json.tmp", "w") as f:
+            f.write('{"gpus": [{"index": 3, "processes": [%s]}]}' % entries)
+        os.replace("inventory.json.tmp", "inventory.json")
     reply.write('{"status": "done"}\n')
     reply.flush()
 "#;
+
+    /// The round that makes [`GENERATOR`] list `entries` as the GPU's processes, `%(me)d`
+    /// standing for its pid and `%(child)d` for a child's.
+    fn gpu_entries(entries: &str) -> String {
+        format!("gpu:{entries}")
+    }
+
+    /// The agent's GPU (id 3) in an inventory file in `dir` that lists no processes yet.
+    fn file_gpu(dir: &Path) -> (GpuInfo, Arc<dyn Inventory>) {
+        let p = dir.join("inventory.json");
+        std::fs::write(&p, r#"{"gpus": [{"index": 3}]}"#).unwrap();
+        let inv = crate::gpu::file::FileInventory::open(&p).unwrap();
+        (GpuInfo::unlisted("3"), Arc::new(inv))
+    }
+
+    fn no_gpu() -> (GpuInfo, Arc<dyn Inventory>) {
+        let none = crate::gpu::NoInventory {
+            reason: "test".into(),
+        };
+        (GpuInfo::unlisted("3"), Arc::new(none))
+    }
 
     fn spec(dir: &Path) -> WarmSpec {
         WarmSpec {
@@ -452,7 +550,8 @@ for line in sys.stdin:
     async fn an_audited_round_whose_output_is_a_fifo_fails_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(WorkerMetrics::default());
-        let mut slot = Slot::new(Arc::clone(&metrics), "3".into());
+        let (gpu, inventory) = no_gpu();
+        let mut slot = Slot::new(Arc::clone(&metrics), gpu, inventory);
         let fifo = WarmSpec {
             argv: vec![
                 "python3".into(),
@@ -520,7 +619,8 @@ for line in sys.stdin:
     async fn restarts_are_counted_by_reason_and_the_memory_ceiling_recycles() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(WorkerMetrics::default());
-        let mut slot = Slot::new(Arc::clone(&metrics), "3".into());
+        let (gpu, inventory) = no_gpu();
+        let mut slot = Slot::new(Arc::clone(&metrics), gpu, inventory);
         let plain = pb::Task::default();
         let ceiling = pb::Task {
             recycle_above_memory_mib: 64,
@@ -553,6 +653,84 @@ for line in sys.stdin:
         assert_eq!(round(&mut slot, dir.path(), "e", &recycle).await, done);
         assert_eq!(starts(&metrics, "recycle"), 1);
         assert_eq!(starts(&metrics, "first"), 1);
+        slot.shut_down().await;
+    }
+
+    /// `recycle_above_gpu_memory_mib`: the generator is replaced before the next round once
+    /// the GPU processes of its group (itself and a child it started) hold more than the
+    /// ceiling together; other processes on the GPU are not counted; an entry the inventory
+    /// cannot measure, or garbage in the inventory file, keeps it; without the ceiling, or
+    /// without an inventory, nothing is replaced.
+    #[tokio::test]
+    async fn the_gpu_memory_ceiling_recycles_counting_the_group_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(WorkerMetrics::default());
+        let (gpu, inventory) = file_gpu(dir.path());
+        let mut slot = Slot::new(Arc::clone(&metrics), gpu, inventory);
+        let ceiling = pb::Task {
+            recycle_above_gpu_memory_mib: 512,
+            ..Default::default()
+        };
+        let done = RunOutcome::Exited(0);
+        let d = dir.path();
+        assert_eq!(round(&mut slot, d, "a", &ceiling).await, done);
+        // 300 + 300 over the group, a stranger (pid 1) holding 100000: 600 > 512.
+        let group_of_two = gpu_entries(
+            r#"{"pid": %(me)d, "used_memory_mib": 300}, {"pid": %(child)d, "used_memory_mib": 300}, {"pid": 1, "used_memory_mib": 100000}"#,
+        );
+        assert_eq!(round(&mut slot, d, &group_of_two, &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 0);
+        assert_eq!(round(&mut slot, d, "b", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 1);
+        // The file still lists the old process's pids: the new one holds nothing.
+        assert_eq!(round(&mut slot, d, "c", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 1);
+        // Under the ceiling (the stranger does not count): kept.
+        let under = gpu_entries(
+            r#"{"pid": %(me)d, "used_memory_mib": 500}, {"pid": 1, "used_memory_mib": 100000}"#,
+        );
+        assert_eq!(round(&mut slot, d, &under, &ceiling).await, done);
+        assert_eq!(round(&mut slot, d, "e", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 1);
+        // Unknown for one member (no figure), or a garbled file: kept, no panic.
+        for unknown in [
+            r#"{"pid": %(me)d, "used_memory_mib": 9000}, {"pid": %(child)d}"#,
+            r#"{"pid": %(me)d, "used_memory_mib": -9000}"#,
+            r#"{"pid": %(me)d, "used_memory_mib": 1e400}"#,
+            r#"{"pid": %(me)d, "used_memory_mib": "9000"}"#,
+            r#"{"pid": "me", "used_memory_mib": 9000}"#,
+        ] {
+            assert_eq!(
+                round(&mut slot, d, &gpu_entries(unknown), &ceiling).await,
+                done
+            );
+            assert_eq!(round(&mut slot, d, "f", &ceiling).await, done, "{unknown}");
+            assert_eq!(starts(&metrics, "gpu_memory"), 1, "{unknown}");
+        }
+        // The largest figure that parses recycles (the sum saturates).
+        let huge = gpu_entries(&format!(
+            r#"{{"pid": %(me)d, "used_memory_mib": {max}}}, {{"pid": %(child)d, "used_memory_mib": {max}}}"#,
+            max = u64::MAX
+        ));
+        assert_eq!(round(&mut slot, d, &huge, &ceiling).await, done);
+        assert_eq!(round(&mut slot, d, "g", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 2);
+        // Over, but the job sets no ceiling: kept.
+        let plain = pb::Task::default();
+        let over = gpu_entries(r#"{"pid": %(me)d, "used_memory_mib": 9000}"#);
+        assert_eq!(round(&mut slot, d, &over, &plain).await, done);
+        assert_eq!(round(&mut slot, d, "h", &plain).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 2);
+        assert_eq!(starts(&metrics, "first"), 1);
+        slot.shut_down().await;
+
+        // Without an inventory the figure is unknown: kept.
+        let metrics = Arc::new(WorkerMetrics::default());
+        let (gpu, inventory) = no_gpu();
+        let mut slot = Slot::new(Arc::clone(&metrics), gpu, inventory);
+        assert_eq!(round(&mut slot, d, &over, &ceiling).await, done);
+        assert_eq!(round(&mut slot, d, "i", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 0);
         slot.shut_down().await;
     }
 }
