@@ -11,7 +11,9 @@
 //! that cannot reach the coordinator for longer than its lease TTL fences itself: it kills
 //! its run and discards its staging, because the coordinator has re-issued the round by then.
 
+mod audit;
 mod deadline;
+mod digest;
 mod outbox;
 mod output;
 mod round;

@@ -8,20 +8,20 @@
 //!
 //! `generator.audit`: a round the coordinator marked is, once done, re-run cold in a fresh
 //! process with the same inputs (its outputs written beside the real ones, under
-//! `.quarry-audit-<name>`), and the outputs' sha256 compared (see [`audit_round`]).
+//! `.quarry-audit-<name>`), and the outputs' digests compared (see [`super::audit`]).
 //!
 //! A generator that dies before answering its first round, or cannot be spawned at all,
 //! failed to start; after [`MAX_START_FAILURES`] such failures in a row the agent leaves
 //! rotation (see [`Slot::out_of_rotation`]) rather than burn every round it is given.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use super::audit::{audit_paths, audit_round};
 use super::round::Paths;
 use crate::gpu::{GpuInfo, Inventory};
 use crate::metrics::{StartReason, WorkerMetrics};
@@ -316,153 +316,10 @@ fn request(
     .to_string()
 }
 
-/// Where an audited round's cold re-run writes: beside each real file, under
-/// `.quarry-audit-<name>`; the round directory and working directory stay the round's.
-fn audit_paths(paths: &Paths) -> Paths {
-    let aside = |p: &PathBuf| {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        p.with_file_name(format!(".quarry-audit-{name}"))
-    };
-    Paths {
-        root: paths.root.clone(),
-        cwd: paths.cwd.clone(),
-        outs: paths.outs.iter().map(aside).collect(),
-        round_dir: paths.round_dir.clone(),
-        stats: paths.stats.as_ref().map(aside),
-    }
-}
-
-/// Re-runs a done warm round cold, in a fresh process started from `spec` and handed
-/// `line` (the round with `cold`'s paths), and compares each output's sha256 with the warm
-/// run's. A mismatch turns `report` into [`RunOutcome::AuditMismatch`] naming the round and
-/// both hashes; a cold run that fails (or outputs that are not plain files) into
-/// [`RunOutcome::Failed`], a retryable attempt. The cold run's files are removed either way.
-#[allow(clippy::too_many_arguments)]
-async fn audit_round(
-    report: &mut RunReport,
-    spec: WarmSpec,
-    line: &str,
-    warm: &Paths,
-    cold: &Paths,
-    lease: &pb::Lease,
-    limit: Option<Duration>,
-    stop: &CancellationToken,
-) {
-    let verdict = compare(spec, line, warm, cold, limit, stop).await;
-    for p in cold.outs.iter().chain(cold.stats.iter()) {
-        let _ = std::fs::remove_file(p);
-    }
-    match verdict {
-        Verdict::Same => debug!(round = %lease.round_name, "audit: the cold re-run matches"),
-        Verdict::Differs { file, warm, cold } => {
-            warn!(round = %lease.round_name, %file, %warm, %cold, "audit: warm and cold outputs differ");
-            report.outcome = RunOutcome::AuditMismatch;
-            report.reason = Some(format!(
-                "round {} ({file}): the warm process wrote sha256 {warm}, a fresh process given the same round wrote sha256 {cold}; the generator keeps state from round to round (re-seed every RNG from the round's seed and reset what it changes; see docs/job-file.md, \"The determinism contract\")",
-                lease.round_name
-            ));
-        }
-        Verdict::Inconclusive(why) => {
-            report.outcome = RunOutcome::Failed;
-            report.reason = Some(format!("audit of round {}: {why}", lease.round_name));
-        }
-    }
-}
-
-enum Verdict {
-    Same,
-    Differs {
-        file: String,
-        warm: String,
-        cold: String,
-    },
-    Inconclusive(String),
-}
-
-async fn compare(
-    spec: WarmSpec,
-    line: &str,
-    warm: &Paths,
-    cold: &Paths,
-    limit: Option<Duration>,
-    stop: &CancellationToken,
-) -> Verdict {
-    let mut warm_hashes = Vec::with_capacity(warm.outs.len());
-    for p in &warm.outs {
-        match sha256_file(p).await {
-            Ok(h) => warm_hashes.push(h),
-            Err(e) => {
-                return Verdict::Inconclusive(format!(
-                    "cannot hash {} (only plain files are audited): {e}",
-                    p.display()
-                ));
-            }
-        }
-    }
-    let mut fresh = match WarmProcess::start(spec).await {
-        Ok(p) => p,
-        Err(e) => return Verdict::Inconclusive(format!("the cold re-run did not start: {e}")),
-    };
-    let ran = fresh.round(line, limit, stop).await;
-    if ran.alive {
-        fresh.shut_down().await;
-    }
-    if ran.report.outcome != RunOutcome::Exited(0) {
-        return Verdict::Inconclusive(format!(
-            "the cold re-run ended {:?}{}",
-            ran.report.outcome,
-            ran.report
-                .reason
-                .map(|r| format!(": {r}"))
-                .unwrap_or_default()
-        ));
-    }
-    for ((w, c), warm_hash) in warm.outs.iter().zip(&cold.outs).zip(warm_hashes) {
-        let cold_hash = match sha256_file(c).await {
-            Ok(h) => h,
-            Err(e) => {
-                return Verdict::Inconclusive(format!(
-                    "the cold re-run's output {} cannot be read: {e}",
-                    c.display()
-                ));
-            }
-        };
-        if cold_hash != warm_hash {
-            let file = w
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            return Verdict::Differs {
-                file,
-                warm: warm_hash,
-                cold: cold_hash,
-            };
-        }
-    }
-    Verdict::Same
-}
-
-/// The sha256 of a plain file, by the store's one hashing loop, off the async threads.
-/// Anything else is an error, looked at before it is opened: only plain files are audited,
-/// and opening a FIFO a generator left would block until someone writes to it.
-async fn sha256_file(p: &Path) -> std::io::Result<String> {
-    let p = p.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        if !std::fs::symlink_metadata(&p)?.is_file() {
-            return Err(std::io::Error::other("not a plain file"));
-        }
-        let f = std::fs::File::open(&p)?;
-        Ok(quarry_common::storage::hash_reader(f)?.sha256)
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     /// A real warm generator (python3 speaking the protocol): a round named `grow` keeps
@@ -600,7 +457,10 @@ for line in sys.stdin:
         .expect("the generator started");
         assert_eq!(report.outcome, RunOutcome::Failed);
         let reason = report.reason.unwrap_or_default();
-        assert!(reason.contains("only plain files are audited"), "{reason}");
+        assert!(
+            reason.contains("it is a FIFO; only plain files and directories of plain files are audited"),
+            "{reason}"
+        );
         slot.shut_down().await;
     }
 
