@@ -716,3 +716,173 @@ fn a_warm_generator_over_its_gpu_memory_ceiling_is_replaced_between_rounds() {
         "{text}"
     );
 }
+
+/// A warm generator of an `episodes` directory dataset: deploy/examples' episode collector
+/// run in-process for each round, then, by `$MODE`: `honest` nothing more; `counter` appends
+/// how many rounds this process served to the dataset's `logs/collect.log` (state leaking
+/// across rounds into one file of the tree); `fifo` / `symlink` leave a FIFO in `episodes/`
+/// or a link to /dev/zero in `metadata/` in round 0's dataset.
+const EPISODES_GEN: &str = r#"
+import os, sys
+sys.path.insert(0, os.environ["EXAMPLES"])
+import episode_collector
+from quarry_generator import serve
+
+MODE = os.environ["MODE"]
+served = 0
+
+def handler(r):
+    global served
+    served += 1
+    code = episode_collector.main(["--seed", str(r.seed), "--object", r.object,
+                                   "--batch_size", str(r.batch_size), "--out", r.output,
+                                   "--stats", r.stats])
+    if code:
+        raise RuntimeError("episode_collector ended with %d" % code)
+    if MODE == "counter":
+        with open(os.path.join(r.output, "logs", "collect.log"), "a") as f:
+            f.write("rounds served by this process: %d\n" % served)
+    elif MODE == "fifo" and r.round == 0:
+        os.mkfifo(os.path.join(r.output, "episodes", "pipe"))
+    elif MODE == "symlink" and r.round == 0:
+        os.symlink("/dev/zero", os.path.join(r.output, "metadata", "zero"))
+
+serve(handler)
+"#;
+
+/// The `episodes` job `exp` (one object, 4 rounds of 6 attempts, `retries = 1`) over
+/// [`EPISODES_GEN`] in `mode`, with `setting` added to `[generator]`, under `root`.
+fn episodes_job(root: &Path, exp: &str, mode: &str, setting: &str) -> std::path::PathBuf {
+    let q = |s: &Path| serde_json::to_string(s.to_str().unwrap()).unwrap();
+    let script = root.join("episodes_gen.py");
+    std::fs::write(&script, EPISODES_GEN).unwrap();
+    let job = root.join(format!("{exp}.toml"));
+    std::fs::write(
+        &job,
+        format!(
+            "exp_name = \"{exp}\"\nobjects = [\"obj\"]\ntarget_count_per_object = 16\n\
+             round_batch_size = 6\nnum_iterations = 1\nretries = 1\nretry_backoff_ms = 10\n\
+             root = {root}\n\n[generator]\nmode = \"warm\"\n{setting}\n\
+             argv = [{py}, {script}]\nformat = \"episodes\"\noutput = \"out/{{name}}/dataset\"\n\
+             stats = \"out/{{name}}/stats.json\"\nround_dir = \"out/{{name}}\"\n\
+             [generator.env]\nPYTHONPATH = {pythonpath}\nEXAMPLES = {examples}\nMODE = \"{mode}\"\n",
+            root = q(root),
+            py = serde_json::to_string(&python()).unwrap(),
+            script = q(&script),
+            pythonpath = q(&repo_root().join("deploy/python")),
+            examples = q(&repo_root().join("deploy/examples")),
+        ),
+    )
+    .unwrap();
+    job
+}
+
+/// Runs `job` on one agent, bounded in time.
+async fn run_bounded(job: &Path) -> quarry_cli::RunOutcome {
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        run(&[
+            "--job",
+            job.to_str().unwrap(),
+            "--progress",
+            "off",
+            "--gpu",
+            "0",
+        ]),
+    )
+    .await
+    .expect("the run ended")
+    .unwrap()
+}
+
+/// `generator.audit = 1.0` on a directory dataset (`episodes`): every round's tree is
+/// re-made cold and its digest compared; an honest generator passes every round, its final
+/// is that of the same job without the audit, and no cold copy is left beside the outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_of_a_deterministic_directory_dataset_passes() {
+    let plain = tempfile::tempdir().unwrap();
+    let out = run_bounded(&episodes_job(plain.path(), "eps", "honest", "")).await;
+    assert_eq!(out.exit_code(), 0, "{:?}", out.status);
+    let reference = manifest(plain.path(), "eps")["objects"]["obj"]["final_sha256"].clone();
+    assert!(reference.is_string(), "{reference}");
+
+    let root = tempfile::tempdir().unwrap();
+    let job = episodes_job(
+        root.path(),
+        "eps",
+        "honest",
+        "audit = 1.0\nkeep_intermediate = true",
+    );
+    // keep_intermediate is a job field, not a generator one.
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("\nkeep_intermediate = true", "")
+        .replace("retries = 1\n", "retries = 1\nkeep_intermediate = true\n");
+    std::fs::write(&job, text).unwrap();
+    let out = run_bounded(&job).await;
+    assert_eq!(out.exit_code(), 0, "{:?}", out.status);
+    let m = manifest(root.path(), "eps");
+    let rounds = m["objects"]["obj"]["rounds"].as_array().unwrap().len();
+    assert!(rounds > 1, "{m}");
+    assert_eq!(out.status.rounds_audited as usize, rounds, "{:?}", out.status);
+    assert_eq!(m["audit"]["rounds_passed"], rounds, "{}", m["audit"]);
+    assert_eq!(m["objects"]["obj"]["final_sha256"], reference);
+    // The round directories are kept: the cold trees beside the outputs are gone.
+    let kept = files_under(&root.path().join("out"));
+    assert!(kept.iter().any(|f| f.contains("/dataset/episodes/")), "{kept:?}");
+    assert!(
+        !kept.iter().any(|f| f.contains(".quarry-audit-")),
+        "{kept:?}"
+    );
+}
+
+/// A warm generator whose directory dataset carries state from round to round (a counter
+/// in `logs/collect.log`) is caught by the audit at its second round: the job stops naming
+/// the round, the first differing path in the tree and both digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_names_the_first_differing_path_of_a_leaking_directory_dataset() {
+    let root = tempfile::tempdir().unwrap();
+    let out = run_bounded(&episodes_job(root.path(), "leakdir", "counter", "audit = 1.0")).await;
+    assert_ne!(out.exit_code(), 0, "{:?}", out.status);
+    let msg = &out.status.message;
+    assert!(msg.contains("determinism audit failed"), "{msg}");
+    assert!(msg.contains("leakdir__obj__r1_s12346"), "{msg}");
+    assert!(
+        msg.contains("(dataset/, first difference: \"logs/collect.log\" (its bytes differ))"),
+        "{msg}"
+    );
+    assert_eq!(msg.matches("sha256 ").count(), 2, "{msg}");
+    let m = manifest(root.path(), "leakdir");
+    let mismatch = m["audit"]["mismatch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(mismatch.starts_with("obj r1: "), "{mismatch}");
+    assert!(mismatch.contains("logs/collect.log"), "{mismatch}");
+}
+
+/// A directory dataset holding a FIFO or a symlink fails its audited attempts with the
+/// reason (without blocking on the FIFO or following the link); the round is quarantined
+/// after its retry and the others fill the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audited_directory_dataset_holding_a_fifo_or_a_symlink_fails_with_the_reason() {
+    for (mode, entry, kind) in [
+        ("fifo", "episodes/pipe", "a FIFO"),
+        ("symlink", "metadata/zero", "a symbolic link"),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let out = run_bounded(&episodes_job(root.path(), "odd", mode, "audit = 1.0")).await;
+        assert_eq!(out.exit_code(), 0, "{mode}: {:?}", out.status);
+        let m = manifest(root.path(), "odd");
+        let q = m["objects"]["obj"]["quarantined"].as_array().unwrap();
+        assert_eq!(q.len(), 1, "{mode}: {m}");
+        assert_eq!(q[0]["round"], 0, "{mode}: {m}");
+        let reason = q[0]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("audit of round odd__obj__r0_s12345")
+                && reason.contains(&format!(
+                    "\"{entry}\" is {kind}; only plain files and directories of plain files are audited"
+                )),
+            "{mode}: {reason}"
+        );
+    }
+}

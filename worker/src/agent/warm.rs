@@ -7,8 +7,8 @@
 //! start is counted by reason in `quarry_worker_generator_starts_total`.
 //!
 //! `generator.audit`: a round the coordinator marked is, once done, re-run cold in a fresh
-//! process with the same inputs (its outputs written beside the real ones, under
-//! `.quarry-audit-<name>`), and the outputs' digests compared (see [`super::audit`]).
+//! process with the same round line (the warm outputs set aside meanwhile), and the outputs'
+//! digests compared (see [`super::audit`]).
 //!
 //! A generator that dies before answering its first round, or cannot be spawned at all,
 //! failed to start; after [`MAX_START_FAILURES`] such failures in a row the agent leaves
@@ -21,7 +21,7 @@ use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::audit::{audit_paths, audit_round};
+use super::audit::audit_round;
 use super::round::Paths;
 use crate::gpu::{GpuInfo, Inventory};
 use crate::metrics::{StartReason, WorkerMetrics};
@@ -91,15 +91,15 @@ impl Slot {
         stop: &CancellationToken,
     ) -> Result<RunReport, RunError> {
         let line = request(lease, task, paths, &spec.argv, job_env);
-        let audit = task.audit.then(|| (spec.clone(), audit_paths(paths)));
+        let audit = task.audit.then(|| spec.clone());
         let mut report = self.round(spec, &line, task, limit, stop).await?;
-        if let Some((spec, cold)) = audit
+        if let Some(spec) = audit
             && report.outcome == RunOutcome::Exited(0)
         {
-            let line = request(lease, task, &cold, &spec.argv, job_env);
             self.metrics
                 .generator_started(&self.gpu, StartReason::Audit);
-            audit_round(&mut report, spec, &line, paths, &cold, lease, limit, stop).await;
+            // The same line: the cold process writes where the warm one did.
+            audit_round(&mut report, spec, &line, paths, lease, limit, stop).await;
             self.metrics.audit(match report.outcome {
                 RunOutcome::Exited(0) => "matched",
                 RunOutcome::AuditMismatch => "differed",
