@@ -124,7 +124,8 @@ pub struct GeneratorSpec {
     pub recycle_above_gpu_memory_mib: Option<u64>,
     /// Warm mode: the fraction (0 to 1) of rounds, chosen deterministically from the job,
     /// object and round, re-run cold in a fresh process after they are done; their outputs'
-    /// sha256 must agree, or the job stops. None by default.
+    /// sha256 (a directory dataset's: of its tree) must agree, or the job stops. None by
+    /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<Fraction>,
 }

@@ -245,10 +245,14 @@ fn a_warm_torch_generator_over_its_gpu_memory_ceiling_is_replaced() {
         );
         let mut last = serde_json::Value::Null;
         // PyTorch and a CUDA context per process: allow for slow starts.
-        wait_until(&format!("job {exp} to end"), Duration::from_secs(300), || {
-            last = status(&addr, exp).unwrap_or_default();
-            last["state"] != "running" && !last["state"].is_null()
-        });
+        wait_until(
+            &format!("job {exp} to end"),
+            Duration::from_secs(300),
+            || {
+                last = status(&addr, exp).unwrap_or_default();
+                last["state"] != "running" && !last["state"].is_null()
+            },
+        );
         assert_eq!(
             last["state"],
             "done",

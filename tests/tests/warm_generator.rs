@@ -672,7 +672,12 @@ fn a_warm_generator_over_its_gpu_memory_ceiling_is_replaced_between_rounds() {
                 last["state"] != "running" && !last["state"].is_null()
             },
         );
-        assert_eq!(last["state"], "done", "{exp}: {last}\n{}", log_tail(&worker_log));
+        assert_eq!(
+            last["state"],
+            "done",
+            "{exp}: {last}\n{}",
+            log_tail(&worker_log)
+        );
         assert_eq!(last["failed_attempts"], 0, "{exp}: {last}");
         let pids = round_pids(&rounds_log, exp);
         assert_eq!(pids.len(), 4, "{exp}: {pids:?}");
@@ -681,7 +686,11 @@ fn a_warm_generator_over_its_gpu_memory_ceiling_is_replaced_between_rounds() {
 
     let over = run_job("over", "900");
     let distinct: std::collections::BTreeSet<u32> = over.iter().copied().collect();
-    assert_eq!(distinct.len(), 4, "a fresh process for every round: {over:?}");
+    assert_eq!(
+        distinct.len(),
+        4,
+        "a fresh process for every round: {over:?}"
+    );
     assert_eq!(gpu_memory_starts(), 3.0);
     let text = std::fs::read_to_string(&worker_log).unwrap();
     assert!(
@@ -824,12 +833,19 @@ async fn an_audit_of_a_deterministic_directory_dataset_passes() {
     let m = manifest(root.path(), "eps");
     let rounds = m["objects"]["obj"]["rounds"].as_array().unwrap().len();
     assert!(rounds > 1, "{m}");
-    assert_eq!(out.status.rounds_audited as usize, rounds, "{:?}", out.status);
+    assert_eq!(
+        out.status.rounds_audited as usize, rounds,
+        "{:?}",
+        out.status
+    );
     assert_eq!(m["audit"]["rounds_passed"], rounds, "{}", m["audit"]);
     assert_eq!(m["objects"]["obj"]["final_sha256"], reference);
     // The round directories are kept: the cold trees beside the outputs are gone.
     let kept = files_under(&root.path().join("out"));
-    assert!(kept.iter().any(|f| f.contains("/dataset/episodes/")), "{kept:?}");
+    assert!(
+        kept.iter().any(|f| f.contains("/dataset/episodes/")),
+        "{kept:?}"
+    );
     assert!(
         !kept.iter().any(|f| f.contains(".quarry-audit-")),
         "{kept:?}"
@@ -842,7 +858,13 @@ async fn an_audit_of_a_deterministic_directory_dataset_passes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_audit_names_the_first_differing_path_of_a_leaking_directory_dataset() {
     let root = tempfile::tempdir().unwrap();
-    let out = run_bounded(&episodes_job(root.path(), "leakdir", "counter", "audit = 1.0")).await;
+    let out = run_bounded(&episodes_job(
+        root.path(),
+        "leakdir",
+        "counter",
+        "audit = 1.0",
+    ))
+    .await;
     assert_ne!(out.exit_code(), 0, "{:?}", out.status);
     let msg = &out.status.message;
     assert!(msg.contains("determinism audit failed"), "{msg}");

@@ -57,9 +57,9 @@ pub(super) async fn audit_round(
                     let r = round.clone();
                     match blocking(move || move_back(&r, &moved)).await {
                         Ok(()) => verdict,
-                        Err(e) => Verdict::Inconclusive(format!(
-                            "cannot put the warm outputs back: {e}"
-                        )),
+                        Err(e) => {
+                            Verdict::Inconclusive(format!("cannot put the warm outputs back: {e}"))
+                        }
                     }
                 }
             }
@@ -94,7 +94,12 @@ pub(super) async fn audit_round(
 
 /// The round's outputs and sidecar: what is set aside and put back.
 fn written(round: &Paths) -> Vec<PathBuf> {
-    round.outs.iter().chain(round.stats.iter()).cloned().collect()
+    round
+        .outs
+        .iter()
+        .chain(round.stats.iter())
+        .cloned()
+        .collect()
 }
 
 /// Removes what is at `p` (a directory whole, its links removed and not followed), if
@@ -301,7 +306,10 @@ mod tests {
         std::fs::write(d.join("out.npy"), b"cold").unwrap();
         std::fs::write(d.join("stats.json"), b"{}").unwrap();
         move_back(&round, &moved).unwrap();
-        assert_eq!(std::fs::read(d.join("dataset/episodes/e0")).unwrap(), b"warm");
+        assert_eq!(
+            std::fs::read(d.join("dataset/episodes/e0")).unwrap(),
+            b"warm"
+        );
         assert!(!d.join("dataset/extra").exists());
         assert_eq!(std::fs::read(d.join("out.npy")).unwrap(), b"warm");
         assert!(!d.join("stats.json").exists());

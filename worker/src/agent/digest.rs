@@ -172,7 +172,12 @@ fn walk(dir: &Path, max_entries: usize) -> Result<Vec<Entry>, DigestError> {
             });
         }
     }
-    entries.sort_by(|a, b| a.path.as_os_str().as_bytes().cmp(b.path.as_os_str().as_bytes()));
+    entries.sort_by(|a, b| {
+        a.path
+            .as_os_str()
+            .as_bytes()
+            .cmp(b.path.as_os_str().as_bytes())
+    });
     Ok(entries)
 }
 
@@ -219,9 +224,14 @@ pub(super) fn first_difference(warm: &Digest, cold: &Digest) -> Option<String> {
     loop {
         match (warm.get(i), cold.get(j)) {
             (None, None) => return None,
-            (Some(w), None) => return Some(format!("{} is only in the warm output", shown(&w.path))),
+            (Some(w), None) => {
+                return Some(format!("{} is only in the warm output", shown(&w.path)));
+            }
             (None, Some(c)) => {
-                return Some(format!("{} is only in the cold re-run's output", shown(&c.path)));
+                return Some(format!(
+                    "{} is only in the cold re-run's output",
+                    shown(&c.path)
+                ));
             }
             (Some(w), Some(c)) => match key(w).cmp(&key(c)) {
                 std::cmp::Ordering::Less => {
@@ -243,8 +253,12 @@ pub(super) fn first_difference(warm: &Digest, cold: &Digest) -> Option<String> {
                             format!("{a} bytes in the warm output, {b} in the cold one")
                         }
                         (Kind::File { .. }, Kind::File { .. }) => "its bytes differ".into(),
-                        (Kind::Dir, _) => "a directory in the warm output, a file in the cold one".into(),
-                        (_, Kind::Dir) => "a file in the warm output, a directory in the cold one".into(),
+                        (Kind::Dir, _) => {
+                            "a directory in the warm output, a file in the cold one".into()
+                        }
+                        (_, Kind::Dir) => {
+                            "a file in the warm output, a directory in the cold one".into()
+                        }
                     };
                     return Some(format!("{} ({why})", shown(&w.path)));
                 }
@@ -349,9 +363,17 @@ mod tests {
         let df = digest(&f).unwrap();
         assert_eq!(
             df,
-            Digest::File(quarry_common::storage::hash_reader(&b"x"[..]).unwrap().sha256)
+            Digest::File(
+                quarry_common::storage::hash_reader(&b"x"[..])
+                    .unwrap()
+                    .sha256
+            )
         );
-        assert!(first_difference(&df, &da).unwrap().contains("a file in the warm run"));
+        assert!(
+            first_difference(&df, &da)
+                .unwrap()
+                .contains("a file in the warm run")
+        );
     }
 
     /// A symlink (to a file or a directory), a FIFO or a socket anywhere in the tree is

@@ -264,12 +264,8 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             reason: "no inventory configured".into(),
         })
     });
-    let monitor = Monitor::start(
-        Arc::clone(&inventory),
-        cfg.gpu.clone(),
-        cfg.sample_interval,
-    )
-    .await;
+    let monitor =
+        Monitor::start(Arc::clone(&inventory), cfg.gpu.clone(), cfg.sample_interval).await;
     let cfg = Arc::new(cfg);
     let counters = Arc::new(Counters::default());
     let mut backoff = Backoff::new();

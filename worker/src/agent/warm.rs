@@ -126,8 +126,9 @@ impl Slot {
             Some(p) if task.recycle_after_rounds > 0 && p.served() >= task.recycle_after_rounds => {
                 Some(StartReason::Recycle)
             }
-            Some(p) if task.recycle_above_memory_mib > 0
-                && over_memory(p, task.recycle_above_memory_mib) =>
+            Some(p)
+                if task.recycle_above_memory_mib > 0
+                    && over_memory(p, task.recycle_above_memory_mib) =>
             {
                 Some(StartReason::Memory)
             }
@@ -253,12 +254,17 @@ async fn over_gpu_memory(
     let held = tokio::task::spawn_blocking(move || {
         let pids = crate::runner::memory::group_pids(pgid)
             .map_err(|e| format!("cannot list its process group in /proc: {e}"))?;
-        let on_gpu = inventory
-            .processes(&gpu)
-            .map_err(|e| format!("{} cannot list the GPU's processes: {e}", inventory.describe()))?;
-        crate::gpu::held_by(&on_gpu, &pids).map(|mib| (mib, pids.len())).ok_or_else(|| {
-            "the driver does not report the GPU memory of one of its processes".to_string()
-        })
+        let on_gpu = inventory.processes(&gpu).map_err(|e| {
+            format!(
+                "{} cannot list the GPU's processes: {e}",
+                inventory.describe()
+            )
+        })?;
+        crate::gpu::held_by(&on_gpu, &pids)
+            .map(|mib| (mib, pids.len()))
+            .ok_or_else(|| {
+                "the driver does not report the GPU memory of one of its processes".to_string()
+            })
     })
     .await
     .map_err(|e| e.to_string())
@@ -269,9 +275,7 @@ async fn over_gpu_memory(
             if over {
                 info!(
                     gpu_memory_mib = held_mib,
-                    ceiling_mib,
-                    processes,
-                    "the warm generator is over its GPU memory ceiling"
+                    ceiling_mib, processes, "the warm generator is over its GPU memory ceiling"
                 );
             }
             over
@@ -458,7 +462,9 @@ for line in sys.stdin:
         assert_eq!(report.outcome, RunOutcome::Failed);
         let reason = report.reason.unwrap_or_default();
         assert!(
-            reason.contains("it is a FIFO; only plain files and directories of plain files are audited"),
+            reason.contains(
+                "it is a FIFO; only plain files and directories of plain files are audited"
+            ),
             "{reason}"
         );
         slot.shut_down().await;

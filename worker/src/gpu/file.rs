@@ -220,11 +220,7 @@ mod tests {
         let inv = FileInventory::open(&p).unwrap();
         let gpu = &inv.list().unwrap()[0];
         assert!(inv.processes(gpu).unwrap().is_empty());
-        std::fs::write(
-            &p,
-            doc(r#"{"pid": 7, "used_memory_mib": 512}, {"pid": 8}"#),
-        )
-        .unwrap();
+        std::fs::write(&p, doc(r#"{"pid": 7, "used_memory_mib": 512}, {"pid": 8}"#)).unwrap();
         assert_eq!(
             inv.processes(gpu).unwrap(),
             [

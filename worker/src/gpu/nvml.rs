@@ -168,7 +168,8 @@ impl Inventory for NvmlInventory {
     }
 
     fn processes(&self, gpu: &GpuInfo) -> Result<Vec<GpuProcess>, GpuError> {
-        let nvml_err = |what: &str, e: NvmlError| GpuError::Nvml(format!("GPU {}: {what}: {e}", gpu.id));
+        let nvml_err =
+            |what: &str, e: NvmlError| GpuError::Nvml(format!("GPU {}: {what}: {e}", gpu.id));
         let dev = self
             .device(gpu)
             .map_err(|e| nvml_err("cannot open it", e))?;
@@ -202,7 +203,10 @@ fn merge_processes<'a>(listed: impl Iterator<Item = &'a ProcessInfo>) -> Vec<Gpu
                     _ => None,
                 }
             }
-            None => out.push(GpuProcess { pid: p.pid, used_mib }),
+            None => out.push(GpuProcess {
+                pid: p.pid,
+                used_mib,
+            }),
         }
     }
     out
