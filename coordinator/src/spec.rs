@@ -117,9 +117,15 @@ pub struct GeneratorSpec {
     /// more resident host memory than this (MiB); none by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recycle_above_memory_mib: Option<u64>,
+    /// Warm mode: the generator is restarted between rounds once the processes of its
+    /// process group hold more memory of the agent's GPU than this (MiB), as the GPU
+    /// inventory reports it; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recycle_above_gpu_memory_mib: Option<u64>,
     /// Warm mode: the fraction (0 to 1) of rounds, chosen deterministically from the job,
     /// object and round, re-run cold in a fresh process after they are done; their outputs'
-    /// sha256 must agree, or the job stops. None by default.
+    /// sha256 (a directory dataset's: of its tree) must agree, or the job stops. None by
+    /// default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit: Option<Fraction>,
 }
@@ -338,6 +344,7 @@ impl JobSpec {
             mode: default_mode(),
             recycle_after_rounds: None,
             recycle_above_memory_mib: None,
+            recycle_above_gpu_memory_mib: None,
             audit: None,
         }
     }
@@ -594,6 +601,20 @@ impl JobSpec {
         if g.recycle_above_memory_mib.is_some() && !g.is_warm() {
             return Err(spec_err(
                 "generator.recycle_above_memory_mib",
+                "only applies to warm generators",
+                "set generator.mode = \"warm\", or remove it",
+            ));
+        }
+        if g.recycle_above_gpu_memory_mib == Some(0) {
+            return Err(spec_err(
+                "generator.recycle_above_gpu_memory_mib",
+                "must be positive",
+                "give the GPU memory (MiB) above which a warm generator is restarted between rounds, or omit it",
+            ));
+        }
+        if g.recycle_above_gpu_memory_mib.is_some() && !g.is_warm() {
+            return Err(spec_err(
+                "generator.recycle_above_gpu_memory_mib",
                 "only applies to warm generators",
                 "set generator.mode = \"warm\", or remove it",
             ));
@@ -1001,6 +1022,22 @@ pub(crate) mod tests {
         );
         s.generator.recycle_after_rounds = Some(50);
         s.generator.recycle_above_memory_mib = None;
+        s.generator.mode = MODE_WARM.into();
+        s.generator.recycle_above_gpu_memory_mib = Some(0);
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "generator.recycle_above_gpu_memory_mib"
+        );
+        s.generator.recycle_above_gpu_memory_mib = Some(20_000);
+        s.validate().unwrap();
+        s.generator.mode = MODE_PROCESS.into();
+        s.generator.recycle_after_rounds = None;
+        assert_eq!(
+            s.validate().unwrap_err().field,
+            "generator.recycle_above_gpu_memory_mib"
+        );
+        s.generator.recycle_after_rounds = Some(50);
+        s.generator.recycle_above_gpu_memory_mib = None;
         s.generator.mode = MODE_WARM.into();
         s.generator.audit = Some(Fraction(1.5));
         assert_eq!(s.validate().unwrap_err().field, "generator.audit");

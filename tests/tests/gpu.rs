@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use quarry_tests::cluster::{spawn_worker_args, start_serve, status, submit, wait_until};
+use quarry_tests::cluster::{
+    metrics_addr, scrape, spawn_worker_args, start_serve, status, submit, wait_until,
+};
 use quarry_tests::{bin, repo_root};
 
 const GEN: &str = env!("CARGO_BIN_EXE_quarry-zero-gen");
@@ -134,6 +136,161 @@ fn a_round_on_a_real_gpu_is_bound_by_uuid_and_measured() {
         assert!(c["gpu_memory_peak_mib"].as_u64().is_some(), "{c}");
         assert!(c["gpu_utilization_mean_pct"].as_u64().is_some(), "{c}");
     }
+}
+
+/// A warm generator in PyTorch that keeps `$LEAK_MIB` of CUDA memory per round (a leak, as
+/// a cache that grows would), logs `<round name> <pid>` to `$ROUNDS_LOG` and writes its
+/// round as float32 values from the seed.
+const TORCH_LEAKER: &str = r#"
+import os, struct
+import torch
+from quarry_generator import serve
+
+held = []
+
+def handler(r):
+    with open(os.environ["ROUNDS_LOG"], "a") as f:
+        f.write("%s %d\n" % (r.round_name, os.getpid()))
+    # float32: 4 bytes, so MiB << 18 elements. Zero still creates the CUDA context.
+    held.append(torch.ones(int(os.environ["LEAK_MIB"]) << 18, device="cuda"))
+    torch.cuda.synchronize()
+    values = [float(r.seed * 10 + i) for i in range(r.batch_size)]
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % len(values)
+    raw = header.encode("latin1")
+    pad = 64 - ((10 + len(raw) + 1) % 64)
+    data = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw) + pad + 1) + raw + b" " * pad + b"\n"
+    os.makedirs(os.path.dirname(r.output), exist_ok=True)
+    with open(r.output, "wb") as f:
+        f.write(data + struct.pack("<%df" % len(values), *values))
+
+serve(handler)
+"#;
+
+/// `recycle_above_gpu_memory_mib = 1500` on a real GPU through NVML: a warm PyTorch
+/// generator that keeps 2 GiB of CUDA memory per round is over the ceiling after every
+/// round, so each round runs in a fresh process (counted as `gpu_memory` starts); one that
+/// keeps nothing (its CUDA context alone, a few hundred MiB) serves every round. NVML lists
+/// host pids: run it on the host or in a container that shares the host's PID namespace.
+#[test]
+#[ignore = "needs an NVIDIA GPU, its driver and PyTorch with CUDA"]
+fn a_warm_torch_generator_over_its_gpu_memory_ceiling_is_replaced() {
+    let py = torch_python();
+    assert!(has_torch(&py), "{py} cannot import torch");
+    let (index, _uuid) = nvml_gpus().into_iter().next().expect("a GPU");
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let root = h.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let script = h.join("leaker.py");
+    std::fs::write(&script, TORCH_LEAKER).unwrap();
+    let rounds_log = h.join("rounds.log");
+    let (_serve, addr) = start_serve(
+        &format!("file://{}", h.join("state.redb").display()),
+        &format!("file://{}", h.join("store").display()),
+        "30",
+        &[],
+        &h.join("coordinator.log"),
+    );
+    let worker_log = h.join("worker.log");
+    let mut worker = Command::new(bin("worker"));
+    worker
+        .args([
+            "--gpu",
+            &index,
+            "--coordinator",
+            &addr,
+            "--min-scratch-mib",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .env_remove("QUARRY_GPU_INVENTORY")
+        .stderr(std::fs::File::create(&worker_log).unwrap());
+    let _w = quarry_tests::cluster::Killed(worker.spawn().expect("start the worker"));
+    let q = |p: &Path| serde_json::to_string(p.to_str().unwrap()).unwrap();
+    let gpu_memory_starts = || {
+        let text = scrape(&metrics_addr(&worker_log), "/metrics");
+        let series = format!(
+            "quarry_worker_generator_starts_total{{gpu=\"{index}\",reason=\"gpu_memory\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    // Four rounds of the one object; the pids they ran in.
+    let run_job = |exp: &str, leak_mib: u32| -> Vec<u32> {
+        let job = h.join(format!("{exp}.toml"));
+        std::fs::write(
+            &job,
+            format!(
+                "exp_name = \"{exp}\"\nobjects = [\"obj\"]\ntarget_count_per_object = 16\n\
+                 round_batch_size = 4\nnum_iterations = 1\nretries = 0\nroot = {root}\n\n\
+                 [generator]\nmode = \"warm\"\nrecycle_above_gpu_memory_mib = 1500\n\
+                 argv = [{py}, {script}]\noutput = \"out/{{name}}/r.npy\"\n\
+                 round_dir = \"out/{{name}}\"\n[generator.env]\nPYTHONPATH = {pythonpath}\n\
+                 ROUNDS_LOG = {rounds_log}\nLEAK_MIB = \"{leak_mib}\"\n",
+                root = q(&root),
+                py = serde_json::to_string(&py).unwrap(),
+                script = q(&script),
+                pythonpath = q(&repo_root().join("deploy/python")),
+                rounds_log = q(&rounds_log),
+            ),
+        )
+        .unwrap();
+        let out = submit(&job, &addr, false);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut last = serde_json::Value::Null;
+        // PyTorch and a CUDA context per process: allow for slow starts.
+        wait_until(
+            &format!("job {exp} to end"),
+            Duration::from_secs(300),
+            || {
+                last = status(&addr, exp).unwrap_or_default();
+                last["state"] != "running" && !last["state"].is_null()
+            },
+        );
+        assert_eq!(
+            last["state"],
+            "done",
+            "{exp}: {last}\n{}",
+            quarry_tests::log_tail(&worker_log)
+        );
+        let pids: Vec<u32> = std::fs::read_to_string(&rounds_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(&format!("{exp}__")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(pids.len(), 4, "{exp}: {pids:?}");
+        pids
+    };
+
+    let leaky = run_job("leaky", 2048);
+    let distinct: std::collections::BTreeSet<u32> = leaky.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "a fresh process for every round: {leaky:?}\n{}",
+        quarry_tests::log_tail(&worker_log)
+    );
+    assert_eq!(gpu_memory_starts(), 3.0);
+    let text = std::fs::read_to_string(&worker_log).unwrap();
+    assert!(
+        text.contains("over its GPU memory ceiling") && text.contains("ceiling_mib=1500"),
+        "{text}"
+    );
+
+    let tidy = run_job("tidy", 0);
+    assert!(
+        tidy.iter().all(|p| *p == tidy[0]),
+        "{tidy:?}\n{}",
+        quarry_tests::log_tail(&worker_log)
+    );
+    assert_eq!(gpu_memory_starts(), 3.0);
 }
 
 /// The PyTorch example on the GPU it is bound to.

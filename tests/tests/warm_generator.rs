@@ -6,7 +6,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use quarry_tests::cluster::{spawn_worker, start_serve, status, submit, wait_until};
+use quarry_tests::cluster::{
+    metrics_addr, scrape, spawn_worker, spawn_worker_args, start_serve, status, submit, wait_until,
+};
 use quarry_tests::*;
 
 const OBJECTS: [&str; 2] = ["mug", "bowl"];
@@ -539,5 +541,370 @@ print("OK")
     for py in pythons() {
         let out = run_python(&py, CODE, &[package.to_str().unwrap()]);
         assert!(out.contains("OK"), "{py}: {out}");
+    }
+}
+
+/// A warm generator (on deploy/python's quarry_generator) that writes a round of
+/// `batch_size` float32 values from the seed, logs `<round name> <pid>` to `$ROUNDS_LOG`,
+/// and then lists itself as the only process of GPU 0 in the inventory file
+/// `$INVENTORY`, holding `$HELD_MIB` (JSON text, so a test can put garbage there): the
+/// figure a driver would report, written by the process that holds it.
+const GPU_HOLDER: &str = r#"
+import os, struct
+from quarry_generator import serve
+
+def handler(r):
+    with open(os.environ["ROUNDS_LOG"], "a") as f:
+        f.write("%s %d\n" % (r.round_name, os.getpid()))
+    values = [float(r.seed * 10 + i) for i in range(r.batch_size)]
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (%d,), }" % len(values)
+    raw = header.encode("latin1")
+    pad = 64 - ((10 + len(raw) + 1) % 64)
+    data = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw) + pad + 1) + raw + b" " * pad + b"\n"
+    os.makedirs(os.path.dirname(r.output), exist_ok=True)
+    with open(r.output, "wb") as f:
+        f.write(data + struct.pack("<%df" % len(values), *values))
+    inventory = os.environ["INVENTORY"]
+    entry = '{"pid": %d, "used_memory_mib": %s}' % (os.getpid(), os.environ["HELD_MIB"])
+    with open(inventory + ".tmp", "w") as f:
+        f.write('{"gpus": [{"index": 0, "processes": [%s]}]}' % entry)
+    os.replace(inventory + ".tmp", inventory)
+
+serve(handler)
+"#;
+
+/// The pids the rounds of `exp` ran in, in the order they ran, from [`GPU_HOLDER`]'s log.
+fn round_pids(log: &Path, exp: &str) -> Vec<u32> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(&format!("{exp}__")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
+
+/// `recycle_above_gpu_memory_mib = 500` against a real `worker --gpu-inventory FILE`, the
+/// generator itself writing its pid and what it holds into that file (so only the driver is
+/// simulated): holding 900 MiB, every round after the first runs in a fresh process, each
+/// counted as a `gpu_memory` start and logged with the figures; holding 100 MiB, one
+/// process serves them all. Garbage where the figure should be (negative, past any
+/// integer, a string) reads as unknown: the process is kept, and the agent goes on.
+#[test]
+fn a_warm_generator_over_its_gpu_memory_ceiling_is_replaced_between_rounds() {
+    let home = tempfile::tempdir().unwrap();
+    let h = home.path();
+    let q = |s: &Path| serde_json::to_string(s.to_str().unwrap()).unwrap();
+    let script = h.join("holder.py");
+    std::fs::write(&script, GPU_HOLDER).unwrap();
+    let inventory = h.join("gpus.json");
+    std::fs::write(&inventory, r#"{"gpus": [{"index": 0}]}"#).unwrap();
+    let rounds_log = h.join("rounds.log");
+    std::fs::create_dir_all(h.join("root")).unwrap();
+    let (_serve, addr) = start_serve(
+        &format!("file://{}", h.join("state.redb").display()),
+        &format!("file://{}", h.join("store").display()),
+        "10",
+        &[],
+        &h.join("coordinator.log"),
+    );
+    let worker_log = h.join("worker.log");
+    let mut worker = spawn_worker_args(
+        &[
+            "--coordinator",
+            &addr,
+            "--gpu",
+            "0",
+            "--gpu-inventory",
+            inventory.to_str().unwrap(),
+            "--sample-interval-ms",
+            "100",
+            "--min-scratch-mib",
+            "1",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ],
+        &[],
+        Some(&worker_log),
+    );
+    let gpu_memory_starts = || {
+        let text = scrape(&metrics_addr(&worker_log), "/metrics");
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "quarry_worker_generator_starts_total{gpu=\"0\",reason=\"gpu_memory\"} ",
+                )
+            })
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    // Four rounds of 4 for the one object.
+    let run_job = |exp: &str, held_mib: &str| -> Vec<u32> {
+        let job = h.join(format!("{exp}.toml"));
+        std::fs::write(
+            &job,
+            format!(
+                "exp_name = \"{exp}\"\nobjects = [\"obj\"]\ntarget_count_per_object = 16\n\
+                 round_batch_size = 4\nnum_iterations = 1\nretries = 0\nroot = {root}\n\n\
+                 [generator]\nmode = \"warm\"\nrecycle_above_gpu_memory_mib = 500\n\
+                 argv = [\"python3\", {script}]\noutput = \"out/{{name}}/r.npy\"\n\
+                 round_dir = \"out/{{name}}\"\n[generator.env]\nPYTHONPATH = {pythonpath}\n\
+                 INVENTORY = {inventory}\nROUNDS_LOG = {rounds_log}\nHELD_MIB = {held}\n",
+                root = q(&h.join("root")),
+                script = q(&script),
+                pythonpath = q(&repo_root().join("deploy/python")),
+                inventory = q(&inventory),
+                rounds_log = q(&rounds_log),
+                held = serde_json::to_string(held_mib).unwrap(),
+            ),
+        )
+        .unwrap();
+        let out = submit(&job, &addr, false);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut last = serde_json::Value::Null;
+        wait_until(
+            &format!("job {exp} to end"),
+            Duration::from_secs(90),
+            || {
+                last = status(&addr, exp).unwrap_or_default();
+                last["state"] != "running" && !last["state"].is_null()
+            },
+        );
+        assert_eq!(
+            last["state"],
+            "done",
+            "{exp}: {last}\n{}",
+            log_tail(&worker_log)
+        );
+        assert_eq!(last["failed_attempts"], 0, "{exp}: {last}");
+        let pids = round_pids(&rounds_log, exp);
+        assert_eq!(pids.len(), 4, "{exp}: {pids:?}");
+        pids
+    };
+
+    let over = run_job("over", "900");
+    let distinct: std::collections::BTreeSet<u32> = over.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "a fresh process for every round: {over:?}"
+    );
+    assert_eq!(gpu_memory_starts(), 3.0);
+    let text = std::fs::read_to_string(&worker_log).unwrap();
+    assert!(
+        text.contains("over its GPU memory ceiling")
+            && text.contains("gpu_memory_mib=900")
+            && text.contains("ceiling_mib=500"),
+        "{text}"
+    );
+
+    let under = run_job("under", "100");
+    assert!(under.iter().all(|p| *p == under[0]), "{under:?}");
+    assert_eq!(gpu_memory_starts(), 3.0);
+
+    for (exp, garbage) in [
+        ("negative", "-900"),
+        ("huge", "1e400"),
+        ("string", "\"lots\""),
+    ] {
+        let pids = run_job(exp, garbage);
+        assert!(pids.iter().all(|p| *p == pids[0]), "{exp}: {pids:?}");
+        assert_eq!(gpu_memory_starts(), 3.0, "{exp}");
+        assert!(
+            worker.0.try_wait().unwrap().is_none(),
+            "{exp}: the worker ended\n{}",
+            log_tail(&worker_log)
+        );
+    }
+    let text = std::fs::read_to_string(&worker_log).unwrap();
+    assert!(
+        text.contains("cannot read the warm generator's GPU memory; keeping it")
+            && text.contains("gpus.json"),
+        "{text}"
+    );
+}
+
+/// A warm generator of an `episodes` directory dataset: deploy/examples' episode collector
+/// run in-process for each round, then, by `$MODE`: `honest` nothing more; `counter` appends
+/// how many rounds this process served to the dataset's `logs/collect.log` (state leaking
+/// across rounds into one file of the tree); `fifo` / `symlink` leave a FIFO in `episodes/`
+/// or a link to /dev/zero in `metadata/` in round 0's dataset.
+const EPISODES_GEN: &str = r#"
+import os, sys
+sys.path.insert(0, os.environ["EXAMPLES"])
+import episode_collector
+from quarry_generator import serve
+
+MODE = os.environ["MODE"]
+served = 0
+
+def handler(r):
+    global served
+    served += 1
+    code = episode_collector.main(["--seed", str(r.seed), "--object", r.object,
+                                   "--batch_size", str(r.batch_size), "--out", r.output,
+                                   "--stats", r.stats])
+    if code:
+        raise RuntimeError("episode_collector ended with %d" % code)
+    if MODE == "counter":
+        with open(os.path.join(r.output, "logs", "collect.log"), "a") as f:
+            f.write("rounds served by this process: %d\n" % served)
+    elif MODE == "fifo" and r.round == 0:
+        os.mkfifo(os.path.join(r.output, "episodes", "pipe"))
+    elif MODE == "symlink" and r.round == 0:
+        os.symlink("/dev/zero", os.path.join(r.output, "metadata", "zero"))
+
+serve(handler)
+"#;
+
+/// The `episodes` job `exp` (one object, 4 rounds of 6 attempts, `retries = 1`) over
+/// [`EPISODES_GEN`] in `mode`, with `setting` added to `[generator]`, under `root`.
+fn episodes_job(root: &Path, exp: &str, mode: &str, setting: &str) -> std::path::PathBuf {
+    let q = |s: &Path| serde_json::to_string(s.to_str().unwrap()).unwrap();
+    let script = root.join("episodes_gen.py");
+    std::fs::write(&script, EPISODES_GEN).unwrap();
+    let job = root.join(format!("{exp}.toml"));
+    std::fs::write(
+        &job,
+        format!(
+            "exp_name = \"{exp}\"\nobjects = [\"obj\"]\ntarget_count_per_object = 16\n\
+             round_batch_size = 6\nnum_iterations = 1\nretries = 1\nretry_backoff_ms = 10\n\
+             root = {root}\n\n[generator]\nmode = \"warm\"\n{setting}\n\
+             argv = [{py}, {script}]\nformat = \"episodes\"\noutput = \"out/{{name}}/dataset\"\n\
+             stats = \"out/{{name}}/stats.json\"\nround_dir = \"out/{{name}}\"\n\
+             [generator.env]\nPYTHONPATH = {pythonpath}\nEXAMPLES = {examples}\nMODE = \"{mode}\"\n",
+            root = q(root),
+            py = serde_json::to_string(&python()).unwrap(),
+            script = q(&script),
+            pythonpath = q(&repo_root().join("deploy/python")),
+            examples = q(&repo_root().join("deploy/examples")),
+        ),
+    )
+    .unwrap();
+    job
+}
+
+/// Runs `job` on one agent, bounded in time.
+async fn run_bounded(job: &Path) -> quarry_cli::RunOutcome {
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        run(&[
+            "--job",
+            job.to_str().unwrap(),
+            "--progress",
+            "off",
+            "--gpu",
+            "0",
+        ]),
+    )
+    .await
+    .expect("the run ended")
+    .unwrap()
+}
+
+/// `generator.audit = 1.0` on a directory dataset (`episodes`): every round's tree is
+/// re-made cold and its digest compared; an honest generator passes every round, its final
+/// is that of the same job without the audit, and no cold copy is left beside the outputs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_of_a_deterministic_directory_dataset_passes() {
+    let plain = tempfile::tempdir().unwrap();
+    let out = run_bounded(&episodes_job(plain.path(), "eps", "honest", "")).await;
+    assert_eq!(out.exit_code(), 0, "{:?}", out.status);
+    let reference = manifest(plain.path(), "eps")["objects"]["obj"]["final_sha256"].clone();
+    assert!(reference.is_string(), "{reference}");
+
+    let root = tempfile::tempdir().unwrap();
+    let job = episodes_job(
+        root.path(),
+        "eps",
+        "honest",
+        "audit = 1.0\nkeep_intermediate = true",
+    );
+    // keep_intermediate is a job field, not a generator one.
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("\nkeep_intermediate = true", "")
+        .replace("retries = 1\n", "retries = 1\nkeep_intermediate = true\n");
+    std::fs::write(&job, text).unwrap();
+    let out = run_bounded(&job).await;
+    assert_eq!(out.exit_code(), 0, "{:?}", out.status);
+    let m = manifest(root.path(), "eps");
+    let rounds = m["objects"]["obj"]["rounds"].as_array().unwrap().len();
+    assert!(rounds > 1, "{m}");
+    assert_eq!(
+        out.status.rounds_audited as usize, rounds,
+        "{:?}",
+        out.status
+    );
+    assert_eq!(m["audit"]["rounds_passed"], rounds, "{}", m["audit"]);
+    assert_eq!(m["objects"]["obj"]["final_sha256"], reference);
+    // The round directories are kept: the cold trees beside the outputs are gone.
+    let kept = files_under(&root.path().join("out"));
+    assert!(
+        kept.iter().any(|f| f.contains("/dataset/episodes/")),
+        "{kept:?}"
+    );
+    assert!(
+        !kept.iter().any(|f| f.contains(".quarry-audit-")),
+        "{kept:?}"
+    );
+}
+
+/// A warm generator whose directory dataset carries state from round to round (a counter
+/// in `logs/collect.log`) is caught by the audit at its second round: the job stops naming
+/// the round, the first differing path in the tree and both digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_names_the_first_differing_path_of_a_leaking_directory_dataset() {
+    let root = tempfile::tempdir().unwrap();
+    let out = run_bounded(&episodes_job(
+        root.path(),
+        "leakdir",
+        "counter",
+        "audit = 1.0",
+    ))
+    .await;
+    assert_ne!(out.exit_code(), 0, "{:?}", out.status);
+    let msg = &out.status.message;
+    assert!(msg.contains("determinism audit failed"), "{msg}");
+    assert!(msg.contains("leakdir__obj__r1_s12346"), "{msg}");
+    assert!(
+        msg.contains("(dataset/, first difference: \"logs/collect.log\" (its bytes differ))"),
+        "{msg}"
+    );
+    assert_eq!(msg.matches("sha256 ").count(), 2, "{msg}");
+    let m = manifest(root.path(), "leakdir");
+    let mismatch = m["audit"]["mismatch"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(mismatch.starts_with("obj r1: "), "{mismatch}");
+    assert!(mismatch.contains("logs/collect.log"), "{mismatch}");
+}
+
+/// A directory dataset holding a FIFO or a symlink fails its audited attempts with the
+/// reason (without blocking on the FIFO or following the link); the round is quarantined
+/// after its retry and the others fill the quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audited_directory_dataset_holding_a_fifo_or_a_symlink_fails_with_the_reason() {
+    for (mode, entry, kind) in [
+        ("fifo", "episodes/pipe", "a FIFO"),
+        ("symlink", "metadata/zero", "a symbolic link"),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let out = run_bounded(&episodes_job(root.path(), "odd", mode, "audit = 1.0")).await;
+        assert_eq!(out.exit_code(), 0, "{mode}: {:?}", out.status);
+        let m = manifest(root.path(), "odd");
+        let q = m["objects"]["obj"]["quarantined"].as_array().unwrap();
+        assert_eq!(q.len(), 1, "{mode}: {m}");
+        assert_eq!(q[0]["round"], 0, "{mode}: {m}");
+        let reason = q[0]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("audit of round odd__obj__r0_s12345")
+                && reason.contains(&format!(
+                    "\"{entry}\" is {kind}; only plain files and directories of plain files are audited"
+                )),
+            "{mode}: {reason}"
+        );
     }
 }

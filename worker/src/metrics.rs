@@ -51,6 +51,8 @@ pub enum StartReason {
     Recycle,
     /// `recycle_above_memory_mib` exceeded.
     Memory,
+    /// `recycle_above_gpu_memory_mib` exceeded.
+    GpuMemory,
     /// A round of another generator (argv, cwd or environment) came.
     OtherGenerator,
     /// A cold re-run for the determinism audit.
@@ -65,6 +67,7 @@ impl StartReason {
             StartReason::Exited => "exited",
             StartReason::Recycle => "recycle",
             StartReason::Memory => "memory",
+            StartReason::GpuMemory => "gpu_memory",
             StartReason::OtherGenerator => "other_generator",
             StartReason::Audit => "audit",
         }
@@ -77,7 +80,7 @@ impl WorkerMetrics {
         self.registry
             .counter(
                 "quarry_worker_generator_starts_total",
-                "Warm generator processes started, by GPU and reason (first, died, exited, recycle, memory, other_generator, audit).",
+                "Warm generator processes started, by GPU and reason (first, died, exited, recycle, memory, gpu_memory, other_generator, audit).",
                 &[("gpu", gpu), ("reason", reason.label())],
             )
             .inc();

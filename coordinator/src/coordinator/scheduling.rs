@@ -241,6 +241,7 @@ fn task_for(
         num_iterations: spec.num_iterations,
         recycle_after_rounds: g.recycle_after_rounds.unwrap_or(0),
         recycle_above_memory_mib: g.recycle_above_memory_mib.unwrap_or(0),
+        recycle_above_gpu_memory_mib: g.recycle_above_gpu_memory_mib.unwrap_or(0),
         audit: g.is_warm() && spec.audited(object, round),
     }
 }

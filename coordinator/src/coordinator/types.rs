@@ -48,6 +48,8 @@ pub struct RoundTask {
     pub recycle_after_rounds: u32,
     /// Warm mode: restart once the process group holds more resident memory (MiB); 0: never.
     pub recycle_above_memory_mib: u64,
+    /// Warm mode: restart once the process group holds more GPU memory (MiB); 0: never.
+    pub recycle_above_gpu_memory_mib: u64,
     /// Warm mode: re-run this round cold and compare the outputs (`generator.audit`).
     pub audit: bool,
 }

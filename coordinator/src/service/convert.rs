@@ -99,6 +99,7 @@ impl From<RoundTask> for pb::Task {
             num_iterations: t.num_iterations,
             recycle_after_rounds: t.recycle_after_rounds,
             recycle_above_memory_mib: t.recycle_above_memory_mib,
+            recycle_above_gpu_memory_mib: t.recycle_above_gpu_memory_mib,
             audit: t.audit,
         }
     }
@@ -402,6 +403,7 @@ mod tests {
                 num_iterations: 3,
                 recycle_after_rounds: 7,
                 recycle_above_memory_mib: 512,
+                recycle_above_gpu_memory_mib: 2048,
                 audit: true,
             },
         };
@@ -419,9 +421,10 @@ mod tests {
                 task.batch_size,
                 task.num_iterations,
                 task.recycle_after_rounds,
-                task.recycle_above_memory_mib
+                task.recycle_above_memory_mib,
+                task.recycle_above_gpu_memory_mib
             ),
-            ("warm", 40, 3, 7, 512)
+            ("warm", 40, 3, 7, 512, 2048)
         );
         let running = RunningRound::from(&wire);
         assert_eq!(

@@ -11,7 +11,9 @@
 //! that cannot reach the coordinator for longer than its lease TTL fences itself: it kills
 //! its run and discards its staging, because the coordinator has re-issued the round by then.
 
+mod audit;
 mod deadline;
+mod digest;
 mod outbox;
 mod output;
 mod round;
@@ -262,7 +264,8 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
             reason: "no inventory configured".into(),
         })
     });
-    let monitor = Monitor::start(inventory, cfg.gpu.clone(), cfg.sample_interval).await;
+    let monitor =
+        Monitor::start(Arc::clone(&inventory), cfg.gpu.clone(), cfg.sample_interval).await;
     let cfg = Arc::new(cfg);
     let counters = Arc::new(Counters::default());
     let mut backoff = Backoff::new();
@@ -271,7 +274,8 @@ pub async fn run_agent(cfg: AgentConfig, shutdown: Shutdown) -> Result<AgentStat
     // not cost it its cold start.
     let warm = Arc::new(tokio::sync::Mutex::new(warm::Slot::new(
         Arc::clone(&cfg.metrics),
-        gpu.clone(),
+        cfg.gpu.clone(),
+        inventory,
     )));
     // Drain between sessions means nothing is running: stop at once.
     while !shutdown.drain.is_cancelled() {

@@ -25,6 +25,7 @@ pub const LOG_NAME: &str = "generator.log";
 const TAIL_LINES: usize = 20;
 
 /// Where a round's files are on this worker.
+#[derive(Clone)]
 pub(super) struct Paths {
     pub root: PathBuf,
     pub cwd: PathBuf,

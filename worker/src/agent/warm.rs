@@ -1,27 +1,29 @@
 //! The agent's warm generator (`generator.mode = "warm"`): started once, handed the agent's
 //! rounds one JSON line at a time, and restarted whenever a fresh process would have been
 //! safer: after it died, timed out or was stopped mid-round, after `recycle_after_rounds`,
-//! once its process group holds more than `recycle_above_memory_mib` of host memory, and
-//! when a round of another generator (argv, cwd, environment) comes. Every start is counted
-//! by reason in `quarry_worker_generator_starts_total`.
+//! once its process group holds more than `recycle_above_memory_mib` of host memory or more
+//! than `recycle_above_gpu_memory_mib` of the agent's GPU (as the GPU inventory lists its
+//! processes), and when a round of another generator (argv, cwd, environment) comes. Every
+//! start is counted by reason in `quarry_worker_generator_starts_total`.
 //!
 //! `generator.audit`: a round the coordinator marked is, once done, re-run cold in a fresh
-//! process with the same inputs (its outputs written beside the real ones, under
-//! `.quarry-audit-<name>`), and the outputs' sha256 compared (see [`audit_round`]).
+//! process with the same round line (the warm outputs set aside meanwhile), and the outputs'
+//! digests compared (see [`super::audit`]).
 //!
 //! A generator that dies before answering its first round, or cannot be spawned at all,
 //! failed to start; after [`MAX_START_FAILURES`] such failures in a row the agent leaves
 //! rotation (see [`Slot::out_of_rotation`]) rather than burn every round it is given.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use quarry_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
+use super::audit::audit_round;
 use super::round::Paths;
+use crate::gpu::{GpuInfo, Inventory};
 use crate::metrics::{StartReason, WorkerMetrics};
 use crate::runner::warm::{WarmProcess, WarmSpec};
 use crate::runner::{RunError, RunOutcome, RunReport};
@@ -35,8 +37,11 @@ pub struct Slot {
     /// Why the next start happens when no process runs: first, or after one died mid-round.
     next_start: StartReason,
     metrics: Arc<WorkerMetrics>,
-    /// The agent's GPU, the metrics' label.
+    /// The agent's GPU id, the metrics' label.
     gpu: String,
+    /// The agent's GPU and where its processes are listed, for the GPU-memory ceiling.
+    gpu_info: GpuInfo,
+    inventory: Arc<dyn Inventory>,
     /// Starts in a row that ended before the process answered a round.
     start_failures: u32,
     /// Whether the current process has answered a round yet.
@@ -45,12 +50,14 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn new(metrics: Arc<WorkerMetrics>, gpu: String) -> Slot {
+    pub fn new(metrics: Arc<WorkerMetrics>, gpu: GpuInfo, inventory: Arc<dyn Inventory>) -> Slot {
         Slot {
             process: None,
             next_start: StartReason::First,
             metrics,
-            gpu,
+            gpu: gpu.id.clone(),
+            gpu_info: gpu,
+            inventory,
             start_failures: 0,
             answered: false,
             out_of_rotation: None,
@@ -84,15 +91,15 @@ impl Slot {
         stop: &CancellationToken,
     ) -> Result<RunReport, RunError> {
         let line = request(lease, task, paths, &spec.argv, job_env);
-        let audit = task.audit.then(|| (spec.clone(), audit_paths(paths)));
+        let audit = task.audit.then(|| spec.clone());
         let mut report = self.round(spec, &line, task, limit, stop).await?;
-        if let Some((spec, cold)) = audit
+        if let Some(spec) = audit
             && report.outcome == RunOutcome::Exited(0)
         {
-            let line = request(lease, task, &cold, &spec.argv, job_env);
             self.metrics
                 .generator_started(&self.gpu, StartReason::Audit);
-            audit_round(&mut report, spec, &line, paths, &cold, lease, limit, stop).await;
+            // The same line: the cold process writes where the warm one did.
+            audit_round(&mut report, spec, &line, paths, lease, limit, stop).await;
             self.metrics.audit(match report.outcome {
                 RunOutcome::Exited(0) => "matched",
                 RunOutcome::AuditMismatch => "differed",
@@ -113,15 +120,29 @@ impl Slot {
     ) -> Result<RunReport, RunError> {
         let exited = self.process.as_mut().is_some_and(WarmProcess::exited);
         let restart_why = match &self.process {
+            None => None,
             Some(_) if exited => Some(StartReason::Exited),
             Some(p) if p.spec() != &spec => Some(StartReason::OtherGenerator),
             Some(p) if task.recycle_after_rounds > 0 && p.served() >= task.recycle_after_rounds => {
                 Some(StartReason::Recycle)
             }
-            Some(p) if task.recycle_above_memory_mib > 0 => {
-                over_memory(p, task.recycle_above_memory_mib).then_some(StartReason::Memory)
+            Some(p)
+                if task.recycle_above_memory_mib > 0
+                    && over_memory(p, task.recycle_above_memory_mib) =>
+            {
+                Some(StartReason::Memory)
             }
-            _ => None,
+            Some(p) if task.recycle_above_gpu_memory_mib > 0 => {
+                let over = over_gpu_memory(
+                    p.group_id(),
+                    Arc::clone(&self.inventory),
+                    self.gpu_info.clone(),
+                    task.recycle_above_gpu_memory_mib,
+                )
+                .await;
+                over.then_some(StartReason::GpuMemory)
+            }
+            Some(_) => None,
         };
         if let Some(why) = restart_why
             && let Some(p) = self.process.take()
@@ -216,6 +237,56 @@ fn over_memory(p: &WarmProcess, ceiling_mib: u64) -> bool {
     }
 }
 
+/// Whether the processes of group `pgid` hold more of `gpu`'s memory than `ceiling_mib`,
+/// as `inventory` lists them (off the async threads: NVML calls and `/proc` walks block). A
+/// figure that cannot be read (no inventory, an NVML error, a garbled inventory file, a
+/// member whose usage the driver does not report) keeps the process, as an unreadable
+/// `/proc` does for the host ceiling.
+async fn over_gpu_memory(
+    pgid: Option<u32>,
+    inventory: Arc<dyn Inventory>,
+    gpu: GpuInfo,
+    ceiling_mib: u64,
+) -> bool {
+    let Some(pgid) = pgid else {
+        return false;
+    };
+    let held = tokio::task::spawn_blocking(move || {
+        let pids = crate::runner::memory::group_pids(pgid)
+            .map_err(|e| format!("cannot list its process group in /proc: {e}"))?;
+        let on_gpu = inventory.processes(&gpu).map_err(|e| {
+            format!(
+                "{} cannot list the GPU's processes: {e}",
+                inventory.describe()
+            )
+        })?;
+        crate::gpu::held_by(&on_gpu, &pids)
+            .map(|mib| (mib, pids.len()))
+            .ok_or_else(|| {
+                "the driver does not report the GPU memory of one of its processes".to_string()
+            })
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|r| r);
+    match held {
+        Ok((held_mib, processes)) => {
+            let over = held_mib > ceiling_mib;
+            if over {
+                info!(
+                    gpu_memory_mib = held_mib,
+                    ceiling_mib, processes, "the warm generator is over its GPU memory ceiling"
+                );
+            }
+            over
+        }
+        Err(why) => {
+            warn!(error = %why, "cannot read the warm generator's GPU memory; keeping it");
+            false
+        }
+    }
+}
+
 /// The round line handed to a warm generator (see docs/job-file.md, "Warm generators").
 fn request(
     lease: &pb::Lease,
@@ -249,170 +320,58 @@ fn request(
     .to_string()
 }
 
-/// Where an audited round's cold re-run writes: beside each real file, under
-/// `.quarry-audit-<name>`; the round directory and working directory stay the round's.
-fn audit_paths(paths: &Paths) -> Paths {
-    let aside = |p: &PathBuf| {
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        p.with_file_name(format!(".quarry-audit-{name}"))
-    };
-    Paths {
-        root: paths.root.clone(),
-        cwd: paths.cwd.clone(),
-        outs: paths.outs.iter().map(aside).collect(),
-        round_dir: paths.round_dir.clone(),
-        stats: paths.stats.as_ref().map(aside),
-    }
-}
-
-/// Re-runs a done warm round cold, in a fresh process started from `spec` and handed
-/// `line` (the round with `cold`'s paths), and compares each output's sha256 with the warm
-/// run's. A mismatch turns `report` into [`RunOutcome::AuditMismatch`] naming the round and
-/// both hashes; a cold run that fails (or outputs that are not plain files) into
-/// [`RunOutcome::Failed`], a retryable attempt. The cold run's files are removed either way.
-#[allow(clippy::too_many_arguments)]
-async fn audit_round(
-    report: &mut RunReport,
-    spec: WarmSpec,
-    line: &str,
-    warm: &Paths,
-    cold: &Paths,
-    lease: &pb::Lease,
-    limit: Option<Duration>,
-    stop: &CancellationToken,
-) {
-    let verdict = compare(spec, line, warm, cold, limit, stop).await;
-    for p in cold.outs.iter().chain(cold.stats.iter()) {
-        let _ = std::fs::remove_file(p);
-    }
-    match verdict {
-        Verdict::Same => debug!(round = %lease.round_name, "audit: the cold re-run matches"),
-        Verdict::Differs { file, warm, cold } => {
-            warn!(round = %lease.round_name, %file, %warm, %cold, "audit: warm and cold outputs differ");
-            report.outcome = RunOutcome::AuditMismatch;
-            report.reason = Some(format!(
-                "round {} ({file}): the warm process wrote sha256 {warm}, a fresh process given the same round wrote sha256 {cold}; the generator keeps state from round to round (re-seed every RNG from the round's seed and reset what it changes; see docs/job-file.md, \"The determinism contract\")",
-                lease.round_name
-            ));
-        }
-        Verdict::Inconclusive(why) => {
-            report.outcome = RunOutcome::Failed;
-            report.reason = Some(format!("audit of round {}: {why}", lease.round_name));
-        }
-    }
-}
-
-enum Verdict {
-    Same,
-    Differs {
-        file: String,
-        warm: String,
-        cold: String,
-    },
-    Inconclusive(String),
-}
-
-async fn compare(
-    spec: WarmSpec,
-    line: &str,
-    warm: &Paths,
-    cold: &Paths,
-    limit: Option<Duration>,
-    stop: &CancellationToken,
-) -> Verdict {
-    let mut warm_hashes = Vec::with_capacity(warm.outs.len());
-    for p in &warm.outs {
-        match sha256_file(p).await {
-            Ok(h) => warm_hashes.push(h),
-            Err(e) => {
-                return Verdict::Inconclusive(format!(
-                    "cannot hash {} (only plain files are audited): {e}",
-                    p.display()
-                ));
-            }
-        }
-    }
-    let mut fresh = match WarmProcess::start(spec).await {
-        Ok(p) => p,
-        Err(e) => return Verdict::Inconclusive(format!("the cold re-run did not start: {e}")),
-    };
-    let ran = fresh.round(line, limit, stop).await;
-    if ran.alive {
-        fresh.shut_down().await;
-    }
-    if ran.report.outcome != RunOutcome::Exited(0) {
-        return Verdict::Inconclusive(format!(
-            "the cold re-run ended {:?}{}",
-            ran.report.outcome,
-            ran.report
-                .reason
-                .map(|r| format!(": {r}"))
-                .unwrap_or_default()
-        ));
-    }
-    for ((w, c), warm_hash) in warm.outs.iter().zip(&cold.outs).zip(warm_hashes) {
-        let cold_hash = match sha256_file(c).await {
-            Ok(h) => h,
-            Err(e) => {
-                return Verdict::Inconclusive(format!(
-                    "the cold re-run's output {} cannot be read: {e}",
-                    c.display()
-                ));
-            }
-        };
-        if cold_hash != warm_hash {
-            let file = w
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            return Verdict::Differs {
-                file,
-                warm: warm_hash,
-                cold: cold_hash,
-            };
-        }
-    }
-    Verdict::Same
-}
-
-/// The sha256 of a plain file, by the store's one hashing loop, off the async threads.
-/// Anything else is an error, looked at before it is opened: only plain files are audited,
-/// and opening a FIFO a generator left would block until someone writes to it.
-async fn sha256_file(p: &Path) -> std::io::Result<String> {
-    let p = p.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        if !std::fs::symlink_metadata(&p)?.is_file() {
-            return Err(std::io::Error::other("not a plain file"));
-        }
-        let f = std::fs::File::open(&p)?;
-        Ok(quarry_common::storage::hash_reader(f)?.sha256)
-    })
-    .await
-    .map_err(std::io::Error::other)?
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     /// A real warm generator (python3 speaking the protocol): a round named `grow` keeps
-    /// 96 MiB, one named `die` kills the process mid-round, any other answers done.
+    /// 96 MiB, one named `die` kills the process mid-round, one named `gpu*` lists itself
+    /// and a child it starts in the GPU inventory file `inventory.json` (standing in for
+    /// the driver; see [`gpu_entries`]), any other answers done.
     const GENERATOR: &str = r#"
-import json, os, sys
+import json, os, subprocess, sys
 keep = []
 reply = os.fdopen(int(os.environ["QUARRY_REPLY_FD"]), "w")
 for line in sys.stdin:
     r = json.loads(line)
-    if r["round_name"] == "die":
+    name = r["round_name"]
+    if name == "die":
         os._exit(3)
-    if r["round_name"] == "grow":
+    if name == "grow":
         keep.append(b"x" * (96 << 20))
+    if name.startswith("gpu"):
+        child = subprocess.Popen(["sleep", "60"])
+        keep.append(child)
+        entries = name.split(":", 1)[1] % {"me": os.getpid(), "child": child.pid}
+        with open("inventory.json.tmp", "w") as f:
+            f.write('{"gpus": [{"index": 3, "processes": [%s]}]}' % entries)
+        os.replace("inventory.json.tmp", "inventory.json")
     reply.write('{"status": "done"}\n')
     reply.flush()
 "#;
+
+    /// The round that makes [`GENERATOR`] list `entries` as the GPU's processes, `%(me)d`
+    /// standing for its pid and `%(child)d` for a child's.
+    fn gpu_entries(entries: &str) -> String {
+        format!("gpu:{entries}")
+    }
+
+    /// The agent's GPU (id 3) in an inventory file in `dir` that lists no processes yet.
+    fn file_gpu(dir: &Path) -> (GpuInfo, Arc<dyn Inventory>) {
+        let p = dir.join("inventory.json");
+        std::fs::write(&p, r#"{"gpus": [{"index": 3}]}"#).unwrap();
+        let inv = crate::gpu::file::FileInventory::open(&p).unwrap();
+        (GpuInfo::unlisted("3"), Arc::new(inv))
+    }
+
+    fn no_gpu() -> (GpuInfo, Arc<dyn Inventory>) {
+        let none = crate::gpu::NoInventory {
+            reason: "test".into(),
+        };
+        (GpuInfo::unlisted("3"), Arc::new(none))
+    }
 
     fn spec(dir: &Path) -> WarmSpec {
         WarmSpec {
@@ -452,7 +411,8 @@ for line in sys.stdin:
     async fn an_audited_round_whose_output_is_a_fifo_fails_without_blocking() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(WorkerMetrics::default());
-        let mut slot = Slot::new(Arc::clone(&metrics), "3".into());
+        let (gpu, inventory) = no_gpu();
+        let mut slot = Slot::new(Arc::clone(&metrics), gpu, inventory);
         let fifo = WarmSpec {
             argv: vec![
                 "python3".into(),
@@ -501,7 +461,12 @@ for line in sys.stdin:
         .expect("the generator started");
         assert_eq!(report.outcome, RunOutcome::Failed);
         let reason = report.reason.unwrap_or_default();
-        assert!(reason.contains("only plain files are audited"), "{reason}");
+        assert!(
+            reason.contains(
+                "it is a FIFO; only plain files and directories of plain files are audited"
+            ),
+            "{reason}"
+        );
         slot.shut_down().await;
     }
 
@@ -520,7 +485,8 @@ for line in sys.stdin:
     async fn restarts_are_counted_by_reason_and_the_memory_ceiling_recycles() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Arc::new(WorkerMetrics::default());
-        let mut slot = Slot::new(Arc::clone(&metrics), "3".into());
+        let (gpu, inventory) = no_gpu();
+        let mut slot = Slot::new(Arc::clone(&metrics), gpu, inventory);
         let plain = pb::Task::default();
         let ceiling = pb::Task {
             recycle_above_memory_mib: 64,
@@ -553,6 +519,84 @@ for line in sys.stdin:
         assert_eq!(round(&mut slot, dir.path(), "e", &recycle).await, done);
         assert_eq!(starts(&metrics, "recycle"), 1);
         assert_eq!(starts(&metrics, "first"), 1);
+        slot.shut_down().await;
+    }
+
+    /// `recycle_above_gpu_memory_mib`: the generator is replaced before the next round once
+    /// the GPU processes of its group (itself and a child it started) hold more than the
+    /// ceiling together; other processes on the GPU are not counted; an entry the inventory
+    /// cannot measure, or garbage in the inventory file, keeps it; without the ceiling, or
+    /// without an inventory, nothing is replaced.
+    #[tokio::test]
+    async fn the_gpu_memory_ceiling_recycles_counting_the_group_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(WorkerMetrics::default());
+        let (gpu, inventory) = file_gpu(dir.path());
+        let mut slot = Slot::new(Arc::clone(&metrics), gpu, inventory);
+        let ceiling = pb::Task {
+            recycle_above_gpu_memory_mib: 512,
+            ..Default::default()
+        };
+        let done = RunOutcome::Exited(0);
+        let d = dir.path();
+        assert_eq!(round(&mut slot, d, "a", &ceiling).await, done);
+        // 300 + 300 over the group, a stranger (pid 1) holding 100000: 600 > 512.
+        let group_of_two = gpu_entries(
+            r#"{"pid": %(me)d, "used_memory_mib": 300}, {"pid": %(child)d, "used_memory_mib": 300}, {"pid": 1, "used_memory_mib": 100000}"#,
+        );
+        assert_eq!(round(&mut slot, d, &group_of_two, &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 0);
+        assert_eq!(round(&mut slot, d, "b", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 1);
+        // The file still lists the old process's pids: the new one holds nothing.
+        assert_eq!(round(&mut slot, d, "c", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 1);
+        // Under the ceiling (the stranger does not count): kept.
+        let under = gpu_entries(
+            r#"{"pid": %(me)d, "used_memory_mib": 500}, {"pid": 1, "used_memory_mib": 100000}"#,
+        );
+        assert_eq!(round(&mut slot, d, &under, &ceiling).await, done);
+        assert_eq!(round(&mut slot, d, "e", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 1);
+        // Unknown for one member (no figure), or a garbled file: kept, no panic.
+        for unknown in [
+            r#"{"pid": %(me)d, "used_memory_mib": 9000}, {"pid": %(child)d}"#,
+            r#"{"pid": %(me)d, "used_memory_mib": -9000}"#,
+            r#"{"pid": %(me)d, "used_memory_mib": 1e400}"#,
+            r#"{"pid": %(me)d, "used_memory_mib": "9000"}"#,
+            r#"{"pid": "me", "used_memory_mib": 9000}"#,
+        ] {
+            assert_eq!(
+                round(&mut slot, d, &gpu_entries(unknown), &ceiling).await,
+                done
+            );
+            assert_eq!(round(&mut slot, d, "f", &ceiling).await, done, "{unknown}");
+            assert_eq!(starts(&metrics, "gpu_memory"), 1, "{unknown}");
+        }
+        // The largest figure that parses recycles (the sum saturates).
+        let huge = gpu_entries(&format!(
+            r#"{{"pid": %(me)d, "used_memory_mib": {max}}}, {{"pid": %(child)d, "used_memory_mib": {max}}}"#,
+            max = u64::MAX
+        ));
+        assert_eq!(round(&mut slot, d, &huge, &ceiling).await, done);
+        assert_eq!(round(&mut slot, d, "g", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 2);
+        // Over, but the job sets no ceiling: kept.
+        let plain = pb::Task::default();
+        let over = gpu_entries(r#"{"pid": %(me)d, "used_memory_mib": 9000}"#);
+        assert_eq!(round(&mut slot, d, &over, &plain).await, done);
+        assert_eq!(round(&mut slot, d, "h", &plain).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 2);
+        assert_eq!(starts(&metrics, "first"), 1);
+        slot.shut_down().await;
+
+        // Without an inventory the figure is unknown: kept.
+        let metrics = Arc::new(WorkerMetrics::default());
+        let (gpu, inventory) = no_gpu();
+        let mut slot = Slot::new(Arc::clone(&metrics), gpu, inventory);
+        assert_eq!(round(&mut slot, d, &over, &ceiling).await, done);
+        assert_eq!(round(&mut slot, d, "i", &ceiling).await, done);
+        assert_eq!(starts(&metrics, "gpu_memory"), 0);
         slot.shut_down().await;
     }
 }

@@ -6,16 +6,18 @@
 //! { "driver_version": "550.54.15",
 //!   "gpus": [ { "index": 0, "uuid": "GPU-...", "name": "H100", "memory_total_mib": 81559,
 //!               "memory_used_mib": 600, "utilization_pct": 40, "temperature_c": 45,
-//!               "power_w": 300, "ecc_uncorrected": 0, "xids": [], "lost": false } ] }
+//!               "power_w": 300, "ecc_uncorrected": 0, "xids": [], "lost": false,
+//!               "processes": [ { "pid": 4242, "used_memory_mib": 2048 } ] } ] }
 //! ```
 //!
-//! Health follows from the counters exactly as with NVML ([`super::classify`]).
+//! Health follows from the counters exactly as with NVML ([`super::classify`]); `processes`
+//! stands for NVML's running processes of the GPU ([`Inventory::processes`]).
 
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{GpuError, GpuInfo, GpuSample, Health, Inventory, classify};
+use super::{GpuError, GpuInfo, GpuProcess, GpuSample, Health, Inventory, classify};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -50,6 +52,18 @@ struct Gpu {
     xids: Vec<u64>,
     #[serde(default)]
     lost: bool,
+    /// The processes holding memory on this GPU.
+    #[serde(default)]
+    processes: Vec<Process>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Process {
+    pid: u32,
+    /// Absent: the driver cannot tell (NVML's `Unavailable`).
+    #[serde(default)]
+    used_memory_mib: Option<u64>,
 }
 
 /// The inventory file at `path`.
@@ -82,6 +96,13 @@ impl FileInventory {
             }
         }
         Ok(doc)
+    }
+
+    /// The entry of `gpu` in `doc`, by index or UUID.
+    fn find<'d>(doc: &'d Doc, gpu: &GpuInfo) -> Option<&'d Gpu> {
+        doc.gpus
+            .iter()
+            .find(|g| Some(g.index) == gpu.index || (g.uuid.is_some() && g.uuid == gpu.uuid))
     }
 
     fn info(doc: &Doc, g: &Gpu) -> GpuInfo {
@@ -117,11 +138,7 @@ impl Inventory for FileInventory {
                 return GpuSample::unknown();
             }
         };
-        let Some(g) = doc
-            .gpus
-            .iter()
-            .find(|g| Some(g.index) == gpu.index || (g.uuid.is_some() && g.uuid == gpu.uuid))
-        else {
+        let Some(g) = Self::find(&doc, gpu) else {
             return GpuSample {
                 health: Health::Unhealthy("GPU no longer listed by the inventory".into()),
                 ..GpuSample::unknown()
@@ -140,6 +157,21 @@ impl Inventory for FileInventory {
             ecc_uncorrected: g.ecc_uncorrected,
             last_xid: g.xids.last().copied(),
         }
+    }
+
+    fn processes(&self, gpu: &GpuInfo) -> Result<Vec<GpuProcess>, GpuError> {
+        let doc = self.read()?;
+        let g = Self::find(&doc, gpu).ok_or_else(|| GpuError::File {
+            path: self.path.display().to_string(),
+            detail: format!("GPU {} is no longer listed", gpu.id),
+        })?;
+        Ok(g.processes
+            .iter()
+            .map(|p| GpuProcess {
+                pid: p.pid,
+                used_mib: p.used_memory_mib,
+            })
+            .collect())
     }
 }
 
@@ -174,6 +206,59 @@ mod tests {
         assert_eq!(inv.sample(&gpus[0]).health, Health::Healthy);
         std::fs::write(&p, "{ not json").unwrap();
         assert_eq!(inv.sample(&gpus[0]), GpuSample::unknown());
+    }
+
+    /// `processes` is re-read on every call; entries that are not a pid and a MiB figure
+    /// (negative, past u64, a string) make the file unreadable for that call, an error
+    /// naming the file and the field, never a panic.
+    #[test]
+    fn processes_are_reread_and_garbage_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("gpus.json");
+        let doc = |procs: &str| format!(r#"{{"gpus": [{{"index": 0, "processes": [{procs}]}}]}}"#);
+        std::fs::write(&p, doc("")).unwrap();
+        let inv = FileInventory::open(&p).unwrap();
+        let gpu = &inv.list().unwrap()[0];
+        assert!(inv.processes(gpu).unwrap().is_empty());
+        std::fs::write(&p, doc(r#"{"pid": 7, "used_memory_mib": 512}, {"pid": 8}"#)).unwrap();
+        assert_eq!(
+            inv.processes(gpu).unwrap(),
+            [
+                GpuProcess {
+                    pid: 7,
+                    used_mib: Some(512)
+                },
+                GpuProcess {
+                    pid: 8,
+                    used_mib: None
+                }
+            ]
+        );
+        for garbage in [
+            r#"{"pid": 7, "used_memory_mib": -5}"#,
+            r#"{"pid": 7, "used_memory_mib": 1e400}"#,
+            r#"{"pid": 7, "used_memory_mib": 99999999999999999999999}"#,
+            r#"{"pid": 7, "used_memory_mib": "lots"}"#,
+            r#"{"pid": -1, "used_memory_mib": 5}"#,
+            r#"{"pid": 7, "used_memory_mib": 5, "vram": 1}"#,
+            r#""7""#,
+        ] {
+            std::fs::write(&p, doc(garbage)).unwrap();
+            let e = inv.processes(gpu).unwrap_err().to_string();
+            assert!(e.contains("gpus.json"), "{garbage}: {e}");
+            // Health reads as unknown for that poll, as for any unreadable file.
+            assert_eq!(inv.sample(gpu), GpuSample::unknown(), "{garbage}");
+        }
+        // The largest figure that parses is taken as given.
+        std::fs::write(
+            &p,
+            doc(&format!(r#"{{"pid": 7, "used_memory_mib": {}}}"#, u64::MAX)),
+        )
+        .unwrap();
+        assert_eq!(inv.processes(gpu).unwrap()[0].used_mib, Some(u64::MAX));
+        // A GPU that left the file.
+        std::fs::write(&p, r#"{"gpus": [{"index": 1}]}"#).unwrap();
+        assert!(inv.processes(gpu).is_err());
     }
 
     #[test]

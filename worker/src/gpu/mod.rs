@@ -131,6 +131,26 @@ impl GpuSample {
     }
 }
 
+/// One process holding memory on a GPU, as the inventory lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// GPU memory it holds (MiB); `None` when the driver cannot tell (NVML's
+    /// `Unavailable`, e.g. under some virtualization or without the right privileges).
+    pub used_mib: Option<u64>,
+}
+
+/// The GPU memory (MiB) held by the processes of `gpu_processes` whose pid is in `pids` (a
+/// warm generator's process group): their sum, saturating. `None` when one of them holds an
+/// amount the driver cannot tell: the total is unknown then, not smaller.
+pub fn held_by(gpu_processes: &[GpuProcess], pids: &[u32]) -> Option<u64> {
+    let mut total = 0u64;
+    for p in gpu_processes.iter().filter(|p| pids.contains(&p.pid)) {
+        total = total.saturating_add(p.used_mib?);
+    }
+    Some(total)
+}
+
 /// XIDs that mean the GPU itself (not the program on it) is broken and needs a reset or a
 /// replacement: double-bit / uncontained / unrecovered ECC errors (48, 95, 140), row-remapping
 /// or page-retirement failure (64), high single-bit ECC rate (92), NVLink errors (74), GPU
@@ -192,6 +212,11 @@ pub trait Inventory: Send + Sync + 'static {
     /// Health and metrics of `gpu` now. Never fails: what cannot be measured is `None` and
     /// health is [`Health::Unknown`].
     fn sample(&self, gpu: &GpuInfo) -> GpuSample;
+    /// The processes holding memory on `gpu` now (compute and graphics), with what each
+    /// holds: what `generator.recycle_above_gpu_memory_mib` sums over a warm generator's
+    /// process group. An error when the inventory cannot tell; callers treat that as
+    /// unknown, never as zero.
+    fn processes(&self, gpu: &GpuInfo) -> Result<Vec<GpuProcess>, GpuError>;
 }
 
 /// A host without NVML: GPUs are what the operator names; nothing is measured.
@@ -210,6 +235,9 @@ impl Inventory for NoInventory {
     }
     fn sample(&self, _gpu: &GpuInfo) -> GpuSample {
         GpuSample::unknown()
+    }
+    fn processes(&self, _gpu: &GpuInfo) -> Result<Vec<GpuProcess>, GpuError> {
+        Err(GpuError::NoNvml(self.reason.clone()))
     }
 }
 
@@ -397,6 +425,9 @@ mod tests {
         fn sample(&self, _: &GpuInfo) -> GpuSample {
             GpuSample::unknown()
         }
+        fn processes(&self, _: &GpuInfo) -> Result<Vec<GpuProcess>, GpuError> {
+            Ok(Vec::new())
+        }
     }
 
     fn gpu(i: u32) -> GpuInfo {
@@ -460,6 +491,24 @@ mod tests {
             resolve(&inv, "--gpu", &ids(&["1", "GPU-00000001-aaaa"])).unwrap_err(),
             GpuError::Duplicate { .. }
         ));
+    }
+
+    #[test]
+    fn gpu_memory_held_by_a_group_is_the_sum_of_its_processes_or_unknown() {
+        let p = |pid, used_mib| GpuProcess { pid, used_mib };
+        let on_gpu = [p(10, Some(300)), p(11, Some(200)), p(99, Some(7000))];
+        assert_eq!(held_by(&on_gpu, &[10, 11, 12]), Some(500));
+        // Other processes on the GPU are not the generator's.
+        assert_eq!(held_by(&on_gpu, &[12]), Some(0));
+        assert_eq!(held_by(&[], &[10]), Some(0));
+        // One member the driver cannot measure makes the whole unknown.
+        assert_eq!(held_by(&[p(10, Some(300)), p(11, None)], &[10, 11]), None);
+        assert_eq!(held_by(&[p(10, Some(300)), p(11, None)], &[10]), Some(300));
+        // Lies do not overflow.
+        assert_eq!(
+            held_by(&[p(1, Some(u64::MAX)), p(2, Some(u64::MAX))], &[1, 2]),
+            Some(u64::MAX)
+        );
     }
 
     #[test]

@@ -9,13 +9,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
+use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::struct_wrappers::device::ProcessInfo;
+use nvml_wrapper::{Device, Nvml};
 
-use super::{GpuError, GpuInfo, GpuSample, Health, Inventory, classify};
+use super::{GpuError, GpuInfo, GpuProcess, GpuSample, Health, Inventory, classify};
 
 const MIB: u64 = 1 << 20;
 
@@ -58,6 +60,16 @@ impl NvmlInventory {
             }
         }
         Ok(NvmlInventory { nvml, driver, xids })
+    }
+
+    /// The NVML handle of `gpu`: by UUID when known (immune to enumeration order), else by
+    /// index.
+    fn device(&self, gpu: &GpuInfo) -> Result<Device<'_>, NvmlError> {
+        match (&gpu.uuid, gpu.index) {
+            (Some(u), _) => self.nvml.device_by_uuid(u.as_str()),
+            (None, Some(i)) => self.nvml.device_by_index(i),
+            (None, None) => Err(NvmlError::InvalidArg),
+        }
     }
 
     fn lock_xids(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<u64>>> {
@@ -104,12 +116,10 @@ impl Inventory for NvmlInventory {
     }
 
     fn sample(&self, gpu: &GpuInfo) -> GpuSample {
-        let dev = match (&gpu.uuid, gpu.index) {
-            (Some(u), _) => self.nvml.device_by_uuid(u.as_str()),
-            (None, Some(i)) => self.nvml.device_by_index(i),
-            (None, None) => return GpuSample::unknown(),
-        };
-        let dev = match dev {
+        if gpu.uuid.is_none() && gpu.index.is_none() {
+            return GpuSample::unknown();
+        }
+        let dev = match self.device(gpu) {
             Ok(d) => d,
             Err(NvmlError::GpuLost) => {
                 return GpuSample {
@@ -156,6 +166,50 @@ impl Inventory for NvmlInventory {
             last_xid: xids.last().copied(),
         }
     }
+
+    fn processes(&self, gpu: &GpuInfo) -> Result<Vec<GpuProcess>, GpuError> {
+        let nvml_err =
+            |what: &str, e: NvmlError| GpuError::Nvml(format!("GPU {}: {what}: {e}", gpu.id));
+        let dev = self
+            .device(gpu)
+            .map_err(|e| nvml_err("cannot open it", e))?;
+        let compute = dev
+            .running_compute_processes()
+            .map_err(|e| nvml_err("running compute processes", e))?;
+        // A GPU without graphics contexts may not support the query at all: none, then.
+        let graphics = match dev.running_graphics_processes() {
+            Ok(p) => p,
+            Err(NvmlError::NotSupported) => Vec::new(),
+            Err(e) => return Err(nvml_err("running graphics processes", e)),
+        };
+        Ok(merge_processes(compute.iter().chain(&graphics)))
+    }
+}
+
+/// One entry per pid from NVML's compute and graphics lists. A process with both kinds of
+/// context is listed in both with the same allocation: it counts once, at the larger figure
+/// (an unknown figure stays unknown).
+fn merge_processes<'a>(listed: impl Iterator<Item = &'a ProcessInfo>) -> Vec<GpuProcess> {
+    let mut out: Vec<GpuProcess> = Vec::new();
+    for p in listed {
+        let used_mib = match p.used_gpu_memory {
+            UsedGpuMemory::Used(bytes) => Some(bytes / MIB),
+            UsedGpuMemory::Unavailable => None,
+        };
+        match out.iter_mut().find(|q| q.pid == p.pid) {
+            Some(q) => {
+                q.used_mib = match (q.used_mib, used_mib) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                }
+            }
+            None => out.push(GpuProcess {
+                pid: p.pid,
+                used_mib,
+            }),
+        }
+    }
+    out
 }
 
 /// The value of one NVML query; `None` when unsupported or failed, noting a lost GPU.
@@ -240,6 +294,26 @@ fn watch_xids(nvml: &Nvml, xids: &XidLog) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_process_in_both_lists_counts_once_and_unavailable_is_unknown() {
+        let info = |pid, used| ProcessInfo {
+            pid,
+            used_gpu_memory: used,
+            gpu_instance_id: None,
+            compute_instance_id: None,
+        };
+        let listed = [
+            info(1, UsedGpuMemory::Used(512 * MIB)),
+            info(2, UsedGpuMemory::Unavailable),
+            info(1, UsedGpuMemory::Used(512 * MIB)),
+            info(3, UsedGpuMemory::Used(100 * MIB)),
+            info(3, UsedGpuMemory::Unavailable),
+        ];
+        let merged = merge_processes(listed.iter());
+        let p = |pid, used_mib| GpuProcess { pid, used_mib };
+        assert_eq!(merged, [p(1, Some(512)), p(2, None), p(3, None)]);
+    }
+
     /// On any host: NVML opens, or the failure is "no NVML" with a reason, never a panic.
     #[test]
     fn opening_nvml_never_fails_otherwise() {
@@ -248,6 +322,7 @@ mod tests {
                 let gpus = inv.list().expect("NVML lists GPUs");
                 for g in &gpus {
                     let _ = inv.sample(g);
+                    let _ = inv.processes(g);
                 }
             }
             Err(GpuError::NoNvml(reason)) => assert!(!reason.is_empty()),

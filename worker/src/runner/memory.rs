@@ -1,6 +1,6 @@
-//! The resident host memory of a process group, read from `/proc`: what a warm generator and
-//! every process it started (its workers, a simulator) hold, for
-//! `generator.recycle_above_memory_mib`.
+//! The members of a process group and the resident host memory they hold, read from `/proc`:
+//! what a warm generator and every process it started (its workers, a simulator) are, for
+//! `generator.recycle_above_memory_mib` and `generator.recycle_above_gpu_memory_mib`.
 
 use std::io;
 
@@ -13,6 +13,25 @@ pub fn group_rss_bytes(pgid: u32) -> io::Result<u64> {
         .filter(|p| *p > 0)
         .unwrap_or(4096);
     let mut total = 0u64;
+    for pid in group_pids(pgid)? {
+        let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
+            continue;
+        };
+        if let Some(pages) = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u64>().ok())
+        {
+            total = total.saturating_add(pages.saturating_mul(page));
+        }
+    }
+    Ok(total)
+}
+
+/// The pids of the processes whose process group is `pgid`. Processes that vanish during
+/// the walk are skipped.
+pub fn group_pids(pgid: u32) -> io::Result<Vec<u32>> {
+    let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Ok(entry) = entry else { continue };
         let name = entry.file_name();
@@ -28,18 +47,11 @@ pub fn group_rss_bytes(pgid: u32) -> io::Result<u64> {
         if stat_pgrp(&stat) != Some(pgid) {
             continue;
         }
-        let Ok(statm) = std::fs::read_to_string(format!("/proc/{pid}/statm")) else {
-            continue;
-        };
-        if let Some(pages) = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u64>().ok())
-        {
-            total = total.saturating_add(pages.saturating_mul(page));
+        if let Ok(pid) = pid.parse() {
+            pids.push(pid);
         }
     }
-    Ok(total)
+    Ok(pids)
 }
 
 /// The process group in a `/proc/<pid>/stat` line: the third field after the command, which
@@ -72,5 +84,13 @@ mod tests {
         assert!(after >= before + (60 << 20), "{before} -> {after}");
         drop(block);
         assert_eq!(group_rss_bytes(u32::MAX).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_group_lists_this_process() {
+        // SAFETY: getpgrp has no preconditions.
+        let pgid = unsafe { libc::getpgrp() } as u32;
+        assert!(group_pids(pgid).unwrap().contains(&std::process::id()));
+        assert!(group_pids(u32::MAX).unwrap().is_empty());
     }
 }

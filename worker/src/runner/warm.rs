@@ -144,6 +144,11 @@ impl WarmProcess {
         super::memory::group_rss_bytes(pgid)
     }
 
+    /// Its process group's id: the generator's pid (it leads the group).
+    pub fn group_id(&self) -> Option<u32> {
+        u32::try_from(self.group.id()).ok()
+    }
+
     /// Whether it has exited (between rounds: killed by the OOM killer, crashed in a
     /// background thread). Such a process is replaced before the next round is handed over,
     /// so that the round is not charged with a death it did not cause.
