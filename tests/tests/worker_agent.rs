@@ -607,6 +607,62 @@ fn bounded_log_beside_the_outputs_and_gpu_figures_in_the_record() {
     }
 }
 
+/// With prefetch, the next round is leased while the current one runs, shortly before it is
+/// expected to end (the previous round's time less a quarter, docs/worker.md "Dispatch"): in
+/// the second of 1.6 s rounds the agent holds one lease at first and two before the round can
+/// have ended; with `--no-prefetch`, never two while a round runs.
+#[test]
+fn the_next_round_is_leased_ahead_shortly_before_the_running_one_ends() {
+    for prefetch in [true, false] {
+        let c = Coord::start("10");
+        let mut flags = vec!["--gpu", "0", "--gpu-inventory", "none"];
+        if !prefetch {
+            flags.push("--no-prefetch");
+        }
+        let _w = c.worker(&flags, "w.log");
+        let pids = c.root().join("pids");
+        c.submit(&job(
+            &c,
+            "ahead",
+            4,
+            &["--pid_file", "pids/{name}.pid", "--sleep_ms", "1600"],
+            "",
+            "",
+        ));
+        wait_until("the second round started", Duration::from_secs(20), || {
+            files_under(&pids).len() >= 2
+        });
+        let started = Instant::now();
+        // (ms since the second round started, leases the agent holds), until the third starts.
+        let mut seen: Vec<(u128, usize)> = Vec::new();
+        while files_under(&pids).len() < 3 && started.elapsed() < Duration::from_secs(20) {
+            if let Some(s) = c.status("ahead") {
+                // `running` lists the leases held: "obj r1, obj r2".
+                let held = worker_of(&s, "0")["running"]
+                    .as_str()
+                    .map_or(0, |r| r.split(", ").filter(|l| !l.is_empty()).count());
+                seen.push((started.elapsed().as_millis(), held));
+            }
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        // The round sleeps 1600 ms: a second lease seen before that was acquired ahead.
+        let ahead = seen.iter().any(|&(ms, held)| ms < 1550 && held == 2);
+        assert_eq!(ahead, prefetch, "prefetch {prefetch}: {seen:?}");
+        // Not at the round's start: in its first half the running round is the only lease.
+        let early: Vec<_> = seen
+            .iter()
+            .filter(|&&(ms, _)| (300..800).contains(&ms))
+            .collect();
+        assert!(
+            !early.is_empty(),
+            "no status in the round's first half: {seen:?}"
+        );
+        assert!(early.iter().all(|&&(_, held)| held == 1), "{seen:?}");
+        let s = c.watch("ahead");
+        assert_eq!(s["rounds_committed"], 4, "{s}");
+    }
+}
+
 /// SIGTERM drains: the running round finishes and commits, no new round is taken, the
 /// worker exits 0.
 #[test]

@@ -61,6 +61,10 @@ pub struct RunSpec {
     pub kill_grace: Duration,
     /// Bytes of combined stdout/stderr kept in the report (see [`BoundedLog`]).
     pub log_limit: usize,
+    /// Cancelled as soon as the process is started (or could not be): for a caller holding
+    /// back other work until then (the agent's previous round's upload, which would slow the
+    /// start down on a small host).
+    pub spawned: Option<CancellationToken>,
 }
 
 /// How a run ended.
@@ -122,6 +126,8 @@ pub enum RunError {
 /// bounded output. When this returns, the child is reaped and its process group has been
 /// killed. Dropping the returned future SIGKILLs the group.
 pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport, RunError> {
+    // Dropped (cancelling `spawned`) once the process is started, or on any return before.
+    let spawned = spec.spawned.clone().map(CancellationToken::drop_guard);
     let program = spec.argv.first().ok_or(RunError::EmptyArgv)?;
     check_cwd(&spec.cwd).await?;
     if cancel.is_cancelled() {
@@ -140,6 +146,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
     let mut child = cmd
         .spawn()
         .map_err(|source| spawn_error(program, &spec.cwd, source))?;
+    drop(spawned);
     let mut group = group_of(&child, &mut mark, program, &spec.cwd)?;
     debug!(program = %program, pgid = group.id(), "generator started");
     // Like the group guard: a dropped run's escaped processes are swept from a thread.

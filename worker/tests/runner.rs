@@ -25,6 +25,7 @@ fn spec(dir: &Path, argv: Vec<String>) -> RunSpec {
         timeout: Some(Duration::from_secs(10)),
         kill_grace: Duration::from_millis(500),
         log_limit: 1 << 20,
+        spawned: None,
     }
 }
 
@@ -615,4 +616,33 @@ async fn one_runs_sweep_leaves_another_runs_processes_alone() {
     let report_a = run_a.await.expect("run task");
     assert_eq!(report_a.outcome, RunOutcome::Cancelled);
     eventually("run A's sleeper to be gone", || !alive(sleeper_a)).await;
+}
+
+/// `spawned` is cancelled once the process is started, while it still runs (the agent holds
+/// the previous round's upload back until then), and on a run that could not start.
+#[tokio::test]
+async fn spawned_is_signalled_at_the_start_and_on_a_failed_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = spec(dir.path(), vec!["sleep".into(), "3".into()]);
+    let started = CancellationToken::new();
+    s.spawned = Some(started.clone());
+    let running = tokio::spawn(async move { run(&s, CancellationToken::new()).await });
+    tokio::time::timeout(Duration::from_secs(2), started.cancelled())
+        .await
+        .expect("spawned not signalled while the process runs");
+    assert!(
+        !running.is_finished(),
+        "the run ended before its process did"
+    );
+    let r = running.await.expect("join").expect("run");
+    assert_eq!(r.outcome, RunOutcome::Exited(0));
+
+    let mut s = spec(dir.path(), vec!["/nonexistent/quarry-generator".into()]);
+    let failed = CancellationToken::new();
+    s.spawned = Some(failed.clone());
+    assert!(run(&s, CancellationToken::new()).await.is_err());
+    assert!(
+        failed.is_cancelled(),
+        "a failed start must not hold anyone back"
+    );
 }

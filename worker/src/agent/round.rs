@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use quarry_common::storage::keys;
 use quarry_proto::v1 as pb;
+use tokio_util::sync::DropGuard;
 use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 
 use super::Counters;
@@ -85,7 +86,15 @@ pub(super) struct Ran {
 
 /// Runs the round's generator bound to this agent's GPU until it exits, times out or the
 /// lease is stopped.
-pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ran {
+///
+/// `finish_waits` holds the previous round's finish back: it is let go once this round's
+/// process is started (or the round is handed to the warm process).
+pub(super) async fn run_generator(
+    s: &Session,
+    held: &Held,
+    paths: &Paths,
+    finish_waits: Option<DropGuard>,
+) -> Ran {
     let lease = &held.lease;
     let task = lease.task.clone().unwrap_or_default();
     // A previous attempt's leftovers must not pass for this attempt's output.
@@ -125,6 +134,8 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
             kill_grace: s.cfg.kill_grace,
             log_limit: s.cfg.log_limit,
         };
+        // A round line is a pipe write: nothing for the previous finish to slow down.
+        drop(finish_waits);
         let mut slot = s.warm.lock().await;
         s.monitor.begin_round();
         slot.run(spec, lease, &task, paths, &job_env, timeout, &held.stop)
@@ -141,6 +152,7 @@ pub(super) async fn run_generator(s: &Session, held: &Held, paths: &Paths) -> Ra
             timeout,
             kill_grace: s.cfg.kill_grace,
             log_limit: s.cfg.log_limit,
+            spawned: finish_waits.map(DropGuard::disarm),
         };
         s.monitor.begin_round();
         runner::run(&spec, held.stop.clone()).await

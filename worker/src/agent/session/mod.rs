@@ -2,9 +2,12 @@
 //! self-fencing watchdog.
 //!
 //! Pipeline: acquire → prepare (GPU healthy, scratch space, free GPU memory) → run the
-//! generator → finish (inspect, upload, report) in the background while the next round is
-//! acquired and started. At most `lease_batch` rounds finish while the next runs (one by
-//! default), so the GPU waits on neither the upload nor the coordinator.
+//! generator → finish (inspect, upload, report) in the background while the next round
+//! runs. With prefetch the next round is acquired shortly before the current one ends
+//! (`ahead.rs`), and a finished round's finish waits until the next round's process has
+//! started, so that the start does not compete with its inspection and upload. At most
+//! `lease_batch` + 1 rounds finish while the next runs, so the GPU waits on neither the upload
+//! nor the coordinator.
 //!
 //! Batching (`lease_batch` N > 1): one Acquire asks for up to N rounds; the ones not started
 //! wait in a queue, in the order granted, and Acquire is called again only once it is empty.
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 use quarry_common::storage::Store;
 use quarry_common::transport::{Coordinators, is_failover};
 use quarry_proto::v1 as pb;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{Instrument, debug, field::Empty, info, info_span, warn};
 
 use super::outbox::{self, Outbox, Waiting};
@@ -38,6 +41,7 @@ use crate::gpu::Health;
 use crate::monitor::Monitor;
 use crate::scratch;
 
+mod ahead;
 mod liveness;
 mod reports;
 
@@ -47,6 +51,9 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 pub(super) const COMPLETE_WAIT: Duration = Duration::from_secs(2 * RPC_TIMEOUT.as_secs() + 1);
 /// Lease TTL assumed when an old coordinator does not say.
 const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// Longest a finished round's inspection and upload wait for the next round's process to
+/// start (a start that takes longer, waiting for GPU memory say, no longer holds it back).
+const HOLD_BACK_LIMIT: Duration = Duration::from_millis(500);
 
 /// How a session ended.
 #[derive(Debug)]
@@ -208,7 +215,14 @@ impl Session {
         // Leased rounds not started yet, in the order the coordinator granted them.
         let mut queue: VecDeque<Held> = VecDeque::new();
         let mut out_of_rotation = None;
+        // The previous round's generator time, which says when to acquire ahead.
+        let mut previous: Option<Duration> = None;
+        // Holds the last round's finish back until the next round's process has started: on
+        // a small host its inspection and upload would slow that start down. Dropped (the
+        // finish goes on) when the process starts or when anything else comes first.
+        let mut hold_back: Option<DropGuard> = None;
         loop {
+            let mut finish_waits = hold_back.take();
             if let Some(why) = self.warm.lock().await.out_of_rotation().map(str::to_owned) {
                 // No more rounds here: give back what is queued and stay registered, so that
                 // status shows why, until the agent is stopped.
@@ -224,6 +238,7 @@ impl Session {
                 break;
             }
             if queue.is_empty() {
+                drop(finish_waits.take());
                 queue.extend(self.acquire().await);
             }
             let Some(held) = queue.pop_front() else {
@@ -261,20 +276,39 @@ impl Session {
                 mode,
                 outcome = Empty,
             );
-            let ran = round::run_generator(&self, &held, &paths)
+            // With prefetch, the next round is leased while this one runs (`ahead.rs`).
+            let ahead = previous
+                .filter(|_| self.cfg.prefetch && queue.is_empty())
+                .map(|p| ahead::Ahead::start(&self, p));
+            let ran = round::run_generator(&self, &held, &paths, finish_waits.take())
                 .instrument(generator)
                 .await;
+            previous = Some(started.elapsed());
             self.cfg.metrics.generator(started.elapsed());
             *lock(&self.last_run_end) = Some(Instant::now());
             self.make_room(&mut finishing).await;
-            let fin = tokio::spawn(Arc::clone(&self).finish(held, paths, ran));
+            let go = CancellationToken::new();
+            let fin = tokio::spawn(Arc::clone(&self).finish(held, paths, ran, go.clone()));
             if self.cfg.prefetch {
-                // The next rounds are acquired (and started) while this one uploads.
+                // The next rounds are started while this one uploads.
                 finishing.push_back(fin);
+                hold_back = Some(go.drop_guard());
                 if queue.is_empty() {
-                    queue.extend(self.acquire().await);
+                    let next = match ahead {
+                        Some(a) if a.is_ready() => a.rounds().await,
+                        // Waiting for the coordinator: nothing to hold the finish back for.
+                        not_ready => {
+                            hold_back = None;
+                            match not_ready {
+                                Some(a) => a.rounds().await,
+                                None => self.acquire().await,
+                            }
+                        }
+                    };
+                    queue.extend(next);
                 }
             } else {
+                go.cancel();
                 let _ = fin.await;
             }
         }
@@ -295,11 +329,14 @@ impl Session {
         }
     }
 
-    /// Waits until fewer than `lease_batch` rounds are finishing, so that one more may start
-    /// its finish (with batch 1: the previous round's finish is over).
+    /// Waits until at most `lease_batch` rounds are finishing, so that one more may start its
+    /// finish (with batch 1: the round before the previous one is done). One finish more than
+    /// the batch may be under way: an upload that once takes longer than a round does not
+    /// keep the GPU waiting; uploads that stay slower than the rounds still do, bounding the
+    /// outputs on local disk.
     async fn make_room(&self, finishing: &mut VecDeque<tokio::task::JoinHandle<()>>) {
         finishing.retain(|f| !f.is_finished());
-        while finishing.len() >= self.cfg.lease_batch.max(1) as usize {
+        while finishing.len() > self.cfg.lease_batch.max(1) as usize {
             if let Some(f) = finishing.pop_front() {
                 let _ = f.await;
             }
@@ -643,7 +680,18 @@ impl Session {
     }
 
     /// Inspects, uploads and reports one finished run, then cleans its local files.
-    async fn finish(self: Arc<Self>, held: Held, paths: Paths, ran: round::Ran) {
+    async fn finish(
+        self: Arc<Self>,
+        held: Held,
+        paths: Paths,
+        ran: round::Ran,
+        go: CancellationToken,
+    ) {
+        // Until the next round's process has started, bounded (see `hold_back` in `run`).
+        tokio::select! {
+            () = go.cancelled() => {}
+            () = tokio::time::sleep(HOLD_BACK_LIMIT) => {}
+        }
         round::finish(&self, &held, &paths, ran).await;
         self.unhold(&held);
     }
