@@ -1,4 +1,5 @@
-//! The PNG report's layout: a title band (name, samples, validity), a grid of histograms (one
+//! The PNG report's layout: a title band (name, samples, validity), the dataset's facts when
+//! its format reports any (a LeRobot dataset's fps, tasks, features), a grid of histograms (one
 //! per per-sample field, energies first, at most [`MAX_PANELS`]) and, for an experiment, a bar
 //! chart of per-object yields.
 
@@ -19,6 +20,10 @@ const PANEL_W: i64 = (WIDTH as i64 - MARGIN * (COLS + 1)) / COLS;
 const PANEL_H: i64 = 210;
 const TITLE_H: i64 = 50;
 const YIELD_H: i64 = 250;
+/// Most lines of the facts band (a LeRobot dataset's fps, tasks, features...); the rest are
+/// counted in a last line.
+pub const MAX_FACT_LINES: usize = 20;
+const FACT_LINE_H: i64 = 12;
 
 /// Fields worth a histogram, most relevant first: energies (`energy` in the name, any case, or
 /// `E_`) before the rest, each group in the dataset's order; at most [`MAX_PANELS`].
@@ -32,11 +37,35 @@ pub fn panel_fields(fields: &[FieldSummary]) -> Vec<&FieldSummary> {
     out
 }
 
+/// The lines of the facts band: `key: value`, at most [`MAX_FACT_LINES`] (the last one then
+/// says how many more are in the text report).
+fn fact_lines(o: &InspectOutcome) -> Vec<String> {
+    let mut lines: Vec<String> = o
+        .facts
+        .iter()
+        .map(|f| format!("{}: {}", f.key, f.value))
+        .collect();
+    if lines.len() > MAX_FACT_LINES {
+        let more = lines.len() - (MAX_FACT_LINES - 1);
+        lines.truncate(MAX_FACT_LINES - 1);
+        lines.push(format!("... and {more} more (coordinator inspect without --png)"));
+    }
+    lines
+}
+
+/// Height of the facts band under the title (none without facts).
+fn facts_height(o: &InspectOutcome) -> i64 {
+    match fact_lines(o).len() as i64 {
+        0 => 0,
+        n => n * FACT_LINE_H + 2 * MARGIN,
+    }
+}
+
 /// Pixel height of the report for this outcome.
 pub fn height(o: &InspectOutcome) -> usize {
     let panels = panel_fields(&o.fields).len().max(1) as i64;
     let rows = (panels + COLS - 1) / COLS;
-    let mut h = TITLE_H + rows * (PANEL_H + MARGIN);
+    let mut h = TITLE_H + facts_height(o) + rows * (PANEL_H + MARGIN);
     if o.experiment.is_some() {
         h += YIELD_H + MARGIN;
     }
@@ -66,10 +95,24 @@ pub fn render(o: &InspectOutcome) -> Canvas {
     let x = MARGIN + font::text_width(&info, 1) as i64 + font::ADVANCE as i64;
     c.text(x, 32, &status, 1, color);
 
+    // Facts.
+    let lines = fact_lines(o);
+    let top = TITLE_H + facts_height(o);
+    if !lines.is_empty() {
+        let w = WIDTH as i64 - 2 * MARGIN;
+        c.fill_rect(MARGIN, TITLE_H, w, top - TITLE_H - MARGIN, PANEL);
+        c.stroke_rect(MARGIN, TITLE_H, w, top - TITLE_H - MARGIN, LIGHT);
+        let max_chars = (w as usize - 16) / font::ADVANCE;
+        for (i, line) in lines.iter().enumerate() {
+            let y = TITLE_H + MARGIN / 2 + 2 + i as i64 * FACT_LINE_H;
+            c.text(MARGIN + 8, y, &clip(line, max_chars), 1, INK);
+        }
+    }
+
     // Histograms.
     let panels = panel_fields(&o.fields);
     if panels.is_empty() {
-        let (x, y) = (MARGIN, TITLE_H);
+        let (x, y) = (MARGIN, top);
         c.fill_rect(x, y, PANEL_W, PANEL_H, PANEL);
         c.stroke_rect(x, y, PANEL_W, PANEL_H, LIGHT);
         c.text(x + 8, y + 8, "no per-sample numeric fields", 1, GREY);
@@ -77,7 +120,7 @@ pub fn render(o: &InspectOutcome) -> Canvas {
     for (i, f) in panels.iter().enumerate() {
         let (col, row) = (i as i64 % COLS, i as i64 / COLS);
         let x = MARGIN + col * (PANEL_W + MARGIN);
-        let y = TITLE_H + row * (PANEL_H + MARGIN);
+        let y = top + row * (PANEL_H + MARGIN);
         if let Some(h) = &f.histogram {
             histogram_panel(&mut c, x, y, f, h);
         }
@@ -86,7 +129,7 @@ pub fn render(o: &InspectOutcome) -> Canvas {
     // Yields.
     if let Some(e) = &o.experiment {
         let rows = (panels.len().max(1) as i64 + COLS - 1) / COLS;
-        let y = TITLE_H + rows * (PANEL_H + MARGIN);
+        let y = top + rows * (PANEL_H + MARGIN);
         let bars: Vec<(&str, Option<&Yield>)> = e
             .objects
             .iter()

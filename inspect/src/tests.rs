@@ -6,7 +6,7 @@ use std::path::Path;
 
 use quarry_formats::{DatasetError, Format, Observer};
 
-use super::png::{BLUE, GREEN, ORANGE, RED, WHITE};
+use super::png::{BLUE, GREEN, INK, ORANGE, RED, WHITE};
 use super::*;
 
 fn fake_examine(_f: Format, path: &Path, obs: &mut dyn Observer) -> Result<u64, DatasetError> {
@@ -405,4 +405,35 @@ fn facts_are_listed_in_order_a_repeated_key_replacing_its_value() {
             .get("facts")
             .is_none()
     );
+}
+
+#[test]
+fn the_png_report_shows_the_facts_in_a_band_under_the_title() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("one.jsonl");
+    std::fs::write(&p, "E_pen=1;steps=2\n".repeat(3)).expect("write");
+    let mut o = inspect(&args(&p), fake_examine).expect("inspect");
+    let plain = chart::render(&o);
+    assert_eq!(plain.height(), (50 + 220 + 10) as usize);
+    let fact = |k: &str, v: &str| stats::Fact {
+        key: k.into(),
+        value: v.into(),
+    };
+    o.facts = vec![fact("fps", "30"), fact("tasks", "1: pick the cube")];
+    let c = chart::render(&o);
+    // Two lines of 12 px and the band's margins, between the title and the histograms.
+    assert_eq!(c.height(), (50 + 2 * 12 + 20 + 220 + 10) as usize);
+    assert_eq!(c.height(), chart::height(&o));
+    let ink_in = |c: &png::Canvas, y0: usize, y1: usize| {
+        (y0..y1)
+            .flat_map(|y| (0..c.width()).map(move |x| (x, y)))
+            .filter(|&(x, y)| c.get(x, y) == Some(INK))
+            .count()
+    };
+    assert!(ink_in(&c, 50, 50 + 24 + 10) > 50, "the facts' text");
+    // Many facts: capped, the last line counting the rest.
+    o.facts = (0..40).map(|i| fact(&format!("k{i}"), "v")).collect();
+    let c = chart::render(&o);
+    let band = chart::MAX_FACT_LINES * 12 + 20;
+    assert_eq!(c.height(), 50 + band + 220 + 10);
 }
