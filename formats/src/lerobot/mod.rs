@@ -14,6 +14,7 @@ mod data;
 mod examine;
 mod merge;
 mod meta;
+mod mp4_box;
 mod mp4_trim;
 mod select;
 mod stats;
