@@ -15,6 +15,7 @@ mod examine;
 mod merge;
 mod meta;
 mod mp4_box;
+mod mp4_concat;
 mod mp4_trim;
 mod select;
 mod stats;
