@@ -193,6 +193,7 @@ async fn write_final(
             limit: plan.limit,
             filter: spec.merge.parsed_filter(),
             dedup: spec.merge.dedup.clone(),
+            video_files_size_in_mb: spec.merge.video_files_size_in_mb.map(|m| m.0),
         },
     };
     let (summary, sha256) = match local_paths(store, &input_keys, &finals) {
