@@ -871,3 +871,109 @@ format = "lerobot"
         "round directories left"
     );
 }
+
+/// A LeRobot final whose rounds' video files were appended into one: argv the final, the
+/// fixture rounds, the seeds (round order) and the quota. Every frame of the final's one
+/// video file, decoded, equals the kept episodes' frames of the rounds in order, and every
+/// episode's frames, found by its (shifted) timestamps, equal its round's.
+const LEROBOT_APPEND_CHECK: &str = r#"
+import json, os, sys, glob
+import pyarrow.parquet as pq
+import av, numpy as np
+final, fixtures, seeds, limit = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+def rows(root, pattern):
+    out = []
+    for f in sorted(glob.glob(os.path.join(root, pattern))):
+        out += pq.read_table(f).to_pylist()
+    return out
+def frames(path, t0=None, t1=None):
+    with av.open(path) as c:
+        out = []
+        for fr in c.decode(video=0):
+            t = float(fr.pts * fr.time_base)
+            if t0 is None or t0 - 1e-4 <= t < t1 - 1e-4:
+                out.append(fr.to_ndarray(format="rgb24"))
+        return out
+key = "observation.images.cam"
+p = "videos/%s/" % key
+def video(root, e):
+    return os.path.join(root, "videos/%s/chunk-%03d/file-%03d.mp4" % (key, e[p + "chunk_index"], e[p + "file_index"]))
+src = []
+for s in seeds:
+    r = os.path.join(fixtures, "r%d" % (s % 3))
+    for e in rows(r, "meta/episodes/*/*.parquet"):
+        src.append((r, e))
+src = src[:limit]
+info = json.load(open(os.path.join(final, "meta/info.json")))
+assert info["video_files_size_in_mb"] == 1, info
+vids = sorted(glob.glob(os.path.join(final, "videos/*/*/*.mp4")))
+assert len(vids) == 1, vids
+eps = rows(final, "meta/episodes/*/*.parquet")
+assert len(eps) == len(src) == limit
+want_all = []
+for e, (r, s) in zip(eps, src):
+    want = frames(video(r, s), s[p + "from_timestamp"], s[p + "to_timestamp"])
+    got = frames(video(final, e), e[p + "from_timestamp"], e[p + "to_timestamp"])
+    assert len(got) == len(want) == e["length"], (len(got), len(want), e["length"])
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    want_all += want
+got_all = frames(vids[0])
+assert len(got_all) == len(want_all) and all(np.array_equal(a, b) for a, b in zip(got_all, want_all))
+print("ok", len(eps), len(got_all))
+"#;
+
+/// `merge.video_files_size_in_mb`: the rounds' video files are appended into one (no
+/// re-encoding), the round cut at the quota cut first; every episode's frames are where its
+/// shifted timestamps say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lerobot_video_files_are_appended_under_the_size() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let fixtures = repo_root().join("tests/fixtures/lerobot");
+    let toml = format!(
+        r#"
+exp_name = "lra"
+objects = ["cube"]
+target_count_per_object = 6
+round_batch_size = 2
+seed_base = 0
+root = "{root}"
+
+[generator]
+argv = ["{py}", "{gen}", "--seed", "{{seed}}", "--out", "out/{{name}}/dataset"]
+output = "out/{{name}}/dataset"
+round_dir = "out/{{name}}"
+format = "lerobot"
+
+[merge]
+video_files_size_in_mb = 1
+"#,
+        root = root.path().display(),
+        py = python(),
+        gen = fixtures.join("copy_round.py").display(),
+    );
+    let out = run_job(root.path(), &toml, &["--gpus", "0"]).await;
+    assert_eq!(
+        out.status.state,
+        pb::JobState::Done as i32,
+        "{:?}",
+        out.status
+    );
+    let m = manifest(root.path(), "lra");
+    assert_eq!(m["objects"]["cube"]["collected"], 6, "{m}");
+    let f = finals(root.path(), "lra", "cube");
+    let said = run_python(
+        &python(),
+        LEROBOT_APPEND_CHECK,
+        &[
+            f[0].to_str().expect("path"),
+            fixtures.join("rounds").to_str().expect("path"),
+            &serde_json::to_string(&seeds_of(&m, "cube")).expect("json"),
+            "6",
+        ],
+    );
+    assert_eq!(said.trim(), "ok 6 31", "{said}");
+    // The final is itself a dataset Quarry accepts as a round.
+    let i = quarry_formats::inspect(quarry_formats::Format::Lerobot, &f[0], None)
+        .expect("the final inspects");
+    assert_eq!(i.count, 6);
+}

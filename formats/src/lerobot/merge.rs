@@ -4,9 +4,11 @@
 //!
 //! Each round's data file becomes one data file of the final and each of its video files one
 //! video file (copied, its trailing dropped episodes' samples cut), under the final's next
-//! (chunk, file) index; the episode table
-//! is one file. Memory is a record batch per file in flight, plus the episode rows of one
-//! round's episode table batch.
+//! (chunk, file) index, or, with `video_files_size_in_mb`, appended to the key's pending video
+//! file while it stays under the size, its episodes' timestamps shifted (see
+//! [`mp4_concat`](super::mp4_concat)); the episode table is one file. Memory is a record
+//! batch per file in flight, plus the episode rows of one round's episode table batch, plus,
+//! with appending, the pending video file's sample tables.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
