@@ -977,3 +977,83 @@ video_files_size_in_mb = 1
         .expect("the final inspects");
     assert_eq!(i.count, 6);
 }
+
+/// A stand-in generator: copies fixture round `r<seed % 3>` to `--out`, and for seed 1
+/// makes its video file's `stsz` claim 2^32 - 1 samples (its tables lie; the file still
+/// starts with `ftyp`, so the worker's inspection passes).
+const LEROBOT_BAD_VIDEO_GEN: &str = r#"
+import argparse, glob, os, shutil, struct
+p = argparse.ArgumentParser()
+p.add_argument("--seed", type=int, required=True)
+p.add_argument("--out", required=True)
+p.add_argument("--fixtures", required=True)
+a = p.parse_args()
+shutil.copytree(os.path.join(a.fixtures, "r%d" % (a.seed % 3)), a.out)
+if a.seed == 1:
+    v = glob.glob(os.path.join(a.out, "videos/*/*/*.mp4"))[0]
+    b = bytearray(open(v, "rb").read())
+    at = b.find(b"stsz") - 4
+    b[at + 16:at + 20] = struct.pack(">I", 0xFFFFFFFF)
+    open(v, "wb").write(bytes(b))
+"#;
+
+/// With `merge.video_files_size_in_mb` every round's video file is read at the merge: a
+/// round whose file's tables lie costs that round (quarantined, the file named), and the job
+/// completes from the next ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lerobot_round_with_a_lying_video_file_is_quarantined_at_the_merge() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let fixtures = repo_root().join("tests/fixtures/lerobot/rounds");
+    let gen_path = root.path().join("bad_video.py");
+    std::fs::write(&gen_path, LEROBOT_BAD_VIDEO_GEN).expect("write generator");
+    let toml = format!(
+        r#"
+exp_name = "lrq"
+objects = ["cube"]
+target_count_per_object = 6
+round_batch_size = 2
+seed_base = 0
+root = "{root}"
+
+[generator]
+argv = ["{py}", "{gen}", "--seed", "{{seed}}", "--out", "out/{{name}}/dataset", "--fixtures", "{fixtures}"]
+output = "out/{{name}}/dataset"
+round_dir = "out/{{name}}"
+format = "lerobot"
+
+[merge]
+video_files_size_in_mb = 1
+"#,
+        root = root.path().display(),
+        py = python(),
+        gen = gen_path.display(),
+        fixtures = fixtures.display(),
+    );
+    // Bounded: a merge failure blamed on no round is retried without end.
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        run_job(root.path(), &toml, &["--gpus", "0"]),
+    )
+    .await
+    .expect("the job ends: the lying round is quarantined, not its merge retried");
+    assert_eq!(
+        out.status.state,
+        pb::JobState::Done as i32,
+        "{:?}",
+        out.status
+    );
+    let m = manifest(root.path(), "lrq");
+    let cube = &m["objects"]["cube"];
+    assert_eq!(cube["collected"], 6, "{m}");
+    let q = &cube["quarantined"][0];
+    let reason = q["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("file-000.mp4") && reason.contains("stsz"),
+        "{q}"
+    );
+    let seeds = seeds_of(&m, "cube");
+    assert!(!seeds.contains(&1), "{seeds:?}");
+    let f = finals(root.path(), "lrq", "cube");
+    let vids = files_under(&f[0].join("videos"));
+    assert_eq!(vids.len(), 1, "{vids:?}");
+}
