@@ -109,7 +109,7 @@ impl Part {
         copy_range(&m.file, &mut ftyp, ftyp_box.start, ftyp_box.size, src)?;
         let stsd_box = one(&m.stbl_children, b"stsd", "stbl", at)?;
         let stsd = m.moov[stsd_box.start as usize..stsd_box.end() as usize].to_vec();
-        let btrt = bit_rates(&stsd);
+        let btrt = bit_rates(&stsd, stsd_box.header);
         let mut signature = stsd.clone();
         for (at, _) in &btrt {
             signature[*at..*at + 12].fill(0);
@@ -626,11 +626,11 @@ impl Group {
 /// The `btrt` boxes of the sample entries of `stsd` (a whole box): where their 12-byte
 /// payloads lie in it and their figures. A sample description laid out otherwise gives
 /// none: its files are then appended only when their `stsd` bytes are equal.
-fn bit_rates(stsd: &[u8]) -> Vec<(usize, [u32; 3])> {
+fn bit_rates(stsd: &[u8], header: u64) -> Vec<(usize, [u32; 3])> {
     let mut out = Vec::new();
-    // stsd: header (8), version and flags, entry count; entries are boxes whose children
+    // stsd: its header, version and flags, entry count; entries are boxes whose children
     // follow a visual sample entry's 78 bytes of fields.
-    let Ok(entries) = children(stsd, 16, stsd.len() as u64, "stsd") else {
+    let Ok(entries) = children(stsd, header + 8, stsd.len() as u64, "stsd") else {
         return out;
     };
     for e in entries {
@@ -804,7 +804,7 @@ mod tests {
         // btrt: the largest buffer and maximum rate, the average over all the bytes.
         let stsd = one(&m.stbl_children, b"stsd", "stbl", "out").unwrap();
         let raw = &m.moov[stsd.start as usize..stsd.end() as usize];
-        let (at, rates) = bit_rates(raw)[0];
+        let (at, rates) = bit_rates(raw, 8)[0];
         assert_eq!(rates, [1, 2, (123 * 8 * 10 / 8) as u32]);
         assert!(at > 0);
     }
