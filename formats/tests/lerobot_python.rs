@@ -1513,9 +1513,19 @@ fn the_size_bounds_each_appended_file() {
     merge_appending(&r, 100, None, 0.001, &tiny).unwrap();
     let (a, b) = (video_files(&plain), video_files(&tiny));
     assert_eq!(b.len(), 3);
-    for (x, y) in a.iter().zip(&b) {
-        assert_eq!(std::fs::read(x).unwrap(), std::fs::read(y).unwrap());
+    // Nothing appended: every file as without the setting, but info.json's size.
+    let (mut x, mut y) = (pyhelp::tree(&plain), pyhelp::tree(&tiny));
+    let (xi, yi) = (x.remove("meta/info.json"), y.remove("meta/info.json"));
+    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+    for (k, v) in &x {
+        assert!(y[k] == *v, "{k} differs");
     }
+    let (xi, yi): (Value, Value) = (
+        serde_json::from_slice(&xi.unwrap()).unwrap(),
+        serde_json::from_slice(&yi.unwrap()).unwrap(),
+    );
+    assert_eq!(xi["video_files_size_in_mb"], 200, "round 0's, unset");
+    assert_eq!(yi["video_files_size_in_mb"], 0.001);
     // Round files of 2775, 4547 and 2874 bytes: two appended are about 6.5 kB.
     let sizes: Vec<u64> = a.iter().map(|p| p.metadata().unwrap().len()).collect();
     let limit = sizes[0] + sizes[1] + 200;
