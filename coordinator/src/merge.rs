@@ -193,6 +193,7 @@ async fn write_final(
             limit: plan.limit,
             filter: spec.merge.parsed_filter(),
             dedup: spec.merge.dedup.clone(),
+            video_files_size_in_mb: spec.merge.video_files_size_in_mb.map(|m| m.0),
         },
     };
     let (summary, sha256) = match local_paths(store, &input_keys, &finals) {
@@ -471,7 +472,8 @@ fn fields_misfit(job: &Job, inputs: &[PathBuf], out: &Path) -> Option<MergeError
 
 /// The input (and why) that a failed merge is the fault of: the first whose own inspection
 /// fails on its bytes or counts other than its commit says; failing that, the input a
-/// mismatch names (it disagrees with the rounds before it), or, when the library died in the
+/// mismatch names (it disagrees with the rounds before it), the input holding the file a
+/// malformed-data error names, or, when the library died in the
 /// merge ([`DatasetError::Crashed`]: a file that inspects but crashes libhdf5 when copied),
 /// the first input whose merge alone dies too. `None` when the failure lies elsewhere (the
 /// output's disk, a read error of the machine).
@@ -513,6 +515,11 @@ fn culprit(
     let named = match failure {
         DatasetError::Mismatch { input, .. } => Some(*input),
         DatasetError::Npy(e) => e.input_index(),
+        // A file of one round that its inspection does not read whole (a LeRobot video
+        // file's tables, read only to cut or append it).
+        DatasetError::Invalid { path, .. } => inputs
+            .iter()
+            .position(|input| Path::new(path).starts_with(input)),
         _ => None,
     };
     named

@@ -162,6 +162,9 @@ impl GeneratorSpec {
     }
 }
 
+/// Largest `merge.video_files_size_in_mb`: 1 TiB, past any video file a merge writes.
+pub const MAX_VIDEO_FILES_SIZE_IN_MB: f64 = 1024.0 * 1024.0;
+
 /// Most threads a job may ask for per generator run; more is a typo, not a machine.
 pub const MAX_THREADS_PER_GPU: u32 = 4096;
 
@@ -241,7 +244,20 @@ pub struct MergeSpec {
     /// than the quota, which the manifest records.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dedup: Vec<String>,
+    /// `lerobot` only: consecutive video files of a key are appended into one (packets
+    /// remuxed, never re-encoded) while it stays under this many MiB, as lerobot's own
+    /// `video_files_size_in_mb`; unset, each round's video file is a file of the final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video_files_size_in_mb: Option<Megabytes>,
 }
+
+/// A size in MiB in a job file (`merge.video_files_size_in_mb`); validated finite and
+/// positive, so never NaN, which makes it safe to compare as equal.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Megabytes(pub f64);
+
+impl Eq for Megabytes {}
 
 impl MergeSpec {
     fn is_default(&self) -> bool {
@@ -502,6 +518,22 @@ impl JobSpec {
                     ),
                 )
             })?;
+        }
+        if let Some(Megabytes(mb)) = self.merge.video_files_size_in_mb {
+            if !(mb.is_finite() && mb > 0.0 && mb <= MAX_VIDEO_FILES_SIZE_IN_MB) {
+                return Err(spec_err(
+                    "merge.video_files_size_in_mb",
+                    format!("{mb} is not a size from above 0 to {MAX_VIDEO_FILES_SIZE_IN_MB} MiB"),
+                    "give the size in MiB under which a final's video file takes more rounds' videos, e.g. 200 (lerobot's default), or remove it to keep one video file per round's file",
+                ));
+            }
+            if self.format().ok() != Some(Format::Lerobot) {
+                return Err(spec_err(
+                    "merge.video_files_size_in_mb",
+                    "only applies to LeRobot datasets (generator.format = \"lerobot\"), whose video files it appends into fewer, larger ones",
+                    "remove it, or set generator.format = \"lerobot\"",
+                ));
+            }
         }
         let mut fields = std::collections::HashSet::new();
         for (i, d) in self.merge.dedup.iter().enumerate() {
@@ -765,6 +797,11 @@ impl JobSpec {
         cmp!("generator.format", self.format().ok(), stored.format().ok());
         cmp!("merge.filter", &self.merge.filter, &stored.merge.filter);
         cmp!("merge.dedup", &self.merge.dedup, &stored.merge.dedup);
+        cmp!(
+            "merge.video_files_size_in_mb",
+            &self.merge.video_files_size_in_mb,
+            &stored.merge.video_files_size_in_mb
+        );
         d
     }
 }
@@ -1173,6 +1210,41 @@ pub(crate) mod tests {
         // Specs without the new fields serialize as before.
         let json = serde_json::to_string(&spec()).unwrap();
         assert!(!json.contains("merge") && !json.contains("stats"), "{json}");
+    }
+
+    #[test]
+    fn video_files_size_is_checked_and_lerobot_only() {
+        let mut s = spec();
+        s.generator.output = "out/{name}/dataset".into();
+        s.generator.format = Some("lerobot".into());
+        s.merge.video_files_size_in_mb = Some(Megabytes(200.0));
+        s.validate().unwrap();
+        // Whole numbers and fractions, as the job file writes them.
+        let m: MergeSpec =
+            serde_json::from_value(serde_json::json!({"video_files_size_in_mb": 200})).unwrap();
+        assert_eq!(m.video_files_size_in_mb, Some(Megabytes(200.0)));
+        let m: MergeSpec =
+            serde_json::from_value(serde_json::json!({"video_files_size_in_mb": 0.5})).unwrap();
+        assert_eq!(m.video_files_size_in_mb, Some(Megabytes(0.5)));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 2e6] {
+            let mut b = s.clone();
+            b.merge.video_files_size_in_mb = Some(Megabytes(bad));
+            let e = b.validate().unwrap_err();
+            assert_eq!(e.field, "merge.video_files_size_in_mb", "{bad}");
+            assert!(e.fix.contains("200"), "{e}");
+        }
+        // Another format: refused, naming what it applies to.
+        let mut other = spec();
+        other.merge.video_files_size_in_mb = Some(Megabytes(200.0));
+        let e = other.validate().unwrap_err();
+        assert_eq!(e.field, "merge.video_files_size_in_mb");
+        assert!(e.problem.contains("lerobot"), "{e}");
+        // A changed size changes the finals: resuming with it is refused.
+        let mut changed = s.clone();
+        changed.merge.video_files_size_in_mb = Some(Megabytes(100.0));
+        assert!(changed.plan_differences(&s)[0].starts_with("merge.video_files_size_in_mb"));
+        changed.merge.video_files_size_in_mb = None;
+        assert!(changed.plan_differences(&s)[0].starts_with("merge.video_files_size_in_mb"));
     }
 
     #[test]

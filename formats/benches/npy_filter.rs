@@ -74,6 +74,7 @@ fn main() {
             limit: u64::MAX,
             filter,
             dedup,
+            video_files_size_in_mb: None,
         };
         let mut best = f64::MAX;
         let mut summary = None;

@@ -123,6 +123,7 @@ fn main() {
         limit: u64::MAX,
         filter: None,
         dedup: vec![],
+        video_files_size_in_mb: None,
     };
     let chunk_bytes: u64 = inputs
         .iter()

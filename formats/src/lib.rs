@@ -246,6 +246,10 @@ pub struct MergeOptions {
     /// When not empty: a sample whose listed fields hash the same as an earlier sample's (in
     /// round order) is dropped before the cut.
     pub dedup: Vec<String>,
+    /// `lerobot` only: consecutive video files of a key are appended into one (packets
+    /// remuxed, never re-encoded) while it stays under this many MiB; `None` gives each
+    /// round's video file its own file in the final.
+    pub video_files_size_in_mb: Option<f64>,
 }
 
 /// What a merge wrote.

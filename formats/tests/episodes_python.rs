@@ -219,6 +219,7 @@ fn options(c: &Case) -> MergeOptions {
         limit: c.limit,
         filter: c.filter.map(|f| Filter::parse(f).unwrap()),
         dedup: c.dedup.iter().map(|s| s.to_string()).collect(),
+        video_files_size_in_mb: None,
     }
 }
 

@@ -109,6 +109,7 @@ fn a_merge_in_a_child_writes_the_bytes_the_in_process_merge_writes() {
             limit: 100,
             filter: Some(Filter::parse("success >= 1").unwrap()),
             dedup: vec!["actions".into()],
+            video_files_size_in_mb: None,
         },
     ];
     for (k, options) in variants.iter().enumerate() {

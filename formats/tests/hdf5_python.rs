@@ -258,6 +258,7 @@ impl Env {
             limit,
             filter: filter.map(|f| Filter::parse(f).unwrap()),
             dedup: dedup.iter().map(|s| s.to_string()).collect(),
+            video_files_size_in_mb: None,
         };
         let ours = self.path(&format!("{tag}-quarry.hdf5"));
         let summary = hdf5::merge(inputs, &counts, &options, &ours).unwrap();
@@ -447,6 +448,7 @@ fn filters_and_dedup_like_h5py_deterministically() {
         limit: 15,
         filter: Some(Filter::parse("success == 1").unwrap()),
         dedup: vec!["actions".into(), "obs/image".into()],
+        video_files_size_in_mb: None,
     };
     let counts: Vec<u64> = rounds
         .iter()
@@ -483,6 +485,7 @@ fn filters_and_dedup_like_h5py_deterministically() {
             limit: 100,
             filter: None,
             dedup: vec!["obs/nope".into()],
+            video_files_size_in_mb: None,
         },
         &env.path("nodedup.hdf5"),
     )

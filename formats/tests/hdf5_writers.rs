@@ -170,6 +170,7 @@ impl Rounds {
                 limit,
                 filter: filter.map(|f| Filter::parse(f).unwrap()),
                 dedup: vec![],
+                video_files_size_in_mb: None,
             },
             &out,
         )

@@ -170,6 +170,7 @@ fn options(limit: u64, filter: Option<&str>, dedup: &[&str]) -> MergeOptions {
         limit,
         filter: filter.map(|f| Filter::parse(f).unwrap()),
         dedup: dedup.iter().map(|s| s.to_string()).collect(),
+        video_files_size_in_mb: None,
     }
 }
 

@@ -449,6 +449,7 @@ fn merge_with(
         limit,
         filter: filter.map(|f| quarry_formats::Filter::parse(f).unwrap()),
         dedup: dedup.iter().map(|d| d.to_string()).collect(),
+        video_files_size_in_mb: None,
     };
     quarry_formats::merge(Format::Lerobot, inputs, &vec![0; inputs.len()], &o, out)
 }
@@ -1371,4 +1372,344 @@ fn merged_finals_examine_without_problems() {
         assert_eq!(seen.fact("frames"), frames, "{root:?}");
         assert_eq!(seen.fact("video files"), files, "{root:?}");
     }
+}
+
+/// Merges with `merge.video_files_size_in_mb` set.
+fn merge_appending(
+    inputs: &[PathBuf],
+    limit: u64,
+    filter: Option<&str>,
+    mb: f64,
+    out: &Path,
+) -> Result<quarry_formats::MergeSummary, DatasetError> {
+    let o = MergeOptions {
+        limit,
+        filter: filter.map(|f| quarry_formats::Filter::parse(f).unwrap()),
+        video_files_size_in_mb: Some(mb),
+        ..Default::default()
+    };
+    quarry_formats::merge(Format::Lerobot, inputs, &vec![0; inputs.len()], &o, out)
+}
+
+/// The final's video files, in index order.
+fn video_files(root: &Path) -> Vec<PathBuf> {
+    let dir = root.join("videos/observation.images.cam/chunk-000");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+/// argv: a final's root, then `ROUND:N` items: the first N frames of round ROUND's one
+/// video file, in order. Decodes every frame of the final's video files in index order and
+/// checks them equal to those frames (pixels), each file's timestamps rising by one frame
+/// from 0, and its stream's frame count and duration those of the frames it holds. Prints
+/// `ok <files> <frames> <frames per file, comma-separated>`.
+const CONCAT: &str = r#"
+import sys, glob, os
+import av, numpy as np
+final, parts = sys.argv[1], sys.argv[2:]
+def frames(p):
+    with av.open(p) as c:
+        s = c.streams.video[0]
+        out = [(fr.pts, fr.time_base, fr.to_ndarray(format='rgb24')) for fr in c.decode(video=0)]
+        return out, s.frames, (float(s.duration * s.time_base) if s.duration else None)
+want = []
+for p in parts:
+    root, n = p.rsplit(':', 1)
+    v = glob.glob(os.path.join(root, 'videos/*/chunk-*/file-*.mp4'))
+    assert len(v) == 1, v
+    got, _, _ = frames(v[0])
+    assert len(got) >= int(n), (root, len(got), n)
+    want += [f[2] for f in got[:int(n)]]
+files = sorted(glob.glob(os.path.join(final, 'videos/*/chunk-*/file-*.mp4')))
+have, per = [], []
+for f in files:
+    got, count, dur = frames(f)
+    step = None
+    for i, (pts, tb, _) in enumerate(got):
+        t = float(pts * tb)
+        assert abs(t - i * 0.1) < 1e-6, (f, i, t)
+    assert count in (0, len(got)), (f, count, len(got))
+    assert dur is None or abs(dur - 0.1 * len(got)) < 1e-6, (f, dur, len(got))
+    have += [g[2] for g in got]
+    per.append(str(len(got)))
+assert len(have) == len(want), (len(have), len(want))
+for i, (a, b) in enumerate(zip(have, want)):
+    assert np.array_equal(a, b), i
+print('ok', len(files), len(have), ','.join(per))
+"#;
+
+fn concat_check(out: &Path, parts: &[(&Path, usize)]) -> String {
+    let py = python(&["av", "numpy"]);
+    let mut args = vec![out.display().to_string()];
+    args.extend(parts.iter().map(|(r, n)| format!("{}:{n}", r.display())));
+    run_code(&py, CONCAT, &args)
+}
+
+/// With `merge.video_files_size_in_mb`, the rounds' video files are appended into one: its
+/// frames are the rounds' kept frames in order, every episode's frames (found by its shifted
+/// timestamps) are its round's, and the size lands in info.json.
+#[test]
+fn video_files_are_appended_into_fewer_files() {
+    let t = tempfile::tempdir().unwrap();
+    let r = rounds();
+    // Every episode: one file of the 35 frames.
+    let all = t.path().join("all");
+    assert_eq!(
+        merge_appending(&r, 100, None, 1.0, &all).unwrap().samples,
+        7
+    );
+    assert_eq!(video_files(&all).len(), 1);
+    let said = concat_check(&all, &[(&r[0], 9), (&r[1], 17), (&r[2], 9)]);
+    assert_eq!(said.trim(), "ok 1 35 35", "{said}");
+    let said = check_with_python(&all, &r);
+    assert_eq!(said.trim(), "ok 7 35 35", "{said}");
+    let info = json(&all.join("meta/info.json"));
+    assert_eq!(info["video_files_size_in_mb"], 1, "{info}");
+    // Cut at the quota inside round 1: round 0 whole, round 1's first 13 frames.
+    let cut = t.path().join("cut");
+    merge_appending(&r, 4, None, 1.0, &cut).unwrap();
+    let said = concat_check(&cut, &[(&r[0], 9), (&r[1], 13)]);
+    assert_eq!(said.trim(), "ok 1 22 22", "{said}");
+    let said = check_with_python(&cut, &r);
+    assert_eq!(said.trim(), "ok 4 22 22", "{said}");
+    // Every round's last episode filtered out: each file cut, then the next appended.
+    let long = t.path().join("long");
+    merge_appending(&r, 100, Some("length >= 5"), 1.0, &long).unwrap();
+    let said = concat_check(&long, &[(&r[0], 5), (&r[1], 13), (&r[2], 5)]);
+    assert_eq!(said.trim(), "ok 1 23 23", "{said}");
+    let said = check_picked(&long, &[0, 2, 3, 5], &r);
+    assert_eq!(said.trim(), "ok 4 23 23", "{said}");
+    // A fractional size is written as given; the final is a round Quarry accepts.
+    let half = t.path().join("half");
+    merge_appending(&r, 100, None, 0.5, &half).unwrap();
+    assert_eq!(
+        json(&half.join("meta/info.json"))["video_files_size_in_mb"],
+        0.5
+    );
+    assert_eq!(
+        quarry_formats::inspect(Format::Lerobot, &all, None)
+            .unwrap()
+            .count,
+        7
+    );
+    let (n, seen) = examine(&all);
+    assert_eq!((n, seen.problems.len()), (7, 0), "{:?}", seen.problems);
+}
+
+/// A file is appended only while the result stays under the size: a size below every
+/// round's file gives each its own file, byte for byte as without the setting; one that
+/// holds two rounds' files but not three splits them 2 + 1.
+#[test]
+fn the_size_bounds_each_appended_file() {
+    let t = tempfile::tempdir().unwrap();
+    let r = rounds();
+    let plain = t.path().join("plain");
+    merge(&r, 100, &plain).unwrap();
+    let tiny = t.path().join("tiny");
+    merge_appending(&r, 100, None, 0.001, &tiny).unwrap();
+    let (a, b) = (video_files(&plain), video_files(&tiny));
+    assert_eq!(b.len(), 3);
+    // Nothing appended: every file as without the setting, but info.json's size.
+    let (mut x, mut y) = (pyhelp::tree(&plain), pyhelp::tree(&tiny));
+    let (xi, yi) = (x.remove("meta/info.json"), y.remove("meta/info.json"));
+    assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+    for (k, v) in &x {
+        assert!(y[k] == *v, "{k} differs");
+    }
+    let (xi, yi): (Value, Value) = (
+        serde_json::from_slice(&xi.unwrap()).unwrap(),
+        serde_json::from_slice(&yi.unwrap()).unwrap(),
+    );
+    assert_eq!(xi["video_files_size_in_mb"], 200, "round 0's, unset");
+    assert_eq!(yi["video_files_size_in_mb"], 0.001);
+    // Round files of 2775, 4547 and 2874 bytes: two appended are about 6.5 kB.
+    let sizes: Vec<u64> = a.iter().map(|p| p.metadata().unwrap().len()).collect();
+    let limit = sizes[0] + sizes[1] + 200;
+    let mb = limit as f64 / 1048576.0;
+    let two = t.path().join("two");
+    merge_appending(&r, 100, None, mb, &two).unwrap();
+    let files = video_files(&two);
+    assert_eq!(files.len(), 2, "{files:?}");
+    assert!(files[0].metadata().unwrap().len() < limit);
+    assert_eq!(
+        std::fs::read(&files[1]).unwrap(),
+        std::fs::read(&a[2]).unwrap()
+    );
+    let said = concat_check(&two, &[(&r[0], 9), (&r[1], 17), (&r[2], 9)]);
+    assert_eq!(said.trim(), "ok 2 35 26,9", "{said}");
+    let said = check_with_python(&two, &r);
+    assert_eq!(said.trim(), "ok 7 35 35", "{said}");
+}
+
+/// A copy of round `r` whose video is re-encoded to H.264 with B-frames (see TO_H264).
+fn h264_round(t: &Path, r: usize) -> PathBuf {
+    let to = copy_round(t, r);
+    let py = python(&["av"]);
+    let said = run_code(
+        &py,
+        TO_H264,
+        &[
+            video(&rounds()[r], 0).display().to_string(),
+            video(&to, 0).display().to_string(),
+        ],
+    );
+    assert!(said.starts_with("ok "), "{said}");
+    to
+}
+
+/// Files of another sample description (codec, size or codec configuration) start a new
+/// file, in order; H.264 files with B-frames (composition offsets, an edit list) append as
+/// the AV1 ones do, cut ones too.
+#[test]
+fn video_files_of_another_codec_start_a_new_file() {
+    let t = tempfile::tempdir().unwrap();
+    let r = rounds();
+    let h1 = h264_round(t.path(), 1);
+    let h2 = h264_round(t.path(), 2);
+    // AV1, H.264, AV1: nothing appended.
+    let inputs = vec![r[0].clone(), h1.clone(), r[2].clone()];
+    let out = t.path().join("mixed");
+    merge_appending(&inputs, 100, None, 1.0, &out).unwrap();
+    assert_eq!(video_files(&out).len(), 3);
+    let said = check_with_python(&out, &inputs);
+    assert_eq!(said.trim(), "ok 7 35 35", "{said}");
+    // AV1, AV1, H.264: the first two appended.
+    let inputs = vec![r[0].clone(), r[2].clone(), h1.clone()];
+    let out = t.path().join("av1_first");
+    merge_appending(&inputs, 100, None, 1.0, &out).unwrap();
+    assert_eq!(video_files(&out).len(), 2);
+    let said = concat_check(&out, &[(&r[0], 9), (&r[2], 9), (&h1, 17)]);
+    assert_eq!(said.trim(), "ok 2 35 18,17", "{said}");
+    let said = check_with_python(&out, &inputs);
+    assert_eq!(said.trim(), "ok 7 35 35", "{said}");
+    // Two H.264 rounds with B-frames: one file.
+    let inputs = vec![h1.clone(), h2.clone()];
+    let out = t.path().join("h264");
+    merge_appending(&inputs, 100, None, 1.0, &out).unwrap();
+    assert_eq!(video_files(&out).len(), 1);
+    let said = concat_check(&out, &[(&h1, 17), (&h2, 9)]);
+    assert_eq!(said.trim(), "ok 1 26 26", "{said}");
+    let said = check_with_python(&out, &inputs);
+    assert_eq!(said.trim(), "ok 5 26 26", "{said}");
+    // Each cut after its first two episodes (a reference frame presented after the cut may
+    // stay, unreferenced), the second appended after the first's last presented frame.
+    let out = t.path().join("h264_cut");
+    merge_appending(&inputs, 100, Some("length >= 5"), 1.0, &out).unwrap();
+    assert_eq!(video_files(&out).len(), 1);
+    let said = check_picked(&out, &[0, 1, 3], &inputs);
+    assert_eq!(said.trim(), "ok 3 18 18", "{said}");
+}
+
+/// Round 1's video file changed by `f`, merged whole after round 0 with appending.
+fn append_spoiled_video(t: &Path, f: impl FnOnce(&mut Vec<u8>)) -> Result<PathBuf, String> {
+    let r = copy_round(t, 1);
+    let p = video(&r, 0);
+    let mut bytes = std::fs::read(&p).unwrap();
+    f(&mut bytes);
+    std::fs::write(&p, &bytes).unwrap();
+    let out = r.with_extension("out");
+    let got = std::panic::catch_unwind(|| {
+        merge_appending(&[rounds()[0].clone(), r.clone()], 100, None, 1.0, &out)
+    });
+    match got.expect("no panic") {
+        Ok(_) => Ok(out),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// With appending every round's video file is read, cut or not: one whose tables lie fails
+/// the merge naming it; one of a layout that is not appended is copied as its own file; one
+/// that does not start with a key frame starts a new file.
+#[test]
+fn hostile_video_files_are_errors_when_appended() {
+    let t = tempfile::tempdir().unwrap();
+    let named = |e: &str| e.contains("bad1_") && e.contains("file-000.mp4");
+    let e = append_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stsz");
+        b[at + 16..at + 20].copy_from_slice(&u32::MAX.to_be_bytes());
+    })
+    .unwrap_err();
+    assert!(named(&e) && e.contains("claims 4294967295 entries"), "{e}");
+    let e = append_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stco");
+        b[at + 16..at + 20].copy_from_slice(&0x00ff_0000u32.to_be_bytes());
+    })
+    .unwrap_err();
+    assert!(named(&e) && e.contains("lies outside mdat"), "{e}");
+    let e = append_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stsc");
+        b[at + 20..at + 24].copy_from_slice(&1000u32.to_be_bytes());
+    })
+    .unwrap_err();
+    assert!(named(&e) && e.contains("stsc places"), "{e}");
+    let e = append_spoiled_video(t.path(), |b| b.truncate(b.len() - 500)).unwrap_err();
+    assert!(named(&e) && e.contains("truncated"), "{e}");
+    // Fragmented (a moof box after mdat): copied whole as its own file.
+    let mut spoiled = Vec::new();
+    let out = append_spoiled_video(t.path(), |b| {
+        b.extend([0, 0, 0, 16]);
+        b.extend(b"moof");
+        b.extend([0u8; 8]);
+        spoiled = b.clone();
+    })
+    .unwrap();
+    let files = video_files(&out);
+    assert_eq!(files.len(), 2);
+    assert_eq!(std::fs::read(&files[1]).unwrap(), spoiled);
+    // Its first sample not listed as a sync one: not appended.
+    let out = append_spoiled_video(t.path(), |b| {
+        let at = find_box(b, b"stss");
+        b[at + 16..at + 20].copy_from_slice(&3u32.to_be_bytes());
+    })
+    .unwrap();
+    assert_eq!(video_files(&out).len(), 2);
+}
+
+/// Seeded corruption of round 1's video tables (bytes flipped in moov, the file cut short),
+/// merged whole with appending: an error or a final, never a panic.
+#[test]
+fn corrupted_video_files_are_errors_never_panics_when_appended() {
+    let t = tempfile::tempdir().unwrap();
+    let orig = std::fs::read(video(&rounds()[1], 0)).unwrap();
+    let moov = find_box(&orig, b"moov");
+    let moov_end = moov + u32::from_be_bytes(orig[moov..moov + 4].try_into().unwrap()) as usize;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut errors = 0;
+    for case in 0..200 {
+        let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let r = copy_round(t.path(), 1);
+            let mut b = orig.clone();
+            if case % 5 == 4 {
+                b.truncate((next() as usize) % b.len());
+            } else {
+                for _ in 0..1 + next() % 4 {
+                    let at = moov + (next() as usize) % (moov_end - moov);
+                    b[at] = match next() % 3 {
+                        0 => 0xff,
+                        1 => 0,
+                        _ => b[at] ^ (1 << (next() % 8)),
+                    };
+                }
+            }
+            std::fs::write(video(&r, 0), &b).unwrap();
+            let out = r.with_extension("out");
+            let inputs = [rounds()[0].clone(), r.clone(), rounds()[2].clone()];
+            let m = merge_appending(&inputs, 100, None, 1.0, &out);
+            std::fs::remove_dir_all(&r).unwrap();
+            let _ = std::fs::remove_dir_all(&out);
+            m.is_err()
+        }));
+        errors += usize::from(e.unwrap_or_else(|_| panic!("case {case} panicked")));
+    }
+    assert!(errors > 50, "most corruptions are caught: {errors}");
 }

@@ -307,6 +307,7 @@ impl Env {
                 limit,
                 filter: filter.clone(),
                 dedup: dedup.iter().map(|s| s.to_string()).collect(),
+                video_files_size_in_mb: None,
             };
             self.merges.set(self.merges.get() + 1);
             let tag = format!("merge{}-{limit}", self.merges.get());
@@ -397,6 +398,7 @@ fn dropped_elements_that_define_shared_memo_entries() {
         limit: 100_000,
         filter: filter.map(|f| Filter::parse(f).unwrap()),
         dedup: Vec::new(),
+        video_files_size_in_mb: None,
     };
     let full = npy::merge_dataset(&rounds, &counts, &opts(None), &e.path("full.npy")).unwrap();
     let few = npy::merge_dataset(
@@ -431,6 +433,7 @@ fn structured_arrays_filter_on_fields_and_dedup_on_bytes() {
             limit: 100,
             filter: Some(Filter::parse(filter).unwrap()),
             dedup: dedup.iter().map(|s| s.to_string()).collect(),
+            video_files_size_in_mb: None,
         };
         let out = e.path("bad.npy");
         let _ = std::fs::remove_file(&out);
@@ -503,6 +506,7 @@ fn filter_errors_name_the_element_and_field() {
                     limit: 10,
                     filter: Some(f.clone()),
                     dedup: Vec::new(),
+                    video_files_size_in_mb: None,
                 },
                 &e.path(&format!("{kind}-out.npy")),
             )

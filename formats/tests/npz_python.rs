@@ -151,6 +151,7 @@ fn merge_and_check(dir: &Path, inputs: &[PathBuf], tag: &str, picky: bool) {
             } else {
                 dedup.split(',').map(String::from).collect()
             },
+            video_files_size_in_mb: None,
         };
         let out = dir.join(format!("{tag}-merged-{k}.npz"));
         let s = quarry_formats::merge(Format::Npz, inputs, &counts, &options, &out)
@@ -217,6 +218,7 @@ fn object_members_merge_without_filters() {
             limit: 100,
             filter: Some(Filter::parse("score >= 0.3").unwrap()),
             dedup: vec![],
+            video_files_size_in_mb: None,
         },
         &dir.path().join("refused.npz"),
     )
@@ -393,6 +395,7 @@ fn example_generator_rounds_merge() {
         limit: 25,
         filter: Some(Filter::parse("energy <= 1.5").unwrap()),
         dedup: vec![],
+        video_files_size_in_mb: None,
     };
     let s = quarry_formats::merge(Format::Npz, &inputs, &c, &options, &out).unwrap();
     let mut args = vec![inputs.len().to_string()];

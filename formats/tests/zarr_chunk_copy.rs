@@ -146,6 +146,7 @@ fn limit(n: u64) -> MergeOptions {
         limit: n,
         filter: None,
         dedup: vec![],
+        video_files_size_in_mb: None,
     }
 }
 
@@ -227,6 +228,7 @@ fn undecodable_arrays_that_do_not_line_up_are_refused() {
         limit: u64::MAX,
         filter: Some(Filter::parse("meta.score >= 0.5").unwrap()),
         dedup: vec![],
+        video_files_size_in_mb: None,
     };
     let e = merge(&[a.clone(), b], &options, &d.join("filtered.zarr")).unwrap_err();
     match &e {

@@ -228,6 +228,7 @@ fn merge_and_check(dir: &Path, inputs: &[PathBuf], tag: &str) {
             } else {
                 dedup.split(',').map(String::from).collect()
             },
+            video_files_size_in_mb: None,
         };
         let out = dir.join(format!("{tag}-merged-{k}.zarr"));
         let s = quarry_formats::merge(Format::Zarr, inputs, &counts, &options, &out)

@@ -871,3 +871,189 @@ format = "lerobot"
         "round directories left"
     );
 }
+
+/// A LeRobot final whose rounds' video files were appended into one: argv the final, the
+/// fixture rounds, the seeds (round order) and the quota. Every frame of the final's one
+/// video file, decoded, equals the kept episodes' frames of the rounds in order, and every
+/// episode's frames, found by its (shifted) timestamps, equal its round's.
+const LEROBOT_APPEND_CHECK: &str = r#"
+import json, os, sys, glob
+import pyarrow.parquet as pq
+import av, numpy as np
+final, fixtures, seeds, limit = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+def rows(root, pattern):
+    out = []
+    for f in sorted(glob.glob(os.path.join(root, pattern))):
+        out += pq.read_table(f).to_pylist()
+    return out
+def frames(path, t0=None, t1=None):
+    with av.open(path) as c:
+        out = []
+        for fr in c.decode(video=0):
+            t = float(fr.pts * fr.time_base)
+            if t0 is None or t0 - 1e-4 <= t < t1 - 1e-4:
+                out.append(fr.to_ndarray(format="rgb24"))
+        return out
+key = "observation.images.cam"
+p = "videos/%s/" % key
+def video(root, e):
+    return os.path.join(root, "videos/%s/chunk-%03d/file-%03d.mp4" % (key, e[p + "chunk_index"], e[p + "file_index"]))
+src = []
+for s in seeds:
+    r = os.path.join(fixtures, "r%d" % (s % 3))
+    for e in rows(r, "meta/episodes/*/*.parquet"):
+        src.append((r, e))
+src = src[:limit]
+info = json.load(open(os.path.join(final, "meta/info.json")))
+assert info["video_files_size_in_mb"] == 1, info
+vids = sorted(glob.glob(os.path.join(final, "videos/*/*/*.mp4")))
+assert len(vids) == 1, vids
+eps = rows(final, "meta/episodes/*/*.parquet")
+assert len(eps) == len(src) == limit
+want_all = []
+for e, (r, s) in zip(eps, src):
+    want = frames(video(r, s), s[p + "from_timestamp"], s[p + "to_timestamp"])
+    got = frames(video(final, e), e[p + "from_timestamp"], e[p + "to_timestamp"])
+    assert len(got) == len(want) == e["length"], (len(got), len(want), e["length"])
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    want_all += want
+got_all = frames(vids[0])
+assert len(got_all) == len(want_all) and all(np.array_equal(a, b) for a, b in zip(got_all, want_all))
+print("ok", len(eps), len(got_all))
+"#;
+
+/// `merge.video_files_size_in_mb`: the rounds' video files are appended into one (no
+/// re-encoding), the round cut at the quota cut first; every episode's frames are where its
+/// shifted timestamps say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lerobot_video_files_are_appended_under_the_size() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let fixtures = repo_root().join("tests/fixtures/lerobot");
+    let toml = format!(
+        r#"
+exp_name = "lra"
+objects = ["cube"]
+target_count_per_object = 6
+round_batch_size = 2
+seed_base = 0
+root = "{root}"
+
+[generator]
+argv = ["{py}", "{gen}", "--seed", "{{seed}}", "--out", "out/{{name}}/dataset"]
+output = "out/{{name}}/dataset"
+round_dir = "out/{{name}}"
+format = "lerobot"
+
+[merge]
+video_files_size_in_mb = 1
+"#,
+        root = root.path().display(),
+        py = python(),
+        gen = fixtures.join("copy_round.py").display(),
+    );
+    let out = run_job(root.path(), &toml, &["--gpus", "0"]).await;
+    assert_eq!(
+        out.status.state,
+        pb::JobState::Done as i32,
+        "{:?}",
+        out.status
+    );
+    let m = manifest(root.path(), "lra");
+    assert_eq!(m["objects"]["cube"]["collected"], 6, "{m}");
+    let f = finals(root.path(), "lra", "cube");
+    let said = run_python(
+        &python(),
+        LEROBOT_APPEND_CHECK,
+        &[
+            f[0].to_str().expect("path"),
+            fixtures.join("rounds").to_str().expect("path"),
+            &serde_json::to_string(&seeds_of(&m, "cube")).expect("json"),
+            "6",
+        ],
+    );
+    assert_eq!(said.trim(), "ok 6 31", "{said}");
+    // The final is itself a dataset Quarry accepts as a round.
+    let i = quarry_formats::inspect(quarry_formats::Format::Lerobot, &f[0], None)
+        .expect("the final inspects");
+    assert_eq!(i.count, 6);
+}
+
+/// A stand-in generator: copies fixture round `r<seed % 3>` to `--out`, and for seed 1
+/// makes its video file's `stsz` claim 2^32 - 1 samples (its tables lie; the file still
+/// starts with `ftyp`, so the worker's inspection passes).
+const LEROBOT_BAD_VIDEO_GEN: &str = r#"
+import argparse, glob, os, shutil, struct
+p = argparse.ArgumentParser()
+p.add_argument("--seed", type=int, required=True)
+p.add_argument("--out", required=True)
+p.add_argument("--fixtures", required=True)
+a = p.parse_args()
+shutil.copytree(os.path.join(a.fixtures, "r%d" % (a.seed % 3)), a.out)
+if a.seed == 1:
+    v = glob.glob(os.path.join(a.out, "videos/*/*/*.mp4"))[0]
+    b = bytearray(open(v, "rb").read())
+    at = b.find(b"stsz") - 4
+    b[at + 16:at + 20] = struct.pack(">I", 0xFFFFFFFF)
+    open(v, "wb").write(bytes(b))
+"#;
+
+/// With `merge.video_files_size_in_mb` every round's video file is read at the merge: a
+/// round whose file's tables lie costs that round (quarantined, the file named), and the job
+/// completes from the next ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lerobot_round_with_a_lying_video_file_is_quarantined_at_the_merge() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let fixtures = repo_root().join("tests/fixtures/lerobot/rounds");
+    let gen_path = root.path().join("bad_video.py");
+    std::fs::write(&gen_path, LEROBOT_BAD_VIDEO_GEN).expect("write generator");
+    let toml = format!(
+        r#"
+exp_name = "lrq"
+objects = ["cube"]
+target_count_per_object = 6
+round_batch_size = 2
+seed_base = 0
+root = "{root}"
+
+[generator]
+argv = ["{py}", "{gen}", "--seed", "{{seed}}", "--out", "out/{{name}}/dataset", "--fixtures", "{fixtures}"]
+output = "out/{{name}}/dataset"
+round_dir = "out/{{name}}"
+format = "lerobot"
+
+[merge]
+video_files_size_in_mb = 1
+"#,
+        root = root.path().display(),
+        py = python(),
+        gen = gen_path.display(),
+        fixtures = fixtures.display(),
+    );
+    // Bounded: a merge failure blamed on no round is retried without end.
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        run_job(root.path(), &toml, &["--gpus", "0"]),
+    )
+    .await
+    .expect("the job ends: the lying round is quarantined, not its merge retried");
+    assert_eq!(
+        out.status.state,
+        pb::JobState::Done as i32,
+        "{:?}",
+        out.status
+    );
+    let m = manifest(root.path(), "lrq");
+    let cube = &m["objects"]["cube"];
+    assert_eq!(cube["collected"], 6, "{m}");
+    let q = &cube["quarantined"][0];
+    let reason = q["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("file-000.mp4") && reason.contains("stsz"),
+        "{q}"
+    );
+    let seeds = seeds_of(&m, "cube");
+    assert!(!seeds.contains(&1), "{seeds:?}");
+    let f = finals(root.path(), "lrq", "cube");
+    let vids = files_under(&f[0].join("videos"));
+    assert_eq!(vids.len(), 1, "{vids:?}");
+}

@@ -4,16 +4,18 @@
 //!
 //! Each round's data file becomes one data file of the final and each of its video files one
 //! video file (copied, its trailing dropped episodes' samples cut), under the final's next
-//! (chunk, file) index; the episode table
-//! is one file. Memory is a record batch per file in flight, plus the episode rows of one
-//! round's episode table batch.
+//! (chunk, file) index, or, with `video_files_size_in_mb`, appended to the key's pending video
+//! file while it stays under the size, its episodes' timestamps shifted (see
+//! [`mp4_concat`](super::mp4_concat)); the episode table is one file. Memory is a record
+//! batch per file in flight, plus the episode rows of one round's episode table batch, plus,
+//! with appending, the pending video file's sample tables.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, BooleanArray, Int64Array, LargeStringArray, RecordBatch, StringArray,
+    ArrayRef, BooleanArray, Float64Array, Int64Array, LargeStringArray, RecordBatch, StringArray,
 };
 use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, SchemaRef};
@@ -21,7 +23,8 @@ use parquet::arrow::ArrowWriter;
 use serde_json::{Value, json};
 
 use super::data::{self, DataWriter, Renumber, RowCheck};
-use super::meta::{self, Episode, Info, data_rel, label, nth_chunk_file};
+use super::meta::{self, Episode, Info, data_rel, label, nth_chunk_file, video_rel};
+use super::mp4_concat::{Group, Part};
 use super::{select, stats, videos};
 use crate::{DatasetError, MergeOptions, MergeSummary};
 
@@ -168,6 +171,10 @@ pub fn merge(
     let (mut ep_offset, mut frame_offset) = (0i64, 0i64);
     let mut data_n = 0i64;
     let mut video_n = vec![0i64; video_keys.len()];
+    let video_limit = options
+        .video_files_size_in_mb
+        .map(|mb| (mb * MIB).max(0.0) as u64);
+    let mut pending: Vec<Option<Pending>> = video_keys.iter().map(|_| None).collect();
 
     for r in &rounds {
         if r.kept == 0 {
@@ -229,13 +236,14 @@ pub fn merge(
 
         // Videos, under the final's next indices: a file whose last episodes are dropped
         // loses their trailing samples (cut half a frame before the next episode's first).
+        // With merge.video_files_size_in_mb, files are appended into the key's pending file
+        // while it stays under the size, their episodes' timestamps shifted by where they
+        // start in it.
         let fps = r.info.fps.as_f64().unwrap_or(1.0);
-        let mut video_maps: Vec<HashMap<(i64, i64), (i64, i64)>> = Vec::new();
+        let mut video_maps: Vec<HashMap<(i64, i64), VideoPlace>> = Vec::new();
         for (k, key) in video_keys.iter().enumerate() {
             let mut m = HashMap::new();
             for src in meta::video_files(&kept, k) {
-                let dst = nth_chunk_file(video_n[k], chunks_size);
-                video_n[k] += 1;
                 let in_file =
                     |e: &&Episode| e.videos.get(k).is_some_and(|v| (v.chunk, v.file) == src);
                 let last_kept = kept
@@ -254,8 +262,23 @@ pub fn merge(
                             .is_some_and(|v| v.from_ts >= last_kept - 0.5 / fps)
                     });
                 let cut = dropped_after.then_some(last_kept - 0.5 / fps);
-                videos::copy(root, out, key, src, dst, cut)?;
-                m.insert(src, dst);
+                let place = match video_limit {
+                    None => {
+                        let dst = nth_chunk_file(video_n[k], chunks_size);
+                        video_n[k] += 1;
+                        videos::copy(root, out, key, src, dst, cut)?;
+                        VideoPlace { dst, shift: 0.0 }
+                    }
+                    Some(limit) => {
+                        let mut next = || {
+                            let dst = nth_chunk_file(video_n[k], chunks_size);
+                            video_n[k] += 1;
+                            dst
+                        };
+                        append_video(root, out, key, src, cut, limit, &mut pending[k], &mut next)?
+                    }
+                };
+                m.insert(src, place);
             }
             video_maps.push(m);
         }
@@ -348,8 +371,9 @@ pub fn merge(
                     .collect::<Result<_, _>>()?;
                 set("data/chunk_index", data_dst.iter().map(|d| d.0).collect())?;
                 set("data/file_index", data_dst.iter().map(|d| d.1).collect())?;
+                let mut shifts: Vec<(usize, Vec<f64>)> = Vec::new();
                 for (k, key) in video_keys.iter().enumerate() {
-                    let dst: Vec<(i64, i64)> = eps
+                    let dst: Vec<VideoPlace> = eps
                         .iter()
                         .map(|e| {
                             let v = &e.videos[k];
@@ -361,15 +385,37 @@ pub fn merge(
                         .collect::<Result<_, _>>()?;
                     set(
                         &format!("videos/{key}/chunk_index"),
-                        dst.iter().map(|d| d.0).collect(),
+                        dst.iter().map(|d| d.dst.0).collect(),
                     )?;
                     set(
                         &format!("videos/{key}/file_index"),
-                        dst.iter().map(|d| d.1).collect(),
+                        dst.iter().map(|d| d.dst.1).collect(),
                     )?;
+                    if dst.iter().any(|d| d.shift != 0.0) {
+                        shifts.push((k, dst.iter().map(|d| d.shift).collect()));
+                    }
                 }
                 set("meta/episodes/chunk_index", vec![0; eps.len()])?;
                 set("meta/episodes/file_index", vec![0; eps.len()])?;
+                // Episodes of a file appended after others start where it starts.
+                for (k, shift) in shifts {
+                    let key = &video_keys[k];
+                    for end in ["from_timestamp", "to_timestamp"] {
+                        let name = format!("videos/{key}/{end}");
+                        let Ok(i) = batch.schema().index_of(&name) else {
+                            continue;
+                        };
+                        let old = meta::float_column(&batch, &name, &at)?;
+                        let new: Float64Array = old
+                            .iter()
+                            .zip(&shift)
+                            .map(|(t, s)| t.map(|t| t + s))
+                            .collect();
+                        cols[i] = arrow::compute::cast(&new, batch.column(i).data_type()).map_err(
+                            |e| DatasetError::invalid(&at, format!("column {name}: {e}")),
+                        )?;
+                    }
+                }
                 let rewritten = RecordBatch::try_new(w_schema.clone(), cols)
                     .map_err(|e| DatasetError::invalid(&at, e.to_string()))?;
                 let err =
@@ -385,6 +431,11 @@ pub fn merge(
         }
         ep_offset = next_ep;
         frame_offset = next_frame;
+    }
+    for (k, key) in video_keys.iter().enumerate() {
+        if let Some(p) = pending.get_mut(k) {
+            flush_video(out, key, p)?;
+        }
     }
     if let Some((w, _)) = ep_writer {
         w.close()
@@ -405,6 +456,15 @@ pub fn merge(
         "splits".into(),
         json!({ "train": format!("0:{ep_offset}") }),
     );
+    if let Some(mb) = options.video_files_size_in_mb {
+        // A whole number as lerobot writes its default (200), any other as given.
+        let v = if mb.fract() == 0.0 && mb.abs() < 1e15 {
+            json!(mb as i64)
+        } else {
+            json!(mb)
+        };
+        info.insert("video_files_size_in_mb".into(), v);
+    }
     let info_path = out.join("meta/info.json");
     let text = serde_json::to_vec_pretty(&Value::Object(info))
         .map_err(|e| DatasetError::invalid(label(out, "meta/info.json"), e.to_string()))?;
@@ -419,6 +479,91 @@ pub fn merge(
         filtered,
         duplicates,
     })
+}
+
+/// Bytes in a MiB, as lerobot counts `video_files_size_in_mb`.
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Where a round's video file went: the final's file and the shift (seconds) of its
+/// episodes' timestamps in it.
+#[derive(Debug, Clone, Copy)]
+struct VideoPlace {
+    dst: (i64, i64),
+    shift: f64,
+}
+
+/// A final video file still taking files: where it goes, the files appended so far, and the
+/// first one's round root, (chunk, file) and cut, to write it as without appending when it
+/// stays alone.
+struct Pending {
+    dst: (i64, i64),
+    group: Group,
+    first: (PathBuf, (i64, i64), Option<f64>),
+}
+
+/// Places round `root`'s video file `src` of `key` (cut at `cut`) with appending: after the
+/// pending file's when it can be appended there under `limit` bytes, else as the start of a
+/// new pending file (the pending one written first), or, for a file of a layout that is not
+/// appended, copied alone as without appending. `next` hands out the final's next index.
+#[allow(clippy::too_many_arguments)]
+fn append_video(
+    root: &Path,
+    out: &Path,
+    key: &str,
+    src: (i64, i64),
+    cut: Option<f64>,
+    limit: u64,
+    pending: &mut Option<Pending>,
+    next: &mut dyn FnMut() -> (i64, i64),
+) -> Result<VideoPlace, DatasetError> {
+    videos::check(root, key, src)?;
+    let rel = video_rel(key, src.0, src.1);
+    let part = match Part::read(&root.join(&rel), cut, &label(root, &rel))? {
+        Ok(p) => p,
+        Err(_) => {
+            flush_video(out, key, pending)?;
+            let dst = next();
+            videos::copy(root, out, key, src, dst, cut)?;
+            return Ok(VideoPlace { dst, shift: 0.0 });
+        }
+    };
+    if let Some(p) = pending
+        && p.group.refuses(&part, limit).is_none()
+    {
+        let ticks = p.group.append(part);
+        let shift = ticks as f64 / f64::from(p.group.timescale());
+        return Ok(VideoPlace { dst: p.dst, shift });
+    }
+    flush_video(out, key, pending)?;
+    let dst = next();
+    *pending = Some(Pending {
+        dst,
+        group: Group::start(part),
+        first: (root.to_path_buf(), src, cut),
+    });
+    Ok(VideoPlace { dst, shift: 0.0 })
+}
+
+/// Writes the pending video file of `key`, if any: one file alone as without appending
+/// (copied, or cut), several appended.
+fn flush_video(out: &Path, key: &str, pending: &mut Option<Pending>) -> Result<(), DatasetError> {
+    let Some(p) = pending.take() else {
+        return Ok(());
+    };
+    if p.group.len() == 1 {
+        let (root, src, cut) = &p.first;
+        videos::copy(root, out, key, *src, p.dst, *cut)?;
+        return Ok(());
+    }
+    let dst = out.join(video_rel(key, p.dst.0, p.dst.1));
+    if let Some(dir) = dst.parent() {
+        std::fs::create_dir_all(dir).map_err(DatasetError::io("create", dir))?;
+    }
+    if let Err(e) = p.group.write(&dst) {
+        let _ = std::fs::remove_file(&dst);
+        return Err(e);
+    }
+    Ok(())
 }
 
 /// `meta/tasks.parquet` with round 0's columns (pandas writes the task as the frame's

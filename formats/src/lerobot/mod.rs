@@ -8,12 +8,15 @@
 //! the round states; `merge` writes one v3.0 dataset (see [`merge`]); `examine` reports the
 //! dataset's facts, each episode's fields and frame values, and checks every video file's
 //! structure without decoding it. Episodes are filtered and de-duplicated on their fields (see
-//! [`select`]). Reading v2.1 datasets and remuxing videos into fewer files are not done yet.
+//! [`select`]). With `video_files_size_in_mb`, video files are appended into fewer, larger
+//! ones without re-encoding (see [`mp4_concat`]). Reading v2.1 datasets is not done yet.
 
 mod data;
 mod examine;
 mod merge;
 mod meta;
+mod mp4_box;
+mod mp4_concat;
 mod mp4_trim;
 mod select;
 mod stats;

@@ -81,6 +81,7 @@ pub fn merge_options(limit: u64, filter: Option<Filter>, dedup: Vec<String>) -> 
         limit,
         filter,
         dedup,
+        ..Default::default()
     }
 }
 
