@@ -1246,8 +1246,12 @@ fn hostile_video_files_are_problems_when_examined() {
         let mdat = find_box(b, b"mdat");
         b.truncate(mdat + (b.len() - mdat) / 2);
     });
+    // Every sample is checked: the first one outside mdat is named, with how many are.
     assert!(
-        p.len() == 1 && p[0].contains("last sample") && p[0].contains("truncated"),
+        p.len() == 1
+            && p[0].contains("outside mdat")
+            && p[0].contains("truncated")
+            && p[0].contains(" of its 9 samples do"),
         "{p:?}"
     );
     // Its first sample not a sync sample.
@@ -1712,4 +1716,68 @@ fn corrupted_video_files_are_errors_never_panics_when_appended() {
         errors += usize::from(e.unwrap_or_else(|_| panic!("case {case} panicked")));
     }
     assert!(errors > 50, "most corruptions are caught: {errors}");
+}
+
+/// The round's video remuxed by PyAV (ffmpeg's mp4 muxer, packets copied) with an AAC audio
+/// track added, as a recorder with a microphone writes it (moov first, as lerobot writes).
+const ADD_AUDIO: &str = r#"
+import sys, av, numpy as np
+src, dst = sys.argv[1], sys.argv[2]
+inp = av.open(src)
+vin = inp.streams.video[0]
+out = av.open(dst, 'w', format='mp4', options={'movflags': 'faststart'})
+vout = out.add_stream_from_template(vin, opaque=True)
+aout = out.add_stream('aac', rate=48000)
+for pkt in inp.demux(vin):
+    if pkt.dts is None:
+        continue
+    pkt.stream = vout
+    out.mux(pkt)
+frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format='fltp', layout='mono')
+frame.sample_rate = 48000
+for i in range(10):
+    frame.pts = i * 1024
+    for pkt in aout.encode(frame):
+        out.mux(pkt)
+for pkt in aout.encode(None):
+    out.mux(pkt)
+out.close()
+inp.close()
+n = 0
+with av.open(dst) as c:
+    print(len(c.streams.video), len(c.streams.audio), sum(1 for _ in c.decode(video=0)))
+"#;
+
+#[test]
+fn a_video_file_with_an_audio_track_is_examined_on_its_video_track() {
+    let t = tempfile::tempdir().unwrap();
+    let r = copy_round(t.path(), 0);
+    let p = video(&r, 0);
+    let with_audio = t.path().join("with_audio.mp4");
+    let py = python(&["av", "numpy"]);
+    let out = run_code(
+        &py,
+        ADD_AUDIO,
+        &[p.display().to_string(), with_audio.display().to_string()],
+    );
+    // One video stream of the round's 9 frames and one audio stream, as PyAV reads it back.
+    assert_eq!(out.trim(), "1 1 9", "{out}");
+    std::fs::copy(&with_audio, &p).unwrap();
+    let (n, seen) = examine(&r);
+    assert_eq!(n, 2);
+    assert!(seen.problems.is_empty(), "{:?}", seen.problems);
+    assert_eq!(seen.fact("video files"), "1 checked");
+    // Damaged, its video samples are still checked (the audio track does not hide them).
+    let mut bytes = std::fs::read(&p).unwrap();
+    let mdat = find_box(&bytes, b"mdat");
+    bytes.truncate(mdat + 16);
+    std::fs::write(&p, &bytes).unwrap();
+    let (_, seen) = examine(&r);
+    assert!(
+        seen.problems
+            .iter()
+            .any(|(_, why)| why.contains("outside mdat")),
+        "{:?}",
+        seen.problems
+    );
 }

@@ -48,7 +48,9 @@ fn fact_lines(o: &InspectOutcome) -> Vec<String> {
     if lines.len() > MAX_FACT_LINES {
         let more = lines.len() - (MAX_FACT_LINES - 1);
         lines.truncate(MAX_FACT_LINES - 1);
-        lines.push(format!("... and {more} more (coordinator inspect without --png)"));
+        lines.push(format!(
+            "... and {more} more (coordinator inspect without --png)"
+        ));
     }
     lines
 }

@@ -20,8 +20,9 @@ pub(super) const MAX_SAMPLES: u64 = 1 << 22;
 /// Deepest box nesting followed inside `moov`.
 pub(super) const MAX_DEPTH: usize = 8;
 
-/// Ends the reason a file of several tracks (or none) is not read.
-pub(super) const NOT_ONE_TRACK: &str = " tracks, not one";
+/// Ends the reason a file without exactly one video track (or, when edited, of several tracks)
+/// is not read.
+pub(super) const NOT_ONE_TRACK: &str = ", not one video track";
 
 /// One box: type, where it starts, its header's length and its whole size.
 #[derive(Debug, Clone, Copy)]
@@ -232,17 +233,56 @@ pub(super) fn inner(buf: &[u8], b: &BoxAt, at: &str) -> Result<Vec<BoxAt>, Datas
     children(buf, b.start + b.header, b.end(), at)
 }
 
-pub(super) fn locate(moov: &[u8], at: &str) -> Result<Result<Track, String>, DatasetError> {
+/// The handler type (`vide`, `soun`...) of a `trak`'s media, when it has one.
+fn handler_of(moov: &[u8], trak: &BoxAt, at: &str) -> Result<Option<[u8; 4]>, DatasetError> {
+    let trak = inner(moov, trak, at)?;
+    let Some(mdia) = find(&trak, b"mdia").first().copied() else {
+        return Ok(None);
+    };
+    let Some(hdlr) = find(&inner(moov, &mdia, at)?, b"hdlr").first().copied() else {
+        return Ok(None);
+    };
+    let f = full(moov, &hdlr, 8, at)?;
+    Ok(f.body[4..8].try_into().ok())
+}
+
+/// The movie's track. With `video_among_several` (reading, not editing), a file of several
+/// tracks (a video and its audio) gives its one video track; otherwise it must hold exactly
+/// one track.
+pub(super) fn locate(
+    moov: &[u8],
+    at: &str,
+    video_among_several: bool,
+) -> Result<Result<Track, String>, DatasetError> {
     let top = children(moov, 8, moov.len() as u64, at)?;
     if !find(&top, b"mvex").is_empty() {
         return Ok(Err("a fragmented MP4 (mvex)".into()));
     }
     let traks = find(&top, b"trak");
-    if traks.len() != 1 {
-        return Ok(Err(format!("{} tracks{NOT_ONE_TRACK}", traks.len())));
-    }
+    let chosen = match traks.as_slice() {
+        [t] => *t,
+        several if video_among_several && !several.is_empty() => {
+            let mut video = Vec::new();
+            for t in several {
+                if handler_of(moov, t, at)? == Some(*b"vide") {
+                    video.push(*t);
+                }
+            }
+            match video.as_slice() {
+                [v] => *v,
+                v => {
+                    return Ok(Err(format!(
+                        "{} tracks, {} of them video{NOT_ONE_TRACK}",
+                        several.len(),
+                        v.len()
+                    )));
+                }
+            }
+        }
+        v => return Ok(Err(format!("{} tracks{NOT_ONE_TRACK}", v.len()))),
+    };
     let mvhd = one(&top, b"mvhd", "moov", at)?;
-    let trak = inner(moov, &traks[0], at)?;
+    let trak = inner(moov, &chosen, at)?;
     let tkhd = one(&trak, b"tkhd", "trak", at)?;
     let elst = match find(&trak, b"edts").as_slice() {
         [] => None,
@@ -558,7 +598,7 @@ impl Movie {
             let body = moov.split_off(16);
             moov = [[0u8; 8].as_slice(), body.as_slice()].concat();
         }
-        let t = match locate(&moov, at)? {
+        let t = match locate(&moov, at, !editing)? {
             Ok(t) => t,
             Err(why) => return Ok(Err(why)),
         };

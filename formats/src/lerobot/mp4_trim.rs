@@ -43,11 +43,12 @@ pub enum Probe {
     NotChecked(String),
 }
 
-/// Checks a video file without decoding it: one track, and a video one; its sample tables
-/// consistent (every table covering the same samples, the chunks holding them all); its first
-/// sample a sync (key) frame; its first and last samples' bytes inside its `mdat` (a file cut
-/// short is read up to its end, and samples past it are reported). A file that cannot be
-/// parsed at all is [`DatasetError::Invalid`]; a fragmented one is [`Probe::NotChecked`].
+/// Checks a video file without decoding it: one video track (other tracks, such as audio,
+/// are left alone); its sample tables consistent (every table covering the same samples, the
+/// chunks holding them all); its first sample a sync (key) frame; every sample's bytes inside
+/// its `mdat` (a file cut short is read up to its end, and samples past it are reported). A
+/// file that cannot be parsed at all is [`DatasetError::Invalid`]; a fragmented one is
+/// [`Probe::NotChecked`].
 pub fn probe(src: &Path, at: &str) -> Result<Probe, DatasetError> {
     let m = match Movie::open(src, at, true, false)? {
         Ok(m) => m,
@@ -101,46 +102,45 @@ pub fn probe(src: &Path, at: &str) -> Result<Probe, DatasetError> {
         }
         _ => return Err(DatasetError::invalid(at, "stbl holds several stss boxes")),
     }
-    // Where the first and the last samples lie.
-    let (mut first, mut last) = (None, None);
+    // Every sample's bytes must lie inside mdat: the first one outside is reported, with how
+    // many are.
+    let len = m.top.last().map_or(0, BoxAt::end);
+    let (data_from, data_to) = (m.mdat.start + m.mdat.header, m.mdat.end());
+    let (mut first_out, mut out_count) = (None, 0u64);
     let mut sample = 0usize;
     for (&k, &off) in m.chunks.iter().zip(&m.s.chunk_offsets) {
         let mut p = off;
         for _ in 0..k {
             let size = u64::from(m.s.sizes[sample]);
-            let range = (sample, p, p.saturating_add(size));
-            if sample == 0 {
-                first = Some(range);
+            let end = p.saturating_add(size);
+            if p < data_from || end > data_to {
+                out_count += 1;
+                first_out.get_or_insert((sample, p, end));
             }
-            if sample + 1 == n {
-                last = Some(range);
-            }
-            p = p.saturating_add(size);
+            p = end;
             sample += 1;
         }
     }
-    let len = m.top.last().map_or(0, BoxAt::end);
-    let (data_from, data_to) = (m.mdat.start + m.mdat.header, m.mdat.end());
-    let mut outside = false;
-    for (which, r) in [("first", first), ("last", last)] {
-        let Some((i, a, b)) = r else { continue };
-        if (which == "last" && n == 1) || outside {
-            continue;
-        }
-        if a < data_from || b > data_to {
-            outside = true;
-            let end = match m.truncated {
-                Some(claimed) if m.mdat.end() == len && b > len => format!(
-                    ", past the file's end at byte {len} (mdat claims to end at byte {claimed}): the file is truncated"
-                ),
-                _ => String::new(),
-            };
-            problems.push(format!(
-                "its {which} sample (sample {}, {} bytes at byte {a}) lies outside mdat (bytes {data_from}..{data_to}){end}",
-                i + 1,
-                b - a
-            ));
-        }
+    let outside = first_out.is_some();
+    if let Some((i, a, b)) = first_out {
+        let end = match m.truncated {
+            Some(claimed) if m.mdat.end() == len && b > len => format!(
+                ", past the file's end at byte {len} (mdat claims to end at byte {claimed}): the file is truncated"
+            ),
+            _ => String::new(),
+        };
+        let which = match i {
+            0 => format!("first sample (sample 1, {} bytes", b - a),
+            i if i + 1 == n => format!("last sample (sample {n}, {} bytes", b - a),
+            i => format!("sample {} ({} bytes", i + 1, b - a),
+        };
+        let more = match out_count {
+            1 => String::new(),
+            c => format!("; {c} of its {n} samples do"),
+        };
+        problems.push(format!(
+            "its {which} at byte {a}) lies outside mdat (bytes {data_from}..{data_to}){end}{more}"
+        ));
     }
     if let (Some(claimed), false) = (m.truncated, outside) {
         problems.push(format!(
@@ -494,7 +494,7 @@ mod tests {
         let moov_b = find(&top, b"moov")[0];
         let mdat = find(&top, b"mdat")[0];
         let moov = file[moov_b.start as usize..moov_b.end() as usize].to_vec();
-        let t = locate(&moov, "out").unwrap().unwrap();
+        let t = locate(&moov, "out", false).unwrap().unwrap();
         let kids = inner(&moov, &t.stbl, "out").unwrap();
         let s = read_samples(&moov, &kids, len, "out", true)
             .unwrap()
