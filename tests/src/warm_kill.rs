@@ -151,9 +151,8 @@ fn warm_generators(root: &Path) -> Vec<(u32, String)> {
     pids()
         .into_iter()
         .filter_map(|pid| {
-            if !std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == root)
-                || !stat_fields(pid).is_some_and(|(_, pgrp)| pgrp == pid)
-            {
+            let leader = stat_fields(pid).is_some_and(|(_, pgrp)| pgrp == pid);
+            if !leader || !std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == root) {
                 return None;
             }
             let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
@@ -187,7 +186,7 @@ fn signal_pending(pid: u32) -> bool {
         (l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
             && l.split_whitespace()
                 .nth(1)
-                .is_some_and(|m| m.trim_start_matches('0') != "")
+                .is_some_and(|m| !m.trim_start_matches('0').is_empty())
     })
 }
 
@@ -495,7 +494,8 @@ fn watch(
                 }
                 (Some(Seen::Handed | Seen::Idle), Seen::Busy) => {
                     if p.prev == Some(Seen::Idle) {
-                        // Let go with a signal pending, it read a line unseen.
+                        // Let go between rounds (a signal pending, or held too long): the
+                        // line it read was not seen.
                         p.line = None;
                     }
                     p.in_round = true;
