@@ -16,11 +16,15 @@
 //! steps; stopping changes when a process runs, not what it writes. A process waiting between
 //! rounds is kept stopped until its next line arrives (it would only wait in `read` anyway), so
 //! every line is seen before it is read; one with a signal pending (the agent ending it) is let
-//! go. The kill lands in a handler: once a file appears in the round directory of the round
-//! the process was handed (a partial output the retry must replace), when a step catches that
-//! moment within a few rounds, else as soon as a handler runs; should the steps keep
-//! overshooting whole rounds, once a round is handed and unread (the agent is waiting for its
-//! answer either way).
+//! go. The kill lands in a handler, of a target round: one the final is sure to hold (numbered
+//! below a bound the caller gives, so it is retried), handed to a process that answered a round
+//! before (so its restart counts as `died`). It waits, over the first target rounds, for a look
+//! that finds a file in the round's directory that was not there when the line was handed
+//! while the round's declared outputs are not all there yet (a partial output the retry must
+//! replace; once all are there the handler may have answered already); from the next target
+//! round on it takes the first look inside the handler before any output, and when rounds
+//! outrun the steps it lets the process run just until its stdin is empty (it read the line)
+//! and looks then.
 //!
 //! Which round the kill cost is not taken from the watcher's view (a process could in principle
 //! answer one round and read the next within one step): it is the round whose failed attempt's
@@ -49,8 +53,6 @@ pub enum KilledAt {
     PartialOutput,
     /// In the handler, before any output of the round appeared.
     InHandler,
-    /// The round handed (its line in the pipe), not yet read.
-    Handed,
 }
 
 /// The round a kill cost, from the failed attempt's log (`logs/<object>/<tail>/<attempt>.log`).
@@ -297,6 +299,34 @@ struct Line {
     dir: PathBuf,
     /// The files there when the line was seen, before the process read it.
     before: BTreeSet<String>,
+    /// The round's declared outputs (`output`, `stats`): once all exist the handler may have
+    /// finished and answered, so the round is no longer a target.
+    outputs: Vec<PathBuf>,
+}
+
+impl Line {
+    /// Files that appeared where the round writes since the line was handed.
+    fn fresh(&self) -> Vec<String> {
+        files_at(&self.dir)
+            .into_iter()
+            .filter(|f| !self.before.contains(f))
+            .collect()
+    }
+
+    fn outputs_complete(&self) -> bool {
+        self.outputs.iter().all(|o| o.exists())
+    }
+
+    /// Whether the agent has taken the round's outputs to check and upload them (into
+    /// `<output>.quarry-staging/`, moved back once uploaded): the round was answered, and the
+    /// process may be in another round already.
+    fn taken_by_agent(&self) -> bool {
+        self.outputs.iter().any(|o| {
+            let mut name = o.file_name().unwrap_or_default().to_os_string();
+            name.push(".quarry-staging");
+            o.with_file_name(name).exists()
+        })
+    }
 }
 
 /// Files under `path` (itself when it is a file), relative.
@@ -329,12 +359,17 @@ fn handed_line(pid: u32) -> Result<Option<Line>, ()> {
     };
     let dir = PathBuf::from(dir);
     let before = files_at(&dir);
+    let outputs = [&v["output"], &v["stats"]]
+        .into_iter()
+        .filter_map(|o| o.as_str().map(PathBuf::from))
+        .collect();
     Ok(Some(Line {
         raw,
         name,
         round,
         dir,
         before,
+        outputs,
     }))
 }
 
@@ -352,19 +387,51 @@ struct Proc {
     held_since: Option<Instant>,
 }
 
-/// Rounds whose handler ran past the appearance of their output can be aimed at this many
-/// times before the kill takes the first moment in a handler.
+/// Target rounds (see [`watch`]) in which the kill waits for a partial output; from the next
+/// one on it takes the first moment in a handler.
 const AIM_FOR_OUTPUT: u32 = 2;
-/// Rounds stepped over whole (answered between two looks) before the kill takes a handed round.
-const MISSES_BEFORE_HANDED: u32 = 6;
 /// How often `/proc` is scanned for warm processes that started since.
 const SCAN_EVERY: Duration = Duration::from_millis(5);
+/// Longest time between the last look that found a line waiting and the stop that catches its
+/// reader (see [`catch_reading`]); a watcher that was not running longer than this may have
+/// let a whole round pass.
+const CATCH_GAP: Duration = Duration::from_millis(10);
 /// Longest a process is kept stopped between rounds at a stretch; then it runs one step (a
 /// bound, should its next line never come: the watcher then may miss a line, never hang a run).
 const HOLD_AT_MOST: Duration = Duration::from_secs(2);
 
 fn halve(slice: Duration) -> Duration {
     (slice / 2).max(Duration::from_micros(100))
+}
+
+/// Lets the stopped `pid`, whose line `l` waits in its stdin, run until it has read it, then
+/// stops it again: where it stands then, when that is at the start of the round (the line read,
+/// no output yet) or in its handler before its outputs are complete (so before its answer).
+/// It is stopped in the return from the `read` that took the line, so `/proc/PID/syscall`
+/// still names that `read`: the empty pipe, and no more than [`CATCH_GAP`] between the last
+/// look that found the line there and the stop, say it is that read and not the next one.
+fn catch_reading(pid: u32, l: &Line) -> Option<KilledAt> {
+    let until = Instant::now() + Duration::from_secs(5);
+    signal(pid, libc::SIGCONT);
+    let mut last_seen = Instant::now();
+    while stdin_pending(pid).is_some_and(|n| n > 0) && Instant::now() < until {
+        last_seen = Instant::now();
+    }
+    signal(pid, libc::SIGSTOP);
+    let gap = last_seen.elapsed();
+    if !wait_stopped(pid) || gap > CATCH_GAP || stdin_pending(pid) != Some(0) {
+        return None;
+    }
+    let fresh = l.fresh();
+    if l.taken_by_agent() {
+        None
+    } else if fresh.is_empty() {
+        Some(KilledAt::InHandler)
+    } else if !l.outputs_complete() {
+        Some(KilledAt::PartialOutput)
+    } else {
+        None
+    }
 }
 
 fn let_go(procs: &BTreeMap<u32, Proc>) {
@@ -393,8 +460,8 @@ fn watch(
     };
     let mut procs: BTreeMap<u32, Proc> = BTreeMap::new();
     let mut next_scan = Instant::now();
-    let mut missed = 0u32;
-    let mut aimed = 0u32;
+    // Target rounds seen so far.
+    let mut targets = 0u32;
     let mut slice = Duration::from_millis(2);
     let (pid, killed_at) = 'steps: loop {
         if done.load(Ordering::SeqCst) || Instant::now() > deadline {
@@ -466,13 +533,11 @@ fn watch(
                 (Some(_), None) => true,
                 (None, _) => false,
             };
-            let mut started = false;
             match (p.prev, now) {
                 (Some(Seen::Handed), Seen::Idle) => {
                     // A whole round between two looks.
                     p.answered += 1;
                     if p.answered > 1 {
-                        missed += 1;
                         slice = halve(slice);
                     }
                 }
@@ -480,13 +545,12 @@ fn watch(
                     // A whole round between two looks, and the next one handed already.
                     p.answered += 1;
                     if p.answered > 1 {
-                        missed += 1;
                         slice = halve(slice);
                     }
                 }
                 (Some(Seen::Busy), Seen::Idle | Seen::Handed) if p.in_round => {
                     if p.answered >= 1 {
-                        // An aimed round ended before a look saw its output: look more often.
+                        // A round ended before a look saw its output: look more often.
                         slice = halve(slice);
                     }
                     p.answered += 1;
@@ -499,7 +563,6 @@ fn watch(
                         p.line = None;
                     }
                     p.in_round = true;
-                    started = true;
                 }
                 _ => {}
             }
@@ -507,28 +570,41 @@ fn watch(
                 p.line = next_line;
             }
             p.prev = Some(now);
-            // A round the final is sure to hold, handed to a process that answered one.
+            if p.in_round && p.line.as_ref().is_some_and(Line::taken_by_agent) {
+                // It answered that round and read another between two looks.
+                report.trace.push(format!("{pid} answered a round unseen"));
+                p.line = None;
+            }
+            // A target: a round the final is sure to hold (numbered below `rounds_below`),
+            // handed to a process that answered one before (its restart counts as `died`).
             let target = p.answered >= 1 && p.line.as_ref().is_some_and(|l| l.round < rounds_below);
+            if target && new_line {
+                targets += 1;
+            }
             if let (true, Some(l)) = (target, &p.line) {
                 if p.in_round {
-                    let fresh: Vec<String> = files_at(&l.dir)
-                        .into_iter()
-                        .filter(|f| !l.before.contains(f))
-                        .collect();
-                    if !fresh.is_empty() {
+                    let fresh = l.fresh();
+                    if !fresh.is_empty() && !l.outputs_complete() {
                         report
                             .trace
                             .push(format!("the round's output so far: {fresh:?}"));
                         break 'steps (pid, KilledAt::PartialOutput);
                     }
-                    if aimed >= AIM_FOR_OUTPUT {
+                    // No output yet: the handler has not answered (outputs come first).
+                    if fresh.is_empty() && targets > AIM_FOR_OUTPUT {
                         break 'steps (pid, KilledAt::InHandler);
                     }
-                    if started {
-                        aimed += 1;
+                } else if now == Seen::Handed && targets > AIM_FOR_OUTPUT {
+                    // Rounds may outrun the steps: let it run just until it has read the line.
+                    if let Some(at) = catch_reading(pid, l) {
+                        break 'steps (pid, at);
                     }
-                } else if now == Seen::Handed && missed >= MISSES_BEFORE_HANDED {
-                    break 'steps (pid, KilledAt::Handed);
+                    report
+                        .trace
+                        .push(format!("{pid} ran past {} before a look", l.name));
+                    p.prev = None;
+                    p.in_round = false;
+                    continue;
                 }
             }
             if now == Seen::Idle && !signal_pending(pid) {

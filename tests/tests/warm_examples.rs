@@ -18,7 +18,7 @@ use quarry_tests::*;
 const OBJECTS: [&str; 2] = ["mug", "bowl"];
 /// The objects of the run killed on 4 agents: [`OBJECTS`] first (their seeds, and so their
 /// finals, do not change), then more, so that the killed agent has rounds left to restart on.
-const MORE_OBJECTS: [&str; 4] = ["mug", "bowl", "cup", "box"];
+const MORE_OBJECTS: [&str; 6] = ["mug", "bowl", "cup", "box", "pan", "jar"];
 
 /// One example: its script, the output file or directory a round writes, the job's
 /// `format` when the extension does not say it, flags every round takes, and whether the
@@ -211,7 +211,13 @@ async fn finals_after_a_kill_mid_round(e: &Example, gpus: &str) -> Vec<String> {
         .iter()
         .map(|o| m["objects"][o]["failed_attempts"].as_u64().unwrap())
         .sum();
-    assert_eq!(failed, 1, "one failed attempt: {what}");
+    if objects.len() == OBJECTS.len() {
+        assert_eq!(failed, 1, "one failed attempt: {what}");
+    } else {
+        // With 4 agents a round leased ahead past an object's quota may end unfinished when
+        // the object completes; only the kill's is retried (below).
+        assert!(failed >= 1, "the killed attempt failed: {what}");
+    }
     let mut retried = Vec::new();
     for o in objects {
         let obj = &m["objects"][o];
