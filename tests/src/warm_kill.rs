@@ -395,7 +395,7 @@ const SCAN_EVERY: Duration = Duration::from_millis(5);
 /// Longest time between the last look that found a line waiting and the stop that catches its
 /// reader (see [`catch_reading`]); a watcher that was not running longer than this may have
 /// let a whole round pass.
-const CATCH_GAP: Duration = Duration::from_millis(10);
+const CATCH_GAP: Duration = Duration::from_millis(50);
 /// Longest a process is kept stopped between rounds at a stretch; then it runs one step (a
 /// bound, should its next line never come: the watcher then may miss a line, never hang a run).
 const HOLD_AT_MOST: Duration = Duration::from_secs(2);
