@@ -223,7 +223,10 @@ async fn finals_after_a_kill_mid_round(e: &Example, gpus: &str) -> Vec<String> {
     assert!(r.killed.is_some(), "no kill: {what}");
     assert!(r.answered_before >= 1, "{what}");
     assert!(r.restarted_as.is_some(), "no restart: {what}");
-    assert_eq!(r.died_starts, Some(1.0), "{what}");
+    // The kill's restart counts as `died`; so does a round of another object's tail cancelled
+    // mid-round when its object completed (the agent stops the process then), which a slow
+    // run can see too.
+    assert!(r.died_starts.is_some_and(|d| d >= 1.0), "{what}");
     let failed: u64 = objects
         .iter()
         .map(|o| m["objects"][o]["failed_attempts"].as_u64().unwrap())
