@@ -12,9 +12,9 @@ the object's scale without entering it. The result is written to
 
     <out_root>/<N>/results/<O>.npy
 
-(<out_root> defaults to ../data/experiments, the legacy layout) as an object array of dicts,
-exactly the keys grasp_gen.py writes: object_code, scale, qpos_left, qpos_right ({joint:
-float}), energy, E_pen, E_dis, valid, note, seed, index.
+(<out_root> defaults to ../data/experiments, the legacy layout; --output PATH writes PATH
+instead) as an object array of dicts, exactly the keys grasp_gen.py writes: object_code,
+scale, qpos_left, qpos_right ({joint: float}), energy, E_pen, E_dis, valid, note, seed, index.
 
 Device: `--device auto` (default) uses CUDA when PyTorch sees a GPU, else the CPU, so the
 same job runs on a laptop. Under Quarry the agent sets CUDA_VISIBLE_DEVICES to its GPU, so
@@ -24,6 +24,15 @@ Threads: PyTorch's CPU pool follows OMP_NUM_THREADS, which the agent sets per GP
 Determinism: the starting grasps come from a CPU generator seeded with --seed, so a seed gives
 the same batch on every machine of the same device type; CUDA and CPU results differ in the
 last bits (run a job on one kind of device for byte-identical finals).
+
+Warm mode: started by a Quarry agent with generator.mode = "warm" (QUARRY_REPLY_FD set), it
+serves rounds through deploy/python's quarry_generator (installed, or found beside this
+directory): each round runs main() with the flags the process was started with plus the
+round's --name, --object_code, --seed, --batch_size, --num_iterations and --output, so both
+modes write the same bytes, and PyTorch's import (about 1.5 s) and CUDA context are paid once
+per GPU instead of once per round. Nothing carries over between rounds: the starting grasps
+come from a generator seeded by the round, the optimizer and its tensors are made afresh.
+deploy/examples/torch_grasp_job.toml runs it; deploy/examples/warm_check.py compares both modes.
 
 Needs PyTorch (and numpy only if grasp_gen.py is not beside this file: it writes the .npy
 with grasp_gen's pure-Python writer when it can, else with numpy). Without PyTorch it exits 2
@@ -68,6 +77,8 @@ def build_parser():
     p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
     p.add_argument("--out_root", default=None,
                    help="results root (default ../data/experiments relative to the cwd)")
+    p.add_argument("--output", default=None,
+                   help="write the results here instead of <out_root>/<name>/results/<O>.npy")
     return p
 
 
@@ -206,10 +217,12 @@ def main(argv=None):
     started = time.monotonic()
     result = optimize(torch, args, device)
     items = samples(args, result)
-    out_root = args.out_root or os.path.join("..", "data", "experiments")
-    out_dir = os.path.join(out_root, args.name, "results")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{args.object_code}.npy")
+    if args.output:
+        path = args.output
+    else:
+        out_root = args.out_root or os.path.join("..", "data", "experiments")
+        path = os.path.join(out_root, args.name, "results", f"{args.object_code}.npy")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save(path, items)
     valid = sum(1 for s in items if s["valid"])
     log(f"saved {len(items)} samples ({valid} valid) to {path} "
@@ -217,5 +230,19 @@ def main(argv=None):
     return 0
 
 
+def round_flags(r):
+    """The flags of one warm round, after the ones the process was started with."""
+    return ["--name", r.round_name, "--object_code", r.object, "--seed", str(r.seed),
+            "--batch_size", str(r.batch_size), "--num_iterations", str(r.num_iterations),
+            "--output", r.output]
+
+
 if __name__ == "__main__":
+    if os.environ.get("QUARRY_REPLY_FD"):
+        # Warm mode (generator.mode = "warm"): rounds come from the agent, through
+        # deploy/python's quarry_generator (installed, or found beside this directory).
+        sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+        from quarry_generator import serve_cli
+
+        sys.exit(serve_cli(main, flags=round_flags))
     sys.exit(main())

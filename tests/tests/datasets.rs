@@ -636,7 +636,7 @@ fn isaaclab_mimic_runs_with_the_round_seed_under_the_launcher() {
 }
 
 #[test]
-fn the_isaaclab_mimic_mimicgen_and_lerobot_job_examples_are_valid_jobs() {
+fn the_isaaclab_mimic_mimicgen_lerobot_and_torch_job_examples_are_valid_jobs() {
     for (file, stats) in [
         ("isaaclab_mimic_job.toml", None),
         (
@@ -644,16 +644,20 @@ fn the_isaaclab_mimic_mimicgen_and_lerobot_job_examples_are_valid_jobs() {
             Some("out/{name}/gen/important_stats.json"),
         ),
         ("lerobot_job.toml", None),
+        ("torch_grasp_job.toml", None),
     ] {
         let path = repo_root().join("deploy/examples").join(file);
         let spec = quarry_cli::read_job_file(&path).expect("job file");
         spec.validate().unwrap_or_else(|e| panic!("{file}: {e}"));
         assert_eq!(spec.generator.stats.as_deref(), stats, "{file}");
+        // A warm generator gets the batch size in its round lines, not in argv.
         assert!(
-            spec.generator
-                .argv
-                .iter()
-                .any(|a| a.contains("{batch_size}")),
+            spec.generator.mode == "warm"
+                || spec
+                    .generator
+                    .argv
+                    .iter()
+                    .any(|a| a.contains("{batch_size}")),
             "{file}"
         );
     }

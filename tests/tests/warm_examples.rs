@@ -2,9 +2,10 @@
 //! and warm (`generator.mode = "warm"`, through deploy/python's `quarry_generator.serve_cli`,
 //! found beside the examples without any PYTHONPATH), with 1 and 4 agents; each object's
 //! final is byte-identical across the three runs (for directory datasets, the sha256 of
-//! their listing, which the manifest records), and to that of a fourth, warm on one agent,
-//! whose generator is SIGKILLed from outside in the middle of a round (see
-//! `quarry_tests::warm_kill`).
+//! their listing, which the manifest records), and to those of two more warm runs, on 1 and
+//! on 4 agents, in which one warm generator is SIGKILLed from outside in the middle of a round
+//! (see `quarry_tests::warm_kill`). (The examples that need torch or lerobot, which CI does
+//! not have, are checked by hand: `deploy/examples/warm_check.sh`.)
 #![allow(clippy::unwrap_used)] // tests may unwrap
 
 use std::path::Path;
@@ -15,6 +16,11 @@ use quarry_tests::warm_kill::MidRoundKill;
 use quarry_tests::*;
 
 const OBJECTS: [&str; 2] = ["mug", "bowl"];
+/// Runs of a kill test before one without a kill fails it (see `finals_after_a_kill_mid_round`).
+const KILL_TRIES: usize = 3;
+/// The objects of the run killed on 4 agents: [`OBJECTS`] first (their seeds, and so their
+/// finals, do not change), then more, so that the killed agent has rounds left to restart on.
+const MORE_OBJECTS: [&str; 6] = ["mug", "bowl", "cup", "box", "pan", "jar"];
 
 /// One example: its script, the output file or directory a round writes, the job's
 /// `format` when the extension does not say it, flags every round takes, and whether the
@@ -72,7 +78,7 @@ const EXAMPLES: [Example; 6] = [
     },
 ];
 
-fn job(root: &Path, e: &Example, warm: bool) -> std::path::PathBuf {
+fn job(root: &Path, e: &Example, warm: bool, objects: &[&str]) -> std::path::PathBuf {
     let q = |s: &str| serde_json::to_string(s).unwrap();
     let script = repo_root().join("deploy/examples").join(e.script);
     let mut argv = vec![q(&python()), q(script.to_str().unwrap())];
@@ -95,9 +101,10 @@ fn job(root: &Path, e: &Example, warm: bool) -> std::path::PathBuf {
         }
     }
     let text = format!(
-        "exp_name = \"ex\"\nobjects = [\"mug\", \"bowl\"]\ntarget_count_per_object = 25\n\
+        "exp_name = \"ex\"\nobjects = [{objects}]\ntarget_count_per_object = 25\n\
          round_batch_size = 10\nseed_base = 3\nretry_backoff_ms = 10\nroot = {root}\n\n[generator]\n{mode}argv = [{argv}]\n\
          output = {output}\nround_dir = \"out/{{name}}\"\n{stats}{format}",
+        objects = objects.iter().map(|o| q(o)).collect::<Vec<_>>().join(", "),
         root = q(root.to_str().unwrap()),
         mode = if warm { "mode = \"warm\"\n" } else { "" },
         argv = argv.join(", "),
@@ -116,11 +123,17 @@ fn job(root: &Path, e: &Example, warm: bool) -> std::path::PathBuf {
     p
 }
 
-/// Runs the example's job under `root` with `extra` `coordinator run` arguments (bounded in
-/// time); returns the manifest of the run, which must have ended with every object at its
-/// quota.
-async fn run_job(root: &Path, e: &Example, warm: bool, extra: &[&str]) -> serde_json::Value {
-    let job = job(root, e, warm);
+/// Runs the example's job for `objects` under `root` with `extra` `coordinator run` arguments
+/// (bounded in time); returns the manifest of the run, which must have ended with every object
+/// at its quota.
+async fn run_job(
+    root: &Path,
+    e: &Example,
+    warm: bool,
+    objects: &[&str],
+    extra: &[&str],
+) -> serde_json::Value {
+    let job = job(root, e, warm, objects);
     let mut args = vec!["--job", job.to_str().unwrap(), "--progress", "off"];
     args.extend_from_slice(extra);
     let out = tokio::time::timeout(Duration::from_secs(120), run(&args))
@@ -135,7 +148,7 @@ async fn run_job(root: &Path, e: &Example, warm: bool, extra: &[&str]) -> serde_
         out.status
     );
     let m = manifest(root, "ex");
-    for o in OBJECTS {
+    for o in objects {
         assert_eq!(m["objects"][o]["collected"], 25, "{}: {m}", e.script);
     }
     m
@@ -157,88 +170,120 @@ fn final_shas(e: &Example, m: &serde_json::Value) -> Vec<String> {
 /// Runs the example's job and returns each object's `final_sha256`.
 async fn finals_of(e: &Example, warm: bool, gpus: &str) -> Vec<String> {
     let root = tempfile::tempdir().unwrap();
-    let m = run_job(root.path(), e, warm, &["--gpus", gpus]).await;
+    let m = run_job(root.path(), e, warm, &OBJECTS, &["--gpus", gpus]).await;
     final_shas(e, &m)
 }
 
-/// A warm run on one agent whose generator is SIGKILLed in the middle of a round (after it
-/// answered one): that attempt fails, the agent starts the generator again (counted as a
-/// `died` start), the round is retried and committed once; returns the finals.
-async fn finals_after_a_kill_mid_round(e: &Example) -> Vec<String> {
-    let root = tempfile::tempdir().unwrap();
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let kill = MidRoundKill::start(
-        root.path(),
-        &root.path().join("out"),
-        "0",
-        Some(metrics.clone()),
-        Duration::from_secs(100),
-    );
-    let m = run_job(
-        root.path(),
-        e,
-        true,
-        &["--gpus", "0", "--metrics-listen", &metrics],
-    )
-    .await;
-    let r = kill.finish();
-    let what = format!("{}: {r:?}\n{m}", e.script);
+/// A warm run on `gpus` (one agent each) in which one warm generator (whichever first
+/// answered a round and works on the next) is SIGKILLed in the middle of a round: that attempt
+/// fails, its agent starts the generator again (counted as the run's one `died` start), the
+/// round is retried and committed once from its second attempt, the killed attempt's log is
+/// kept; returns the finals of [`OBJECTS`].
+async fn finals_after_a_kill_mid_round(e: &Example, gpus: &str) -> Vec<String> {
+    let objects: &[&str] = if gpus.contains(',') {
+        &MORE_OBJECTS
+    } else {
+        &OBJECTS
+    };
+    // The watcher aims from outside at moments that last milliseconds: on a loaded machine a
+    // run can end before it found one (nothing killed, a run like the others). Such a run is
+    // repeated, up to KILL_TRIES times; a run with a kill is checked in full.
+    let mut misses = Vec::new();
+    let (root, m, r) = loop {
+        let root = tempfile::tempdir().unwrap();
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let kill = MidRoundKill::start(
+            root.path(),
+            &experiments(root.path()).join("ex/logs"),
+            // Every object needs rounds 0, 1 and 2 (25 samples, at most 10 a round).
+            3,
+            Some(metrics.clone()),
+            Duration::from_secs(100),
+        );
+        let m = run_job(
+            root.path(),
+            e,
+            true,
+            objects,
+            &["--gpus", gpus, "--metrics-listen", &metrics],
+        )
+        .await;
+        let r = kill.finish();
+        if r.killed.is_some() {
+            break (root, m, r);
+        }
+        misses.push(r.trace);
+        assert!(
+            misses.len() < KILL_TRIES,
+            "{} on gpus {gpus}: no kill in {KILL_TRIES} runs: {misses:?}",
+            e.script
+        );
+    };
+    let what = format!("{} on gpus {gpus}: {r:?}\n{m}", e.script);
     assert!(r.killed.is_some(), "no kill: {what}");
     assert!(r.answered_before >= 1, "{what}");
     assert!(r.restarted_as.is_some(), "no restart: {what}");
-    assert_eq!(r.died_starts, Some(1.0), "{what}");
-    let failed: u64 = OBJECTS
+    // The kill's restart counts as `died`; so does a round of another object's tail cancelled
+    // mid-round when its object completed (the agent stops the process then), which a slow
+    // run can see too.
+    assert!(r.died_starts.is_some_and(|d| d >= 1.0), "{what}");
+    let failed: u64 = objects
         .iter()
         .map(|o| m["objects"][o]["failed_attempts"].as_u64().unwrap())
         .sum();
-    assert_eq!(failed, 1, "one failed attempt: {what}");
-    for o in OBJECTS {
+    if objects.len() == OBJECTS.len() {
+        assert_eq!(failed, 1, "one failed attempt: {what}");
+    } else {
+        // With 4 agents a round leased ahead past an object's quota may end unfinished when
+        // the object completes; only the kill's is retried (below).
+        assert!(failed >= 1, "the killed attempt failed: {what}");
+    }
+    let mut retried = Vec::new();
+    for o in objects {
         let obj = &m["objects"][o];
         assert!(obj["quarantined"].as_array().unwrap().is_empty(), "{what}");
-        let commits: Vec<u64> = obj["commits"]
-            .as_array()
-            .unwrap()
+        let commits = obj["commits"].as_array().unwrap();
+        let rounds: Vec<u64> = commits
             .iter()
             .map(|c| c["round"].as_u64().unwrap())
             .collect();
-        let distinct: std::collections::BTreeSet<_> = commits.iter().collect();
+        let distinct: std::collections::BTreeSet<_> = rounds.iter().collect();
         assert_eq!(
             distinct.len(),
-            commits.len(),
+            rounds.len(),
             "a round committed twice: {what}"
         );
-    }
-    // The round killed (named by the directory its partial output was in) was committed from
-    // its second attempt.
-    if let Some(name) = &r.round {
-        let (object, round) = object_and_round(name);
-        let c = m["objects"][object]["commits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["round"] == round)
-            .unwrap_or_else(|| panic!("round {name} not committed: {what}"));
-        // Attempt ids are `e<epoch>a<n>`, n from 0: a0 was killed; its log is kept.
-        assert!(
-            c["attempt"].as_str().unwrap().ends_with("a1"),
-            "{c}: {what}"
+        // Attempt ids are `e<epoch>a<n>`, n from 0.
+        retried.extend(
+            commits
+                .iter()
+                .filter(|c| !c["attempt"].as_str().unwrap().ends_with("a0"))
+                .map(|c| (o.to_string(), c["round"].as_u64().unwrap())),
         );
-        let tail = name.rsplit("__").next().unwrap();
-        let log = experiments(root.path()).join(format!("ex/logs/{object}/{tail}/e1a0.log"));
-        assert!(log.is_file(), "no {}: {what}", log.display());
     }
+    // The round killed (named by the killed attempt's log, which is kept) is the one round
+    // committed from a later attempt, its second.
+    let k = r
+        .round
+        .as_ref()
+        .unwrap_or_else(|| panic!("no log of the killed attempt: {what}"));
+    assert!(k.log.is_file(), "{what}");
+    assert!(k.attempt.ends_with("a0"), "{what}");
+    assert_eq!(retried, [(k.object.clone(), k.round)], "{what}");
+    let c = m["objects"][&k.object]["commits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["round"] == k.round)
+        .unwrap();
+    assert!(
+        c["attempt"].as_str().unwrap().ends_with("a1"),
+        "{c}: {what}"
+    );
     // Nothing of the killed attempt's partial output is left.
     let left = files_under(&root.path().join("out"));
     assert!(left.is_empty(), "left behind: {left:?}: {what}");
     final_shas(e, &m)
-}
-
-/// The object and round number of a round's name (`<exp>__<object>__r<round>_s<seed>`).
-fn object_and_round(name: &str) -> (&str, u64) {
-    let mut parts = name.split("__");
-    let (_, object, tail) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
-    let round = tail.strip_prefix('r').unwrap().split('_').next().unwrap();
-    (object, round.parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,11 +298,13 @@ async fn every_example_generator_writes_the_same_finals_warm_and_per_round() {
                 e.script
             );
         }
-        assert_eq!(
-            finals_after_a_kill_mid_round(e).await,
-            reference,
-            "{}: warm mode, the generator killed mid-round",
-            e.script
-        );
+        for gpus in ["0", "0,1,2,3"] {
+            assert_eq!(
+                finals_after_a_kill_mid_round(e, gpus).await,
+                reference,
+                "{}: warm mode with gpus {gpus}, a generator killed mid-round",
+                e.script
+            );
+        }
     }
 }
