@@ -796,6 +796,60 @@ fn drain_past_the_grace_releases_at_once_and_cancel_leaves_nothing() {
     );
 }
 
+/// Slurm (scancel, requeue, preemption) signals a step's processes one by one: the generator
+/// may die of the SIGTERM, and be reaped, before its worker has handled its own. The round is
+/// still given back (the signal that drained the worker stopped it), not counted as failed:
+/// here the generator is signalled 300 ms before its worker.
+#[test]
+fn a_generator_signalled_just_before_its_worker_is_given_back_not_failed() {
+    let c = Coord::start("120");
+    let mut w = c.worker(
+        &[
+            "--gpu",
+            "0",
+            "--gpu-inventory",
+            "none",
+            "--drain-grace",
+            "30",
+        ],
+        "w.log",
+    );
+    c.submit(&job(
+        &c,
+        "skew",
+        1,
+        &["--pid_file", "pids/a.pid", "--sleep_ms", "60000"],
+        "",
+        "",
+    ));
+    let pid_file = c.root().join("pids/a.pid");
+    wait_until("the round started", Duration::from_secs(15), || {
+        read_pid(&pid_file).is_some()
+    });
+    let (pid, _) = read_pid(&pid_file).unwrap();
+    // SAFETY: kill(2) on the generator this test's worker started (it is alive: it sleeps 60 s).
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&w, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut w, Duration::from_secs(20)),
+        0,
+        "{}",
+        c.log("w.log")
+    );
+    let s = c.status("skew").unwrap();
+    assert_eq!(s["failed_attempts"], 0, "{s}\n{}", c.log("w.log"));
+    assert_eq!(
+        s["rounds_in_flight"], 0,
+        "given back, not left to expire: {s}"
+    );
+    assert!(
+        c.log("w.log").contains("giving the round back"),
+        "{}",
+        c.log("w.log")
+    );
+}
+
 /// A run past the job's timeout is killed with its whole process group.
 #[test]
 fn timeout_leaves_no_process_behind() {

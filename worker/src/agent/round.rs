@@ -25,6 +25,12 @@ pub const LOG_NAME: &str = "generator.log";
 /// Lines of the log's tail sent with a failure.
 const TAIL_LINES: usize = 20;
 
+/// How long a generator that died of SIGTERM or SIGINT waits for the same signal to drain its
+/// agent before it is judged a failure. Slurm (scancel, requeue, preemption) and service
+/// managers signal a job's processes one by one: the generator may die, and be reaped, before
+/// the agent's own signal has been handled.
+const SIGNAL_SKEW: Duration = Duration::from_secs(2);
+
 /// Where a round's files are on this worker.
 #[derive(Clone)]
 pub(super) struct Paths {
@@ -212,19 +218,26 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
     if let Some(d) = &s.cfg.deadline {
         d.observe(report.duration);
     }
+    // Whether the signal that stopped the generator is draining this agent too.
+    let drained = match report.outcome {
+        RunOutcome::Signaled(libc::SIGTERM | libc::SIGINT) | RunOutcome::Exited(130 | 143) => {
+            tokio::time::timeout(SIGNAL_SKEW, s.shutdown.drain.cancelled())
+                .await
+                .is_ok()
+        }
+        _ => false,
+    };
     let outcome = match report.outcome {
         RunOutcome::Cancelled => Outcome::Stopped,
         // The agent drains because it was told to stop (SIGTERM, Ctrl-C), and the same signal
         // reached the generator: Slurm's scancel and preemption, and service managers that
-        // signal every process of a job or unit, do that. The round stopped with the agent;
-        // it is given back, not failed.
-        RunOutcome::Signaled(sig @ (libc::SIGTERM | libc::SIGINT))
-            if s.shutdown.drain.is_cancelled() =>
-        {
+        // signal every process of a job or unit, do that (the generator possibly first:
+        // `SIGNAL_SKEW`). The round stopped with the agent; it is given back, not failed.
+        RunOutcome::Signaled(sig @ (libc::SIGTERM | libc::SIGINT)) if drained => {
             info!(object = %lease.object, round = lease.round, signal = sig, "the generator was stopped by the signal that drains this agent; giving the round back");
             Outcome::Stopped
         }
-        RunOutcome::Exited(code @ (130 | 143)) if s.shutdown.drain.is_cancelled() => {
+        RunOutcome::Exited(code @ (130 | 143)) if drained => {
             info!(object = %lease.object, round = lease.round, code, "the generator exited on the signal that drains this agent; giving the round back");
             Outcome::Stopped
         }
