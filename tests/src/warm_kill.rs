@@ -8,8 +8,10 @@
 //!   `/proc/PID/fd/0`, opened as a second reader that never reads); the line itself is copied
 //!   out with `tee(2)`, which duplicates a pipe's bytes without consuming them, so the watcher
 //!   knows which round (and which round directory) the process is about to work on;
-//! - between rounds: nothing waits there and it is blocked in `read(0, ...)`
-//!   (`/proc/PID/syscall`);
+//! - between rounds: nothing waits there, it is blocked in `read(0, ...)`
+//!   (`/proc/PID/syscall`) and has read nothing since the previous look (`rchar` in
+//!   `/proc/PID/io`: one stopped on its way out of the `read` that took its line looks
+//!   blocked in it too);
 //! - in a round: nothing waits and it is elsewhere (it read the line and has not come back).
 //!
 //! Observations are made while the processes are stopped, and they run between them in short
@@ -17,8 +19,9 @@
 //! rounds is kept stopped until its next line arrives (it would only wait in `read` anyway), so
 //! every line is seen before it is read; one with a signal pending (the agent ending it) is let
 //! go. The kill lands in a handler, of a target round: one the final is sure to hold (numbered
-//! below a bound the caller gives, so it is retried), handed to a process that answered a round
-//! before (so its restart counts as `died`). It waits, over the first target rounds, for a look
+//! below a bound the caller gives, so it is retried, and of objects it names), handed to a
+//! process that answered a round before (so its restart counts as `died`). It waits, over the
+//! first target rounds of a job that declares two outputs (output and stats), for a look
 //! that finds a file in the round's directory that was not there when the line was handed
 //! while the round's declared outputs are not all there yet (a partial output the retry must
 //! replace; once all are there the handler may have answered already); from the next target
@@ -98,19 +101,36 @@ pub struct MidRoundKill {
     thread: Option<JoinHandle<KillReport>>,
 }
 
+/// Which rounds a kill may land in.
+#[derive(Debug, Clone)]
+pub struct Targets {
+    /// Only rounds numbered below this: give the number of rounds every object needs
+    /// whatever its yield (the quota over the batch size, rounded up), so that the killed
+    /// round is one the final holds and is retried (a round past the quota, leased ahead by an
+    /// idle agent, may not be).
+    pub rounds_below: u64,
+    /// Only rounds of these objects: with several agents, name objects handed out early, so
+    /// that the killed agent has rounds left to start its generator again on (a kill in the
+    /// job's last rounds may see its round retried elsewhere and the job end first).
+    pub objects: Vec<String>,
+}
+
+impl Targets {
+    fn hold(&self, l: &Line) -> bool {
+        l.round < self.rounds_below && self.objects.contains(&l.object)
+    }
+}
+
 impl MidRoundKill {
     /// Starts watching the warm generators whose working directory is `root` (the job's
     /// default `cwd`), one per agent. `logs`: the experiment's `logs/` directory in the store,
-    /// where the killed attempt's log appears. Only rounds numbered below `rounds_below` are
-    /// killed: give the number of rounds every object needs whatever its yield (the quota over
-    /// the batch size, rounded up), so that the killed round is one the final holds and is
-    /// retried (a round past the quota, leased ahead by an idle agent, may not be). `metrics`:
-    /// the run's metrics endpoint, scraped for the `died` starts once the restart is seen.
-    /// Gives up after `limit`.
+    /// where the killed attempt's log appears. Only rounds that `targets` holds are killed.
+    /// `metrics`: the run's metrics endpoint, scraped for the `died` starts once the restart
+    /// is seen. Gives up after `limit`.
     pub fn start(
         root: &Path,
         logs: &Path,
-        rounds_below: u64,
+        targets: Targets,
         metrics: Option<String>,
         limit: Duration,
     ) -> MidRoundKill {
@@ -121,7 +141,7 @@ impl MidRoundKill {
             let done = Arc::clone(&done);
             std::thread::spawn(move || {
                 let at = Instant::now() + limit;
-                watch(&root, &logs, rounds_below, metrics, &done, at)
+                watch(&root, &logs, &targets, metrics, &done, at)
             })
         };
         MidRoundKill {
@@ -279,11 +299,30 @@ enum Seen {
     Busy,
 }
 
-fn observe(pid: u32) -> Option<Seen> {
+/// Bytes `pid` has read so far, by any `read` (`rchar` in `/proc/PID/io`).
+fn rchar(pid: u32) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Where the stopped `pid` stands. `last_rchar`: its `rchar` at the previous look, updated.
+///
+/// A process stopped on its way out of the `read` that took its line looks like one blocked
+/// in it (`/proc/PID/syscall` names the `read` either way, and the pipe is empty): it is idle
+/// only when it has read nothing since the previous look, as a process blocked in `read`
+/// cannot have. Otherwise it is taken for busy (it read the line, or read files in its round
+/// and came back to `read`: the next look says).
+fn observe(pid: u32, last_rchar: &mut Option<u64>) -> Option<Seen> {
+    let read = rchar(pid)?;
+    let unchanged = last_rchar.replace(read) == Some(read);
     if stdin_pending(pid)? > 0 {
         return Some(Seen::Handed);
     }
-    Some(if reading_stdin(pid)? {
+    Some(if reading_stdin(pid)? && unchanged {
         Seen::Idle
     } else {
         Seen::Busy
@@ -294,6 +333,7 @@ fn observe(pid: u32) -> Option<Seen> {
 struct Line {
     raw: Vec<u8>,
     name: String,
+    object: String,
     round: u64,
     /// Where the round writes: its `round_dir`, else its `output`.
     dir: PathBuf,
@@ -351,6 +391,7 @@ fn handed_line(pid: u32) -> Result<Option<Line>, ()> {
         return Ok(None);
     };
     let name = v["round_name"].as_str().unwrap_or_default().to_string();
+    let object = v["object"].as_str().unwrap_or_default().to_string();
     let Some(round) = v["round"].as_u64() else {
         return Ok(None);
     };
@@ -366,6 +407,7 @@ fn handed_line(pid: u32) -> Result<Option<Line>, ()> {
     Ok(Some(Line {
         raw,
         name,
+        object,
         round,
         dir,
         before,
@@ -385,10 +427,13 @@ struct Proc {
     running: bool,
     /// Kept stopped between rounds since then.
     held_since: Option<Instant>,
+    /// Its `rchar` at the last look (see [`observe`]).
+    rchar: Option<u64>,
 }
 
 /// Target rounds (see [`watch`]) in which the kill waits for a partial output; from the next
-/// one on it takes the first moment in a handler.
+/// one on it takes the first moment in a handler (from the first one for rounds that declare
+/// one output only: they have no partial state).
 const AIM_FOR_OUTPUT: u32 = 2;
 /// How often `/proc` is scanned for warm processes that started since.
 const SCAN_EVERY: Duration = Duration::from_millis(5);
@@ -443,7 +488,7 @@ fn let_go(procs: &BTreeMap<u32, Proc>) {
 fn watch(
     root: &Path,
     logs: &Path,
-    rounds_below: u64,
+    targets: &Targets,
     metrics: Option<String>,
     done: &AtomicBool,
     deadline: Instant,
@@ -461,7 +506,7 @@ fn watch(
     let mut procs: BTreeMap<u32, Proc> = BTreeMap::new();
     let mut next_scan = Instant::now();
     // Target rounds seen so far.
-    let mut targets = 0u32;
+    let mut seen_targets = 0u32;
     let mut slice = Duration::from_millis(2);
     let (pid, killed_at) = 'steps: loop {
         if done.load(Ordering::SeqCst) || Instant::now() > deadline {
@@ -487,6 +532,7 @@ fn watch(
                         answered: 0,
                         running: true,
                         held_since: None,
+                        rchar: None,
                     });
                 }
             }
@@ -505,7 +551,7 @@ fn watch(
                 gone.push(pid);
                 continue;
             }
-            let Some(now) = observe(pid) else {
+            let Some(now) = observe(pid, &mut p.rchar) else {
                 report
                     .trace
                     .push(format!("cannot read the /proc entries of {pid}"));
@@ -575,13 +621,23 @@ fn watch(
                 report.trace.push(format!("{pid} answered a round unseen"));
                 p.line = None;
             }
-            // A target: a round the final is sure to hold (numbered below `rounds_below`),
-            // handed to a process that answered one before (its restart counts as `died`).
-            let target = p.answered >= 1 && p.line.as_ref().is_some_and(|l| l.round < rounds_below);
+            // A target: a round `targets` holds (one the final is sure to hold), handed to a
+            // process that answered one before (its restart counts as `died`).
+            let target = p.answered >= 1 && p.line.as_ref().is_some_and(|l| targets.hold(l));
+            if new_line && let Some(l) = &p.line {
+                report.trace.push(format!(
+                    "{pid} handed {}{}",
+                    l.name,
+                    if target { " (a target)" } else { "" }
+                ));
+            }
             if target && new_line {
-                targets += 1;
+                seen_targets += 1;
             }
             if let (true, Some(l)) = (target, &p.line) {
+                // A partial output needs two declared outputs (output and stats): with one,
+                // the round is complete once its file exists.
+                let first_moment = seen_targets > AIM_FOR_OUTPUT || l.outputs.len() < 2;
                 if p.in_round {
                     let fresh = l.fresh();
                     if !fresh.is_empty() && !l.outputs_complete() {
@@ -591,10 +647,10 @@ fn watch(
                         break 'steps (pid, KilledAt::PartialOutput);
                     }
                     // No output yet: the handler has not answered (outputs come first).
-                    if fresh.is_empty() && targets > AIM_FOR_OUTPUT {
+                    if fresh.is_empty() && first_moment {
                         break 'steps (pid, KilledAt::InHandler);
                     }
-                } else if now == Seen::Handed && targets > AIM_FOR_OUTPUT {
+                } else if now == Seen::Handed && first_moment {
                     // Rounds may outrun the steps: let it run just until it has read the line.
                     if let Some(at) = catch_reading(pid, l) {
                         break 'steps (pid, at);

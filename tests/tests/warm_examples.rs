@@ -12,12 +12,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use quarry_proto::v1 as pb;
-use quarry_tests::warm_kill::MidRoundKill;
+use quarry_tests::warm_kill::{MidRoundKill, Targets};
 use quarry_tests::*;
 
 const OBJECTS: [&str; 2] = ["mug", "bowl"];
 /// Runs of a kill test before one without a kill fails it (see `finals_after_a_kill_mid_round`).
-const KILL_TRIES: usize = 3;
+const KILL_TRIES: usize = 5;
 /// The objects of the run killed on 4 agents: [`OBJECTS`] first (their seeds, and so their
 /// finals, do not change), then more, so that the killed agent has rounds left to restart on.
 const MORE_OBJECTS: [&str; 6] = ["mug", "bowl", "cup", "box", "pan", "jar"];
@@ -195,8 +195,16 @@ async fn finals_after_a_kill_mid_round(e: &Example, gpus: &str) -> Vec<String> {
         let kill = MidRoundKill::start(
             root.path(),
             &experiments(root.path()).join("ex/logs"),
-            // Every object needs rounds 0, 1 and 2 (25 samples, at most 10 a round).
-            3,
+            Targets {
+                // Every object needs rounds 0, 1 and 2 (25 samples, at most 10 a round).
+                rounds_below: 3,
+                // Not the last two of many objects: the killed agent has rounds left to
+                // start its generator again on.
+                objects: objects[..objects.len().saturating_sub(2).max(OBJECTS.len())]
+                    .iter()
+                    .map(|o| o.to_string())
+                    .collect(),
+            },
             Some(metrics.clone()),
             Duration::from_secs(100),
         );
@@ -219,7 +227,20 @@ async fn finals_after_a_kill_mid_round(e: &Example, gpus: &str) -> Vec<String> {
             e.script
         );
     };
-    let what = format!("{} on gpus {gpus}: {r:?}\n{m}", e.script);
+    // Every failed attempt's log (the last lines), to tell the kill's from any other.
+    let logs = experiments(root.path()).join("ex/logs");
+    let failed_logs: Vec<String> = files_under(&logs)
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(logs.join(f)).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(6).collect();
+            format!("{f}: {:?}", tail)
+        })
+        .collect();
+    let what = format!(
+        "{} on gpus {gpus}: {r:?}\nfailed attempts' logs: {failed_logs:#?}\n{m}",
+        e.script
+    );
     assert!(r.killed.is_some(), "no kill: {what}");
     assert!(r.answered_before >= 1, "{what}");
     assert!(r.restarted_as.is_some(), "no restart: {what}");
