@@ -54,6 +54,11 @@ fn main() {
         // `cargo bench -- --list` and test harness probes: nothing to list.
         return;
     }
+    // Generators start as the `coordinator` and `worker` binaries start them: through a
+    // launcher, without fork (quarry_worker::runner::launch).
+    quarry_worker::runner::launch::launch_through(std::path::PathBuf::from(env!(
+        "CARGO_BIN_EXE_quarry-launch"
+    )));
     let started = Instant::now();
     let mut table = Table::default();
 

@@ -40,6 +40,11 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
+    // Generators start as the `coordinator` and `worker` binaries start them: through a
+    // launcher, without fork (quarry_worker::runner::launch).
+    quarry_worker::runner::launch::launch_through(std::path::PathBuf::from(env!(
+        "CARGO_BIN_EXE_quarry-launch"
+    )));
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let cold = env_u64("QUARRY_BENCH_COLD_MS", 2000);
     let work = env_u64("QUARRY_BENCH_WORK_MS", 200);

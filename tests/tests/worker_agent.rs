@@ -796,6 +796,48 @@ fn drain_past_the_grace_releases_at_once_and_cancel_leaves_nothing() {
     );
 }
 
+/// A generator dies with its agent: SIGKILL of the worker process (the OOM killer, kill -9)
+/// reaches the generator through the kernel (`PR_SET_PDEATHSIG`, set by the launcher the worker
+/// binary starts it through: `quarry_worker::runner::launch`). The generator is the worker's
+/// own child, the launcher having become it in place.
+#[test]
+fn a_generator_dies_with_its_killed_worker() {
+    let c = Coord::start("120");
+    let mut w = c.worker(&["--gpu", "0", "--gpu-inventory", "none"], "w.log");
+    c.submit(&job(
+        &c,
+        "orphan",
+        1,
+        &["--pid_file", "pids/a.pid", "--sleep_ms", "60000"],
+        "",
+        "",
+    ));
+    let pid_file = c.root().join("pids/a.pid");
+    wait_until("the round started", Duration::from_secs(15), || {
+        read_pid(&pid_file).is_some()
+    });
+    let (pid, pgid) = read_pid(&pid_file).unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid: u32 = stat[stat.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap();
+    assert_eq!(
+        ppid,
+        w.0.id(),
+        "the generator is not the worker's child: {stat}"
+    );
+    assert!(group_alive(pgid));
+    signal(&w, libc::SIGKILL);
+    let _ = wait_exit(&mut w, Duration::from_secs(10));
+    wait_until(
+        "the killed worker's generator is gone",
+        Duration::from_secs(10),
+        || !group_alive(pgid),
+    );
+}
+
 /// Slurm (scancel, requeue, preemption) signals a step's processes one by one: the generator
 /// may die of the SIGTERM, and be reaped, before its worker has handled its own. The round is
 /// still given back (the signal that drained the worker stopped it), not counted as failed:

@@ -13,6 +13,7 @@
 //! in their environment and killed too (see `leftovers`): nothing of a run outlives it.
 
 mod group;
+pub mod launch;
 mod leftovers;
 mod log;
 pub mod memory;
@@ -140,7 +141,8 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
     }
 
     let mut mark = RunMark::new();
-    let mut cmd = command(&spec.argv, &spec.cwd, &spec.env, &mark);
+    let mut cmd = command(&spec.argv, &spec.cwd, &spec.env, &mark)
+        .map_err(|source| spawn_error(program, &spec.cwd, source))?;
     cmd.stdin(Stdio::null());
     let start = Instant::now();
     let mut child = cmd
@@ -203,11 +205,33 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
 
 /// The generator's process, set up as every run's is: `argv` run directly (no shell) in
 /// `cwd` with `env` and the run mark, the leader of a new process group, stdout and stderr
-/// piped, killed if this process dies. Stdin is the caller's to set.
-fn command(argv: &[String], cwd: &Path, env: &[(String, String)], mark: &RunMark) -> Command {
-    let mut cmd = Command::new(&argv[0]);
-    cmd.args(&argv[1..])
-        .current_dir(cwd)
+/// piped, killed if this process dies: through the registered launcher when there is one
+/// (no `fork`, see `launch.rs`), else with a `pre_exec` hook. Stdin is the caller's to set.
+/// A program the launcher could not start is refused here with the error a direct start
+/// would give.
+fn command(
+    argv: &[String],
+    cwd: &Path,
+    env: &[(String, String)],
+    mark: &RunMark,
+) -> io::Result<Command> {
+    let mut cmd = match launch::launcher() {
+        Some(launcher) => {
+            launch::check_program(&argv[0], cwd, env)?;
+            let mut cmd = Command::new(launcher);
+            cmd.arg(launch::LAUNCH_ARG)
+                .arg(std::process::id().to_string())
+                .args(argv);
+            cmd
+        }
+        None => {
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..]);
+            die_with_parent(&mut cmd);
+            cmd
+        }
+    };
+    cmd.current_dir(cwd)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env(MARK_VAR, mark.value())
         .stdout(Stdio::piped())
@@ -216,8 +240,7 @@ fn command(argv: &[String], cwd: &Path, env: &[(String, String)], mark: &RunMark
         // Backstop for the leader; the group guard covers the rest. Tokio also reaps a
         // dropped child in the background, so dropping never leaves a zombie leader.
         .kill_on_drop(true);
-    die_with_parent(&mut cmd);
-    cmd
+    Ok(cmd)
 }
 
 fn spawn_error(program: &str, cwd: &Path, source: io::Error) -> RunError {

@@ -6,10 +6,14 @@ use clap::Parser;
 use quarry_common::telemetry::{self, TelemetryConfig};
 
 fn main() {
+    // Started as a generator's launcher: becomes the generator here (see
+    // quarry_worker::runner::launch); every other start launches its generators so.
+    quarry_worker::runner::launch::answer_if_asked();
     // A re-executed libhdf5 child answers its one request and exits here, before a runtime
     // starts threads; every other start runs HDF5 operations in such children (a crash in
     // the C library then costs one round, not this process).
     quarry_formats::hdf5::child::answer_if_asked();
+    quarry_worker::runner::launch::launch_through_this_binary();
     quarry_common::binary::run(quarry_formats::hdf5::child::isolate_this_binary, run());
 }
 

@@ -85,7 +85,7 @@ impl WarmProcess {
         check_cwd(&spec.cwd).await?;
         let (reply_read, reply_write) = reply_pipe().map_err(spawn_err)?;
         let mut mark = RunMark::new();
-        let mut cmd = command(&spec.argv, &spec.cwd, &spec.env, &mark);
+        let mut cmd = command(&spec.argv, &spec.cwd, &spec.env, &mark).map_err(spawn_err)?;
         cmd.env("QUARRY_WARM", "1")
             .env(REPLY_FD_VAR, REPLY_FD.to_string())
             .stdin(Stdio::piped());
