@@ -210,6 +210,24 @@ fn read_pid(path: &Path) -> Option<(i32, i32)> {
     Some((it.next()??, it.next()??))
 }
 
+/// Submits job `exp`: one round whose generator sleeps 60 s after writing its `(pid, pgid)` to
+/// `pids/a.pid`; returns them once that round started.
+fn one_long_round(c: &Coord, exp: &str) -> (i32, i32) {
+    c.submit(&job(
+        c,
+        exp,
+        1,
+        &["--pid_file", "pids/a.pid", "--sleep_ms", "60000"],
+        "",
+        "",
+    ));
+    let pid_file = c.root().join("pids/a.pid");
+    wait_until("the round started", Duration::from_secs(15), || {
+        read_pid(&pid_file).is_some()
+    });
+    read_pid(&pid_file).expect("the round wrote its pid file")
+}
+
 /// Whether any process of group `pgid` is alive (zombies are dead: nothing reaps orphans in
 /// some containers, and a zombie holds no GPU or files).
 fn group_alive(pgid: i32) -> bool {
@@ -734,21 +752,8 @@ fn drain_past_the_grace_releases_at_once_and_cancel_leaves_nothing() {
         ],
         "a.log",
     );
-    c.submit(&job(
-        &c,
-        "release",
-        1,
-        &["--pid_file", "pids/a.pid", "--sleep_ms", "60000"],
-        "",
-        "",
-    ));
+    let (_, pgid_a) = one_long_round(&c, "release");
     let pid_a = c.root().join("pids/a.pid");
-    wait_until(
-        "the round started on worker a",
-        Duration::from_secs(15),
-        || read_pid(&pid_a).is_some(),
-    );
-    let (_, pgid_a) = read_pid(&pid_a).unwrap();
     assert!(group_alive(pgid_a));
     std::fs::remove_file(&pid_a).unwrap();
     let t = Instant::now();
@@ -804,19 +809,7 @@ fn drain_past_the_grace_releases_at_once_and_cancel_leaves_nothing() {
 fn a_generator_dies_with_its_killed_worker() {
     let c = Coord::start("120");
     let mut w = c.worker(&["--gpu", "0", "--gpu-inventory", "none"], "w.log");
-    c.submit(&job(
-        &c,
-        "orphan",
-        1,
-        &["--pid_file", "pids/a.pid", "--sleep_ms", "60000"],
-        "",
-        "",
-    ));
-    let pid_file = c.root().join("pids/a.pid");
-    wait_until("the round started", Duration::from_secs(15), || {
-        read_pid(&pid_file).is_some()
-    });
-    let (pid, pgid) = read_pid(&pid_file).unwrap();
+    let (pid, pgid) = one_long_round(&c, "orphan");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let ppid: u32 = stat[stat.rfind(')').unwrap() + 2..]
         .split(' ')
@@ -856,19 +849,7 @@ fn a_generator_signalled_just_before_its_worker_is_given_back_not_failed() {
         ],
         "w.log",
     );
-    c.submit(&job(
-        &c,
-        "skew",
-        1,
-        &["--pid_file", "pids/a.pid", "--sleep_ms", "60000"],
-        "",
-        "",
-    ));
-    let pid_file = c.root().join("pids/a.pid");
-    wait_until("the round started", Duration::from_secs(15), || {
-        read_pid(&pid_file).is_some()
-    });
-    let (pid, _) = read_pid(&pid_file).unwrap();
+    let (pid, _) = one_long_round(&c, "skew");
     // SAFETY: kill(2) on the generator this test's worker started (it is alive: it sleeps 60 s).
     unsafe { libc::kill(pid, libc::SIGTERM) };
     std::thread::sleep(Duration::from_millis(300));
