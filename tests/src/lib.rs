@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod etcd;
 pub mod faultproxy;
 pub mod hdf5_crash;
+pub mod latency;
 pub mod netns;
 pub mod pki;
 pub mod process;

@@ -85,9 +85,13 @@ impl Coord {
     }
     /// A worker on this coordinator: fast sampling, tiny scratch requirement, `extra` flags.
     fn worker(&self, extra: &[&str], log: &str) -> Killed {
+        self.worker_via(&self.addr, extra, log)
+    }
+    /// A worker reaching this coordinator at `addr` (a proxy in between).
+    fn worker_via(&self, addr: &str, extra: &[&str], log: &str) -> Killed {
         let mut args = vec![
             "--coordinator",
-            &self.addr,
+            addr,
             "--sample-interval-ms",
             "100",
             "--min-scratch-mib",
@@ -987,11 +991,14 @@ fn a_worker_cut_off_from_the_coordinator_fences_itself_and_comes_back() {
     );
 }
 
-/// Runs a 40-round job on a worker with two agents leasing `--lease-batch n`; returns the
-/// final's sha256 and the coordinator's metrics once the job is done and its staging empty.
-fn run_with_lease_batch(n: &str) -> (String, String) {
+/// Runs a 40-round job on a worker with two agents leasing `--lease-batch n`, reaching the
+/// coordinator over a link of `latency` each way; returns the final's sha256 and the
+/// coordinator's metrics once the job is done and its staging empty.
+fn run_with_lease_batch(n: &str, latency: Duration) -> (String, String) {
     let c = Coord::start_with("10", &["--metrics-listen", "127.0.0.1:0"]);
-    let _w = c.worker(
+    let link = quarry_tests::latency::LatencyProxy::start(&c.addr, latency);
+    let _w = c.worker_via(
+        link.addr(),
         &[
             "--gpu",
             "0,1",
@@ -1013,23 +1020,17 @@ fn run_with_lease_batch(n: &str) -> (String, String) {
 /// `--lease-batch 4`: each Acquire leases several rounds and finished rounds are reported
 /// together in CompleteBatch calls, and the final is byte-identical to the one leased and
 /// reported a round at a time; nothing is left in staging. The default (1) makes one call
-/// per round, as before batching existed.
+/// per round, as before batching existed. Both run over a link of 25 ms each way (a worker
+/// far from its coordinator, where batching pays): completions go together when they are
+/// ready while another Complete is in flight, which on loopback, with Completes shorter than
+/// the few-millisecond rounds, a whole run could miss.
 #[test]
 fn lease_batch_leases_and_reports_rounds_together_with_the_same_final() {
-    let (one, m1) = run_with_lease_batch("1");
+    let link = Duration::from_millis(25);
+    let (one, m1) = run_with_lease_batch("1", link);
     let batches = |m: &str| sample(m, "quarry_complete_batch_rounds_count");
-    // Completions go together only when they are ready while another Complete is still in
-    // flight: with commits of a few milliseconds a whole run can miss that. Up to 5 runs,
-    // each checked for the same final; the assertions below hold for the last one.
-    let mut m4 = String::new();
-    for _ in 0..5 {
-        let (four, m) = run_with_lease_batch("4");
-        assert_eq!(one, four, "the finals differ");
-        m4 = m;
-        if batches(&m4) >= 1.0 {
-            break;
-        }
-    }
+    let (four, m4) = run_with_lease_batch("4", link);
+    assert_eq!(one, four, "the finals differ");
 
     let calls = |m: &str| sample(m, "quarry_acquire_seconds_count");
     let leased = |m: &str| sample(m, "quarry_rounds_leased_total");
