@@ -44,6 +44,10 @@ const KILL_CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// EOF at once; only a process that escaped the group (`setsid`) can keep them open.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 
+/// How long, after the process group is gone, the output pipes may take to report EOF before
+/// a process that left the group is taken to hold them.
+const PIPES_AT_EXIT: Duration = Duration::from_millis(5);
+
 /// Read buffer per output stream.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -66,6 +70,13 @@ pub struct RunSpec {
     /// back other work until then (the agent's previous round's upload, which would slow the
     /// start down on a small host).
     pub spawned: Option<CancellationToken>,
+    /// Once the generator exited, return as soon as its process group is gone, leaving the
+    /// sweep for processes that left the group (`setsid`, a daemon's double fork) to a task
+    /// the report holds ([`RunReport::leftovers`]): a caller that starts its next run at once
+    /// awaits it before reading this run's outputs, which such a process could still write.
+    /// A run stopped (timeout, cancel), or whose output pipes stay open after its group is
+    /// gone, is swept before `run` returns either way.
+    pub defer_sweep: bool,
 }
 
 /// How a run ended.
@@ -97,6 +108,22 @@ pub struct RunReport {
     pub log: BoundedLog,
     /// Why a warm generator failed the round, in its own words.
     pub reason: Option<String>,
+    /// The sweep of processes that left the run's group, when it was left running
+    /// ([`RunSpec::defer_sweep`]).
+    pub leftovers: Leftovers,
+}
+
+/// A run's sweep of its escaped processes, possibly still under way.
+#[derive(Debug, Default)]
+pub struct Leftovers(Option<tokio::task::JoinHandle<()>>);
+
+impl Leftovers {
+    /// Returns once no process of the run is left (or the sweep's bound passed).
+    pub async fn swept(&mut self) {
+        if let Some(task) = self.0.take() {
+            let _ = task.await;
+        }
+    }
 }
 
 impl RunReport {
@@ -137,6 +164,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
             duration: Duration::ZERO,
             log: BoundedLog::new(spec.log_limit),
             reason: None,
+            leftovers: Leftovers::default(),
         });
     }
 
@@ -159,7 +187,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
     let stderr = child.stderr.take();
     let deadline = spec.timeout.map(|t| start + t);
 
-    let result = {
+    let (result, swept) = {
         let (mut stdout, mut stderr) = (stdout, stderr);
         let mut drain = std::pin::pin!(drain(&mut stdout, &mut stderr, &mut log));
         let mut supervise = std::pin::pin!(supervise(
@@ -168,28 +196,49 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
             &mark,
             deadline,
             spec.kill_grace,
-            &cancel
+            &cancel,
+            spec.defer_sweep,
         ));
         // Output is read while the child runs: a child blocked on a full pipe would never exit.
         let mut drained = false;
-        let result = loop {
+        let (result, mut swept) = loop {
             tokio::select! {
                 result = &mut supervise => break result,
                 () = &mut drain, if !drained => drained = true,
             }
         };
+        if !drained && !swept {
+            // The pipes normally hit EOF with the group's exit; open ones are held by a
+            // process that left the group: swept now, so that they close.
+            drained = timeout(PIPES_AT_EXIT, &mut drain).await.is_ok();
+            if !drained {
+                sweep_escaped(&group, &mark).await;
+                swept = true;
+            }
+        }
         if !drained && timeout(DRAIN_AFTER_EXIT, &mut drain).await.is_err() {
             warn!(
                 program = %program,
                 "output pipes still open after the process group exited; log may be incomplete"
             );
         }
-        result
+        (result, swept)
     };
     // The leader is reaped and the group was SIGKILLed and waited for: from here the group id
     // may be reused, so the guard must not fire.
+    let pgid = group.id();
     group.disarm();
-    sweep_on_drop.0 = None;
+    let leftovers = match sweep_on_drop.0.take() {
+        Some(mark) if !swept => Leftovers(Some(tokio::spawn(async move {
+            if !mark.kill_all(Instant::now() + KILL_CONFIRM_TIMEOUT).await {
+                warn!(
+                    pgid,
+                    "processes the generator left outside its group are still alive after SIGKILL"
+                );
+            }
+        }))),
+        _ => Leftovers::default(),
+    };
 
     let outcome = result.map_err(|source| RunError::Wait {
         program: program.clone(),
@@ -200,6 +249,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
         duration: start.elapsed(),
         log,
         reason: None,
+        leftovers,
     })
 }
 
@@ -289,7 +339,9 @@ async fn check_cwd(cwd: &Path) -> Result<(), RunError> {
 }
 
 /// Waits for the leader to exit, or stops the group on timeout or cancel; then makes sure no
-/// member of the group survives.
+/// member of the group survives, and none of the run's processes that left it unless
+/// `defer_sweep` and the leader exited by itself. Returns the outcome and whether that sweep
+/// was made.
 async fn supervise(
     child: &mut Child,
     group: &ProcessGroup,
@@ -297,7 +349,8 @@ async fn supervise(
     deadline: Option<Instant>,
     kill_grace: Duration,
     cancel: &CancellationToken,
-) -> io::Result<RunOutcome> {
+    defer_sweep: bool,
+) -> (io::Result<RunOutcome>, bool) {
     let expired = async {
         match deadline {
             Some(d) => tokio::time::sleep_until(d).await,
@@ -311,6 +364,7 @@ async fn supervise(
         () = cancel.cancelled() => Err(RunOutcome::Cancelled),
         () = expired => Err(RunOutcome::TimedOut),
     };
+    let sweep = !defer_sweep || stopped.is_err();
     let outcome = match stopped {
         Ok(status) => {
             // The leader is done (or can no longer be waited for): anything it left running in
@@ -324,20 +378,34 @@ async fn supervise(
             Ok(outcome)
         }
     };
-    confirm_gone(group, mark).await;
-    outcome
+    if sweep {
+        confirm_gone(group, mark).await;
+    } else {
+        group_gone(group).await;
+    }
+    (outcome, sweep)
 }
 
 /// After the leader is gone: whatever left the group is killed too (its processes may hold
 /// the GPU or still write the outputs about to be inspected), and the group is waited for,
 /// bounded. True when the group is empty; what survives SIGKILL is reported.
 async fn confirm_gone(group: &ProcessGroup, mark: &RunMark) -> bool {
+    sweep_escaped(group, mark).await;
+    group_gone(group).await
+}
+
+/// SIGKILLs the run's processes that left its group, again until none is left (bounded).
+async fn sweep_escaped(group: &ProcessGroup, mark: &RunMark) {
     if !mark.kill_all(Instant::now() + KILL_CONFIRM_TIMEOUT).await {
         warn!(
             pgid = group.id(),
             "processes the generator left outside its group are still alive after SIGKILL"
         );
     }
+}
+
+/// Waits (bounded) until the group has no live member; true when it has none.
+async fn group_gone(group: &ProcessGroup) -> bool {
     let empty = group
         .wait_empty(Instant::now() + KILL_CONFIRM_TIMEOUT)
         .await;

@@ -26,6 +26,7 @@ fn spec(dir: &Path, argv: Vec<String>) -> RunSpec {
         kill_grace: Duration::from_millis(500),
         log_limit: 1 << 20,
         spawned: None,
+        defer_sweep: false,
     }
 }
 

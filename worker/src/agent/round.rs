@@ -159,6 +159,9 @@ pub(super) async fn run_generator(
             kill_grace: s.cfg.kill_grace,
             log_limit: s.cfg.log_limit,
             spawned: finish_waits.map(DropGuard::disarm),
+            // The next round starts while this one's escaped processes are swept; `finish`
+            // waits for the sweep before it reads the outputs.
+            defer_sweep: true,
         };
         s.monitor.begin_round();
         runner::run(&spec, held.stop.clone()).await
@@ -200,7 +203,7 @@ enum Outcome {
 pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ran) {
     let lease = &held.lease;
     let task = lease.task.clone().unwrap_or_default();
-    let report = match ran.run {
+    let mut report = match ran.run {
         Ok(r) => r,
         Err(e) => {
             s.report_failure(
@@ -214,6 +217,8 @@ pub(super) async fn finish(s: &Arc<Session>, held: &Held, paths: &Paths, ran: Ra
             return;
         }
     };
+    // No process of the run may still write its outputs once they are read.
+    report.leftovers.swept().await;
     let generator_ms = report.duration.as_millis() as u64;
     if let Some(d) = &s.cfg.deadline {
         d.observe(report.duration);

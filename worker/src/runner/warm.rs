@@ -354,6 +354,7 @@ fn report(
         duration: start.elapsed(),
         log,
         reason,
+        leftovers: Default::default(),
     }
 }
 
