@@ -571,6 +571,39 @@ async fn a_setsid_detached_child_dies_with_the_run() {
     eventually("the detached sleeper to be gone", || !alive(sleeper)).await;
 }
 
+/// With `defer_sweep` the run returns once its group is gone and the detached sleeper is swept
+/// by the task the report holds: gone once `leftovers.swept()` returns. The sleeper either
+/// keeps the run's output pipes open (swept before `run` returns, so that they close) or
+/// closes them (swept by the task).
+#[tokio::test]
+async fn a_deferred_sweep_is_done_when_the_report_says_so() {
+    for holds_pipes in [true, false] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut argv = detaching_generator("sleeper.pid", 0.0);
+        if !holds_pipes {
+            argv[2] = argv[2].replace(
+                "    os.setsid()\n",
+                "    os.setsid()\n    null = os.open(os.devnull, os.O_RDWR)\n    for fd in (0, 1, 2):\n        os.dup2(null, fd)\n",
+            );
+        }
+        let mut spec = spec(dir.path(), argv);
+        spec.defer_sweep = true;
+        let mut report = run_ok(&spec, CancellationToken::new()).await;
+        assert_eq!(
+            report.outcome,
+            RunOutcome::Exited(0),
+            "{}",
+            log_text(&report)
+        );
+        let sleeper = read_pid(&dir.path().join("sleeper.pid")).await;
+        report.leftovers.swept().await;
+        assert!(
+            !alive(sleeper),
+            "holds the pipes: {holds_pipes}: the sleeper outlived the sweep"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_setsid_detached_child_dies_with_a_cancelled_run() {
     let dir = tempfile::tempdir().expect("tempdir");
