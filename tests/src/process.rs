@@ -62,6 +62,35 @@ pub fn running_instances_of(exe: &Path) -> usize {
         .count()
 }
 
+/// What `/proc/PID/stat` says of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    /// The state letter (`R`, `S`, `T` stopped, `Z` zombie, ...).
+    pub state: char,
+    pub ppid: u32,
+    /// Its process group.
+    pub pgrp: u32,
+}
+
+impl Stat {
+    /// Running, sleeping or stopped: not a zombie (nothing reaps orphans in some containers,
+    /// and a zombie holds no GPU or files) and not dead.
+    pub fn live(&self) -> bool {
+        !matches!(self.state, 'Z' | 'X')
+    }
+}
+
+/// `pid`'s state, parent and group; `None` once it is gone. The command name may hold spaces
+/// and parentheses: the fields are read after its last `)`.
+pub fn stat(pid: u32) -> Option<Stat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut it = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+    let state = it.next()?.chars().next()?;
+    let ppid = it.next()?.parse().ok()?;
+    let pgrp = it.next()?.parse().ok()?;
+    Some(Stat { state, ppid, pgrp })
+}
+
 /// The ids of the processes of this machine now (`/proc`'s numeric entries).
 pub fn pids() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {

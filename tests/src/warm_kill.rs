@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::process::pids;
+use crate::process::{pids, stat};
 use crate::prometheus::http_get;
 
 /// Where the process stood when the kill landed.
@@ -173,7 +173,7 @@ fn warm_generators(root: &Path) -> Vec<(u32, String)> {
     pids()
         .into_iter()
         .filter_map(|pid| {
-            let leader = stat_fields(pid).is_some_and(|(_, pgrp)| pgrp == pid);
+            let leader = stat(pid).is_some_and(|s| s.pgrp == pid);
             if !leader || !std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c == root) {
                 return None;
             }
@@ -186,17 +186,6 @@ fn warm_generators(root: &Path) -> Vec<(u32, String)> {
             Some((pid, String::from_utf8_lossy(gpu).into_owned()))
         })
         .collect()
-}
-
-/// The state letter and process group of `pid`, `None` once it is gone.
-fn stat_fields(pid: u32) -> Option<(char, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let mut it = rest.split(' ');
-    let state = it.next()?.chars().next()?;
-    let _ppid = it.next()?;
-    let pgrp = it.next()?.parse().ok()?;
-    Some((state, pgrp))
 }
 
 /// Whether a signal waits for `pid` (its agent ending it: SIGTERM, to be let through).
@@ -223,9 +212,9 @@ fn signal(pid: u32, sig: libc::c_int) {
 fn wait_stopped(pid: u32) -> bool {
     let until = Instant::now() + Duration::from_secs(5);
     while Instant::now() < until {
-        match stat_fields(pid) {
-            Some(('T' | 't', _)) => return true,
-            Some(('Z' | 'X', _)) | None => return false,
+        match stat(pid).map(|s| s.state) {
+            Some('T' | 't') => return true,
+            Some('Z' | 'X') | None => return false,
             _ => std::thread::sleep(Duration::from_micros(50)),
         }
     }

@@ -235,24 +235,15 @@ fn one_long_round(c: &Coord, exp: &str) -> (i32, i32) {
 /// Whether any process of group `pgid` is alive (zombies are dead: nothing reaps orphans in
 /// some containers, and a zombie holds no GPU or files).
 fn group_alive(pgid: i32) -> bool {
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return false;
-    };
-    rd.flatten().any(|e| {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            return false;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return false;
-        };
-        let Some(close) = stat.rfind(')') else {
-            return false;
-        };
-        let mut f = stat[close + 1..].split_whitespace();
-        let state = f.next().unwrap_or("");
-        let pgrp = f.nth(1).and_then(|s| s.parse::<i32>().ok());
-        pgrp == Some(pgid) && state != "Z" && state != "X"
-    })
+    quarry_tests::process::pids()
+        .into_iter()
+        .filter_map(quarry_tests::process::stat)
+        .any(|s| s.pgrp as i32 == pgid && s.live())
+}
+
+/// Waits, up to `limit`, until no process of group `pgid` is alive.
+fn wait_group_gone(what: &str, pgid: i32, limit: Duration) {
+    wait_until(what, limit, || !group_alive(pgid));
 }
 
 fn signal(child: &Killed, sig: libc::c_int) {
@@ -798,10 +789,10 @@ fn drain_past_the_grace_releases_at_once_and_cancel_leaves_nothing() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    wait_until(
+    wait_group_gone(
         "the cancelled run's process group is gone",
+        pgid_b,
         Duration::from_secs(20),
-        || !group_alive(pgid_b),
     );
 }
 
@@ -814,25 +805,62 @@ fn a_generator_dies_with_its_killed_worker() {
     let c = Coord::start("120");
     let mut w = c.worker(&["--gpu", "0", "--gpu-inventory", "none"], "w.log");
     let (pid, pgid) = one_long_round(&c, "orphan");
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let ppid: u32 = stat[stat.rfind(')').unwrap() + 2..]
-        .split(' ')
-        .nth(1)
-        .and_then(|p| p.parse().ok())
-        .unwrap();
+    let stat = quarry_tests::process::stat(pid as u32).unwrap();
     assert_eq!(
-        ppid,
+        stat.ppid,
         w.0.id(),
-        "the generator is not the worker's child: {stat}"
+        "the generator is not the worker's child: {stat:?}"
     );
     assert!(group_alive(pgid));
     signal(&w, libc::SIGKILL);
     let _ = wait_exit(&mut w, Duration::from_secs(10));
-    wait_until(
+    wait_group_gone(
         "the killed worker's generator is gone",
+        pgid,
         Duration::from_secs(10),
-        || !group_alive(pgid),
     );
+}
+
+/// The launcher mode of both binaries (`--quarry-launch AGENT_PID PROGRAM ARGS...`, how they
+/// start generators) with arguments it cannot use: a usage error (2) when the pid is missing or
+/// not a number, 1 without running anything when the caller is not the parent it names, 127
+/// with the reason when the program cannot be executed; with good ones it becomes the program.
+#[test]
+fn the_launcher_mode_refuses_bad_arguments_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::process::id().to_string();
+    for binary in ["worker", "coordinator"] {
+        let launch = |args: &[&str]| {
+            let mut cmd = Command::new(bin(binary));
+            cmd.arg("--quarry-launch").args(args);
+            quarry_tests::process::run_within(&mut cmd, dir.path(), Duration::from_secs(30))
+        };
+        for args in [&[][..], &["not-a-pid", "/bin/echo"][..], &[me.as_str()][..]] {
+            let e = launch(args);
+            assert_eq!(e.code, Some(2), "{binary} {args:?}: {e:?}");
+            assert!(
+                e.stderr
+                    .contains("usage: --quarry-launch AGENT_PID PROGRAM"),
+                "{e:?}"
+            );
+        }
+        let e = launch(&["1", "/bin/echo", "ran"]);
+        assert_eq!(e.code, Some(1), "{binary}: another parent: {e:?}");
+        assert!(!e.stdout.contains("ran"), "{e:?}");
+        let e = launch(&[&me, "/nonexistent/quarry-generator"]);
+        assert_eq!(e.code, Some(127), "{binary}: {e:?}");
+        assert!(
+            e.stderr
+                .contains("failed to start `/nonexistent/quarry-generator`: No such file"),
+            "{e:?}"
+        );
+        let e = launch(&[&me, "/bin/echo", "ran"]);
+        assert_eq!(
+            (e.code, e.stdout.trim()),
+            (Some(0), "ran"),
+            "{binary}: {e:?}"
+        );
+    }
 }
 
 /// Slurm (scancel, requeue, preemption) signals a step's processes one by one: the generator
@@ -940,10 +968,10 @@ fn a_worker_cut_off_from_the_coordinator_fences_itself_and_comes_back() {
     std::fs::remove_file(&pid_file).unwrap();
 
     signal(&c.serve, libc::SIGSTOP);
-    wait_until(
+    wait_group_gone(
         "the fenced run's process group is gone",
+        pgid,
         Duration::from_secs(7),
-        || !group_alive(pgid),
     );
     assert!(
         started.elapsed() < Duration::from_secs(7),

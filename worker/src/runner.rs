@@ -212,7 +212,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
             // process that left the group: swept now, so that they close.
             drained = timeout(PIPES_AT_EXIT, &mut drain).await.is_ok();
             if !drained {
-                sweep_escaped(&group, &mark).await;
+                sweep_escaped(group.id(), &mark).await;
                 swept = true;
             }
         }
@@ -230,12 +230,7 @@ pub async fn run(spec: &RunSpec, cancel: CancellationToken) -> Result<RunReport,
     group.disarm();
     let leftovers = match sweep_on_drop.0.take() {
         Some(mark) if !swept => Leftovers(Some(tokio::spawn(async move {
-            if !mark.kill_all(Instant::now() + KILL_CONFIRM_TIMEOUT).await {
-                warn!(
-                    pgid,
-                    "processes the generator left outside its group are still alive after SIGKILL"
-                );
-            }
+            sweep_escaped(pgid, &mark).await;
         }))),
         _ => Leftovers::default(),
     };
@@ -390,15 +385,16 @@ async fn supervise(
 /// the GPU or still write the outputs about to be inspected), and the group is waited for,
 /// bounded. True when the group is empty; what survives SIGKILL is reported.
 async fn confirm_gone(group: &ProcessGroup, mark: &RunMark) -> bool {
-    sweep_escaped(group, mark).await;
+    sweep_escaped(group.id(), mark).await;
     group_gone(group).await
 }
 
-/// SIGKILLs the run's processes that left its group, again until none is left (bounded).
-async fn sweep_escaped(group: &ProcessGroup, mark: &RunMark) {
+/// SIGKILLs the run's processes that left its group `pgid`, again until none is left
+/// (bounded).
+async fn sweep_escaped(pgid: i32, mark: &RunMark) {
     if !mark.kill_all(Instant::now() + KILL_CONFIRM_TIMEOUT).await {
         warn!(
-            pgid = group.id(),
+            pgid,
             "processes the generator left outside its group are still alive after SIGKILL"
         );
     }

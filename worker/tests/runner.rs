@@ -529,14 +529,20 @@ async fn hanging_example_generator_is_killed_on_timeout() {
 
 /// A generator that detaches a sleeper from its process group and session (`setsid` in a
 /// double fork, as a daemon does), records the sleeper's pid in `name`, and exits 0 at once
-/// (or after `linger` seconds).
-fn detaching_generator(name: &str, linger: f64) -> Vec<String> {
+/// (or after `linger` seconds). The sleeper keeps the run's stdin, stdout and stderr, the
+/// output pipes among them, unless `close_stdio` (then they are /dev/null, as a daemon's).
+fn detaching_generator(name: &str, linger: f64, close_stdio: bool) -> Vec<String> {
+    let close = if close_stdio { "True" } else { "False" };
     let code = format!(
         r#"
 import os, sys, time
 pid = os.fork()
 if pid == 0:
     os.setsid()
+    if {close}:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
     if os.fork() == 0:
         with open("{name}.tmp", "w") as f:
             f.write(f"{{os.getpid()}}\n")
@@ -552,21 +558,24 @@ time.sleep({linger})
     vec!["python3".into(), "-c".into(), code]
 }
 
-#[tokio::test]
-async fn a_setsid_detached_child_dies_with_the_run() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let report = run_ok(
-        &spec(dir.path(), detaching_generator("sleeper.pid", 0.0)),
-        CancellationToken::new(),
-    )
-    .await;
+/// Runs a [`detaching_generator`] that exits at once, in `dir`: its report (exit 0) and the
+/// sleeper's pid.
+async fn detached_run(dir: &Path, spec: &RunSpec) -> (RunReport, i32) {
+    let report = run_ok(spec, CancellationToken::new()).await;
     assert_eq!(
         report.outcome,
         RunOutcome::Exited(0),
         "{}",
         log_text(&report)
     );
-    let sleeper = read_pid(&dir.path().join("sleeper.pid")).await;
+    (report, read_pid(&dir.join("sleeper.pid")).await)
+}
+
+#[tokio::test]
+async fn a_setsid_detached_child_dies_with_the_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = spec(dir.path(), detaching_generator("sleeper.pid", 0.0, false));
+    let (_, sleeper) = detached_run(dir.path(), &spec).await;
     // It left the group: only the run's own sweep can have killed it.
     eventually("the detached sleeper to be gone", || !alive(sleeper)).await;
 }
@@ -579,23 +588,10 @@ async fn a_setsid_detached_child_dies_with_the_run() {
 async fn a_deferred_sweep_is_done_when_the_report_says_so() {
     for holds_pipes in [true, false] {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut argv = detaching_generator("sleeper.pid", 0.0);
-        if !holds_pipes {
-            argv[2] = argv[2].replace(
-                "    os.setsid()\n",
-                "    os.setsid()\n    null = os.open(os.devnull, os.O_RDWR)\n    for fd in (0, 1, 2):\n        os.dup2(null, fd)\n",
-            );
-        }
+        let argv = detaching_generator("sleeper.pid", 0.0, !holds_pipes);
         let mut spec = spec(dir.path(), argv);
         spec.defer_sweep = true;
-        let mut report = run_ok(&spec, CancellationToken::new()).await;
-        assert_eq!(
-            report.outcome,
-            RunOutcome::Exited(0),
-            "{}",
-            log_text(&report)
-        );
-        let sleeper = read_pid(&dir.path().join("sleeper.pid")).await;
+        let (mut report, sleeper) = detached_run(dir.path(), &spec).await;
         report.leftovers.swept().await;
         assert!(
             !alive(sleeper),
@@ -608,7 +604,7 @@ async fn a_deferred_sweep_is_done_when_the_report_says_so() {
 async fn a_setsid_detached_child_dies_with_a_cancelled_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cancel = CancellationToken::new();
-    let spec = spec(dir.path(), detaching_generator("sleeper.pid", 60.0));
+    let spec = spec(dir.path(), detaching_generator("sleeper.pid", 60.0, false));
     let run = tokio::spawn({
         let cancel = cancel.clone();
         async move { run_ok(&spec, cancel).await }
@@ -628,14 +624,14 @@ async fn one_runs_sweep_leaves_another_runs_processes_alone() {
     std::fs::create_dir_all(&b).expect("mkdir");
     // Run A keeps running with a detached sleeper of its own while run B ends and sweeps.
     let cancel_a = CancellationToken::new();
-    let spec_a = spec(&a, detaching_generator("sleeper.pid", 60.0));
+    let spec_a = spec(&a, detaching_generator("sleeper.pid", 60.0, false));
     let run_a = tokio::spawn({
         let cancel = cancel_a.clone();
         async move { run_ok(&spec_a, cancel).await }
     });
     let sleeper_a = read_pid(&a.join("sleeper.pid")).await;
     let report_b = run_ok(
-        &spec(&b, detaching_generator("sleeper.pid", 0.0)),
+        &spec(&b, detaching_generator("sleeper.pid", 0.0, false)),
         CancellationToken::new(),
     )
     .await;

@@ -73,35 +73,29 @@ pub fn answer_if_asked() {
     std::process::exit(launch(parent, &program, &rest));
 }
 
-#[cfg(target_os = "linux")]
+/// Sets the death signal (Linux), checks `parent` is still the parent, and execs `program`;
+/// returns only on failure, with the exit status for it.
 fn launch(parent: libc::pid_t, program: &OsString, args: &[OsString]) -> i32 {
     use std::os::unix::process::CommandExt;
-    // SAFETY: prctl(PR_SET_PDEATHSIG) with a valid signal number changes only this process.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
-        eprintln!(
-            "quarry: cannot set the generator's death signal: {}",
-            io::Error::last_os_error()
-        );
-        return EXEC_FAILED;
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) with a valid signal number changes only this process.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } != 0 {
+            eprintln!(
+                "quarry: cannot set the generator's death signal: {}",
+                io::Error::last_os_error()
+            );
+            return EXEC_FAILED;
+        }
     }
-    // The agent may have died before prctl: then nobody would signal this process.
+    // The agent may have died before the death signal was set: then nobody would signal
+    // this process.
     // SAFETY: getppid(2) takes no arguments and cannot fail.
     if unsafe { libc::getppid() } != parent {
         return 1;
     }
     // Replaces this process; returns only on failure. std searches PATH as a direct start
     // does (the environment's PATH, which is the job's when it sets one).
-    let e = std::process::Command::new(program).args(args).exec();
-    eprintln!(
-        "quarry: failed to start `{}`: {e}",
-        Path::new(program).display()
-    );
-    EXEC_FAILED
-}
-
-#[cfg(not(target_os = "linux"))]
-fn launch(_parent: libc::pid_t, program: &OsString, args: &[OsString]) -> i32 {
-    use std::os::unix::process::CommandExt;
     let e = std::process::Command::new(program).args(args).exec();
     eprintln!(
         "quarry: failed to start `{}`: {e}",
